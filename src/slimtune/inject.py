@@ -1,0 +1,247 @@
+"""Model surgery: adapter layers that hold their base layer, and the walk that swaps them in.
+
+An `AdapterLayer` wraps one base module (composition: `self.base_layer`) and keeps each named
+adapter's weights in dicts keyed by adapter name. The attributes listed in
+`adapter_layer_names` are the *only* place adapter parameters live, which is how the rest of
+slimtune finds them: structurally, by type, never by a substring of a parameter name.
+
+    parent.q_proj = LoraLinear(base_layer=<old q_proj>)   # same path, base kept inside
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+
+class AdapterLayer(nn.Module):
+    """Base of every method's layer. Subclasses set `adapter_layer_names` and implement
+    `update_layer`, `forward`, and (if mergeable) `get_delta_weight` / `merge` / `unmerge`."""
+
+    adapter_layer_names: tuple[str, ...] = ()  # attributes holding per-adapter ModuleDict/ParameterDict
+    other_param_names: tuple[str, ...] = ()  # per-adapter plain values (scaling, r, ...)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        # Per-sample routing for mixed batches: (adapter names, LongTensor of per-row indices).
+        self._mixed: tuple[list[str], torch.Tensor] | None = None
+
+    # ---- bookkeeping shared by all methods --------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def get_base_layer(self) -> nn.Module:
+        base = self.base_layer
+        while isinstance(base, AdapterLayer):
+            base = base.base_layer
+        return base
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads module.weight keeps working
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.get_base_layer(), "bias", None)
+
+    def adapter_names(self) -> list[str]:
+        names: list[str] = []
+        for attr in self.adapter_layer_names:
+            for k in getattr(self, attr).keys():
+                if k not in names:
+                    names.append(k)
+        return names
+
+    def adapter_parameters(self, adapter: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """(attribute-relative name, parameter) of one adapter; the structural lookup."""
+        for attr in self.adapter_layer_names:
+            holder = getattr(self, attr)
+            if adapter not in holder:
+                continue
+            item = holder[adapter]
+            if isinstance(item, nn.Parameter):
+                yield attr, item
+            else:
+                for n, p in item.named_parameters():
+                    yield f"{attr}.{n}", p
+
+    def set_adapter(self, names: str | list[str]) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        self.active_adapters = [n for n in names if n in self.adapter_names()]
+        for n in self.adapter_names():
+            for _, p in self.adapter_parameters(n):
+                p.requires_grad_(n in self.active_adapters)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter '{name}' is merged into '{type(self.get_base_layer()).__name__}'; unmerge first")
+        for attr in self.adapter_layer_names + self.other_param_names:
+            holder = getattr(self, attr)
+            if name in holder:
+                del holder[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def _adapter_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        """Adapters live in the base weight's dtype (no fp32 upcast on a bf16 model)."""
+        w = self.get_base_layer().weight
+        dtype = w.dtype if w.is_floating_point() else torch.get_default_dtype()
+        return dtype, w.device
+
+    # ---- merging (mergeable methods override get_delta_weight) -------------------------
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the adapters' deltas into the base weight in place."""
+        names = adapter_names if adapter_names is not None else list(self.active_adapters)
+        base = self.get_base_layer()
+        for name in names:
+            if name in self.merged_adapters or name not in self.adapter_names():
+                continue
+            delta = self.get_delta_weight(name).to(base.weight.dtype)
+            if safe_merge:
+                merged = base.weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"merging adapter '{name}' into a {type(base).__name__} gives NaN/Inf; "
+                                     "the adapter weights are broken (check the training loss); nothing was merged")
+                base.weight.data.copy_(merged)
+            else:
+                base.weight.data.add_(delta)
+            self._merge_extra(name, +1)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            base.weight.data.sub_(self.get_delta_weight(name).to(base.weight.dtype))
+            self._merge_extra(name, -1)
+
+    def _merge_extra(self, name: str, sign: int) -> None:
+        """Hook for methods that also merge into the bias."""
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained in full for each adapter (e.g. a classifier head), saved with it.
+
+    PEFT's layout: `original_module` plus a copy per adapter in `modules_to_save[name]`.
+    """
+
+    def __init__(self, module: nn.Module, adapter: str) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict({})
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+        self.update(adapter)
+
+    def update(self, adapter: str) -> None:
+        if adapter not in self.modules_to_save:
+            self.modules_to_save[adapter] = copy.deepcopy(self.original_module)
+        self.original_module.requires_grad_(False)
+        self.set_adapter(adapter)
+
+    def set_adapter(self, adapter: str | list[str]) -> None:
+        adapter = adapter if isinstance(adapter, str) else (adapter[0] if adapter else "")
+        for name, mod in self.modules_to_save.items():
+            mod.requires_grad_(name == adapter)
+        self.active_adapter = adapter if adapter in self.modules_to_save else None
+
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def adapter_parameters(self, adapter: str) -> Iterator[tuple[str, nn.Parameter]]:
+        if adapter in self.modules_to_save:
+            yield from self.modules_to_save[adapter].named_parameters()
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def forward(self, *args, **kwargs):
+        if self.disable_adapters or self.active_adapter is None:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.original_module, name)
+
+
+def get_submodule_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, child = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), child
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, child = get_submodule_parent(model, path)
+    setattr(parent, child, new)
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """Every adapter layer in the model (outermost only is fine: layers don't nest here)."""
+    for n, m in model.named_modules():
+        if isinstance(m, AdapterLayer):
+            yield n, m
+
+
+def save_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+    for n, m in model.named_modules():
+        if isinstance(m, ModulesToSaveWrapper):
+            yield n, m
+
+
+def wrapped_paths(model: nn.Module) -> list[str]:
+    """Paths inside adapter machinery that must never become targets themselves."""
+    out = []
+    for n, m in model.named_modules():
+        if isinstance(m, AdapterLayer):
+            out.extend(f"{n}.{a}" for a in m.adapter_layer_names)
+        elif isinstance(m, ModulesToSaveWrapper):
+            out.append(f"{n}.modules_to_save")
+    return out
+
+
+def add_modules_to_save(model: nn.Module, names: list[str], adapter: str) -> list[str]:
+    """Wrap each module whose path equals or ends with an entry; return the wrapped paths."""
+    found: list[str] = []
+    skip = tuple(wrapped_paths(model))
+    for path, mod in list(model.named_modules()):
+        if not path or any(path == s or path.startswith(s + ".") for s in skip):
+            continue
+        if any(path == n or path.endswith("." + n) for n in names):
+            if isinstance(mod, ModulesToSaveWrapper):
+                mod.update(adapter)
+            elif any(path.startswith(f + ".") for f in found):
+                continue
+            else:
+                replace_module(model, path, ModulesToSaveWrapper(mod, adapter))
+            found.append(path)
+    return found
+
+
+def unwrap(model: nn.Module, keep_adapter: str | None = None) -> nn.Module:
+    """Replace every adapter layer by its base layer and every save-wrapper by a plain module.
+
+    `keep_adapter` picks which modules_to_save copy replaces the original (the active one after
+    a merge); None restores the original modules.
+    """
+    for path, layer in list(adapter_layers(model)):
+        replace_module(model, path, layer.get_base_layer())
+    for path, wrapper in list(save_wrappers(model)):
+        if keep_adapter is not None and keep_adapter in wrapper.modules_to_save:
+            replace_module(model, path, wrapper.modules_to_save[keep_adapter])
+        else:
+            replace_module(model, path, wrapper.original_module)
+    return model

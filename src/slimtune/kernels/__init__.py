@@ -1,0 +1,1 @@
+"""Fast paths: fused autograd functions (CPU and GPU), optional Triton pieces behind a check."""

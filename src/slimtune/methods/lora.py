@@ -1,0 +1,122 @@
+"""LoRA (Hu et al. 2021): train a rank-r update B·A beside each frozen target weight.
+
+Config fields and their meaning are HF PEFT's `LoraConfig`, so `adapter_config.json` files move
+between the two libraries. The layers are in `lora_layers.py`, weighted merging of several
+adapters in `lora_weighted.py`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch.nn as nn
+
+from ..config import AdapterConfig, ConfigError, config_field, listify
+from ..families import default_lora_targets
+from ..inject import adapter_layers
+from ..registry import register_method
+from ..tuner import Tuner
+from .lora_layers import SUPPORTED_TYPES, LoraLayer, lora_layer_for
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    peft_type: ClassVar[str] = "LORA"
+    method: ClassVar[str] = "lora"
+
+    r: int = 8  # rank: 8 is PEFT's default and enough for most single-task fine-tunes
+    target_modules: Any = None  # names / regex / "all-linear" / module types; None = family default
+    exclude_modules: Any = None
+    lora_alpha: float = 8  # scale s = alpha/r: alpha = r keeps s = 1 whatever the rank
+    lora_dropout: float = 0.0  # 0 keeps the fused fast path free of a mask
+    fan_in_fan_out: bool = False  # weight stored (in, out); set automatically for GPT-2's Conv1D
+    bias: str = "none"  # "none" | "all" (every bias trains) | "lora_only" (biases of adapted layers)
+    use_rslora: bool = False  # s = alpha/sqrt(r): stable updates at high rank (Kalajdzievski 2023)
+    modules_to_save: Any = None  # modules trained in full and saved with the adapter (e.g. a new head)
+    init_lora_weights: Any = True  # True (Kaiming A, zero B) | "gaussian" | "pissa" | False (random, tests)
+    layers_to_transform: Any = None  # int or list of block indices to adapt
+    layers_pattern: Any = None  # name of the block list ("layers", "h") when indices are ambiguous
+    rank_pattern: dict = config_field({})  # {"regex of module path": r} overrides r per module
+    alpha_pattern: dict = config_field({})  # same for lora_alpha
+    use_dora: bool = False
+    lora_bias: bool = False
+    target_parameters: Any = None
+
+    def __post_init__(self) -> None:
+        self.target_modules = listify(self.target_modules) if not isinstance(self.target_modules, set) else sorted(self.target_modules)
+        self.exclude_modules = listify(self.exclude_modules)
+        self.modules_to_save = listify(self.modules_to_save)
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias={self.bias!r}: use 'none', 'all' or 'lora_only'")
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"r={self.r!r}: the rank must be a positive integer")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
+        if self.use_dora:
+            raise ConfigError("use_dora=True: DoRA is not in slimtune yet (tracked with the other methods)")
+        if self.lora_bias:
+            raise ConfigError("lora_bias=True (a bias on lora_B) is not supported; use bias='lora_only'")
+        if self.target_parameters:
+            raise ConfigError("target_parameters (LoRA on raw nn.Parameters, MoE experts) is not supported; "
+                              "use target_modules")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("layers_pattern only applies together with layers_to_transform")
+
+    def for_module(self, path: str) -> tuple[int, float]:
+        """(r, alpha) for one module path, after rank_pattern / alpha_pattern (PEFT's matching)."""
+        return (_pattern_value(self.rank_pattern, path, self.r), _pattern_value(self.alpha_pattern, path, self.lora_alpha))
+
+
+def lora_bias_parameters(model: nn.Module, mode: str) -> dict[str, nn.Parameter]:
+    """Biases that train under `bias` mode, by module path + ".bias" (found structurally)."""
+    if mode == "none":
+        return {}
+    if mode == "lora_only":
+        owners = [(f"{path}.base_layer" if path else "base_layer", layer.get_base_layer())
+                  for path, layer in adapter_layers(model)]
+    else:
+        owners = list(model.named_modules())
+    return {f"{path}.bias" if path else "bias": m._parameters["bias"]
+            for path, m in owners if isinstance(m._parameters.get("bias"), nn.Parameter)}
+
+
+def _pattern_value(patterns: dict, path: str, default: Any) -> Any:
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?{key}$", path):
+            return value
+    return default
+
+
+@register_method(LoraConfig, mergeable=True, description="low-rank update B·A beside frozen weights")
+class LoraModel(Tuner):
+    supported_types = SUPPORTED_TYPES
+
+    def default_targets(self, config: LoraConfig):
+        return default_lora_targets(self.model)
+
+    def _layer_kwargs(self, config: LoraConfig, path: str) -> dict:
+        r, alpha = config.for_module(path)
+        return dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
+                    init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora)
+
+    def create_layer(self, base: nn.Module, config: LoraConfig, adapter: str, path: str) -> LoraLayer:
+        cls = lora_layer_for(base)
+        kw = self._layer_kwargs(config, path)
+        if cls.__name__ == "Linear":
+            return cls(base, adapter, fan_in_fan_out=config.fan_in_fan_out, **kw)
+        return cls(base, adapter, **kw)
+
+    def update_layer(self, layer: LoraLayer, config: LoraConfig, adapter: str, path: str) -> None:
+        layer.update_layer(adapter, **self._layer_kwargs(config, path))
+
+    def mark_extra_trainable(self, config: LoraConfig) -> None:
+        for b in lora_bias_parameters(self.model, config.bias).values():
+            b.requires_grad_(True)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None) -> None:
+        """A new adapter from a weighted combination of existing ones ("linear", "cat", "svd")."""
+        from .lora_weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)

@@ -1,0 +1,278 @@
+"""LoRA layers: ΔW = B·A·s beside a frozen base layer, s = α/r (or α/√r with rsLoRA).
+
+    x ──► base_layer ──────────────┐
+    └──► dropout ─► A (r×in) ─► B (out×r) ─► ×s ─► (+) ─► y
+
+One class per base-layer family, picked by type (`lora_layer_for`): Linear (nn.Linear and
+GPT-2's Conv1D), Embedding, Conv (nn.Conv1d/2d/3d). Per-adapter weights live in ModuleDicts
+keyed by adapter name, with PEFT's attribute names so state-dict keys match PEFT's.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..inject import AdapterLayer
+from ..kernels.lora import lora_linear
+from ..targeting import Conv1D
+
+BASE_ADAPTER = "__base__"  # name for "no adapter" rows in a mixed batch
+
+
+class LoraLayer(AdapterLayer):
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+
+    def update_layer(self, adapter: str, r: int, lora_alpha: float, lora_dropout: float,
+                     init_lora_weights: bool | str, use_rslora: bool) -> None:
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
+        self.r[adapter] = r
+        self.lora_alpha[adapter] = lora_alpha
+        self.scaling[adapter] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        # Identity when p == 0: no mask, no copy of x on the hot path.
+        self.lora_dropout[adapter] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self._create_weights(adapter, r)
+        dtype, device = self._adapter_dtype_device()
+        for _, p in self.adapter_parameters(adapter):
+            p.data = p.data.to(device=device, dtype=dtype)
+        self.reset_lora_parameters(adapter, init_lora_weights)
+        if not self.active_adapters:  # a first adapter becomes active; later ones wait for set_adapter
+            self.active_adapters = [adapter]
+
+    def _create_weights(self, adapter: str, r: int) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, adapter: str, init: bool | str) -> None:
+        """True: Kaiming-uniform A, zero B (output = base). "gaussian": N(0, 1/r) A, zero B.
+        False: random B too (tests only). "pissa": A, B from the top-r SVD of W, W ← W − s·BA."""
+        if adapter not in self.lora_A:
+            return
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        if init is True or init is False:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            if init is False:
+                nn.init.normal_(b, std=0.02)
+            else:
+                nn.init.zeros_(b)
+        elif init == "gaussian":
+            nn.init.normal_(a, std=1 / self.r[adapter])
+            nn.init.zeros_(b)
+        elif isinstance(init, str) and init.lower().startswith("pissa"):
+            self._pissa_init(adapter)
+        else:
+            raise ValueError(f"init_lora_weights={init!r}: use True, False, 'gaussian' or 'pissa'")
+
+    def _pissa_init(self, adapter: str) -> None:
+        raise ValueError(f"PiSSA init needs a Linear base layer, not {type(self.get_base_layer()).__name__}")
+
+    def _single_active(self) -> str | None:
+        """The one adapter to apply, or None for the base (disabled, merged or none active)."""
+        if self.disable_adapters or self.merged or not self.active_adapters:
+            return None
+        return self.active_adapters[0]
+
+    def _mixed_rows(self) -> list[tuple[str, torch.Tensor]]:
+        """Mixed batch: (adapter, row mask) for each adapter this layer holds."""
+        names, idx = self._mixed
+        out = []
+        for i, name in enumerate(names):
+            if name != BASE_ADAPTER and name in self.scaling:
+                out.append((name, idx == i))
+        return out
+
+
+class Linear(LoraLayer):
+    """LoRA on nn.Linear, or on transformers' Conv1D (weight stored (in, out): fan_in_fan_out)."""
+
+    def __init__(self, base_layer: nn.Module, adapter: str, fan_in_fan_out: bool = False, **kw) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out or isinstance(base_layer, Conv1D)
+        w = base_layer.weight
+        self.out_features, self.in_features = (w.shape[1], w.shape[0]) if self.fan_in_fan_out else w.shape
+        self.update_layer(adapter, **kw)
+
+    def _create_weights(self, adapter: str, r: int) -> None:
+        self.lora_A[adapter] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter] = nn.Linear(r, self.out_features, bias=False)
+
+    def _base_weight(self) -> torch.Tensor:
+        """Base weight as (out, in), a view for Conv1D."""
+        w = self.get_base_layer().weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        delta = (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
+        return delta.t() if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def _pissa_init(self, adapter: str) -> None:
+        base = self.get_base_layer()
+        w = self._base_weight().float()
+        r, s = self.r[adapter], self.scaling[adapter]
+        u, sv, vh = torch.linalg.svd(w, full_matrices=False)  # w (out,in) = u·diag(sv)·vh
+        root = (sv[:r] / s).sqrt()
+        a, b = root[:, None] * vh[:r], u[:, :r] * root[None, :]  # (r,in), (out,r)
+        self.lora_A[adapter].weight.copy_(a)
+        self.lora_B[adapter].weight.copy_(b)
+        residual = w - s * (b @ a)
+        base.weight.data.copy_((residual.t() if self.fan_in_fan_out else residual).to(base.weight.dtype))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._mixed is not None and not self.disable_adapters and not self.merged:
+            return self._mixed_forward(x)
+        name = self._single_active()
+        base = self.get_base_layer()
+        if name is None:
+            return self.base_layer(x, *args, **kwargs)
+        if type(base) in (nn.Linear, Conv1D) and len(self.active_adapters) == 1:
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            return lora_linear(x, self._base_weight(), base.bias, a.to(x.dtype) if a.dtype != x.dtype else a,
+                               b.to(x.dtype) if b.dtype != x.dtype else b, self.scaling[name], self.lora_dropout[name])
+        # General path: several active adapters, or a base we cannot fuse (e.g. quantized).
+        out = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            out = out + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+        return out
+
+    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-row adapters in one batch: gather each row's (A, B, s), two batched GEMMs.
+
+        Ranks differ between adapters, so weights are zero-padded to the largest rank; rows of
+        the base model get s = 0. x (B, T, in) -> (B, T, out).
+        """
+        out = self.base_layer(x)
+        rows = self._mixed_rows()
+        if not rows:
+            return out
+        names, idx = self._mixed
+        rmax = max(self.r[n] for n, _ in rows)
+        n_all = len(names)
+        a_stack = x.new_zeros(n_all, rmax, self.in_features)
+        b_stack = x.new_zeros(n_all, self.out_features, rmax)
+        scale = x.new_zeros(n_all)
+        for i, name in enumerate(names):
+            if name != BASE_ADAPTER and name in self.scaling:
+                r = self.r[name]
+                a_stack[i, :r] = self.lora_A[name].weight
+                b_stack[i, :, :r] = self.lora_B[name].weight
+                scale[i] = self.scaling[name]
+        x3 = x.reshape(idx.shape[0], -1, self.in_features)  # (B, T, in)
+        xa = torch.bmm(x3, a_stack[idx].transpose(1, 2))  # (B, T, r)
+        delta = torch.bmm(xa, b_stack[idx].transpose(1, 2)) * scale[idx].view(-1, 1, 1)  # (B, T, out)
+        return out + delta.view(out.shape)
+
+
+class Embedding(LoraLayer):
+    """LoRA on nn.Embedding: A (r, vocab) is looked up, B (dim, r) projects; PEFT inits A = 0."""
+
+    def __init__(self, base_layer: nn.Embedding, adapter: str, **kw) -> None:
+        super().__init__(base_layer)
+        self.update_layer(adapter, **kw)
+
+    def _create_weights(self, adapter: str, r: int) -> None:
+        base = self.get_base_layer()
+        self.lora_embedding_A[adapter] = nn.Parameter(torch.zeros(r, base.num_embeddings))
+        self.lora_embedding_B[adapter] = nn.Parameter(torch.zeros(base.embedding_dim, r))
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, adapter: str, init: bool | str) -> None:
+        if isinstance(init, str) and init.lower().startswith("pissa"):
+            raise ValueError("PiSSA init is for Linear layers; use init_lora_weights=True for embeddings")
+        a, b = self.lora_embedding_A[adapter], self.lora_embedding_B[adapter]
+        nn.init.normal_(b)
+        if init is False:
+            nn.init.normal_(a)
+        else:
+            nn.init.zeros_(a)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        return (self.lora_embedding_B[adapter] @ self.lora_embedding_A[adapter]).t() * self.scaling[adapter]
+
+    def _lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        return F.embedding(x, table, base.padding_idx, base.max_norm, base.norm_type,
+                           base.scale_grad_by_freq, base.sparse)
+
+    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        return (self._lookup(x, a.t()) @ b.t()) * self.scaling[name]  # (..., r) @ (r, dim)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self._mixed is not None and not self.disable_adapters and not self.merged:
+            for name, mask in self._mixed_rows():
+                out = out + self._delta(name, x) * mask.view(-1, *([1] * (out.dim() - 1))).to(out.dtype)
+            return out
+        if self._single_active() is None:
+            return out
+        for name in self.active_adapters:
+            out = out + self._delta(name, x)
+        return out
+
+
+class Conv(LoraLayer):
+    """LoRA on nn.Conv1d/2d/3d: A is a conv with the base's kernel, B a 1×1 conv."""
+
+    def __init__(self, base_layer: nn.Module, adapter: str, **kw) -> None:
+        super().__init__(base_layer)
+        if base_layer.groups != 1:
+            raise ValueError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported; "
+                             "exclude this module with exclude_modules")
+        self.update_layer(adapter, **kw)
+
+    def _create_weights(self, adapter: str, r: int) -> None:
+        base = self.get_base_layer()
+        conv = type(base)
+        self.lora_A[adapter] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
+                                    base.dilation, bias=False)
+        self.lora_B[adapter] = conv(r, base.out_channels, 1, 1, bias=False)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight  # (r, in, *k), (out, r, 1..)
+        w = self.get_base_layer().weight
+        return (b.flatten(1) @ a.flatten(1)).view(w.shape) * self.scaling[adapter]
+
+    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self._mixed is not None and not self.disable_adapters and not self.merged:
+            for name, mask in self._mixed_rows():
+                out = out + self._delta(name, x) * mask.view(-1, *([1] * (out.dim() - 1))).to(out.dtype)
+            return out
+        if self._single_active() is None:
+            return out
+        for name in self.active_adapters:
+            out = out + self._delta(name, x)
+        return out
+
+
+def lora_layer_for(base: nn.Module) -> type[LoraLayer] | None:
+    """Dispatch by module type (minLoRA style): the LoRA class for a base layer, or None."""
+    if isinstance(base, (nn.Linear, Conv1D)):
+        return Linear
+    if isinstance(base, nn.Embedding):
+        return Embedding
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return Conv
+    return None
+
+
+SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)

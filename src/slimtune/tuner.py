@@ -1,0 +1,233 @@
+"""The model-level half of a method: inject adapters, switch, merge, unload, mark trainable.
+
+`Tuner` is generic over methods whose layers are `AdapterLayer`s; a method subclasses it and
+fills in `supported_types`, `default_targets` and `create_layer`. PEFT's structure is kept so
+state-dict keys match: PeftModel.base_model (a Tuner) .model (the user's model).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from . import targeting
+from .config import AdapterConfig
+from .families import TASK_HEADS
+from .inject import (AdapterLayer, ModulesToSaveWrapper, add_modules_to_save, adapter_layers, replace_module,
+                     save_wrappers, unwrap, wrapped_paths)
+
+
+class UnknownAdapterError(KeyError):
+    def __init__(self, name: str, known: list[str]):
+        super().__init__(f"no adapter named '{name}'; known adapters: {', '.join(known) or '(none)'}")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class Tuner(nn.Module):
+    supported_types: tuple[type, ...] = ()
+
+    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, AdapterConfig] = {}
+        self.active_adapter: str = adapter_name
+        self.inject_adapter(config, adapter_name)
+
+    # ---- method hooks --------------------------------------------------------------------
+    def default_targets(self, config: AdapterConfig) -> Any:
+        return None
+
+    def create_layer(self, base: nn.Module, config: AdapterConfig, adapter: str, path: str) -> AdapterLayer:
+        raise NotImplementedError
+
+    def update_layer(self, layer: AdapterLayer, config: AdapterConfig, adapter: str, path: str) -> None:
+        raise NotImplementedError
+
+    def mark_extra_trainable(self, config: AdapterConfig) -> None:
+        """Unfreeze what a method trains besides its adapter weights (e.g. LoRA's bias modes)."""
+
+    # ---- injection -------------------------------------------------------------------------
+    def inject_adapter(self, config: AdapterConfig, adapter: str) -> None:
+        if adapter in self.peft_config:
+            raise ValueError(f"an adapter named '{adapter}' already exists; pick another name or delete_adapter it first")
+        targets = getattr(config, "target_modules", None)
+        if targets is None:
+            targets = self.default_targets(config)
+            if targets is None:
+                mt = getattr(getattr(self.model, "config", None), "model_type", type(self.model).__name__)
+                raise targeting.TargetError(
+                    f"{config.method}: no target_modules given and no default for model type '{mt}'; "
+                    "pass target_modules=[...] (module names) or 'all-linear'")
+        sel = targeting.select(
+            self.model, targets, supported_types=self.supported_types,
+            exclude_modules=getattr(config, "exclude_modules", None),
+            layers_to_transform=getattr(config, "layers_to_transform", None),
+            layers_pattern=getattr(config, "layers_pattern", None),
+            skip=wrapped_paths(self.model), method=config.method,
+        )
+        for path in sel.names:
+            module = self.model.get_submodule(path)
+            if isinstance(module, AdapterLayer):
+                self.update_layer(module, config, adapter, path)
+            else:
+                replace_module(self.model, path, self.create_layer(module, config, adapter, path))
+        # Record what was chosen in a form PEFT reads (types and defaults become names).
+        if hasattr(config, "target_modules"):
+            if config.target_modules is None or (not isinstance(targets, str) and any(isinstance(t, type) for t in targets)):
+                config.target_modules = sorted({p.split(".")[-1] for p in sel.names})
+        to_save = list(getattr(config, "modules_to_save", None) or [])
+        heads = [h for h in TASK_HEADS.get(config.task_type or "", []) if h not in to_save]
+        if heads:
+            present = [h for h in heads if any(n == h or n.endswith("." + h) for n, _ in self.model.named_modules())]
+            to_save += present
+            if present and hasattr(config, "modules_to_save"):
+                config.modules_to_save = to_save
+        if to_save:
+            found = add_modules_to_save(self.model, to_save, adapter)
+            missing = [n for n in to_save if not any(p == n or p.endswith("." + n) for p in found)]
+            if missing:
+                raise targeting.TargetError(f"modules_to_save entry '{missing[0]}' matches no module")
+        self.peft_config[adapter] = config
+        if len(self.peft_config) == 1:
+            self.set_adapter(adapter)
+        else:
+            self._mark_trainable()
+
+    # ---- adapters as a set ----------------------------------------------------------------
+    def _check(self, name: str) -> None:
+        if name not in self.peft_config:
+            raise UnknownAdapterError(name, list(self.peft_config))
+
+    def set_adapter(self, name: str | list[str]) -> None:
+        names = [name] if isinstance(name, str) else list(name)
+        for n in names:
+            self._check(n)
+        for _, layer in adapter_layers(self.model):
+            if layer.merged:
+                raise RuntimeError("adapters are merged into the base weights; unmerge_adapter() before switching")
+            layer.set_adapter(names)
+        for _, w in save_wrappers(self.model):
+            w.set_adapter(names[0])
+        self.active_adapter = names[0] if len(names) == 1 else names
+        self._mark_trainable()
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
+
+    def delete_adapter(self, name: str) -> None:
+        self._check(name)
+        for _, layer in adapter_layers(self.model):
+            layer.delete_adapter(name)
+        for _, w in save_wrappers(self.model):
+            w.delete_adapter(name)
+        del self.peft_config[name]
+        remaining = [a for a in self.active_adapters if a != name]
+        if remaining:
+            self.set_adapter(remaining)
+        elif self.peft_config:
+            self.set_adapter(next(iter(self.peft_config)))
+        else:
+            self.active_adapter = ""
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        """Every parameter owned by adapter `name`, found by module type."""
+        for _, layer in adapter_layers(self.model):
+            for _, p in layer.adapter_parameters(name):
+                yield p
+        for _, w in save_wrappers(self.model):
+            yield from (p for _, p in w.adapter_parameters(name))
+
+    def _mark_trainable(self) -> None:
+        self.model.requires_grad_(False)
+        for name in self.active_adapters:
+            cfg = self.peft_config.get(name)
+            if cfg is None or cfg.inference_mode:
+                continue
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(True)
+            self.mark_extra_trainable(cfg)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Inside: the base model's output (merged adapters are unmerged and restored after)."""
+        merged = {path: list(layer.merged_adapters) for path, layer in adapter_layers(self.model) if layer.merged}
+        for path in merged:
+            self.model.get_submodule(path).unmerge()
+        self._set_disabled(True)
+        try:
+            yield
+        finally:
+            self._set_disabled(False)
+            for path, names in merged.items():
+                self.model.get_submodule(path).merge(names)
+
+    def _set_disabled(self, flag: bool) -> None:
+        for _, m in list(adapter_layers(self.model)) + list(save_wrappers(self.model)):
+            m.disable_adapters = flag
+
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names: list[str]):
+        """Per-row adapters: row i uses adapter_names[i] ("__base__" = no adapter)."""
+        from .methods.lora_layers import BASE_ADAPTER
+
+        uniq = list(dict.fromkeys(adapter_names))
+        for n in uniq:
+            if n != BASE_ADAPTER:
+                self._check(n)
+        if any(layer.merged for _, layer in adapter_layers(self.model)):
+            raise RuntimeError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
+        if any(w.active_adapter is not None for _, w in save_wrappers(self.model)) and len(uniq) > 1:
+            raise ValueError("mixed-adapter batches are not supported with modules_to_save (each adapter has its own head)")
+        dev = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        idx = torch.tensor([uniq.index(n) for n in adapter_names], device=dev)
+        layers = [layer for _, layer in adapter_layers(self.model)]
+        for layer in layers:
+            layer._mixed = (uniq, idx)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer._mixed = None
+
+    # ---- merging ---------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        names = adapter_names or self.active_adapters
+        for n in names:
+            self._check(n)
+        for _, layer in adapter_layers(self.model):
+            layer.merge(names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in adapter_layers(self.model):
+            layer.unmerge()
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None,
+                         progressbar: bool = False) -> nn.Module:
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        keep = (adapter_names or self.active_adapters)[0]
+        return unwrap(self.model, keep_adapter=keep)
+
+    def unload(self) -> nn.Module:
+        """The base model back, adapters dropped and any merge undone."""
+        self.unmerge_adapter()
+        return unwrap(self.model, keep_adapter=None)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+def is_adapter_module(m: nn.Module) -> bool:
+    return isinstance(m, (AdapterLayer, ModulesToSaveWrapper))
