@@ -119,13 +119,7 @@ class PeftModel(nn.Module):
 
     # ---- files ----------------------------------------------------------------------------
     def _key_map(self, adapter: str) -> dict[str, torch.Tensor]:
-        from .methods.lora import lora_bias_parameters
-
-        cfg = self.peft_config[adapter]
-        extra = {}
-        if getattr(cfg, "bias", "none") != "none":
-            extra = {ckpt.PREFIX + k: p for k, p in lora_bias_parameters(self.base_model.model, cfg.bias).items()}
-        return ckpt.adapter_key_map(self, adapter, extra)
+        return self.base_model.adapter_key_map(adapter, self)
 
     def get_adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
         """The tensors save_pretrained writes, keyed as on disk."""

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
-# Modules under slimtune.methods that register a method when imported.
-_METHOD_MODULES = ("lora",)
+# Every module under slimtune.methods is imported on first lookup; those that define a tuner
+# register it. Plug-in packages add theirs with add_method_module.
 _EXTRA_MODULES: list[str] = []
 
 
@@ -46,8 +47,10 @@ def add_method_module(module: str) -> None:
 
 
 def _load_all() -> None:
-    for mod in _METHOD_MODULES:
-        importlib.import_module(f"slimtune.methods.{mod}")
+    from . import methods
+
+    for info in pkgutil.iter_modules(methods.__path__):
+        importlib.import_module(f"slimtune.methods.{info.name}")
     for mod in _EXTRA_MODULES:
         importlib.import_module(mod)
 

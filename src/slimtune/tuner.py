@@ -97,6 +97,16 @@ class Tuner(nn.Module):
         else:
             self._mark_trainable()
 
+    def adapter_key_map(self, adapter: str, root: nn.Module) -> dict[str, torch.Tensor]:
+        """On-disk key -> live tensor for `adapter` (what save_pretrained writes and loading fills).
+
+        `root` is the PeftModel, whose module paths are the keys ("base_model.model.<path>...").
+        Methods with tensors outside adapter layers (biases, prompt tables) extend this.
+        """
+        from .checkpoint import adapter_key_map
+
+        return adapter_key_map(root, adapter)
+
     # ---- adapters as a set ----------------------------------------------------------------
     def _check(self, name: str) -> None:
         if name not in self.peft_config:

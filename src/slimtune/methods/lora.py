@@ -114,6 +114,12 @@ class LoraModel(Tuner):
         for b in lora_bias_parameters(self.model, config.bias).values():
             b.requires_grad_(True)
 
+    def adapter_key_map(self, adapter: str, root: nn.Module) -> dict:
+        from ..checkpoint import PREFIX, adapter_key_map
+
+        bias = lora_bias_parameters(self.model, self.peft_config[adapter].bias)
+        return adapter_key_map(root, adapter, {PREFIX + k: p for k, p in bias.items()})
+
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "svd", svd_rank: int | None = None) -> None:
         """A new adapter from a weighted combination of existing ones ("linear", "cat", "svd")."""
