@@ -1,0 +1,108 @@
+"""Shared tiny random-init models (built from transformers configs in milliseconds, never the hub)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+import torch.nn as nn
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+VOCAB = 128
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert_cls(seed: int = 0, num_labels: int = 3):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=VOCAB, max_position_embeddings=64, num_labels=num_labels)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_t5(seed: int = 0):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB,
+                   decoder_start_token_id=0)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+class TinyCNN(nn.Module):
+    """A non-transformer model: embedding, Conv1d, Conv2d and Linear layers."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv1d = nn.Conv1d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):  # x (B, 1, 4, 4)
+        h = torch.relu(self.conv(x))  # (B, 8, 4, 4)
+        h = torch.relu(self.conv1d(h.flatten(2)))  # (B, 8, 16)
+        return self.head(torch.relu(self.fc(h.flatten(1))))
+
+
+class TinyEmbedMLP(nn.Module):
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.proj = nn.Linear(16, 16)
+        self.out = nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids):
+        return self.out(torch.tanh(self.proj(self.emb(input_ids))))
+
+
+@pytest.fixture
+def ids():
+    torch.manual_seed(1)
+    return torch.randint(0, VOCAB, (3, 9))
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(2)
+    return torch.randn(3, 1, 4, 4)
+
+
+def logits(model, x):
+    out = model(x) if not isinstance(x, dict) else model(**x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def randomize_lora(model, seed: int = 0, std: float = 0.1) -> None:
+    """Give every LoRA weight (incl. B) non-zero values so the adapter changes outputs."""
+    from slimtune.inject import adapter_layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            for name in layer.adapter_names():
+                for _, p in layer.adapter_parameters(name):
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
