@@ -207,9 +207,9 @@ def wrapped_paths(model: nn.Module) -> list[str]:
     out = []
     for n, m in model.named_modules():
         if isinstance(m, AdapterLayer):
-            out.extend(f"{n}.{a}" for a in m.adapter_layer_names)
+            out.extend(f"{n}.{a}" for a in m.adapter_layer_names + ("base_layer",))
         elif isinstance(m, ModulesToSaveWrapper):
-            out.append(f"{n}.modules_to_save")
+            out.extend([f"{n}.modules_to_save", f"{n}.original_module"])
     return out
 
 

@@ -72,6 +72,11 @@ def output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
+def _effective(m: nn.Module) -> nn.Module:
+    get = getattr(m, "get_base_layer", None)
+    return get() if callable(get) else m
+
+
 @dataclass
 class Selection:
     """The modules a config selects, by full path, in model order."""
@@ -107,7 +112,9 @@ def select(
         raise TargetError(f"{method}: no target_modules given and no default is known for this model; "
                           "pass target_modules=[...] (module names) or 'all-linear'")
     skip = tuple(skip)
-    all_named = [(n, m) for n, m in model.named_modules() if n and not any(n == s or n.startswith(s + ".") for s in skip)]
+    # An adapter layer already in place stands for its base layer (a second adapter reuses it).
+    all_named = [(n, _effective(m)) for n, m in model.named_modules()
+                 if n and not any(n == s or n.startswith(s + ".") for s in skip)]
     leaf_names = [n for n, m in all_named if isinstance(m, supported_types)]
 
     if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
