@@ -1,0 +1,104 @@
+"""(IA)³: PEFT-compatible scaling vectors; checked against the real `peft` package both ways."""
+import pytest
+import torch
+from conftest import logits, tiny_bert_cls, tiny_gpt2, tiny_llama
+
+from slimtune import ConfigError, PeftModel, get_peft_model, make_config
+from slimtune.inject import AdapterLayer, ModulesToSaveWrapper, adapter_layers
+from slimtune.methods.ia3 import IA3Config, IA3Linear
+
+CASES = {"llama": (tiny_llama, {}), "gpt2": (tiny_gpt2, {}), "bert": (tiny_bert_cls, {"task_type": "SEQ_CLS"})}
+
+
+def randomize(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "ia3_l" in n:
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+            elif "classifier" in n and p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def test_defaults_and_count():
+    cfg = make_config("ia3")
+    assert isinstance(cfg, IA3Config)
+    pm = get_peft_model(tiny_llama(), cfg)
+    assert cfg.target_modules == ["k_proj", "v_proj", "down_proj"] and cfg.feedforward_modules == ["down_proj"]
+    m = pm.base_model.model.config
+    kv = m.num_key_value_heads * (m.hidden_size // m.num_attention_heads)
+    assert pm.get_nb_trainable_parameters()[0] == m.num_hidden_layers * (2 * kv + m.intermediate_size)
+    shapes = {n.split(".")[-1]: tuple(l.ia3_l["default"].shape) for n, l in adapter_layers(pm)}
+    assert shapes == {"k_proj": (kv, 1), "v_proj": (kv, 1), "down_proj": (1, m.intermediate_size)}
+    with pytest.raises(ConfigError, match="feedforward_modules"):
+        IA3Config(target_modules=["k_proj"], feedforward_modules=["down_proj"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_init_identity_merge_and_roundtrip(case, ids, tmp_path):
+    make, kw = CASES[case]
+    pm = get_peft_model(make(), IA3Config(**kw))
+    with torch.no_grad():
+        torch.testing.assert_close(logits(pm, ids), logits(make(), ids))
+    randomize(pm)
+    with torch.no_grad():
+        ref = logits(pm, ids)
+        assert (ref - logits(make(), ids)).abs().max() > 1e-3
+        pm.merge_adapter()
+        torch.testing.assert_close(logits(pm, ids), ref, atol=1e-5, rtol=1e-5)
+        pm.unmerge_adapter()
+        torch.testing.assert_close(logits(pm, ids), ref, atol=1e-5, rtol=1e-5)
+    pm.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(loaded, ids), ref, atol=0, rtol=0)
+        plain = loaded.merge_and_unload()
+        assert not any(isinstance(m, (AdapterLayer, ModulesToSaveWrapper)) for m in plain.modules())
+        torch.testing.assert_close(logits(plain, ids), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_training_changes_only_vectors_and_lowers_loss(ids):
+    pm = get_peft_model(tiny_llama(), IA3Config())
+    before = {k: p.detach().clone() for k, p in pm.named_parameters()}
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=5e-2)
+    losses = []
+    for _ in range(6):
+        loss = pm(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for k, p in pm.named_parameters():
+        assert (not torch.equal(before[k], p)) == (".ia3_l." in k), k
+
+
+# ---- compatibility with HF PEFT, both directions ---------------------------------------------
+peft = pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_peft_saved_loads_in_slimtune(case, ids, tmp_path):
+    make, kw = CASES[case]
+    pp = peft.get_peft_model(make(), peft.IA3Config(**kw))
+    randomize(pp)
+    with torch.no_grad():
+        ref = logits(pp, ids)
+    pp.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(make(), tmp_path)
+    assert all(isinstance(l, IA3Linear) for _, l in adapter_layers(ours))
+    with torch.no_grad():
+        torch.testing.assert_close(logits(ours, ids), ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_slimtune_saved_loads_in_peft(case, ids, tmp_path):
+    make, kw = CASES[case]
+    pm = get_peft_model(make(), IA3Config(**kw))
+    randomize(pm, seed=3)
+    with torch.no_grad():
+        ref = logits(pm, ids)
+    pm.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(make(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(theirs, ids), ref, atol=1e-6, rtol=1e-6)
