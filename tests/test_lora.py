@@ -192,7 +192,7 @@ def test_bias_modes(mode, expect, tmp_path, ids):
 def test_modules_to_save_for_seq_cls_head(tmp_path, ids):
     pm = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, task_type="SEQ_CLS", target_modules=["query", "value"]))
     assert isinstance(pm.base_model.model.classifier, ModulesToSaveWrapper)
-    assert pm.peft_config["default"].modules_to_save == ["classifier"]
+    assert pm.peft_config["default"].modules_to_save == ["classifier", "score"]  # as PEFT records it
     keys = set(pm.get_adapter_state_dict())
     assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= keys
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 CONFIG_NAME = "adapter_config.json"
+ANY = object()  # marks PEFT metadata fields whose value never matters
 
 
 class ConfigError(ValueError):
@@ -29,6 +30,10 @@ class AdapterConfig:
     method: ClassVar[str] = ""  # slimtune's short name ("lora", ...), the registry key
     # Keys slimtune adds that PEFT does not know: only written when set, so PEFT reads our files.
     slimtune_only: ClassVar[tuple[str, ...]] = ()
+    # PEFT fields slimtune does not implement -> the value at which they change nothing
+    # (ANY: metadata that never matters). At that value they load silently; otherwise loading
+    # fails, since the adapter would compute something else here.
+    peft_only: ClassVar[dict[str, Any]] = {}
 
     task_type: str | None = None  # CAUSAL_LM, SEQ_CLS, SEQ_2_SEQ_LM, TOKEN_CLS, ...: picks default heads
     base_model_name_or_path: str | None = None
@@ -53,6 +58,11 @@ class AdapterConfig:
         """Build from a dict. Unknown keys warn (files from newer versions) or, with strict, raise."""
         data = dict(data)
         data.pop("peft_type", None)
+        for k in [k for k in data if k in cls.peft_only]:
+            neutral, value = cls.peft_only[k], data.pop(k)
+            if neutral is not ANY and value != neutral and value not in (None, {}, [], False):
+                raise ConfigError(f"{source}: {k}={value!r} is a PEFT feature slimtune does not implement; "
+                                  f"this adapter would compute something else here. Use PEFT for it, or retrain without {k}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in data if k not in known)
         if unknown and strict:

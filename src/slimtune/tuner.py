@@ -81,14 +81,14 @@ class Tuner(nn.Module):
                 config.target_modules = sorted({p.split(".")[-1] for p in sel.names})
         to_save = list(getattr(config, "modules_to_save", None) or [])
         heads = [h for h in TASK_HEADS.get(config.task_type or "", []) if h not in to_save]
-        if heads:
-            present = [h for h in heads if any(n == h or n.endswith("." + h) for n, _ in self.model.named_modules())]
-            to_save += present
-            if present and hasattr(config, "modules_to_save"):
-                config.modules_to_save = to_save
+        if heads and hasattr(config, "modules_to_save"):  # PEFT records every default head name
+            to_save += heads
+            config.modules_to_save = list(to_save)
         if to_save:
             found = add_modules_to_save(self.model, to_save, adapter)
-            missing = [n for n in to_save if not any(p == n or p.endswith("." + n) for p in found)]
+            # PEFT lists every default head name ("classifier", "score"); only one exists in a model.
+            defaults = TASK_HEADS.get(config.task_type or "", [])
+            missing = [n for n in to_save if n not in defaults and not any(p == n or p.endswith("." + n) for p in found)]
             if missing:
                 raise targeting.TargetError(f"modules_to_save entry '{missing[0]}' matches no module")
         self.peft_config[adapter] = config

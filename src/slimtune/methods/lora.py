@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch.nn as nn
 
-from ..config import AdapterConfig, ConfigError, config_field, listify
+from ..config import ANY, AdapterConfig, ConfigError, config_field, listify
 from ..families import default_lora_targets
 from ..inject import adapter_layers
 from ..registry import register_method
@@ -24,6 +24,13 @@ from .lora_layers import SUPPORTED_TYPES, LoraLayer, lora_layer_for
 class LoraConfig(AdapterConfig):
     peft_type: ClassVar[str] = "LORA"
     method: ClassVar[str] = "lora"
+    peft_only: ClassVar[dict[str, Any]] = {
+        "auto_mapping": ANY, "peft_version": ANY, "megatron_core": ANY, "qalora_group_size": ANY,
+        "ensure_weight_tying": ANY, "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None,
+        "eva_config": None, "kasa_config": None, "layer_replication": None, "loftq_config": {},
+        "lora_ga_config": None, "megatron_config": None, "monteclora_config": None,
+        "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False, "velora_config": None,
+    }
 
     r: int = 8  # rank: 8 is PEFT's default and enough for most single-task fine-tunes
     target_modules: Any = None  # names / regex / "all-linear" / module types; None = family default
@@ -53,8 +60,6 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"r={self.r!r}: the rank must be a positive integer")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
-        if self.use_dora:
-            raise ConfigError("use_dora=True: DoRA is not in slimtune yet (tracked with the other methods)")
         if self.lora_bias:
             raise ConfigError("lora_bias=True (a bias on lora_B) is not supported; use bias='lora_only'")
         if self.target_parameters:
@@ -103,11 +108,19 @@ class LoraModel(Tuner):
     def create_layer(self, base: nn.Module, config: LoraConfig, adapter: str, path: str) -> LoraLayer:
         cls = lora_layer_for(base)
         kw = self._layer_kwargs(config, path)
+        if config.use_dora:  # DoRA layers live in methods/dora.py
+            from .dora import create_dora_layer
+
+            return create_dora_layer(base, adapter, config, kw)
         if cls.__name__ == "Linear":
             return cls(base, adapter, fan_in_fan_out=config.fan_in_fan_out, **kw)
         return cls(base, adapter, **kw)
 
     def update_layer(self, layer: LoraLayer, config: LoraConfig, adapter: str, path: str) -> None:
+        if config.use_dora or "lora_magnitude_vector" in layer.adapter_layer_names:
+            from .dora import update_dora_layer
+
+            return update_dora_layer(layer, adapter, config, path, self._layer_kwargs(config, path))
         layer.update_layer(adapter, **self._layer_kwargs(config, path))
 
     def mark_extra_trainable(self, config: LoraConfig) -> None:
