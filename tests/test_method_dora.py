@@ -1,0 +1,112 @@
+"""DoRA (LoraConfig(use_dora=True)): PEFT's layout (lora_magnitude_vector), checked against peft both ways."""
+import json
+
+import pytest
+import torch
+from conftest import TinyEmbedMLP, logits, tiny_bert_cls, tiny_gpt2, tiny_llama
+
+from slimtune import ConfigError, LoraConfig, PeftModel, get_peft_model, make_config
+from slimtune.inject import AdapterLayer, ModulesToSaveWrapper, adapter_layers
+from slimtune.methods.dora import DoraConfig, DoraLinear
+
+CASES = {"llama": (tiny_llama, {}), "gpt2": (tiny_gpt2, {}), "bert": (tiny_bert_cls, {"task_type": "SEQ_CLS"})}
+
+
+def perturb(sd, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for v in sd.values():
+            v.add_(0.1 * torch.randn(v.shape, generator=g))
+
+
+def test_make_config_count_and_init_identity(ids):
+    cfg = make_config("dora", r=4)
+    assert isinstance(cfg, DoraConfig) and cfg.use_dora
+    base = tiny_llama()
+    pm = get_peft_model(base, cfg)
+    lin = [l for _, l in adapter_layers(pm)]
+    assert lin and all(isinstance(l, DoraLinear) for l in lin)
+    expect = sum(4 * (l.in_features + l.out_features) + l.out_features for l in lin)  # A, B, magnitude
+    assert pm.get_nb_trainable_parameters()[0] == expect
+    with torch.no_grad():
+        torch.testing.assert_close(logits(pm, ids), logits(tiny_llama(), ids))
+    with pytest.raises(ConfigError, match="DoRA in slimtune adapts Linear"):
+        get_peft_model(TinyEmbedMLP(), LoraConfig(target_modules=["emb"], use_dora=True))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_merge_and_roundtrip(case, ids, tmp_path):
+    make, kw = CASES[case]
+    pm = get_peft_model(make(), LoraConfig(r=4, lora_alpha=8, use_dora=True, **kw))
+    perturb(pm.get_adapter_state_dict())
+    with torch.no_grad():
+        ref = logits(pm, ids)
+        assert (ref - logits(make(), ids)).abs().max() > 1e-3
+        pm.merge_adapter()
+        torch.testing.assert_close(logits(pm, ids), ref, atol=1e-5, rtol=1e-5)
+        pm.unmerge_adapter()
+        torch.testing.assert_close(logits(pm, ids), ref, atol=1e-5, rtol=1e-5)
+    pm.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(loaded, ids), ref, atol=0, rtol=0)
+        plain = loaded.merge_and_unload()
+        assert not any(isinstance(m, (AdapterLayer, ModulesToSaveWrapper)) for m in plain.modules())
+        torch.testing.assert_close(logits(plain, ids), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_saved_as_peft_lora(tmp_path):
+    pm = get_peft_model(tiny_llama(), make_config("dora", r=2))
+    pm.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["use_dora"] is True
+    keys = list(pm.get_adapter_state_dict())
+    assert any(k.endswith("q_proj.lora_magnitude_vector") for k in keys)
+
+
+def test_training_changes_only_adapter_and_lowers_loss(ids):
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, use_dora=True, target_modules="all-linear"))
+    before = {k: p.detach().clone() for k, p in pm.named_parameters()}
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    pm.train()
+    for _ in range(6):
+        loss = pm(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for k, p in pm.named_parameters():
+        is_adapter = any(s in k for s in (".lora_A.", ".lora_B.", ".lora_magnitude_vector."))
+        assert (not torch.equal(before[k], p)) == is_adapter, k
+
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_peft_saved_loads_in_slimtune(case, ids, tmp_path):
+    make, kw = CASES[case]
+    pp = peft.get_peft_model(make(), peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, lora_dropout=0.1, **kw))
+    perturb(dict((n, p) for n, p in pp.named_parameters() if p.requires_grad), seed=1)
+    pp.eval()
+    with torch.no_grad():
+        ref = logits(pp, ids)
+    pp.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(make(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(ours, ids), ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_slimtune_saved_loads_in_peft(case, ids, tmp_path):
+    make, kw = CASES[case]
+    pm = get_peft_model(make(), make_config("dora", r=4, lora_alpha=8, **kw))
+    perturb(pm.get_adapter_state_dict(), seed=2)
+    with torch.no_grad():
+        ref = logits(pm, ids)
+    pm.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(make(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(theirs, ids), ref, atol=1e-6, rtol=1e-5)
