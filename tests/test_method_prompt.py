@@ -172,7 +172,8 @@ def test_bert_sequence_classification_trains_head_and_prompt(tmp_path):
     assert out.logits.shape == (2, 2) and out.loss is not None
     pm.save_pretrained(tmp_path)
     keys = set(load_file(os.path.join(tmp_path, "adapter_model.safetensors")))
-    assert keys == {"prompt_embeddings", "base_model.model.classifier.weight", "base_model.model.classifier.bias"}
+    # PEFT's keys for prompt learning: no tuner level, so "base_model.<path>"
+    assert keys == {"prompt_embeddings", "base_model.classifier.weight", "base_model.classifier.bias"}
     loaded = PeftModel.from_pretrained(tiny_bert_cls(), tmp_path)
     torch.testing.assert_close(logits(loaded), logits(pm))
 

@@ -235,10 +235,13 @@ class PromptTunerBase(Tuner):
 
     # ---- files -------------------------------------------------------------------------------
     def adapter_key_map(self, adapter: str, root: nn.Module) -> dict[str, Any]:
-        from ..checkpoint import adapter_key_map
+        from ..checkpoint import PREFIX, adapter_key_map
 
         out: dict[str, Any] = {PROMPT_KEY: self.prompt_encoder[adapter].saved_tensor()}
-        out.update(adapter_key_map(root, adapter))  # modules_to_save copies (a classifier head)
+        # modules_to_save copies (a classifier head). PEFT's prompt-learning models have no tuner
+        # between the wrapper and the model, so their keys read "base_model.<path>".
+        for k, v in adapter_key_map(root, adapter).items():
+            out["base_model." + k[len(PREFIX):] if k.startswith(PREFIX) else k] = v
         return out
 
     # ---- not mergeable; unload removes the hook ------------------------------------------------
