@@ -58,8 +58,9 @@ class AdapterConfig:
         """Build from a dict. Unknown keys warn (files from newer versions) or, with strict, raise."""
         data = dict(data)
         data.pop("peft_type", None)
-        for k in [k for k in data if k in cls.peft_only]:
-            neutral, value = cls.peft_only[k], data.pop(k)
+        peft_only = {"auto_mapping": ANY, "peft_version": ANY, **cls.peft_only}
+        for k in [k for k in data if k in peft_only]:
+            neutral, value = peft_only[k], data.pop(k)
             if neutral is not ANY and value != neutral and value not in (None, {}, [], False):
                 raise ConfigError(f"{source}: {k}={value!r} is a PEFT feature slimtune does not implement; "
                                   f"this adapter would compute something else here. Use PEFT for it, or retrain without {k}")

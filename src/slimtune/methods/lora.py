@@ -25,7 +25,7 @@ class LoraConfig(AdapterConfig):
     peft_type: ClassVar[str] = "LORA"
     method: ClassVar[str] = "lora"
     peft_only: ClassVar[dict[str, Any]] = {
-        "auto_mapping": ANY, "peft_version": ANY, "megatron_core": ANY, "qalora_group_size": ANY,
+        "megatron_core": ANY, "qalora_group_size": ANY,
         "ensure_weight_tying": ANY, "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None,
         "eva_config": None, "kasa_config": None, "layer_replication": None, "loftq_config": {},
         "lora_ga_config": None, "megatron_config": None, "monteclora_config": None,
