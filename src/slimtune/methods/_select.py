@@ -30,12 +30,13 @@ def head_paths(model: nn.Module, config: AdapterConfig) -> list[str]:
     A `modules_to_save` entry that matches nothing is an error (nothing is silently ignored).
     """
     wanted = list(getattr(config, "modules_to_save", None) or [])
-    heads = [h for h in TASK_HEADS.get(config.task_type or "", []) if h not in wanted]
+    defaults = TASK_HEADS.get(config.task_type or "", [])  # PEFT lists all ("classifier", "score"); one exists
+    heads = [h for h in defaults if h not in wanted]
     names = [n for n, _ in model.named_modules() if n]
     out: list[str] = []
     for entry in wanted + heads:
         hits = [n for n in names if n == entry or n.endswith("." + entry)]
-        if not hits and entry in wanted:
+        if not hits and entry not in defaults:
             raise TargetError(f"{config.method}: modules_to_save entry '{entry}' matches no module")
         out += [h for h in hits if not any(h == o or h.startswith(o + ".") for o in out)]
     return out
@@ -219,3 +220,18 @@ def squared_grad_sums(model: nn.Module, params: dict[str, nn.Parameter], batches
     if n == 0:
         raise ValueError("no batches given: pass a few batches (an iterable of model inputs with labels)")
     return sums
+
+
+def exclude_heads_from_all_linear(model: nn.Module, config: AdapterConfig) -> None:
+    """With target_modules="all-linear", leave the task head / modules_to_save out of the targets
+    (they train in full as modules_to_save; adapting them too would nest the two wrappers)."""
+    if getattr(config, "target_modules", None) != "all-linear":
+        return
+    heads = [h for h in head_paths(model, config)]
+    if not heads:
+        return
+    ex = config.exclude_modules
+    if isinstance(ex, str):  # a regex: extend it
+        config.exclude_modules = "|".join([f"(?:{ex})"] + [f"(?:.*\\.)?{h.replace('.', chr(92) + '.')}" for h in heads])
+    else:
+        config.exclude_modules = list(dict.fromkeys(list(ex or []) + heads))
