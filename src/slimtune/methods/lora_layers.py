@@ -136,6 +136,8 @@ class Linear(LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._mixed is not None and not self.disable_adapters and not self.merged:
             return self._mixed_forward(x)
+        if "_mixed_cache" in self.__dict__:  # a mixed batch has ended: free its gathered weights
+            del self.__dict__["_mixed_cache"]
         name = self._single_active()
         base = self.get_base_layer()
         if name is None:
@@ -151,31 +153,49 @@ class Linear(LoraLayer):
         return out
 
     def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-row adapters in one batch: gather each row's (A, B, s), two batched GEMMs.
+        """Per-row adapters in one batch: each row's (A, s·B) gathered once, two batched GEMMs.
 
-        Ranks differ between adapters, so weights are zero-padded to the largest rank; rows of
-        the base model get s = 0. x (B, T, in) -> (B, T, out).
+            out = base(x);  out[i] += (x[i] · A_iᵀ) · (s_i·B_i)ᵀ     (bmm, then baddbmm in place of the add)
+
+        x (B, T, in) -> (B, T, out). Ranks may differ: weights are zero-padded to the largest rank,
+        and rows of the base model ("__base__") get zero weights.
         """
         out = self.base_layer(x)
-        rows = self._mixed_rows()
-        if not rows:
+        stacks = self._mixed_stacks(x.dtype)
+        if stacks is None:
             return out
+        a_rows, b_rows = stacks  # (B, in, r), (B, r, out)
+        n = a_rows.shape[0]
+        xa = torch.bmm(x.reshape(n, -1, self.in_features), a_rows)  # (B, T, r)
+        return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), xa, b_rows).view(out.shape)
+
+    def _mixed_stacks(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Gathered per-row weights. Under no_grad (serving, generate) they are cached for as long as
+        the same mixed batch and the same adapter tensors (pointer and version) are in place, so
+        decode steps pay no per-adapter work; with gradients they are rebuilt so autograd sees them."""
         names, idx = self._mixed
-        rmax = max(self.r[n] for n, _ in rows)
-        n_all = len(names)
-        a_stack = x.new_zeros(n_all, rmax, self.in_features)
-        b_stack = x.new_zeros(n_all, self.out_features, rmax)
-        scale = x.new_zeros(n_all)
-        for i, name in enumerate(names):
-            if name != BASE_ADAPTER and name in self.scaling:
-                r = self.r[name]
-                a_stack[i, :r] = self.lora_A[name].weight
-                b_stack[i, :, :r] = self.lora_B[name].weight
-                scale[i] = self.scaling[name]
-        x3 = x.reshape(idx.shape[0], -1, self.in_features)  # (B, T, in)
-        xa = torch.bmm(x3, a_stack[idx].transpose(1, 2))  # (B, T, r)
-        delta = torch.bmm(xa, b_stack[idx].transpose(1, 2)) * scale[idx].view(-1, 1, 1)  # (B, T, out)
-        return out + delta.view(out.shape)
+        held = [(i, n) for i, n in enumerate(names) if n != BASE_ADAPTER and n in self.scaling]
+        if not held:
+            return None
+        ws = [(self.lora_A[n].weight, self.lora_B[n].weight) for _, n in held]
+        grad = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in ws)
+        key = (dtype, tuple((a.data_ptr(), a._version, b.data_ptr(), b._version) for a, b in ws))
+        cache = self.__dict__.get("_mixed_cache")
+        if not grad and cache is not None and cache[0] is self._mixed and cache[1] == key:
+            return cache[2]
+        rmax = max(self.r[n] for _, n in held)
+        if len(held) == len(names) and all(self.r[n] == rmax for _, n in held):
+            a_stack = torch.stack([a for a, _ in ws])  # (n_adapters, r, in)
+            b_stack = torch.stack([b * self.scaling[n] for (_, b), (_, n) in zip(ws, held)])  # (n_adapters, out, r)
+        else:
+            a_stack = ws[0][0].new_zeros(len(names), rmax, self.in_features)
+            b_stack = ws[0][0].new_zeros(len(names), self.out_features, rmax)
+            for (i, n), (a, b) in zip(held, ws):
+                a_stack[i, : self.r[n]] = a
+                b_stack[i, :, : self.r[n]] = b * self.scaling[n]
+        stacks = (a_stack.to(dtype)[idx].transpose(1, 2), b_stack.to(dtype)[idx].transpose(1, 2))
+        self.__dict__["_mixed_cache"] = None if grad else (self._mixed, key, stacks)
+        return stacks
 
 
 class Embedding(LoraLayer):
