@@ -218,3 +218,23 @@ def test_bert_classifier_files_move_both_ways(tmp_path):
     ours.save_pretrained(tmp_path / "s")
     back = peft.PeftModel.from_pretrained(tiny_bert_cls(), tmp_path / "s").eval()
     torch.testing.assert_close(logits(back), logits(theirs), rtol=0, atol=1e-6)
+
+
+def _family(name):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if name == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=V, bos_token_id=0,
+                                                eos_token_id=0)).eval()
+    cls = {"mistral": (tf.MistralConfig, tf.MistralForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[name]
+    return cls[1](cls[0](vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "mistral", "qwen2"])
+def test_other_decoder_families_forward_and_generate(name):
+    pm = get_peft_model(_family(name), PrefixTuningConfig(num_virtual_tokens=N))
+    assert not torch.allclose(logits(pm), logits(_family(name)))
+    kw = dict(input_ids=IDS, attention_mask=MASK, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(pm.generate(**kw), pm.generate(**kw, use_cache=False))

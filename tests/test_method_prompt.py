@@ -231,3 +231,43 @@ def test_slimtune_saved_loads_in_peft(kind, tmp_path):
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
     torch.testing.assert_close(logits(theirs), ref, rtol=0, atol=1e-6)
     assert type(theirs.peft_config["default"]).__name__ == type(_peft_cfg(kind)).__name__
+
+
+def test_bert_classifier_files_move_both_ways(tmp_path):
+    theirs = peft.get_peft_model(tiny_bert_cls(), peft.PromptTuningConfig(task_type="SEQ_CLS",
+                                                                          num_virtual_tokens=N)).eval()
+    theirs.save_pretrained(tmp_path / "p")
+    ours = PeftModel.from_pretrained(tiny_bert_cls(), tmp_path / "p")
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=0, atol=1e-6)
+    ours.save_pretrained(tmp_path / "s")
+    back = peft.PeftModel.from_pretrained(tiny_bert_cls(), tmp_path / "s").eval()
+    torch.testing.assert_close(logits(back), logits(theirs), rtol=0, atol=1e-6)
+
+
+def test_several_adapters_switch_and_delete():
+    pm = get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=N))
+    a = logits(pm)
+    pm.add_adapter("b", PromptTuningConfig(num_virtual_tokens=N + 2))
+    torch.testing.assert_close(logits(pm), a)  # the first stays active
+    assert pm.get_nb_trainable_parameters()[0] == N * 32  # only the active adapter trains
+    pm.set_adapter("b")
+    assert pm(input_ids=IDS).logits.shape == (2, N + 2 + 6, V)
+    assert pm.get_nb_trainable_parameters()[0] == (N + 2) * 32
+    with pytest.raises(ValueError, match="one adapter is active"):
+        pm.set_adapter(["default", "b"])
+    pm.delete_adapter("b")
+    torch.testing.assert_close(logits(pm), a)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    grads = []
+    for gc in (False, True):
+        model = tiny_llama()
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        pm = get_peft_model(model, PromptEncoderConfig(num_virtual_tokens=N, encoder_hidden_size=8))
+        pm.train()
+        pm(input_ids=IDS, attention_mask=MASK, labels=IDS.masked_fill(MASK == 0, -100)).loss.backward()
+        grads.append([p.grad for p in pm.parameters() if p.requires_grad])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-5)
