@@ -105,6 +105,14 @@ def test_gradient_checkpointing_keeps_the_prefix():
         losses.append(loss.detach())
         grads.append([p.grad for p in pm.parameters() if p.requires_grad])
     torch.testing.assert_close(losses[0], losses[1])
+    model = tiny_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    pm = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=N)).train()
+    with pytest.raises(ValueError, match="use_reentrant"):
+        pm(input_ids=IDS, labels=IDS)
+    pm.eval()
+    pm(input_ids=IDS)  # the flag set for that failed step is not left behind
+    assert not any("_can_checkpoint_with_cache" in m.__dict__ for m in model.modules())
     assert all(g is not None and g.abs().sum() > 0 for g in grads[1])
     for g0, g1 in zip(*grads):
         torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-5)

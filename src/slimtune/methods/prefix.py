@@ -188,5 +188,11 @@ class PrefixTuningModel(PromptTunerBase):
         # reads the cache; our training cache is read-only, so that is true for this forward.
         for m in module.modules():
             if getattr(m, "gradient_checkpointing", False) and hasattr(type(m), "_can_checkpoint_with_cache"):
+                fn = getattr(m, "_gradient_checkpointing_func", None)
+                if getattr(fn, "keywords", {}).get("use_reentrant") is True:
+                    raise ValueError(
+                        "prefix: reentrant gradient checkpointing passes no gradient to the prefixes (they reach "
+                        "the layers through the cache, not as inputs), so nothing would train. Enable it with "
+                        "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
                 m._can_checkpoint_with_cache = True
                 self._gc_layers.append(m)
