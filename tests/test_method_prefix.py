@@ -189,6 +189,9 @@ def test_model_without_cache_is_one_clear_error():
     pm = get_peft_model(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=N))
     with pytest.raises(NotMergeableError):
         pm.merge_adapter()
+    base = pm.unload()  # hooks removed: the plain model again
+    assert not base._forward_pre_hooks and not base._forward_hooks
+    torch.testing.assert_close(logits(base), logits(tiny_llama()))
 
 
 # ---- the real peft package, both directions ------------------------------------------------

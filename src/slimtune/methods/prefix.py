@@ -148,9 +148,15 @@ class PrefixTuningModel(PromptTunerBase):
     def hook_module(self) -> nn.Module:
         target = self._target()
         # restore the checkpointing flag after each forward, even when it raises
-        target.register_forward_hook(self._after_forward, always_call=True)
+        self._post_handle = target.register_forward_hook(self._after_forward, always_call=True)
         self._gc_layers: list[nn.Module] = []
         return target
+
+    def unload(self) -> nn.Module:
+        if getattr(self, "_post_handle", None) is not None:
+            self._post_handle.remove()
+            self._post_handle = None
+        return super().unload()
 
     def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         for layer in self._gc_layers:
