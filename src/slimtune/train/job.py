@@ -1,0 +1,129 @@
+"""Turn a validated JobConfig into (tokenizer, base model, adapter config, data): the set-up half of
+`slimtune train`; `trainer.py` is the loop.
+
+`method: lora` with nothing else picks rank, alpha and targets from the task and model size and says
+why (classification: r=8, alpha=16 on query/value; generation: r=16, alpha=32 on q/k/v; larger
+models get a larger rank). Keys the user sets are never overridden.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .. import families
+from ..registry import get_method, make_config
+from . import models
+from .config import JobConfig, JobConfigError
+from .data import Prepared, ensure_chat_template, prepare
+
+# q/k/v names per family, for the generation default (PEFT's family defaults cover q/v only)
+QKV = {"llama": ["q_proj", "k_proj", "v_proj"], "bert": ["query", "key", "value"], "gpt2": ["c_attn"],
+       "t5": ["q", "k", "v"], "distilbert": ["q_lin", "k_lin", "v_lin"]}
+for _t in ("mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "opt", "olmo", "granite", "smollm3", "gpt_neo"):
+    QKV[_t] = QKV["llama"]
+for _t in ("roberta", "xlm-roberta", "electra", "albert"):
+    QKV[_t] = QKV["bert"]
+
+
+def resolve_task(cfg: JobConfig, fmt: str | None) -> str:
+    if cfg.task != "auto":
+        return cfg.task
+    if fmt == "image" or cfg.model == "digits-cnn":
+        return "image_classification"
+    if fmt == "classification":
+        return "classification"
+    return "causal_lm"
+
+
+def load_tokenizer(cfg: JobConfig, path: str | None):
+    if path is None:
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_model(cfg: JobConfig, path: str | None, task: str, num_labels: int | None, log=print) -> nn.Module:
+    if cfg.model == "digits-cnn":
+        return models.digits_cnn(log)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task == "classification":
+        m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+    else:
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return m
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def auto_method(cfg: JobConfig, model: nn.Module, task: str) -> tuple[Any, list[str]]:
+    """The adapter config, and a line per choice made for the user (what and why)."""
+    name = cfg.method_name()
+    spec = get_method(name)  # unknown method -> KeyError naming the closest
+    kw = dict(cfg.method_kwargs())
+    fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+    why: list[str] = []
+    tt = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}.get(task)
+    if "task_type" in fields and "task_type" not in kw and tt:
+        kw["task_type"] = tt
+        if tt == "SEQ_CLS":
+            why.append("task_type=SEQ_CLS: the new classifier head trains in full (modules_to_save)")
+    if spec.name == "lora":
+        n = _count(model)
+        big = n > 1_000_000_000
+        huge = n > 6_000_000_000
+        gen = task == "causal_lm"
+        r = (64 if huge else 32 if big else 16) if gen else (32 if big else 8)
+        size = f"{n / 1e6:.0f}M params"
+        if "r" not in kw:
+            kw["r"] = r
+            why.append(f"r={r}: {'generation' if gen else 'classification'} on a {size} model"
+                       + (" (larger models get a larger rank)" if big else ""))
+        if "lora_alpha" not in kw:
+            kw["lora_alpha"] = 2 * kw["r"]
+            why.append(f"lora_alpha={kw['lora_alpha']}: 2*r, the usual scale of 2")
+        if "target_modules" not in kw:
+            mt = families.model_type(model)
+            if gen and mt in QKV:
+                kw["target_modules"] = QKV[mt]
+                why.append(f"target_modules={QKV[mt]}: query/key/value attention projections for generation ({mt})")
+            elif families.default_lora_targets(model):
+                kw["target_modules"] = families.default_lora_targets(model)
+                why.append(f"target_modules={kw['target_modules']}: query/value attention (PEFT's default for {mt})")
+            else:
+                names = [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d))]
+                kw["target_modules"] = sorted({p.split(".")[-1] for p in names})
+                why.append(f"target_modules={kw['target_modules']}: every Linear/Conv layer (no family default for "
+                           f"{type(model).__name__})")
+    try:
+        return make_config(spec.name, **kw), why
+    except (TypeError, ValueError) as e:
+        raise JobConfigError(f"method block: {e}") from None
+
+
+def setup(cfg: JobConfig, log=print) -> dict[str, Any]:
+    """Everything the trainer needs, built from the config."""
+    path = None if cfg.model == "digits-cnn" else models.resolve(cfg.model, log)
+    tok = load_tokenizer(cfg, path)
+    # the data decides the format (and the label count) before the model is built
+    pre_task = cfg.task if cfg.task != "auto" else None
+    data: Prepared = prepare(cfg.data, tok, pre_task or "auto", cfg.train.seed, log)
+    task = resolve_task(cfg, data.format)
+    if task == "causal_lm" and tok is not None:
+        ensure_chat_template(tok)
+    num_labels = cfg.num_labels or (len(data.labels) if data.labels else None)
+    model = load_model(cfg, path, task, num_labels, log)
+    if task == "classification" and getattr(model.config, "pad_token_id", None) is None and tok is not None:
+        model.config.pad_token_id = tok.pad_token_id
+    adapter_cfg, why = auto_method(cfg, model, task)
+    return {"tokenizer": tok, "model": model, "adapter_config": adapter_cfg, "why": why, "data": data,
+            "task": task, "model_path": path}

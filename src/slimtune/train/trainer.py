@@ -1,0 +1,483 @@
+"""The training loop: one loop on accelerate for CPU, one GPU or several.
+
+    for step in range(start, total):             # optimizer steps
+        for micro in range(grad_accum):           # micro-batches; gradients sync on the last one
+            loss = model(**batch).loss / accum ; backward
+        clip ; optimizer.step ; scheduler.step
+        every log_every: JSONL/CSV/TensorBoard ; every eval_every: evaluate, keep best, maybe stop
+        every save_every: checkpoint (adapter + optimizer + scheduler + RNG + data position)
+
+Data order is a pure function of (seed, epoch): batch m of the run is always the same examples,
+so a resumed run sees exactly the batches the killed one would have seen, and on CPU continues
+the same loss curve bit for bit. Checkpoints are written to a temp folder and renamed into place.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .config import JobConfig
+from .data import IGNORE, Prepared, collate
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss became NaN/Inf; the message names the step and the last good checkpoint."""
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+
+def accuracy_f1(preds: list[int], golds: list[int], n: int) -> dict[str, float]:
+    acc = sum(p == g for p, g in zip(preds, golds)) / max(len(golds), 1)
+    f1s = []
+    for c in range(n):
+        tp = sum(p == c and g == c for p, g in zip(preds, golds))
+        fp = sum(p == c and g != c for p, g in zip(preds, golds))
+        fn = sum(p != c and g == c for p, g in zip(preds, golds))
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": acc, "f1": sum(f1s) / max(len(f1s), 1)}
+
+
+def _norm(s: str) -> str:
+    return " ".join("".join(ch for ch in s.lower() if ch.isalnum() or ch.isspace()).split())
+
+
+def answer_matches(pred: str, ref: str) -> bool:
+    p, r = _norm(pred.strip().split("\n")[0]), _norm(ref)
+    return bool(r) and (p == r or p.startswith(r + " ") or p == r + "s")
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---- the trainer ---------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, peft_model, tokenizer, data: Prepared, task: str,
+                 log: Callable[[str], None] = print, progress: bool = True) -> None:
+        from accelerate import Accelerator
+
+        self.cfg, self.t, self.data, self.task, self.log = cfg, cfg.train, data, task, log
+        self.tok = tokenizer
+        self.out = Path(cfg.output_dir)
+        cuda = torch.cuda.is_available()
+        prec = self.t.precision
+        if prec == "auto":
+            prec = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+        self.precision = prec
+        self.acc = Accelerator(mixed_precision={"fp32": "no"}.get(prec, prec), cpu=not cuda)
+        self.device = self.acc.device
+        self.is_main = self.acc.is_main_process
+        self.progress = progress and self.is_main
+        self.pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0)
+
+        self.model = peft_model
+        if self.t.gradient_checkpointing:
+            base = peft_model.get_base_model()
+            if hasattr(base, "gradient_checkpointing_enable"):
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                if hasattr(base, "enable_input_require_grads"):  # frozen embeddings: let grads reach the blocks
+                    base.enable_input_require_grads()
+                if hasattr(base.config, "use_cache"):
+                    base.config.use_cache = False
+            else:
+                log(f"gradient_checkpointing: {type(base).__name__} does not support it; running without")
+        self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not self.params:
+            raise RuntimeError("no trainable parameters: the adapter is frozen (loaded with is_trainable=False?)")
+        decay = [p for n, p in self.params if p.ndim >= 2]
+        no_decay = [p for n, p in self.params if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.t.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.t.lr)
+
+        world = self.acc.num_processes
+        self.global_bs = self.t.batch_size * world
+        self.micro_per_epoch = math.ceil(len(data.train) / self.global_bs)
+        self.total_steps = self.t.max_steps or max(1, math.ceil(self.t.epochs * self.micro_per_epoch / self.t.grad_accum))
+        warm = self.t.warmup_steps if self.t.warmup_steps is not None else int(self.t.warmup_ratio * self.total_steps)
+        self.warmup = min(warm, self.total_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
+        self.model, self.opt = self.acc.prepare(self.model, opt)
+        self.sched = sched  # stepped once per optimizer step, by hand (not world-size times)
+        self.model_unwrapped = self.acc.unwrap_model(self.model)
+
+        self.metric = self.t.metric or self._default_metric()
+        self.metric_max = not (self.metric.endswith("loss") or self.metric == "perplexity")
+        self.step = 0
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.bad_evals = 0
+        self.history: list[dict[str, Any]] = []
+        self.before: dict[str, float] | None = None
+        self.tokens_seen = 0
+        self.train_time = 0.0
+        self.last_ckpt: Path | None = None
+        self.tb = None
+
+    # ---- schedule -----------------------------------------------------------------------------
+    def _lr_lambda(self, s: int) -> float:
+        if s < self.warmup:
+            return (s + 1) / (self.warmup + 1)
+        if self.t.scheduler == "constant":
+            return 1.0
+        frac = (s - self.warmup) / max(1, self.total_steps - self.warmup)
+        frac = min(frac, 1.0)
+        return 0.5 * (1 + math.cos(math.pi * frac)) if self.t.scheduler == "cosine" else 1 - frac
+
+    def _default_metric(self) -> str:
+        if self.task in ("classification", "image_classification"):
+            return "accuracy"
+        return "gen_accuracy" if self._do_generate() else "eval_loss"
+
+    def _do_generate(self) -> bool:
+        g = self.cfg.eval.generate
+        if g is None:
+            return bool(self.data.answers) and bool(self.data.eval_raw)
+        return g and bool(self.data.eval_raw)
+
+    # ---- data order: a pure function of (seed, micro-batch index) --------------------------------
+    def _batch(self, m: int) -> dict[str, torch.Tensor]:
+        epoch, b = divmod(m, self.micro_per_epoch)
+        g = torch.Generator().manual_seed(self.t.seed * 1000 + epoch)
+        perm = torch.randperm(len(self.data.train), generator=g).tolist()
+        idx = perm[b * self.global_bs:(b + 1) * self.global_bs]
+        if len(idx) < self.global_bs and self.acc.num_processes > 1:  # every rank needs a batch
+            idx += perm[:self.global_bs - len(idx)]
+        r = self.acc.process_index
+        mine = idx[r * self.t.batch_size:(r + 1) * self.t.batch_size]
+        batch = collate([self.data.train[i] for i in mine], self.pad_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        tot_loss, tot_n = 0.0, 0
+        preds: list[int] = []
+        golds: list[int] = []
+        bs = self.cfg.eval.batch_size
+        ev = self.data.eval
+        for i in range(0, len(ev), bs):
+            batch = {k: v.to(self.device) for k, v in collate(ev[i:i + bs], self.pad_id).items()}
+            with self.acc.autocast():
+                out = model(**batch)
+            logits = out["logits"].float()
+            if self.task == "causal_lm":
+                lab = batch["labels"][:, 1:]
+                lp = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), lab, ignore_index=IGNORE,
+                                                       reduction="sum")
+                tot_loss += lp.item()
+                tot_n += int((lab != IGNORE).sum())
+            else:
+                tot_loss += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
+                tot_n += len(batch["labels"])
+                preds += logits.argmax(-1).tolist()
+                golds += batch["labels"].tolist()
+        res: dict[str, float] = {"eval_loss": tot_loss / max(tot_n, 1)}
+        if self.task == "causal_lm":
+            res["perplexity"] = math.exp(min(res["eval_loss"], 50))
+            if self._do_generate():
+                res["gen_accuracy"] = self.generated_accuracy()
+        else:
+            res.update(accuracy_f1(preds, golds, len(self.data.labels or []) or (max(golds) + 1)))
+        if was_training:
+            model.train()
+        return res
+
+    @torch.no_grad()
+    def generated_accuracy(self, samples: list | None = None) -> float:
+        tok = self.tok
+        rows = self.data.eval_raw[:self.cfg.eval.max_examples]
+        gen_model = self.model_unwrapped
+        side = tok.padding_side
+        tok.padding_side = "left"
+        correct = 0
+        try:
+            for i in range(0, len(rows), self.cfg.eval.batch_size):
+                chunk = rows[i:i + self.cfg.eval.batch_size]
+                enc = tok([r["prompt"] for r in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = {k: v.to(self.device) for k, v in enc.items()}
+                with self.acc.autocast():
+                    out = gen_model.generate(**enc, max_new_tokens=self.cfg.eval.max_new_tokens, do_sample=False,
+                                             pad_token_id=tok.pad_token_id)
+                texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                for r, t in zip(chunk, texts):
+                    ok = answer_matches(t, r["reference"])
+                    correct += ok
+                    if samples is not None and len(samples) < 5:
+                        samples.append((r["reference"], t.strip()))
+        finally:
+            tok.padding_side = side
+        return correct / max(len(rows), 1)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.model_unwrapped.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self) -> Path:
+        from safetensors.torch import save_file
+
+        self.acc.wait_for_everyone()
+        final = self.out / "checkpoints" / f"step-{self.step:06d}"
+        if self.is_main:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{self.step:06d}-", dir=final.parent))
+            self.model_unwrapped.save_pretrained(tmp / "adapter")
+            save_file({n: t.contiguous() for n, t in self._trainable_state().items()}, str(tmp / "trainable.safetensors"))
+            state = {
+                "step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                "best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals,
+                "history": self.history, "before": self.before, "tokens_seen": self.tokens_seen,
+                "train_time": self.train_time,
+            }
+            torch.save(state, tmp / "trainer_state.pt")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # atomic: a killed run leaves either the old or the new checkpoint
+            for old in sorted(final.parent.glob("step-*"))[:-2]:  # keep the last two
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.last_ckpt = final
+        self.acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        saved = load_file(str(path / "trainable.safetensors"))
+        live = dict(self.model_unwrapped.named_parameters())
+        missing = [n for n, _ in self.params if n not in saved]
+        if missing:
+            raise RuntimeError(f"checkpoint {path} does not match this model/adapter: no tensor for '{missing[0]}'; "
+                               "resume with the config the run was started with")
+        with torch.no_grad():
+            for n, t in saved.items():
+                live[n].copy_(t)
+        st = torch.load(path / "trainer_state.pt", weights_only=False)
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        torch.set_rng_state(st["rng"]["torch"])
+        random.setstate(st["rng"]["python"])
+        np.random.set_state(st["rng"]["numpy"])
+        if st["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+        for k in ("step", "best", "best_step", "bad_evals", "history", "before", "tokens_seen", "train_time"):
+            setattr(self, k, st[k])
+        self.last_ckpt = path
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def latest_checkpoint(self) -> Path | None:
+        cks = sorted((self.out / "checkpoints").glob("step-*"))
+        return cks[-1] if cks else None
+
+    # ---- logging ------------------------------------------------------------------------------
+    def _record(self, rec: dict[str, Any]) -> None:
+        self.history.append(rec)
+        if not self.is_main:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    tag = f"train/{k}" if k in ("loss", "lr", "tokens_per_s", "grad_norm", "peak_mem_mb") else f"eval/{k}"
+                    self.tb.add_scalar(tag, v, rec["step"])
+
+    def _write_csv(self) -> None:
+        keys: list[str] = []
+        for r in self.history:
+            keys += [k for k in r if k not in keys]
+        with open(self.out / "metrics.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.history)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def train(self, resume: bool | str = False) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        ck = None
+        if resume:
+            ck = Path(resume) if isinstance(resume, str) else self.latest_checkpoint()
+            if ck is None:
+                self.log(f"resume: no checkpoint in {self.out / 'checkpoints'}; starting from step 0")
+            elif not (ck / "trainer_state.pt").is_file():
+                raise FileNotFoundError(f"resume: {ck} is not a slimtune checkpoint (no trainer_state.pt)")
+        if ck is not None:
+            self.load_checkpoint(ck)
+            if self.is_main:  # the log restarts from what the checkpoint knew: no duplicated steps
+                with open(self.out / "metrics.jsonl", "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in self.history)
+        elif self.is_main:
+            (self.out / "metrics.jsonl").write_text("")
+        if self.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step or None)
+            except Exception as e:  # noqa: BLE001 - tensorboard is optional at run time
+                self.log(f"tensorboard logging off ({e})")
+        if self.before is None and self.t.eval_before:
+            self.before = self.evaluate()
+            self._record({"step": 0, **self.before})
+            self.log("before training: " + _fmt(self.before))
+
+        eval_every = self.t.eval_every or max(1, self.micro_per_epoch // self.t.grad_accum)
+        save_every = self.t.save_every or eval_every
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                       file=sys.stderr, mininterval=0.5)
+        self.model.train()
+        stopped = None
+        win_loss, win_n, win_tok, win_t0 = 0.0, 0, 0, time.time()
+        t_run = time.time()
+        try:
+            while self.step < self.total_steps:
+                t0 = time.time()
+                step_loss = 0.0
+                for micro in range(self.t.grad_accum):
+                    batch = self._batch(self.step * self.t.grad_accum + micro)
+                    ntok = int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
+                    sync = micro == self.t.grad_accum - 1
+                    ctx = self.acc.no_sync(self.model) if not sync else _null()
+                    with ctx:
+                        with self.acc.autocast():
+                            loss = self.model(**batch)["loss"]
+                        if not torch.isfinite(loss):
+                            raise TrainingDiverged(self._nan_message(loss))
+                        self.acc.backward(loss / self.t.grad_accum)
+                    step_loss += loss.item() / self.t.grad_accum
+                    win_tok += ntok * self.acc.num_processes
+                gnorm = None
+                if self.t.max_grad_norm:
+                    gnorm = float(self.acc.clip_grad_norm_([p for _, p in self.params], self.t.max_grad_norm))
+                    if not math.isfinite(gnorm) and self.precision != "fp16":
+                        raise TrainingDiverged(self._nan_message(torch.tensor(gnorm), what="gradient norm"))
+                self.opt.step()
+                self.sched.step()
+                self.opt.zero_grad(set_to_none=True)
+                self.step += 1
+                self.train_time += time.time() - t0
+                self.tokens_seen += win_tok
+                win_loss += step_loss
+                win_n += 1
+                lr = self.sched.get_last_lr()[0]
+                if bar is not None:
+                    el = max(time.time() - win_t0, 1e-9)
+                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{win_tok / el:.0f}",
+                                    mem=f"{peak_memory_mb():.0f}MB", refresh=False)
+                    bar.update(1)
+                if self.step % self.t.log_every == 0 or self.step == self.total_steps:
+                    el = max(time.time() - win_t0, 1e-9)
+                    rec = {"step": self.step, "loss": win_loss / win_n, "lr": lr, "tokens_per_s": win_tok / el,
+                           "peak_mem_mb": peak_memory_mb()}
+                    if gnorm is not None:
+                        rec["grad_norm"] = gnorm
+                    self._record(rec)
+                    win_loss, win_n, win_tok, win_t0 = 0.0, 0, 0, time.time()
+                do_eval = self.step % eval_every == 0 or self.step == self.total_steps
+                if do_eval:
+                    res = self.evaluate()
+                    self._record({"step": self.step, **res})
+                    if bar is not None:
+                        bar.write(f"step {self.step}: " + _fmt(res))
+                    else:
+                        self.log(f"step {self.step}: " + _fmt(res))
+                    stopped = self._track_best(res)
+                if self.step % save_every == 0 or self.step == self.total_steps or stopped:
+                    self.save_checkpoint()
+                if stopped:
+                    break
+        except TrainingDiverged:
+            if bar is not None:
+                bar.close()
+            self._finish_logs()
+            raise
+        if bar is not None:
+            bar.close()
+        wall = time.time() - t_run
+        if self.is_main:
+            self.model_unwrapped.save_pretrained(self.out / "adapter")  # the last adapter
+        final = self.history_last_eval()
+        self._finish_logs()
+        return {"steps": self.step, "stopped_early": bool(stopped), "before": self.before, "after": final,
+                "best": self.best, "best_step": self.best_step, "metric": self.metric, "wall_s": wall,
+                "train_time_s": self.train_time, "peak_mem_mb": peak_memory_mb(), "tokens": self.tokens_seen}
+
+    def _nan_message(self, loss, what: str = "loss") -> str:
+        keep = (f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else
+                "no checkpoint was written before it (lower train.save_every to keep one)")
+        return (f"{what} became {loss.item()} at step {self.step + 1} (lr {self.sched.get_last_lr()[0]:.2e}); "
+                f"training stopped and {keep}. Lower train.lr, raise train.warmup_ratio, keep "
+                f"train.max_grad_norm set, or use precision bf16/fp32 instead of fp16.")
+
+    def _track_best(self, res: dict[str, float]) -> bool:
+        if self.metric not in res:
+            raise KeyError(f"train.metric '{self.metric}' is not measured for this task; choose from {sorted(res)}")
+        v = res[self.metric]
+        better = self.best is None or (v > self.best if self.metric_max else v < self.best)
+        if better:
+            self.best, self.best_step, self.bad_evals = v, self.step, 0
+            if self.is_main:
+                tmp = Path(tempfile.mkdtemp(prefix=".tmp-best-", dir=self.out))
+                self.model_unwrapped.save_pretrained(tmp)
+                (tmp / "best.json").write_text(json.dumps({"step": self.step, self.metric: v}))
+                shutil.rmtree(self.out / "best", ignore_errors=True)
+                os.replace(tmp, self.out / "best")
+        else:
+            self.bad_evals += 1
+        p = self.t.early_stopping_patience
+        if p and self.bad_evals >= p:
+            self.log(f"early stopping: {self.metric} did not improve for {p} evals (best {self.best:.4f} at step "
+                     f"{self.best_step})")
+            return True
+        return False
+
+    def history_last_eval(self) -> dict[str, float] | None:
+        for r in reversed(self.history):
+            if "eval_loss" in r and r["step"] > 0:
+                return {k: v for k, v in r.items() if k != "step"}
+        return None
+
+    def _finish_logs(self) -> None:
+        if not self.is_main:
+            return
+        self._write_csv()
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+            self.tb = None
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _fmt(res: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in res.items())
