@@ -15,12 +15,13 @@ Only the sparse delta is saved: `<path>.sparse_values` (nnz,) and `<path>.sparse
 int64 flat positions in the stored weight layout). Merging adds the values at their positions:
 exact.
 
-Cost (measured on 2 CPU threads, 2048×2048 weight, 512 tokens, density 1%, fwd+bwd):
-scattering the values into a weight-shaped delta and running one GEMM on W + delta was the
-fastest of three forms tried (about 0.4 s vs 0.5 s for a second GEMM on the delta alone and 1.2 s
-for an index_add of x[:, cols]·v into the output, whose memory also grows with tokens × nnz);
-for the tiny test shapes all three take milliseconds. So the layer uses the scatter + one GEMM
-form: the transient delta is one weight-sized tensor per layer.
+Cost (fwd+bwd, 2 CPU threads on a shared, loaded machine, so ranges over 3 runs): for a
+2048×2048 weight and 512 tokens, scattering the values into a weight-shaped delta and running
+one GEMM on W + delta took 0.40-0.57 s at density 1% and 0.32-0.53 s at 0.1%; a second GEMM on
+the delta alone 0.54-0.96 s; an index_add of x[:, cols]·v into the output 0.95-1.19 s at 1% and
+0.36-0.53 s at 0.1% (its memory also grows with tokens × nnz). For the tiny test shapes all three
+take a few ms, within the noise. So the layer uses scatter + one GEMM; the transient delta is one
+weight-sized tensor per layer (W itself never gets a gradient).
 """
 from __future__ import annotations
 
