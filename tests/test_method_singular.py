@@ -74,3 +74,40 @@ def test_training_changes_only_singular_values(ids):
     assert losses[-1] < losses[0]
     for k, p in pm.named_parameters():
         assert (not torch.equal(before[k], p)) == (".svd_delta_s." in k), k
+
+
+# ---- every module-swap method of issue 4 holds several named adapters -------------------------
+@pytest.mark.parametrize("name, kw", [("ia3", {}), ("sparse", dict(density=0.1)), ("heads", dict(heads=[1])),
+                                      ("singular", dict(top_k=4)), ("dora", dict(r=4))])
+def test_two_adapters_switch_save_merge_delete(name, kw, ids, tmp_path):
+    def rnd(pm, adapter, seed):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for v in pm.get_adapter_state_dict(adapter).values():
+                if v.is_floating_point():
+                    v.add_(0.3 * torch.randn(v.shape, generator=g))
+
+    pm = get_peft_model(tiny_llama(), make_config(name, **kw))
+    pm.add_adapter("b", make_config(name, **kw))
+    rnd(pm, "default", 0)
+    rnd(pm, "b", 1)
+    with torch.no_grad():
+        a = logits(pm, ids)
+        pm.set_adapter("b")
+        b = logits(pm, ids)
+        assert (a - b).abs().max() > 1e-3
+        trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
+        assert trainable and all(n.endswith(".b") or ".b." in n for n in trainable)
+        pm.save_pretrained(tmp_path)
+        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+        loaded.load_adapter(tmp_path / "b", "b")
+        torch.testing.assert_close(logits(loaded, ids), a)
+        loaded.set_adapter("b")
+        torch.testing.assert_close(logits(loaded, ids), b)
+        pm.merge_adapter()
+        torch.testing.assert_close(logits(pm, ids), b, atol=1e-5, rtol=1e-5)
+        pm.unmerge_adapter()
+        pm.delete_adapter("b")
+        torch.testing.assert_close(logits(pm, ids), a)
+        with pm.disable_adapter():
+            torch.testing.assert_close(logits(pm, ids), logits(tiny_llama(), ids))
