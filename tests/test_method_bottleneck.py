@@ -14,7 +14,6 @@ from slimtune.methods.bottleneck import BottleneckConfig, BottleneckLayer, NotMe
 from slimtune.targeting import TargetError
 
 # Tiny models run ~100x faster on one thread than on oversubscribed cores (2 cores, parallel jobs).
-torch.set_num_threads(1)
 V = 64
 
 

@@ -14,7 +14,6 @@ from slimtune.methods.bottleneck import NotMergeableError
 from slimtune.methods.prompt import PromptEncoderConfig, PromptTuningConfig
 from slimtune.targeting import TargetError
 
-torch.set_num_threads(1)  # tiny models: one thread is ~100x faster than oversubscribed cores
 V = 64
 N = 4
 

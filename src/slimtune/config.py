@@ -108,6 +108,11 @@ class AdapterConfig:
         spec = get_method(data["peft_type"])
         return spec.config_cls.from_dict(data, source=path)
 
+    def for_loading(self) -> "AdapterConfig":
+        """The config to build layers with when weights come from a file: methods override it to
+        skip init work that the file replaces or that would alter the base (PiSSA, text init)."""
+        return self
+
     def replace(self, **changes: Any) -> "AdapterConfig":
         return dataclasses.replace(self, **changes)
 

@@ -61,7 +61,7 @@ class PeftModel(nn.Module):
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         ctx = self.base_model.mixed_batch(list(adapter_names)) if adapter_names is not None else contextlib.nullcontext()
         with ctx:
-            return self.base_model.model.generate(*args, **kwargs)
+            return self.base_model.generate(*args, **kwargs)
 
     def train(self, mode: bool = True):
         if mode:
@@ -178,12 +178,8 @@ class PeftModel(nn.Module):
 
 
 def _for_loading(cfg: AdapterConfig, is_trainable: bool) -> AdapterConfig:
-    """Config for a layer whose weights come from a file: no init that rewrites the base (PiSSA)."""
-    cfg = cfg.replace(inference_mode=not is_trainable)
-    init = getattr(cfg, "init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith("pissa"):
-        cfg = cfg.replace(init_lora_weights=True)
-    return cfg
+    """Config for an adapter whose weights come from a file (see AdapterConfig.for_loading)."""
+    return cfg.for_loading().replace(inference_mode=not is_trainable)
 
 
 def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default", **_: Any) -> PeftModel:

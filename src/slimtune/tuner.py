@@ -19,6 +19,10 @@ from .inject import (AdapterLayer, ModulesToSaveWrapper, add_modules_to_save, ad
                      save_wrappers, unwrap, wrapped_paths)
 
 
+class NotMergeableError(TypeError):
+    """The method has no weight delta to fold into the base weights."""
+
+
 class UnknownAdapterError(KeyError):
     def __init__(self, name: str, known: list[str]):
         super().__init__(f"no adapter named '{name}'; known adapters: {', '.join(known) or '(none)'}")
@@ -79,18 +83,7 @@ class Tuner(nn.Module):
         if hasattr(config, "target_modules"):
             if config.target_modules is None or (not isinstance(targets, str) and any(isinstance(t, type) for t in targets)):
                 config.target_modules = sorted({p.split(".")[-1] for p in sel.names})
-        to_save = list(getattr(config, "modules_to_save", None) or [])
-        heads = [h for h in TASK_HEADS.get(config.task_type or "", []) if h not in to_save]
-        if heads and hasattr(config, "modules_to_save"):  # PEFT records every default head name
-            to_save += heads
-            config.modules_to_save = list(to_save)
-        if to_save:
-            found = add_modules_to_save(self.model, to_save, adapter)
-            # PEFT lists every default head name ("classifier", "score"); only one exists in a model.
-            defaults = TASK_HEADS.get(config.task_type or "", [])
-            missing = [n for n in to_save if n not in defaults and not any(p == n or p.endswith("." + n) for p in found)]
-            if missing:
-                raise targeting.TargetError(f"modules_to_save entry '{missing[0]}' matches no module")
+        self._setup_modules_to_save(config, adapter)
         self.peft_config[adapter] = config
         if len(self.peft_config) == 1:
             self.set_adapter(adapter)
@@ -106,6 +99,21 @@ class Tuner(nn.Module):
         from .checkpoint import adapter_key_map
 
         return adapter_key_map(root, adapter)
+
+    def _setup_modules_to_save(self, config: AdapterConfig, adapter: str) -> None:
+        """Wrap `modules_to_save` (plus the task's fresh head, PEFT's rule) for training in full."""
+        to_save = list(getattr(config, "modules_to_save", None) or [])
+        defaults = TASK_HEADS.get(config.task_type or "", [])
+        heads = [h for h in defaults if h not in to_save]
+        if heads and hasattr(config, "modules_to_save"):  # PEFT records every default head name
+            to_save += heads
+            config.modules_to_save = list(to_save)
+        if to_save:
+            found = add_modules_to_save(self.model, to_save, adapter)
+            # PEFT lists every default head name ("classifier", "score"); only one exists in a model.
+            missing = [n for n in to_save if n not in defaults and not any(p == n or p.endswith("." + n) for p in found)]
+            if missing:
+                raise targeting.TargetError(f"modules_to_save entry '{missing[0]}' matches no module")
 
     # ---- adapters as a set ----------------------------------------------------------------
     def _check(self, name: str) -> None:
@@ -205,7 +213,16 @@ class Tuner(nn.Module):
                 layer._mixed = None
 
     # ---- merging ---------------------------------------------------------------------------
+    def _check_mergeable(self) -> None:
+        from .registry import get_method
+
+        cfg = next(iter(self.peft_config.values()), None)
+        if cfg is not None and not get_method(cfg.method).mergeable:
+            raise NotMergeableError(f"{cfg.method} adapters cannot be merged into the base weights; keep them "
+                                    "unmerged (inference runs with the adapter) or train a mergeable method (lora, ia3, ...)")
+
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._check_mergeable()
         names = adapter_names or self.active_adapters
         for n in names:
             self._check(n)
@@ -229,6 +246,9 @@ class Tuner(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:

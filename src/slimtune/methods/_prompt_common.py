@@ -25,11 +25,9 @@ import torch
 import torch.nn as nn
 
 from ..config import ANY, AdapterConfig, ConfigError, listify
-from ..families import TASK_HEADS
-from ..inject import add_modules_to_save, save_wrappers
+from ..inject import save_wrappers
 from ..targeting import TargetError
-from ..tuner import Tuner
-from .bottleneck import NotMergeableError
+from ..tuner import NotMergeableError, Tuner
 
 PROMPT_KEY = "prompt_embeddings"
 
@@ -159,7 +157,7 @@ class PromptTunerBase(Tuner):
         if ref is not None:  # adapters live in the base weights' device and dtype
             encoder.to(device=ref.device, dtype=ref.dtype)
         self.prompt_encoder[adapter] = encoder
-        self._add_modules_to_save(config, adapter)
+        self._setup_modules_to_save(config, adapter)
         self.peft_config[adapter] = config
         if self._hook_handle is None:
             mod = self.hook_module()
@@ -170,20 +168,6 @@ class PromptTunerBase(Tuner):
             self.set_adapter(adapter)
         else:
             self._mark_trainable()
-
-    def _add_modules_to_save(self, config: PromptLearningConfig, adapter: str) -> None:
-        # Same rule as Tuner.inject_adapter (PEFT's): the task's fresh head trains in full.
-        to_save = list(config.modules_to_save or [])
-        defaults = TASK_HEADS.get(config.task_type or "", [])
-        heads = [h for h in defaults if h not in to_save]
-        if heads:
-            to_save += heads
-            config.modules_to_save = list(to_save)
-        if to_save:
-            found = add_modules_to_save(self.model, to_save, adapter)
-            missing = [n for n in to_save if n not in defaults and not any(p == n or p.endswith("." + n) for p in found)]
-            if missing:
-                raise TargetError(f"modules_to_save entry '{missing[0]}' matches no module")
 
     # ---- the hook ----------------------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):

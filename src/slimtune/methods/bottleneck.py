@@ -33,7 +33,7 @@ from ..families import model_type
 from ..inject import AdapterLayer
 from ..registry import register_method
 from ..targeting import TargetError
-from ..tuner import Tuner
+from ..tuner import NotMergeableError, Tuner  # noqa: F401  (NotMergeableError re-exported)
 
 # AdapterHub's names for the same architectures.
 ADAPTER_TYPES = {"houlsby": "houlsby", "double_seq_bn": "houlsby", "pfeiffer": "pfeiffer", "seq_bn": "pfeiffer",
@@ -53,8 +53,6 @@ PLACEMENT: dict[str, tuple[str, str, str, int]] = {
 }
 
 
-class NotMergeableError(TypeError):
-    """The method has no weight delta to fold into the base weights."""
 
 
 @dataclass

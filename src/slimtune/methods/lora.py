@@ -68,6 +68,11 @@ class LoraConfig(AdapterConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern only applies together with layers_to_transform")
 
+    def for_loading(self) -> "LoraConfig":
+        """PiSSA init rewrites the base weight: never when the adapter's weights come from a file."""
+        init = self.init_lora_weights
+        return self.replace(init_lora_weights=True) if isinstance(init, str) and init.lower().startswith("pissa") else self
+
     def for_module(self, path: str) -> tuple[int, float]:
         """(r, alpha) for one module path, after rank_pattern / alpha_pattern (PEFT's matching)."""
         return (_pattern_value(self.rank_pattern, path, self.r), _pattern_value(self.alpha_pattern, path, self.lora_alpha))
