@@ -168,6 +168,7 @@ def cmd_generate(a) -> int:
         enc = tok(text, return_tensors="pt", add_special_tokens=False)
     else:
         enc = tok(a.prompt, return_tensors="pt")
+    enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     names = []
     if adapters:
         model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")

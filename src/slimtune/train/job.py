@@ -28,6 +28,10 @@ for _t in ("roberta", "xlm-roberta", "electra", "albert"):
     QKV[_t] = QKV["bert"]
 
 
+ALIASES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
+           "target": "target_modules", "modules": "target_modules"}
+
+
 def resolve_task(cfg: JobConfig, fmt: str | None) -> str:
     if cfg.task != "auto":
         return cfg.task
@@ -72,6 +76,14 @@ def auto_method(cfg: JobConfig, model: nn.Module, task: str) -> tuple[Any, list[
     kw = dict(cfg.method_kwargs())
     fields = {f.name for f in dataclasses.fields(spec.config_cls)}
     why: list[str] = []
+    for k in kw:  # the YAML-facing check: name the closest key (and common aliases) before the registry
+        if k not in fields:
+            import difflib
+
+            close = ALIASES.get(k) if ALIASES.get(k) in fields else None
+            close = close or next(iter(difflib.get_close_matches(k, sorted(fields), n=1, cutoff=0.4)), None)
+            hint = f"did you mean 'method.{close}'?" if close else f"valid keys: {', '.join(sorted(fields))}"
+            raise JobConfigError(f"method block: unknown key 'method.{k}' for {spec.name}; {hint}")
     tt = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}.get(task)
     if "task_type" in fields and "task_type" not in kw and tt:
         kw["task_type"] = tt

@@ -90,8 +90,9 @@ class Trainer:
         self.model = peft_model
         if self.t.gradient_checkpointing:
             base = peft_model.get_base_model()
-            if hasattr(base, "gradient_checkpointing_enable"):
-                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(base, "activation_checkpointing_enable", None) or getattr(base, "gradient_checkpointing_enable", None)
+            if enable is not None:
+                enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 if hasattr(base, "enable_input_require_grads"):  # frozen embeddings: let grads reach the blocks
                     base.enable_input_require_grads()
                 if hasattr(base.config, "use_cache"):
@@ -214,7 +215,7 @@ class Trainer:
             for i in range(0, len(rows), self.cfg.eval.batch_size):
                 chunk = rows[i:i + self.cfg.eval.batch_size]
                 enc = tok([r["prompt"] for r in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-                enc = {k: v.to(self.device) for k, v in enc.items()}
+                enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
                 with self.acc.autocast():
                     out = gen_model.generate(**enc, max_new_tokens=self.cfg.eval.max_new_tokens, do_sample=False,
                                              pad_token_id=tok.pad_token_id)
