@@ -152,18 +152,20 @@ class PeftModel(nn.Module):
             raise FileNotFoundError(f"adapter folder '{path}' does not exist (slimtune loads local folders only; "
                                     "download hub adapters first)")
         cfg = config or AdapterConfig.from_pretrained(path)
-        cfg = _for_loading(cfg, is_trainable)
+        cfg = cfg.replace(inference_mode=not is_trainable)
         state = ckpt.read_adapter_weights(path)
-        self = cls(model, cfg, adapter_name)
+        self = cls(model, cfg.for_loading(), adapter_name)
+        self.peft_config[adapter_name] = cfg  # the file's config, as saved (not the loading variant)
         self._load_state(adapter_name, state, path, is_trainable)
         return self
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      subfolder: str | None = None, **_: Any) -> None:
         path = os.path.join(model_id, subfolder) if subfolder else str(model_id)
-        cfg = _for_loading(AdapterConfig.from_pretrained(path), is_trainable)
+        cfg = AdapterConfig.from_pretrained(path).replace(inference_mode=not is_trainable)
         state = ckpt.read_adapter_weights(path)
-        self.add_adapter(adapter_name, cfg)
+        self.add_adapter(adapter_name, cfg.for_loading())
+        self.peft_config[adapter_name] = cfg
         try:
             self._load_state(adapter_name, state, path, is_trainable)
         except Exception:
@@ -175,11 +177,6 @@ class PeftModel(nn.Module):
         if not is_trainable:
             self._untrainable_loaded.add(adapter)
             self.eval()
-
-
-def _for_loading(cfg: AdapterConfig, is_trainable: bool) -> AdapterConfig:
-    """Config for an adapter whose weights come from a file (see AdapterConfig.for_loading)."""
-    return cfg.for_loading().replace(inference_mode=not is_trainable)
 
 
 def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default", **_: Any) -> PeftModel:

@@ -65,6 +65,12 @@ class PromptTuningConfig(PromptLearningConfig):
         out.pop("tokenizer", None)  # an object, used once at init
         return out
 
+    def for_loading(self) -> "PromptTuningConfig":
+        """Weights come from the file: no tokenizer needed to initialise from text."""
+        if self.prompt_tuning_init != "TEXT":
+            return self
+        return self.replace(prompt_tuning_init="RANDOM", prompt_tuning_init_text=None, tokenizer_kwargs=None)
+
 
 @dataclass
 class PromptEncoderConfig(PromptLearningConfig):
