@@ -259,7 +259,12 @@ def cmd_inspect(a) -> int:
         model = cls.from_pretrained(path, dtype=torch.float32, **({"num_labels": a.num_labels} if task == "classification" else {}))
     total = sum(p.numel() for p in model.parameters())
     print(f"{a.model}: {type(model).__name__}, {total:,d} parameters, task {task}")
-    print("\nmodule tree (repeated blocks shown once):")
+    overrides = [f"model={a.model}", f"method={a.method}"] + (["data.builtin=rotten_tomatoes"]) + list(a.overrides)
+    cfg = load_config(a.config, overrides) if a.config else load_config(None, overrides)
+    adapter_cfg, why = job.auto_method(cfg, model, task)
+    tm = getattr(adapter_cfg, "target_modules", None)
+    targets = set([tm] if isinstance(tm, str) else tm or [])
+    print("\nmodule tree (repeated blocks shown once; weight shapes are (out, in)):")
     seen_blocks = set()
     for name, m in model.named_modules():
         if not name:
@@ -282,15 +287,13 @@ def cmd_inspect(a) -> int:
         if key in seen_blocks:
             continue
         seen_blocks.add(key)
-        print(f"  {'  ' * (depth - 1)}{parts[-1]}: {type(m).__name__}{shape}{n_blocks}")
+        mark = "  <- target" if parts[-1] in targets else ""
+        print(f"  {'  ' * (depth - 1)}{parts[-1]}: {type(m).__name__}{shape}{n_blocks}{mark}")
     leaf_types: dict[str, set] = {}
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)) or type(m).__name__ == "Conv1D":
             leaf_types.setdefault(name.split(".")[-1], set()).add(type(m).__name__)
     print("\nadaptable leaf modules (name: type): " + ", ".join(f"{k}: {'/'.join(sorted(v))}" for k, v in leaf_types.items()))
-    overrides = [f"model={a.model}", f"method={a.method}"] + (["data.builtin=rotten_tomatoes"]) + list(a.overrides)
-    cfg = load_config(a.config, overrides) if a.config else load_config(None, overrides)
-    adapter_cfg, why = job.auto_method(cfg, model, task)
     print(f"\nsuggested for {task}: " + ("; ".join(why) if why else f"{adapter_cfg.method} defaults"))
     pm = get_peft_model(model, adapter_cfg)
     t, tot = pm.get_nb_trainable_parameters()
@@ -362,14 +365,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--task", default="auto", choices=["auto", "causal_lm", "classification", "image_classification"])
     i.add_argument("--num-labels", type=int, default=2)
     i.add_argument("--config", help="take method settings from this YAML")
-    i.add_argument("--depth", type=int, default=4, help="tree depth to print")
+    i.add_argument("--depth", type=int, default=6, help="tree depth to print")
     i.set_defaults(fn=cmd_inspect)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
-    a = p.parse_args(argv)
+    a, extra = p.parse_known_args(argv)
+    # key=value overrides may come after options (`train cfg.yaml --no-progress train.lr=1e-4`)
+    bad = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(a, "overrides")]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        a.overrides = list(a.overrides) + extra
     if not getattr(a, "cmd", None):
         p.print_help()
         return 0

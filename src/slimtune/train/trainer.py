@@ -90,9 +90,11 @@ class Trainer:
         self.model = peft_model
         if self.t.gradient_checkpointing:
             base = peft_model.get_base_model()
-            enable = getattr(base, "activation_checkpointing_enable", None) or getattr(base, "gradient_checkpointing_enable", None)
-            if enable is not None:
-                enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            elif hasattr(base, "gradient_checkpointing_enable"):
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(base, "activation_checkpointing_enable") or hasattr(base, "gradient_checkpointing_enable"):
                 if hasattr(base, "enable_input_require_grads"):  # frozen embeddings: let grads reach the blocks
                     base.enable_input_require_grads()
                 if hasattr(base.config, "use_cache"):
