@@ -103,3 +103,22 @@ def test_selected_config_without_file_is_an_error(ids):
     pm = get_peft_model(tiny_llama(), make_config("sparse", selection="fisher", selected=True))
     with pytest.raises(RuntimeError, match="no positions"):
         pm(input_ids=ids)
+
+
+def test_fisher_adapter_loads_without_scores(ids, tmp_path):
+    import json
+    model = tiny_llama()
+    scores = fisher_scores(model, [{"input_ids": ids, "labels": ids}])
+    pm = get_peft_model(model, SparseConfig(density=0.05, selection="fisher", scores=scores))
+    randomize(pm)
+    with torch.no_grad():
+        ref = logits(pm, ids)
+    pm.save_pretrained(tmp_path)
+    cfg_path = tmp_path / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["selected"] is True and "scores" not in cfg
+    del cfg["selected"]  # a hand-written config: the file's positions are used all the same
+    cfg_path.write_text(json.dumps(cfg))
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(loaded, ids), ref, atol=0, rtol=0)

@@ -252,7 +252,6 @@ class HeadsModel(Tuner):
                 raise ValueError(f"'{path}' already holds a {type(mod).__name__}; heads cannot be added to it")
             else:
                 replace_module(self.model, path, HeadSliceLinear(mod, adapter, axis, index))
-        # task head / modules_to_save and registration: the generic path with no module targets
         self._finish_injection(config, adapter)
 
     @staticmethod
@@ -281,22 +280,8 @@ class HeadsModel(Tuner):
         return out
 
     def _finish_injection(self, config: HeadsConfig, adapter: str) -> None:
-        """Tuner.inject_adapter's tail (task head / modules_to_save, register, mark trainable), copied:
-        the core has no hook between "swap modules in" and "finish"."""
-        from ..inject import add_modules_to_save
-        from ..families import TASK_HEADS
-
-        to_save = list(config.modules_to_save or [])
-        heads = [h for h in TASK_HEADS.get(config.task_type or "", []) if h not in to_save]
-        if heads:
-            to_save += heads
-            config.modules_to_save = list(to_save)
-        if to_save:
-            found = add_modules_to_save(self.model, to_save, adapter)
-            defaults = TASK_HEADS.get(config.task_type or "", [])
-            missing = [x for x in to_save if x not in defaults and not any(p == x or p.endswith("." + x) for p in found)]
-            if missing:
-                raise TargetError(f"modules_to_save entry '{missing[0]}' matches no module")
+        """Tuner.inject_adapter's tail: task head / modules_to_save, register, mark trainable."""
+        self._setup_modules_to_save(config, adapter)
         self.peft_config[adapter] = config
         if len(self.peft_config) == 1:
             self.set_adapter(adapter)

@@ -78,6 +78,10 @@ class SparseConfig(AdapterConfig):
         d.pop("scores", None)
         return d
 
+    def for_loading(self) -> "SparseConfig":
+        """Weights from a file bring their positions: choose none (no scores needed)."""
+        return self.replace(selected=True, scores=None)
+
     def nnz(self, numel: int) -> int:
         return max(1, min(numel, round(self.density * numel)))
 
