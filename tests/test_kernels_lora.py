@@ -187,3 +187,135 @@ def test_mixed_batch_rows_equal_single_adapter_outputs():
         got = layer(x)
         layer._mixed = None
     torch.testing.assert_close(got, torch.cat(want), atol=1e-5, rtol=1e-5)
+
+
+# ---- q/k/v-style sharing: one node for the linears that read the same input ------------------------------
+from slimtune.kernels.lora import lora_group_linear  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x_grad", "x_frozen"])
+def test_group_function_equals_reference(dtype, x_grad):
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    x = mk(2, 5, 24).requires_grad_(x_grad)
+    specs = []
+    for out, r, s, train_b in [(20, 4, 2.0, False), (8, 2, 0.5, True), (8, 4, 1.0, False)]:
+        specs.append((mk(out, 24) * 0.2, (mk(out) * 0.2).requires_grad_(train_b), (mk(r, 24) * 0.2).requires_grad_(),
+                      (mk(out, r) * 0.2).requires_grad_(), s))
+    leaves = [t for t in [x] + [t for sp in specs for t in sp[:4]] if t.requires_grad]
+
+    def run(f):
+        for t in leaves:
+            t.grad = None
+        ys = f()
+        # the third output is unused: its adapter must get no gradient at all (None, not zeros)
+        sum((y.float() * torch.linspace(-1, 1, y.shape[-1])).sum() for y in ys[:2]).backward()
+        return [y.detach() for y in ys], [t.grad for t in leaves]
+
+    y, grads = run(lambda: lora_group_linear(x, specs))
+    y_ref, grads_ref = run(lambda: [lora_reference(x, *sp) for sp in specs])
+    tol = TOL[dtype]
+    for a, b in zip(y, y_ref):
+        torch.testing.assert_close(a, b, **tol)
+    for a, b in zip(grads, grads_ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+    with torch.no_grad():
+        for a, b in zip(lora_group_linear(x, specs), y_ref):
+            torch.testing.assert_close(a, b, **tol)
+
+
+def _llama_lora(checkpointing=None):
+    from conftest import tiny_llama
+
+    from slimtune import LoraConfig, get_peft_model
+
+    m = tiny_llama()
+    if checkpointing is not None:
+        m.gradient_checkpointing_enable({"use_reentrant": checkpointing})
+    pm = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj"]))
+    pm.train()
+    return pm
+
+
+def _step_grads(pm, ids):
+    for p in pm.parameters():
+        p.grad = None
+    loss = pm(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture
+def sharing(monkeypatch):
+    from slimtune.methods import lora_layers
+
+    monkeypatch.setattr(lora_layers, "SHARE_INPUTS", True)
+
+
+@pytest.mark.parametrize("checkpointing", [None, False, True], ids=["plain", "ckpt", "ckpt_reentrant"])
+def test_llama_groups_form_and_change_nothing(checkpointing, sharing):
+    from slimtune.methods.lora_layers import Linear
+
+    torch.manual_seed(0)
+    pm = _llama_lora(checkpointing)
+    ids = torch.randint(0, 100, (2, 7))
+    loss1, g1 = _step_grads(pm, ids)  # first step: layers run alone and learn who shares an input
+    layers = {n.split(".")[-1]: m for n, m in pm.named_modules() if isinstance(m, Linear) and ".layers.0." in n}
+    share = layers["q_proj"].__dict__.get("_share")
+    assert share is not None and [m for m in share.members] == [layers["q_proj"], layers["k_proj"], layers["v_proj"]]
+    assert layers["gate_proj"].__dict__["_share"].members == [layers["gate_proj"], layers["up_proj"]]
+    assert "_share" not in layers["o_proj"].__dict__ and "_share" not in layers["down_proj"].__dict__
+    loss2, g2 = _step_grads(pm, ids)  # second step: grouped
+    assert share.active
+    torch.testing.assert_close(loss2, loss1)
+    assert g1.keys() == g2.keys()
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # and the grouped no-grad path gives the same logits as the model run alone
+        pm.eval()
+        grouped = pm(input_ids=ids).logits
+        with pm.disable_adapter():
+            base = pm(input_ids=ids).logits
+        assert not torch.allclose(grouped, base)
+
+
+def test_follower_on_another_input_computes_alone(sharing):
+    from slimtune.methods.lora_layers import Linear
+
+    torch.manual_seed(0)
+    mk = lambda: Linear(nn.Linear(12, 10), "default", r=4, lora_alpha=8, lora_dropout=0.0,  # noqa: E731
+                        init_lora_weights=False, use_rslora=False)
+    q, k = mk(), mk()
+    x = torch.randn(3, 12)
+    for _ in range(2):  # learn, then group
+        q(x), k(x)
+    assert q.__dict__["_share"].active
+    x2 = torch.randn(3, 12)
+    want = lora_reference(x2, k.base_layer.weight, k.base_layer.bias, k.lora_A["default"].weight,
+                          k.lora_B["default"].weight, k.scaling["default"])
+    q(x)
+    torch.testing.assert_close(k(x2), want)  # not the output computed for x
+    x.add_(1.0)  # same tensor, changed in place: the version check catches it
+    q_out = q(x)
+    x.add_(1.0)
+    want = lora_reference(x, k.base_layer.weight, k.base_layer.bias, k.lora_A["default"].weight,
+                          k.lora_B["default"].weight, k.scaling["default"])
+    torch.testing.assert_close(k(x), want)
+    assert q_out.shape == (3, 10)
+
+
+def test_sharing_is_off_by_default():
+    from slimtune.methods.lora_layers import SHARE_INPUTS, Linear
+
+    assert SHARE_INPUTS is False  # see lora_layers: learnt groups would break bitwise resume
+    mk = lambda: Linear(nn.Linear(12, 10), "default", r=4, lora_alpha=8, lora_dropout=0.0,  # noqa: E731
+                        init_lora_weights=True, use_rslora=False)
+    q, k = mk(), mk()
+    x = torch.randn(3, 12)
+    q(x), k(x), q(x), k(x)
+    assert "_share" not in q.__dict__ and "_share" not in k.__dict__

@@ -196,9 +196,36 @@ def setup_slimtune(model, p):
     return sm, params, lambda: sm.unload()
 
 
+def setup_slimtune_shared(model, p):
+    """Ablation: slimtune with q/k/v and gate/up run as one node each (lora_layers.SHARE_INPUTS)."""
+    from slimtune.methods import lora_layers
+
+    lora_layers.SHARE_INPUTS = True
+    sm, params, teardown = setup_slimtune(model, p)
+
+    def undo():
+        lora_layers.SHARE_INPUTS = False
+        teardown()
+    return sm, params, undo
+
+
+def setup_slimtune_native(model, p):
+    """Ablation: the same ops as the fused function, differentiated by autograd (C++ backward)."""
+    from slimtune.kernels import lora as kl
+
+    kl.NATIVE_AUTOGRAD = True
+    sm, params, teardown = setup_slimtune(model, p)
+
+    def undo():
+        kl.NATIVE_AUTOGRAD = False
+        teardown()
+    return sm, params, undo
+
+
 TRAIN_SETUPS: dict[str, Callable] = {
     "frozen": setup_frozen, "peft": setup_peft, "peft_bf16": setup_peft_bf16,
-    "slimtune": setup_slimtune, "full": setup_full,
+    "slimtune": setup_slimtune, "slimtune_shared": setup_slimtune_shared,
+    "slimtune_native": setup_slimtune_native, "full": setup_full,
 }
 
 
@@ -278,7 +305,7 @@ def run_benchmark(preset: str | Preset = "cpu", scenarios: list[str] | None = No
     train = ["frozen", "peft"] + (["peft_bf16"] if low_precision else []) + ["slimtune"] + (["full"] if p.full else [])
     wanted = set(scenarios) if scenarios else None
     if wanted:
-        train = [s for s in train if s in wanted]
+        train = [s for s in train + ["slimtune_shared", "slimtune_native"] if s in wanted]
 
     t_start = time.perf_counter()
     model = build_model(p)
@@ -395,7 +422,7 @@ def _ratios(rows: list[Row]) -> dict:
         if ra and rb and getattr(ra, attr) and getattr(rb, attr):
             out[key] = round(getattr(ra, attr) / getattr(rb, attr), 3)
 
-    for s in ("peft", "peft_bf16", "slimtune", "full"):
+    for s in ("peft", "peft_bf16", "slimtune", "slimtune_shared", "slimtune_native", "full"):
         put(f"train_{s}_vs_floor", ("train", s), ("train", "frozen"))
         put(f"mem_{s}_vs_floor", ("train", s), ("train", "frozen"), "mem_mib")
     put("train_slimtune_vs_peft", ("train", "slimtune"), ("train", "peft"))

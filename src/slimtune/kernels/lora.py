@@ -76,10 +76,114 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, dropout=None):
         out = F.linear(x2, weight, bias)
         out.addmm_((x2 if xd is None else xd.reshape(-1, shape[-1])) @ lora_a.t(), lora_b.t(), alpha=scale)
         return out.view(*shape[:-1], out.shape[-1])
+    if NATIVE_AUTOGRAD and xd is None:
+        # Same ops, autograd's C++ backward instead of a Python one (ablation: see bench).
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        out = F.linear(x2, weight, bias)
+        out.addmm_(F.linear(x2, lora_a), lora_b.t(), alpha=scale)
+        return out.view(*shape[:-1], out.shape[-1])
     return _LoraLinearFn.apply(x, xd, weight, bias, lora_a, lora_b, scale)
+
+
+NATIVE_AUTOGRAD = False
 
 
 def lora_reference(x, weight, bias, lora_a, lora_b, scale: float, dropout=None):
     """The plain composition the fused function must equal (used by tests)."""
     xd = x if dropout is None else dropout(x)
     return F.linear(x, weight, bias) + F.linear(F.linear(xd, lora_a), lora_b) * scale
+
+
+class _LoraGroupFn(torch.autograd.Function):
+    """Several LoRA linears that read the same input (q/k/v, gate/up) as one node.
+
+    One GEMM for all A-projections (x·[A₁;A₂;…]ᵀ, N×Σr), and in backward one GEMM for the LoRA
+    part of dx and one for every dA, with dx accumulated into a single buffer by addmm. Saves x,
+    the A's, B's and the N×Σr projection — the same as the per-layer function, once.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scales, *flat):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (N, in)
+        ws, bs, As, Bs = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
+        ranks = [a.shape[0] for a in As]
+        a_cat = torch.cat(As)  # (R, in)
+        xa = x2 @ a_cat.t()  # (N, R)
+        outs, off = [], 0
+        for w, b, bm, r, s in zip(ws, bs, Bs, ranks, scales):
+            out = F.linear(x2, w, b)
+            out.addmm_(xa[:, off:off + r], bm.t(), alpha=s)
+            outs.append(out.view(*shape[:-1], out.shape[-1]))
+            off += r
+        need_w = any(ctx.needs_input_grad[2 + 4 * i] for i in range(len(ws)))
+        need_a = any(ctx.needs_input_grad[4 + 4 * i] for i in range(len(ws)))
+        ctx.save_for_backward(x2 if (need_w or need_a) else None, a_cat, xa, *ws, *Bs)
+        ctx.scales, ctx.ranks, ctx.shape = scales, ranks, shape
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, a_cat, xa, *rest = ctx.saved_tensors
+        n = len(ctx.ranks)
+        ws, Bs = rest[:n], rest[n:]
+        nig = ctx.needs_input_grad
+        N = xa.shape[0]
+        gs = [None if g is None else g.reshape(N, -1) for g in grads]
+        # s_i·g_i·B_i for every output, side by side: (N, R); zeros where an output got no gradient.
+        parts = []
+        for g, bm, r, s in zip(gs, Bs, ctx.ranks, ctx.scales):
+            parts.append(xa.new_zeros(N, r) if g is None else torch.mm(g, bm).mul_(s))
+        gb = torch.cat(parts, 1) if n > 1 else parts[0]
+        dx = None
+        if nig[0]:
+            dx = gb @ a_cat  # (N, in): LoRA part of every output's dx, one GEMM
+            for g, w in zip(gs, ws):
+                if g is not None:
+                    dx.addmm_(g, w)
+            dx = dx.view(ctx.shape)
+        d_a = torch.mm(gb.t(), x2) if any(nig[4 + 4 * i] for i in range(n)) else None  # (R, in)
+        out: list = [dx, None]
+        off = 0
+        for i, (g, r, s) in enumerate(zip(gs, ctx.ranks, ctx.scales)):
+            dw = db = da = dbm = None
+            if g is not None:
+                if nig[2 + 4 * i]:
+                    dw = g.t() @ x2
+                if nig[3 + 4 * i]:
+                    db = g.sum(0)
+                if nig[5 + 4 * i]:
+                    dbm = torch.mm(g.t(), xa[:, off:off + r]).mul_(s)
+            if nig[4 + 4 * i] and d_a is not None and g is not None:
+                da = d_a[off:off + r]
+            out += [dw, db, da, dbm]
+            off += r
+        return tuple(out)
+
+
+def lora_group_linear(x, specs):
+    """Outputs of several LoRA linears on the same input x; specs: [(weight, bias, A, B, scale), ...].
+
+    No dropout (each layer would need its own mask); equals `[lora_linear(x, *spec) for spec in specs]`.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        return [lora_reference(x, *spec) for spec in specs]
+    flat = [t for w, b, a, bm, _ in specs for t in (w, b, a, bm)]
+    scales = tuple(float(s[4]) for s in specs)
+    if not torch.is_grad_enabled() or not (x.requires_grad or any(t is not None and t.requires_grad for t in flat)):
+        with torch.no_grad():
+            return list(_LoraGroupFn.forward(_NoCtx(), x, scales, *flat))
+    return list(_LoraGroupFn.apply(x, scales, *flat))
+
+
+class _NoCtx:
+    """Stand-in ctx for running a Function's forward outside autograd (inference)."""
+    needs_input_grad = (False,) * 4096
+
+    def save_for_backward(self, *a):
+        pass
+
+    def set_materialize_grads(self, v):
+        pass
