@@ -146,3 +146,14 @@ def test_save_to_a_file_path_is_refused(tmp_path):
     f.write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         get_peft_model(tiny_llama(), LoraConfig(r=2)).save_pretrained(f)
+
+
+def test_failed_targeting_leaves_no_head_wrapper():
+    from slimtune import TargetError
+    from slimtune.inject import ModulesToSaveWrapper
+
+    pm = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(TargetError):
+        pm.add_adapter("bad", LoraConfig(r=2, target_modules=["nope"], task_type="SEQ_CLS"))
+    assert pm.list_adapters() == ["default"]
+    assert not any(isinstance(m, ModulesToSaveWrapper) for m in pm.modules())

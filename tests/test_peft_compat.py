@@ -121,3 +121,15 @@ def test_peft_example_code_runs_with_import_changed(ids):
         opt.zero_grad()
         losses.append(out.loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_all_linear_on_classifier_selects_what_peft_selects(tmp_path, ids):
+    """"all-linear" with a task head: the head trains in full, it is not also a LoRA target."""
+    kw = dict(r=2, target_modules="all-linear", task_type="SEQ_CLS")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tiny_bert_cls(), peft.LoraConfig(**kw))
+    ours = slimtune.get_peft_model(tiny_bert_cls(), slimtune.LoraConfig(**kw))
+    assert set(ours.get_adapter_state_dict()) == set(peft.get_peft_model_state_dict(theirs))
+    ours.save_pretrained(tmp_path)  # no shared-memory tensors
+    torch.testing.assert_close(logits(slimtune.PeftModel.from_pretrained(tiny_bert_cls(), tmp_path), ids), logits(ours, ids))

@@ -66,13 +66,19 @@ class Tuner(nn.Module):
                 raise targeting.TargetError(
                     f"{config.method}: no target_modules given and no default for model type '{mt}'; "
                     "pass target_modules=[...] (module names) or 'all-linear'")
-        sel = targeting.select(
-            self.model, targets, supported_types=self.supported_types,
-            exclude_modules=getattr(config, "exclude_modules", None),
-            layers_to_transform=getattr(config, "layers_to_transform", None),
-            layers_pattern=getattr(config, "layers_pattern", None),
-            skip=wrapped_paths(self.model), method=config.method,
-        )
+        # Heads trained in full are wrapped first, so no target (e.g. "all-linear") lands inside them.
+        self._setup_modules_to_save(config, adapter)
+        try:
+            sel = targeting.select(
+                self.model, targets, supported_types=self.supported_types,
+                exclude_modules=getattr(config, "exclude_modules", None),
+                layers_to_transform=getattr(config, "layers_to_transform", None),
+                layers_pattern=getattr(config, "layers_pattern", None),
+                skip=wrapped_paths(self.model), method=config.method,
+            )
+        except targeting.TargetError:
+            self._drop_modules_to_save(adapter)  # leave the model as it was
+            raise
         for path in sel.names:
             module = self.model.get_submodule(path)
             if isinstance(module, AdapterLayer):
@@ -83,7 +89,6 @@ class Tuner(nn.Module):
         if hasattr(config, "target_modules"):
             if config.target_modules is None or (not isinstance(targets, str) and any(isinstance(t, type) for t in targets)):
                 config.target_modules = sorted({p.split(".")[-1] for p in sel.names})
-        self._setup_modules_to_save(config, adapter)
         self.peft_config[adapter] = config
         if len(self.peft_config) == 1:
             self.set_adapter(adapter)
@@ -114,6 +119,12 @@ class Tuner(nn.Module):
             missing = [n for n in to_save if n not in defaults and not any(p == n or p.endswith("." + n) for p in found)]
             if missing:
                 raise targeting.TargetError(f"modules_to_save entry '{missing[0]}' matches no module")
+
+    def _drop_modules_to_save(self, adapter: str) -> None:
+        for path, w in list(save_wrappers(self.model)):
+            w.delete_adapter(adapter)
+            if not w.adapter_names():
+                replace_module(self.model, path, w.original_module)
 
     # ---- adapters as a set ----------------------------------------------------------------
     def _check(self, name: str) -> None:
