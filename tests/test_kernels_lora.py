@@ -319,3 +319,39 @@ def test_sharing_is_off_by_default():
     x = torch.randn(3, 12)
     q(x), k(x), q(x), k(x)
     assert "_share" not in q.__dict__ and "_share" not in k.__dict__
+
+
+def test_fused_ops_fall_back_loudly_on_cpu(caplog):
+    from conftest import tiny_llama
+
+    from slimtune.kernels.fused_ops import apply_fused_ops, liger_status
+
+    m = tiny_llama()
+    ok, why = liger_status(m)
+    assert not ok and "CUDA" in why
+    ids = torch.randint(0, 100, (1, 5))
+    before = m(input_ids=ids).logits
+    with caplog.at_level("WARNING", logger="slimtune.kernels"):
+        assert apply_fused_ops(m) == "stock"
+    assert "stock PyTorch path" in caplog.text  # says which path and why
+    torch.testing.assert_close(m(input_ids=ids).logits, before)  # model untouched
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_ops_on_gpu_match_stock_loss_and_lora_grads():
+    pytest.importorskip("liger_kernel")
+    from conftest import tiny_llama
+
+    from slimtune import LoraConfig, get_peft_model
+    from slimtune.kernels.fused_ops import apply_fused_ops
+
+    torch.manual_seed(0)
+    pm = get_peft_model(tiny_llama().cuda(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                        target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+    ids = torch.randint(0, 100, (2, 16), device="cuda")
+    want, grads = _step_grads(pm, ids)
+    assert apply_fused_ops(pm) == "liger"
+    got, grads2 = _step_grads(pm, ids)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for k in grads:
+        torch.testing.assert_close(grads2[k], grads[k], atol=1e-4, rtol=1e-3)
