@@ -220,18 +220,3 @@ def squared_grad_sums(model: nn.Module, params: dict[str, nn.Parameter], batches
     if n == 0:
         raise ValueError("no batches given: pass a few batches (an iterable of model inputs with labels)")
     return sums
-
-
-def exclude_heads_from_all_linear(model: nn.Module, config: AdapterConfig) -> None:
-    """With target_modules="all-linear", leave the task head / modules_to_save out of the targets
-    (they train in full as modules_to_save; adapting them too would nest the two wrappers)."""
-    if getattr(config, "target_modules", None) != "all-linear":
-        return
-    heads = [h for h in head_paths(model, config)]
-    if not heads:
-        return
-    ex = config.exclude_modules
-    if isinstance(ex, str):  # a regex: extend it
-        config.exclude_modules = "|".join([f"(?:{ex})"] + [f"(?:.*\\.)?{h.replace('.', chr(92) + '.')}" for h in heads])
-    else:
-        config.exclude_modules = list(dict.fromkeys(list(ex or []) + heads))

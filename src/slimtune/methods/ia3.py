@@ -23,7 +23,6 @@ from ..inject import AdapterLayer
 from ..registry import register_method
 from ..targeting import LINEAR_TYPES, Conv1D
 from ..tuner import Tuner
-from ._select import exclude_heads_from_all_linear
 
 # PEFT's per-family defaults (peft.utils.constants), so a config without targets picks the same modules.
 IA3_TARGETS: dict[str, list[str]] = {
@@ -178,7 +177,6 @@ class IA3Model(Tuner):
             config.target_modules = list(IA3_TARGETS[mt])  # record PEFT's names, not leaf names
         if config.feedforward_modules is None:
             config.feedforward_modules = list(IA3_FEEDFORWARD.get(mt, []))
-        exclude_heads_from_all_linear(self.model, config)
         super().inject_adapter(config, adapter)
 
     def create_layer(self, base: nn.Module, config: IA3Config, adapter: str, path: str) -> AdapterLayer:

@@ -24,7 +24,6 @@ from ..inject import AdapterLayer
 from ..registry import register_method
 from ..targeting import LINEAR_TYPES, Conv1D
 from ..tuner import Tuner
-from ._select import exclude_heads_from_all_linear
 
 
 @dataclass
@@ -110,10 +109,6 @@ class SingularModel(Tuner):
 
     def default_targets(self, config: SingularConfig):
         return default_lora_targets(self.model)
-
-    def inject_adapter(self, config: SingularConfig, adapter: str) -> None:
-        exclude_heads_from_all_linear(self.model, config)
-        super().inject_adapter(config, adapter)
 
     def create_layer(self, base: nn.Module, config: SingularConfig, adapter: str, path: str) -> AdapterLayer:
         return SingularLinear(base, adapter, config.top_k)

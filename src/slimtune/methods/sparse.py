@@ -40,7 +40,7 @@ from ..inject import AdapterLayer
 from ..registry import register_method
 from ..targeting import LINEAR_TYPES, Conv1D
 from ..tuner import Tuner
-from ._select import LossFn, exclude_heads_from_all_linear, squared_grad_sums
+from ._select import LossFn, squared_grad_sums
 
 SELECTIONS = ("magnitude", "fisher", "gradient", "random")
 
@@ -199,7 +199,6 @@ class SparseModel(Tuner):
 
     def inject_adapter(self, config: SparseConfig, adapter: str) -> None:
         config = config.replace()  # the stored copy records selected=True; the caller's stays reusable
-        exclude_heads_from_all_linear(self.model, config)
         super().inject_adapter(config, adapter)
         config.selected = True  # the positions now live in the layers (and in the saved file)
         config.scores = None  # drop the (weight-sized) score tensors
