@@ -2,20 +2,13 @@
 import pytest
 import torch
 from conftest import logits, tiny_bert_cls, tiny_gpt2, tiny_llama
+from properties import check_merge_and_round_trip, perturb_adapter, train_lm_steps
 
-from slimtune import ConfigError, PeftModel, get_peft_model, make_config
-from slimtune.inject import AdapterLayer, ModulesToSaveWrapper, adapter_layers
+from slimtune import ConfigError, get_peft_model, make_config
 from slimtune.methods.heads import HeadsConfig, head_importance
 from slimtune.targeting import TargetError
 
 CASES = {"llama": (tiny_llama, {}), "gpt2": (tiny_gpt2, {}), "bert": (tiny_bert_cls, {"task_type": "SEQ_CLS"})}
-
-
-def randomize(pm, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for v in pm.get_adapter_state_dict().values():
-            v.add_(0.3 * torch.randn(v.shape, generator=g))
 
 
 def test_count_llama_gqa():
@@ -35,34 +28,13 @@ def test_merge_and_roundtrip(case, ids, tmp_path):
     pm = get_peft_model(make(), HeadsConfig(heads={0: [1], 1: [0, 3]}, **kw))
     with torch.no_grad():
         torch.testing.assert_close(logits(pm, ids), logits(make(), ids))
-    randomize(pm)
-    with torch.no_grad():
-        ref = logits(pm, ids)
-        assert (ref - logits(make(), ids)).abs().max() > 1e-3
-        pm.merge_adapter()
-        torch.testing.assert_close(logits(pm, ids), ref, atol=1e-5, rtol=1e-5)
-        pm.unmerge_adapter()
-        torch.testing.assert_close(logits(pm, ids), ref, atol=1e-5, rtol=1e-5)
-    pm.save_pretrained(tmp_path)
+    perturb_adapter(pm)
+    check_merge_and_round_trip(pm, make, ids, tmp_path)
     assert all(k.endswith(".heads_delta") or "classifier" in k for k in pm.get_adapter_state_dict())
-    loaded = PeftModel.from_pretrained(make(), tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(logits(loaded, ids), ref, atol=0, rtol=0)
-        plain = loaded.merge_and_unload()
-        assert not any(isinstance(m, (AdapterLayer, ModulesToSaveWrapper)) for m in plain.modules())
-        torch.testing.assert_close(logits(plain, ids), ref, atol=1e-5, rtol=1e-5)
-
 
 def test_only_chosen_slices_change(ids):
     pm = get_peft_model(tiny_llama(), HeadsConfig(heads={1: [2]}))
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = pm(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses, _ = train_lm_steps(pm, ids)
     assert losses[-1] < losses[0]
     base, plain = tiny_llama(), pm.merge_and_unload()
     for name, p in plain.named_parameters():

@@ -2,19 +2,13 @@
 import pytest
 import torch
 from conftest import logits, tiny_bert_cls, tiny_gpt2, tiny_llama
+from properties import check_merge_and_round_trip, perturb_adapter, train_lm_steps
 
 from slimtune import ConfigError, PeftModel, get_peft_model, make_config
-from slimtune.inject import AdapterLayer, ModulesToSaveWrapper, adapter_layers
+from slimtune.inject import adapter_layers
 from slimtune.methods.singular import SingularConfig, SingularLinear
 
 CASES = {"llama": (tiny_llama, {}), "gpt2": (tiny_gpt2, {}), "bert": (tiny_bert_cls, {"task_type": "SEQ_CLS"})}
-
-
-def randomize(pm, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for v in pm.get_adapter_state_dict().values():
-            v.add_(0.3 * torch.randn(v.shape, generator=g))
 
 
 def test_config_count_and_identity(ids):
@@ -40,41 +34,17 @@ def test_config_count_and_identity(ids):
 def test_merge_and_roundtrip(case, ids, tmp_path):
     make, kw = CASES[case]
     pm = get_peft_model(make(), SingularConfig(top_k=4, **kw))
-    randomize(pm)
-    with torch.no_grad():
-        ref = logits(pm, ids)
-        assert (ref - logits(make(), ids)).abs().max() > 1e-3
-        pm.merge_adapter()
-        torch.testing.assert_close(logits(pm, ids), ref, atol=1e-5, rtol=1e-5)
-        pm.unmerge_adapter()
-        torch.testing.assert_close(logits(pm, ids), ref, atol=1e-5, rtol=1e-5)
-    pm.save_pretrained(tmp_path)
-    sd = pm.get_adapter_state_dict()
-    assert all(k.endswith(".svd_delta_s") or "classifier" in k for k in sd)
+    perturb_adapter(pm)
+    check_merge_and_round_trip(pm, make, ids, tmp_path, load_atol=1e-5)
+    assert all(k.endswith(".svd_delta_s") or "classifier" in k for k in pm.get_adapter_state_dict())
     loaded = PeftModel.from_pretrained(make(), tmp_path)
     assert all(isinstance(l, SingularLinear) for _, l in adapter_layers(loaded))
-    with torch.no_grad():
-        torch.testing.assert_close(logits(loaded, ids), ref, atol=1e-5, rtol=1e-5)
-        plain = loaded.merge_and_unload()
-        assert not any(isinstance(m, (AdapterLayer, ModulesToSaveWrapper)) for m in plain.modules())
-        torch.testing.assert_close(logits(plain, ids), ref, atol=1e-5, rtol=1e-5)
-
 
 def test_training_changes_only_singular_values(ids):
     pm = get_peft_model(tiny_llama(), SingularConfig(target_modules="all-linear"))
-    before = {k: p.detach().clone() for k, p in pm.named_parameters()}
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=5e-2)
-    losses = []
-    for _ in range(6):
-        loss = pm(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses, changed = train_lm_steps(pm, ids, lr=5e-2)
     assert losses[-1] < losses[0]
-    for k, p in pm.named_parameters():
-        assert (not torch.equal(before[k], p)) == (".svd_delta_s." in k), k
-
+    assert changed == {k for k, _ in pm.named_parameters() if ".svd_delta_s." in k}
 
 # ---- every module-swap method of issue 4 holds several named adapters -------------------------
 @pytest.mark.parametrize("name, kw", [("ia3", {}), ("sparse", dict(density=0.1)), ("heads", dict(heads=[1])),

@@ -2,20 +2,13 @@
 import pytest
 import torch
 from conftest import logits, tiny_bert_cls, tiny_gpt2, tiny_llama
+from properties import perturb_adapter, train_lm_steps
 
 from slimtune import ConfigError, PeftModel, get_peft_model, make_config
 from slimtune.inject import AdapterLayer, ModulesToSaveWrapper, adapter_layers
-from slimtune.methods.sparse import SparseConfig, SparseLinear, fisher_scores
+from slimtune.methods.sparse import SparseConfig, fisher_scores
 
 CASES = {"llama": (tiny_llama, {}), "gpt2": (tiny_gpt2, {}), "bert": (tiny_bert_cls, {"task_type": "SEQ_CLS"})}
-
-
-def randomize(pm, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for k, v in pm.get_adapter_state_dict().items():
-            if v.is_floating_point():
-                v.add_(0.3 * torch.randn(v.shape, generator=g))
 
 
 def test_count_and_magnitude_selection(ids):
@@ -56,7 +49,7 @@ def test_fisher_and_random_selection(ids):
 def test_merge_and_roundtrip(case, ids, tmp_path):
     make, kw = CASES[case]
     pm = get_peft_model(make(), SparseConfig(density=0.05, selection="random", **kw))
-    randomize(pm)
+    perturb_adapter(pm)
     with torch.no_grad():
         ref = logits(pm, ids)
         assert (ref - logits(make(), ids)).abs().max() > 1e-3
@@ -79,18 +72,9 @@ def test_merge_and_roundtrip(case, ids, tmp_path):
 
 def test_training_changes_only_the_subset(ids):
     pm = get_peft_model(tiny_llama(), SparseConfig(density=0.05))
-    before = {k: p.detach().clone() for k, p in pm.named_parameters()}
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = pm(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses, changed = train_lm_steps(pm, ids)
     assert losses[-1] < losses[0]
-    for k, p in pm.named_parameters():
-        assert (not torch.equal(before[k], p)) == (".sparse_values." in k), k
+    assert changed == {k for k, _ in pm.named_parameters() if ".sparse_values." in k}
     # merged weights differ from the base exactly at the chosen positions
     base = tiny_llama()
     plain = pm.merge_and_unload()
@@ -110,7 +94,7 @@ def test_fisher_adapter_loads_without_scores(ids, tmp_path):
     model = tiny_llama()
     scores = fisher_scores(model, [{"input_ids": ids, "labels": ids}])
     pm = get_peft_model(model, SparseConfig(density=0.05, selection="fisher", scores=scores))
-    randomize(pm)
+    perturb_adapter(pm)
     with torch.no_grad():
         ref = logits(pm, ids)
     pm.save_pretrained(tmp_path)

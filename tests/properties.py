@@ -1,0 +1,53 @@
+"""Property checks every method's tests share (HF PEFT's style): merge equivalence, save/load
+round trip, merge_and_unload leaves a plain model, training moves only declared parameters."""
+from __future__ import annotations
+
+import torch
+from conftest import logits
+
+from slimtune import PeftModel
+from slimtune.inject import AdapterLayer, ModulesToSaveWrapper
+
+
+def perturb_adapter(pm, seed: int = 0, std: float = 0.3) -> None:
+    """Add noise to every floating tensor the adapter saves, so it changes the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for v in pm.get_adapter_state_dict().values():
+            if v.is_floating_point():
+                v.add_(std * torch.randn(v.shape, generator=g))
+
+
+def check_merge_and_round_trip(pm, make, x, tmp_path, load_atol: float = 0.0):
+    """Adapter changes outputs; merged == unmerged; saved + loaded == live (to `load_atol`);
+    merge_and_unload gives a plain model with the same outputs. Returns the reference logits."""
+    with torch.no_grad():
+        ref = logits(pm, x)
+        assert (ref - logits(make(), x)).abs().max() > 1e-3 * ref.abs().max()  # the adapter does something
+        pm.merge_adapter()
+        torch.testing.assert_close(logits(pm, x), ref, atol=1e-5, rtol=1e-5)
+        pm.unmerge_adapter()
+        torch.testing.assert_close(logits(pm, x), ref, atol=1e-5, rtol=1e-5)
+    pm.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(loaded, x), ref, atol=load_atol, rtol=load_atol)
+        plain = loaded.merge_and_unload()
+        assert not any(isinstance(m, (AdapterLayer, ModulesToSaveWrapper)) for m in plain.modules())
+        torch.testing.assert_close(logits(plain, x), ref, atol=1e-5, rtol=1e-5)
+    return ref
+
+
+def train_lm_steps(pm, ids, steps: int = 6, lr: float = 1e-2) -> tuple[list[float], set[str]]:
+    """A few AdamW steps of causal-LM loss; returns (losses, names of parameters that changed)."""
+    before = {k: p.detach().clone() for k, p in pm.named_parameters()}
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
+    pm.train()
+    losses = []
+    for _ in range(steps):
+        loss = pm(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, {k for k, p in pm.named_parameters() if not torch.equal(before[k], p)}
