@@ -1,5 +1,4 @@
 """LoRA properties in HF PEFT's style, over several model families and layer types."""
-import math
 
 import pytest
 import torch
