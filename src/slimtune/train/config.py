@@ -163,7 +163,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 # give Rotten Tomatoes critics' verdicts (fresh / rotten) as one word; measured before -> after.
 DEFAULT_CONFIG: dict[str, Any] = {
     "model": "smollm2-135m",
-    "method": "lora",
+    "method": "lora",  # rank/alpha/targets (and, on CPU, the blocks) chosen automatically and printed
     "data": {"builtin": "rotten_tomatoes_lm", "max_train": 480, "max_eval": 100, "max_length": 96,
              "system_prompt": ""},  # an empty system turn: SmolLM2's default one costs 16 tokens a row
     "train": {"epochs": 1, "batch_size": 8, "lr": 5e-4, "log_every": 5},
