@@ -148,6 +148,7 @@ class Row:
     mem_mib: float | None
     trainable: int = 0
     times_ms: list = field(default_factory=list)
+    cpu_ms: float | None = None  # median process CPU time per step (all threads): robust on a shared CPU
     note: str = ""
 
 
@@ -232,7 +233,8 @@ TRAIN_SETUPS: dict[str, Callable] = {
 }
 
 
-def _train_steps(model, params, x, p: Preset, measure_mem: bool) -> tuple[list[float], float | None]:
+def _train_steps(model, params, x, p: Preset, measure_mem: bool, cpu_sink: list | None = None
+                 ) -> tuple[list[float], float | None]:
     dev = p.device
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     all_params = {q.untyped_storage().data_ptr() for q in model.parameters()}
@@ -247,7 +249,7 @@ def _train_steps(model, params, x, p: Preset, measure_mem: bool) -> tuple[list[f
         sink: dict = {}
         ctx = _count_saved(all_params, sink) if probe else contextlib.nullcontext()
         _sync(dev)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with ctx:
             loss = model(input_ids=x, labels=x).loss
         loss.backward()
@@ -255,9 +257,11 @@ def _train_steps(model, params, x, p: Preset, measure_mem: bool) -> tuple[list[f
             opt.step()
             opt.zero_grad(set_to_none=True)
         _sync(dev)
-        dt = (time.perf_counter() - t0) * 1000
+        dt, dc = (time.perf_counter() - t0) * 1000, (time.process_time() - c0) * 1000
         if i >= p.warmup:
             times.append(dt)
+            if cpu_sink is not None:
+                cpu_sink.append(dc)
         if probe:
             n_train = sum(q.numel() * q.element_size() for q in params)
             weights = _param_bytes({q.untyped_storage().data_ptr(): q for q in model.parameters()}.values())
@@ -268,10 +272,12 @@ def _train_steps(model, params, x, p: Preset, measure_mem: bool) -> tuple[list[f
     return times, mem
 
 
-def _infer_times(model, x, p: Preset, n: int, **kw) -> tuple[list[float], float | None, Any]:
+def _infer_times(model, x, p: Preset, n: int, cpu_sink: list | None = None, **kw
+                 ) -> tuple[list[float], float | None, Any]:
     dev = p.device
     model.eval()
     times = []
+    cpu_sink = [] if cpu_sink is None else cpu_sink
     out = None
     if dev == "cuda":
         gc.collect()
@@ -281,11 +287,12 @@ def _infer_times(model, x, p: Preset, n: int, **kw) -> tuple[list[float], float 
         for i in range(p.warmup + n):
             out = None
             _sync(dev)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = model(input_ids=x, **kw).logits
             _sync(dev)
             if i >= p.warmup:
                 times.append((time.perf_counter() - t0) * 1000)
+                cpu_sink.append((time.process_time() - c0) * 1000)
     mem = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else None
     model.train()
     return times, mem, out[:, -8:].float().clone()
@@ -321,6 +328,7 @@ def run_benchmark(preset: str | Preset = "cpu", scenarios: list[str] | None = No
 
     # -- training, round-robin ------------------------------------------------------------------------
     times = {s: [] for s in train}
+    cpus: dict[str, list] = {s: [] for s in train}
     mems: dict[str, float | None] = {}
     trainable: dict[str, int] = {}
     order = [s for s in train if s != "full"]
@@ -328,7 +336,7 @@ def run_benchmark(preset: str | Preset = "cpu", scenarios: list[str] | None = No
         for s in order + (["full"] if "full" in train and rnd == 0 else []):  # full changes the weights: once, last
             m, params, teardown = TRAIN_SETUPS[s](model, p)
             try:
-                ts, mem = _train_steps(m, params, x, p, measure_mem=(rnd == 0))
+                ts, mem = _train_steps(m, params, x, p, measure_mem=(rnd == 0), cpu_sink=cpus[s])
             finally:
                 teardown()
             times[s] += ts
@@ -337,29 +345,30 @@ def run_benchmark(preset: str | Preset = "cpu", scenarios: list[str] | None = No
             log.info("train %s round %d: %s ms", s, rnd, [round(t) for t in ts])
     for s in train:
         ms = statistics.median(times[s])
-        rows.append(Row("train", s, ms, tokens / ms * 1000, mems.get(s), trainable.get(s, 0), times[s]))
+        rows.append(Row("train", s, ms, tokens / ms * 1000, mems.get(s), trainable.get(s, 0), times[s],
+                        cpu_ms=statistics.median(cpus[s])))
 
     # -- inference, single adapter -----------------------------------------------------------------------
     if not wanted or wanted & {"infer", "infer_base", "infer_peft", "infer_slimtune", "infer_merged"}:
         import peft
         import slimtune
 
-        ts, mem, plain = _infer_times(model, x, p, p.infer_steps)
-        rows.append(Row("infer", "base", statistics.median(ts), 0, mem, times_ms=ts))
+        ts, mem, plain = _infer_times(model, x, p, p.infer_steps, (c := []))
+        rows.append(Row("infer", "base", statistics.median(ts), 0, mem, times_ms=ts, cpu_ms=statistics.median(c)))
         pm = peft.get_peft_model(model, _peft_cfg(p, init_lora_weights=False))
-        ts, mem, ref = _infer_times(pm, x, p, p.infer_steps)
+        ts, mem, ref = _infer_times(pm, x, p, p.infer_steps, (c := []))
         state = {k: v.detach().clone() for k, v in pm.named_parameters() if ".lora_" in k}
         pm.unload()
-        rows.append(Row("infer", "peft", statistics.median(ts), 0, mem, times_ms=ts))
+        rows.append(Row("infer", "peft", statistics.median(ts), 0, mem, times_ms=ts, cpu_ms=statistics.median(c)))
         sm = slimtune.get_peft_model(model, _slim_cfg(p))
         _copy_lora(sm, state)
-        ts, mem, got = _infer_times(sm, x, p, p.infer_steps)
+        ts, mem, got = _infer_times(sm, x, p, p.infer_steps, (c := []))
         checks["infer_max_abs_diff_vs_peft"] = (got - ref).abs().max().item()
         checks["infer_lora_effect_max_abs"] = (ref - plain).abs().max().item()  # nonzero: adapters do act
-        rows.append(Row("infer", "slimtune", statistics.median(ts), 0, mem, times_ms=ts))
+        rows.append(Row("infer", "slimtune", statistics.median(ts), 0, mem, times_ms=ts, cpu_ms=statistics.median(c)))
         sm.merge_adapter()
-        ts, mem, _ = _infer_times(sm, x, p, p.infer_steps)
-        rows.append(Row("infer", "slimtune_merged", statistics.median(ts), 0, mem, times_ms=ts))
+        ts, mem, _ = _infer_times(sm, x, p, p.infer_steps, (c := []))
+        rows.append(Row("infer", "slimtune_merged", statistics.median(ts), 0, mem, times_ms=ts, cpu_ms=statistics.median(c)))
         sm.unmerge_adapter()
         sm.unload()
         del state, ref, got, plain
@@ -427,26 +436,26 @@ def _mixed(model, p: Preset, checks: dict) -> list[Row]:
     g = torch.Generator().manual_seed(1)
     xm = torch.randint(0, p.model["vocab_size"], (n, p.seq), generator=g).to(p.device)
     rows = []
-    ts, mem, _ = _infer_times(model, xm, p, p.infer_steps)
-    rows.append(Row("mixed", "base", statistics.median(ts), 0, mem, times_ms=ts))
+    ts, mem, _ = _infer_times(model, xm, p, p.infer_steps, (c := []))
+    rows.append(Row("mixed", "base", statistics.median(ts), 0, mem, times_ms=ts, cpu_ms=statistics.median(c)))
 
     pm = peft.get_peft_model(model, _peft_cfg(p, init_lora_weights=False), adapter_name=names[0])
     for nm in names[1:]:
         pm.add_adapter(nm, _peft_cfg(p, init_lora_weights=False))
-    ts, mem, ref = _infer_times(pm, xm, p, p.infer_steps, adapter_names=names)
+    ts, mem, ref = _infer_times(pm, xm, p, p.infer_steps, (c := []), adapter_names=names)
     state = {k: v.detach().clone() for k, v in pm.named_parameters() if ".lora_" in k}
     pm.unload()
-    rows.append(Row("mixed", "peft", statistics.median(ts), 0, mem, times_ms=ts))
+    rows.append(Row("mixed", "peft", statistics.median(ts), 0, mem, times_ms=ts, cpu_ms=statistics.median(c)))
 
     sm = slimtune.get_peft_model(model, _slim_cfg(p), adapter_name=names[0])
     for nm in names[1:]:
         sm.add_adapter(nm, _slim_cfg(p))
     _copy_lora(sm, state)
-    ts, mem, got = _infer_times(sm, xm, p, p.infer_steps, adapter_names=names)
+    ts, mem, got = _infer_times(sm, xm, p, p.infer_steps, (c := []), adapter_names=names)
     checks["mixed_max_abs_diff_vs_peft"] = (got - ref).abs().max().item()
     checks["mixed_max_abs_logit"] = ref.abs().max().item()
     sm.unload()
-    rows.append(Row("mixed", "slimtune", statistics.median(ts), 0, mem, times_ms=ts))
+    rows.append(Row("mixed", "slimtune", statistics.median(ts), 0, mem, times_ms=ts, cpu_ms=statistics.median(c)))
     return rows
 
 
@@ -458,6 +467,8 @@ def _ratios(rows: list[Row]) -> dict:
         ra, rb = by.get(a), by.get(b)
         if ra and rb and getattr(ra, attr) and getattr(rb, attr):
             out[key] = round(getattr(ra, attr) / getattr(rb, attr), 3)
+        if attr == "ms":  # the same ratio in process CPU time (the robust one on a shared CPU machine)
+            put("cpu_" + key, a, b, "cpu_ms")
 
     for s in ("peft", "peft_bf16", "slimtune", "slimtune_shared", "slimtune_native", "full", "frozen+liger",
               "slimtune+liger"):
@@ -501,17 +512,24 @@ def format_table(result: dict) -> str:
     by = {(r["group"], r["scenario"]): r for r in rows}
     base = {"train": by.get(("train", "frozen")), "infer": by.get(("infer", "base")), "mixed": by.get(("mixed", "base"))}
     peft_ref = {"train": by.get(("train", "peft")), "infer": by.get(("infer", "peft")), "mixed": by.get(("mixed", "peft"))}
-    head = "| group | scenario | ms/step | tokens/s | peak MiB | × floor/base (time) | × floor (mem) | × PEFT (time) |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    on_cpu = result["meta"]["preset"]["device"] == "cpu"
+    head = ("| group | scenario | ms/step | tokens/s | peak MiB | × floor/base (time) | × floor (mem) | × PEFT (time) |"
+            + (" CPU ms/step | × floor/base (CPU) | × PEFT (CPU) |" if on_cpu else ""))
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         b, pr = base[r["group"]], peft_ref[r["group"]]
+        vs_peft = pr and r["scenario"] not in ("frozen", "base", "full", "frozen+liger")
         t_ratio = f"{r['ms'] / b['ms']:.3f}" if b else ""
         m_ratio = f"{r['mem_mib'] / b['mem_mib']:.3f}" if b and r["mem_mib"] and b["mem_mib"] else ""
-        p_ratio = f"{r['ms'] / pr['ms']:.3f}" if pr and r["scenario"] not in ("frozen", "base", "full",
-                                                                            "frozen+liger") else ""
+        p_ratio = f"{r['ms'] / pr['ms']:.3f}" if vs_peft else ""
         mem = f"{r['mem_mib']:.0f}" if r["mem_mib"] else ""
-        lines.append(f"| {r['group']} | {r['scenario']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | {mem} | "
-                     f"{t_ratio} | {m_ratio} | {p_ratio} |")
+        line = (f"| {r['group']} | {r['scenario']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | {mem} | "
+                f"{t_ratio} | {m_ratio} | {p_ratio} |")
+        if on_cpu:
+            c = r.get("cpu_ms")
+            line += (f" {c:.0f} | " if c else " | ") + (f"{c / b['cpu_ms']:.3f}" if c and b and b.get("cpu_ms") else "") \
+                + " | " + (f"{c / pr['cpu_ms']:.3f}" if c and vs_peft and pr.get("cpu_ms") else "") + " |"
+        lines.append(line)
     if "mixed_overhead_peft_vs_slimtune" in ratios:
         lines.append(f"\nmixed batch: PEFT's LoRA overhead over the base forward is "
                      f"{ratios['mixed_overhead_peft_vs_slimtune']}× slimtune's")
