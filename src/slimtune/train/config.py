@@ -167,7 +167,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "data": {"builtin": "rotten_tomatoes_lm", "max_train": 480, "max_eval": 100, "max_length": 96,
              "system_prompt": ""},  # an empty system turn: SmolLM2's default one costs 16 tokens a row
     "train": {"epochs": 1, "batch_size": 8, "lr": 5e-4, "log_every": 5},
-    "eval": {"max_new_tokens": 3, "max_examples": 100, "batch_size": 25},
+    "eval": {"max_new_tokens": 6, "max_examples": 100, "batch_size": 25},
     "output_dir": "runs/default",
 }
 

@@ -55,8 +55,15 @@ def _norm(s: str) -> str:
     return " ".join("".join(ch for ch in s.lower() if ch.isalnum() or ch.isspace()).split())
 
 
-def answer_matches(pred: str, ref: str) -> bool:
+def answer_matches(pred: str, ref: str, answers: list[str] | None = None) -> bool:
+    """Generated text vs reference. With a known answer set (labels), the prediction is the first
+    answer word the text contains ("The review is fresh." -> fresh), so a zero-shot model is not
+    marked wrong for phrasing; otherwise the first line must equal the reference."""
     p, r = _norm(pred.strip().split("\n")[0]), _norm(ref)
+    if answers:
+        words = p.split()
+        found = [(words.index(a), a) for a in map(_norm, answers) if a in words]
+        return bool(found) and min(found)[1] == r
     return bool(r) and (p == r or p.startswith(r + " ") or p == r + "s")
 
 
@@ -223,7 +230,8 @@ class Trainer:
                                              pad_token_id=tok.pad_token_id)
                 texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
                 for r, t in zip(chunk, texts):
-                    ok = answer_matches(t, r["reference"])
+                    ok = answer_matches(t, r["reference"], self.data.answers if self.data.answers and
+                                        all(len(a.split()) == 1 for a in self.data.answers) else None)
                     correct += ok
                     if samples is not None and len(samples) < 5:
                         samples.append((r["reference"], t.strip()))
