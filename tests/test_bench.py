@@ -26,7 +26,7 @@ def test_tiny_run_writes_json_and_markdown(tmp_path, capsys):
 
 
 def test_subset_and_ablation_scenarios():
-    res = run_benchmark("tiny", scenarios=["frozen", "slimtune_shared", "slimtune_native"], warmup=0)
-    assert [r["scenario"] for r in res["rows"]] == ["frozen", "slimtune_shared", "slimtune_native"]
+    res = run_benchmark("tiny", scenarios=["frozen", "slimtune_shared", "slimtune_function"], warmup=0)
+    assert [r["scenario"] for r in res["rows"]] == ["frozen", "slimtune_shared", "slimtune_function"]
     assert all(r["mem_mib"] for r in res["rows"])
     assert "slimtune_shared" in format_table(res)

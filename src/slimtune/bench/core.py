@@ -213,15 +213,15 @@ def setup_slimtune_shared(model, p):
     return sm, params, undo
 
 
-def setup_slimtune_native(model, p):
-    """Ablation: the same ops as the fused function, differentiated by autograd (C++ backward)."""
+def setup_slimtune_function(model, p):
+    """Ablation: every layer through the Python-backward autograd function (_LoraLinearFn)."""
     from slimtune.kernels import lora as kl
 
-    kl.NATIVE_AUTOGRAD = True
+    kl.NATIVE_AUTOGRAD = False
     sm, params, teardown = setup_slimtune(model, p)
 
     def undo():
-        kl.NATIVE_AUTOGRAD = False
+        kl.NATIVE_AUTOGRAD = True
         teardown()
     return sm, params, undo
 
@@ -229,7 +229,7 @@ def setup_slimtune_native(model, p):
 TRAIN_SETUPS: dict[str, Callable] = {
     "frozen": setup_frozen, "peft": setup_peft, "peft_bf16": setup_peft_bf16,
     "slimtune": setup_slimtune, "slimtune_shared": setup_slimtune_shared,
-    "slimtune_native": setup_slimtune_native, "full": setup_full,
+    "slimtune_function": setup_slimtune_function, "full": setup_full,
 }
 
 
@@ -315,7 +315,7 @@ def run_benchmark(preset: str | Preset = "cpu", scenarios: list[str] | None = No
     train = ["frozen", "peft"] + (["peft_bf16"] if low_precision else []) + ["slimtune"] + (["full"] if p.full else [])
     wanted = set(scenarios) if scenarios else None
     if wanted:
-        train = [s for s in train + ["slimtune_shared", "slimtune_native"] if s in wanted]
+        train = [s for s in train + ["slimtune_shared", "slimtune_function"] if s in wanted]
 
     t_start = time.perf_counter()
     model = build_model(p)
@@ -470,7 +470,7 @@ def _ratios(rows: list[Row]) -> dict:
         if attr == "ms":  # the same ratio in process CPU time (the robust one on a shared CPU machine)
             put("cpu_" + key, a, b, "cpu_ms")
 
-    for s in ("peft", "peft_bf16", "slimtune", "slimtune_shared", "slimtune_native", "full", "frozen+liger",
+    for s in ("peft", "peft_bf16", "slimtune", "slimtune_shared", "slimtune_function", "full", "frozen+liger",
               "slimtune+liger"):
         put(f"train_{s}_vs_floor", ("train", s), ("train", "frozen"))
         put(f"mem_{s}_vs_floor", ("train", s), ("train", "frozen"), "mem_mib")
