@@ -16,6 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # MKL may pick kernels by memory alignment, so two identical CPU runs can differ in the last bit;
 # strict conditional-numerical-reproducibility mode makes the bitwise resume check meaningful
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # n workers x n threads on n cores: spin-wait slowdowns
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _tok():
@@ -93,7 +97,7 @@ def job(model: Path, out: Path, data: dict, **over):
 
     d = {"model": str(model), "method": "lora", "data": {"max_length": 48, **data},
          "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "eval_every": 2, "log_every": 1,
-                   "eval_before": True},
+                   "eval_before": True, "cpu_threads": 1},
          "eval": {"max_new_tokens": 2, "max_examples": 8, "batch_size": 8},
          "output_dir": str(out)}
     for k, v in over.items():

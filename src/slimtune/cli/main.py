@@ -1,6 +1,6 @@
 """`slimtune` command line: train / eval / generate / merge / inspect.
 
-    slimtune train                                  # the shipped default run (offline, ~3-4 min on 2 cores)
+    slimtune train                                  # the shipped default run (offline, minutes on 2 CPU cores)
     slimtune train examples/minilm_rotten_tomatoes.yaml train.lr=1e-4 method.r=16
     slimtune eval runs/default                      # a run folder: its config + best adapter
     slimtune generate --adapter runs/default/best --chat "Is 'a dull, lifeless film' fresh or rotten?"

@@ -65,8 +65,8 @@ class TrainConfig(_Strict):
     log_every: int = Field(5, ge=1)
     metric: Optional[str] = None  # best-checkpoint metric; default accuracy (cls) / gen_accuracy or eval_loss (LM)
     early_stopping_patience: Optional[int] = Field(None, ge=1)  # evals without improvement
+    cpu_threads: Optional[int] = Field(None, ge=1)  # None: the cores other processes leave free (see trainer)
     eval_before: bool = True  # measure the untrained model (the "before" of before -> after)
-    num_workers: int = 0
 
 
 class EvalConfig(_Strict):
@@ -164,9 +164,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 DEFAULT_CONFIG: dict[str, Any] = {
     "model": "smollm2-135m",
     "method": "lora",  # rank/alpha/targets (and, on CPU, the blocks) chosen automatically and printed
-    "data": {"builtin": "rotten_tomatoes_lm", "max_train": 480, "max_eval": 100, "max_length": 96,
+    "data": {"builtin": "rotten_tomatoes_lm", "max_train": 320, "max_eval": 100, "max_length": 96,
              "system_prompt": ""},  # an empty system turn: SmolLM2's default one costs 16 tokens a row
-    "train": {"epochs": 1, "batch_size": 8, "lr": 5e-4, "log_every": 5},
+    "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "eval_every": 20, "log_every": 5},
     "eval": {"max_new_tokens": 6, "max_examples": 100, "batch_size": 25},
     "output_dir": "runs/default",
 }
