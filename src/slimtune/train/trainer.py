@@ -202,6 +202,8 @@ class Trainer:
         golds: list[int] = []
         bs = self.cfg.eval.batch_size
         ev = self.data.eval
+        cand = self._answer_first_tokens()
+        choice_right, choice_n = 0, 0
         for i in range(0, len(ev), bs):
             batch = {k: v.to(self.device) for k, v in collate(ev[i:i + bs], self.pad_id).items()}
             with self.acc.autocast():
@@ -213,6 +215,13 @@ class Trainer:
                                                        reduction="sum")
                 tot_loss += lp.item()
                 tot_n += int((lab != IGNORE).sum())
+                if cand is not None:  # which answer the model ranks first, at the first answer token
+                    for row, l in zip(logits, batch["labels"]):
+                        pos = int((l != IGNORE).nonzero()[0])
+                        gold = int(l[pos])
+                        if gold in cand:
+                            choice_n += 1
+                            choice_right += cand[int(row[pos - 1, cand].argmax())] == gold
             else:
                 tot_loss += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
                 tot_n += len(batch["labels"])
@@ -221,6 +230,8 @@ class Trainer:
         res: dict[str, float] = {"eval_loss": tot_loss / max(tot_n, 1)}
         if self.task == "causal_lm":
             res["perplexity"] = math.exp(min(res["eval_loss"], 50))
+            if choice_n:
+                res["choice_accuracy"] = choice_right / choice_n
             if self._do_generate():
                 res["gen_accuracy"] = self.generated_accuracy()
         else:
@@ -228,6 +239,17 @@ class Trainer:
         if was_training:
             model.train()
         return res
+
+    def _answer_first_tokens(self) -> list[int] | None:
+        """First token id of each answer of a label-set LM task, when
+        they are distinct: then the label the model scores highest is measurable in the loss pass."""
+        if self.task != "causal_lm" or not self.data.answers or self.tok is None or len(self.data.answers) > 20:
+            return None
+        firsts = [self.tok(a, add_special_tokens=False)["input_ids"][:1] for a in self.data.answers]
+        ids = [f[0] for f in firsts if f]
+        if len(set(ids)) != len(self.data.answers):
+            return None
+        return ids
 
     @torch.no_grad()
     def generated_accuracy(self, samples: list | None = None) -> float:
