@@ -42,7 +42,7 @@ def test_overrides_dotted_and_typed(tmp_path):
 
 def test_default_config_and_method_block():
     cfg = load_config(None, [])
-    assert cfg.model == "smollm2-135m" and cfg.data.builtin == "rotten_tomatoes_lm"
+    assert cfg.model == "smollm2-135m" and cfg.data.builtin == "rotten_tomatoes_plot"
     assert cfg.method_name() == "lora"
     cfg = load_config(None, ["method={name: lora, r: 4, lora_alpha: 8}"])
     assert cfg.method_name() == "lora" and cfg.method_kwargs() == {"r": 4, "lora_alpha": 8}

@@ -51,8 +51,8 @@ def cmd_train(a) -> int:
         overrides.append(f"output_dir={a.output_dir}")
     cfg = load_config(config, overrides)
     if config is None:
-        print(f"no config given: running the shipped default (LoRA on SmolLM2-135M-Instruct, Rotten Tomatoes "
-              f"verdicts). `slimtune train --help` shows how to pass your own. Output: {cfg.output_dir}")
+        print(f"no config given: running the shipped default (LoRA on SmolLM2-135M-Instruct: plot summary or "
+              f"critic's review? on Rotten Tomatoes texts). `slimtune train --help` shows how to pass your own. Output: {cfg.output_dir}")
     t0 = time.time()
     run_train(cfg, progress=not a.no_progress)
     print(f"done in {time.time() - t0:.1f} s")
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train an adapter. CONFIG is a YAML file (model, task, method, data, train, eval, "
                        "output_dir); key=value pairs override it with dotted paths (train.lr=1e-4 method.r=16 "
                        "data.max_train=500). With no CONFIG: the offline default run (LoRA on SmolLM2-135M-Instruct, "
-                       "Rotten Tomatoes verdicts), printing the held-out metric before -> after.")
+                       "plot summary vs critic's review on Rotten Tomatoes texts), printing the held-out metric before -> after.")
     t.add_argument("config", nargs="?", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="key=value overrides (dotted paths)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")

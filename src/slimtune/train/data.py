@@ -277,8 +277,10 @@ def prepare(cfg: DataConfig, tok, task: str, seed: int, log=print) -> Prepared:
                 if fmt == "instruction":
                     prompt = prompt_text(tok, str(r["instruction"]), str(r.get("input") or ""), cfg.system_prompt)
                     ex, cut = _encode_prompt_answer(tok, prompt, str(r["output"]), cfg.max_length)
-                    if is_eval:
-                        out.eval_raw.append({"prompt": prompt, "reference": str(r["output"])})
+                    if is_eval:  # the prompt exactly as trained on (truncated the same way)
+                        n_prompt = sum(1 for l in ex["labels"] if l == IGNORE)
+                        out.eval_raw.append({"prompt": prompt, "prompt_ids": ex["input_ids"][:n_prompt],
+                                             "reference": str(r["output"])})
                 elif fmt == "chat":
                     msgs = _messages(r[col], src, i)
                     ex, cut = _encode_chat(tok, msgs, cfg.max_length)

@@ -264,8 +264,14 @@ class Trainer:
         try:
             for i in range(0, len(rows), self.cfg.eval.batch_size):
                 chunk = rows[i:i + self.cfg.eval.batch_size]
-                enc = tok([r["prompt"] for r in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-                enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+                n = max(len(r["prompt_ids"]) for r in chunk)  # left-pad the truncated prompt ids
+                ids = torch.full((len(chunk), n), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(chunk), n), dtype=torch.long)
+                for j, r in enumerate(chunk):
+                    L = len(r["prompt_ids"])
+                    ids[j, n - L:] = torch.tensor(r["prompt_ids"])
+                    mask[j, n - L:] = 1
+                enc = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
                 with self.acc.autocast():
                     out = gen_model.generate(**enc, max_new_tokens=self.cfg.eval.max_new_tokens, do_sample=False,
                                              pad_token_id=tok.pad_token_id)
