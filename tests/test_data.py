@@ -89,3 +89,14 @@ def test_bad_data_errors(tmp_path, tok):
     write_jsonl(tmp_path / "noans.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}] * 3)
     with pytest.raises(DataError, match="row 1 has no assistant message"):
         _prep(tok, train=str(tmp_path / "noans.jsonl"))
+
+
+def test_instruction_truncation_cuts_the_middle(tmp_path, tok):
+    rows = [{"instruction": "START " + "filler " * 200 + "QUESTION END", "input": "", "output": "paris"}] * 4
+    write_jsonl(tmp_path / "long.jsonl", rows)
+    p = prepare(DataConfig(train=str(tmp_path / "long.jsonl"), max_length=40), tok, "auto", 0, lambda *_: None)
+    ex = p.train[0]
+    assert len(ex["input_ids"]) == 40 and p.stats["truncated"] == 4
+    text = tok.decode(ex["input_ids"]).lower()
+    assert "start" in text and "question end" in text and "paris" in text  # head, question and answer kept
+    assert p.eval_raw[0]["prompt_ids"] == [t for t, l in zip(p.eval[0]["input_ids"], p.eval[0]["labels"]) if l == IGNORE]

@@ -163,9 +163,12 @@ def _encode_prompt_answer(tok, prompt: str, answer: str, max_len: int):
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     a = a + eos
     truncated = len(p) + len(a) > max_len
-    if truncated:  # keep the answer; cut the prompt from the left (the end of the prompt is the question)
+    if truncated:  # keep the answer, the prompt's first tokens (template header) and its end (the
+        # question); cut the middle. Cutting from the left would drop the header of long prompts only,
+        # a length cue a model learns instead of the task (seen: plot summaries are the long texts).
         room = max_len - len(a)
-        p = p[-room:] if room > 0 else []
+        head = min(16, room // 4) if room > 0 else 0
+        p = (p[:head] + p[len(p) - (room - head):]) if room > 0 else []
         a = a[:max_len - len(p)]
     return {"input_ids": p + a, "labels": [IGNORE] * len(p) + a}, truncated
 
