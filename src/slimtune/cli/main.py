@@ -3,7 +3,8 @@
     slimtune train                                  # the shipped default run (offline, minutes on 2 CPU cores)
     slimtune train examples/minilm_rotten_tomatoes.yaml train.lr=1e-4 method.r=16
     slimtune eval runs/default                      # a run folder: its config + best adapter
-    slimtune generate --adapter runs/default/best --chat "Is 'a dull, lifeless film' fresh or rotten?"
+    slimtune generate --adapter runs/default/best --system "" "Text: A clumsy, overlong mess.
+    Is this text a movie's plot summary or a critic's review? Answer plot or review."
     slimtune merge --adapter runs/default/best --out merged/
     slimtune inspect smollm2-135m --method lora --task causal_lm
 """
