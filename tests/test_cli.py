@@ -109,3 +109,12 @@ def test_examples_validate():
     assert len(ex) >= 3
     for p in ex:
         load_config(str(p))
+
+
+def test_bench_subcommand_dispatches(capsys):
+    from slimtune.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0
+    assert "--preset" in capsys.readouterr().out

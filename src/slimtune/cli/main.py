@@ -368,10 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--config", help="take method settings from this YAML")
     i.add_argument("--depth", type=int, default=6, help="tree depth to print")
     i.set_defaults(fn=cmd_inspect)
+
+    sub.add_parser("bench", help="slimtune vs HF PEFT side by side: ms/step, memory, ratios (see `slimtune bench -h`)",
+                   add_help=False)  # its own parser: slimtune.bench.main
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from ..bench import main as bench_main
+
+        return bench_main(argv[1:]) or 0
     p = build_parser()
     a, extra = p.parse_known_args(argv)
     # key=value overrides may come after options (`train cfg.yaml --no-progress train.lr=1e-4`)
