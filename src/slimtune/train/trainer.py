@@ -302,7 +302,7 @@ class Trainer:
             save_file({n: t.contiguous() for n, t in self._trainable_state().items()}, str(tmp / "trainable.safetensors"))
             state = {
                 "step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_rng_to_plain(np.random.get_state()),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                 "best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals,
                 "history": self.history, "before": self.before, "tokens_seen": self.tokens_seen,
@@ -331,12 +331,12 @@ class Trainer:
         with torch.no_grad():
             for n, t in saved.items():
                 live[n].copy_(t)
-        st = torch.load(path / "trainer_state.pt", weights_only=False)
+        st = torch.load(path / "trainer_state.pt", weights_only=True)  # tensors and plain data only
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
         torch.set_rng_state(st["rng"]["torch"])
         random.setstate(st["rng"]["python"])
-        np.random.set_state(st["rng"]["numpy"])
+        np.random.set_state(_numpy_rng_from_plain(st["rng"]["numpy"]))
         if st["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(st["rng"]["cuda"])
         for k in ("step", "best", "best_step", "bad_evals", "history", "before", "tokens_seen", "train_time"):
@@ -539,3 +539,14 @@ class _null:
 
 def _fmt(res: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in res.items())
+
+
+def _numpy_rng_to_plain(state: tuple) -> list:
+    """numpy's RNG state as tensors and numbers, so checkpoints load with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = state
+    return [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+
+
+def _numpy_rng_from_plain(state: list) -> tuple:
+    kind, keys, pos, has_gauss, gauss = state
+    return kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss
