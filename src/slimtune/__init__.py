@@ -7,7 +7,18 @@
 from .config import AdapterConfig, ConfigError
 from .checkpoint import CheckpointError
 from .inject import AdapterLayer, ModulesToSaveWrapper
+from .methods.bitfit import BitFitConfig
+from .methods.bottleneck import BottleneckConfig
+from .methods.dora import DoraConfig
+from .methods.full import FullConfig
+from .methods.heads import HeadsConfig
+from .methods.ia3 import IA3Config
+from .methods.layerwise import LayerwiseConfig
 from .methods.lora import LoraConfig, LoraModel
+from .methods.prefix import PrefixTuningConfig
+from .methods.prompt import PromptEncoderConfig, PromptTuningConfig
+from .methods.singular import SingularConfig
+from .methods.sparse import SparseConfig
 from .methods.lora_layers import BASE_ADAPTER
 from .model import (PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction, PeftModelForQuestionAnswering,
                     PeftModelForSeq2SeqLM, PeftModelForSequenceClassification, PeftModelForTokenClassification,
@@ -37,4 +48,7 @@ __all__ = [
     "PeftModelForSequenceClassification", "PeftModelForSeq2SeqLM", "PeftModelForTokenClassification",
     "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction", "get_peft_model", "TaskType",
     "BASE_ADAPTER", "all_methods", "get_method", "make_config",
+    # every method's config: PEFT's names where PEFT has the method, slimtune's otherwise
+    "IA3Config", "PrefixTuningConfig", "PromptTuningConfig", "PromptEncoderConfig", "DoraConfig",
+    "BottleneckConfig", "BitFitConfig", "LayerwiseConfig", "SparseConfig", "HeadsConfig", "SingularConfig", "FullConfig",
 ]
