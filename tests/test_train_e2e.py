@@ -141,3 +141,12 @@ def test_real_minilm_rotten_tomatoes(tmp_path):
     res = run_train(cfg, **quiet)
     assert res["task"] == "classification"
     assert res["after"]["accuracy"] > res["before"]["accuracy"]
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "ia3"])
+def test_causal_lm_runs_other_methods(tiny_llama, tmp_path, method):
+    """Prompt learning prepends virtual tokens: evaluation must still line logits up with labels."""
+    write_jsonl(tmp_path / "d.jsonl", chat_rows())
+    cfg = job(tiny_llama, tmp_path / "run", {"train": str(tmp_path / "d.jsonl"), "max_length": 32}, method=method)
+    res = run_train(cfg, **quiet)
+    assert res["task"] == "causal_lm" and "eval_loss" in res["before"] and "eval_loss" in res["after"]

@@ -212,6 +212,8 @@ class Trainer:
                 out = model(**batch)
             logits = out["logits"].float()
             if self.task == "causal_lm":
+                # prompt learning prepends virtual tokens: their logits predict nothing we label
+                logits = logits[:, logits.shape[1] - batch["labels"].shape[1]:]
                 lab = batch["labels"][:, 1:]
                 lp = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), lab, ignore_index=IGNORE,
                                                        reduction="sum")
