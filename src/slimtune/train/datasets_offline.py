@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import io
 import random
 from typing import Any
 

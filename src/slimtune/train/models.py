@@ -97,7 +97,6 @@ def resolve(name: str, log=print) -> str:
 # ---- the non-transformer example: a small CNN for 8x8 digits ------------------------------------
 
 def _digits_cnn_cls():
-    import torch
     import torch.nn as nn
     import torch.nn.functional as F
 

@@ -31,7 +31,7 @@ def run_train(cfg: JobConfig, log: Callable[[str], None] = print, progress: bool
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     if not torch.cuda.is_available():  # before set-up: the GGUF conversion runs on CPU too
-        from .trainer import set_cpu_threads
+        from .resources import set_cpu_threads
 
         set_cpu_threads(cfg.train.cpu_threads, log)
     s = setup(cfg, log)

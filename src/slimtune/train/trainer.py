@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import sys
 import tempfile
@@ -31,63 +30,12 @@ import torch
 
 from .config import JobConfig
 from .data import IGNORE, Prepared, collate
+from .metrics import accuracy_f1, answer_matches
+from .resources import peak_memory_mb, set_cpu_threads
 
 
 class TrainingDiverged(RuntimeError):
     """Loss became NaN/Inf; the message names the step and the last good checkpoint."""
-
-
-# ---- metrics -------------------------------------------------------------------------------------
-
-def accuracy_f1(preds: list[int], golds: list[int], n: int) -> dict[str, float]:
-    acc = sum(p == g for p, g in zip(preds, golds)) / max(len(golds), 1)
-    f1s = []
-    for c in range(n):
-        tp = sum(p == c and g == c for p, g in zip(preds, golds))
-        fp = sum(p == c and g != c for p, g in zip(preds, golds))
-        fn = sum(p != c and g == c for p, g in zip(preds, golds))
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": acc, "f1": sum(f1s) / max(len(f1s), 1)}
-
-
-def _norm(s: str) -> str:
-    return " ".join("".join(ch for ch in s.lower() if ch.isalnum() or ch.isspace()).split())
-
-
-def answer_matches(pred: str, ref: str, answers: list[str] | None = None) -> bool:
-    """Generated text vs reference. With a known answer set (labels), the prediction is the first
-    answer word the text contains ("The review is fresh." -> fresh), so a zero-shot model is not
-    marked wrong for phrasing; otherwise the first line must equal the reference."""
-    p, r = _norm(pred.strip().split("\n")[0]), _norm(ref)
-    if answers:
-        words = p.split()
-        found = [(words.index(a), a) for a in map(_norm, answers) if a in words]
-        return bool(found) and min(found)[1] == r
-    return bool(r) and (p == r or p.startswith(r + " ") or p == r + "s")
-
-
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def set_cpu_threads(requested: int | None, log=print) -> int:
-    """Torch's CPU ops spin-wait on every thread: with more threads than free cores (other
-    processes busy) a step gets ~8x slower (measured: 19 s vs 2.5 s for a SmolLM2 step on 2 cores
-    with one core taken). So use only the cores the 1-minute load average leaves free."""
-    n = requested
-    why = "train.cpu_threads"
-    if n is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        n = max(1, min(cores, int(cores - busy + 0.5)))
-        why = f"{cores} cores, load average {busy:.1f}"
-    if n != torch.get_num_threads():
-        torch.set_num_threads(n)
-        log(f"cpu: {n} thread(s) ({why})")
-    return n
 
 
 # ---- the trainer ---------------------------------------------------------------------------------
