@@ -38,16 +38,26 @@ def check_merge_and_round_trip(pm, make, x, tmp_path, load_atol: float = 0.0):
     return ref
 
 
-def train_lm_steps(pm, ids, steps: int = 6, lr: float = 1e-2) -> tuple[list[float], set[str]]:
-    """A few AdamW steps of causal-LM loss; returns (losses, names of parameters that changed)."""
+def train_steps(pm, batch: dict, steps: int = 6, lr: float = 1e-2, opt_cls=torch.optim.AdamW,
+                seed: int | None = None) -> tuple[list[float], set[str]]:
+    """A few optimizer steps on `pm(**batch).loss`; returns (losses, names of parameters that changed).
+    Leaves the model in eval mode."""
+    if seed is not None:
+        torch.manual_seed(seed)
     before = {k: p.detach().clone() for k, p in pm.named_parameters()}
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
+    opt = opt_cls([p for p in pm.parameters() if p.requires_grad], lr=lr)
     pm.train()
     losses = []
     for _ in range(steps):
-        loss = pm(input_ids=ids, labels=ids).loss
+        loss = pm(**batch).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    pm.eval()
     return losses, {k for k, p in pm.named_parameters() if not torch.equal(before[k], p)}
+
+
+def train_lm_steps(pm, ids, steps: int = 6, lr: float = 1e-2) -> tuple[list[float], set[str]]:
+    """Causal-LM loss on `ids` (labels = inputs)."""
+    return train_steps(pm, {"input_ids": ids, "labels": ids}, steps, lr)

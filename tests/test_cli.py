@@ -1,5 +1,4 @@
 """The `slimtune` command line: help, train/eval/generate/merge/inspect on tiny models, errors."""
-import json
 import subprocess
 import sys
 

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+from properties import train_steps
 from safetensors.torch import load_file
 
 from slimtune import PeftModel, get_peft_model, make_config
@@ -139,19 +140,9 @@ def test_save_load_round_trip(tmp_path):
 
 def test_training_changes_only_adapter_and_lowers_loss():
     pm = get_peft_model(tiny_llama(), make_config("bottleneck", adapter_type="pfeiffer", reduction_factor=4))
-    pm.train()
-    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=3e-2)
     ids = (torch.arange(12).repeat(4, 1) * 5) % V  # a fixed pattern the adapter can learn
-    losses = []
-    for _ in range(30):
-        loss = pm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses, changed = train_steps(pm, {"input_ids": ids, "labels": ids}, 30, 3e-2, torch.optim.AdamW)
     assert losses[-1] < losses[0] - 0.1
-    changed = {n for n, p in pm.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".bottleneck.default." in n for n in changed)
     assert len(changed) == len([n for n, p in pm.named_parameters() if p.requires_grad])
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 from conftest import logits, tiny_bert_cls, tiny_llama
+from properties import train_steps
 
 from slimtune import PeftModel, get_peft_model, make_config
 from slimtune.inject import AdapterLayer, ModulesToSaveWrapper
@@ -9,18 +10,7 @@ from slimtune.methods.full import FullConfig
 
 
 def _train(pm, batch, steps=5, lr=1e-3):
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
-    pm.train()
-    losses = []
-    for _ in range(steps):
-        loss = pm(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    pm.eval()
-    return losses
+    return train_steps(pm, batch, steps, lr, seed=0)[0]
 
 
 def test_everything_trains_and_saves(ids, tmp_path):
