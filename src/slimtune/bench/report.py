@@ -1,0 +1,110 @@
+"""What a benchmark run prints and writes: ratios, machine and versions, the table, the Markdown."""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+import torch
+
+import slimtune
+
+if TYPE_CHECKING:
+    from .core import Preset, Row
+
+
+def _ratios(rows: list[Row]) -> dict:
+    by = {(r.group, r.scenario): r for r in rows}
+    out: dict[str, float] = {}
+
+    def put(key, a, b, attr="ms"):
+        ra, rb = by.get(a), by.get(b)
+        if ra and rb and getattr(ra, attr) and getattr(rb, attr):
+            out[key] = round(getattr(ra, attr) / getattr(rb, attr), 3)
+        if attr == "ms":  # the same ratio in process CPU time (the robust one on a shared CPU machine)
+            put("cpu_" + key, a, b, "cpu_ms")
+
+    for s in ("peft", "peft_bf16", "slimtune", "slimtune_shared", "slimtune_function", "full", "frozen+liger",
+              "slimtune+liger"):
+        put(f"train_{s}_vs_floor", ("train", s), ("train", "frozen"))
+        put(f"mem_{s}_vs_floor", ("train", s), ("train", "frozen"), "mem_mib")
+    put("train_slimtune_vs_peft", ("train", "slimtune"), ("train", "peft"))
+    put("train_slimtune_vs_peft_bf16", ("train", "slimtune"), ("train", "peft_bf16"))
+    for s in ("peft", "slimtune", "slimtune_merged"):
+        put(f"infer_{s}_vs_base", ("infer", s), ("infer", "base"))
+    put("infer_slimtune_vs_peft", ("infer", "slimtune"), ("infer", "peft"))
+    put("mixed_peft_vs_base", ("mixed", "peft"), ("mixed", "base"))
+    put("mixed_slimtune_vs_base", ("mixed", "slimtune"), ("mixed", "base"))
+    put("mixed_peft_vs_slimtune", ("mixed", "peft"), ("mixed", "slimtune"))
+    b, pe, sl = by.get(("mixed", "base")), by.get(("mixed", "peft")), by.get(("mixed", "slimtune"))
+    if b and pe and sl and sl.ms > b.ms:
+        out["mixed_overhead_peft_vs_slimtune"] = round((pe.ms - b.ms) / (sl.ms - b.ms), 2)
+    return out
+
+
+def _meta(p: Preset, seconds: float) -> dict:
+    import peft
+    import transformers
+
+
+    dev = torch.cuda.get_device_name() if p.device == "cuda" else (platform.processor() or platform.machine())
+    cpu = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    return {"preset": asdict(p), "device": dev, "cpu": cpu, "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "slimtune": slimtune.__version__, "python": platform.python_version(),
+            "when_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_s": round(seconds, 1),
+            "memory_measure": "cuda max_memory_allocated" if p.device == "cuda" else
+            "weights + saved-for-backward tensors + grads + AdamW state (see slimtune.bench.core docstring)"}
+
+
+def format_table(result: dict) -> str:
+    rows, ratios = result["rows"], result["ratios"]
+    by = {(r["group"], r["scenario"]): r for r in rows}
+    base = {"train": by.get(("train", "frozen")), "infer": by.get(("infer", "base")), "mixed": by.get(("mixed", "base"))}
+    peft_ref = {"train": by.get(("train", "peft")), "infer": by.get(("infer", "peft")), "mixed": by.get(("mixed", "peft"))}
+    on_cpu = result["meta"]["preset"]["device"] == "cpu"
+    head = ("| group | scenario | ms/step | tokens/s | peak MiB | × floor/base (time) | × floor (mem) | × PEFT (time) |"
+            + (" CPU ms/step | × floor/base (CPU) | × PEFT (CPU) |" if on_cpu else ""))
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        b, pr = base[r["group"]], peft_ref[r["group"]]
+        vs_peft = pr and r["scenario"] not in ("frozen", "base", "full", "frozen+liger")
+        t_ratio = f"{r['ms'] / b['ms']:.3f}" if b else ""
+        m_ratio = f"{r['mem_mib'] / b['mem_mib']:.3f}" if b and r["mem_mib"] and b["mem_mib"] else ""
+        p_ratio = f"{r['ms'] / pr['ms']:.3f}" if vs_peft else ""
+        mem = f"{r['mem_mib']:.0f}" if r["mem_mib"] else ""
+        line = (f"| {r['group']} | {r['scenario']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | {mem} | "
+                f"{t_ratio} | {m_ratio} | {p_ratio} |")
+        if on_cpu:
+            c = r.get("cpu_ms")
+            line += (f" {c:.0f} | " if c else " | ") + (f"{c / b['cpu_ms']:.3f}" if c and b and b.get("cpu_ms") else "") \
+                + " | " + (f"{c / pr['cpu_ms']:.3f}" if c and vs_peft and pr.get("cpu_ms") else "") + " |"
+        lines.append(line)
+    if "mixed_overhead_peft_vs_slimtune" in ratios:
+        lines.append(f"\nmixed batch: PEFT's LoRA overhead over the base forward is "
+                     f"{ratios['mixed_overhead_peft_vs_slimtune']}× slimtune's")
+    if result.get("checks"):
+        lines.append("checks (slimtune vs PEFT, same adapter weights): " +
+                     ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in result["checks"].items()))
+    return "\n".join(lines)
+
+
+def _markdown(result: dict, cmd: str) -> str:
+    from .core import TARGETS  # the scenarios' constant (core imports this module)
+
+    m = result["meta"]
+    return (f"# slimtune bench: preset {m['preset']['name']}\n\n"
+            f"`{cmd}` — {m['when_utc']}, {m['wall_s']} s\n\n"
+            f"device: {m['device']} ({m['cpu']}, {m['cpu_count']} cpus, torch threads {m['torch_threads']}); "
+            f"torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, slimtune {m['slimtune']}, "
+            f"python {m['python']}\n\n"
+            f"model {m['preset']['model']}, batch {m['preset']['batch']}×{m['preset']['seq']}, "
+            f"{m['preset']['dtype']}; LoRA r={m['preset']['r']} α={m['preset']['alpha']} on {', '.join(TARGETS)}; "
+            f"memory: {m['memory_measure']}\n\n" + format_table(result) + "\n")
