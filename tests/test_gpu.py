@@ -19,7 +19,7 @@ def cuda_model(dtype):
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_fused_gradients_equal_reference(dtype, dropout):
     from slimtune.kernels.lora import lora_reference
-    from slimtune.methods import lora_layers
+    from slimtune.methods import lora_blocks, lora_layers
 
     ids = torch.randint(0, 128, (2, 16), device="cuda")
     pm = get_peft_model(cuda_model(dtype), LoraConfig(r=4, lora_dropout=dropout, target_modules="all-linear"))
@@ -29,13 +29,13 @@ def test_fused_gradients_equal_reference(dtype, dropout):
     grads = []
     for fn in (None, lora_reference):
         orig = lora_layers.lora_linear
-        if fn is not None:
-            lora_layers.lora_linear = fn
+        if fn is not None:  # reference: every projection through plain ops, no fused SwiGLU block
+            lora_layers.lora_linear, lora_blocks.FUSE_SWIGLU = fn, False
         try:
             torch.manual_seed(0)
             pm(input_ids=ids, labels=ids).loss.backward()
         finally:
-            lora_layers.lora_linear = orig
+            lora_layers.lora_linear, lora_blocks.FUSE_SWIGLU = orig, True
         grads.append({n: p.grad.float().clone() for n, p in pm.named_parameters() if p.requires_grad})
         pm.zero_grad()
     for n in grads[0]:

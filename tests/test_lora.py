@@ -205,10 +205,10 @@ def test_bf16_adapters_stay_bf16(ids):
     out.float().sum().backward()
 
 
-def test_gradients_match_reference_composition(ids):
-    """The fused autograd path gives the same gradients as plain ops."""
+def test_gradients_match_reference_composition(ids, monkeypatch):
+    """The fused autograd path (per layer and per SwiGLU block) gives the same gradients as plain ops."""
     from slimtune.kernels.lora import lora_reference
-    from slimtune.methods import lora_layers
+    from slimtune.methods import lora_blocks, lora_layers
 
     pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear"))
     randomize_lora(pm)
@@ -216,12 +216,9 @@ def test_gradients_match_reference_composition(ids):
     logits(pm, ids).pow(2).mean().backward()
     fast = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
     pm.zero_grad()
-    orig = lora_layers.lora_linear
-    lora_layers.lora_linear = lora_reference
-    try:
-        logits(pm, ids).pow(2).mean().backward()
-    finally:
-        lora_layers.lora_linear = orig
+    monkeypatch.setattr(lora_layers, "lora_linear", lora_reference)
+    monkeypatch.setattr(lora_blocks, "FUSE_SWIGLU", False)
+    logits(pm, ids).pow(2).mean().backward()
     for n, p in pm.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(fast[n], p.grad, atol=1e-6, rtol=1e-4)

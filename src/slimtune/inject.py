@@ -231,12 +231,36 @@ def add_modules_to_save(model: nn.Module, names: list[str], adapter: str) -> lis
     return found
 
 
+class BlockForward:
+    """An instance-level `forward` a method installs on a whole block (e.g. a fused MLP).
+
+    Subclasses call `self.original(*args)` whenever their fast path does not apply; `unwrap`
+    removes every one, so the block's class forward is back after unload/merge_and_unload.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    def original(self, *args, **kwargs):
+        return type(self.block).forward(self.block, *args, **kwargs)
+
+    def __call__(self, *args, **kwargs):  # pragma: no cover - subclasses override
+        return self.original(*args, **kwargs)
+
+
+def remove_block_forwards(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m.__dict__.get("forward"), BlockForward):
+            del m.__dict__["forward"]
+
+
 def unwrap(model: nn.Module, keep_adapter: str | None = None) -> nn.Module:
     """Replace every adapter layer by its base layer and every save-wrapper by a plain module.
 
     `keep_adapter` picks which modules_to_save copy replaces the original (the active one after
     a merge); None restores the original modules.
     """
+    remove_block_forwards(model)
     for path, layer in list(adapter_layers(model)):
         replace_module(model, path, layer.get_base_layer())
     for path, wrapper in list(save_wrappers(model)):

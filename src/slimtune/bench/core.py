@@ -229,10 +229,17 @@ def setup_slimtune_function(model, p):
     return _slimtune_with(kl, "NATIVE_AUTOGRAD", False)(model, p)
 
 
+def setup_slimtune_perlayer(model, p):
+    """Ablation: gate/up/down through their own LoRA layers, no fused SwiGLU block (lora_blocks)."""
+    from slimtune.methods import lora_blocks
+
+    return _slimtune_with(lora_blocks, "FUSE_SWIGLU", False)(model, p)
+
+
 TRAIN_SETUPS: dict[str, Callable] = {
     "frozen": setup_frozen, "peft": setup_peft, "peft_bf16": setup_peft_bf16,
     "slimtune": setup_slimtune, "slimtune_shared": setup_slimtune_shared,
-    "slimtune_function": setup_slimtune_function, "full": setup_full,
+    "slimtune_function": setup_slimtune_function, "slimtune_perlayer": setup_slimtune_perlayer, "full": setup_full,
 }
 
 

@@ -17,6 +17,7 @@ from ..families import default_lora_targets
 from ..inject import adapter_layers
 from ..registry import register_method
 from ..tuner import Tuner
+from .lora_blocks import fuse_swiglu_blocks
 from .lora_layers import SUPPORTED_TYPES, LoraLayer, lora_layer_for
 
 
@@ -127,6 +128,14 @@ class LoraModel(Tuner):
 
             return update_dora_layer(layer, adapter, config, path, self._layer_kwargs(config, path))
         layer.update_layer(adapter, **self._layer_kwargs(config, path))
+
+    def inject_adapter(self, config: LoraConfig, adapter: str) -> None:
+        super().inject_adapter(config, adapter)
+        fuse_swiglu_blocks(self.model)  # gate/up/down of a SwiGLU MLP as one node (lora_blocks.py)
+
+    def set_adapter(self, name: str | list[str]) -> None:
+        super().set_adapter(name)
+        fuse_swiglu_blocks(self.model)  # blocks undecided so far may hold the new adapter
 
     def mark_extra_trainable(self, config: LoraConfig) -> None:
         for b in lora_bias_parameters(self.model, config.bias).values():
