@@ -101,8 +101,7 @@ def job(model: Path, out: Path, data: dict, **over):
          "eval": {"max_new_tokens": 2, "max_examples": 8, "batch_size": 8},
          "output_dir": str(out)}
     for k, v in over.items():
-        d.setdefault(k, {})
-        if isinstance(v, dict):
+        if isinstance(v, dict) and isinstance(d.get(k), dict):
             d[k] = {**d.get(k, {}), **v}
         else:
             d[k] = v

@@ -150,3 +150,22 @@ def test_causal_lm_runs_other_methods(tiny_llama, tmp_path, method):
     cfg = job(tiny_llama, tmp_path / "run", {"train": str(tmp_path / "d.jsonl"), "max_length": 32}, method=method)
     res = run_train(cfg, **quiet)
     assert res["task"] == "causal_lm" and "eval_loss" in res["before"] and "eval_loss" in res["after"]
+
+
+@pytest.mark.parametrize("method", [{"name": "sparse", "selection": "fisher", "density": 0.05},
+                                    {"name": "heads", "top_k": 1}])
+def test_selection_scored_on_training_data(tiny_llama, tmp_path, method):
+    """Sparse Fisher masks and top-k heads are chosen from the job's own data (train.score_batches)."""
+    write_jsonl(tmp_path / "d.jsonl", chat_rows())
+    logs: list[str] = []
+    cfg = job(tiny_llama, tmp_path / "run", {"train": str(tmp_path / "d.jsonl"), "max_length": 32},
+              method=method, train={"score_batches": 2})
+    res = run_train(cfg, log=logs.append, progress=False)
+    assert any("scored on 2 batches (8 training examples)" in line for line in logs), logs
+    assert res["trainable"] > 0 and "eval_loss" in res["after"]
+    saved = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
+    assert "scores" not in saved
+    if method["name"] == "heads":  # the chosen heads are written back: the file loads without scores
+        assert saved["top_k"] is None and all(len(v) == 1 for v in saved["heads"].values())
+    else:
+        assert saved["selected"] is True

@@ -116,6 +116,15 @@ class AdapterConfig:
     def replace(self, **changes: Any) -> "AdapterConfig":
         return dataclasses.replace(self, **changes)
 
+    def needs_scores(self) -> bool:
+        """True when choosing what trains needs scores measured on data (Fisher masks, top-k heads)."""
+        return False
+
+    def with_scores(self, model: Any, batches: list) -> "AdapterConfig":
+        """A copy carrying scores measured on the plain `model` over `batches` (inputs with labels);
+        the training job calls it before get_peft_model when `needs_scores()`."""
+        return self
+
 
 def listify(x: Any) -> list | None:
     """PEFT allows str or list for module lists; normalise lists/sets/tuples, keep str/None."""

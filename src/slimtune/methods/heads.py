@@ -76,6 +76,12 @@ class HeadsConfig(AdapterConfig):
             raise ConfigError("heads: choose the heads: heads=[0, 3] (every layer), heads={layer: [...]}, "
                               "or top_k=K with scores=head_importance(model, batches)")
 
+    def needs_scores(self) -> bool:
+        return self.heads is None and self.top_k is not None and self.scores is None
+
+    def with_scores(self, model: nn.Module, batches: list) -> "HeadsConfig":
+        return self.replace(scores=head_importance(model, batches, attention=self.attention_modules))
+
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
         d.pop("scores", None)

@@ -82,6 +82,12 @@ class SparseConfig(AdapterConfig):
         """Weights from a file bring their positions: choose none (no scores needed)."""
         return self.replace(selected=True, scores=None)
 
+    def needs_scores(self) -> bool:
+        return self.selection in ("fisher", "gradient") and self.scores is None and not self.selected
+
+    def with_scores(self, model: nn.Module, batches: list) -> "SparseConfig":
+        return self.replace(scores=fisher_scores(model, batches, self.target_modules or "all-linear"))
+
     def nnz(self, numel: int) -> int:
         return max(1, min(numel, round(self.density * numel)))
 

@@ -67,6 +67,9 @@ class TrainConfig(_Strict):
     early_stopping_patience: Optional[int] = Field(None, ge=1)  # evals without improvement
     cpu_threads: Optional[int] = Field(None, ge=1)  # None: the cores other processes leave free (see trainer)
     eval_before: bool = True  # measure the untrained model (the "before" of before -> after)
+    # Batches that score weights / heads when the method chooses what trains from data (sparse
+    # selection: fisher, heads top_k): 8 is enough for stable top-k choices at small cost.
+    score_batches: int = Field(8, ge=1)
 
 
 class EvalConfig(_Strict):

@@ -8,6 +8,7 @@ models get a larger rank). Keys the user sets are never overridden.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from .. import families
 from ..registry import get_method, make_config
 from . import models
 from .config import JobConfig, JobConfigError
-from .data import Prepared, ensure_chat_template, prepare
+from .data import Prepared, collate, ensure_chat_template, prepare
 
 # q/k/v names per family, for the generation default (PEFT's family defaults cover q/v only)
 QKV = {"llama": ["q_proj", "k_proj", "v_proj"], "bert": ["query", "key", "value"], "gpt2": ["c_attn"],
@@ -147,3 +148,20 @@ def setup(cfg: JobConfig, log=print) -> dict[str, Any]:
     adapter_cfg, why = auto_method(cfg, model, task)
     return {"tokenizer": tok, "model": model, "adapter_config": adapter_cfg, "why": why, "data": data,
             "task": task, "model_path": path}
+
+
+def score_for_selection(adapter_cfg: Any, model: nn.Module, data: Prepared, cfg: JobConfig, tok, log=print) -> Any:
+    """Scores for a method that chooses its trainable part from data (sparse `selection: fisher`,
+    heads `top_k`), measured on the plain model over `train.score_batches` seeded training batches."""
+    n = min(len(data.train), cfg.train.score_batches * cfg.train.batch_size)
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.train.seed))[:n].tolist()
+    pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+    dev = next(model.parameters()).device
+    bs = cfg.train.batch_size
+    batches = [{k: v.to(dev) for k, v in collate([data.train[i] for i in order[j:j + bs]], pad).items()}
+               for j in range(0, n, bs)]
+    t0 = time.time()
+    scored = adapter_cfg.with_scores(model, batches)
+    log(f"method {adapter_cfg.method}: scored on {len(batches)} batches ({n} training examples) "
+        f"in {time.time() - t0:.1f} s")
+    return scored

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from .config import JobConfig
-from .job import setup
+from .job import score_for_selection, setup
 from .trainer import Trainer
 
 
@@ -40,6 +40,8 @@ def run_train(cfg: JobConfig, log: Callable[[str], None] = print, progress: bool
         + (f"; {data.stats['validation']}" if "validation" in data.stats else ""))
     if s["why"]:
         log(f"method {s['adapter_config'].method}: chose " + "; ".join(s["why"]))
+    if s["adapter_config"].needs_scores():  # sparse fisher / top-k heads: choose from the data
+        s["adapter_config"] = score_for_selection(s["adapter_config"], s["model"], data, cfg, s["tokenizer"], log)
     torch.manual_seed(cfg.train.seed)  # adapter init independent of what set-up consumed
     model = get_peft_model(s["model"], s["adapter_config"])
     t, a, pct = trainable_summary(model)
