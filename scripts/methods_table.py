@@ -1,6 +1,10 @@
 """Measure every registered method on the packaged SmolLM2-135M and MiniLM: trainable %,
 mergeable, and unmerged inference time relative to the base model (CPU, 2 threads).
 
+Timing alternates base and method forwards call by call (base, method, base, method, ...), so
+drift and other load on the machine hit both alike; the ratio is median(method) / median(base),
+in wall time and in process CPU time.
+
     python scripts/methods_table.py [--out benchmarks/results/methods_cpu.json]
 
 Prints a Markdown table (the README's method table comes from it) and writes JSON.
@@ -37,14 +41,17 @@ METHOD_KW = {
 }
 
 
-def median_ms(fn, n=5, warm=2):
-    ts = []
+def paired_ms(base_fn, fn, n=6, warm=2) -> tuple[float, float, float, float]:
+    """(base ms, method ms, base CPU ms, method CPU ms): medians of interleaved calls."""
+    ts: dict[str, list[float]] = {"b": [], "m": [], "bc": [], "mc": []}
     for i in range(warm + n):
-        t0 = time.perf_counter()
-        fn()
-        if i >= warm:
-            ts.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(ts)
+        for key, f in (("b", base_fn), ("m", fn)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            f()
+            if i >= warm:
+                ts[key].append((time.perf_counter() - t0) * 1000)
+                ts[key + "c"].append((time.process_time() - c0) * 1000)
+    return tuple(statistics.median(ts[k]) for k in ("b", "m", "bc", "mc"))  # type: ignore[return-value]
 
 
 def models():
@@ -73,8 +80,6 @@ def main() -> None:
     rows = []
     for mname, (base, task, x) in models().items():
         base.eval()
-        with torch.no_grad():
-            base_ms = median_ms(lambda: base(input_ids=x))
         total = sum(p.numel() for p in base.parameters())
         for name in wanted:
             spec = methods[name]
@@ -85,9 +90,10 @@ def main() -> None:
                 trainable = pm.get_nb_trainable_parameters()[0]
                 pm.eval()
                 with torch.no_grad():
-                    ms = median_ms(lambda: pm(input_ids=x))
+                    base_ms, ms, base_cpu, cpu = paired_ms(lambda: base(input_ids=x), lambda: pm(input_ids=x))
                 row.update(trainable=trainable, trainable_pct=100 * trainable / total,
-                           infer_ms=round(ms, 1), base_ms=round(base_ms, 1), infer_ratio=round(ms / base_ms, 3))
+                           infer_ms=round(ms, 1), base_ms=round(base_ms, 1), infer_ratio=round(ms / base_ms, 3),
+                           cpu_ratio=round(cpu / base_cpu, 3))
             except Exception as e:  # a method that cannot apply says why, in one line
                 row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
             rows.append(row)
@@ -96,14 +102,14 @@ def main() -> None:
                 threads=torch.get_num_threads(), settings=METHOD_KW)
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    print("\n| method | model | trainable | trainable % | mergeable | unmerged inference vs base |")
+    print("\n| method | model | trainable | trainable % | mergeable | unmerged inference vs base (wall; CPU time) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['method']} | {r['model']} | n/a | n/a | {'yes' if r['mergeable'] else 'no'} | {r['error']} |")
         else:
             print(f"| {r['method']} | {r['model']} | {r['trainable']:,} | {r['trainable_pct']:.3f} | "
-                  f"{'yes' if r['mergeable'] else 'no'} | {r['infer_ratio']:.2f}× ({r['infer_ms']} vs {r['base_ms']} ms) |")
+                  f"{'yes' if r['mergeable'] else 'no'} | {r['infer_ratio']:.2f}× ({r['infer_ms']} vs {r['base_ms']} ms); {r['cpu_ratio']:.2f}× |")
 
 
 if __name__ == "__main__":
