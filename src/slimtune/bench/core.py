@@ -229,6 +229,33 @@ def setup_slimtune_function(model, p):
     return _slimtune_with(kl, "NATIVE_AUTOGRAD", False)(model, p)
 
 
+class _ChunkedLoss:
+    """Called like the model, but the loss runs through the chunked linear cross-entropy
+    (kernels/chunked_ce.py). `held_bytes`: the N×d input gradient that loss computes in forward
+    and keeps as a ctx attribute, which saved-tensor hooks do not see; the memory model adds it."""
+
+    def __init__(self, model, p: Preset) -> None:
+        from slimtune.kernels.chunked_ce import chunked_causal_lm_loss
+
+        self.model, self.fn = model, chunked_causal_lm_loss(model)
+        if self.fn is None:
+            raise RuntimeError("chunked cross-entropy does not apply here (needs torch >= 2.13)")
+        self.held_bytes = p.batch * p.seq * p.model["hidden_size"] * torch.tensor([], dtype=getattr(torch, p.dtype)).element_size()
+
+    def __call__(self, input_ids, labels):
+        return argparse.Namespace(loss=self.fn({"input_ids": input_ids, "labels": labels}))
+
+    def parameters(self):
+        return self.model.parameters()
+
+
+def _chunked(setup: Callable) -> Callable:
+    def chunked_setup(model, p):
+        m, params, teardown = setup(model, p)
+        return _ChunkedLoss(m, p), params, teardown
+    return chunked_setup
+
+
 def setup_slimtune_perlayer(model, p):
     """Ablation: gate/up/down through their own LoRA layers, no fused SwiGLU block (lora_blocks)."""
     from slimtune.methods import lora_blocks
@@ -240,6 +267,7 @@ TRAIN_SETUPS: dict[str, Callable] = {
     "frozen": setup_frozen, "peft": setup_peft, "peft_bf16": setup_peft_bf16,
     "slimtune": setup_slimtune, "slimtune_shared": setup_slimtune_shared,
     "slimtune_function": setup_slimtune_function, "slimtune_perlayer": setup_slimtune_perlayer, "full": setup_full,
+    "frozen_chunked_ce": _chunked(setup_frozen), "slimtune_chunked_ce": _chunked(setup_slimtune),
 }
 
 
@@ -275,7 +303,8 @@ def _train_steps(model, params, x, p: Preset, measure_mem: bool, cpu_sink: list 
         if probe:
             n_train = sum(q.numel() * q.element_size() for q in params)
             weights = _param_bytes({q.untyped_storage().data_ptr(): q for q in model.parameters()}.values())
-            mem = (weights + sink["saved_bytes"] + 3 * n_train) / 2**20  # + grads + AdamW m, v
+            held = getattr(model, "held_bytes", 0)
+            mem = (weights + sink["saved_bytes"] + held + 3 * n_train) / 2**20  # + grads + AdamW m, v
         del loss
     if dev == "cuda":
         mem = torch.cuda.max_memory_allocated() / 2**20
@@ -323,9 +352,11 @@ def run_benchmark(preset: str | Preset = "cpu", scenarios: list[str] | None = No
         logging.getLogger(name).setLevel(logging.ERROR)
     low_precision = p.dtype != "float32"
     train = ["frozen", "peft"] + (["peft_bf16"] if low_precision else []) + ["slimtune"] + (["full"] if p.full else [])
+    if p.device == "cpu" and hasattr(torch.nn, "LinearCrossEntropyOptions"):  # on GPU: the liger rows
+        train += ["frozen_chunked_ce", "slimtune_chunked_ce"]
     wanted = set(scenarios) if scenarios else None
     if wanted:
-        train = [s for s in train + ["slimtune_shared", "slimtune_function"] if s in wanted]
+        train = [s for s in train + ["slimtune_shared", "slimtune_function", "slimtune_perlayer"] if s in wanted]
 
     t_start = time.perf_counter()
     model = build_model(p)

@@ -27,8 +27,8 @@ def _ratios(rows: list[Row]) -> dict:
         if attr == "ms":  # the same ratio in process CPU time (the robust one on a shared CPU machine)
             put("cpu_" + key, a, b, "cpu_ms")
 
-    for s in ("peft", "peft_bf16", "slimtune", "slimtune_shared", "slimtune_function", "full", "frozen+liger",
-              "slimtune+liger"):
+    for s in ("peft", "peft_bf16", "slimtune", "slimtune_shared", "slimtune_function", "slimtune_perlayer", "full",
+              "frozen+liger", "slimtune+liger", "frozen_chunked_ce", "slimtune_chunked_ce"):
         put(f"train_{s}_vs_floor", ("train", s), ("train", "frozen"))
         put(f"mem_{s}_vs_floor", ("train", s), ("train", "frozen"), "mem_mib")
     put("train_slimtune_vs_peft", ("train", "slimtune"), ("train", "peft"))

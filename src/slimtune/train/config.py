@@ -70,6 +70,9 @@ class TrainConfig(_Strict):
     # Batches that score weights / heads when the method chooses what trains from data (sparse
     # selection: fisher, heads top_k): 8 is enough for stable top-k choices at small cost.
     score_batches: int = Field(8, ge=1)
+    # Causal LMs: loss through the head chunk by chunk, never the (tokens × vocab) logits (kernels/
+    # chunked_ce.py). auto = on CPU where the model allows; on / off force it.
+    chunked_ce: Literal["auto", "on", "off"] = "auto"
 
 
 class EvalConfig(_Strict):

@@ -28,7 +28,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .config import JobConfig
+from ..kernels.chunked_ce import train_loss_fn
+from .config import JobConfig, JobConfigError
 from .data import IGNORE, Prepared, collate
 from .metrics import accuracy_f1, answer_matches
 from .resources import peak_memory_mb, set_cpu_threads
@@ -91,6 +92,11 @@ class Trainer:
         self.warmup = min(warm, self.total_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
         self.model, self.opt = self.acc.prepare(self.model, opt)
+        try:  # causal LMs on CPU: the loss without the (tokens × vocab) logits (kernels/chunked_ce.py)
+            self.loss_fn = train_loss_fn(self.model, self.t.chunked_ce if task == "causal_lm" else "off",
+                                         self.device, self.acc.num_processes, log)
+        except ValueError as e:
+            raise JobConfigError(str(e)) from None
         self.sched = sched  # stepped once per optimizer step, by hand (not world-size times)
         self.model_unwrapped = self.acc.unwrap_model(self.model)
 
@@ -372,7 +378,7 @@ class Trainer:
                     ctx = self.acc.no_sync(self.model) if not sync else _null()
                     with ctx:
                         with self.acc.autocast():
-                            loss = self.model(**batch)["loss"]
+                            loss = self.loss_fn(batch) if self.loss_fn else self.model(**batch)["loss"]
                         if not torch.isfinite(loss):
                             raise TrainingDiverged(self._nan_message(loss))
                         self.acc.backward(loss / self.t.grad_accum)
