@@ -74,7 +74,7 @@ def format_table(result: dict) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         b, pr = base[r["group"]], peft_ref[r["group"]]
-        vs_peft = pr and r["scenario"] not in ("frozen", "base", "full", "frozen+liger")
+        vs_peft = pr and r["scenario"] not in ("frozen", "base", "full", "frozen+liger", "frozen_chunked_ce")
         t_ratio = f"{r['ms'] / b['ms']:.3f}" if b else ""
         m_ratio = f"{r['mem_mib'] / b['mem_mib']:.3f}" if b and r["mem_mib"] and b["mem_mib"] else ""
         p_ratio = f"{r['ms'] / pr['ms']:.3f}" if vs_peft else ""
