@@ -9,7 +9,7 @@ declare -A extra=(
   [heads]="method.heads=[0,1]"
   [layerwise]="method.last_n=2"
   [bottleneck]="method.adapter_type=houlsby"
-  [prefix]="method.num_virtual_tokens=20"
+  [prefix]="method.num_virtual_tokens=20 method.init_weights=zero"
   [prompt]="method.num_virtual_tokens=20"
   [p_tuning]="method.num_virtual_tokens=20"
 )
