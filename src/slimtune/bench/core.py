@@ -7,6 +7,9 @@ Scenarios (rows of the table):
            peft_bf16     the same with autocast_adapter_dtype=False (low-precision presets only)
            slimtune      slimtune LoRA, same config
            full          full fine-tuning (optional)
+           frozen_chunked_ce, slimtune_chunked_ce   (CPU, torch >= 2.13) the loss through the chunked
+                         linear cross-entropy (kernels/chunked_ce.py): no (tokens × vocab) logits kept
+           slimtune_shared / slimtune_function / slimtune_perlayer   ablations (--scenarios only)
            frozen+liger, slimtune+liger   (GPU) the same after slimtune.kernels.fused_ops.apply_fused_ops:
                          liger-kernel RMSNorm/RoPE/SwiGLU/fused linear-cross-entropy; ratios still to
                          the stock frozen floor. Run last: the patching cannot be undone.
@@ -22,7 +25,10 @@ the anchors). On CPU there is no allocator peak counter, and peak RSS only grows
 allocator's caches, so we report a model of the peak that LoRA changes: bytes of every parameter
 + bytes of the distinct tensors autograd saves for backward (counted with saved_tensors_hooks
 during a warm-up step, parameters excluded) + gradients of trainable parameters + AdamW's two
-state tensors per trainable parameter. It counts exactly what a LoRA implementation controls.
+state tensors per trainable parameter (+ the N×d input gradient the chunked loss holds outside
+autograd's saved tensors). It counts exactly what a LoRA implementation controls.
+
+Presets are in `presets.py`, the scenario set-ups in `scenarios.py`, the tables in `report.py`.
 """
 from __future__ import annotations
 
@@ -36,58 +42,15 @@ import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from .presets import PRESETS, TARGETS, Preset  # noqa: F401  (re-exported: slimtune.bench.core.PRESETS)
 from .report import _markdown, _meta, _ratios, format_table
+from .scenarios import TRAIN_SETUPS, _peft_cfg, _slim_cfg  # noqa: F401
 
 log = logging.getLogger("slimtune.bench")
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
-LLAMA_085B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
-                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)
-LLAMA_67B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-
-
-@dataclass
-class Preset:
-    name: str
-    model: dict
-    batch: int
-    seq: int
-    dtype: str = "float32"
-    device: str = "cpu"
-    threads: int | None = None
-    warmup: int = 1  # untimed steps after each scenario's set-up
-    steps: int = 3  # timed steps per round
-    rounds: int = 1  # round-robin repeats of the training scenarios
-    infer_steps: int = 3
-    full: bool = True  # include full fine-tuning
-    mixed_adapters: int = 8
-    r: int = 16
-    alpha: int = 32
-    extra: dict = field(default_factory=dict)
-
-
-PRESETS: dict[str, Preset] = {
-    # SmolLM2-135M shape, all 30 layers (fewer would flatter the floor ratio), 4×128, fp32, 2 threads.
-    "cpu": Preset("cpu", SMOLLM2_135M, batch=4, seq=128, threads=2, warmup=1, steps=2, rounds=2,
-                  infer_steps=3, full=False),
-    "gpu-0.85b": Preset("gpu-0.85b", LLAMA_085B, batch=4, seq=1024, dtype="bfloat16", device="cuda",
-                        warmup=3, steps=10, infer_steps=10),
-    "gpu-6.7b": Preset("gpu-6.7b", LLAMA_67B, batch=1, seq=2048, dtype="bfloat16", device="cuda",
-                       warmup=3, steps=10, infer_steps=10, full=False),
-    # A seconds-long smoke run of the whole pipeline (tests use it; not a measurement).
-    "tiny": Preset("tiny", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, vocab_size=256, max_position_embeddings=128),
-                   batch=2, seq=16, warmup=1, steps=1, rounds=1, infer_steps=1, full=True, mixed_adapters=3),
-}
-
 
 # ---- helpers ------------------------------------------------------------------------------------
 def _sync(dev: str) -> None:
@@ -151,124 +114,6 @@ class Row:
     times_ms: list = field(default_factory=list)
     cpu_ms: float | None = None  # median process CPU time per step (all threads): robust on a shared CPU
     note: str = ""
-
-
-# ---- scenarios: each returns (model to call, trainable params, teardown) ----------------------------
-def _peft_cfg(p: Preset, **kw):
-    from peft import LoraConfig
-
-    return LoraConfig(r=p.r, lora_alpha=p.alpha, target_modules=TARGETS, **kw)
-
-
-def _slim_cfg(p: Preset, **kw):
-    from slimtune import LoraConfig
-
-    return LoraConfig(r=p.r, lora_alpha=p.alpha, target_modules=TARGETS, **kw)
-
-
-def setup_frozen(model, p):
-    model.requires_grad_(False)
-    model.enable_input_require_grads()
-    return model, [], lambda: model.disable_input_require_grads()
-
-
-def setup_full(model, p):
-    model.requires_grad_(True)
-    return model, list(model.parameters()), lambda: model.requires_grad_(False)
-
-
-def _setup_peft(model, p, autocast: bool):
-    import peft
-
-    pm = peft.get_peft_model(model, _peft_cfg(p), autocast_adapter_dtype=autocast)
-    params = [q for q in pm.parameters() if q.requires_grad]
-    return pm, params, lambda: pm.unload()
-
-
-def setup_peft(model, p):
-    return _setup_peft(model, p, True)
-
-
-def setup_peft_bf16(model, p):
-    return _setup_peft(model, p, False)
-
-
-def setup_slimtune(model, p):
-    import slimtune
-
-    sm = slimtune.get_peft_model(model, _slim_cfg(p))
-    params = [q for q in sm.parameters() if q.requires_grad]
-    return sm, params, lambda: sm.unload()
-
-
-def _slimtune_with(module, flag: str, value: bool):
-    """An ablation: slimtune with one module-level switch flipped for the scenario's lifetime."""
-    def setup(model, p):
-        default = getattr(module, flag)
-        setattr(module, flag, value)
-        sm, params, teardown = setup_slimtune(model, p)
-
-        def undo():
-            setattr(module, flag, default)
-            teardown()
-        return sm, params, undo
-    return setup
-
-
-def setup_slimtune_shared(model, p):
-    """Ablation: slimtune with q/k/v and gate/up run as one node each (lora_layers.SHARE_INPUTS)."""
-    from slimtune.methods import lora_layers
-
-    return _slimtune_with(lora_layers, "SHARE_INPUTS", True)(model, p)
-
-
-def setup_slimtune_function(model, p):
-    """Ablation: every layer through the Python-backward autograd function (_LoraLinearFn)."""
-    from slimtune.kernels import lora as kl
-
-    return _slimtune_with(kl, "NATIVE_AUTOGRAD", False)(model, p)
-
-
-class _ChunkedLoss:
-    """Called like the model, but the loss runs through the chunked linear cross-entropy
-    (kernels/chunked_ce.py). `held_bytes`: the N×d input gradient that loss computes in forward
-    and keeps as a ctx attribute, which saved-tensor hooks do not see; the memory model adds it."""
-
-    def __init__(self, model, p: Preset) -> None:
-        from slimtune.kernels.chunked_ce import chunked_causal_lm_loss
-
-        self.model, self.fn = model, chunked_causal_lm_loss(model)
-        if self.fn is None:
-            raise RuntimeError("chunked cross-entropy does not apply here (needs torch >= 2.13)")
-        self.held_bytes = p.batch * p.seq * p.model["hidden_size"] * torch.tensor([], dtype=getattr(torch, p.dtype)).element_size()
-
-    def __call__(self, input_ids, labels):
-        return argparse.Namespace(loss=self.fn({"input_ids": input_ids, "labels": labels}))
-
-    def parameters(self):
-        return self.model.parameters()
-
-
-def _chunked(setup: Callable) -> Callable:
-    def chunked_setup(model, p):
-        m, params, teardown = setup(model, p)
-        return _ChunkedLoss(m, p), params, teardown
-    return chunked_setup
-
-
-def setup_slimtune_perlayer(model, p):
-    """Ablation: gate/up/down through their own LoRA layers, no fused SwiGLU block (lora_blocks)."""
-    from slimtune.methods import lora_blocks
-
-    return _slimtune_with(lora_blocks, "FUSE_SWIGLU", False)(model, p)
-
-
-TRAIN_SETUPS: dict[str, Callable] = {
-    "frozen": setup_frozen, "peft": setup_peft, "peft_bf16": setup_peft_bf16,
-    "slimtune": setup_slimtune, "slimtune_shared": setup_slimtune_shared,
-    "slimtune_function": setup_slimtune_function, "slimtune_perlayer": setup_slimtune_perlayer, "full": setup_full,
-    "frozen_chunked_ce": _chunked(setup_frozen), "slimtune_chunked_ce": _chunked(setup_slimtune),
-}
 
 
 def _train_steps(model, params, x, p: Preset, measure_mem: bool, cpu_sink: list | None = None

@@ -13,7 +13,8 @@ import torch
 import slimtune
 
 if TYPE_CHECKING:
-    from .core import Preset, Row
+    from .core import Row
+    from .presets import Preset
 
 
 def _ratios(rows: list[Row]) -> dict:
