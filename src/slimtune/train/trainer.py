@@ -30,8 +30,8 @@ import torch
 
 from ..kernels.chunked_ce import train_loss_fn
 from .config import JobConfig, JobConfigError
-from .data import IGNORE, Prepared, collate
-from .metrics import accuracy_f1, answer_matches
+from .data import Prepared, collate
+from .evaluate import Evaluation
 from .resources import peak_memory_mb, set_cpu_threads
 
 
@@ -41,7 +41,7 @@ class TrainingDiverged(RuntimeError):
 
 # ---- the trainer ---------------------------------------------------------------------------------
 
-class Trainer:
+class Trainer(Evaluation):
     def __init__(self, cfg: JobConfig, peft_model, tokenizer, data: Prepared, task: str,
                  log: Callable[[str], None] = print, progress: bool = True) -> None:
         from accelerate import Accelerator
@@ -123,17 +123,6 @@ class Trainer:
         frac = min(frac, 1.0)
         return 0.5 * (1 + math.cos(math.pi * frac)) if self.t.scheduler == "cosine" else 1 - frac
 
-    def _default_metric(self) -> str:
-        if self.task in ("classification", "image_classification"):
-            return "accuracy"
-        return "gen_accuracy" if self._do_generate() else "eval_loss"
-
-    def _do_generate(self) -> bool:
-        g = self.cfg.eval.generate
-        if g is None:
-            return bool(self.data.answers) and bool(self.data.eval_raw)
-        return g and bool(self.data.eval_raw)
-
     # ---- data order: a pure function of (seed, micro-batch index) --------------------------------
     def _batch(self, m: int) -> dict[str, torch.Tensor]:
         epoch, b = divmod(m, self.micro_per_epoch)
@@ -146,101 +135,6 @@ class Trainer:
         mine = idx[r * self.t.batch_size:(r + 1) * self.t.batch_size]
         batch = collate([self.data.train[i] for i in mine], self.pad_id)
         return {k: v.to(self.device) for k, v in batch.items()}
-
-    # ---- evaluation ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        model = self.model
-        was_training = model.training
-        model.eval()
-        tot_loss, tot_n = 0.0, 0
-        preds: list[int] = []
-        golds: list[int] = []
-        bs = self.cfg.eval.batch_size
-        ev = self.data.eval
-        cand = self._answer_first_tokens()
-        choice_right, choice_n = 0, 0
-        for i in range(0, len(ev), bs):
-            batch = {k: v.to(self.device) for k, v in collate(ev[i:i + bs], self.pad_id).items()}
-            with self.acc.autocast():
-                out = model(**batch)
-            logits = out["logits"].float()
-            if self.task == "causal_lm":
-                # prompt learning prepends virtual tokens: their logits predict nothing we label
-                logits = logits[:, logits.shape[1] - batch["labels"].shape[1]:]
-                lab = batch["labels"][:, 1:]
-                lp = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), lab, ignore_index=IGNORE,
-                                                       reduction="sum")
-                tot_loss += lp.item()
-                tot_n += int((lab != IGNORE).sum())
-                if cand is not None:  # which answer the model ranks first, at the first answer token
-                    for row, l in zip(logits, batch["labels"]):
-                        pos = int((l != IGNORE).nonzero()[0])
-                        gold = int(l[pos])
-                        if gold in cand:
-                            choice_n += 1
-                            choice_right += cand[int(row[pos - 1, cand].argmax())] == gold
-            else:
-                tot_loss += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
-                tot_n += len(batch["labels"])
-                preds += logits.argmax(-1).tolist()
-                golds += batch["labels"].tolist()
-        res: dict[str, float] = {"eval_loss": tot_loss / max(tot_n, 1)}
-        if self.task == "causal_lm":
-            res["perplexity"] = math.exp(min(res["eval_loss"], 50))
-            if choice_n:
-                res["choice_accuracy"] = choice_right / choice_n
-            if self._do_generate():
-                res["gen_accuracy"] = self.generated_accuracy()
-        else:
-            res.update(accuracy_f1(preds, golds, len(self.data.labels or []) or (max(golds) + 1)))
-        if was_training:
-            model.train()
-        return res
-
-    def _answer_first_tokens(self) -> list[int] | None:
-        """First token id of each answer of a label-set LM task, when
-        they are distinct: then the label the model scores highest is measurable in the loss pass."""
-        if self.task != "causal_lm" or not self.data.answers or self.tok is None or len(self.data.answers) > 20:
-            return None
-        firsts = [self.tok(a, add_special_tokens=False)["input_ids"][:1] for a in self.data.answers]
-        ids = [f[0] for f in firsts if f]
-        if len(set(ids)) != len(self.data.answers):
-            return None
-        return ids
-
-    @torch.no_grad()
-    def generated_accuracy(self, samples: list | None = None) -> float:
-        tok = self.tok
-        rows = self.data.eval_raw[:self.cfg.eval.max_examples]
-        gen_model = self.model_unwrapped
-        side = tok.padding_side
-        tok.padding_side = "left"
-        correct = 0
-        try:
-            for i in range(0, len(rows), self.cfg.eval.batch_size):
-                chunk = rows[i:i + self.cfg.eval.batch_size]
-                n = max(len(r["prompt_ids"]) for r in chunk)  # left-pad the truncated prompt ids
-                ids = torch.full((len(chunk), n), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), n), dtype=torch.long)
-                for j, r in enumerate(chunk):
-                    L = len(r["prompt_ids"])
-                    ids[j, n - L:] = torch.tensor(r["prompt_ids"])
-                    mask[j, n - L:] = 1
-                enc = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
-                with self.acc.autocast():
-                    out = gen_model.generate(**enc, max_new_tokens=self.cfg.eval.max_new_tokens, do_sample=False,
-                                             pad_token_id=tok.pad_token_id)
-                texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                for r, t in zip(chunk, texts):
-                    ok = answer_matches(t, r["reference"], self.data.answers if self.data.answers and
-                                        all(len(a.split()) == 1 for a in self.data.answers) else None)
-                    correct += ok
-                    if samples is not None and len(samples) < 5:
-                        samples.append((r["reference"], t.strip()))
-        finally:
-            tok.padding_side = side
-        return correct / max(len(rows), 1)
 
     # ---- checkpoints --------------------------------------------------------------------------
     def _trainable_state(self) -> dict[str, torch.Tensor]:
