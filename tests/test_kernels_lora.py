@@ -121,14 +121,26 @@ def test_no_grad_path_matches():
         torch.testing.assert_close(lora_linear(x, w, b, a, bm, 1.5), lora_reference(x, w, b, a, bm, 1.5))
 
 
-def test_autocast_path_runs_the_reference():
-    x, w, b, a, bm = _tensors(torch.float32, (4,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = lora_linear(x, w, b, a, bm, 1.0)
-        y_ref = lora_reference(x, w, b, a, bm, 1.0)
-    torch.testing.assert_close(y, y_ref)
-    y.float().sum().backward()
-    assert a.grad is not None
+@pytest.mark.parametrize("grad", [True, False])
+def test_autocast_runs_the_fused_path_in_the_autocast_dtype(grad):
+    """Under autocast the fused path casts once to the autocast dtype (as autocast does for each
+    GEMM): same output dtype and values as the reference under autocast, fp32 adapter gradients."""
+    x, w, b, a, bm = _tensors(torch.float32, (3, 5))
+    outs, grads = [], []
+    for fn in (lora_linear, lora_reference):
+        for t in (x, a, bm):
+            t.grad = None
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x, w, b, a, bm, 1.5)
+        outs.append(y)
+        if grad:
+            y.float().pow(2).sum().backward()
+            grads.append([t.grad.clone() for t in (x, a, bm)])
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), **TOL[torch.bfloat16])
+    for got, ref in zip(*grads):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, atol=5e-2 * ref.abs().max().item(), rtol=5e-2)
 
 
 # ---- the layer ------------------------------------------------------------------------------------------

@@ -64,6 +64,19 @@ def test_kernel_equals_reference(device, dtype, case):
         torch.testing.assert_close(got.float(), ref.float(), **scale(ref))
 
 
+def test_kernel_under_autocast_runs_in_the_autocast_dtype():
+    specs = _specs(torch.float32, "cpu")
+    x = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, g_ref = _run(swiglu_reference, x, specs)
+        y, g = _run(lora_swiglu, x, specs)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=3e-2 * y_ref.float().abs().max().item(), rtol=3e-2)
+    for got, ref in zip(g, g_ref):
+        assert got.dtype == torch.float32  # fp32 leaves get fp32 gradients through the casts
+        torch.testing.assert_close(got, ref, atol=5e-2 * ref.abs().max().item(), rtol=5e-2)
+
+
 def test_kernel_no_grad_path_equals_reference():
     specs = _specs(torch.float32, "cpu")
     x = torch.randn(3, 4, 24)
@@ -139,6 +152,21 @@ def test_fused_block_saves_fewer_activations(ids, monkeypatch):
     per_layer = _saved_bytes(pm, ids)
     n_tokens, f, layers = ids.numel(), 64, 2
     assert per_layer - fused >= 2 * n_tokens * f * 4 * layers  # fp32
+
+
+def test_llama_mlp_fused_under_autocast(ids, monkeypatch):
+    pm = _model()
+    pm.train()
+    calls = []
+    real = lora_blocks.lora_swiglu
+    monkeypatch.setattr(lora_blocks, "lora_swiglu", lambda *a: calls.append(1) or real(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        l1, g1 = _logits_grads(pm, ids, True, monkeypatch)
+        l0, g0 = _logits_grads(pm, ids, False, monkeypatch)
+    assert len(calls) == 2
+    torch.testing.assert_close(l1.float(), l0.float(), atol=5e-2, rtol=5e-2)
+    for k in g1:
+        torch.testing.assert_close(g1[k], g0[k], atol=5e-2 * g0[k].abs().max().item(), rtol=5e-2)
 
 
 @pytest.mark.parametrize("state", ["dropout", "merged", "disabled", "two_active", "mixed"])

@@ -63,8 +63,11 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, dropout=None):
     `dropout` is a module applied to the A path only (None or Identity for none).
     """
     if torch.is_autocast_enabled(x.device.type):
-        # Mixed precision: let autocast pick each op's dtype on the plain composition.
-        return lora_reference(x, weight, bias, lora_a, lora_b, scale, dropout)
+        # Mixed precision: every op here is one autocast runs in its low-precision dtype (linear,
+        # mm, addmm), so cast once and run the fused path with autocast off.
+        x, (weight, bias, lora_a, lora_b) = autocast_inputs(x, (weight, bias, lora_a, lora_b))
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout)
     xd = None
     if dropout is not None and not isinstance(dropout, torch.nn.Identity) and dropout.training and dropout.p > 0:
         xd = dropout(x)
@@ -88,6 +91,13 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, dropout=None):
         out.addmm_(F.linear(x2, lora_a), lora_b.t(), alpha=scale)
         return out.view(*shape[:-1], out.shape[-1])
     return _LoraLinearFn.apply(x, xd, weight, bias, lora_a, lora_b, scale)
+
+
+def autocast_inputs(x, tensors):
+    """x and each tensor (None kept) in the autocast dtype of x's device: what autocast would
+    hand to linear/mm/addmm. The casts are differentiable, so fp32 adapters get fp32 gradients."""
+    dt = torch.get_autocast_dtype(x.device.type)
+    return x.to(dt), [None if t is None else t.to(dt) for t in tensors]
 
 
 NATIVE_AUTOGRAD = True  # False: the Python-backward _LoraLinearFn for every case (ablation / tests)
@@ -173,7 +183,11 @@ def lora_group_linear(x, specs):
     No dropout (each layer would need its own mask); equals `[lora_linear(x, *spec) for spec in specs]`.
     """
     if torch.is_autocast_enabled(x.device.type):
-        return [lora_reference(x, *spec) for spec in specs]
+        flat = autocast_inputs(x, [t for spec in specs for t in spec[:4]])
+        x, ts = flat
+        specs = [(*ts[4 * i:4 * i + 4], spec[4]) for i, spec in enumerate(specs)]
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_group_linear(x, specs)
     flat = [t for w, b, a, bm, _ in specs for t in (w, b, a, bm)]
     scales = tuple(float(s[4]) for s in specs)
     if not torch.is_grad_enabled() or not (x.requires_grad or any(t is not None and t.requires_grad for t in flat)):

@@ -78,6 +78,12 @@ def lora_swiglu(x, gate, up, down):
     Base weights must be frozen (the function forms no base-weight gradient); biases may train.
     Equals down(silu(gate(x)) * up(x)) with each projection `lora_reference`.
     """
+    if torch.is_autocast_enabled(x.device.type):  # cast once (as autocast would for each GEMM), then run
+        from .lora import autocast_inputs
+
+        x, ts = autocast_inputs(x, [t for spec in (gate, up, down) for t in spec[:4]])
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_swiglu(x, (*ts[0:4], gate[4]), (*ts[4:8], up[4]), (*ts[8:12], down[4]))
     (wg, bg, ag, bmg, sg), (wu, bu, au, bmu, su), (wd, bd, ad, bmd, sd) = gate, up, down
     if wg.requires_grad or wu.requires_grad or wd.requires_grad:
         raise ValueError("lora_swiglu: base weights must be frozen")

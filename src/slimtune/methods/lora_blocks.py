@@ -5,8 +5,8 @@ Found structurally, never by class name: a module whose children `gate_proj`, `u
 `down_proj` are LoRA Linear layers and whose `act_fn` is SiLU, and whose own forward, checked
 once on a 3-token probe, equals down(silu(gate(x)) · up(x)). Any other MLP keeps its forward.
 Per call the fused node runs only when it computes exactly what the layers would (one active
-adapter on each, not merged or disabled, no dropout mask, no mixed batch, frozen base weights,
-no autocast); otherwise the block's own forward runs, layer by layer.
+adapter on each, not merged or disabled, no dropout mask, no mixed batch, frozen base weights);
+under autocast it runs in the autocast dtype, as the layers would; otherwise the block's own forward runs, layer by layer.
 
 Forward hooks on gate_proj / up_proj / down_proj do not fire while the fused node runs (the
 block's own hooks do); set FUSE_SWIGLU = False to keep them.
@@ -41,8 +41,6 @@ class SwiGLUForward(BlockForward):
 
     def _specs(self, x: torch.Tensor, dropout_ok: bool = False) -> list | None:
         """(W, b, A, B, s) per projection when the fused node is exact for this call, else None."""
-        if torch.is_autocast_enabled(x.device.type):
-            return None
         specs = []
         for name in _PROJ:
             layer = getattr(self.block, name)
