@@ -80,3 +80,67 @@ def test_slimtune_saved_loads_in_peft(case, ids, tmp_path):
     theirs = peft.PeftModel.from_pretrained(make(), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(logits(theirs, ids), ref, atol=1e-6, rtol=1e-6)
+
+
+# ---- convolutions (PEFT's IA³ Conv layout: ia3_l is (1, C, 1, ...)) -------------------------------
+class _GroupedCNN(torch.nn.Module):
+    """Conv2d (groups=1), a grouped Conv2d as feed-forward, Conv1d, then a head."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.grouped = torch.nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.conv1d = torch.nn.Conv1d(8, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4 * 16, 3)
+
+    def forward(self, x):  # (B, 1, 4, 4)
+        h = torch.relu(self.grouped(torch.relu(self.conv(x))))  # (B, 8, 4, 4)
+        return self.head(torch.relu(self.conv1d(h.flatten(2))).flatten(1))
+
+
+CONV_KW = dict(target_modules=["conv", "grouped", "conv1d"], feedforward_modules=["grouped", "conv1d"])
+
+
+def test_conv_shapes_merge_and_round_trip(images, tmp_path):
+    from slimtune.methods.ia3 import IA3Conv
+
+    pm = get_peft_model(_GroupedCNN(), IA3Config(**CONV_KW))
+    shapes = {n: tuple(l.ia3_l["default"].shape) for n, l in adapter_layers(pm) if isinstance(l, IA3Conv)}
+    assert shapes == {"base_model.model.conv": (1, 8, 1, 1), "base_model.model.grouped": (1, 8, 1, 1),
+                      "base_model.model.conv1d": (1, 8, 1)}
+    randomize(pm)
+    check_merge_and_round_trip(pm, _GroupedCNN, images, tmp_path)
+
+
+def test_conv_trains_only_the_vectors(images):
+    pm = get_peft_model(_GroupedCNN(), IA3Config(**CONV_KW, modules_to_save=["head"]))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    before = {k: p.detach().clone() for k, p in pm.named_parameters()}
+    losses = []
+    for _ in range(6):
+        loss = (pm(images) - 1).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    changed = {k for k, p in pm.named_parameters() if not torch.equal(p, before[k])}
+    assert losses[-1] < losses[0]
+    assert changed and all("ia3_l" in k or ".head." in k for k in changed)
+
+
+@pytest.mark.parametrize("direction", ["peft_to_slimtune", "slimtune_to_peft"])
+def test_conv_files_move_between_libraries(images, tmp_path, direction):
+    kw = dict(target_modules=["conv", "grouped"], feedforward_modules=["grouped"])  # PEFT's IA³: Conv2d/3d only
+    if direction == "peft_to_slimtune":
+        src = peft.get_peft_model(_GroupedCNN(), peft.IA3Config(**kw))
+    else:
+        src = get_peft_model(_GroupedCNN(), IA3Config(**kw))
+    randomize(src, seed=5)
+    with torch.no_grad():
+        ref = src(images)
+    src.save_pretrained(tmp_path)
+    load = PeftModel.from_pretrained if direction == "peft_to_slimtune" else peft.PeftModel.from_pretrained
+    dst = load(_GroupedCNN(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(images), ref, atol=1e-6, rtol=1e-6)

@@ -24,6 +24,8 @@ from ..registry import register_method
 from ..targeting import LINEAR_TYPES, Conv1D
 from ..tuner import Tuner
 
+CONV_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
 # PEFT's per-family defaults (peft.utils.constants), so a config without targets picks the same modules.
 IA3_TARGETS: dict[str, list[str]] = {
     "t5": ["k", "v", "wo"], "mt5": ["k", "v", "wi_1"], "gpt2": ["c_attn", "mlp.c_proj"],
@@ -82,7 +84,8 @@ class IA3Config(AdapterConfig):
 
 
 class IA3Linear(AdapterLayer):
-    """(IA)³ on nn.Linear or Conv1D. `ia3_l[name]` is (out, 1), or (1, in) for a feed-forward layer."""
+    """(IA)³ on nn.Linear or Conv1D. `ia3_l[name]` is (out, 1), or (1, in) for a feed-forward layer.
+    Subclasses change the parameter's shape and how it broadcasts (IA3Conv)."""
 
     adapter_layer_names = ("ia3_l",)
 
@@ -96,9 +99,16 @@ class IA3Linear(AdapterLayer):
         self._merged_scale: dict[str, torch.Tensor] = {}
         self.update_layer(adapter, init_ia3_weights)
 
+    def _param_shape(self) -> tuple[int, ...]:
+        return (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+
+    def _along_features(self, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The flat scale vector shaped to broadcast over x's feature dimension (the last one)."""
+        return s.to(x.dtype)
+
     def update_layer(self, adapter: str, init_ia3_weights: bool = True) -> None:
         dtype, device = self._adapter_dtype_device()
-        shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+        shape = self._param_shape()
         v = torch.ones(shape) if init_ia3_weights else torch.randn(shape)
         self.ia3_l[adapter] = nn.Parameter(v.to(device=device, dtype=dtype))
         if not self.active_adapters:
@@ -121,9 +131,9 @@ class IA3Linear(AdapterLayer):
         if s is None:
             return self.base_layer(x, *args, **kwargs)
         if self.is_feedforward:
-            return self.base_layer(x * s.to(x.dtype), *args, **kwargs)
+            return self.base_layer(x * self._along_features(s, x), *args, **kwargs)
         out = self.base_layer(x, *args, **kwargs)
-        return out * s.to(out.dtype)
+        return out * self._along_features(s, out)
 
     # Merging is multiplicative, not additive: override the base class's delta merge.
     def _weight_scale(self, adapter: str) -> torch.Tensor:
@@ -162,9 +172,42 @@ class IA3Linear(AdapterLayer):
                 b.data.div_(self.ia3_l[name].detach().flatten().to(b.dtype))
 
 
+class IA3Conv(IA3Linear):
+    """(IA)³ on nn.Conv1d/2d/3d (PEFT's layout): `ia3_l[name]` is (1, C, 1, ...), C the output
+    channels, or the input channels of a feed-forward conv; it scales the channel dimension."""
+
+    def __init__(self, base_layer: nn.Module, adapter: str, is_feedforward: bool, init_ia3_weights: bool = True) -> None:
+        AdapterLayer.__init__(self, base_layer)
+        self.is_feedforward = is_feedforward
+        self.fan_in_fan_out = False
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        self.ia3_l = nn.ParameterDict()
+        self._merged_scale = {}
+        self.update_layer(adapter, init_ia3_weights)
+
+    def _param_shape(self) -> tuple[int, ...]:
+        n = self.in_features if self.is_feedforward else self.out_features
+        return (1, n) + (1,) * (self.get_base_layer().weight.dim() - 2)
+
+    def _along_features(self, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return s.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))  # x (B, C, *spatial)
+
+    def _weight_scale(self, adapter: str) -> torch.Tensor:
+        """Shaped to multiply the conv weight (out, in/groups, *kernel)."""
+        v = self.ia3_l[adapter].detach()
+        if not self.is_feedforward:
+            return v.transpose(0, 1)  # (out, 1, 1, ...)
+        base = self.get_base_layer()
+        if base.groups == 1:
+            return v  # (1, in, 1, ...)
+        g, per_in, per_out = base.groups, base.in_channels // base.groups, base.out_channels // base.groups
+        v = v.reshape(g, 1, per_in, *v.shape[2:]).expand(g, per_out, per_in, *v.shape[2:])
+        return v.reshape(base.out_channels, per_in, *v.shape[3:])
+
+
 @register_method(IA3Config, mergeable=True, description="(IA)³: learned rescaling of keys, values and FFN input")
 class IA3Model(Tuner):
-    supported_types = LINEAR_TYPES
+    supported_types = LINEAR_TYPES + CONV_TYPES
 
     def default_targets(self, config: IA3Config):
         mt = model_type(self.model)
@@ -180,6 +223,8 @@ class IA3Model(Tuner):
         super().inject_adapter(config, adapter)
 
     def create_layer(self, base: nn.Module, config: IA3Config, adapter: str, path: str) -> AdapterLayer:
+        if isinstance(base, CONV_TYPES):
+            return IA3Conv(base, adapter, config.is_feedforward(path), config.init_ia3_weights)
         config.fan_in_fan_out = config.fan_in_fan_out or isinstance(base, Conv1D)
         return IA3Linear(base, adapter, config.is_feedforward(path), config.init_ia3_weights)
 
