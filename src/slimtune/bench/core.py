@@ -234,30 +234,9 @@ def run_benchmark(preset: str | Preset = "cpu", scenarios: list[str] | None = No
         rows.append(Row("train", s, ms, tokens / ms * 1000, mems.get(s), trainable.get(s, 0), times[s],
                         cpu_ms=statistics.median(cpus[s])))
 
-    # -- inference, single adapter -----------------------------------------------------------------------
+    # -- inference, single adapter, round-robin like training (base, peft, slimtune, merged, base, ...) -----
     if not wanted or wanted & {"infer", "infer_base", "infer_peft", "infer_slimtune", "infer_merged"}:
-        import peft
-        import slimtune
-
-        ts, mem, plain = _infer_times(model, x, p, p.infer_steps, (c := []))
-        rows.append(Row("infer", "base", statistics.median(ts), 0, mem, times_ms=ts, cpu_ms=statistics.median(c)))
-        pm = peft.get_peft_model(model, _peft_cfg(p, init_lora_weights=False))
-        ts, mem, ref = _infer_times(pm, x, p, p.infer_steps, (c := []))
-        state = {k: v.detach().clone() for k, v in pm.named_parameters() if ".lora_" in k}
-        pm.unload()
-        rows.append(Row("infer", "peft", statistics.median(ts), 0, mem, times_ms=ts, cpu_ms=statistics.median(c)))
-        sm = slimtune.get_peft_model(model, _slim_cfg(p))
-        _copy_lora(sm, state)
-        ts, mem, got = _infer_times(sm, x, p, p.infer_steps, (c := []))
-        checks["infer_max_abs_diff_vs_peft"] = (got - ref).abs().max().item()
-        checks["infer_lora_effect_max_abs"] = (ref - plain).abs().max().item()  # nonzero: adapters do act
-        rows.append(Row("infer", "slimtune", statistics.median(ts), 0, mem, times_ms=ts, cpu_ms=statistics.median(c)))
-        sm.merge_adapter()
-        ts, mem, _ = _infer_times(sm, x, p, p.infer_steps, (c := []))
-        rows.append(Row("infer", "slimtune_merged", statistics.median(ts), 0, mem, times_ms=ts, cpu_ms=statistics.median(c)))
-        sm.unmerge_adapter()
-        sm.unload()
-        del state, ref, got, plain
+        rows += _infer_rows(model, x, p, checks)
 
     # -- mixed batch of adapters ---------------------------------------------------------------------------
     if (not wanted or "mixed" in wanted) and p.mixed_adapters > 1:
@@ -275,6 +254,50 @@ def run_benchmark(preset: str | Preset = "cpu", scenarios: list[str] | None = No
         r.tokens_per_s = (p.mixed_adapters * p.seq if r.group == "mixed" else tokens) / r.ms * 1000
     return {"meta": _meta(p, time.perf_counter() - t_start), "rows": [asdict(r) for r in rows],
             "ratios": _ratios(rows), "checks": checks}
+
+
+def _infer_rows(model, x, p: Preset, checks: dict) -> list[Row]:
+    """Unmerged and merged single-adapter inference against the base model. Every round sets each
+    scenario up again on the one model (PEFT and slimtune inject into it), so `p.rounds` rounds
+    interleave the scenarios and machine drift hits them alike; the same adapter weights go into both
+    libraries, and round 0 checks their logits agree."""
+    import peft
+    import slimtune
+
+    acc: dict[str, tuple[list, list, list]] = {s: ([], [], []) for s in ("base", "peft", "slimtune", "slimtune_merged")}
+
+    def timed(name, m):
+        ts, mem, out = _infer_times(m, x, p, p.infer_steps, (c := []))
+        acc[name][0].extend(ts)
+        acc[name][1].extend(c)
+        acc[name][2].append(mem)
+        return out
+
+    state = None
+    for rnd in range(p.rounds):
+        plain = timed("base", model)
+        pm = peft.get_peft_model(model, _peft_cfg(p, init_lora_weights=False))
+        if state is None:  # PEFT's random adapter weights, reused for every round and for slimtune
+            state = {k: v.detach().clone() for k, v in pm.named_parameters() if ".lora_" in k}
+        else:
+            _copy_lora(pm, state)
+        ref = timed("peft", pm)
+        pm.unload()
+        sm = slimtune.get_peft_model(model, _slim_cfg(p))
+        _copy_lora(sm, state)
+        got = timed("slimtune", sm)
+        if rnd == 0:
+            checks["infer_max_abs_diff_vs_peft"] = (got - ref).abs().max().item()
+            checks["infer_lora_effect_max_abs"] = (ref - plain).abs().max().item()  # nonzero: adapters do act
+        sm.merge_adapter()
+        timed("slimtune_merged", sm)
+        sm.unmerge_adapter()
+        sm.unload()
+    rows = []
+    for name, (ts, c, mems) in acc.items():
+        mem = max(mems) if mems and mems[0] is not None else None
+        rows.append(Row("infer", name, statistics.median(ts), 0, mem, times_ms=ts, cpu_ms=statistics.median(c)))
+    return rows
 
 
 def _liger_rows(model, x, p: Preset, checks: dict, tokens: int) -> list[Row]:
@@ -304,6 +327,7 @@ def _liger_rows(model, x, p: Preset, checks: dict, tokens: int) -> list[Row]:
 
 
 def _copy_lora(sm, state: dict) -> None:
+    """Copy adapter tensors by name (PEFT and slimtune share the key layout) into a live model."""
     live = dict(sm.named_parameters())
     missing = [k for k in state if k not in live]
     if missing:
