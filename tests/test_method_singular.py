@@ -40,6 +40,25 @@ def test_merge_and_roundtrip(case, ids, tmp_path):
     loaded = PeftModel.from_pretrained(make(), tmp_path)
     assert all(isinstance(l, SingularLinear) for _, l in adapter_layers(loaded))
 
+@pytest.mark.parametrize("case", CASES)
+def test_inference_on_many_tokens_folds_the_update(case):
+    """No-grad forwards over more tokens than out·in/(in+out) run one GEMM with W + U·diag(ΔS)·Vᵀ;
+    the result equals the two-projection path used for few tokens and for training."""
+    make, kw = CASES[case]
+    pm = get_peft_model(make(), SingularConfig(target_modules="all-linear" if case != "gpt2" else None, **kw))
+    perturb_adapter(pm)
+    pm.eval()
+    ids = torch.randint(0, 128, (4, 40), generator=torch.Generator().manual_seed(0))  # 160 tokens > 32·64/96
+    layer = next(l for _, l in adapter_layers(pm))
+    with torch.no_grad():
+        assert layer._fold_for_inference(torch.zeros(160, layer.weight.shape[-1] if not layer.fan_in_fan_out
+                                                     else layer.weight.shape[0]))
+        folded = logits(pm, ids)
+    with torch.enable_grad():
+        two_gemm = logits(pm, ids).detach()
+    torch.testing.assert_close(folded, two_gemm, atol=1e-4, rtol=1e-4)
+
+
 def test_training_changes_only_singular_values(ids):
     pm = get_peft_model(tiny_llama(), SingularConfig(target_modules="all-linear"))
     losses, changed = train_lm_steps(pm, ids, lr=5e-2)

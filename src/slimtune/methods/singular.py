@@ -83,6 +83,14 @@ class SingularLinear(AdapterLayer):
         if not self.active_adapters:
             self.active_adapters = [adapter]
 
+    def _fold_for_inference(self, x: torch.Tensor) -> bool:
+        if torch.is_grad_enabled() or self.disable_adapters or self.merged or not self.active_adapters:
+            return False
+        if type(self.get_base_layer()) not in (nn.Linear, Conv1D):
+            return False
+        w = self._base_weight()
+        return x.numel() // x.shape[-1] > w.shape[0] * w.shape[1] / (w.shape[0] + w.shape[1])
+
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         b = self.svd_basis[adapter]
         delta = (b.u * self.svd_delta_s[adapter]) @ b.vh  # (out, in)
@@ -91,6 +99,16 @@ class SingularLinear(AdapterLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._mixed is not None and not self.disable_adapters and not self.merged:
             raise ValueError("mixed-adapter batches are LoRA-only; run one singular-value adapter per batch")
+        if self._fold_for_inference(x):
+            # Inference on many tokens: one GEMM with W + U_k·diag(ΔS)·V_kᵀ (formed per call, out·in·k
+            # multiply-adds) costs less than the two N×k projections (N·k·(in+out)) when N > out·in/(in+out).
+            base = self.get_base_layer()
+            w = self._base_weight()
+            for name in self.active_adapters:
+                if name in self.svd_delta_s:
+                    b = self.svd_basis[name]
+                    w = w + ((b.u * self.svd_delta_s[name]) @ b.vh).to(w.dtype)
+            return torch.nn.functional.linear(x, w.to(x.dtype), None if base.bias is None else base.bias.to(x.dtype))
         out = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
             return out
