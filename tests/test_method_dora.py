@@ -87,3 +87,30 @@ def test_slimtune_saved_loads_in_peft(case, ids, tmp_path):
     theirs = peft.PeftModel.from_pretrained(make(), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(logits(theirs, ids), ref, atol=1e-6, rtol=1e-5)
+
+
+def test_no_grad_forwards_reuse_the_weight_norm(ids):
+    """Serving computes ‖W + s·B·A‖ once per weight state; a changed adapter recomputes it."""
+    from slimtune.methods.dora import DoraLinear
+
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, use_dora=True, target_modules="all-linear"))
+    perturb = lambda seed: [p.data.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))  # noqa: E731
+                            for n, p in pm.named_parameters() if "lora_B" in n]
+    perturb(0)
+    pm.eval()
+    layer = next(l for _, l in adapter_layers(pm) if isinstance(l, DoraLinear))
+    calls = []
+    real = layer._weight_norm
+    layer._weight_norm = lambda *a: calls.append(1) or real(*a)
+    with torch.no_grad():
+        first = logits(pm, ids)
+        again = logits(pm, ids)
+    assert len(calls) == 1 and torch.equal(first, again)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1)  # an in-place update bumps the version: the cached norm is dropped
+        changed = logits(pm, ids)
+    assert len(calls) == 2 and not torch.equal(changed, first)
+    with torch.enable_grad():
+        torch.testing.assert_close(logits(pm, ids).detach(), changed)  # the no-cache path agrees

@@ -50,6 +50,19 @@ class DoraLinear(Linear):
         lora_w = (self.lora_B[adapter].weight @ self.lora_A[adapter].weight).detach()
         return torch.linalg.norm(w + self.scaling[adapter] * lora_w.to(w.dtype), dim=1).to(w.dtype)
 
+    def _norm_for_forward(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """‖W + s·B·A‖ per row, detached. It forms an out×in matrix, so under no_grad (serving,
+        generate) it is kept while W, A and B are unchanged (pointer and version) and reused."""
+        if torch.is_grad_enabled():
+            return self._weight_norm(name, w).detach()
+        ts = (self.get_base_layer().weight, self.lora_A[name].weight, self.lora_B[name].weight)
+        key = (w.dtype, self.scaling[name]) + tuple((t.data_ptr(), t._version) for t in ts)
+        cache = self.__dict__.setdefault("_norm_cache", {})
+        hit = cache.get(name)
+        if hit is None or hit[0] != key:
+            hit = cache[name] = (key, self._weight_norm(name, w).detach())
+        return hit[1]
+
     def _is_dora(self, name: str) -> bool:
         return name in self.lora_magnitude_vector
 
@@ -74,7 +87,7 @@ class DoraLinear(Linear):
                 out = out + b(a(drop(x))) * s
                 continue
             w = self._base_weight().to(x.dtype)
-            norm = self._weight_norm(name, w).detach()  # (out,): a constant, as in the paper's Sec. 4.3
+            norm = self._norm_for_forward(name, w)  # (out,): a constant, as in the paper's Sec. 4.3
             scale = (self.lora_magnitude_vector[name].to(x.dtype) / norm)  # (out,)
             if isinstance(drop, nn.Identity) or not self.training:
                 xd, plain = x, (base_out - bias if bias is not None else base_out)  # W x from the base output
@@ -91,6 +104,7 @@ class DoraLinear(Linear):
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self.__dict__.pop("_norm_cache", None)  # W changes through .data here: no version bump to see
         base = self.get_base_layer()
         for name in adapter_names if adapter_names is not None else list(self.active_adapters):
             if name in self.merged_adapters or name not in self.adapter_names():
@@ -109,6 +123,7 @@ class DoraLinear(Linear):
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        self.__dict__.pop("_norm_cache", None)
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
