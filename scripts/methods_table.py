@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import time
@@ -72,7 +73,7 @@ def models():
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/methods_cpu.json")
-    ap.add_argument("--methods", default=None, help="comma-separated subset")
+    ap.add_argument("--methods", default=None, help="comma-separated subset (its rows replace those in --out)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     methods = all_methods()
@@ -98,6 +99,10 @@ def main() -> None:
                 row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
             rows.append(row)
             print(json.dumps(row), flush=True)
+    if args.methods and os.path.exists(args.out):  # a subset re-measured: keep the other rows of the file
+        fresh = {(r["model"], r["method"]) for r in rows}
+        old = [r for r in json.load(open(args.out))["rows"] if (r["model"], r["method"]) not in fresh]
+        rows = sorted(old + rows, key=lambda r: (r["model"], r["method"]))
     meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                 threads=torch.get_num_threads(), settings=METHOD_KW)
     with open(args.out, "w") as f:
