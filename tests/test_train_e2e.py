@@ -169,3 +169,19 @@ def test_selection_scored_on_training_data(tiny_llama, tmp_path, method):
         assert saved["top_k"] is None and all(len(v) == 1 for v in saved["heads"].values())
     else:
         assert saved["selected"] is True
+
+
+def test_bf16_precision_keeps_base_half_and_trains_fp32_adapters(tiny_llama, tmp_path):
+    """train.precision=bf16 (what `auto` picks on a GPU): frozen base loaded in bf16, LoRA weights
+    upcast to fp32, forward under autocast, adapter saved in fp32 and loadable on an fp32 base."""
+    from safetensors.torch import load_file
+
+    write_jsonl(tmp_path / "d.jsonl", chat_rows())
+    logs: list[str] = []
+    cfg = job(tiny_llama, tmp_path / "run", {"train": str(tmp_path / "d.jsonl"), "max_length": 32},
+              method={"name": "lora", "target_modules": "all-linear"}, train={"precision": "bf16", "max_steps": 6})
+    res = run_train(cfg, log=logs.append, progress=False)
+    assert any("frozen base in torch.bfloat16, trained parameters in fp32" in line for line in logs), logs
+    assert res["after"]["eval_loss"] < res["before"]["eval_loss"]
+    saved = load_file(str(tmp_path / "run/adapter/adapter_model.safetensors"))
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())

@@ -59,11 +59,28 @@ def load_model(cfg: JobConfig, path: str | None, task: str, num_labels: int | No
         return models.digits_cnn(log)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from .resources import BASE_DTYPE, resolve_precision
+
+    # The frozen base in the training precision (bf16 halves its memory on GPU); the trained
+    # parameters are upcast to fp32 after injection (`upcast_trainable`), as PEFT does.
+    dtype = BASE_DTYPE[resolve_precision(cfg.train.precision)]
     if task == "classification":
-        m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+        m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
     else:
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return m
+
+
+def upcast_trainable(model: nn.Module) -> int:
+    """Trained parameters in fp32 on a half-precision base: AdamW steps of ~1e-4 relative size
+    vanish in bf16's 8-bit mantissa. Autocast runs the forward in half precision; the fused LoRA
+    paths cast the adapters per call. Returns how many tensors were cast."""
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+            n += 1
+    return n
 
 
 def _count(model: nn.Module) -> int:

@@ -7,6 +7,18 @@ import resource
 import torch
 
 
+def resolve_precision(precision: str) -> str:
+    """"auto" -> bf16 (fp16 without bf16 support) on a CUDA GPU, fp32 on CPU; else as given."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+BASE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from .config import JobConfig
-from .job import score_for_selection, setup
+from .job import score_for_selection, setup, upcast_trainable
 from .trainer import Trainer
 
 
@@ -44,6 +44,9 @@ def run_train(cfg: JobConfig, log: Callable[[str], None] = print, progress: bool
         s["adapter_config"] = score_for_selection(s["adapter_config"], s["model"], data, cfg, s["tokenizer"], log)
     torch.manual_seed(cfg.train.seed)  # adapter init independent of what set-up consumed
     model = get_peft_model(s["model"], s["adapter_config"])
+    if upcast_trainable(model):
+        log(f"precision: frozen base in {next(model.get_base_model().parameters()).dtype}, trained parameters "
+            "in fp32, forward under autocast")
     t, a, pct = trainable_summary(model)
     log(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {pct:.4f}")
     out = Path(cfg.output_dir)

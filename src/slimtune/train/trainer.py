@@ -32,7 +32,7 @@ from ..kernels.chunked_ce import train_loss_fn
 from .config import JobConfig, JobConfigError
 from .data import Prepared, collate
 from .evaluate import Evaluation
-from .resources import peak_memory_mb, set_cpu_threads
+from .resources import peak_memory_mb, resolve_precision, set_cpu_threads
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,9 +50,7 @@ class Trainer(Evaluation):
         self.tok = tokenizer
         self.out = Path(cfg.output_dir)
         cuda = torch.cuda.is_available()
-        prec = self.t.precision
-        if prec == "auto":
-            prec = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+        prec = resolve_precision(self.t.precision)
         self.precision = prec
         self.acc = Accelerator(mixed_precision={"fp32": "no"}.get(prec, prec), cpu=not cuda)
         self.device = self.acc.device
