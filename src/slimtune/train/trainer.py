@@ -52,7 +52,9 @@ class Trainer(Evaluation):
         cuda = torch.cuda.is_available()
         prec = resolve_precision(self.t.precision)
         self.precision = prec
-        self.acc = Accelerator(mixed_precision={"fp32": "no"}.get(prec, prec), cpu=not cuda)
+        mp = {"fp32": "no"}.get(prec, prec)
+        _allow_new_precision(mp)
+        self.acc = Accelerator(mixed_precision=mp, cpu=not cuda)
         self.device = self.acc.device
         if not cuda:
             set_cpu_threads(self.t.cpu_threads, log)
@@ -375,6 +377,16 @@ class Trainer(Evaluation):
             self.tb.flush()
             self.tb.close()
             self.tb = None
+
+
+def _allow_new_precision(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state and refuses a second run in the same process (a
+    notebook, a sweep) with another precision; a single-process run may start over."""
+    from accelerate.state import AcceleratorState
+
+    st = AcceleratorState._shared_state
+    if st and st.get("_mixed_precision", mixed_precision) != mixed_precision and st.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state()
 
 
 class _null:
