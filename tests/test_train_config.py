@@ -79,3 +79,26 @@ def test_auto_lora_choices(tiny_bert, tiny_llama):
 
 
 from conftest_train import tiny_bert, tiny_llama  # noqa: E402,F401
+
+
+def test_cpu_threads_follow_what_other_processes_leave_free():
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from slimtune.train.resources import busy_cores, set_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        idle = busy_cores(0.2)
+        assert 0.0 <= idle <= (os.cpu_count() or 1) + 1e-6
+        spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # one core taken
+        try:
+            assert busy_cores(0.5) >= 0.7
+        finally:
+            spin.kill()
+        assert set_cpu_threads(1, log=lambda *_: None) == 1  # an explicit train.cpu_threads wins
+    finally:
+        torch.set_num_threads(before)
