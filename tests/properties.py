@@ -18,9 +18,8 @@ def perturb_adapter(pm, seed: int = 0, std: float = 0.3) -> None:
                 v.add_(std * torch.randn(v.shape, generator=g))
 
 
-def check_merge_and_round_trip(pm, make, x, tmp_path, load_atol: float = 0.0):
-    """Adapter changes outputs; merged == unmerged; saved + loaded == live (to `load_atol`);
-    merge_and_unload gives a plain model with the same outputs. Returns the reference logits."""
+def check_merge_unmerge(pm, make, x) -> torch.Tensor:
+    """Adapter changes outputs; merged == unmerged == after unmerge. Returns the reference logits."""
     with torch.no_grad():
         ref = logits(pm, x)
         assert (ref - logits(make(), x)).abs().max() > 1e-3 * ref.abs().max()  # the adapter does something
@@ -28,6 +27,13 @@ def check_merge_and_round_trip(pm, make, x, tmp_path, load_atol: float = 0.0):
         torch.testing.assert_close(logits(pm, x), ref, atol=1e-5, rtol=1e-5)
         pm.unmerge_adapter()
         torch.testing.assert_close(logits(pm, x), ref, atol=1e-5, rtol=1e-5)
+    return ref
+
+
+def check_merge_and_round_trip(pm, make, x, tmp_path, load_atol: float = 0.0):
+    """`check_merge_unmerge`; saved + loaded == live (to `load_atol`); merge_and_unload gives a
+    plain model with the same outputs. Returns the reference logits."""
+    ref = check_merge_unmerge(pm, make, x)
     pm.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(make(), tmp_path)
     with torch.no_grad():
