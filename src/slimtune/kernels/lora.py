@@ -183,8 +183,7 @@ def lora_group_linear(x, specs):
     No dropout (each layer would need its own mask); equals `[lora_linear(x, *spec) for spec in specs]`.
     """
     if torch.is_autocast_enabled(x.device.type):
-        flat = autocast_inputs(x, [t for spec in specs for t in spec[:4]])
-        x, ts = flat
+        x, ts = autocast_inputs(x, [t for spec in specs for t in spec[:4]])
         specs = [(*ts[4 * i:4 * i + 4], spec[4]) for i, spec in enumerate(specs)]
         with torch.autocast(x.device.type, enabled=False):
             return lora_group_linear(x, specs)

@@ -63,6 +63,7 @@ class _LoraSwiGLUFn(torch.autograd.Function):
         d_acat = torch.mm(gb.t(), x2) if (nig[4] or nig[8]) else None  # (r_g + r_u, d)
         dx = None
         if nig[0]:
+            # [A_g; A_u] concatenated again: saving the forward's copy would keep a non-parameter tensor
             dx = torch.mm(dg, wg).addmm_(du, wu).addmm_(gb, torch.cat((ag, au)))  # (N, d)
             dx = dx.view(ctx.shape)
         dbg = dg.sum(0) if nig[3] else None

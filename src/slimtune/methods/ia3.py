@@ -92,12 +92,17 @@ class IA3Linear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, adapter: str, is_feedforward: bool, init_ia3_weights: bool = True) -> None:
         super().__init__(base_layer)
         self.is_feedforward = is_feedforward
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.fan_in_fan_out, self.in_features, self.out_features = self._features(base_layer)
         self.ia3_l = nn.ParameterDict()
-        self._merged_scale: dict[str, torch.Tensor] = {}
         self.update_layer(adapter, init_ia3_weights)
+
+    @staticmethod
+    def _features(base: nn.Module) -> tuple[bool, int, int]:
+        """(fan_in_fan_out, in_features, out_features) of the base layer."""
+        w = base.weight
+        if isinstance(base, Conv1D):  # GPT-2 stores (in, out)
+            return True, w.shape[0], w.shape[1]
+        return False, w.shape[1], w.shape[0]
 
     def _param_shape(self) -> tuple[int, ...]:
         return (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
@@ -176,14 +181,9 @@ class IA3Conv(IA3Linear):
     """(IA)³ on nn.Conv1d/2d/3d (PEFT's layout): `ia3_l[name]` is (1, C, 1, ...), C the output
     channels, or the input channels of a feed-forward conv; it scales the channel dimension."""
 
-    def __init__(self, base_layer: nn.Module, adapter: str, is_feedforward: bool, init_ia3_weights: bool = True) -> None:
-        AdapterLayer.__init__(self, base_layer)
-        self.is_feedforward = is_feedforward
-        self.fan_in_fan_out = False
-        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
-        self.ia3_l = nn.ParameterDict()
-        self._merged_scale = {}
-        self.update_layer(adapter, init_ia3_weights)
+    @staticmethod
+    def _features(base: nn.Module) -> tuple[bool, int, int]:
+        return False, base.in_channels, base.out_channels
 
     def _param_shape(self) -> tuple[int, ...]:
         n = self.in_features if self.is_feedforward else self.out_features
