@@ -17,6 +17,7 @@ from conftest import randomize_lora, tiny_llama
 
 from slimtune import BASE_ADAPTER, LoraConfig, get_peft_model
 from slimtune.kernels.lora_swiglu import lora_swiglu, swiglu_reference
+from slimtune.inject import installed_block_forward
 from slimtune.methods import lora_blocks
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -93,7 +94,7 @@ def test_kernel_refuses_trainable_base_weight():
 
 # ---- in a model ------------------------------------------------------------------------------------
 def _fused_blocks(model) -> int:
-    return sum(isinstance(m.__dict__.get("forward"), lora_blocks.SwiGLUForward) for m in model.modules())
+    return sum(installed_block_forward(m) is lora_blocks.swiglu_forward for m in model.modules())
 
 
 def _model(**kw):
@@ -240,6 +241,8 @@ def test_block_with_other_math_is_not_fused():
 
 
 def test_unload_restores_forward_and_model_pickles(ids):
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
     pm = _model()
     assert _fused_blocks(pm) == 2
     with torch.no_grad():
@@ -252,6 +255,7 @@ def test_unload_restores_forward_and_model_pickles(ids):
     assert _fused_blocks(copied) == 2 and _fused_blocks(loaded) == 2
     merged = pm.merge_and_unload()
     assert _fused_blocks(merged) == 0 and all("forward" not in m.__dict__ for m in merged.modules())
+    assert all(type(layer.mlp) is LlamaMLP for layer in merged.model.layers)  # the class is back
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, ref, atol=1e-5, rtol=1e-4)
 

@@ -231,27 +231,55 @@ def add_modules_to_save(model: nn.Module, names: list[str], adapter: str) -> lis
     return found
 
 
-class BlockForward:
-    """An instance-level `forward` a method installs on a whole block (e.g. a fused MLP).
+_BLOCK_CLASSES: dict = {}  # (block class, forward function) -> the subclass that runs that forward
 
-    Subclasses call `self.original(*args)` whenever their fast path does not apply; `unwrap`
-    removes every one, so the block's class forward is back after unload/merge_and_unload.
-    """
 
-    def __init__(self, block: nn.Module) -> None:
-        self.block = block
+def install_block_forward(block: nn.Module, fn) -> None:
+    """Run `fn(block, *args, **kwargs)` as `block`'s forward (e.g. a fused MLP); `unwrap` removes it.
 
-    def original(self, *args, **kwargs):
-        return type(self.block).forward(self.block, *args, **kwargs)
+    The block's class becomes a cached subclass of its own class whose forward is `fn`: one
+    subclass per (class, fn), so torch.compile guards on that type and identical blocks share one
+    compiled graph (an object per block would recompile per block). isinstance and the class
+    name are unchanged; pickling and deepcopy keep the subclass (`__reduce_ex__`)."""
+    cls = base_block_class(block)
+    sub = _BLOCK_CLASSES.get((cls, fn))
+    if sub is None:
+        sub = type(cls.__name__, (cls,), {"forward": fn, "_slimtune_block_base": cls, "_slimtune_block_fn": fn,
+                                           "__reduce_ex__": _reduce_block, "__module__": cls.__module__,
+                                           "__qualname__": cls.__qualname__})
+        _BLOCK_CLASSES[(cls, fn)] = sub
+    block.__class__ = sub
 
-    def __call__(self, *args, **kwargs):  # pragma: no cover - subclasses override
-        return self.original(*args, **kwargs)
+
+def installed_block_forward(block: nn.Module):
+    """The function installed with install_block_forward as `block`'s forward, or None."""
+    return type(block).__dict__.get("_slimtune_block_fn")
+
+
+def base_block_class(block: nn.Module) -> type:
+    return type(block).__dict__.get("_slimtune_block_base", type(block))
+
+
+def original_forward(block: nn.Module, *args, **kwargs):
+    """The block's own class forward: what a block forward calls whenever its fast path does not apply."""
+    return base_block_class(block).forward(block, *args, **kwargs)
+
+
+def _reduce_block(self, protocol):
+    state = self.__getstate__() if hasattr(self, "__getstate__") else self.__dict__
+    return _rebuild_block, (base_block_class(self), type(self)._slimtune_block_fn), state
+
+
+def _rebuild_block(cls, fn):
+    block = cls.__new__(cls)
+    install_block_forward(block, fn)
+    return block
 
 
 def remove_block_forwards(model: nn.Module) -> None:
     for m in model.modules():
-        if isinstance(m.__dict__.get("forward"), BlockForward):
-            del m.__dict__["forward"]
+        if installed_block_forward(m) is not None:
+            m.__class__ = base_block_class(m)
 
 
 def unwrap(model: nn.Module, keep_adapter: str | None = None) -> nn.Module:

@@ -119,7 +119,8 @@ class Row:
 def _train_steps(model, params, x, p: Preset, measure_mem: bool, cpu_sink: list | None = None
                  ) -> tuple[list[float], float | None]:
     dev = p.device
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    # fused AdamW for every row (the trainer's optimizer): one kernel, not a per-tensor loop
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
     all_params = {q.untyped_storage().data_ptr() for q in model.parameters()}
     times: list[float] = []
     mem = None
@@ -200,11 +201,20 @@ def run_benchmark(preset: str | Preset = "cpu", scenarios: list[str] | None = No
     train = ["frozen", "peft"] + (["peft_bf16"] if low_precision else []) + ["slimtune"] + (["full"] if p.full else [])
     if p.device == "cpu" and hasattr(torch.nn, "LinearCrossEntropyOptions"):  # on GPU: the liger rows
         train += ["slimtune_chunked_ce"]  # frozen_chunked_ce on request (--scenarios)
+    if p.device == "cuda":  # torch.compile per layer; on CPU on request (it compiles for minutes)
+        train += ["frozen_compile", "peft_bf16_compile", "slimtune_compile"]
     wanted = set(scenarios) if scenarios else None
     if wanted:
-        train = [s for s in train + ["slimtune_shared", "slimtune_function", "slimtune_perlayer", "frozen_chunked_ce"]
-                 if s in wanted]
+        extra = ["slimtune_shared", "slimtune_function", "slimtune_perlayer", "frozen_chunked_ce", "frozen_compile",
+                 "slimtune_compile", "peft_bf16_compile", "slimtune_compile_graphs", "slimtune_compile_perlayer"]
+        train = [s for s in dict.fromkeys(train + extra) if s in wanted]
 
+    if any(s.endswith(("_compile", "_compile_graphs", "_compile_perlayer")) for s in train):
+        from torch._dynamo import config as dynamo_config
+
+        # every compiled scenario adds its graphs to the one model's layers (2 each: first layer, rest)
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 1024)
     t_start = time.perf_counter()
     model = build_model(p)
     g = torch.Generator().manual_seed(0)

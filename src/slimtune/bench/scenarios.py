@@ -121,9 +121,31 @@ def setup_slimtune_perlayer(model, p):
     return _slimtune_with(lora_blocks, "FUSE_SWIGLU", False)(model, p)
 
 
+def _compiled(setup: Callable, mode: str | None = None) -> Callable:
+    """The scenario with every decoder layer under torch.compile (compile_blocks.py); the first
+    warm-up step compiles. Teardown returns the layers to eager and restores the KV-cache flag."""
+    def compiled_setup(model, p):
+        from slimtune.compile_blocks import compile_blocks, uncompile_blocks
+
+        use_cache = model.config.use_cache
+        m, params, teardown = setup(model, p)
+        compile_blocks(model, mode=mode)
+
+        def undo():
+            uncompile_blocks(model)
+            model.config.use_cache = use_cache
+            teardown()
+        return m, params, undo
+    return compiled_setup
+
+
 TRAIN_SETUPS: dict[str, Callable] = {
     "frozen": setup_frozen, "peft": setup_peft, "peft_bf16": setup_peft_bf16,
     "slimtune": setup_slimtune, "slimtune_shared": setup_slimtune_shared,
     "slimtune_function": setup_slimtune_function, "slimtune_perlayer": setup_slimtune_perlayer, "full": setup_full,
     "frozen_chunked_ce": _chunked(setup_frozen), "slimtune_chunked_ce": _chunked(setup_slimtune),
+    "frozen_compile": _compiled(setup_frozen), "slimtune_compile": _compiled(setup_slimtune),
+    "peft_bf16_compile": _compiled(setup_peft_bf16),
+    "slimtune_compile_graphs": _compiled(setup_slimtune, "reduce-overhead"),  # + CUDA graphs (ablation)
+    "slimtune_compile_perlayer": _compiled(setup_slimtune_perlayer),  # no fused SwiGLU node (ablation)
 }

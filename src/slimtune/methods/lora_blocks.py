@@ -19,7 +19,7 @@ import weakref
 import torch
 import torch.nn as nn
 
-from ..inject import BlockForward
+from ..inject import install_block_forward, installed_block_forward, original_forward
 from ..kernels.lora_swiglu import lora_swiglu
 from .lora_layers import Linear
 
@@ -30,30 +30,29 @@ _PROJ = ("gate_proj", "up_proj", "down_proj")
 _REJECTED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # probed and not a plain SwiGLU block
 
 
-class SwiGLUForward(BlockForward):
-    """The fused forward installed on one SwiGLU MLP."""
+def swiglu_forward(block: nn.Module, x, *args, **kwargs):
+    """The fused forward installed on a SwiGLU MLP (inject.install_block_forward)."""
+    specs = _specs(block, x) if FUSE_SWIGLU and not args and not kwargs else None
+    if specs is None:
+        return original_forward(block, x, *args, **kwargs)
+    return lora_swiglu(x, *specs)
 
-    def __call__(self, x, *args, **kwargs):
-        specs = self._specs(x) if FUSE_SWIGLU and not args and not kwargs else None
-        if specs is None:
-            return self.original(x, *args, **kwargs)
-        return lora_swiglu(x, *specs)
 
-    def _specs(self, x: torch.Tensor, dropout_ok: bool = False) -> list | None:
-        """(W, b, A, B, s) per projection when the fused node is exact for this call, else None."""
-        specs = []
-        for name in _PROJ:
-            layer = getattr(self.block, name)
-            if type(layer) is not Linear or layer._mixed is not None:
-                return None
-            fast = layer._fast_args(x)
-            if fast is None:
-                return None
-            w, b, a, bm, s, drop = fast
-            if w.requires_grad or (not dropout_ok and drop.training and not isinstance(drop, nn.Identity) and drop.p > 0):
-                return None
-            specs.append((w, b, a, bm, s))
-        return specs
+def _specs(block: nn.Module, x: torch.Tensor, dropout_ok: bool = False) -> list | None:
+    """(W, b, A, B, s) per projection when the fused node is exact for this call, else None."""
+    specs = []
+    for name in _PROJ:
+        layer = getattr(block, name)
+        if type(layer) is not Linear or layer._mixed is not None:
+            return None
+        fast = layer._fast_args(x)
+        if fast is None:
+            return None
+        w, b, a, bm, s, drop = fast
+        if w.requires_grad or (not dropout_ok and drop.training and not isinstance(drop, nn.Identity) and drop.p > 0):
+            return None
+        specs.append((w, b, a, bm, s))
+    return specs
 
 
 def _is_swiglu_candidate(m: nn.Module) -> bool:
@@ -71,14 +70,13 @@ def _probe(block: nn.Module) -> bool | None:
     if w.device.type == "meta" or not w.is_floating_point():
         return None
     x = torch.randn(1, 3, gate.in_features, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
-    fused = SwiGLUForward(block)
-    specs = fused._specs(x, dropout_ok=True)
+    specs = _specs(block, x, dropout_ok=True)
     if specs is None:
         return None
     was_training = block.training
     block.eval()  # the reference without dropout masks
     try:
-        ref = fused.original(x)
+        ref = original_forward(block, x)
         got = lora_swiglu(x, *specs)
     except Exception as e:  # a forward that needs more than x: not a plain SwiGLU block
         log.debug("not fusing %s: %s", type(block).__name__, e)
@@ -95,7 +93,7 @@ def fuse_swiglu_blocks(model: nn.Module) -> int:
     how many blocks run fused. Idempotent: call after every injection and adapter switch."""
     n = 0
     for path, m in model.named_modules():
-        if isinstance(m.__dict__.get("forward"), SwiGLUForward):
+        if installed_block_forward(m) is swiglu_forward:
             n += 1
             continue
         # An instance-level forward is someone else's (e.g. accelerate's offload hooks): leave it.
@@ -103,7 +101,7 @@ def fuse_swiglu_blocks(model: nn.Module) -> int:
             continue
         ok = _probe(m)
         if ok:
-            m.forward = SwiGLUForward(m)
+            install_block_forward(m, swiglu_forward)
             n += 1
         elif ok is False:
             _REJECTED.add(m)

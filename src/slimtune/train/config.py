@@ -73,6 +73,9 @@ class TrainConfig(_Strict):
     # Causal LMs: loss through the head chunk by chunk, never the (tokens × vocab) logits (kernels/
     # chunked_ce.py). auto = on CPU where the model allows; on / off force it.
     chunked_ce: Literal["auto", "on", "off"] = "auto"
+    # torch.compile every transformer block (compile_blocks.py): fused norms and activations, far
+    # fewer kernel launches. Off by default: the first steps pay the compile (tens of seconds).
+    compile: bool = False
 
 
 class EvalConfig(_Strict):

@@ -5,10 +5,12 @@ A mixin: it reads the trainer's model, data, config, device and tokenizer (`Trai
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
+from ..compile_blocks import eager
 from .data import IGNORE, collate
 from .metrics import accuracy_f1, answer_matches
 
@@ -105,7 +107,7 @@ class Evaluation:
                     ids[j, n - L:] = torch.tensor(r["prompt_ids"])
                     mask[j, n - L:] = 1
                 enc = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
-                with self.acc.autocast():
+                with self.acc.autocast(), (eager() if self.t.compile else contextlib.nullcontext()):
                     out = gen_model.generate(**enc, max_new_tokens=self.cfg.eval.max_new_tokens, do_sample=False,
                                              pad_token_id=tok.pad_token_id)
                 texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

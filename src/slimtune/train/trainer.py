@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..compile_blocks import compile_blocks
 from ..kernels.chunked_ce import train_loss_fn
 from .config import JobConfig, JobConfigError
 from .data import Prepared, collate
@@ -81,8 +82,10 @@ class Trainer(Evaluation):
             raise RuntimeError("no trainable parameters: the adapter is frozen (loaded with is_trainable=False?)")
         decay = [p for n, p in self.params if p.ndim >= 2]
         no_decay = [p for n, p in self.params if p.ndim < 2]
+        # fused: one kernel for every tensor (CPU and CUDA); a per-tensor loop costs ~4x on CPU
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.t.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.t.lr)
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.t.lr,
+                                fused=all(p.is_floating_point() for _, p in self.params))
 
         world = self.acc.num_processes
         self.global_bs = self.t.batch_size * world
@@ -99,6 +102,12 @@ class Trainer(Evaluation):
             raise JobConfigError(str(e)) from None
         self.sched = sched  # stepped once per optimizer step, by hand (not world-size times)
         self.model_unwrapped = self.acc.unwrap_model(self.model)
+        if self.t.compile:
+            try:
+                n = len(compile_blocks(self.model_unwrapped))
+            except ValueError as e:
+                raise JobConfigError(f"train.compile: {e}; set train.compile: false") from None
+            log(f"compile: {n} blocks compiled with torch.compile; the first steps include compiling")
 
         self.metric = self.t.metric or self._default_metric()
         self.metric_max = not (self.metric.endswith("loss") or self.metric == "perplexity")
