@@ -14,7 +14,7 @@ for s in $steps; do
     tests) python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_lora_blocks.py tests/test_kernels_lora.py tests/test_compile_blocks.py 2>&1 | tail -15 ;;
     0.85b) timeout 420 python3 -m slimtune.bench --preset gpu-0.85b --rounds 2 --out "$out/gpu-0.85b.json" ;;
     ablation) timeout 300 python3 -m slimtune.bench --preset gpu-0.85b --rounds 2 --out "$out/ablation3-gpu-0.85b.json" \
-                --scenarios frozen,frozen_compile,slimtune_compile,slimtune_compile_perlayer,slimtune_compile_graphs ;;
+                --scenarios frozen,frozen_compile,frozen_compile_graphs,peft_bf16_compile,slimtune_compile,slimtune_compile_graphs,slimtune_compile_perlayer ;;
     6.7b) timeout 420 python3 -m slimtune.bench --preset gpu-6.7b --rounds 1 --out "$out/gpu-6.7b.json" ;;
     profile) python3 benchmarks/profile_gpu.py gpu-0.85b frozen,slimtune,infer:base,infer:slimtune_merged,infer:slimtune > "$out/profile-gpu-0.85b.txt" 2>&1
              grep -E "^====|time total" "$out/profile-gpu-0.85b.txt" ;;

@@ -202,14 +202,14 @@ def run_benchmark(preset: str | Preset = "cpu", scenarios: list[str] | None = No
     if p.device == "cpu" and hasattr(torch.nn, "LinearCrossEntropyOptions"):  # on GPU: the liger rows
         train += ["slimtune_chunked_ce"]  # frozen_chunked_ce on request (--scenarios)
     if p.device == "cuda":  # torch.compile per layer; on CPU on request (it compiles for minutes)
-        train += ["frozen_compile", "peft_bf16_compile", "slimtune_compile"]
+        train += ["frozen_compile", "peft_bf16_compile", "slimtune_compile", "frozen_compile_graphs", "slimtune_compile_graphs"]
     wanted = set(scenarios) if scenarios else None
     if wanted:
         extra = ["slimtune_shared", "slimtune_function", "slimtune_perlayer", "frozen_chunked_ce", "frozen_compile",
-                 "slimtune_compile", "peft_bf16_compile", "slimtune_compile_graphs", "slimtune_compile_perlayer"]
+                 "slimtune_compile", "peft_bf16_compile", "slimtune_compile_graphs", "slimtune_compile_perlayer", "frozen_compile_graphs"]
         train = [s for s in dict.fromkeys(train + extra) if s in wanted]
 
-    if any(s.endswith(("_compile", "_compile_graphs", "_compile_perlayer")) for s in train):
+    if any("_compile" in s for s in train):
         from torch._dynamo import config as dynamo_config
 
         # every compiled scenario adds its graphs to the one model's layers (2 each: first layer, rest)

@@ -30,11 +30,12 @@ def _ratios(rows: list[Row]) -> dict:
 
     for s in ("peft", "peft_bf16", "slimtune", "slimtune_shared", "slimtune_function", "slimtune_perlayer", "full",
               "frozen+liger", "slimtune+liger", "frozen_chunked_ce", "slimtune_chunked_ce", "frozen_compile",
-              "slimtune_compile", "peft_bf16_compile", "slimtune_compile_graphs", "slimtune_compile_perlayer"):
+              "slimtune_compile", "peft_bf16_compile", "slimtune_compile_graphs", "slimtune_compile_perlayer", "frozen_compile_graphs"):
         put(f"train_{s}_vs_floor", ("train", s), ("train", "frozen"))
         put(f"mem_{s}_vs_floor", ("train", s), ("train", "frozen"), "mem_mib")
     put("train_slimtune_vs_peft", ("train", "slimtune"), ("train", "peft"))
     put("train_slimtune_compile_vs_compiled_floor", ("train", "slimtune_compile"), ("train", "frozen_compile"))
+    put("train_slimtune_compile_graphs_vs_compiled_floor", ("train", "slimtune_compile_graphs"), ("train", "frozen_compile_graphs"))
     put("train_slimtune_compile_vs_peft_bf16_compile", ("train", "slimtune_compile"), ("train", "peft_bf16_compile"))
     put("train_slimtune_vs_peft_bf16", ("train", "slimtune"), ("train", "peft_bf16"))
     for s in ("peft", "slimtune", "slimtune_merged"):
@@ -78,7 +79,7 @@ def format_table(result: dict) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         b, pr = base[r["group"]], peft_ref[r["group"]]
-        vs_peft = pr and r["scenario"] not in ("frozen", "base", "full", "frozen+liger", "frozen_chunked_ce", "frozen_compile")
+        vs_peft = pr and r["scenario"] not in ("frozen", "base", "full", "frozen+liger", "frozen_chunked_ce", "frozen_compile", "frozen_compile_graphs")
         t_ratio = f"{r['ms'] / b['ms']:.3f}" if b else ""
         m_ratio = f"{r['mem_mib'] / b['mem_mib']:.3f}" if b and r["mem_mib"] and b["mem_mib"] else ""
         p_ratio = f"{r['ms'] / pr['ms']:.3f}" if vs_peft else ""

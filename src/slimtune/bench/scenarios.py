@@ -146,6 +146,7 @@ TRAIN_SETUPS: dict[str, Callable] = {
     "frozen_chunked_ce": _chunked(setup_frozen), "slimtune_chunked_ce": _chunked(setup_slimtune),
     "frozen_compile": _compiled(setup_frozen), "slimtune_compile": _compiled(setup_slimtune),
     "peft_bf16_compile": _compiled(setup_peft_bf16),
-    "slimtune_compile_graphs": _compiled(setup_slimtune, "reduce-overhead"),  # + CUDA graphs (ablation)
+    "frozen_compile_graphs": _compiled(setup_frozen, "reduce-overhead"),  # + CUDA graphs
+    "slimtune_compile_graphs": _compiled(setup_slimtune, "reduce-overhead"),
     "slimtune_compile_perlayer": _compiled(setup_slimtune_perlayer),  # no fused SwiGLU node (ablation)
 }

@@ -75,7 +75,9 @@ class TrainConfig(_Strict):
     chunked_ce: Literal["auto", "on", "off"] = "auto"
     # torch.compile every transformer block (compile_blocks.py): fused norms and activations, far
     # fewer kernel launches. Off by default: the first steps pay the compile (tens of seconds).
-    compile: bool = False
+    # true = inductor's default mode; "reduce-overhead" adds CUDA graphs (GPU; fixed batch shapes
+    # pay off, since each new shape records a new graph).
+    compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune"]] = False
 
 
 class EvalConfig(_Strict):

@@ -104,10 +104,11 @@ class Trainer(Evaluation):
         self.model_unwrapped = self.acc.unwrap_model(self.model)
         if self.t.compile:
             try:
-                n = len(compile_blocks(self.model_unwrapped))
+                mode = None if self.t.compile in (True, "default") else self.t.compile
+                n = len(compile_blocks(self.model_unwrapped, mode=mode))
             except ValueError as e:
                 raise JobConfigError(f"train.compile: {e}; set train.compile: false") from None
-            log(f"compile: {n} blocks compiled with torch.compile; the first steps include compiling")
+            log(f"compile: {n} blocks under torch.compile ({mode or 'default'} mode); the first steps include compiling")
 
         self.metric = self.t.metric or self._default_metric()
         self.metric_max = not (self.metric.endswith("loss") or self.metric == "perplexity")
