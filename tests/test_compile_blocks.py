@@ -23,7 +23,7 @@ def _run(pm, ids):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_blocks_equal_eager(backend):
     torch._dynamo.reset()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"  # (a GPU run may have liger's Triton norms patched in)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
