@@ -11,7 +11,7 @@ git log -1 --format='commit %h %s' 2>/dev/null || true
 for s in $steps; do
   echo "######## $s  $(date -u +%T)"
   case $s in
-    tests) python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_lora_blocks.py tests/test_kernels_lora.py tests/test_compile_blocks.py 2>&1 | tail -15 ;;
+    tests) python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_lora_blocks.py tests/test_kernels_lora.py tests/test_compile_blocks.py > "$out/tests.txt" 2>&1; grep -E "^(FAILED|ERROR|E  )|passed|failed" "$out/tests.txt" | head -20 ;;
     0.85b) timeout 420 python3 -m slimtune.bench --preset gpu-0.85b --rounds 2 --out "$out/gpu-0.85b.json" ;;
     ablation) timeout 300 python3 -m slimtune.bench --preset gpu-0.85b --rounds 2 --out "$out/ablation3-gpu-0.85b.json" \
                 --scenarios frozen,frozen_compile,frozen_compile_graphs,peft_bf16_compile,slimtune_compile,slimtune_compile_graphs,slimtune_compile_perlayer ;;
