@@ -69,13 +69,13 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, dropout=None):
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout)
     xd = None
-    if dropout is not None and not isinstance(dropout, torch.nn.Identity) and dropout.training and dropout.p > 0:
+    if dropout is not None and type(dropout) is not torch.nn.Identity and dropout.training and dropout.p > 0:
         xd = dropout(x)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])  # (N, in)
     if not torch.is_grad_enabled() or not (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
                                            or weight.requires_grad or (bias is not None and bias.requires_grad)):
         # Inference: no graph, one extra GEMM pair into the base output in place.
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
         out = F.linear(x2, weight, bias)
         out.addmm_((x2 if xd is None else xd.reshape(-1, shape[-1])) @ lora_a.t(), lora_b.t(), alpha=scale)
         return out.view(*shape[:-1], out.shape[-1])
@@ -85,8 +85,6 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, dropout=None):
         # folded into the in-place addmm_. Measured on an H100 it matched or beat the Python
         # backward of _LoraLinearFn (whose per-layer Python cost shows when the GPU waits on the
         # CPU), see benchmarks/results/README.md. The function remains for the dropout path.
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
         out = F.linear(x2, weight, bias)
         out.addmm_(F.linear(x2, lora_a), lora_b.t(), alpha=scale)
         return out.view(*shape[:-1], out.shape[-1])

@@ -140,11 +140,12 @@ class Linear(LoraLayer):
         base.weight.data.copy_((residual.t() if self.fan_in_fan_out else residual).to(base.weight.dtype))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._mixed is not None and not self.disable_adapters and not self.merged:
+        d = self.__dict__
+        if d["_mixed"] is not None and not d["disable_adapters"] and not d["merged_adapters"]:
             return self._mixed_forward(x)
-        if "_mixed_cache" in self.__dict__:  # a mixed batch has ended: free its gathered weights
-            del self.__dict__["_mixed_cache"]
-        group = self.__dict__.get("_share") if SHARE_INPUTS else None
+        if "_mixed_cache" in d:  # a mixed batch has ended: free its gathered weights
+            del d["_mixed_cache"]
+        group = d.get("_share") if SHARE_INPUTS else None
         if group is not None:  # q/k/v-style siblings on one input: one fused node for all of them
             out = group.output(self, x)
             if out is not None:
@@ -164,18 +165,27 @@ class Linear(LoraLayer):
 
     def _fast_args(self, x: torch.Tensor):
         """(W as (out,in), bias, A, B, scale, dropout) when the fused path applies: one active
-        adapter, not merged or disabled, and a plain nn.Linear / Conv1D base; else None."""
-        if self.disable_adapters or self.merged_adapters or len(self.active_adapters) != 1:
+        adapter, not merged or disabled, and a plain nn.Linear / Conv1D base; else None.
+
+        This runs for every adapted linear on every call, so it reads the module's dicts directly
+        (nn.Module.__getattr__ costs ~1 µs a lookup, and host time is what bounds a small model
+        on a fast GPU)."""
+        d = self.__dict__
+        active = d["active_adapters"]
+        if d["disable_adapters"] or d["merged_adapters"] or len(active) != 1:
             return None
-        base = self.base_layer
-        if type(base) not in (nn.Linear, Conv1D):
+        mods = d["_modules"]
+        base = mods["base_layer"]
+        if type(base) not in _FAST_BASES:
             return None
-        name = self.active_adapters[0]
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        name = active[0]
+        a = mods["lora_A"]._modules[name]._parameters["weight"]
+        b = mods["lora_B"]._modules[name]._parameters["weight"]
         if a.dtype != x.dtype:
             a, b = a.to(x.dtype), b.to(x.dtype)
-        w = base.weight.t() if self.fan_in_fan_out else base.weight
-        return w, base.bias, a, b, self.scaling[name], self.lora_dropout[name]
+        bp = base._parameters
+        w = bp["weight"].t() if d["fan_in_fan_out"] else bp["weight"]
+        return w, bp["bias"], a, b, d["scaling"][name], mods["lora_dropout"]._modules[name]
 
     def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Per-row adapters in one batch: each row's (A, s·B) gathered once, two batched GEMMs.
@@ -386,4 +396,5 @@ def lora_layer_for(base: nn.Module) -> type[LoraLayer] | None:
     return None
 
 
+_FAST_BASES = (nn.Linear, Conv1D)  # bases the fused path reads (weight, bias) from directly
 SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
