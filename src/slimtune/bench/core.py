@@ -209,7 +209,7 @@ def run_benchmark(preset: str | Preset = "cpu", scenarios: list[str] | None = No
                  "slimtune_compile", "peft_bf16_compile", "slimtune_compile_graphs", "slimtune_compile_perlayer", "frozen_compile_graphs"]
         train = [s for s in dict.fromkeys(train + extra) if s in wanted]
 
-    if any("_compile" in s for s in train):
+    if any("_compile" in s for s in train) or p.device == "cuda" or (scenarios and "infer_compile" in scenarios):
         from torch._dynamo import config as dynamo_config
 
         # every compiled scenario adds its graphs to the one model's layers (2 each: first layer, rest)
@@ -247,8 +247,9 @@ def run_benchmark(preset: str | Preset = "cpu", scenarios: list[str] | None = No
                         cpu_ms=statistics.median(cpus[s])))
 
     # -- inference, single adapter, round-robin like training (base, peft, slimtune, merged, base, ...) -----
-    if not wanted or wanted & {"infer", "infer_base", "infer_peft", "infer_slimtune", "infer_merged"}:
-        rows += _infer_rows(model, x, p, checks)
+    if not wanted or wanted & {"infer", "infer_base", "infer_peft", "infer_slimtune", "infer_merged", "infer_compile"}:
+        rows += _infer_rows(model, x, p, checks, compiled=(p.device == "cuda" and not wanted) or bool(
+            wanted and "infer_compile" in wanted))
 
     # -- mixed batch of adapters ---------------------------------------------------------------------------
     if (not wanted or "mixed" in wanted) and p.mixed_adapters > 1:
@@ -268,15 +269,18 @@ def run_benchmark(preset: str | Preset = "cpu", scenarios: list[str] | None = No
             "ratios": _ratios(rows), "checks": checks}
 
 
-def _infer_rows(model, x, p: Preset, checks: dict) -> list[Row]:
+def _infer_rows(model, x, p: Preset, checks: dict, compiled: bool = False) -> list[Row]:
     """Unmerged and merged single-adapter inference against the base model. Every round sets each
     scenario up again on the one model (PEFT and slimtune inject into it), so `p.rounds` rounds
     interleave the scenarios and machine drift hits them alike; the same adapter weights go into both
-    libraries, and round 0 checks their logits agree."""
+    libraries, and round 0 checks their logits agree. `compiled` adds base and unmerged slimtune
+    with every layer under torch.compile (compile_blocks)."""
     import peft
     import slimtune
+    from slimtune.compile_blocks import compile_blocks, uncompile_blocks
 
-    acc: dict[str, tuple[list, list, list]] = {s: ([], [], []) for s in ("base", "peft", "slimtune", "slimtune_merged")}
+    names = ("base", "peft", "slimtune", "slimtune_merged") + (("base_compile", "slimtune_compile") if compiled else ())
+    acc: dict[str, tuple[list, list, list]] = {s: ([], [], []) for s in names}
 
     def timed(name, m):  # warm-up steps in the first round only: later rounds find the code paths warm
         ts, mem, out = _infer_times(m, x, p, p.infer_steps, (c := []), warmup=p.warmup if rnd == 0 else 0)
@@ -304,7 +308,20 @@ def _infer_rows(model, x, p: Preset, checks: dict) -> list[Row]:
         sm.merge_adapter()
         timed("slimtune_merged", sm)
         sm.unmerge_adapter()
-        sm.unload()
+        if compiled:
+            use_cache = model.config.use_cache
+            compile_blocks(sm)
+            got_c = timed("slimtune_compile", sm)
+            uncompile_blocks(sm)
+            sm.unload()
+            compile_blocks(model)
+            timed("base_compile", model)
+            uncompile_blocks(model)
+            model.config.use_cache = use_cache
+            if rnd == 0:
+                checks["infer_compile_max_abs_diff"] = (got_c - got).abs().max().item()
+        else:
+            sm.unload()
     rows = []
     for name, (ts, c, mems) in acc.items():
         mem = max(mems) if mems and mems[0] is not None else None

@@ -41,6 +41,9 @@ def _ratios(rows: list[Row]) -> dict:
     for s in ("peft", "slimtune", "slimtune_merged"):
         put(f"infer_{s}_vs_base", ("infer", s), ("infer", "base"))
     put("infer_slimtune_vs_peft", ("infer", "slimtune"), ("infer", "peft"))
+    put("infer_base_compile_vs_base", ("infer", "base_compile"), ("infer", "base"))
+    put("infer_slimtune_compile_vs_base", ("infer", "slimtune_compile"), ("infer", "base"))
+    put("infer_slimtune_compile_vs_base_compile", ("infer", "slimtune_compile"), ("infer", "base_compile"))
     put("mixed_peft_vs_base", ("mixed", "peft"), ("mixed", "base"))
     put("mixed_slimtune_vs_base", ("mixed", "slimtune"), ("mixed", "base"))
     put("mixed_peft_vs_slimtune", ("mixed", "peft"), ("mixed", "slimtune"))
@@ -79,7 +82,7 @@ def format_table(result: dict) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         b, pr = base[r["group"]], peft_ref[r["group"]]
-        vs_peft = pr and r["scenario"] not in ("frozen", "base", "full", "frozen+liger", "frozen_chunked_ce", "frozen_compile", "frozen_compile_graphs")
+        vs_peft = pr and r["scenario"] not in ("frozen", "base", "base_compile", "full", "frozen+liger", "frozen_chunked_ce", "frozen_compile", "frozen_compile_graphs")
         t_ratio = f"{r['ms'] / b['ms']:.3f}" if b else ""
         m_ratio = f"{r['mem_mib'] / b['mem_mib']:.3f}" if b and r["mem_mib"] and b["mem_mib"] else ""
         p_ratio = f"{r['ms'] / pr['ms']:.3f}" if vs_peft else ""
