@@ -63,6 +63,8 @@ def test_compile_turns_off_kv_cache_and_generation_runs_eager():
     with eager():
         out = pm.generate(input_ids=ids, max_new_tokens=3, do_sample=False, use_cache=True)
     assert out.shape == (1, 8)
+    uncompile_blocks(pm)
+    assert pm.get_base_model().config.use_cache  # back on
 
 
 def test_no_repeated_blocks_is_an_error():

@@ -31,7 +31,7 @@ def repeated_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         if any(path.startswith(t + ".") for t in taken):
             continue  # a list inside a block already compiled with it
         kinds = {type(c) for c in m}
-        if len(kinds) != 1 or not any(True for _ in m[0].parameters()):
+        if len(kinds) != 1 or next(m[0].parameters(), None) is None:
             continue
         taken.append(path)
         for i, block in enumerate(m):
@@ -56,18 +56,24 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", mode: str | None
         cfg = getattr(m, "config", None)
         if getattr(cfg, "use_cache", False):
             cfg.use_cache = False
+            cfg._slimtune_compiled_cache_off = True  # uncompile_blocks turns it back on
     log.info("compile: %d blocks (%s%s), backend %s%s", len(blocks), blocks[0][0],
              f" … {blocks[-1][0]}" if len(blocks) > 1 else "", backend, f", mode {mode}" if mode else "")
     return [p for p, _ in blocks]
 
 
 def uncompile_blocks(model: nn.Module) -> int:
-    """Undo compile_blocks: every compiled block calls its eager forward again; returns how many."""
+    """Undo compile_blocks: every compiled block calls its eager forward again and a KV cache it
+    turned off is on again; returns how many blocks."""
     n = 0
     for m in model.modules():
         if getattr(m, "_compiled_call_impl", None) is not None:
             m._compiled_call_impl = None
             n += 1
+        cfg = getattr(m, "config", None)
+        if getattr(cfg, "_slimtune_compiled_cache_off", False):
+            cfg.use_cache = True
+            del cfg._slimtune_compiled_cache_off
     return n
 
 

@@ -209,12 +209,11 @@ def run_benchmark(preset: str | Preset = "cpu", scenarios: list[str] | None = No
                  "slimtune_compile", "peft_bf16_compile", "slimtune_compile_graphs", "slimtune_compile_perlayer", "frozen_compile_graphs"]
         train = [s for s in dict.fromkeys(train + extra) if s in wanted]
 
-    if any("_compile" in s for s in train) or p.device == "cuda" or (scenarios and "infer_compile" in scenarios):
-        from torch._dynamo import config as dynamo_config
+    from torch._dynamo import config as dynamo_config
 
-        # every compiled scenario adds its graphs to the one model's layers (2 each: first layer, rest)
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 1024)
+    # compiled rows add their graphs to the one model's layers (2 each: first layer, the rest)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 1024)
     t_start = time.perf_counter()
     model = build_model(p)
     g = torch.Generator().manual_seed(0)
@@ -309,7 +308,6 @@ def _infer_rows(model, x, p: Preset, checks: dict, compiled: bool = False) -> li
         timed("slimtune_merged", sm)
         sm.unmerge_adapter()
         if compiled:
-            use_cache = model.config.use_cache
             compile_blocks(sm)
             got_c = timed("slimtune_compile", sm)
             uncompile_blocks(sm)
@@ -317,7 +315,6 @@ def _infer_rows(model, x, p: Preset, checks: dict, compiled: bool = False) -> li
             compile_blocks(model)
             timed("base_compile", model)
             uncompile_blocks(model)
-            model.config.use_cache = use_cache
             if rnd == 0:
                 checks["infer_compile_max_abs_diff"] = (got_c - got).abs().max().item()
         else:

@@ -123,17 +123,15 @@ def setup_slimtune_perlayer(model, p):
 
 def _compiled(setup: Callable, mode: str | None = None) -> Callable:
     """The scenario with every decoder layer under torch.compile (compile_blocks.py); the first
-    warm-up step compiles. Teardown returns the layers to eager and restores the KV-cache flag."""
+    warm-up step compiles. Teardown returns the layers to eager (and the KV-cache flag)."""
     def compiled_setup(model, p):
         from slimtune.compile_blocks import compile_blocks, uncompile_blocks
 
-        use_cache = model.config.use_cache
         m, params, teardown = setup(model, p)
         compile_blocks(model, mode=mode)
 
         def undo():
             uncompile_blocks(model)
-            model.config.use_cache = use_cache
             teardown()
         return m, params, undo
     return compiled_setup
