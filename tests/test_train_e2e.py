@@ -207,3 +207,25 @@ def test_compile_trains_and_generates(tiny_llama, tmp_path, monkeypatch):
     assert calls == [{"mode": None}] and any("blocks under torch.compile" in line for line in logs), logs
     assert res["metric"] == "gen_accuracy" and "gen_accuracy" in res["after"]
     assert res["after"]["eval_loss"] < res["before"]["eval_loss"]
+
+
+def test_activation_offload(tiny_llama, tmp_path, monkeypatch):
+    """train.activation_offload wraps every forward in autograd's save-on-CPU context (here without
+    pinned memory, on CPU tensors); on a CPU model the job refuses it with the fix named."""
+    import slimtune.train.trainer as trainer_mod
+    from slimtune.train.config import JobConfigError
+
+    write_jsonl(tmp_path / "d.jsonl", chat_rows())
+    cfg = job(tiny_llama, tmp_path / "run", {"train": str(tmp_path / "d.jsonl")}, train={"activation_offload": True})
+    with pytest.raises(JobConfigError, match="not a CUDA GPU.*activation_offload: false"):
+        run_train(cfg, **quiet)
+
+    entered = []
+
+    def offload_on_cpu(device):
+        entered.append(device.type)
+        return torch.autograd.graph.save_on_cpu(pin_memory=False)
+    monkeypatch.setattr(trainer_mod, "activation_offload", offload_on_cpu)
+    res = run_train(cfg, **quiet)
+    assert len(entered) == 1 + 4  # the set-up check, then one per micro-batch (4 steps)
+    assert res["after"]["eval_loss"] < res["before"]["eval_loss"]

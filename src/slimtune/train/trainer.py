@@ -33,7 +33,7 @@ from ..kernels.chunked_ce import train_loss_fn
 from .config import JobConfig, JobConfigError
 from .data import Prepared, collate
 from .evaluate import Evaluation
-from .resources import peak_memory_mb, resolve_precision, set_cpu_threads
+from .resources import activation_offload, peak_memory_mb, resolve_precision, set_cpu_threads
 
 
 class TrainingDiverged(RuntimeError):
@@ -109,6 +109,16 @@ class Trainer(Evaluation):
             except ValueError as e:
                 raise JobConfigError(f"train.compile: {e}; set train.compile: false") from None
             log(f"compile: {n} blocks under torch.compile ({mode or 'default'} mode); the first steps include compiling")
+        elif cuda and self.is_main:
+            log("tip: train.compile: true (or reduce-overhead) made LoRA steps 1.5-1.7x faster on an H100 in "
+                "slimtune's benchmark (0.85B and 6.7B Llama); the first steps pay the compile")
+        self._offload = None
+        if self.t.activation_offload:
+            try:
+                activation_offload(self.device)
+            except ValueError as e:
+                raise JobConfigError(str(e)) from None
+            self._offload = lambda: activation_offload(self.device)
 
         self.metric = self.t.metric or self._default_metric()
         self.metric_max = not (self.metric.endswith("loss") or self.metric == "perplexity")
@@ -281,7 +291,7 @@ class Trainer(Evaluation):
                     sync = micro == self.t.grad_accum - 1
                     ctx = self.acc.no_sync(self.model) if not sync else _null()
                     with ctx:
-                        with self.acc.autocast():
+                        with self.acc.autocast(), (self._offload() if self._offload else _null()):
                             loss = self.loss_fn(batch) if self.loss_fn else self.model(**batch)["loss"]
                         if not torch.isfinite(loss):
                             raise TrainingDiverged(self._nan_message(loss))
