@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What to run when a GPU is lent (device tool): versions, the CUDA tests, the GPU presets, a profile.
-# Usage: bash benchmarks/gpu_run.sh OUTDIR [tests|0.85b|ablation|6.7b|profile ...]   (default: all four)
+# Usage: bash benchmarks/gpu_run.sh OUTDIR [tests|0.85b|ablation|6.7b|offload|profile ...]   (default: all four)
 set -u
 out=${1:?OUTDIR}; shift
 steps=${*:-tests 0.85b 6.7b profile}
@@ -15,6 +15,8 @@ for s in $steps; do
     0.85b) timeout 420 python3 -m slimtune.bench --preset gpu-0.85b --rounds 2 --out "$out/gpu-0.85b.json" ;;
     ablation) timeout 300 python3 -m slimtune.bench --preset gpu-0.85b --rounds 2 --out "$out/ablation3-gpu-0.85b.json" \
                 --scenarios frozen,frozen_compile,frozen_compile_graphs,peft_bf16_compile,slimtune_compile,slimtune_compile_graphs,slimtune_compile_perlayer ;;
+    offload) timeout 300 python3 -m slimtune.bench --preset gpu-6.7b --rounds 1 --out "$out/offload-gpu-6.7b.json" \
+                --scenarios frozen,slimtune,slimtune_offload ;;
     6.7b) timeout 420 python3 -m slimtune.bench --preset gpu-6.7b --rounds 1 --out "$out/gpu-6.7b.json" ;;
     profile) python3 benchmarks/profile_gpu.py gpu-0.85b frozen,slimtune,infer:base,infer:slimtune_merged,infer:slimtune > "$out/profile-gpu-0.85b.txt" 2>&1
              grep -E "^====|time total" "$out/profile-gpu-0.85b.txt" ;;

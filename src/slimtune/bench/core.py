@@ -206,7 +206,7 @@ def run_benchmark(preset: str | Preset = "cpu", scenarios: list[str] | None = No
     wanted = set(scenarios) if scenarios else None
     if wanted:
         extra = ["slimtune_shared", "slimtune_function", "slimtune_perlayer", "frozen_chunked_ce", "frozen_compile",
-                 "slimtune_compile", "peft_bf16_compile", "slimtune_compile_graphs", "slimtune_compile_perlayer", "frozen_compile_graphs"]
+                 "slimtune_compile", "peft_bf16_compile", "slimtune_compile_graphs", "slimtune_compile_perlayer", "frozen_compile_graphs", "slimtune_offload"]
         train = [s for s in dict.fromkeys(train + extra) if s in wanted]
 
     from torch._dynamo import config as dynamo_config

@@ -30,7 +30,7 @@ def _ratios(rows: list[Row]) -> dict:
 
     for s in ("peft", "peft_bf16", "slimtune", "slimtune_shared", "slimtune_function", "slimtune_perlayer", "full",
               "frozen+liger", "slimtune+liger", "frozen_chunked_ce", "slimtune_chunked_ce", "frozen_compile",
-              "slimtune_compile", "peft_bf16_compile", "slimtune_compile_graphs", "slimtune_compile_perlayer", "frozen_compile_graphs"):
+              "slimtune_compile", "peft_bf16_compile", "slimtune_compile_graphs", "slimtune_compile_perlayer", "frozen_compile_graphs", "slimtune_offload"):
         put(f"train_{s}_vs_floor", ("train", s), ("train", "frozen"))
         put(f"mem_{s}_vs_floor", ("train", s), ("train", "frozen"), "mem_mib")
     put("train_slimtune_vs_peft", ("train", "slimtune"), ("train", "peft"))

@@ -114,6 +114,31 @@ def _chunked(setup: Callable) -> Callable:
     return chunked_setup
 
 
+class _Offloaded:
+    """Called like the model, with the tensors autograd saves kept in pinned CPU memory
+    (train.activation_offload, resources.activation_offload)."""
+
+    def __init__(self, model, device: str) -> None:
+        from slimtune.train.resources import activation_offload
+
+        self.model, self.ctx = model, lambda: activation_offload(torch.device(device))
+
+    def __call__(self, **kw):
+        with self.ctx():
+            return self.model(**kw)
+
+    def parameters(self):
+        return self.model.parameters()
+
+
+def setup_slimtune_offload(model, p):
+    from slimtune.train.resources import activation_offload
+
+    activation_offload(torch.device(p.device))  # raises on a CPU preset, naming why, before any injection
+    m, params, teardown = setup_slimtune(model, p)
+    return _Offloaded(m, p.device), params, teardown
+
+
 def setup_slimtune_perlayer(model, p):
     """Ablation: gate/up/down through their own LoRA layers, no fused SwiGLU block (lora_blocks)."""
     from slimtune.methods import lora_blocks
@@ -147,4 +172,5 @@ TRAIN_SETUPS: dict[str, Callable] = {
     "frozen_compile_graphs": _compiled(setup_frozen, "reduce-overhead"),  # + CUDA graphs
     "slimtune_compile_graphs": _compiled(setup_slimtune, "reduce-overhead"),
     "slimtune_compile_perlayer": _compiled(setup_slimtune_perlayer),  # no fused SwiGLU node (ablation)
+    "slimtune_offload": setup_slimtune_offload,  # GPU: activations in pinned CPU memory
 }
