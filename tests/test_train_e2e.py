@@ -190,7 +190,7 @@ def test_bf16_precision_keeps_base_half_and_trains_fp32_adapters(tiny_llama, tmp
 def test_compile_trains_and_generates(tiny_llama, tmp_path, monkeypatch):
     """train.compile: every block goes through torch.compile (here the aot_eager backend, which
     needs no C++ compiler), training lowers the loss, and generated-answer eval runs eagerly."""
-    import slimtune.train.trainer as trainer_mod
+    import slimtune.train.speed as speed
     from slimtune.compile_blocks import compile_blocks
 
     torch._dynamo.reset()
@@ -199,7 +199,7 @@ def test_compile_trains_and_generates(tiny_llama, tmp_path, monkeypatch):
     def spy(model, **kw):
         calls.append(kw)
         return compile_blocks(model, backend="aot_eager", **kw)
-    monkeypatch.setattr(trainer_mod, "compile_blocks", spy)
+    monkeypatch.setattr(speed, "compile_blocks", spy)
     write_jsonl(tmp_path / "d.jsonl", instruction_rows())
     logs: list[str] = []
     cfg = job(tiny_llama, tmp_path / "run", {"train": str(tmp_path / "d.jsonl")}, train={"compile": True})
@@ -212,7 +212,7 @@ def test_compile_trains_and_generates(tiny_llama, tmp_path, monkeypatch):
 def test_activation_offload(tiny_llama, tmp_path, monkeypatch):
     """train.activation_offload wraps every forward in autograd's save-on-CPU context (here without
     pinned memory, on CPU tensors); on a CPU model the job refuses it with the fix named."""
-    import slimtune.train.trainer as trainer_mod
+    import slimtune.train.speed as speed
     from slimtune.train.config import JobConfigError
 
     write_jsonl(tmp_path / "d.jsonl", chat_rows())
@@ -225,7 +225,7 @@ def test_activation_offload(tiny_llama, tmp_path, monkeypatch):
     def offload_on_cpu(device):
         entered.append(device.type)
         return torch.autograd.graph.save_on_cpu(pin_memory=False)
-    monkeypatch.setattr(trainer_mod, "activation_offload", offload_on_cpu)
+    monkeypatch.setattr(speed, "activation_offload", offload_on_cpu)
     res = run_train(cfg, **quiet)
     assert len(entered) == 1 + 4  # the set-up check, then one per micro-batch (4 steps)
     assert res["after"]["eval_loss"] < res["before"]["eval_loss"]

@@ -119,7 +119,7 @@ class _Offloaded:
     (train.activation_offload, resources.activation_offload)."""
 
     def __init__(self, model, device: str) -> None:
-        from slimtune.train.resources import activation_offload
+        from slimtune.train.speed import activation_offload
 
         self.model, self.ctx = model, lambda: activation_offload(torch.device(device))
 
@@ -132,7 +132,7 @@ class _Offloaded:
 
 
 def setup_slimtune_offload(model, p):
-    from slimtune.train.resources import activation_offload
+    from slimtune.train.speed import activation_offload
 
     activation_offload(torch.device(p.device))  # raises on a CPU preset, naming why, before any injection
     m, params, teardown = setup_slimtune(model, p)

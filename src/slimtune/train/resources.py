@@ -64,13 +64,3 @@ def set_cpu_threads(requested: int | None, log=print) -> int:
         log(f"cpu: {n} thread(s) ({why})")
     return n
 
-
-def activation_offload(device: torch.device):
-    """A context in which autograd keeps the tensors it saves for backward in pinned CPU memory
-    (torch.autograd.graph.save_on_cpu) and copies them back for backward: GPU memory for
-    activations drops to about one layer's worth, at the price of PCIe copies each step. Long
-    sequences are where it pays. Raises on a CPU device, where there is nothing to offload."""
-    if device.type != "cuda":
-        raise ValueError(f"train.activation_offload: the model is on {device.type}, not a CUDA GPU, so there is "
-                         "no device memory to offload to the CPU; set train.activation_offload: false")
-    return torch.autograd.graph.save_on_cpu(pin_memory=True)

@@ -28,12 +28,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..compile_blocks import compile_blocks
 from ..kernels.chunked_ce import train_loss_fn
 from .config import JobConfig, JobConfigError
 from .data import Prepared, collate
 from .evaluate import Evaluation
-from .resources import activation_offload, peak_memory_mb, resolve_precision, set_cpu_threads
+from .resources import peak_memory_mb, resolve_precision, set_cpu_threads
+from .speed import compile_for_training, enable_gradient_checkpointing, offload_factory
 
 
 class TrainingDiverged(RuntimeError):
@@ -65,18 +65,7 @@ class Trainer(Evaluation):
 
         self.model = peft_model
         if self.t.gradient_checkpointing:
-            base = peft_model.get_base_model()
-            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
-                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            elif hasattr(base, "gradient_checkpointing_enable"):
-                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if hasattr(base, "activation_checkpointing_enable") or hasattr(base, "gradient_checkpointing_enable"):
-                if hasattr(base, "enable_input_require_grads"):  # frozen embeddings: let grads reach the blocks
-                    base.enable_input_require_grads()
-                if hasattr(base.config, "use_cache"):
-                    base.config.use_cache = False
-            else:
-                log(f"gradient_checkpointing: {type(base).__name__} does not support it; running without")
+            enable_gradient_checkpointing(peft_model.get_base_model(), log)
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.params:
             raise RuntimeError("no trainable parameters: the adapter is frozen (loaded with is_trainable=False?)")
@@ -102,23 +91,8 @@ class Trainer(Evaluation):
             raise JobConfigError(str(e)) from None
         self.sched = sched  # stepped once per optimizer step, by hand (not world-size times)
         self.model_unwrapped = self.acc.unwrap_model(self.model)
-        if self.t.compile:
-            try:
-                mode = None if self.t.compile in (True, "default") else self.t.compile
-                n = len(compile_blocks(self.model_unwrapped, mode=mode))
-            except ValueError as e:
-                raise JobConfigError(f"train.compile: {e}; set train.compile: false") from None
-            log(f"compile: {n} blocks under torch.compile ({mode or 'default'} mode); the first steps include compiling")
-        elif cuda and self.is_main:
-            log("tip: train.compile: true (or reduce-overhead) made LoRA steps 1.5-1.7x faster on an H100 in "
-                "slimtune's benchmark (0.85B and 6.7B Llama); the first steps pay the compile")
-        self._offload = None
-        if self.t.activation_offload:
-            try:
-                activation_offload(self.device)
-            except ValueError as e:
-                raise JobConfigError(str(e)) from None
-            self._offload = lambda: activation_offload(self.device)
+        compile_for_training(self.model_unwrapped, self.t, cuda and self.is_main, log)
+        self._offload = offload_factory(self.t, self.device)
 
         self.metric = self.t.metric or self._default_metric()
         self.metric_max = not (self.metric.endswith("loss") or self.metric == "perplexity")
