@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     ap.add_argument("--steps", type=int, help="timed steps per round (default: the preset's)")
     ap.add_argument("--warmup", type=int)
-    ap.add_argument("--rounds", type=int, help="round-robin repeats of the training scenarios")
+    ap.add_argument("--rounds", type=int, help="round-robin repeats of the training and inference scenarios")
     ap.add_argument("--batch", type=int)
     ap.add_argument("--seq", type=int)
     ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=None, help="include full fine-tuning")
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     res = run_benchmark(a.preset, scenarios=a.scenarios.split(",") if a.scenarios else None, steps=a.steps,
-                        warmup=a.warmup, rounds=a.rounds, batch=a.batch, seq=a.seq, full=a.full)
+                        warmup=a.warmup, rounds=a.rounds, infer_rounds=a.rounds, batch=a.batch, seq=a.seq, full=a.full)
     print(format_table(res))
     out = a.out if a.out is not None else os.path.join("benchmarks", "results", f"{a.preset}.json")
     if out != "-":

@@ -43,7 +43,7 @@ def _infer_times(model, x, p: Preset, n: int, cpu_sink: list | None = None, warm
 
 def _infer_rows(model, x, p: Preset, checks: dict, compiled: bool = False) -> list[Row]:
     """Unmerged and merged single-adapter inference against the base model. Every round sets each
-    scenario up again on the one model (PEFT and slimtune inject into it), so `p.rounds` rounds
+    scenario up again on the one model (PEFT and slimtune inject into it), so `p.infer_rounds` rounds
     interleave the scenarios and machine drift hits them alike; the same adapter weights go into both
     libraries, and round 0 checks their logits agree. `compiled` adds base and unmerged slimtune
     with every layer under torch.compile (compile_blocks)."""
@@ -62,7 +62,7 @@ def _infer_rows(model, x, p: Preset, checks: dict, compiled: bool = False) -> li
         return out
 
     state = None
-    for rnd in range(p.rounds):
+    for rnd in range(p.infer_rounds or p.rounds):
         plain = timed("base", model)
         pm = peft.get_peft_model(model, _peft_cfg(p, init_lora_weights=False))
         if state is None:  # PEFT's random adapter weights, reused for every round and for slimtune
