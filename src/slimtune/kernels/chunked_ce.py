@@ -97,8 +97,11 @@ def train_loss_fn(model: nn.Module, mode: str, device: torch.device, processes: 
             with torch.no_grad():
                 ref = model(**batch).loss
             if not torch.allclose(out.detach().float(), ref.float(), rtol=1e-3, atol=1e-4):
+                cause = (f"in {out.dtype} the chunked loss rounds its logits to {out.dtype}, where the model's loss "
+                         "upcasts them to fp32" if out.dtype in (torch.bfloat16, torch.float16)
+                         else "this model computes its logits differently")
                 msg = (f"chunked cross-entropy gave {out.item():.6f} but the model's own loss is {ref.item():.6f} "
-                       "on the first batch: this model computes its logits differently")
+                       f"on the first batch: {cause}")
                 if mode == "on":
                     raise RuntimeError(msg + "; set train.chunked_ce=off")
                 log(f"loss: {msg}; using the model's own loss")
