@@ -182,8 +182,6 @@ def test_bf16_precision_keeps_base_half_and_trains_fp32_adapters(tiny_llama, tmp
               method={"name": "lora", "target_modules": "all-linear"}, train={"precision": "bf16", "max_steps": 6})
     res = run_train(cfg, log=logs.append, progress=False)
     assert any("frozen base in torch.bfloat16, trained parameters in fp32" in line for line in logs), logs
-    # the chunked loss (CPU default) keeps bf16 logits, so the first-batch check hands back the stock loss and says why
-    assert any("rounds its logits to torch.bfloat16" in line and "using the model's own loss" in line for line in logs), logs
     assert res["after"]["eval_loss"] < res["before"]["eval_loss"]
     saved = load_file(str(tmp_path / "run/adapter/adapter_model.safetensors"))
     assert saved and all(t.dtype == torch.float32 for t in saved.values())
