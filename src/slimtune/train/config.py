@@ -78,7 +78,7 @@ class TrainConfig(_Strict):
     # true = inductor's default mode; "reduce-overhead" adds CUDA graphs (GPU; fixed batch shapes
     # pay off, since each new shape records a new graph).
     compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune"]] = False
-    # GPU: keep the tensors saved for backward in pinned CPU memory (resources.activation_offload),
+    # GPU: keep the tensors saved for backward in pinned CPU memory (speed.activation_offload),
     # for sequences whose activations do not fit; costs PCIe copies every step, so off by default.
     activation_offload: bool = False
 

@@ -48,19 +48,24 @@ def busy_cores(window: float = 0.3) -> float:
     return cores * (b[0] - a[0]) / total
 
 
+_AUTO_THREADS: list[tuple[int, str]] = []  # the automatic choice, made once per process
+
+
 def set_cpu_threads(requested: int | None, log=print) -> int:
     """Torch's CPU ops spin-wait on every thread: with more threads than free cores (other
     processes busy) a step gets ~8x slower (measured: 19 s vs 2.5 s for a SmolLM2 step on 2 cores
     with one core taken). So use only the cores other processes leave free right now."""
     n = requested
     why = "train.cpu_threads"
-    if n is None:
+    if n is None and _AUTO_THREADS:  # decided once per process (run_train, then its Trainer)
+        n, why = _AUTO_THREADS[0]
+    elif n is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         busy = busy_cores()
         n = max(1, min(cores, int(cores - busy + 0.5)))
         why = f"{cores} cores, {busy:.1f} busy with other processes"
+        _AUTO_THREADS.append((n, why))
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
         log(f"cpu: {n} thread(s) ({why})")
     return n
-
