@@ -38,14 +38,13 @@ class _LoraLinearFn(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         gb = g @ lora_b  # (N, r)
         dx = dxd = dw = db = da = dbm = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            lora_dx = gb @ lora_a  # (N, in), scaled below
-            if ctx.has_xd:  # gradient of the A path flows through dropout's input separately
-                dx = (g @ weight) if ctx.needs_input_grad[0] else None
-                dxd = lora_dx.mul_(s).view(ctx.shape) if ctx.needs_input_grad[1] else None
-            else:
-                dx = torch.addmm(lora_dx, g, weight, alpha=1.0, beta=s) if ctx.needs_input_grad[0] else None
-            dx = dx.view(ctx.shape) if dx is not None else None
+        if ctx.has_xd:  # gradient of the A path flows through dropout's input separately
+            dx = torch.mm(g, weight) if ctx.needs_input_grad[0] else None
+            dxd = torch.mm(gb, lora_a).mul_(s).view(ctx.shape) if ctx.needs_input_grad[1] else None
+        elif ctx.needs_input_grad[0]:
+            # the LoRA part accumulates into the base input gradient in place: no (N, in) temporary
+            dx = torch.mm(g, weight).addmm_(gb, lora_a, alpha=s)
+        dx = dx.view(ctx.shape) if dx is not None else None
         if ctx.needs_input_grad[2]:
             dw = g.t() @ x2
         if ctx.needs_input_grad[3]:

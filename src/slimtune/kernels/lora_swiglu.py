@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_silu_backward = torch.ops.aten.silu_backward
+_silu_backward_into = torch.ops.aten.silu_backward.grad_input  # the out= overload
 
 
 def _forward(x2, wg, bg, ag, bmg, sg, wu, bu, au, bmu, su, wd, bd, ad, bmd, sd, keep: bool):
@@ -48,6 +48,7 @@ class _LoraSwiGLUFn(torch.autograd.Function):
         nig = ctx.needs_input_grad
         rg = ag.shape[0]
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, d)
+        # Three fresh (N, F) buffers, each reused once its value is spent: act, h -> du, dh -> dg.
         act = F.silu(g)  # recomputed: (N, F)
         h = act * u
         gbd = torch.mm(dy2, bmd).mul_(sd)  # (N, r_d)
@@ -55,8 +56,8 @@ class _LoraSwiGLUFn(torch.autograd.Function):
         d_ad = torch.mm(gbd.t(), h) if nig[12] else None  # (r_d, F)
         dbd = dy2.sum(0) if nig[11] else None
         dh = torch.mm(dy2, wd).addmm_(gbd, ad)  # (N, F)
-        du = dh * act
-        dg = _silu_backward(dh.mul_(u), g)  # (N, F)
+        du = torch.mul(dh, act, out=h)
+        dg = _silu_backward_into(dh.mul_(u), g, grad_input=dh)  # (N, F), in dh's buffer
         d_bmg = torch.mm(dg.t(), xa[:, :rg]).mul_(sg) if nig[5] else None  # (F, r_g)
         d_bmu = torch.mm(du.t(), xa[:, rg:]).mul_(su) if nig[9] else None
         gb = torch.cat((torch.mm(dg, bmg).mul_(sg), torch.mm(du, bmu).mul_(su)), 1)  # (N, r_g + r_u)
