@@ -30,3 +30,40 @@ def test_subset_and_ablation_scenarios():
     assert [r["scenario"] for r in res["rows"]] == ["frozen", "slimtune_shared", "slimtune_function"]
     assert all(r["mem_mib"] for r in res["rows"])
     assert "slimtune_shared" in format_table(res)
+
+
+def test_paired_estimate_rows_interval_and_clean_model():
+    """The paired estimate: one row per side, a bootstrap interval around the median pair ratio, and
+    the shared model handed back with no adapter and no input gradients (later rows reuse it)."""
+    import torch
+
+    from slimtune.bench.core import build_model
+    from slimtune.bench.paired import paired_rows
+    from slimtune.methods.lora_layers import LoraLayer
+
+    p = PRESETS["tiny"]
+    model = build_model(p)
+    x = torch.randint(0, p.model["vocab_size"], (p.batch, p.seq))
+    checks: dict = {}
+    rows = paired_rows(model, x, p, checks, pairs=5)
+    assert [(r.group, r.scenario) for r in rows] == [("paired", "frozen"), ("paired", "slimtune")]
+    assert len(rows[0].times_ms) == len(rows[1].times_ms) == 5 and rows[1].trainable > 0
+    lo, hi = checks["paired_ci95"]
+    assert lo <= checks["paired_lora_vs_floor"] <= hi and checks["paired_pairs"] == 5
+    assert not any(q.requires_grad for q in model.parameters())
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    assert model(input_ids=x).logits.requires_grad is False
+
+
+def test_paired_scenario_in_a_run_and_table():
+    res = run_benchmark("tiny", scenarios=["paired"], warmup=0, pairs=3)
+    assert [(r["group"], r["scenario"]) for r in res["rows"]] == [("paired", "frozen"), ("paired", "slimtune")]
+    assert "paired_slimtune_vs_floor" in res["ratios"] and "95% CI" in format_table(res)
+
+
+def test_bootstrap_interval_of_the_median():
+    from slimtune.bench.paired import bootstrap_median_ci
+
+    assert bootstrap_median_ci([1.1] * 7) == (1.1, 1.1)
+    lo, hi = bootstrap_median_ci([1.0, 1.05, 1.1, 1.08, 1.2, 0.98, 1.07, 1.12])
+    assert 0.98 <= lo <= 1.075 <= hi <= 1.2

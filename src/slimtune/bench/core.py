@@ -15,6 +15,8 @@ Scenarios (rows of the table):
                          the stock frozen floor. Run last: the patching cannot be undone.
     infer  base / peft unmerged / slimtune unmerged / slimtune merged   (forward only, no grad)
     mixed  base / peft / slimtune: one batch of 8 rows, each row its own adapter (adapter_names=)
+    paired frozen / slimtune (--scenarios paired): one model, steps alternating between the adapter
+           disabled and LoRA training; the median pair ratio with a bootstrap 95% interval (paired.py)
 
 Timing: median over timed steps after warm-up; on GPU synchronize around each step. On CPU the
 training scenarios run round-robin (frozen, peft, slimtune, frozen, ...) so that drift and other
@@ -218,6 +220,12 @@ def run_benchmark(preset: str | Preset = "cpu", scenarios: list[str] | None = No
         rows.append(Row("train", s, ms, tokens / ms * 1000, mems.get(s), trainable.get(s, 0), times[s],
                         cpu_ms=statistics.median(cpus[s])))
 
+    # -- the paired estimate of the LoRA overhead (on request: it takes pairs × 2 steps) -------------------
+    if wanted and "paired" in wanted:
+        from .paired import paired_rows
+
+        rows += paired_rows(model, x, p, checks, p.pairs)
+
     # -- inference, single adapter, round-robin like training (base, peft, slimtune, merged, base, ...) -----
     from .infer import _infer_rows, _mixed
 
@@ -278,13 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, help="round-robin repeats of the training and inference scenarios")
     ap.add_argument("--batch", type=int)
     ap.add_argument("--seq", type=int)
+    ap.add_argument("--pairs", type=int, help="step pairs of the paired estimate (--scenarios paired)")
     ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=None, help="include full fine-tuning")
-    ap.add_argument("--scenarios", help="comma list to run a subset: frozen,peft,peft_bf16,slimtune,full,infer,mixed")
+    ap.add_argument("--scenarios", help="comma list to run a subset: frozen,peft,peft_bf16,slimtune,full,infer,mixed,"
+                    "paired (the paired overhead estimate, bench/paired.py)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/<preset>.json; '-' for none)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     res = run_benchmark(a.preset, scenarios=a.scenarios.split(",") if a.scenarios else None, steps=a.steps,
-                        warmup=a.warmup, rounds=a.rounds, infer_rounds=a.rounds, batch=a.batch, seq=a.seq, full=a.full)
+                        warmup=a.warmup, rounds=a.rounds, infer_rounds=a.rounds, batch=a.batch, seq=a.seq, full=a.full,
+                        pairs=a.pairs)
     print(format_table(res))
     out = a.out if a.out is not None else os.path.join("benchmarks", "results", f"{a.preset}.json")
     if out != "-":

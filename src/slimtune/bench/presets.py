@@ -29,6 +29,7 @@ class Preset:
     infer_steps: int = 3
     full: bool = True  # include full fine-tuning
     mixed_adapters: int = 8
+    pairs: int = 24  # (floor, LoRA) step pairs of the paired estimate (--scenarios paired)
     r: int = 16
     alpha: int = 32
     extra: dict = field(default_factory=dict)

@@ -44,6 +44,7 @@ def _ratios(rows: list[Row]) -> dict:
     put("infer_base_compile_vs_base", ("infer", "base_compile"), ("infer", "base"))
     put("infer_slimtune_compile_vs_base", ("infer", "slimtune_compile"), ("infer", "base"))
     put("infer_slimtune_compile_vs_base_compile", ("infer", "slimtune_compile"), ("infer", "base_compile"))
+    put("paired_slimtune_vs_floor", ("paired", "slimtune"), ("paired", "frozen"))  # the median pair ratio: checks
     put("mixed_peft_vs_base", ("mixed", "peft"), ("mixed", "base"))
     put("mixed_slimtune_vs_base", ("mixed", "slimtune"), ("mixed", "base"))
     put("mixed_peft_vs_slimtune", ("mixed", "peft"), ("mixed", "slimtune"))
@@ -74,8 +75,10 @@ def _meta(p: Preset, seconds: float) -> dict:
 def format_table(result: dict) -> str:
     rows, ratios = result["rows"], result["ratios"]
     by = {(r["group"], r["scenario"]): r for r in rows}
-    base = {"train": by.get(("train", "frozen")), "infer": by.get(("infer", "base")), "mixed": by.get(("mixed", "base"))}
-    peft_ref = {"train": by.get(("train", "peft")), "infer": by.get(("infer", "peft")), "mixed": by.get(("mixed", "peft"))}
+    base = {"train": by.get(("train", "frozen")), "infer": by.get(("infer", "base")), "mixed": by.get(("mixed", "base")),
+            "paired": by.get(("paired", "frozen"))}
+    peft_ref = {"train": by.get(("train", "peft")), "infer": by.get(("infer", "peft")), "mixed": by.get(("mixed", "peft")),
+                "paired": None}
     on_cpu = result["meta"]["preset"]["device"] == "cpu"
     head = ("| group | scenario | ms/step | tokens/s | peak MiB | × floor/base (time) | × floor (mem) | × PEFT (time) |"
             + (" CPU ms/step | × floor/base (CPU) | × PEFT (CPU) |" if on_cpu else ""))
@@ -94,6 +97,9 @@ def format_table(result: dict) -> str:
             line += (f" {c:.0f} | " if c else " | ") + (f"{c / b['cpu_ms']:.3f}" if c and b and b.get("cpu_ms") else "") \
                 + " | " + (f"{c / pr['cpu_ms']:.3f}" if c and vs_peft and pr.get("cpu_ms") else "") + " |"
         lines.append(line)
+    for r in rows:
+        if r.get("note"):
+            lines.append(f"\n{r['group']} {r['scenario']}: {r['note']}")
     if "mixed_overhead_peft_vs_slimtune" in ratios:
         lines.append(f"\nmixed batch: PEFT's LoRA overhead over the base forward is "
                      f"{ratios['mixed_overhead_peft_vs_slimtune']}× slimtune's")

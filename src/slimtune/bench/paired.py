@@ -1,0 +1,82 @@
+"""Paired estimate of slimtune's LoRA training overhead over the frozen floor, with its uncertainty.
+
+Why: on a shared 2-core VM one step swings by ±8% from the next, and two identical models set up
+side by side differ by up to 5%, so the round-robin rows (a few steps per scenario) move by several
+percent between runs. Here one model carries the adapter; steps alternate between the adapter
+disabled (the frozen floor: the same weights at the same addresses, every LoRA layer calling its
+base layer) and LoRA training, back to back, in A-B / B-A order. The overhead is the median of the
+per-pair time ratios, with a bootstrap 95% interval over the pairs.
+
+Both sides compute gradients down to the input embeddings (the floor needs them to have a backward
+at all), so the LoRA side does the first layer's input gradient too, which the `slimtune` row skips:
+this estimate leans against slimtune, never for it.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import statistics
+import time
+
+import torch
+
+from .core import Row, _sync
+from .presets import Preset
+from .scenarios import _slim_cfg
+
+
+def bootstrap_median_ci(values: list[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0
+                        ) -> tuple[float, float]:
+    """Percentile bootstrap interval of the median (resampling the values with replacement)."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(n_boot))
+    lo = meds[int((1 - level) / 2 * n_boot)]
+    hi = meds[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
+    return lo, hi
+
+
+def paired_rows(model, x, p: Preset, checks: dict, pairs: int) -> list[Row]:
+    """`pairs` timed (floor, LoRA) step pairs on one injected model; rows in group "paired"."""
+    import slimtune
+
+    sm = slimtune.get_peft_model(model, _slim_cfg(p))
+    base = sm.base_model.model
+    base.enable_input_require_grads()
+    params = [q for q in sm.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+    def step(lora: bool) -> float:
+        ctx = contextlib.nullcontext() if lora else sm.disable_adapter()
+        _sync(p.device)
+        t0 = time.perf_counter()
+        with ctx:
+            loss = sm(input_ids=x, labels=x).loss
+            loss.backward()
+        if lora:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        _sync(p.device)
+        return (time.perf_counter() - t0) * 1000
+
+    floor, lora = [], []
+    try:
+        for _ in range(p.warmup):
+            step(False), step(True)
+        for i in range(pairs):
+            if i % 2 == 0:  # alternate which side goes first: neither always runs on a warmer cache
+                floor.append(step(False)), lora.append(step(True))
+            else:
+                lora.append(step(True)), floor.append(step(False))
+    finally:
+        base.disable_input_require_grads()
+        sm.unload()
+    ratios = [b / a for a, b in zip(floor, lora)]
+    med = statistics.median(ratios)
+    lo, hi = bootstrap_median_ci(ratios)
+    checks.update(paired_lora_vs_floor=round(med, 3), paired_ci95=[round(lo, 3), round(hi, 3)], paired_pairs=pairs)
+    tokens = p.batch * p.seq
+    note = f"median pair ratio {med:.3f}, 95% CI [{lo:.3f}, {hi:.3f}] over {pairs} pairs"
+    return [Row("paired", "frozen", statistics.median(floor), tokens / statistics.median(floor) * 1000, None,
+                times_ms=floor),
+            Row("paired", "slimtune", statistics.median(lora), tokens / statistics.median(lora) * 1000, None,
+                sum(q.numel() for q in params), times_ms=lora, note=note)]
