@@ -48,17 +48,19 @@ def test_paired_estimate_rows_interval_and_clean_model():
     rows = paired_rows(model, x, p, checks, pairs=5)
     assert [(r.group, r.scenario) for r in rows] == [("paired", "frozen"), ("paired", "slimtune")]
     assert len(rows[0].times_ms) == len(rows[1].times_ms) == 5 and rows[1].trainable > 0
-    lo, hi = checks["paired_ci95"]
-    assert lo <= checks["paired_lora_vs_floor"] <= hi and checks["paired_pairs"] == 5
+    lo, hi = checks["paired_slimtune_ci95"]
+    assert lo <= checks["paired_slimtune_vs_floor"] <= hi and checks["paired_pairs"] == 5
     assert not any(q.requires_grad for q in model.parameters())
     assert not any(isinstance(m, LoraLayer) for m in model.modules())
     assert model(input_ids=x).logits.requires_grad is False
 
 
 def test_paired_scenario_in_a_run_and_table():
-    res = run_benchmark("tiny", scenarios=["paired"], warmup=0, pairs=3)
-    assert [(r["group"], r["scenario"]) for r in res["rows"]] == [("paired", "frozen"), ("paired", "slimtune")]
-    assert "paired_slimtune_vs_floor" in res["ratios"] and "95% CI" in format_table(res)
+    res = run_benchmark("tiny", scenarios=["paired", "paired_peft"], warmup=0, pairs=3)
+    assert [(r["group"], r["scenario"]) for r in res["rows"]] == [
+        ("paired", "frozen"), ("paired", "slimtune"), ("paired", "frozen_peft"), ("paired", "peft")]
+    assert {"paired_slimtune_vs_floor", "paired_peft_vs_floor"} <= set(res["ratios"])
+    assert "95% CI" in format_table(res) and len(res["checks"]["paired_peft_ci95"]) == 2
 
 
 def test_bootstrap_interval_of_the_median():

@@ -15,8 +15,9 @@ Scenarios (rows of the table):
                          the stock frozen floor. Run last: the patching cannot be undone.
     infer  base / peft unmerged / slimtune unmerged / slimtune merged   (forward only, no grad)
     mixed  base / peft / slimtune: one batch of 8 rows, each row its own adapter (adapter_names=)
-    paired frozen / slimtune (--scenarios paired): one model, steps alternating between the adapter
-           disabled and LoRA training; the median pair ratio with a bootstrap 95% interval (paired.py)
+    paired frozen / slimtune (--scenarios paired; paired_peft: frozen_peft / peft): one model, steps
+           alternating between the adapter disabled and LoRA training; the median pair ratio with a
+           bootstrap 95% interval (paired.py)
 
 Timing: median over timed steps after warm-up; on GPU synchronize around each step. On CPU the
 training scenarios run round-robin (frozen, peft, slimtune, frozen, ...) so that drift and other
@@ -221,10 +222,11 @@ def run_benchmark(preset: str | Preset = "cpu", scenarios: list[str] | None = No
                         cpu_ms=statistics.median(cpus[s])))
 
     # -- the paired estimate of the LoRA overhead (on request: it takes pairs × 2 steps) -------------------
-    if wanted and "paired" in wanted:
+    if wanted and wanted & {"paired", "paired_peft"}:
         from .paired import paired_rows
 
-        rows += paired_rows(model, x, p, checks, p.pairs)
+        for lib in [lib for s, lib in (("paired", "slimtune"), ("paired_peft", "peft")) if s in wanted]:
+            rows += paired_rows(model, x, p, checks, p.pairs, lib)
 
     # -- inference, single adapter, round-robin like training (base, peft, slimtune, merged, base, ...) -----
     from .infer import _infer_rows, _mixed
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, help="step pairs of the paired estimate (--scenarios paired)")
     ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=None, help="include full fine-tuning")
     ap.add_argument("--scenarios", help="comma list to run a subset: frozen,peft,peft_bf16,slimtune,full,infer,mixed,"
-                    "paired (the paired overhead estimate, bench/paired.py)")
+                    "paired,paired_peft (the paired overhead estimate of slimtune / PEFT, bench/paired.py)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/<preset>.json; '-' for none)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

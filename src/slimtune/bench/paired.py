@@ -22,7 +22,7 @@ import torch
 
 from .core import Row, _sync
 from .presets import Preset
-from .scenarios import _slim_cfg
+from .scenarios import _peft_cfg, _slim_cfg
 
 
 def bootstrap_median_ci(values: list[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0
@@ -35,28 +35,34 @@ def bootstrap_median_ci(values: list[float], n_boot: int = 2000, level: float = 
     return lo, hi
 
 
-def paired_rows(model, x, p: Preset, checks: dict, pairs: int) -> list[Row]:
-    """`pairs` timed (floor, LoRA) step pairs on one injected model; rows in group "paired"."""
-    import slimtune
+def paired_rows(model, x, p: Preset, checks: dict, pairs: int, lib: str = "slimtune") -> list[Row]:
+    """`pairs` timed (floor, LoRA) step pairs on one model injected by `lib` ("slimtune" or "peft":
+    HF PEFT through the same estimator); rows in group "paired"."""
+    if lib == "peft":
+        import peft
 
-    sm = slimtune.get_peft_model(model, _slim_cfg(p))
+        sm = peft.get_peft_model(model, _peft_cfg(p))
+    else:
+        import slimtune
+
+        sm = slimtune.get_peft_model(model, _slim_cfg(p))
     base = sm.base_model.model
     base.enable_input_require_grads()
     params = [q for q in sm.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
 
     def step(lora: bool) -> float:
-        ctx = contextlib.nullcontext() if lora else sm.disable_adapter()
-        _sync(p.device)
-        t0 = time.perf_counter()
-        with ctx:
+        # switching the adapter off and on walks every module: done outside the timed region
+        with contextlib.nullcontext() if lora else sm.disable_adapter():
+            _sync(p.device)
+            t0 = time.perf_counter()
             loss = sm(input_ids=x, labels=x).loss
             loss.backward()
-        if lora:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        _sync(p.device)
-        return (time.perf_counter() - t0) * 1000
+            if lora:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            _sync(p.device)
+            return (time.perf_counter() - t0) * 1000
 
     floor, lora = [], []
     try:
@@ -73,10 +79,12 @@ def paired_rows(model, x, p: Preset, checks: dict, pairs: int) -> list[Row]:
     ratios = [b / a for a, b in zip(floor, lora)]
     med = statistics.median(ratios)
     lo, hi = bootstrap_median_ci(ratios)
-    checks.update(paired_lora_vs_floor=round(med, 3), paired_ci95=[round(lo, 3), round(hi, 3)], paired_pairs=pairs)
+    checks.update({f"paired_{lib}_vs_floor": round(med, 3), f"paired_{lib}_ci95": [round(lo, 3), round(hi, 3)],
+                   "paired_pairs": pairs})
     tokens = p.batch * p.seq
     note = f"median pair ratio {med:.3f}, 95% CI [{lo:.3f}, {hi:.3f}] over {pairs} pairs"
-    return [Row("paired", "frozen", statistics.median(floor), tokens / statistics.median(floor) * 1000, None,
+    floor_name = "frozen" if lib == "slimtune" else f"frozen_{lib}"
+    return [Row("paired", floor_name, statistics.median(floor), tokens / statistics.median(floor) * 1000, None,
                 times_ms=floor),
-            Row("paired", "slimtune", statistics.median(lora), tokens / statistics.median(lora) * 1000, None,
+            Row("paired", lib, statistics.median(lora), tokens / statistics.median(lora) * 1000, None,
                 sum(q.numel() for q in params), times_ms=lora, note=note)]
