@@ -56,10 +56,13 @@ def test_paired_estimate_rows_interval_and_clean_model():
 
 
 def test_paired_scenario_in_a_run_and_table():
-    res = run_benchmark("tiny", scenarios=["paired", "paired_peft"], warmup=0, pairs=3)
+    res = run_benchmark("tiny", scenarios=["paired", "paired_peft", "paired_infer", "paired_infer_peft"], warmup=0, pairs=3)
     assert [(r["group"], r["scenario"]) for r in res["rows"]] == [
-        ("paired", "frozen"), ("paired", "slimtune"), ("paired", "frozen_peft"), ("paired", "peft")]
-    assert {"paired_slimtune_vs_floor", "paired_peft_vs_floor"} <= set(res["ratios"])
+        ("paired", "frozen"), ("paired", "slimtune"), ("paired", "frozen_peft"), ("paired", "peft"),
+        ("paired_infer", "base"), ("paired_infer", "slimtune"), ("paired_infer", "base_peft"), ("paired_infer", "peft")]
+    assert {"paired_slimtune_vs_floor", "paired_peft_vs_floor", "paired_infer_slimtune_vs_base",
+            "paired_infer_peft_vs_base"} <= set(res["ratios"])
+    assert res["checks"]["paired_infer_slimtune_ci95"][0] <= res["checks"]["paired_infer_slimtune_vs_base"]
     assert "95% CI" in format_table(res) and len(res["checks"]["paired_peft_ci95"]) == 2
 
 

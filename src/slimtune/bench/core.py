@@ -17,7 +17,8 @@ Scenarios (rows of the table):
     mixed  base / peft / slimtune: one batch of 8 rows, each row its own adapter (adapter_names=)
     paired frozen / slimtune (--scenarios paired; paired_peft: frozen_peft / peft): one model, steps
            alternating between the adapter disabled and LoRA training; the median pair ratio with a
-           bootstrap 95% interval (paired.py)
+           bootstrap 95% interval (paired.py). paired_infer / paired_infer_peft: the same for
+           unmerged inference (rows base / slimtune, base_peft / peft in group paired_infer)
 
 Timing: median over timed steps after warm-up; on GPU synchronize around each step. On CPU the
 training scenarios run round-robin (frozen, peft, slimtune, frozen, ...) so that drift and other
@@ -222,11 +223,13 @@ def run_benchmark(preset: str | Preset = "cpu", scenarios: list[str] | None = No
                         cpu_ms=statistics.median(cpus[s])))
 
     # -- the paired estimate of the LoRA overhead (on request: it takes pairs × 2 steps) -------------------
-    if wanted and wanted & {"paired", "paired_peft"}:
+    paired = {"paired": ("slimtune", True), "paired_peft": ("peft", True), "paired_infer": ("slimtune", False),
+              "paired_infer_peft": ("peft", False)}
+    if wanted and wanted & set(paired):
         from .paired import paired_rows
 
-        for lib in [lib for s, lib in (("paired", "slimtune"), ("paired_peft", "peft")) if s in wanted]:
-            rows += paired_rows(model, x, p, checks, p.pairs, lib)
+        for lib, is_train in [v for s, v in paired.items() if s in wanted]:
+            rows += paired_rows(model, x, p, checks, p.pairs, lib, train=is_train)
 
     # -- inference, single adapter, round-robin like training (base, peft, slimtune, merged, base, ...) -----
     from .infer import _infer_rows, _mixed
@@ -291,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, help="step pairs of the paired estimate (--scenarios paired)")
     ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=None, help="include full fine-tuning")
     ap.add_argument("--scenarios", help="comma list to run a subset: frozen,peft,peft_bf16,slimtune,full,infer,mixed,"
-                    "paired,paired_peft (the paired overhead estimate of slimtune / PEFT, bench/paired.py)")
+                    "paired,paired_peft,paired_infer,paired_infer_peft (paired estimates, bench/paired.py)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/<preset>.json; '-' for none)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

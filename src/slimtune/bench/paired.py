@@ -7,7 +7,10 @@ disabled (the frozen floor: the same weights at the same addresses, every LoRA l
 base layer) and LoRA training, back to back, in A-B / B-A order. The overhead is the median of the
 per-pair time ratios, with a bootstrap 95% interval over the pairs.
 
-Both sides compute gradients down to the input embeddings (the floor needs them to have a backward
+`--scenarios paired_infer` does the same for unmerged inference: no-grad forwards with the adapter
+off (the base model) and on.
+
+Both training sides compute gradients down to the input embeddings (the floor needs them to have a backward
 at all), so the LoRA side does the first layer's input gradient too, which the `slimtune` row skips:
 this estimate leans against slimtune, never for it.
 """
@@ -35,9 +38,11 @@ def bootstrap_median_ci(values: list[float], n_boot: int = 2000, level: float = 
     return lo, hi
 
 
-def paired_rows(model, x, p: Preset, checks: dict, pairs: int, lib: str = "slimtune") -> list[Row]:
+def paired_rows(model, x, p: Preset, checks: dict, pairs: int, lib: str = "slimtune", train: bool = True
+                ) -> list[Row]:
     """`pairs` timed (floor, LoRA) step pairs on one model injected by `lib` ("slimtune" or "peft":
-    HF PEFT through the same estimator); rows in group "paired"."""
+    HF PEFT through the same estimator). train=True: training steps, rows in group "paired";
+    train=False: no-grad forwards (unmerged inference against the base), group "paired_infer"."""
     if lib == "peft":
         import peft
 
@@ -47,20 +52,25 @@ def paired_rows(model, x, p: Preset, checks: dict, pairs: int, lib: str = "slimt
 
         sm = slimtune.get_peft_model(model, _slim_cfg(p))
     base = sm.base_model.model
-    base.enable_input_require_grads()
+    if train:
+        base.enable_input_require_grads()
+    else:
+        sm.eval()
     params = [q for q in sm.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if train else None
 
     def step(lora: bool) -> float:
         # switching the adapter off and on walks every module: done outside the timed region
-        with contextlib.nullcontext() if lora else sm.disable_adapter():
+        with contextlib.nullcontext() if lora else sm.disable_adapter(), torch.set_grad_enabled(train):
             _sync(p.device)
             t0 = time.perf_counter()
-            loss = sm(input_ids=x, labels=x).loss
-            loss.backward()
-            if lora:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            if train:
+                sm(input_ids=x, labels=x).loss.backward()
+                if lora:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            else:
+                sm(input_ids=x)
             _sync(p.device)
             return (time.perf_counter() - t0) * 1000
 
@@ -74,17 +84,20 @@ def paired_rows(model, x, p: Preset, checks: dict, pairs: int, lib: str = "slimt
             else:
                 lora.append(step(True)), floor.append(step(False))
     finally:
-        base.disable_input_require_grads()
+        if train:
+            base.disable_input_require_grads()
+        sm.train()
         sm.unload()
     ratios = [b / a for a, b in zip(floor, lora)]
     med = statistics.median(ratios)
     lo, hi = bootstrap_median_ci(ratios)
-    checks.update({f"paired_{lib}_vs_floor": round(med, 3), f"paired_{lib}_ci95": [round(lo, 3), round(hi, 3)],
+    group = "paired" if train else "paired_infer"
+    checks.update({f"{group}_{lib}_vs_{'floor' if train else 'base'}": round(med, 3), f"{group}_{lib}_ci95": [round(lo, 3), round(hi, 3)],
                    "paired_pairs": pairs})
     tokens = p.batch * p.seq
     note = f"median pair ratio {med:.3f}, 95% CI [{lo:.3f}, {hi:.3f}] over {pairs} pairs"
-    floor_name = "frozen" if lib == "slimtune" else f"frozen_{lib}"
-    return [Row("paired", floor_name, statistics.median(floor), tokens / statistics.median(floor) * 1000, None,
+    floor_name = ("frozen" if train else "base") + ("" if lib == "slimtune" else f"_{lib}")
+    return [Row(group, floor_name, statistics.median(floor), tokens / statistics.median(floor) * 1000, None,
                 times_ms=floor),
-            Row("paired", lib, statistics.median(lora), tokens / statistics.median(lora) * 1000, None,
+            Row(group, lib, statistics.median(lora), tokens / statistics.median(lora) * 1000, None,
                 sum(q.numel() for q in params), times_ms=lora, note=note)]

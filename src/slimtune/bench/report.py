@@ -46,6 +46,8 @@ def _ratios(rows: list[Row]) -> dict:
     put("infer_slimtune_compile_vs_base_compile", ("infer", "slimtune_compile"), ("infer", "base_compile"))
     put("paired_slimtune_vs_floor", ("paired", "slimtune"), ("paired", "frozen"))  # the median pair ratio: checks
     put("paired_peft_vs_floor", ("paired", "peft"), ("paired", "frozen_peft"))
+    put("paired_infer_slimtune_vs_base", ("paired_infer", "slimtune"), ("paired_infer", "base"))
+    put("paired_infer_peft_vs_base", ("paired_infer", "peft"), ("paired_infer", "base_peft"))
     put("mixed_peft_vs_base", ("mixed", "peft"), ("mixed", "base"))
     put("mixed_slimtune_vs_base", ("mixed", "slimtune"), ("mixed", "base"))
     put("mixed_peft_vs_slimtune", ("mixed", "peft"), ("mixed", "slimtune"))
@@ -76,17 +78,20 @@ def _meta(p: Preset, seconds: float) -> dict:
 def format_table(result: dict) -> str:
     rows, ratios = result["rows"], result["ratios"]
     by = {(r["group"], r["scenario"]): r for r in rows}
-    base = {"train": by.get(("train", "frozen")), "infer": by.get(("infer", "base")), "mixed": by.get(("mixed", "base")),
-            "paired": by.get(("paired", "frozen")), "paired_peft": by.get(("paired", "frozen_peft"))}
-    peft_ref = {"train": by.get(("train", "peft")), "infer": by.get(("infer", "peft")), "mixed": by.get(("mixed", "peft")),
-                "paired": None}
+    base = {"train": by.get(("train", "frozen")), "infer": by.get(("infer", "base")), "mixed": by.get(("mixed", "base"))}
+    peft_ref = {"train": by.get(("train", "peft")), "infer": by.get(("infer", "peft")), "mixed": by.get(("mixed", "peft"))}
     on_cpu = result["meta"]["preset"]["device"] == "cpu"
     head = ("| group | scenario | ms/step | tokens/s | peak MiB | × floor/base (time) | × floor (mem) | × PEFT (time) |"
             + (" CPU ms/step | × floor/base (CPU) | × PEFT (CPU) |" if on_cpu else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    paired_floor = None
     for r in rows:
-        b = base["paired_peft"] if r["group"] == "paired" and r["scenario"] in ("peft", "frozen_peft") else base[r["group"]]
-        pr = peft_ref[r["group"]]
+        if r["group"].startswith("paired"):  # rows come as (floor, LoRA) pairs: each LoRA row against its own floor
+            if r["scenario"].startswith(("frozen", "base")):
+                paired_floor = r
+            b, pr = paired_floor, None
+        else:
+            b, pr = base[r["group"]], peft_ref[r["group"]]
         vs_peft = pr and r["scenario"] not in ("frozen", "base", "base_compile", "full", "frozen+liger", "frozen_chunked_ce", "frozen_compile", "frozen_compile_graphs")
         t_ratio = f"{r['ms'] / b['ms']:.3f}" if b else ""
         m_ratio = f"{r['mem_mib'] / b['mem_mib']:.3f}" if b and r["mem_mib"] and b["mem_mib"] else ""
