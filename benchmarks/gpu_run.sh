@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What to run when a GPU is lent (device tool): versions, the CUDA tests, the GPU presets, a profile.
-# Usage: bash benchmarks/gpu_run.sh OUTDIR [tests|0.85b|ablation|6.7b|offload|profile ...]   (default: all four)
+# Usage: bash benchmarks/gpu_run.sh OUTDIR [tests|0.85b|ablation|6.7b|offload|paired|infer_compile|profile ...]
+#        (default: tests 0.85b 6.7b profile)
 set -u
 out=${1:?OUTDIR}; shift
 steps=${*:-tests 0.85b 6.7b profile}
@@ -17,6 +18,10 @@ for s in $steps; do
                 --scenarios frozen,frozen_compile,frozen_compile_graphs,peft_bf16_compile,slimtune_compile,slimtune_compile_graphs,slimtune_compile_perlayer ;;
     offload) timeout 300 python3 -m slimtune.bench --preset gpu-6.7b --rounds 1 --out "$out/offload-gpu-6.7b.json" \
                 --scenarios frozen,slimtune,slimtune_offload ;;
+    paired) timeout 300 python3 -m slimtune.bench --preset gpu-0.85b --pairs 30 --out "$out/paired-gpu-0.85b.json" \
+                --scenarios paired,paired_peft,paired_infer,paired_infer_peft ;;
+    infer_compile) timeout 300 python3 -m slimtune.bench --preset gpu-6.7b --rounds 2 --out "$out/infer-compile-gpu-6.7b.json" \
+                --scenarios infer,infer_compile ;;
     6.7b) timeout 420 python3 -m slimtune.bench --preset gpu-6.7b --rounds 1 --out "$out/gpu-6.7b.json" ;;
     profile) python3 benchmarks/profile_gpu.py gpu-0.85b frozen,slimtune,infer:base,infer:slimtune_merged,infer:slimtune > "$out/profile-gpu-0.85b.txt" 2>&1
              grep -E "^====|time total" "$out/profile-gpu-0.85b.txt" ;;
