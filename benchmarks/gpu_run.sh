@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What to run when a GPU is lent (device tool): versions, the CUDA tests, the GPU presets, a profile.
-# Usage: bash benchmarks/gpu_run.sh OUTDIR [tests|0.85b|ablation|6.7b|offload|paired|infer_compile|profile ...]
+# Usage: bash benchmarks/gpu_run.sh OUTDIR [tests|0.85b|ablation|6.7b|offload|paired|infer_compile|cpu-host|profile ...]
 #        (default: tests 0.85b 6.7b profile)
 set -u
 out=${1:?OUTDIR}; shift
@@ -22,6 +22,10 @@ for s in $steps; do
                 --scenarios paired,paired_peft,paired_infer,paired_infer_peft ;;
     infer_compile) timeout 300 python3 -m slimtune.bench --preset gpu-6.7b --rounds 2 --out "$out/infer-compile-gpu-6.7b.json" \
                 --scenarios infer,infer_compile ;;
+    cpu-host) # the CPU preset's paired estimate on 2 cores of this machine's host CPU (another ISA than the VM's)
+             grep -m1 "model name" /proc/cpuinfo; grep -o -m1 -E "avx512f|amx_tile" /proc/cpuinfo | sort -u | tr '\n' ' '; echo
+             CUDA_VISIBLE_DEVICES= timeout 400 taskset -c 0,1 python3 -m slimtune.bench --preset cpu --pairs 24 \
+                --scenarios paired,paired_peft,paired_infer --out "$out/cpu-host-paired.json" ;;
     6.7b) timeout 420 python3 -m slimtune.bench --preset gpu-6.7b --rounds 1 --out "$out/gpu-6.7b.json" ;;
     profile) python3 benchmarks/profile_gpu.py gpu-0.85b frozen,slimtune,infer:base,infer:slimtune_merged,infer:slimtune > "$out/profile-gpu-0.85b.txt" 2>&1
              grep -E "^====|time total" "$out/profile-gpu-0.85b.txt" ;;
