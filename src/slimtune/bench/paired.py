@@ -1,4 +1,5 @@
-"""Paired estimate of slimtune's LoRA training overhead over the frozen floor, with its uncertainty.
+"""Paired estimates of the LoRA overhead (slimtune or HF PEFT; training or unmerged inference) over
+the frozen floor, with their uncertainty.
 
 Why: on a shared 2-core VM one step swings by ±8% from the next, and two identical models set up
 side by side differ by up to 5%, so the round-robin rows (a few steps per scenario) move by several
@@ -10,9 +11,9 @@ per-pair time ratios, with a bootstrap 95% interval over the pairs.
 `--scenarios paired_infer` does the same for unmerged inference: no-grad forwards with the adapter
 off (the base model) and on.
 
-Both training sides compute gradients down to the input embeddings (the floor needs them to have a backward
-at all), so the LoRA side does the first layer's input gradient too, which the `slimtune` row skips:
-this estimate leans against slimtune, never for it.
+Both training sides compute gradients down to the input embeddings (the floor needs them to have a
+backward at all), so the LoRA side does the first layer's input gradient too, which the `slimtune`
+row skips: this estimate leans against slimtune, never for it.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def paired_rows(model, x, p: Preset, checks: dict, pairs: int, lib: str = "slimt
 
         sm = slimtune.get_peft_model(model, _slim_cfg(p))
     base = sm.base_model.model
+    was_training = base.training
     if train:
         base.enable_input_require_grads()
     else:
@@ -77,22 +79,23 @@ def paired_rows(model, x, p: Preset, checks: dict, pairs: int, lib: str = "slimt
     floor, lora = [], []
     try:
         for _ in range(p.warmup):
-            step(False), step(True)
+            step(False)
+            step(True)
         for i in range(pairs):
-            if i % 2 == 0:  # alternate which side goes first: neither always runs on a warmer cache
-                floor.append(step(False)), lora.append(step(True))
-            else:
-                lora.append(step(True)), floor.append(step(False))
+            # alternate which side goes first: neither always runs on a warmer cache
+            for side in ((False, True) if i % 2 == 0 else (True, False)):
+                (lora if side else floor).append(step(side))
     finally:
         if train:
             base.disable_input_require_grads()
-        sm.train()
+        sm.train(was_training)
         sm.unload()
     ratios = [b / a for a, b in zip(floor, lora)]
     med = statistics.median(ratios)
     lo, hi = bootstrap_median_ci(ratios)
     group = "paired" if train else "paired_infer"
-    checks.update({f"{group}_{lib}_vs_{'floor' if train else 'base'}": round(med, 3), f"{group}_{lib}_ci95": [round(lo, 3), round(hi, 3)],
+    vs = "floor" if train else "base"
+    checks.update({f"{group}_{lib}_vs_{vs}": round(med, 3), f"{group}_{lib}_ci95": [round(lo, 3), round(hi, 3)],
                    "paired_pairs": pairs})
     tokens = p.batch * p.seq
     note = f"median pair ratio {med:.3f}, 95% CI [{lo:.3f}, {hi:.3f}] over {pairs} pairs"
