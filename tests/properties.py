@@ -67,3 +67,15 @@ def train_steps(pm, batch: dict, steps: int = 6, lr: float = 1e-2, opt_cls=torch
 def train_lm_steps(pm, ids, steps: int = 6, lr: float = 1e-2) -> tuple[list[float], set[str]]:
     """Causal-LM loss on `ids` (labels = inputs)."""
     return train_steps(pm, {"input_ids": ids, "labels": ids}, steps, lr)
+
+
+@torch.no_grad()
+def greedy_by_forward(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding by one full forward per token (no KV cache, positions from the padding
+    mask as generate computes them): the reference a cached `generate` must reproduce, and one
+    that does not depend on any library's generation code. (B, T) -> (B, T + new_tokens)."""
+    for _ in range(new_tokens):
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
+        nxt = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids

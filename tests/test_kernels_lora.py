@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from slimtune.compat import enable_activation_checkpointing
 from slimtune.kernels.lora import lora_linear, lora_reference
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
@@ -264,7 +265,7 @@ def _llama_lora(checkpointing=None):
 
     m = tiny_llama()
     if checkpointing is not None:
-        m.gradient_checkpointing_enable({"use_reentrant": checkpointing})
+        enable_activation_checkpointing(m, use_reentrant=checkpointing)
     pm = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                       "up_proj", "down_proj"]))

@@ -16,6 +16,7 @@ from conftest import (
 from properties import check_merge_unmerge
 
 from slimtune import LoraConfig, PeftModel, get_peft_model
+from slimtune.compat import enable_activation_checkpointing
 from slimtune.inject import AdapterLayer, ModulesToSaveWrapper, adapter_layers
 
 CASES = {
@@ -231,10 +232,7 @@ def test_gradients_match_reference_composition(ids, monkeypatch):
 
 def test_gradient_checkpointing_trains(ids):
     m = tiny_llama()
-    if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
-        m.activation_checkpointing_enable({"use_reentrant": False})
-    else:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(m, use_reentrant=False)
     pm = get_peft_model(m, LoraConfig(r=2))
     pm.train()
     pm(ids, labels=ids).loss.backward()

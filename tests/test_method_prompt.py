@@ -11,6 +11,7 @@ from properties import train_steps
 from safetensors.torch import load_file
 
 from slimtune import PeftModel, get_peft_model
+from slimtune.compat import enable_activation_checkpointing
 from slimtune.methods.bottleneck import NotMergeableError
 from slimtune.methods.prompt import PromptEncoderConfig, PromptTuningConfig
 from slimtune.targeting import TargetError
@@ -254,7 +255,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     for gc in (False, True):
         model = tiny_llama()
         if gc:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model, use_reentrant=False)
         pm = get_peft_model(model, PromptEncoderConfig(num_virtual_tokens=N, encoder_hidden_size=8))
         pm.train()
         pm(input_ids=IDS, attention_mask=MASK, labels=IDS.masked_fill(MASK == 0, -100)).loss.backward()

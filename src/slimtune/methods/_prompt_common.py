@@ -24,6 +24,7 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn as nn
 
+from ..compat import cache_arg, pop_cache
 from ..config import ANY, AdapterConfig, ConfigError, listify
 from ..inject import save_wrappers
 from ..targeting import TargetError
@@ -163,6 +164,7 @@ class PromptTunerBase(Tuner):
             mod = self.hook_module()
             self._hook_module = mod
             self._arg_names = _arg_names(mod)
+            self._cache_arg = cache_arg(mod)
             self._hook_handle = mod.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         if len(self.peft_config) == 1:
             self.set_adapter(adapter)
@@ -177,8 +179,17 @@ class PromptTunerBase(Tuner):
             kwargs = {**dict(zip(self._arg_names, args)), **kwargs}
             if len(args) > len(self._arg_names):
                 raise TypeError(f"{self.peft_config[self.active_adapter].method}: pass inputs by name")
+        kwargs = dict(kwargs)
+        given, past = pop_cache(kwargs)
+        if past is not None:
+            kwargs[self.cache_key if self._cache_arg else given] = past
         name = self.active_adapter
-        return (), self.rewrite(module, dict(kwargs), self.peft_config[name], self.prompt_encoder[name])
+        return (), self.rewrite(module, kwargs, self.peft_config[name], self.prompt_encoder[name])
+
+    @property
+    def cache_key(self) -> str:
+        """The keyword the hooked module takes its KV cache as; `rewrite` reads and writes it."""
+        return self._cache_arg or "past_key_values"
 
     # ---- adapters as a set -------------------------------------------------------------------
     def set_adapter(self, name: str | list[str]) -> None:

@@ -5,7 +5,10 @@ the model runs, so every layer attends to N extra positions it never computed; t
 mask gets N ones on the left and positions start at N (as in PEFT).
 
     table (N, L·2·D) ─view─► (L·2, H, N, D/H) ─► layer l: keys = [2l], values = [2l+1]
-                     ─► DynamicCache pre-filled, batch-expanded ─► model(past_key_values=cache)
+                     ─► DynamicCache pre-filled, batch-expanded ─► model(cache=...)
+
+The cache goes in under the name the model's forward takes: `cache` (transformers >= 5.24) or
+`past_key_values` (older), read from its signature (`compat.cache_arg`).
 
 With `prefix_projection` the table is the output of an MLP (embedding (N, D) -> tanh -> L·2·D)
 during training; the file holds that output, baked: PEFT's single `prompt_embeddings` tensor of
@@ -13,17 +16,17 @@ shape (N, L·2·D), with `inference_mode: true` so both libraries load it as a p
 
 Training uses a read-only prefix cache (keys = cat(prefix, new), nothing stored), so gradient
 checkpointing can recompute a layer and see the same keys; transformers otherwise drops
-`past_key_values` inside checkpointed layers, which would silently train nothing.
+the cache inside checkpointed layers, which would silently train nothing.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
+from ..compat import cache_arg
 from ..config import ConfigError
 from ..registry import register_method
 from ..targeting import TargetError
@@ -111,29 +114,23 @@ def _prefix_cache_cls():
     return PrefixOnlyCache
 
 
-def _takes_cache(module: nn.Module) -> bool:
-    try:
-        return "past_key_values" in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 @register_method(PrefixTuningConfig, mergeable=False, description="trained key/value prefixes in every attention layer")
 class PrefixTuningModel(PromptTunerBase):
     def _target(self) -> nn.Module | None:
-        """The module whose forward takes past_key_values: the model, or its backbone (BertModel
+        """The module whose forward takes a KV cache: the model, or its backbone (BertModel
         inside BertForSequenceClassification, whose head does not pass a cache on)."""
-        if _takes_cache(self.model):
+        if cache_arg(self.model):
             return self.model
         prefix = getattr(self.model, "base_model_prefix", "")
         inner = getattr(self.model, prefix, None) if prefix else None
-        return inner if isinstance(inner, nn.Module) and _takes_cache(inner) else None
+        return inner if isinstance(inner, nn.Module) and cache_arg(inner) else None
 
     def check_model(self, config: PromptLearningConfig) -> None:
         cfg = getattr(self.model, "config", None)
         if cfg is None or self._target() is None:
             raise TargetError(
-                f"prefix: {type(self.model).__name__} takes no KV cache (its forward has no past_key_values), so "
+                f"prefix: {type(self.model).__name__} takes no KV cache (its forward has no `cache` or "
+                "`past_key_values` argument), so "
                 "there is nowhere to put prefixes; use prompt tuning, LoRA or bottleneck adapters for this model")
         if getattr(cfg, "is_encoder_decoder", False):
             raise TargetError("prefix: encoder-decoder models are not supported yet; use LoRA or IA3")
@@ -165,7 +162,7 @@ class PrefixTuningModel(PromptTunerBase):
 
     def rewrite(self, module: nn.Module, kw: dict, config: PromptLearningConfig, encoder: nn.Module) -> dict:
         n = config.num_virtual_tokens
-        past = kw.get("past_key_values")
+        past = kw.get(self.cache_key)
         if cache_length(past) == 0:  # first step: write the prefixes (later decoding steps find them there)
             b = batch_size(kw)
             ref = kw.get("inputs_embeds")
@@ -183,14 +180,14 @@ class PrefixTuningModel(PromptTunerBase):
                 past = past if past is not None else DynamicCache(config=self.model.config)
                 for i, (k, v) in enumerate(kv):
                     past.update(k, v, i)
-            kw["past_key_values"] = past
+            kw[self.cache_key] = past
         kw["attention_mask"] = extend_mask(kw.get("attention_mask"), n)
         if kw.get("position_ids") is not None:
             kw["position_ids"] = kw["position_ids"] + n
         return kw
 
     def _allow_cache_under_checkpointing(self, module: nn.Module) -> None:
-        # transformers' checkpointed layers drop past_key_values unless the layer says it only
+        # transformers' checkpointed layers drop the cache unless the layer says it only
         # reads the cache; our training cache is read-only, so that is true for this forward.
         for m in module.modules():
             if getattr(m, "gradient_checkpointing", False) and hasattr(type(m), "_can_checkpoint_with_cache"):

@@ -194,7 +194,7 @@ class PromptTuningModel(PromptTunerBase):
 
     def rewrite(self, module: nn.Module, kw: dict, config: PromptLearningConfig, encoder: nn.Module) -> dict:
         n = config.total_virtual_tokens
-        if cache_length(kw.get("past_key_values")) > 0:
+        if cache_length(kw.get(self.cache_key)) > 0:
             # a decoding step: the cache already holds the prompt, only the mask and positions shift
             kw["attention_mask"] = extend_mask(kw.get("attention_mask"), n)
             if kw.get("position_ids") is not None:

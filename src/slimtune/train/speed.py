@@ -7,17 +7,14 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ..compat import enable_activation_checkpointing
 from ..compile_blocks import compile_blocks
 from .config import JobConfigError, TrainConfig
 
 
 def enable_gradient_checkpointing(base: nn.Module, log: Callable[[str], None]) -> None:
     """Recompute each block's activations in backward (non-reentrant), as transformers offers it."""
-    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    elif hasattr(base, "gradient_checkpointing_enable"):
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
+    if not enable_activation_checkpointing(base, use_reentrant=False):
         log(f"gradient_checkpointing: {type(base).__name__} does not support it; running without")
         return
     if hasattr(base, "enable_input_require_grads"):  # frozen embeddings: let grads reach the blocks
