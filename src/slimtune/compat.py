@@ -3,7 +3,7 @@
 Each helper finds what the installed transformers offers by looking at the object itself (a
 signature, an attribute), never by comparing version strings: a model's own code decides, and a
 model written against an older API keeps working. The supported range is pyproject's
-`transformers>=5,<6`; `scripts/lock.sh` pins what the suite last passed on.
+`transformers>=5.15,<6` (measured: README); `scripts/lock.sh` pins what the suite last passed on.
 
     transformers 5.24 renamed forward(past_key_values=) -> forward(cache=)   (old name warns)
     transformers 5.2x renamed gradient_checkpointing_enable -> activation_checkpointing_enable
