@@ -44,10 +44,13 @@ def load_base(model_name: str | None, adapter: str | None, task: str | None = No
             raise FileNotFoundError(f"no adapter_config.json in '{adapter}': pass the folder `train` wrote "
                                     "(runs/NAME/best or runs/NAME/adapter)")
         cfgj = json.loads(p.read_text())
+    base = cfgj.get("base_model_name_or_path")
     if model_name:
         path = models.resolve(model_name)
-    elif cfgj.get("base_model_name_or_path") and Path(cfgj["base_model_name_or_path"]).exists():
-        path = cfgj["base_model_name_or_path"]
+    elif base and base in models.HUB_IDS.values():  # a packaged model, named by its Hub id
+        path = models.resolve(base)
+    elif base and Path(base).exists():
+        path = base
     else:
         raise FileNotFoundError("which base model? pass --model (a builtin name or folder); the adapter's "
                                 "base_model_name_or_path is missing or not on this machine")

@@ -81,11 +81,16 @@ class LoraLayer(AdapterLayer):
             nn.init.zeros_(b)
         elif isinstance(init, str) and init.lower().startswith("pissa"):
             self._pissa_init(adapter)
+        elif init == "olora":
+            self._olora_init(adapter)
         else:
-            raise ValueError(f"init_lora_weights={init!r}: use True, False, 'gaussian' or 'pissa'")
+            raise ValueError(f"init_lora_weights={init!r}: use True, False, 'gaussian', 'pissa' or 'olora'")
 
     def _pissa_init(self, adapter: str) -> None:
         raise ValueError(f"PiSSA init needs a Linear base layer, not {type(self.get_base_layer()).__name__}")
+
+    def _olora_init(self, adapter: str) -> None:
+        raise ValueError(f"OLoRA init needs a Linear base layer, not {type(self.get_base_layer()).__name__}")
 
     def _single_active(self) -> str | None:
         """The one adapter to apply, or None for the base (disabled, merged or none active)."""
@@ -137,6 +142,18 @@ class Linear(LoraLayer):
         self.lora_A[adapter].weight.copy_(a)
         self.lora_B[adapter].weight.copy_(b)
         residual = w - s * (b @ a)
+        base.weight.data.copy_((residual.t() if self.fan_in_fan_out else residual).to(base.weight.dtype))
+
+    @torch.no_grad()
+    def _olora_init(self, adapter: str) -> None:
+        """OLoRA (Büyükakyüz 2024): A, B from the QR decomposition of W (B = Q_r, A = R_r), W ← W − s·BA."""
+        base = self.get_base_layer()
+        w = self._base_weight().float()
+        r, s = self.r[adapter], self.scaling[adapter]
+        q, rr = torch.linalg.qr(w)  # w (out,in) = q·rr
+        self.lora_A[adapter].weight.copy_(rr[:r])
+        self.lora_B[adapter].weight.copy_(q[:, :r])
+        residual = w - s * (q[:, :r] @ rr[:r])
         base.weight.data.copy_((residual.t() if self.fan_in_fan_out else residual).to(base.weight.dtype))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -304,6 +321,7 @@ class Embedding(LoraLayer):
 
     def __init__(self, base_layer: nn.Embedding, adapter: str, **kw) -> None:
         super().__init__(base_layer)
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
         self.update_layer(adapter, **kw)
 
     def _create_weights(self, adapter: str, r: int) -> None:
@@ -330,9 +348,20 @@ class Embedding(LoraLayer):
         return F.embedding(x, table, base.padding_idx, base.max_norm, base.norm_type,
                            base.scale_grad_by_freq, base.sparse)
 
+    def embed_scale(self) -> torch.Tensor | float | None:
+        """The factor a scaled embedding (Gemma's `embed_scale`) applies to its lookups: the
+        adapter's rows get it too, so the output is the lookup of W + ΔW, merged or not."""
+        scale = getattr(self.get_base_layer(), "embed_scale", None)
+        if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+            raise ValueError(f"{type(self.get_base_layer()).__name__}.embed_scale has shape {tuple(scale.shape)}; "
+                             "LoRA supports a scalar embedding scale only")
+        return scale
+
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        return (self._lookup(x, a.t()) @ b.t()) * self.scaling[name]  # (..., r) @ (r, dim)
+        out = (self._lookup(x, a.t()) @ b.t()) * self.scaling[name]  # (..., r) @ (r, dim)
+        scale = self.embed_scale()
+        return out if scale is None else out * (scale.to(out.dtype) if isinstance(scale, torch.Tensor) else scale)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -352,21 +381,26 @@ class Conv(LoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter: str, **kw) -> None:
         super().__init__(base_layer)
-        if base_layer.groups != 1:
-            raise ValueError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported; "
-                             "exclude this module with exclude_modules")
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         self.update_layer(adapter, **kw)
 
     def _create_weights(self, adapter: str, r: int) -> None:
         base = self.get_base_layer()
+        if r % base.groups:
+            raise ValueError(f"LoRA on a {type(base).__name__} with groups={base.groups} needs a rank divisible by "
+                             f"the groups (B is a grouped 1x1 conv, as PEFT's); got r={r}")
         conv = type(base)
         self.lora_A[adapter] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
                                     base.dilation, bias=False)
-        self.lora_B[adapter] = conv(r, base.out_channels, 1, 1, bias=False)
+        # grouped base: B is grouped like it (PEFT's layout); the product is then a full conv, not mergeable
+        self.lora_B[adapter] = conv(r, base.out_channels, 1, 1, groups=base.groups, bias=False)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight  # (r, in, *k), (out, r, 1..)
         w = self.get_base_layer().weight
+        if self.get_base_layer().groups != 1:
+            raise NotImplementedError("LoRA on a grouped convolution cannot be merged: B·A connects every input "
+                                      "channel to every output, which the grouped weight cannot hold; keep it unmerged")
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight  # (r, in, *k), (out, r, 1..)
         return (b.flatten(1) @ a.flatten(1)).view(w.shape) * self.scaling[adapter]
 
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -393,8 +427,13 @@ def lora_layer_for(base: nn.Module) -> type[LoraLayer] | None:
         return Embedding
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return Conv
+    if isinstance(base, nn.MultiheadAttention):
+        from .lora_mha import MultiheadAttention
+
+        return MultiheadAttention
     return None
 
 
 _FAST_BASES = (nn.Linear, Conv1D)  # bases the fused path reads (weight, bias) from directly
-SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                                     nn.MultiheadAttention)

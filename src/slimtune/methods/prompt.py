@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError
+from ..peft_types import PeftType
 from ..registry import register_method
 from ..targeting import TargetError
 from ._prompt_common import (BakedSlot, PromptLearningConfig, PromptTunerBase, cache_length, extend_mask,
@@ -32,7 +33,7 @@ INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
 @dataclass
 class PromptTuningConfig(PromptLearningConfig):
-    peft_type: ClassVar[str] = "PROMPT_TUNING"
+    peft_type: ClassVar[PeftType] = PeftType.PROMPT_TUNING
     method: ClassVar[str] = "prompt"
     slimtune_only: ClassVar[tuple[str, ...]] = ("tokenizer",)
 
@@ -76,7 +77,7 @@ class PromptTuningConfig(PromptLearningConfig):
 class PromptEncoderConfig(PromptLearningConfig):
     """P-tuning: the prompt table is the output of an MLP (or LSTM + MLP) while training."""
 
-    peft_type: ClassVar[str] = "P_TUNING"
+    peft_type: ClassVar[PeftType] = PeftType.P_TUNING
     method: ClassVar[str] = "p_tuning"
 
     encoder_reparameterization_type: str = "MLP"  # "MLP" | "LSTM"
