@@ -51,7 +51,7 @@ class _BoundForward:
         except (TypeError, ValueError):
             return own.replace(parameters=list(own.parameters.values())[1:])
         params = [p for p in base.parameters.values() if p.kind != p.VAR_KEYWORD]
-        extra = [p for n, p in own.parameters.items() if p.kind == p.KEYWORD_ONLY and n not in base.parameters]
+        extra = [own.parameters["adapter_names"]] if "adapter_names" not in base.parameters else []
         var_kw = [p for p in base.parameters.values() if p.kind == p.VAR_KEYWORD]
         return base.replace(parameters=params + extra + var_kw)
 
