@@ -78,6 +78,10 @@ def _forward(self, *args, labels=None, adapter_names: list[str] | None = None, *
 
 
 class PeftModel(nn.Module):
+    # transformers reads this flag to accept a quantized base that carries trainable adapters
+    # (trainer_utils.validate_quantization_for_training); it means the same here.
+    _hf_peft_config_loaded = True
+
     def __init__(self, model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool | None = AUTOCAST_DEFAULT, low_cpu_mem_usage: bool = False) -> None:
         super().__init__()
