@@ -6,7 +6,7 @@ import warnings
 import peft
 import pytest
 import torch
-from conftest import VOCAB, TinyCNN, TinyEmbedMLP, logits, randomize_lora, tiny_llama
+from conftest import VOCAB, TinyCNN, TinyEmbedMLP, logits, randomize_lora, tiny_bert_cls, tiny_llama
 
 import slimtune
 
@@ -127,6 +127,19 @@ def test_auto_peft_model_loads_the_recorded_base(ids, tmp_path):
         torch.testing.assert_close(logits(loaded, ids), logits(pm, ids))
     theirs = quiet(peft.AutoPeftModelForCausalLM.from_pretrained, tmp_path / "adapter")  # and peft reads the same folder
     torch.testing.assert_close(logits(theirs.eval(), ids), logits(pm, ids))
+
+
+def test_auto_peft_model_for_classification_reads_the_head_size(ids, tmp_path):
+    tiny_bert_cls(num_labels=3).save_pretrained(tmp_path / "base")
+    from transformers import AutoModelForSequenceClassification
+
+    pm = slimtune.get_peft_model(AutoModelForSequenceClassification.from_pretrained(tmp_path / "base"),
+                                 slimtune.LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
+    randomize_lora(pm)
+    pm.eval().save_pretrained(tmp_path / "adapter")
+    loaded = slimtune.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
+    assert isinstance(loaded, slimtune.PeftModelForSequenceClassification)
+    torch.testing.assert_close(logits(loaded, ids), logits(pm, ids))
 
 
 def test_packaged_model_is_recorded_by_hub_id(tmp_path, monkeypatch):

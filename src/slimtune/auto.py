@@ -26,6 +26,16 @@ def _base_path(name: str | None, adapter: str) -> str:
                             "download: load the base yourself and use PeftModel.from_pretrained(base, folder)")
 
 
+def _saved_num_labels(adapter: str) -> int:
+    """The classifier size saved with an adapter (its modules_to_save head), else transformers' 2."""
+    from .checkpoint import read_adapter_weights
+
+    for k, v in read_adapter_weights(adapter).items():
+        if k.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
+            return v.shape[0]
+    return 2
+
+
 class _BaseAutoPeftModel:
     _target_class: str | None = None  # the transformers Auto class for the base
     _target_peft_class: type[PeftModel] = PeftModel
@@ -44,9 +54,7 @@ class _BaseAutoPeftModel:
         task = str(cfg.task_type or "")
         auto = cls._target_class or _AUTO_FOR_TASK.get(task, "AutoModel")
         if task == "SEQ_CLS" and "num_labels" not in kwargs:
-            from .cli.common import num_labels
-
-            kwargs["num_labels"] = num_labels(path)
+            kwargs["num_labels"] = _saved_num_labels(path)
         base = getattr(transformers, auto).from_pretrained(_base_path(cfg.base_model_name_or_path, path), **kwargs)
         tok_file = Path(path) / "tokenizer_config.json"
         if tok_file.is_file():  # PEFT: an adapter saved with an extended tokenizer resizes the embeddings
