@@ -276,3 +276,24 @@ def test_import_is_lazy_and_every_public_name_resolves():
     assert out.strip().endswith("False")  # `slimtune --help` loads no torch
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         slimtune.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("make,targets", [(TinyEmbedMLP, ["emb", "proj"]), (TinyCNN, ["conv", "conv1d", "fc"])])
+def test_fp32_adapters_on_a_bf16_base_run_every_layer_type(make, targets, use_dora, ids, images):
+    """autocast_adapter_dtype=True on the paths besides the fused one: embeddings, convs, DoRA, and two
+    active adapters at once (the general path). The output keeps the base's dtype."""
+    x = ids if make is TinyEmbedMLP else images.to(torch.bfloat16)
+    outs = {}
+    for up in (False, True):
+        pm = slimtune.get_peft_model(make().to(torch.bfloat16), slimtune.LoraConfig(r=4, target_modules=targets, use_dora=use_dora,
+                                                                                    init_lora_weights=False), autocast_adapter_dtype=up)
+        pm.add_adapter("b", slimtune.LoraConfig(r=4, target_modules=targets, use_dora=use_dora, init_lora_weights=False),
+                       autocast_adapter_dtype=up)
+        pm.base_model.set_adapter(["default", "b"])
+        assert {p.dtype for p in pm.parameters() if p.requires_grad} == {torch.float32 if up else torch.bfloat16}
+        out = pm(x)
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        outs[up] = out.float()
+    assert (outs[True] - outs[False]).abs().max() <= 0.05 * outs[False].abs().max() + 0.05  # bf16 rounding apart

@@ -86,7 +86,7 @@ class DoraLinear(Linear):
             a, b = self.lora_A[name], self.lora_B[name]
             s, drop = self.scaling[name], self.lora_dropout[name]
             if not self._is_dora(name):
-                out = out + b(a(drop(x))) * s
+                out = out + self._lora_out(name, x) * s
                 continue
             w = self._base_weight().to(x.dtype)
             norm = self._norm_for_forward(name, w)  # (out,): a constant, as in the paper's Sec. 4.3
@@ -96,7 +96,8 @@ class DoraLinear(Linear):
             else:
                 xd = drop(x)
                 plain = F.linear(xd, w)
-            out = out + (scale - 1) * plain + scale * b(a(xd)) * s
+            lora = b(a(xd.to(a.weight.dtype))).to(x.dtype)
+            out = out + (scale - 1) * plain + scale * lora * s
         return out
 
     # ---- merging: W <- m/‖W+ΔW‖ · (W+ΔW); unmerge divides the factor back out -----------------
@@ -220,10 +221,10 @@ class DoraEmbedding(_DoraExtra, Embedding):
         out = self.base_layer(x, *args, **kwargs)
         for name in active:
             if not self._is_dora(name):
-                out = out + self._delta(name, x)
+                out = out + self._delta(name, x).to(out.dtype)
                 continue
             f = (self.lora_magnitude_vector[name] / self._dora_norm_of(name)).to(out.dtype)  # (dim,)
-            out = f * out + f * self._delta(name, x)  # = lookup of f·(W + ΔW), embed_scale included
+            out = f * out + f * self._delta(name, x).to(out.dtype)  # = lookup of f·(W + ΔW), embed_scale included
         return out
 
 
@@ -268,7 +269,8 @@ class DoraConv(_DoraExtra, Conv):
             else:  # W x on the dropped-out input, as the LoRA path sees it
                 xd = drop(x)
                 plain = base._conv_forward(xd, base.weight, None)
-            out = out + (f - 1) * plain + f * self.lora_B[name](self.lora_A[name](xd)) * s
+            lora = self.lora_B[name](self.lora_A[name](xd.to(self.lora_A[name].weight.dtype))).to(out.dtype)
+            out = out + (f - 1) * plain + f * lora * s
         return out
 
 

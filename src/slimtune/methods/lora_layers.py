@@ -92,6 +92,13 @@ class LoraLayer(AdapterLayer):
     def _olora_init(self, adapter: str) -> None:
         raise ValueError(f"OLoRA init needs a Linear base layer, not {type(self.get_base_layer()).__name__}")
 
+    def _lora_out(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """B(A(dropout(x))) unscaled, computed in the adapter's dtype and returned in x's (fp32 adapters on
+        a bf16 base with autocast_adapter_dtype=True); the fused path casts A, B instead."""
+        w = self.lora_A[name].weight
+        xa = x.to(w.dtype) if x.is_floating_point() and x.dtype != w.dtype else x
+        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](xa))).to(x.dtype)
+
     def _single_active(self) -> str | None:
         """The one adapter to apply, or None for the base (disabled, merged or none active)."""
         if self.disable_adapters or self.merged or not self.active_adapters:
@@ -174,7 +181,7 @@ class Linear(LoraLayer):
             # General path: several active adapters, or a base we cannot fuse (e.g. quantized).
             out = self.base_layer(x, *args, **kwargs)
             for name in self.active_adapters:
-                out = out + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+                out = out + self._lora_out(name, x) * self.scaling[name]
             return out
         if SHARE_INPUTS and group is None and (isinstance(fast[5], nn.Identity) or not fast[5].training):
             _learn_sharing(self, x)  # no dropout mask: this layer may share x with the next one
@@ -301,12 +308,12 @@ class Embedding(LoraLayer):
         out = self.base_layer(x, *args, **kwargs)
         if self._mixed is not None and not self.disable_adapters and not self.merged:
             for name, mask in self._mixed_rows():
-                out = out + self._delta(name, x) * mask.view(-1, *([1] * (out.dim() - 1))).to(out.dtype)
+                out = out + self._delta(name, x).to(out.dtype) * mask.view(-1, *([1] * (out.dim() - 1))).to(out.dtype)
             return out
         if self._single_active() is None:
             return out
         for name in self.active_adapters:
-            out = out + self._delta(name, x)
+            out = out + self._delta(name, x).to(out.dtype)
         return out
 
 
@@ -338,7 +345,7 @@ class Conv(LoraLayer):
         return (b.flatten(1) @ a.flatten(1)).view(w.shape) * self.scaling[adapter]
 
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+        return self._lora_out(name, x) * self.scaling[name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
