@@ -199,3 +199,19 @@ def test_export_is_a_command_with_help(capsys):
     assert e.value.code == 0 and "--gguf" in capsys.readouterr().out
     main([])
     assert "export" in capsys.readouterr().out
+
+
+def test_qwen2_lora_keeps_hf_row_order(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=VOCAB, architectures=["Qwen2ForCausalLM"]))
+    pm = slimtune.get_peft_model(base, slimtune.LoraConfig(r=4, target_modules=["q_proj", "k_proj"]))
+    randomize_lora(pm)
+    pm.save_pretrained(tmp_path / "a")
+    meta, t, _ = read(export_lora(tmp_path / "a", tmp_path / "a.gguf", base.config, log=lambda *_: None))
+    assert meta["general.architecture"] == "qwen2"
+    layer = pm.base_model.model.model.layers[1].self_attn.k_proj
+    a, b = t["blk.1.attn_k.weight.lora_a"], t["blk.1.attn_k.weight.lora_b"]
+    torch.testing.assert_close(meta["adapter.lora.alpha"] / 4 * (b @ a), layer.get_delta_weight("default"))  # no permutation
