@@ -276,6 +276,7 @@ def test_import_is_lazy_and_every_public_name_resolves():
     assert out.strip().endswith("False")  # `slimtune --help` loads no torch
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         slimtune.nope  # noqa: B018
+    subprocess.run([sys.executable, "-c", "import slimtune; slimtune.methods.sparse.fisher_scores"], check=True)
 
 
 @pytest.mark.parametrize("use_dora", [False, True])

@@ -65,10 +65,15 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    try:
-        module, attr = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module 'slimtune' has no attribute '{name}'") from None
+    if name not in _EXPORTS:
+        # a submodule (`slimtune.methods.sparse.fisher_scores` after a bare `import slimtune`), as the
+        # eager imports used to make available
+        import importlib.util
+
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)
+        raise AttributeError(f"module 'slimtune' has no attribute '{name}'")
+    module, attr = _EXPORTS[name]
     value = getattr(importlib.import_module(f".{module}", __name__), attr)
     globals()[name] = value  # later lookups skip this function
     return value
