@@ -11,6 +11,7 @@ name in `__all__` resolve as before.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 __version__ = "0.1.0"
@@ -68,8 +69,6 @@ def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         # a submodule (`slimtune.methods.sparse.fisher_scores` after a bare `import slimtune`), as the
         # eager imports used to make available
-        import importlib.util
-
         if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
             return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module 'slimtune' has no attribute '{name}'")
