@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .common import load_base, quiet_hf
+from .common import adapter_folder, load_base, quiet_hf
 from .errors import CommandError
 
 HELP = "merge an adapter into its base: a standalone transformers model folder"
@@ -28,25 +28,37 @@ def run(a) -> int:
     from ..config import AdapterConfig
 
     quiet_hf()
-    cfg = AdapterConfig.from_pretrained(a.adapter)
-    spec = get_method(cfg.method)
+    adapter = adapter_folder(a.adapter)
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out '{out}' is a file; give a folder for the merged model")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise CommandError(f"--out '{out}' is a folder with other files in it (not a merged model); merge replaces "
+                           "the whole folder, so give a new or empty one")
+    cfg = AdapterConfig.from_pretrained(adapter)
+    try:
+        spec = get_method(cfg.method)
+    except KeyError as e:
+        raise CommandError(f"{adapter}: {e.args[0]}") from None
     if not spec.mergeable:
         raise CommandError(f"{spec.name} adapters cannot be merged into the base weights (they add tokens or "
                     "activations); load them with PeftModel.from_pretrained instead")
-    model, tok, path, task = load_base(a.model, a.adapter)
-    pm = PeftModel.from_pretrained(model, a.adapter)
+    model, tok, path, task = load_base(a.model, adapter)
+    pm = PeftModel.from_pretrained(model, adapter)
     merged = pm.merge_and_unload(safe_merge=True)
     if a.dtype != "float32":
         merged = merged.to(getattr(torch, a.dtype))
-    out = Path(a.out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     merged.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if out.exists():
+    aside = out.with_name(f".{out.name}.old{os.getpid()}")
+    if out.exists():  # aside first, so there is never a moment without a model folder
+        os.replace(out, aside)
+    os.replace(tmp, out)
+    if aside.exists():
         import shutil
 
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    print(f"merged {a.adapter} into {path} -> {out} ({a.dtype}); load it with "
+        shutil.rmtree(aside)
+    print(f"merged {adapter} into {path} -> {out} ({a.dtype}); load it with "
           f"transformers.{type(merged).__name__}.from_pretrained('{out}')")
     return 0

@@ -7,6 +7,7 @@ models get a larger rank). Keys the user sets are never overridden.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any
@@ -43,12 +44,34 @@ def resolve_task(cfg: JobConfig, fmt: str | None) -> str:
     return "causal_lm"
 
 
+@contextlib.contextmanager
+def hf_quiet():
+    """transformers' load banners off while a model loads (e.g. "LOAD REPORT ... classifier MISSING"
+    for a head the adapter brings or the job trains): the job says what it loaded in its own words."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_tokenizer(cfg: JobConfig, path: str | None):
     if path is None:
         return None
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        with hf_quiet():
+            tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise JobConfigError(f"model '{cfg.model}': no tokenizer could be loaded from {path} ({str(e)[:200]}); the "
+                             "folder needs tokenizer files (save_pretrained of the tokenizer)") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
@@ -64,10 +87,17 @@ def load_model(cfg: JobConfig, path: str | None, task: str, num_labels: int | No
     # The frozen base in the training precision (bf16 halves its memory on GPU); the trained
     # parameters are upcast to fp32 after injection (`upcast_trainable`), as PEFT does.
     dtype = BASE_DTYPE[resolve_precision(cfg.train.precision)]
-    if task == "classification":
-        m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
-    else:
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        with hf_quiet():
+            if task == "classification":
+                m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+            else:
+                m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        kind = "sequence classifier" if task == "classification" else "causal LM"
+        raise JobConfigError(f"model '{cfg.model}' cannot be loaded as a {kind} from {path}: {str(e)[:300]}"
+                             + ("; is task right? (a decoder-only model wants task: causal_lm)" if task == "classification"
+                                else "")) from None
     return m
 
 
@@ -90,7 +120,10 @@ def _count(model: nn.Module) -> int:
 def auto_method(cfg: JobConfig, model: nn.Module, task: str) -> tuple[Any, list[str]]:
     """The adapter config, and a line per choice made for the user (what and why)."""
     name = cfg.method_name()
-    spec = get_method(name)  # unknown method -> KeyError naming the closest
+    try:
+        spec = get_method(name)  # unknown method -> KeyError naming the closest
+    except KeyError as e:
+        raise JobConfigError(f"method: {e.args[0] if e.args else e}") from None
     kw = dict(cfg.method_kwargs())
     fields = {f.name for f in dataclasses.fields(spec.config_cls)}
     why: list[str] = []
@@ -144,8 +177,29 @@ def auto_method(cfg: JobConfig, model: nn.Module, task: str) -> tuple[Any, list[
                        "set method.layers_to_transform=null to adapt all")
     try:
         return make_config(spec.name, **kw), why
-    except (TypeError, ValueError) as e:
-        raise JobConfigError(f"method block: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise JobConfigError(f"method block ({spec.name}): {e}") from None
+
+
+def apply_method(model: nn.Module, adapter_cfg: Any):
+    """get_peft_model, with a target that matches nothing said in the config's words: the entry, the
+    closest names, and the short layer names this model has (not every full path)."""
+    from .. import get_peft_model
+    from ..config import ConfigError
+    from ..targeting import TargetError
+
+    try:
+        return get_peft_model(model, adapter_cfg)
+    except TargetError as e:
+        msg = str(e).split(" Module names that would match:")[0].rstrip(" ")
+        msg = msg if msg.endswith(("?", ".")) else msg + "."
+        leaves = sorted({n.split(".")[-1] for n, m in model.named_modules()
+                         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)) or type(m).__name__ == "Conv1D"})
+        shown = ", ".join(leaves[:20]) + (f" (+{len(leaves) - 20} more)" if len(leaves) > 20 else "")
+        raise JobConfigError(f"method.target_modules: {msg} Layer names in {type(model).__name__}: {shown}; or "
+                             "'all-linear' (`slimtune inspect MODEL` shows the tree)") from None
+    except (ConfigError, ValueError, TypeError) as e:
+        raise JobConfigError(f"method block ({adapter_cfg.method}): {e}") from None
 
 
 def setup(cfg: JobConfig, log=print) -> dict[str, Any]:
@@ -159,9 +213,16 @@ def setup(cfg: JobConfig, log=print) -> dict[str, Any]:
     if task == "causal_lm" and tok is not None:
         ensure_chat_template(tok)
     num_labels = cfg.num_labels or (len(data.labels) if data.labels else None)
+    if cfg.num_labels and data.labels and cfg.num_labels < len(data.labels):
+        raise JobConfigError(f"num_labels={cfg.num_labels} but the data has {len(data.labels)} classes "
+                             f"{data.labels}; remove num_labels (it follows the data) or raise it")
     model = load_model(cfg, path, task, num_labels, log)
-    if task == "classification" and getattr(model.config, "pad_token_id", None) is None and tok is not None:
-        model.config.pad_token_id = tok.pad_token_id
+    if task == "classification":
+        if getattr(model.config, "pad_token_id", None) is None and tok is not None:
+            model.config.pad_token_id = tok.pad_token_id
+        if data.labels and len(data.labels) == num_labels:  # a merged model then names its classes (transformers' pipelines read these)
+            model.config.id2label = dict(enumerate(data.labels))
+            model.config.label2id = {lab: i for i, lab in enumerate(data.labels)}
     adapter_cfg, why = auto_method(cfg, model, task)
     return {"tokenizer": tok, "model": model, "adapter_config": adapter_cfg, "why": why, "data": data,
             "task": task, "model_path": path}
