@@ -200,8 +200,14 @@ def _encode_chat(tok, messages, max_len: int):
     for i, m in enumerate(messages):
         full = tok.apply_chat_template(messages[:i + 1], tokenize=False)
         if m["role"] == "assistant":
-            prefix = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            done = tok.apply_chat_template(messages[:i], tokenize=False) if i else ""
+            if i:
+                prefix = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+                done = tok.apply_chat_template(messages[:i], tokenize=False)
+            else:  # the conversation opens with the assistant: its header is what a generation prompt adds
+                probe = [{"role": "user", "content": ""}]
+                done = tok.apply_chat_template(probe, tokenize=False)
+                prefix = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)[len(done):]
+                done = ""
             gen = prefix[len(done):] if prefix.startswith(done) else prefix
             ans = full[len(prefix):] if full.startswith(prefix) else m["content"]
             g, a = _ids(tok, gen, False), _ids(tok, ans, False)
@@ -364,7 +370,15 @@ def _language(cfg, tok, fmt, rows, val_rows, source, val_source, out, lengths):
                 n_prompt = sum(1 for lab in ex["labels"] if lab == IGNORE)
                 raw = {"prompt": prompt, "prompt_ids": ex["input_ids"][:n_prompt], "reference": str(r[cfg.output_column])}
             elif fmt == "chat":
-                ex, n, last = _encode_chat(tok, _messages(r[c], src, i), cfg.max_length)
+                msgs = _messages(r[c], src, i)
+                try:
+                    ex, n, last = _encode_chat(tok, msgs, cfg.max_length)
+                except Exception as e:  # noqa: BLE001 - jinja's TemplateError, ValueError from transformers
+                    if type(e).__name__ not in ("TemplateError", "TemplateSyntaxError", "UndefinedError", "ValueError"):
+                        raise
+                    raise DataError(f"{src}: row {i}: the model's chat template refuses this conversation ({e}); "
+                                    "check the order of its roles (many templates want user/assistant turns to "
+                                    "alternate)") from None
                 if last is not None and last[0] < cfg.max_length:
                     raw = {"prompt": None, "prompt_ids": ex["input_ids"][:last[0]], "reference": last[1]}
             else:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import time
-from typing import Any
+import typing
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -29,6 +31,13 @@ for _t in ("mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "o
 for _t in ("roberta", "xlm-roberta", "electra", "albert"):
     QKV[_t] = QKV["bert"]
 
+
+# the YAML shapes of method keys whose config field is typed Any (names, indices, patterns)
+_NAMES = Union[str, list[str]]
+SHAPES = {"target_modules": _NAMES, "exclude_modules": _NAMES, "modules_to_save": Optional[list[str]],
+          "feedforward_modules": _NAMES, "attention_modules": _NAMES, "layers_pattern": _NAMES,
+          "layers_to_transform": Union[int, list[int]], "layers": list[int], "blocks": list[int],
+          "heads": Union[list[int], dict[str, list[int]]], "init_lora_weights": Union[bool, str]}
 
 ALIASES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
            "target": "target_modules", "modules": "target_modules"}
@@ -135,6 +144,7 @@ def auto_method(cfg: JobConfig, model: nn.Module, task: str) -> tuple[Any, list[
             close = close or next(iter(difflib.get_close_matches(k, sorted(fields), n=1, cutoff=0.4)), None)
             hint = f"did you mean 'method.{close}'?" if close else f"valid keys: {', '.join(sorted(fields))}"
             raise JobConfigError(f"method block: unknown key 'method.{k}' for {spec.name}; {hint}")
+    check_types(spec, kw)
     tt = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}.get(task)
     if "task_type" in fields and "task_type" not in kw and tt:
         kw["task_type"] = tt
@@ -181,6 +191,31 @@ def auto_method(cfg: JobConfig, model: nn.Module, task: str) -> tuple[Any, list[
         raise JobConfigError(f"method block ({spec.name}): {e}") from None
 
 
+def check_types(spec: Any, kw: dict[str, Any]) -> None:
+    """Each method key's value against its config field's type (pydantic, lax: 16 for 16.0 is fine),
+    so `method.alpha_pattern: 0` is a message, not an AttributeError deep inside the method."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        hints = typing.get_type_hints(spec.config_cls)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: the config's own checks remain
+        hints = {}
+    for k, v in kw.items():
+        hint = SHAPES.get(k) if hints.get(k) in (None, Any) else hints[k]
+        if hint is None or hint is Any:
+            continue
+        if k == "target_modules" and isinstance(v, list) and any(isinstance(x, type) for x in v):
+            continue  # module types (Python API, not YAML)
+        try:
+            TypeAdapter(hint).validate_python(v)
+        except ValidationError as e:
+            want = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            raise JobConfigError(f"method block ({spec.name}): method.{k} = {v!r} should be {want} "
+                                 f"({e.errors()[0]['msg'].lower()})") from None
+        except Exception:  # noqa: BLE001 - a type pydantic cannot check: the config's own checks remain
+            continue
+
+
 def apply_method(model: nn.Module, adapter_cfg: Any):
     """get_peft_model, with a target that matches nothing said in the config's words: the entry, the
     closest names, and the short layer names this model has (not every full path)."""
@@ -198,6 +233,9 @@ def apply_method(model: nn.Module, adapter_cfg: Any):
         shown = ", ".join(leaves[:20]) + (f" (+{len(leaves) - 20} more)" if len(leaves) > 20 else "")
         raise JobConfigError(f"method.target_modules: {msg} Layer names in {type(model).__name__}: {shown}; or "
                              "'all-linear' (`slimtune inspect MODEL` shows the tree)") from None
+    except re.error as e:
+        raise JobConfigError(f"method block ({adapter_cfg.method}): a module pattern {e.pattern!r} is not a valid "
+                             f"regular expression ({e}); a string target is a full-match regex, a list holds names") from None
     except (ConfigError, ValueError, TypeError) as e:
         raise JobConfigError(f"method block ({adapter_cfg.method}): {e}") from None
 

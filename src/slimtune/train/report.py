@@ -22,6 +22,16 @@ def title(cfg: JobConfig, res: dict[str, Any]) -> str:
 
 
 def plot(history: list[dict], metric: str, path: Path, res: dict[str, Any] | None = None, name: str = "") -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(history, metric, res, name)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def figure(history: list[dict], metric: str, res: dict[str, Any] | None = None, name: str = ""):
+    """Loss curves and the learning rate (left), the held-out metric (right), marks at the best
+    step and at each resume, the run's title on top."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,8 +81,7 @@ def plot(history: list[dict], metric: str, path: Path, res: dict[str, Any] | Non
     ax.legend(handles, labels, fontsize=8, loc="upper right")
     fig.suptitle(name or "slimtune run", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def _status(cfg: JobConfig, res: dict[str, Any]) -> str:
