@@ -78,7 +78,13 @@ def _main(argv: list[str] | None) -> int:
     # key=value overrides may come after options (`train cfg.yaml --no-progress train.lr=1e-4`)
     bad = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(a, "overrides")]
     if bad:
-        p.error(f"unrecognized arguments: {' '.join(bad)}")
+        from .errors import fail
+
+        x = bad[0]
+        return fail(f"unknown option {x}; `slimtune {a.cmd or ''} --help` lists them".replace("  ", " ")
+                    if x.startswith("-") else
+                    f"'{x}' is neither an option nor a key=value override (e.g. train.lr=1e-4)"
+                    if hasattr(a, "overrides") else f"unexpected argument '{x}'; `slimtune {a.cmd} --help` shows the usage")
     if extra:
         a.overrides = list(a.overrides) + extra
     if not getattr(a, "cmd", None):

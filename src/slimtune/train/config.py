@@ -211,6 +211,17 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(cur.model_fields) if isinstance(cur, type) and issubclass(cur, BaseModel) else []
 
 
+# names other tools use for the job's keys (HF Trainer, axolotl, LLaMA-Factory): "did you mean" them first
+KEY_ALIASES = {"learning_rate": "lr", "lerning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs",
+               "epoch": "epochs", "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+               "gradient_accumulation_steps": "grad_accum", "warmup": "warmup_ratio", "lr_scheduler": "scheduler",
+               "lr_scheduler_type": "scheduler", "max_seq_length": "max_length", "sequence_len": "max_length",
+               "cutoff_len": "max_length", "eval_steps": "eval_every", "save_steps": "save_every",
+               "logging_steps": "log_every", "bf16": "precision", "fp16": "precision", "max_grad": "max_grad_norm",
+               "output": "output_dir", "model_name_or_path": "model", "base_model": "model", "dataset": "data",
+               "datasets": "data", "eval_dataset": "validation", "val_set_size": "val_fraction"}
+
+
 def explain(err: ValidationError, source: str) -> str:
     """One message per problem: the dotted key, what is wrong, and the closest valid key."""
     lines = []
@@ -219,7 +230,8 @@ def explain(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in loc)
         if e["type"] == "extra_forbidden":
             valid = _fields_at(JobConfig, loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            alias = KEY_ALIASES.get(str(loc[-1]).lower())
+            close = [alias] if alias in valid else difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
             hint = f"; did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?" if close else ""
             lines.append(f"{source}: unknown key '{key}'{hint} (valid keys here: {', '.join(valid)})")
         else:
@@ -303,7 +315,15 @@ def read_yaml_file(path: str, what: str = "config file") -> Any:
     try:
         return yaml_load(text)
     except yaml.YAMLError as e:
-        raise JobConfigError(f"{path} is not valid YAML: {e}") from None
+        raise JobConfigError(f"{path} is not valid YAML: {yaml_error(e)}") from None
+
+
+def yaml_error(e: yaml.YAMLError) -> str:
+    """PyYAML's several-line error as one line: where, and what."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = " ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e).split("\n")[0]
+    return where + what
 
 
 def _sets(overrides: list[str], key: str) -> bool:

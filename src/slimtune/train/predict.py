@@ -78,7 +78,7 @@ def prompt_for(tok, row: dict[str, Any], data_cfg: DataConfig | None, i: int, fm
         return _text(row, cfg.text_column, i)
     msgs = row.get(cfg.chat_column()) or row.get("messages") or row.get("conversations")
     if isinstance(msgs, list) and msgs:
-        from .data import _messages
+        from .prompts import _messages
 
         ms = [m for m in _messages(msgs + [{"role": "assistant", "content": ""}], f"input row {i}", i)]
         while ms and ms[-1]["role"] == "assistant":  # generate the next assistant turn

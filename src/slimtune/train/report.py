@@ -39,7 +39,7 @@ def figure(history: list[dict], metric: str, res: dict[str, Any] | None = None, 
 
     res = res or {}
     tr = [(r["step"], r["loss"]) for r in history if "loss" in r]
-    lr = [(r["step"], r["lr"]) for r in history if "lr" in r]
+    lr = [tuple(x) for x in res.get("lr_curve") or []] or [(r["step"], r["lr"]) for r in history if "lr" in r]
     ev = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
     mt = [(r["step"], r[metric]) for r in history if metric in r and metric != "eval_loss"]
     fig, axes = plt.subplots(1, 2 if mt else 1, figsize=(12 if mt else 7, 4.2), squeeze=False)
@@ -121,9 +121,11 @@ def _times(res: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _cell(s: Any, n: int = 80) -> str:
+def _cell(s: Any, n: int = 80, tail: bool = False) -> str:
+    """One table cell: whitespace folded, cut to n characters (its end kept for a prompt's question)."""
     s = " ".join(str(s).split())
-    s = s if len(s) <= n else s[:n - 1] + "…"
+    if len(s) > n:
+        s = "…" + s[-(n - 1):] if tail else s[:n - 1] + "…"
     return s.replace("|", "\\|") or "(empty)"
 
 
@@ -159,7 +161,7 @@ def write_report(cfg: JobConfig, res: dict[str, Any], path: Path) -> None:
                   "| prompt (end) | reference | before | after |", "|---|---|---|---|"]
         for i, s in enumerate(sb):
             after = sa[i]["generated"] if i < len(sa) else "(not trained to the end)"
-            lines.append(f"| {_cell(s['prompt'])} | {_cell(s['reference'], 40)} | {_cell(s['generated'], 60)} | "
+            lines.append(f"| {_cell(s['prompt'], tail=True)} | {_cell(s['reference'], 40)} | {_cell(s['generated'], 60)} | "
                          f"{_cell(after, 60)} |")
     if res.get("why"):
         lines += ["", "## Choices made for you", ""] + [f"- {w}" for w in res["why"]]

@@ -336,7 +336,12 @@ class Trainer(Evaluation, Checkpointing):
                 "resumed_at": self.resumed_at, "lost_steps": self.lost_steps, "sessions": sess,
                 "elapsed_before_s": self.elapsed, "last_checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
                 "samples_before": self.samples_before, "samples_after": self.samples_after,
-                "resume_steps": [x["start_step"] for x in sess if x["start_step"]]}
+                "resume_steps": [x["start_step"] for x in sess if x["start_step"]], "lr_curve": self.lr_curve()}
+
+    def lr_curve(self, points: int = 400) -> list[tuple[int, float]]:
+        """The schedule's learning rate after each step (at most `points` of them): for the plot."""
+        every = max(1, self.total_steps // points)
+        return [(s, self.t.lr * self._lr_lambda(s)) for s in range(0, self.total_steps + 1, every)]
 
     def _nan_message(self, loss, what: str = "loss") -> str:
         keep = (f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else
