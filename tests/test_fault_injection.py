@@ -4,7 +4,7 @@ rename, halfway through deleting a folder), each time resumed with `resume: true
 finally completes is bitwise equal to one that was never interrupted.
 
 Processes come from a multiprocessing forkserver that has imported torch, transformers and slimtune
-once, so each of the ~14 runs starts in a fraction of a second; each is a real process, killed by a
+once, so each of the 13 runs starts in a fraction of a second; each is a real process, killed by a
 real SIGKILL (from the test, or from itself at the chosen instruction). Steps are slowed by a sleep
 so kills land mid-run; the sleep does not touch the numbers.
 """
@@ -21,9 +21,9 @@ import torch
 
 from conftest_train import instruction_rows, tiny_llama, write_jsonl  # noqa: F401
 
-N_KILLS = 12
+N_KILLS = 11  # 10 must land (a late one may find the run done)
 POINTS = ["async", "torch.save", "save_file", "replace-before", "replace-after", "rmtree"]
-STEP_SLEEP = 0.03
+STEP_SLEEP = 0.02
 # what a run imports, imported once in the forkserver (imports only: no torch op runs there)
 PRELOAD = ["torch", "torch._dynamo", "transformers", "transformers.generation", "transformers.models.llama.modeling_llama",
            "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto",
@@ -35,7 +35,7 @@ def _config(model: str, data: str, out: str, resume: bool):
     from conftest_train import job
 
     return job(Path(model), Path(out), {"train": data, "max_length": 32},
-               train={"max_steps": 60, "eval_every": 4, "save_every": 2, "log_every": 1, "lr": 5e-3,
+               train={"max_steps": 48, "eval_every": 6, "save_every": 2, "log_every": 1, "lr": 5e-3,
                       "cpu_threads": 1},
                eval={"max_new_tokens": 2, "max_examples": 4, "samples": 2}, resume=resume)
 
@@ -169,7 +169,7 @@ def test_sigkill_anywhere_then_resume_is_bitwise(tiny_llama, tmp_path):
     assert ref.exitcode == 0
 
     out = tmp_path / "killed"
-    rng = random.Random(1234)
+    rng = random.Random(int(os.environ.get("SLIMTUNE_FAULT_SEED", 1234)))  # another seed: other kill points
     plans = POINTS * (N_KILLS // len(POINTS)) + rng.sample(POINTS, N_KILLS % len(POINTS))
     rng.shuffle(plans)
     landed: list[str] = []
@@ -196,7 +196,7 @@ def test_sigkill_anywhere_then_resume_is_bitwise(tiny_llama, tmp_path):
     assert final.exitcode == 0
     assert len(landed) >= 10, landed  # every plan but a late one lands
 
-    for rel in ("checkpoints/step-000060/trainable.safetensors", "adapter/adapter_model.safetensors",
+    for rel in ("checkpoints/step-000048/trainable.safetensors", "adapter/adapter_model.safetensors",
                 "best/adapter_model.safetensors"):
         a, b = _tensors(tmp_path / "ref" / rel), _tensors(out / rel)
         assert a.keys() == b.keys(), rel
