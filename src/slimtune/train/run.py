@@ -188,5 +188,5 @@ def _write(cfg: JobConfig, trainer: Trainer, res: dict[str, Any], out: Path) -> 
     plot(trainer.history, trainer.metric, out / "plot.png", res, title(cfg, res))
     write_report(cfg, res, out / "report.md")
     tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(res, indent=2, default=str))
+    tmp.write_text(json.dumps({k: v for k, v in res.items() if k != "lr_curve"}, indent=2, default=str))
     tmp.replace(out / "summary.json")
