@@ -17,7 +17,7 @@ Stop = str | list[str] | None
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "yes" is not a bool, "5" not an int
 
 
 class StreamOptions(_Strict):
@@ -75,7 +75,7 @@ class TextPart(_Strict):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # fields of returned messages (refusal, ...) may come back
+    model_config = ConfigDict(extra="ignore", strict=True)  # fields of returned messages (refusal, ...) may come back
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
