@@ -149,21 +149,33 @@ class Engine:
         self._ctx: tuple[tuple, contextlib.ExitStack] | None = None  # the mixed batch now in place
         self._out: list[tuple[Handle, Event]] = []
         self._thread: threading.Thread | None = None
+        self._users = 0
         self._stopping = False
         self._checked_layout = False
 
     # ---- any thread -------------------------------------------------------------------------
     def start(self) -> "Engine":
-        self._thread = threading.Thread(target=self._run, name="slimtune-engine", daemon=True)
-        self._thread.start()
+        """Start the engine thread; counted, so an app's lifespan and its owner can both start and
+        stop it (the thread ends at the last stop)."""
+        with self._cv:
+            self._users += 1
+            if self._thread is not None and self._thread.is_alive():
+                return self
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="slimtune-engine", daemon=True)
+            self._thread.start()
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
         with self._cv:
+            self._users = max(self._users - 1, 0)
+            if self._users:
+                return
             self._stopping = True
             self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
 
     def wake(self) -> None:
         with self._cv:
@@ -380,6 +392,8 @@ class Engine:
         mask = torch.cat([b.mask, b.mask.new_ones(n, 1)], dim=1)  # (B, T+1)
         pos = mask.sum(dim=1, keepdim=True) - 1  # (B, 1)
         logits, b.cache = self._forward(b.pl, b.names, b.last[:, None], mask, pos, b.cache)
+        if self.metrics is not None:
+            self.metrics.batch_adapters.observe(len(set(b.names)))
         b.mask = mask
         tok = next_tokens(logits, b.temp, b.top_p, b.generators())
         b.n_gen += 1

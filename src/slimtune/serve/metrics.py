@@ -5,7 +5,7 @@ counted per route and arm.
     slimtune_requests_total{endpoint,model,status}      slimtune_route_requests_total{route,arm}
     slimtune_prompt_tokens_total{model}                 slimtune_generation_tokens_total{model}
     slimtune_request_latency_seconds{endpoint,model}    slimtune_time_to_first_token_seconds{model}
-    slimtune_queue_depth  slimtune_running_requests  slimtune_batch_rows  slimtune_step_seconds
+    slimtune_queue_depth  slimtune_running_requests  slimtune_batch_rows  slimtune_batch_adapters  slimtune_step_seconds
     slimtune_adapters_resident  slimtune_adapters_known  slimtune_adapter_loads_total  slimtune_adapter_evictions_total
 """
 from __future__ import annotations
@@ -52,6 +52,8 @@ class Metrics:
         self.queue_depth = Gauge("slimtune_queue_depth", "requests waiting for a batch slot", registry=r)
         self.running = Gauge("slimtune_running_requests", "rows in the running batches", registry=r)
         self.batch_rows = Histogram("slimtune_batch_rows", "rows decoded per engine step", buckets=ROW_BUCKETS, registry=r)
+        self.batch_adapters = Histogram("slimtune_batch_adapters", "distinct adapters (base included) in one decode forward",
+                                        buckets=(1, 2, 3, 4, 6, 8, 16, 32), registry=r)
         self.step_seconds = Histogram("slimtune_step_seconds", "engine step time", buckets=STEP_BUCKETS, registry=r)
         if adapters is not None:
             r.register(_RegistryCollector(adapters))
