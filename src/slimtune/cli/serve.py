@@ -83,13 +83,20 @@ def run(a) -> int:
     quiet_hf()
     adapters = parse_adapters(a.adapter)
     routes = parse_routes(a.route)
+    from ..serve.server import is_loopback
+
+    if not a.keys and not a.insecure and not is_loopback(a.host):  # before minutes of model loading
+        raise CommandError(f"refusing to listen on {a.host} without --keys: anyone who can reach it could use every "
+                           "adapter and the admin endpoints. Pass --keys keys.yaml, or --insecure if that is intended")
     if a.threads:
         torch.set_num_threads(a.threads)
     first = next(iter(adapters.values()), None)
     model, tok, path, task = load_base(a.model, first)
     if task != "CAUSAL_LM":
         raise CommandError(f"serve generates text: the base must be a causal LM, and {first} is a {task} adapter")
-    name = a.served_model_name or (a.model or os.path.basename(os.path.normpath(path)))
+    # the API's name for the base: --served-model-name, a builtin name as given, else the folder's name
+    name = a.served_model_name or (a.model if a.model and not os.path.isdir(a.model) else
+                                   os.path.basename(os.path.normpath(a.model or str(path))))
     cfg = ServeConfig(host=a.host, port=a.port, served_model_name=name, max_batch=a.max_batch, max_queue=a.max_queue,
                       max_loaded=a.max_loaded, max_body_bytes=a.max_body_bytes, max_prompt_tokens=a.max_prompt_tokens,
                       max_tokens=a.max_tokens, max_n=a.max_n, request_timeout_s=a.request_timeout, insecure=a.insecure)
