@@ -242,3 +242,17 @@ def test_queue_full_and_timeout(world):
         assert eng.submit(GenRequest([1000, 1001], max_tokens=3)).result(30)[1] == "length"
     finally:
         eng.stop()
+
+
+def test_eos_ends_a_row_unless_ignore_eos(world):
+    base, ads = world
+    pr = _prompt(9, 4)
+    first = offline_greedy(base, None, pr, 1)[0]
+    model, _ = load_base(base)
+    eng = Engine(Registry(model, "tiny"), ServeConfig(), [first], 0).start()  # its first token is "EOS"
+    try:
+        assert eng.submit(GenRequest(pr, max_tokens=6)).result(30) == ([first], "stop")
+        toks, finish = eng.submit(GenRequest(pr, max_tokens=6, ignore_eos=True)).result(30)
+        assert len(toks) == 6 and finish == "length" and toks[0] == first
+    finally:
+        eng.stop()

@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
     g.add_argument("--max-n", type=int, default=d.max_n, help="choices per request")
     g.add_argument("--request-timeout", type=float, default=d.request_timeout_s, help="seconds; then 408")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    g.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the base model's dtype (adapters follow it)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     g.set_defaults(fn=run)
 
@@ -92,6 +95,10 @@ def run(a) -> int:
         torch.set_num_threads(a.threads)
     first = next(iter(adapters.values()), None)
     model, tok, path, task = load_base(a.model, first)
+    try:
+        model = model.to(device=torch.device(a.device), dtype=getattr(torch, a.dtype))
+    except (RuntimeError, AssertionError) as e:
+        raise CommandError(f"--device {a.device}: {e}") from None
     if task != "CAUSAL_LM":
         raise CommandError(f"serve generates text: the base must be a causal LM, and {first} is a {task} adapter")
     # the API's name for the base: --served-model-name, a builtin name as given, else the folder's name

@@ -62,6 +62,7 @@ class GenRequest:
     top_p: float = 1.0
     seed: int | None = None
     timeout_s: float | None = None
+    ignore_eos: bool = False  # run to max_tokens (benchmarks compare equal work)
 
 
 @dataclass
@@ -130,7 +131,10 @@ class _Batch:
         self.rows: list[_Row] = []
         self.names: list[str] = []  # each row's adapter, for the mixed batch
         self.cache = None  # DynamicCache (B, H, offset + T, D) per layer
-        self.mask = self.last = self.n_gen = self.max_new = self.temp = self.top_p = None  # (B, T), then (B,)
+        self.mask: torch.Tensor | None = None  # (B, T) attention mask, left-padded
+        # per-row (B,) tensors: the pending token (sampled, not yet in the cache), tokens generated,
+        # max_tokens, temperature, top_p, whether EOS ends the row
+        self.t: dict[str, torch.Tensor] = {}
 
     def generators(self) -> list | None:
         return [r.gen for r in self.rows if r.req.temperature > 0] or None
@@ -365,52 +369,52 @@ class Engine:
         if not self._checked_layout:
             kvcache.check_layout(cache)
             self._checked_layout = True
-        temp = torch.tensor([r.req.temperature for r in rows], device=self.device)
-        top_p = torch.tensor([r.req.top_p for r in rows], device=self.device)
-        gens = [r.gen for r in rows if r.req.temperature > 0] or None
-        tok = next_tokens(logits, temp, top_p, gens)  # (B2,)
+        dev = self.device
+        t = {"temp": torch.tensor([r.req.temperature for r in rows], device=dev),
+             "top_p": torch.tensor([r.req.top_p for r in rows], device=dev),
+             "n_gen": torch.ones(len(rows), dtype=torch.long, device=dev),
+             "max_new": torch.tensor([r.req.max_tokens for r in rows], device=dev),
+             "eos_ok": torch.tensor([not r.req.ignore_eos for r in rows], device=dev)}
+        tok = next_tokens(logits, t["temp"], t["top_p"], [r.gen for r in rows if r.req.temperature > 0] or None)
+        t["last"] = tok  # (B2,)
         now = time.perf_counter()
         for r in rows:
             r.handle.t_first = now
-        n_gen = torch.ones(len(rows), dtype=torch.long, device=self.device)
-        max_new = torch.tensor([r.req.max_tokens for r in rows], device=self.device)
-        # join: the new rows' tensors after the running ones, both caches ending on the same column
+        # join: the new rows after the running ones, both caches ending on the same column
         if b.cache is None:
-            b.cache, b.mask = cache, mask
-            b.last, b.n_gen, b.max_new, b.temp, b.top_p = tok, n_gen, max_new, temp, top_p
+            b.cache, b.mask, b.t = cache, mask, t
         else:
             pad_old = kvcache.join(b.cache, cache, pl.offset)
             b.mask = torch.cat([F.pad(b.mask, (pad_old, 0)), F.pad(mask, (b.mask.shape[1] + pad_old - mask.shape[1], 0))])
-            b.last, b.n_gen = torch.cat([b.last, tok]), torch.cat([b.n_gen, n_gen])
-            b.max_new, b.temp, b.top_p = torch.cat([b.max_new, max_new]), torch.cat([b.temp, temp]), torch.cat([b.top_p, top_p])
+            b.t = {k: torch.cat([v, t[k]]) for k, v in b.t.items()}
         b.rows += rows
         b.names += names
-        self._emit(b, tok, len(b.rows) - len(rows))
+        self._emit(b, len(b.rows) - len(rows))
 
     def _decode(self, b: _Batch) -> None:
         n = len(b.rows)
         mask = torch.cat([b.mask, b.mask.new_ones(n, 1)], dim=1)  # (B, T+1)
         pos = mask.sum(dim=1, keepdim=True) - 1  # (B, 1)
-        logits, b.cache = self._forward(b.pl, b.names, b.last[:, None], mask, pos, b.cache)
+        logits, b.cache = self._forward(b.pl, b.names, b.t["last"][:, None], mask, pos, b.cache)
         if self.metrics is not None:
             self.metrics.batch_adapters.observe(len(set(b.names)))
         b.mask = mask
-        tok = next_tokens(logits, b.temp, b.top_p, b.generators())
-        b.n_gen += 1
-        self._emit(b, tok, 0)
+        b.t["last"] = next_tokens(logits, b.t["temp"], b.t["top_p"], b.generators())
+        b.t["n_gen"] += 1
+        self._emit(b, 0)
 
-    def _emit(self, b: _Batch, tok: torch.Tensor, start: int) -> None:
+    def _emit(self, b: _Batch, start: int) -> None:
         """Hand rows[start:] their new token; rows that hit EOS or max_tokens leave the batch."""
-        part = slice(start, None)
-        eos = torch.isin(tok, self.eos)
-        done = eos | (b.n_gen[part] >= b.max_new[part])
+        t = {k: v[start:] for k, v in b.t.items()}
+        tok = t["last"]
+        eos = torch.isin(tok, self.eos) & t["eos_ok"]
+        done = eos | (t["n_gen"] >= t["max_new"])
         toks, dn, es = tok.tolist(), done.tolist(), eos.tolist()
-        for r, t, d, e in zip(b.rows[part], toks, dn, es):
+        for r, tk, d, e in zip(b.rows[start:], toks, dn, es):
             if d:
-                self._finish(r, Event([t], "stop" if e else "length"))
+                self._finish(r, Event([tk], "stop" if e else "length"))
             else:
-                self._out.append((r.handle, Event([t])))
-        b.last = torch.cat([b.last[:start], tok]) if start else tok
+                self._out.append((r.handle, Event([tk])))
         if any(dn):
             keep = torch.cat([torch.ones(start, dtype=torch.bool, device=self.device), ~done])
             self._keep(b, keep)
@@ -425,8 +429,8 @@ class Engine:
             b.cache = None
             return
         kvcache.select(b.cache, idx)
-        b.mask, b.last, b.n_gen = b.mask[idx], b.last[idx], b.n_gen[idx]
-        b.max_new, b.temp, b.top_p = b.max_new[idx], b.temp[idx], b.top_p[idx]
+        b.mask = b.mask[idx]
+        b.t = {k: v[idx] for k, v in b.t.items()}
         lead = int(b.mask.any(dim=0).int().argmax())  # first column some row attends to
         if lead:
             kvcache.drop_columns(b.cache, b.pl.offset, lead)

@@ -154,7 +154,8 @@ async def handle(srv, request: Request, body, tenant) -> Response:
         for i, p in enumerate(prompts):
             for j in range(body.n):
                 seed = None if body.seed is None else (body.seed + j) % 2**64
-                req = GenRequest(p, target.adapter, max_new[i], temp, top_p, seed, srv.cfg.request_timeout_s)
+                req = GenRequest(p, target.adapter, max_new[i], temp, top_p, seed, srv.cfg.request_timeout_s,
+                                 body.ignore_eos)
                 handles.append(srv.engine.submit(req, loop, sink, tag=len(handles)))
                 choices.append(_Choice(TextStream(srv.tokenizer, stops), len(p)))
     except (QueueFull, EngineStopped) as e:

@@ -38,6 +38,7 @@ class _Sampling(_Strict):
     presence_penalty: Float = 0.0
     frequency_penalty: Float = 0.0
     logit_bias: dict[str, Float] | None = None
+    ignore_eos: bool = Field(False, description="vLLM's extension: generate max_tokens tokens, EOS or not (benchmarks)")
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for an OpenAI option set to something slimtune does not do."""
