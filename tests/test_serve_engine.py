@@ -256,3 +256,25 @@ def test_eos_ends_a_row_unless_ignore_eos(world):
         assert len(toks) == 6 and finish == "length" and toks[0] == first
     finally:
         eng.stop()
+
+
+def test_prefix_cache_reuses_shared_prompt_blocks_with_the_same_output(world):
+    """Prompts sharing 40 tokens: later rows reuse the cached blocks of their own adapter (never another's)
+    and still give the offline greedy output; rows with and without hits share one prefill."""
+    base, ads = world
+    reg, eng = _engine(world, ["lora-a", "lora-b", "prompt"], prefix_block=16)
+    shared = _prompt(100, 40)
+    jobs = [(n, shared + _prompt(200 + i, 1 + i % 5)) for i, n in enumerate(["lora-a", "lora-b", BASE_ADAPTER] * 3)]
+    jobs += [("prompt", shared + [1500]), ("lora-a", _prompt(300, 7)), ("lora-a", shared[:33])]
+    eng.start()
+    try:
+        first = [eng.submit(GenRequest(p, n, max_tokens=5)) for n, p in jobs[:3]]
+        for h in first:
+            h.result(30)
+        hits0 = eng.prefix.hit_tokens
+        handles = [eng.submit(GenRequest(p, n, max_tokens=5)) for n, p in jobs]
+        for (n, p), h in zip(jobs, handles):
+            assert h.result(30)[0] == offline_greedy(base, ads.get(n), p, 5), n
+        assert eng.prefix.hit_tokens - hits0 >= 9 * 32  # 2 of the 40 shared tokens' blocks per row
+    finally:
+        eng.stop()

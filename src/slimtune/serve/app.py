@@ -65,6 +65,7 @@ class Server:
         self.metrics = Metrics(self.registry)
         self.engine = Engine(self.registry, self.cfg, self.eos_ids, pad if pad is not None else (self.eos_ids or [0])[0],
                              self.metrics)
+        self.metrics.watch_engine(self.engine)
         self.started = int(time.time())
         for name in list(self.router.all()):
             self.check_route(name, self.router.get(name))

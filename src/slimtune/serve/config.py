@@ -18,6 +18,9 @@ class ServeConfig:
     #                      is ~3x a step of 1, so more rows trade latency for little throughput
     prefill_tokens: int = 2048  # prompt tokens prefilled per step: bounds the stall running rows see
     #                             when many requests join at once (one prompt longer than this still goes)
+    prefix_cache_tokens: int = 8192  # prompt-prefix KV kept for reuse (0 = off): ~380 MB for SmolLM2-135M
+    #                                  in fp32; chat prompts share their template and system prompt
+    prefix_block: int = 16  # tokens per cached block: a prefix is reused in whole blocks
     max_queue: int = 256  # requests waiting for a batch slot before new ones get 429
     max_loaded: int = 16  # adapters resident in memory; the least recently used is evicted beyond it
     #                       (a LoRA r=16 on all linears of a 135M model is ~20 MB)

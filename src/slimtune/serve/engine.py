@@ -39,6 +39,7 @@ from ..compat import output_cache
 from ..methods.lora_layers import BASE_ADAPTER
 from . import kvcache
 from .config import ServeConfig
+from .prefix_cache import PrefixCache, prefix_tensors
 from .registry import AdapterError, Placement, Registry
 from .sampling import next_tokens
 
@@ -146,6 +147,7 @@ class Engine:
         self.device = next(registry.base.parameters()).device
         self.eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=self.device)
         self.pad_id = pad_id
+        self.prefix = PrefixCache(cfg.prefix_cache_tokens, cfg.prefix_block)
         self._waiting: deque[Handle] = deque()
         self._ops: list[tuple[Callable[[], Any], Future]] = []
         self._batches: dict[tuple, _Batch] = {}
@@ -359,13 +361,29 @@ class Engine:
         from transformers import DynamicCache
 
         pl = b.pl
-        prompts = [torch.tensor(r.req.prompt, dtype=torch.long) for r in rows]
-        ids = _left_pad(prompts, self.pad_id).to(self.device)  # (B2, T2)
-        mask = _left_pad([torch.ones_like(p) for p in prompts], 0).to(self.device)
-        pos = (mask.cumsum(-1) - 1).clamp_(min=0)  # (B2, T2): left padding does not shift positions
-        names = [r.req.adapter for r in rows]
+        # reuse cached prefix blocks (not with virtual tokens in front: their cache columns differ)
+        use_pc = pl.offset == 0 and self.prefix.max_tokens > 0
+        owners = [self.registry.owner(r.req.adapter) for r in rows]
+        found = [self.prefix.lookup(o, r.req.prompt) for o, r in zip(owners, rows)] if use_pc else [[] for _ in rows]
+        cached = [len(f) * self.prefix.block for f in found]
+        suffixes = [torch.tensor(r.req.prompt[c:], dtype=torch.long) for r, c in zip(rows, cached)]
+        ids = _left_pad(suffixes, self.pad_id).to(self.device)  # (B2, S)
+        mask = _left_pad([torch.ones_like(p) for p in suffixes], 0).to(self.device)
         cache = DynamicCache(config=pl.model.config)
+        if any(cached):
+            kv, pmask = prefix_tensors(found)  # (B2, H, P, D) per layer, (B2, P)
+            for li, (k, v) in enumerate(kv):
+                cache.update(k, v, li)
+            mask = torch.cat([pmask, mask], dim=1)  # (B2, P + S): holes where a row's prefix is shorter
+        pos = (mask.cumsum(-1) - 1).clamp_(min=0)[:, -ids.shape[1]:]  # padding does not shift positions
+        names = [r.req.adapter for r in rows]
         logits, cache = self._forward(pl, names, ids, mask, pos, cache)
+        if use_pc:
+            width = mask.shape[1]
+            for i, (o, r, c) in enumerate(zip(owners, rows, cached)):
+                self.prefix.insert(o, r.req.prompt, c, cache, i, width - (len(r.req.prompt) - c))
+            self.prefix.hit_tokens += sum(cached)
+        self.prefix.computed_tokens += sum(len(x) for x in suffixes)
         if not self._checked_layout:
             kvcache.check_layout(cache)
             self._checked_layout = True

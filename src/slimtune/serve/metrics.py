@@ -7,6 +7,7 @@ counted per route and arm.
     slimtune_request_latency_seconds{endpoint,model}    slimtune_time_to_first_token_seconds{model}
     slimtune_queue_depth  slimtune_running_requests  slimtune_batch_rows  slimtune_batch_adapters  slimtune_step_seconds
     slimtune_adapters_resident  slimtune_adapters_known  slimtune_adapter_loads_total  slimtune_adapter_evictions_total
+    slimtune_prefill_tokens_total  slimtune_prefix_cache_hit_tokens_total
 """
 from __future__ import annotations
 
@@ -37,6 +38,19 @@ class _RegistryCollector:
         return [loads, ev, known, res]
 
 
+class _PrefixCollector:
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        pc = self.engine.prefix
+        hit = CounterMetricFamily("slimtune_prefix_cache_hit_tokens", "prompt tokens whose KV came from the prefix cache")
+        hit.add_metric([], pc.hit_tokens)
+        done = CounterMetricFamily("slimtune_prefill_tokens", "prompt tokens computed by prefill")
+        done.add_metric([], pc.computed_tokens)
+        return [hit, done]
+
+
 class Metrics:
     def __init__(self, adapters=None) -> None:
         r = self.registry = CollectorRegistry()
@@ -57,6 +71,9 @@ class Metrics:
         self.step_seconds = Histogram("slimtune_step_seconds", "engine step time", buckets=STEP_BUCKETS, registry=r)
         if adapters is not None:
             r.register(_RegistryCollector(adapters))
+
+    def watch_engine(self, engine) -> None:
+        self.registry.register(_PrefixCollector(engine))
 
     def engine_step(self, rows: int, seconds: float | None, waiting: int, running: int, resident: int) -> None:
         """Called by the engine after each step (its thread)."""

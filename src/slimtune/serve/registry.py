@@ -117,6 +117,7 @@ class Entry:
     doomed: bool = False  # unloaded while pinned: deleted when its last row leaves
     lane: Lane | None = None
     solo: Placement | None = None
+    uid: int = 0  # new at every load: the prefix cache's key for this adapter's KV
 
 
 class Registry:
@@ -134,6 +135,7 @@ class Registry:
         self._lock = threading.RLock()
         self.plain = _placement(("base",), self.base, None, None, 0)
         self.loads = self.evictions = 0  # counters for /metrics
+        self._uids = itertools.count(1)  # 0 is the base model
 
     # ---- any thread ---------------------------------------------------------------------------
     def list(self) -> list[Entry]:
@@ -229,6 +231,13 @@ class Registry:
             e.lane.rows += 1
             return e.lane.mixed if e.mixable else e.solo
 
+    def owner(self, name: str) -> int:
+        """Who computed a row's KV: 0 for the base, else the adapter's load id (engine thread, pinned)."""
+        if name == BASE_ADAPTER:
+            return 0
+        e = self._entries.get(name)
+        return e.uid if e is not None else -1
+
     def release(self, name: str, pl: Placement) -> None:
         with self._lock:
             if pl.lane is not None:
@@ -315,6 +324,7 @@ class Registry:
         e.offset = cfg.total_virtual_tokens if isinstance(cfg, PromptLearningConfig) else 0
         e.mixable = key[0] == "mix" and probe_mixable(lane, e.name)
         e.solo = _placement(("solo", id(lane), e.name), lane.hf, lane, e.name, e.offset)
+        e.uid = next(self._uids)
         self.loads += 1
 
 
