@@ -12,7 +12,8 @@ from conftest_train import make_tiny_llama
 
 
 def configs():
-    from slimtune import DoraConfig, IA3Config, LayerwiseConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+    from slimtune import (BottleneckConfig, DoraConfig, IA3Config, LayerwiseConfig, LoraConfig, PrefixTuningConfig,
+                          PromptTuningConfig)
 
     return {
         "lora-a": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -25,6 +26,7 @@ def configs():
         "prompt": PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
         "prefix": PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
         "layerwise": LayerwiseConfig(last_n=1),
+        "bottleneck": BottleneckConfig(adapter_type="pfeiffer", reduction_factor=4),
     }
 
 

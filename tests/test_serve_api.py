@@ -326,6 +326,12 @@ def test_bind_and_keys_file_checks(world, tmp_path):
     assert make_server(model, tok, ServeConfig(host="0.0.0.0"), keys=str(one)).tenants is not None
     with pytest.raises(ServeError, match="arm 'acme-v1' is not a loaded adapter"):
         make_server(model, tok, ServeConfig(), keys=str(keys))  # routes name adapters that are not there
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "serve" / "keys.yaml"
+    tenants, routes = load_keys(str(example))  # the shipped example is valid
+    assert len(tenants.tenants) == 3 and routes == {"acme-support": {"acme-v1": 0.9, "acme-v2": 0.1}}
+    assert tenants.authenticate("Bearer sk-admin-change-me-0001").admin
     for text, match in [("keys: [{key: sk-0123456789, sha256: " + "a" * 64 + "}]", "exactly one"),
                         ("keys: [{key: sk-0123456789, rate_limit: lots}]", "rate_limit"),
                         ("keys: [{key: sk-0123456789, colour: red}]", "colour"),

@@ -17,7 +17,7 @@ from slimtune.serve.engine import QueueFull
 from slimtune.serve.registry import AdapterLoadError, AdapterNotFound
 from slimtune.serve.sampling import next_tokens
 
-ALL = ["lora-a", "lora-b", "lora-c", "lora-d", "lora-head", "dora", "ia3", "prompt", "prefix", "layerwise"]
+ALL = ["lora-a", "lora-b", "lora-c", "lora-d", "lora-head", "dora", "ia3", "prompt", "prefix", "layerwise", "bottleneck"]
 EOS = 102  # the tiny model's eos (MiniLM's [SEP])
 
 
@@ -93,13 +93,14 @@ def test_sampling_greedy_top_p_and_seeds():
 
 # ---- the engine --------------------------------------------------------------------------------
 def test_every_method_runs_batched_and_equals_its_offline_greedy(world):
-    """LoRA adapters share a mixed batch with the base; modules_to_save, DoRA, IA3, prompt, prefix and
-    an in-place method each run in a batch of their own, all at once, joining at different steps."""
+    """LoRA adapters share a mixed batch with the base; modules_to_save, DoRA, IA3, prompt, prefix,
+    bottleneck and an in-place method each run in a batch of their own, all at once, joining at
+    different steps."""
     base, ads = world
     reg, eng = _engine(world, ALL)
     placed = {e.name: (e.mixable, e.lane.key[0]) for e in reg.list()}
     assert all(placed[n][0] for n in ("lora-a", "lora-b", "lora-c", "lora-d"))
-    assert not any(placed[n][0] for n in ("lora-head", "dora", "ia3", "prompt", "prefix", "layerwise"))
+    assert not any(placed[n][0] for n in ("lora-head", "dora", "ia3", "prompt", "prefix", "layerwise", "bottleneck"))
     assert placed["layerwise"][1] == "own"  # in-place weights: a copy of the base of its own
     eng.start()
     try:

@@ -128,12 +128,14 @@ def _closed_loop(jobs, send) -> list[tuple[float, float, int]]:
     return out
 
 
-def _stats(name: str, rows: list[tuple[float, float, int]]) -> dict:
+def _stats(name: str, runs: list[list[tuple[float, float, int]]]) -> dict:
+    """Over one or more runs: tokens over summed wall time, latency percentiles over all requests."""
+    rows = [r for run in runs for r in run]
     lat = sorted(e - s for s, e, _ in rows)
-    wall = max(e for _, e, _ in rows) - min(s for s, _, _ in rows)
+    wall = sum(max(e for _, e, _ in run) - min(s for s, _, _ in run) for run in runs)
     toks = sum(n for _, _, n in rows)
     q = statistics.quantiles(lat, n=20, method="inclusive")
-    return {"scenario": name, "requests": len(rows), "tokens": toks, "wall_s": round(wall, 3),
+    return {"scenario": name, "runs": len(runs), "requests": len(rows), "tokens": toks, "wall_s": round(wall, 3),
             "tokens_per_s": round(toks / wall, 2), "p50_s": round(statistics.median(lat), 3), "p95_s": round(q[18], 3)}
 
 
@@ -237,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the packaged SmolLM2-135M, or a random-init Llama of that shape")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=2, help="requests per client")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client (per round)")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of serve and of (b), alternating (A B B A)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--r", type=int, default=16, help="LoRA rank")
     ap.add_argument("--max-batch", type=int, default=16)
@@ -262,16 +265,22 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _closed_loop([[(n, QUESTION + PROMPTS[0])] for n in names + ["base"]],
                          lambda m, t: srv.chat(m, t, 4))  # warm-up: every adapter once, together
-            serve = _stats("slimtune serve", _closed_loop(jobs, lambda m, t: srv.chat(m, t, a.max_tokens)))
-            base_only = _stats("(b) base model alone (slimtune serve)",
-                               _closed_loop(base_jobs, lambda m, t: srv.chat(m, t, a.max_tokens)))
+            # serve and (b) alternate A B B A ...: a load that drifts during the run costs both alike
+            runs: dict[str, list] = {"serve": [], "base": []}
+            order = [("serve", "base"), ("base", "serve")]
+            for rnd in range(a.rounds):
+                for which in order[rnd % 2]:
+                    js = jobs if which == "serve" else base_jobs
+                    runs[which].append(_closed_loop(js, lambda m, t: srv.chat(m, t, a.max_tokens)))
+            serve = _stats("slimtune serve", runs["serve"])
+            base_only = _stats("(b) base model alone (slimtune serve)", runs["base"])
         finally:
             srv.stop()
         rows_a, anchor = _one_at_a_time(base, adapters, jobs, a)
-        seq = _stats(f"(a) one at a time, set_adapter + generate ({anchor})", rows_a)
+        seq = _stats(f"(a) one at a time, set_adapter + generate ({anchor})", [rows_a])
     load_after = _uptime()
     res = {"shape": a.shape, "device": a.device, "dtype": a.dtype, "threads": a.threads, "clients": a.clients,
-           "adapters": a.adapters, "requests_per_client": a.requests, "max_tokens": a.max_tokens, "r": a.r,
+           "adapters": a.adapters, "requests_per_client": a.requests, "rounds": a.rounds, "max_tokens": a.max_tokens, "r": a.r,
            "max_batch": a.max_batch, "torch": torch.__version__, "commit": _commit(),
            "uptime_before": load_before, "uptime_after": load_after, "rows": [serve, seq, base_only],
            "serve_vs_a_tokens_per_s": round(serve["tokens_per_s"] / seq["tokens_per_s"], 2),
@@ -295,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_table(res: dict) -> str:
     a = res["rows"][1]["tokens_per_s"]
-    lines = [f"{res['clients']} concurrent clients x {res['requests_per_client']} requests, {res['adapters']} LoRA "
+    lines = [f"{res['clients']} concurrent clients x {res['requests_per_client']} requests (serve, (b): "
+             f"{res.get('rounds', 1)} alternating rounds), {res['adapters']} LoRA "
              f"adapters (r={res['r']}, all linear layers), {res['max_tokens']} tokens each, {res['shape']} on "
              f"{res['device']} ({res['dtype']}, {res['threads'] or 'default'} threads)", "",
              "| scenario | requests | tokens | wall s | tokens/s | p50 latency s | p95 latency s | tokens/s vs (a) |",

@@ -36,6 +36,8 @@ def add_parser(sub) -> None:
     g.add_argument("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens a request may ask")
     g.add_argument("--max-n", type=int, default=d.max_n, help="choices per request")
     g.add_argument("--request-timeout", type=float, default=d.request_timeout_s, help="seconds; then 408")
+    g.add_argument("--prefix-cache-tokens", type=int, default=d.prefix_cache_tokens,
+                   help="prompt-prefix KV kept for reuse, in tokens (0 = off)")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     g.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -106,7 +108,8 @@ def run(a) -> int:
                                    os.path.basename(os.path.normpath(a.model or str(path))))
     cfg = ServeConfig(host=a.host, port=a.port, served_model_name=name, max_batch=a.max_batch, max_queue=a.max_queue,
                       max_loaded=a.max_loaded, max_body_bytes=a.max_body_bytes, max_prompt_tokens=a.max_prompt_tokens,
-                      max_tokens=a.max_tokens, max_n=a.max_n, request_timeout_s=a.request_timeout, insecure=a.insecure)
+                      max_tokens=a.max_tokens, max_n=a.max_n, request_timeout_s=a.request_timeout, insecure=a.insecure,
+                      prefix_cache_tokens=a.prefix_cache_tokens)
     if a.adapters_dir and not os.path.isdir(a.adapters_dir):
         raise CommandError(f"--adapters-dir {a.adapters_dir}: no such folder")
     try:

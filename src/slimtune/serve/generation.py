@@ -132,9 +132,18 @@ def _engine_error(ev) -> APIError:
 
 
 async def handle(srv, request: Request, body, tenant) -> Response:
+    endpoint = "chat" if isinstance(body, ChatRequest) else "completions"
+    try:
+        return await _handle(srv, request, body, tenant, endpoint)
+    except APIError as e:  # refused before any row ran: counted under model "" (names are the client's)
+        if not getattr(e, "counted", False):
+            srv.metrics.request_done(endpoint, "", e.status)
+        raise
+
+
+async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Response:
     t0 = time.perf_counter()
-    chat = isinstance(body, ChatRequest)
-    endpoint = "chat" if chat else "completions"
+    chat = endpoint == "chat"
     bad = body.unsupported()
     if bad:
         raise APIError(400, bad[1], bad[0], "unsupported_parameter")
@@ -228,6 +237,7 @@ class _Run:
             work.result()  # raises the request's APIError
         except APIError as e:
             self.status = e.status
+            e.counted = True  # _close records it under the adapter that ran
             raise
         finally:
             gone.cancel()

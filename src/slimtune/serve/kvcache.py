@@ -30,6 +30,20 @@ def check_layout(cache) -> None:
                                f"has {', '.join(kinds)} (sliding-window or hybrid attention is not served yet)")
 
 
+def check_model(model) -> None:
+    """One 1-token forward: refuse at start-up a model whose cache rows cannot be joined."""
+    from transformers import DynamicCache
+
+    from ..compat import cache_arg
+
+    cache = DynamicCache(config=model.config)
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        model(input_ids=torch.ones(1, 1, dtype=torch.long, device=dev), use_cache=True,
+              **{cache_arg(model) or "past_key_values": cache})
+    check_layout(cache)
+
+
 def _pad(t: torch.Tensor, n: int, offset: int) -> torch.Tensor:
     """Insert n zero columns at `offset` of t (B, H, T, D)."""
     if n == 0:

@@ -9,6 +9,7 @@ import ipaddress
 import socket
 
 from .config import ServeConfig
+from .kvcache import CacheLayoutError, check_model
 from .registry import Registry
 from .routes import RouteError, Router
 from .tenants import load_keys
@@ -38,6 +39,10 @@ def make_server(model, tokenizer, cfg: ServeConfig, adapters: dict[str, str] | N
     if not keys and not cfg.insecure and not is_loopback(cfg.host):
         raise ServeError(f"refusing to listen on {cfg.host} without --keys: anyone who can reach it could use every "
                          "adapter and the admin endpoints. Pass --keys keys.yaml, or --insecure if that is intended")
+    try:
+        check_model(model)
+    except CacheLayoutError as e:
+        raise ServeError(str(e)) from None
     registry = Registry(model, cfg.served_model_name, cfg.max_loaded, adapters_dir)
     if len(adapters or {}) > cfg.max_loaded:
         raise ServeError(f"{len(adapters)} --adapter flags but --max-loaded {cfg.max_loaded}: raise --max-loaded or "
