@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -109,11 +110,15 @@ def test_smollm_chat_equals_slimtune_generate(tmp_path):
         pm.save_pretrained(tmp_path / name)
         folders[name] = tmp_path / name
     prompt = "Text: A clumsy, overlong mess. Is this a movie review? Answer yes or no."
+    # one `generate` run, both adapters: it prints "[adapter FOLDER]" and the answer for each
+    r = _run(["generate", "--model", "smollm2-135m", "--adapter", str(folders["calm"]), "--adapter",
+              str(folders["terse"]), "--max-new-tokens", "24", prompt], 300)
+    assert r.returncode == 0, r.stderr
     want = {}
-    for name, folder in folders.items():
-        r = _run(["generate", "--model", "smollm2-135m", "--adapter", str(folder), "--max-new-tokens", "24", prompt], 300)
-        assert r.returncode == 0, r.stderr
-        want[name] = r.stdout.strip()
+    for block in r.stdout.strip().split("\n\n[adapter "):
+        head, _, text = block.partition("]\n")
+        want[Path(head.removeprefix("[adapter ")).name] = text.strip()
+    assert set(want) == set(folders)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     srv = make_server(model, AutoTokenizer.from_pretrained(path), ServeConfig(served_model_name="smollm2-135m"),
                       {n: str(f) for n, f in folders.items()})
