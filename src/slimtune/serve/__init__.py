@@ -2,7 +2,9 @@
 
     registry.py  adapters known / resident (LRU), lanes (one PeftModel per method), the mix probe
     engine.py    the scheduler thread: continuous batching across adapters over a KV cache
+    handles.py   GenRequest in, Handle (events, cancel) out
     kvcache.py   row surgery on the cache (select, join with left padding, trim)
+    prefix_cache.py  prompt-prefix KV per adapter, in hashed blocks
     sampling.py  greedy / temperature / top_p / seeded sampling as tensor ops
     text.py      prompts (chat template) and streamed text with stop strings
     tenants.py   keys.yaml: hashed keys, adapter/route globs, rate limits, admin

@@ -23,12 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -36,82 +34,14 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from ..compat import output_cache
-from ..methods.lora_layers import BASE_ADAPTER
 from . import kvcache
 from .config import ServeConfig
+from .handles import EngineStopped, Event, GenRequest, Handle, QueueFull  # noqa: F401 - re-exported
 from .prefix_cache import PrefixCache, prefix_tensors
 from .registry import AdapterError, Placement, Registry
 from .sampling import next_tokens
 
 log = logging.getLogger("slimtune.serve")
-
-
-class QueueFull(Exception):
-    """The waiting queue is at max_queue."""
-
-
-class EngineStopped(RuntimeError):
-    pass
-
-
-@dataclass
-class GenRequest:
-    prompt: list[int]  # token ids
-    adapter: str = BASE_ADAPTER  # a registry name, or BASE_ADAPTER for the base model
-    max_tokens: int = 16
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    timeout_s: float | None = None
-    ignore_eos: bool = False  # run to max_tokens (benchmarks compare equal work)
-
-
-@dataclass
-class Event:
-    tokens: list[int]
-    finish: str | None = None  # "stop" (EOS), "length", "cancelled", "timeout", "error"
-    error: BaseException | None = None
-
-
-class Handle:
-    """A submitted request: its events, `cancel()`, and timing for metrics."""
-
-    def __init__(self, req: GenRequest, engine: "Engine", loop: asyncio.AbstractEventLoop | None,
-                 sink: Any = None, tag: int = 0) -> None:
-        self.req = req
-        self.loop = loop
-        # items are (tag, Event); several handles (the choices of one request) may share one sink
-        self.queue: Any = sink if sink is not None else asyncio.Queue() if loop is not None else queue.SimpleQueue()
-        self.tag = tag
-        self.cancelled = False
-        self.t_submit = time.perf_counter()
-        self.deadline = self.t_submit + req.timeout_s if req.timeout_s else None
-        self.t_first: float | None = None
-        self._engine = engine
-
-    def cancel(self) -> None:
-        """The client went away (or a stop string matched): the row leaves at the next step."""
-        self.cancelled = True
-        self._engine.wake()
-
-    async def events(self):
-        while True:
-            _, ev = await self.queue.get()
-            yield ev
-            if ev.finish is not None:
-                return
-
-    def result(self, timeout: float | None = None) -> tuple[list[int], str]:
-        """Blocking (for callers without an event loop): all tokens and the finish reason."""
-        toks: list[int] = []
-        end = time.monotonic() + timeout if timeout else None
-        while True:
-            _, ev = self.queue.get(timeout=None if end is None else max(end - time.monotonic(), 0.001))
-            toks += ev.tokens
-            if ev.error is not None:
-                raise ev.error
-            if ev.finish is not None:
-                return toks, ev.finish
 
 
 class _Row:
