@@ -151,6 +151,8 @@ class _Server:
                "--device", a.device, "--dtype", a.dtype, "--max-loaded", str(max(len(adapters), 1))]
         if a.threads:
             cmd += ["--threads", str(a.threads)]
+        if a.prefix_cache_tokens is not None:
+            cmd += ["--prefix-cache-tokens", str(a.prefix_cache_tokens)]
         for n, p in adapters.items():
             cmd += ["--adapter", f"{n}={p}"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -245,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--r", type=int, default=16, help="LoRA rank")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (server and (a)); 0 = torch's default")
+    ap.add_argument("--prefix-cache-tokens", type=int, help="the server's prefix cache (0 = off; default: its own)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--out", help="JSON path (default benchmarks/results/serve-<shape>-<device>.json; '-' for none)")
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = _uptime()
     res = {"shape": a.shape, "device": a.device, "dtype": a.dtype, "threads": a.threads, "clients": a.clients,
            "adapters": a.adapters, "requests_per_client": a.requests, "rounds": a.rounds, "max_tokens": a.max_tokens, "r": a.r,
-           "max_batch": a.max_batch, "torch": torch.__version__, "commit": _commit(),
+           "max_batch": a.max_batch, "prefix_cache_tokens": a.prefix_cache_tokens, "torch": torch.__version__, "commit": _commit(),
            "uptime_before": load_before, "uptime_after": load_after, "rows": [serve, seq, base_only],
            "serve_vs_a_tokens_per_s": round(serve["tokens_per_s"] / seq["tokens_per_s"], 2),
            "serve_vs_b_tokens_per_s": round(serve["tokens_per_s"] / base_only["tokens_per_s"], 2),
