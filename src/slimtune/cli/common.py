@@ -29,9 +29,10 @@ def run_dir_config(target: str | None, overrides: list[str]):
     return load_config(target, overrides), None
 
 
-def load_base(model_name: str | None, adapter: str | None, task: str | None = None):
+def load_base(model_name: str | None, adapter: str | None, task: str | None = None, load_kwargs: dict | None = None):
     """(base model, tokenizer, its folder, PEFT task type) for an adapter folder: --model if given,
-    else the adapter's base_model_name_or_path when that folder is on this machine."""
+    else the adapter's base_model_name_or_path when that folder is on this machine. `load_kwargs`
+    go to from_pretrained (e.g. a quantization_config, slimtune.quant)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -56,9 +57,9 @@ def load_base(model_name: str | None, adapter: str | None, task: str | None = No
     task = task or cfgj.get("task_type") or "CAUSAL_LM"
     if task == "SEQ_CLS":
         n = num_labels(adapter) if adapter else 2
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=n, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=n, dtype=torch.float32, **(load_kwargs or {}))
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **(load_kwargs or {}))
     return model, tok, path, task
 
 

@@ -42,6 +42,9 @@ def run_train(cfg: JobConfig, log: Callable[[str], None] = print, progress: bool
         log(f"method {s['adapter_config'].method}: chose " + "; ".join(s["why"]))
     if s["adapter_config"].needs_scores():  # sparse fisher / top-k heads: choose from the data
         s["adapter_config"] = score_for_selection(s["adapter_config"], s["model"], data, cfg, s["tokenizer"], log)
+    from ..quant import quantized_size
+
+    qsize = quantized_size(s["model"])  # model.quantize: what quantizing saved, for the report
     torch.manual_seed(cfg.train.seed)  # adapter init independent of what set-up consumed
     model = get_peft_model(s["model"], s["adapter_config"])
     if upcast_trainable(model):
@@ -58,7 +61,8 @@ def run_train(cfg: JobConfig, log: Callable[[str], None] = print, progress: bool
         s["tokenizer"].save_pretrained(out / "adapter")
     res.update(task=s["task"], trainable=t, total_params=a, trainable_pct=pct, total_wall_s=time.time() - t_start,
                why=s["why"], truncated=data.stats.get("truncated", 0), data=data.source,
-               model_path=s["model_path"], method=s["adapter_config"].method)
+               model_path=s["model_path"], method=s["adapter_config"].method,
+               quantization=qsize.line() if qsize is not None else None)
     if trainer.is_main:
         plot(trainer.history, trainer.metric, out / "plot.png")
         write_report(cfg, res, out / "report.md")
@@ -112,7 +116,8 @@ def write_report(cfg: JobConfig, res: dict[str, Any], path: Path) -> None:
     b, a = res["before"] or {}, res["after"] or {}
     lines = [
         f"# slimtune run: {cfg.output_dir}", "",
-        f"- model: `{cfg.model}` ({res['task']}), method `{res['method']}`",
+        f"- model: `{cfg.model_name()}` ({res['task']}), method `{res['method']}`",
+        f"- {res['quantization']}" if res.get("quantization") else "",
         f"- data: {res['data']}, truncation cut {res['truncated']} examples",
         f"- trainable params: {res['trainable']:,d} of {res['total_params']:,d} ({res['trainable_pct']:.4f}%)",
         f"- steps: {res['steps']}" + (" (stopped early)" if res["stopped_early"] else ""),
