@@ -357,3 +357,33 @@ def test_missing_or_unsupported_bitsandbytes_is_one_clear_error(monkeypatch):
         require_bitsandbytes("quantize: nf4")
     with pytest.raises(QuantizationError, match="use one of nf4, fp4, int8"):
         bnb_config("nf3")
+
+
+@pytest.mark.parametrize("method,kw", [("bitfit", {}), ("bottleneck", {}), ("prefix", {"num_virtual_tokens": 4}),
+                                       ("prompt", {"num_virtual_tokens": 4}), ("p_tuning", {"num_virtual_tokens": 4})])
+def test_methods_beside_the_weights_train_on_a_quantized_base(tmp_path, method, kw):
+    """Methods that leave the linear weights alone (biases, added modules, virtual tokens) take a
+    quantized base as it is: loss and gradients equal the dense twin's, through bitsandbytes' backward."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                                 mlp_bias=True)).save_pretrained(tmp_path)  # biases, for BitFit
+    q = load(tmp_path)
+    ref = dense_twin(tmp_path, q)
+    torch.manual_seed(1)
+    pq = get_peft_model(q, make_config(method, **kw))
+    torch.manual_seed(1)
+    pr = get_peft_model(ref, make_config(method, **kw))
+    x = batch()
+    pq.train(), pr.train()
+    lq, lr = pq(input_ids=x, labels=x).loss, pr(input_ids=x, labels=x).loss
+    torch.testing.assert_close(lq, lr, atol=1e-5, rtol=1e-5)
+    lq.backward()
+    lr.backward()
+    gq, gr = grads(pq), grads(pr)
+    assert gq.keys() == gr.keys() and gq
+    for k in gq:
+        torch.testing.assert_close(gq[k], gr[k], atol=1e-5, rtol=1e-4)
+    assert len(list(quantized_linears(pq))) == 14

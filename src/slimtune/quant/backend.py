@@ -112,8 +112,8 @@ def _int8_parts(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize(m: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The exact weight the bitsandbytes kernel uses, (out, in), in `dtype`.
 
-    4-bit: bitsandbytes' own dequantize op in fp32 (its kernels dequantize in fp32 and cast to the
-    compute dtype), nested absmax (double quant) expanded as its matmul does. 8-bit: CB·(SCB/127),
+    4-bit: bitsandbytes' own dequantize op, the one its matmul runs, in `dtype`; nested absmax (double
+    quant) expanded as its matmul does. 8-bit: CB·(SCB/127),
     the formula of its training matmul. Raises if the CPU repack (prepare.guard_cpu_repack) has
     rewritten the layout: call the guard first."""
     k = kind(m)
@@ -137,9 +137,12 @@ def dequantize(m: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor
     absmax = qs.absmax
     if qs.nested:
         absmax = bf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    # The op bitsandbytes' own matmul calls (gemm_4bit: dequantize_4bit(..., compute dtype) + linear),
+    # with the dtype asked for: in the compute dtype this is the very weight the kernel multiplies by.
+    op_dtype = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
     out = torch.ops.bitsandbytes.dequantize_4bit.default(w.data, absmax.float(), qs.blocksize, qs.quant_type,
-                                                         qs.shape, torch.float32)
-    return out.to(dtype)
+                                                         qs.shape, op_dtype)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def requantize(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module) -> nn.Module:

@@ -109,7 +109,9 @@ def upcast_trainable(model: nn.Module) -> int:
 
 
 def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    from ..quant.backend import param_count  # a 4-bit weight counts its unpacked size
+
+    return sum(param_count(p) for p in model.parameters())
 
 
 def auto_method(cfg: JobConfig, model: nn.Module, task: str) -> tuple[Any, list[str]]:
