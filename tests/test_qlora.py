@@ -387,3 +387,34 @@ def test_methods_beside_the_weights_train_on_a_quantized_base(tmp_path, method, 
     for k in gq:
         torch.testing.assert_close(gq[k], gr[k], atol=1e-5, rtol=1e-4)
     assert len(list(quantized_linears(pq))) == 14
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_run.sh runs it)")
+def test_qlora_on_cuda_matches_the_dense_twin(llama_dir):
+    """The same checks on a GPU: bitsandbytes' CUDA kernels under the fused node, bf16 compute."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest_qlora import bnb
+
+    q = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=bnb("nf4", compute=torch.bfloat16),
+                                             device_map={"": 0})
+    ref = dense_twin(llama_dir, q).cuda()
+    for name, m in quantized_linears(q):  # the twin multiplies by the bf16 weight the kernel uses
+        ref.get_submodule(name).weight.data = dequantize(m, torch.bfloat16).float()
+    pq, pr = _lora(q), _lora(ref)
+    x = batch().cuda()
+    pq.train(), pr.train()
+    lq, lr = pq(x, labels=x).loss, pr(x, labels=x).loss
+    torch.testing.assert_close(lq, lr, atol=2e-2, rtol=2e-2)
+    lq.backward()
+    lr.backward()
+    gq, gr = grads(pq), grads(pr)
+    for k in gq:
+        torch.testing.assert_close(gq[k], gr[k], atol=5e-3, rtol=5e-2, msg=k)
+    deq = {n: dequantize(m, torch.bfloat16) for n, m in quantized_linears(q)}
+    deltas = {n.replace("base_model.model.", ""): layer.get_delta_weight("default").to(torch.bfloat16)
+              for n, layer in pq.named_modules() if isinstance(layer, QuantLinear)}
+    merged = pq.merge_and_unload()
+    assert not list(quantized_linears(merged))
+    for n, w in deq.items():
+        assert torch.equal(merged.get_submodule(n).weight, w + deltas[n]), n

@@ -144,3 +144,18 @@ def test_smollm2_nf4_size_and_a_qlora_step():
     plain, after_eval = step_grads(False), step_grads(True)
     assert len(plain) == 8 and all(torch.equal(plain[k], after_eval[k]) for k in plain)
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in plain.values())
+
+
+def test_qlora_bench_runs_its_rows_on_the_tiny_preset(tmp_path):
+    """The benchmark script's shape part end to end on a seconds-long preset (no timing asserted)."""
+    from slimtune.bench.presets import PRESETS
+    from slimtune.bench.qlora import markdown, run_shape
+
+    res = run_shape(PRESETS["tiny"], log=lambda *_: None)
+    assert [r["row"] for r in res["rows"]] == ["lora", "qlora", "peft_qlora"]
+    by = {r["row"]: r for r in res["rows"]}
+    assert by["qlora"]["trainable"] == by["peft_qlora"]["trainable"] == by["lora"]["trainable"] > 0
+    assert by["qlora"]["weight_mib"] < by["lora"]["weight_mib"] and by["qlora"]["adapted_mib"] < by["lora"]["adapted_mib"]
+    assert abs(by["qlora"]["first_loss"] - by["peft_qlora"]["first_loss"]) < 1e-4  # same base, same function
+    assert "qlora" in markdown({"shape": res, "meta": {"date": "-", "versions": {}, "cpu": "-", "cores": 1,
+                                                       "load_avg": (0, 0, 0)}}, "cmd")
