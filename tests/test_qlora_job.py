@@ -100,7 +100,9 @@ def test_cli_merge_dequantizes_exactly_and_requantizes_on_request(tiny_llama, tm
     assert cfgj["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "f"), "--quantize", "none"]) == 0
     assert "base quantized" not in capsys.readouterr().out  # merged onto the full-precision base instead
-    assert res["quantization"]
+    assert main(["eval", str(tmp_path / "run")]) == 0  # the run's config.yaml: the base quantized again
+    out = capsys.readouterr().out
+    assert res["quantization"] in out and "eval_loss" in out
 
 
 def test_inspect_shows_the_quantized_size(tiny_llama, capsys):

@@ -181,7 +181,7 @@ def run_shape(p: Preset, log=print) -> dict[str, Any]:
               (("qlora", "lora"), ("peft_qlora", "lora"), ("qlora", "peft_qlora")) for k in ("ms", "cpu_ms", "mem_mib")}
     ratios["adapted_nf4_vs_bf16_bytes"] = round(held_q / bf16, 3)
     return {"preset": p.name, "shape": {k: p.model[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")},
-            "batch": p.batch, "seq": p.seq, "dtype": p.dtype, "rounds": p.rounds, "steps": p.steps,
+            "batch": p.batch, "seq": p.seq, "dtype": p.dtype, "rounds": p.rounds, "steps": p.steps, "threads": p.threads,
             "rows": rows, "ratios": ratios, "wall_s": round(time.perf_counter() - t_start, 1)}
 
 
@@ -310,7 +310,7 @@ def markdown(res: dict[str, Any], cmd: str) -> str:
     sh = res.get("shape")
     if sh:
         lines += [f"## {sh['preset']}: {sh['shape']}, batch {sh['batch']}×{sh['seq']}, {sh['dtype']}, "
-                  f"{sh['rounds']} rounds × {sh['steps']} steps", "",
+                  f"{sh['rounds']} rounds × {sh['steps']} steps, {sh.get('threads')} thread(s)", "",
                   "| row | step ms (median) | CPU ms/step | ÷ lora | training memory MiB (model) | model weights MiB | "
                   "adapted linears MiB (÷ bf16) | first loss |", "|---|---|---|---|---|---|---|---|"]
         lora = next(r for r in sh["rows"] if r["row"] == "lora")
@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--steps", type=int)
     ap.add_argument("--dtype", help="override the preset's dtype (float32, bfloat16)")
+    ap.add_argument("--threads", type=int, help="override the preset's CPU threads (1: no spin-waiting on a busy machine)")
     ap.add_argument("--out", help="path stem (default benchmarks/results/qlora-<preset>)")
     ap.add_argument("--job-row", help=argparse.SUPPRESS)
     ap.add_argument("--job-out", help=argparse.SUPPRESS)
@@ -353,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from dataclasses import replace
 
-    p = replace(PRESETS[a.preset], **{k: v for k, v in (("rounds", a.rounds), ("steps", a.steps), ("dtype", a.dtype))
-                                      if v is not None})
+    p = replace(PRESETS[a.preset], **{k: v for k, v in (("rounds", a.rounds), ("steps", a.steps), ("dtype", a.dtype),
+                                                          ("threads", a.threads)) if v is not None})
     stem = a.out or os.path.join("benchmarks", "results", f"qlora-{a.preset}")
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     res: dict[str, Any] = {}
