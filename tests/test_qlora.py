@@ -418,3 +418,16 @@ def test_qlora_on_cuda_matches_the_dense_twin(llama_dir):
     assert not list(quantized_linears(merged))
     for n, w in deq.items():
         assert torch.equal(merged.get_submodule(n).weight, w + deltas[n]), n
+
+
+def test_merge_and_requantize_int8(llama_dir, capsys):
+    from slimtune.quant import merge_and_requantize
+
+    pm = _lora(load(llama_dir, "int8"), target_modules=["q_proj", "down_proj"])
+    x = batch()
+    model, cost = merge_and_requantize(pm, x)
+    assert "re-quantizing 4 merged linears (int8) costs" in capsys.readouterr().out
+    layers = dict(quantized_linears(model))
+    assert len(layers) == 14 and all(kind(m) == "8bit" for m in layers.values())
+    assert layers["model.layers.0.mlp.down_proj"].weight.dtype == torch.int8
+    assert cost.max_abs > 0 and torch.isfinite(model(x).logits).all()

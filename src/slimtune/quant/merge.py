@@ -152,7 +152,7 @@ def merge_and_requantize(peft_model: nn.Module, probe, adapter_names: list[str] 
             continue
         quant, dense = layer.quantized_base(), layer.get_base_layer()
         replace_module(root, path, qb.requantize(dense.weight, dense.bias, like=quant))
-        kinds.add(qb.kind(quant) if qb.kind(quant) == "8bit" else quant.weight.quant_state.quant_type)
+        kinds.add("int8" if qb.kind(quant) == "8bit" else quant.weight.quant_state.quant_type)
         n += 1
     model = unwrap(root, keep_adapter=keep)
     from .prepare import guard_cpu_repack
