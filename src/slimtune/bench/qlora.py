@@ -208,12 +208,12 @@ def _reset_peak_rss() -> float:
     return _rss_mib()["VmRSS"]
 
 
-def job_row(row: str, out_dir: str) -> dict[str, Any]:
+def job_row(row: str, out_dir: str, threads: int = 2) -> dict[str, Any]:
     """One row of the job part, in this process (called by the child the parent starts)."""
     from ..train.config import load_config
     from ..train.run import run_train
 
-    over = [f"output_dir={out_dir}", "train.cpu_threads=2"] + (["model.quantize=nf4"] if row != "lora" else [])
+    over = [f"output_dir={out_dir}", f"train.cpu_threads={threads}"] + (["model.quantize=nf4"] if row != "lora" else [])
     cfg = load_config(None, over)
     t0 = time.time()
     rss0: list[float] = []
@@ -269,15 +269,19 @@ def _peft_job(cfg, rss0: list) -> dict[str, Any]:
     return res
 
 
-def run_job(out_root: str, rows=ROWS, log=print) -> list[dict[str, Any]]:
+def run_job(out_root: str, rows=ROWS, threads: int = 2, log=print) -> list[dict[str, Any]]:
+    """Each row in its own process; its summary JSON and log go to out_root, its run folder to a temp dir."""
     results = []
+    Path(out_root).mkdir(parents=True, exist_ok=True)
+    runs = tempfile.mkdtemp(prefix="qlora-bench-job-")
     for row in rows:
         out_json = Path(out_root) / f"{row}.json"
         cmd = [sys.executable, "-m", "slimtune.bench.qlora", "--job-row", row, "--job-out", str(out_json),
-               "--job-dir", str(Path(out_root) / row)]
+               "--job-dir", str(Path(runs) / row), "--threads", str(threads)]
         t0 = time.time()
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-        (Path(out_root) / f"{row}.log").write_text(r.stdout + r.stderr)
+        text = "\n".join(line for line in (r.stdout + r.stderr).splitlines() if "it/s]" not in line)  # no progress bars
+        (Path(out_root) / f"{row}.log").write_text(text + "\n")
         if r.returncode != 0:
             raise RuntimeError(f"job row {row} failed (exit {r.returncode}); see {out_root}/{row}.log:\n{r.stderr[-2000:]}")
         res = json.loads(out_json.read_text())
@@ -349,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     if a.job_row:  # a child of run_job
-        res = job_row(a.job_row, a.job_dir)
+        res = job_row(a.job_row, a.job_dir, a.threads or 2)
         Path(a.job_out).write_text(json.dumps(res, indent=1))
         return 0
     from dataclasses import replace
@@ -366,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         if p.device == "cuda":
             print("the job part runs the CPU default job; skipped on a GPU preset")
         else:
-            res["job"] = run_job(stem + "-job")
+            res["job"] = run_job(stem + "-job", threads=p.threads or 2)
     res["meta"] = _meta()
     cmd = "python -m slimtune.bench.qlora " + " ".join(argv if argv is not None else sys.argv[1:])
     Path(stem + ".json").write_text(json.dumps(res, indent=1))

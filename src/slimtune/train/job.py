@@ -73,8 +73,10 @@ def load_model(cfg: JobConfig, path: str | None, task: str, num_labels: int | No
         m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     if kw:
         from ..quant import guard_cpu_repack, quantized_size
+        from ..quant.config import detach_from_checkpoint
 
         guard_cpu_repack(m)  # before the job's first (eval) forward: see quant/prepare.py
+        detach_from_checkpoint(m)  # drop the dense checkpoint's resident pages (the linears are quantized)
         size = quantized_size(m)
         if size is not None:
             log(size.line())
