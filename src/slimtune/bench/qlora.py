@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         if p.device == "cuda":
             print("the job part runs the CPU default job; skipped on a GPU preset")
         else:
-            res["job"] = run_job(stem + "-job", threads=p.threads or 2)
+            res["job"] = run_job(stem + "-rows", threads=p.threads or 2)  # per-row JSON and logs
     res["meta"] = _meta()
     cmd = "python -m slimtune.bench.qlora " + " ".join(argv if argv is not None else sys.argv[1:])
     Path(stem + ".json").write_text(json.dumps(res, indent=1))
