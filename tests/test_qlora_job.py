@@ -161,3 +161,11 @@ def test_qlora_bench_runs_its_rows_on_the_tiny_preset(tmp_path):
     assert abs(by["qlora"]["first_loss"] - by["peft_qlora"]["first_loss"]) < 1e-4  # same base, same function
     assert "qlora" in markdown({"shape": res, "meta": {"date": "-", "versions": {}, "cpu": "-", "cores": 1,
                                                        "load_avg": (0, 0, 0)}}, "cmd")
+
+
+def test_int8_job_with_gradient_checkpointing(tiny_llama, tmp_path):
+    cfg = _qjob(tiny_llama, tmp_path, quantize="int8").model_dump()
+    cfg["train"]["gradient_checkpointing"] = True
+    res = run_train(JobConfig.model_validate(cfg), **quiet)
+    assert res["quantization"].startswith("quantization: int8, 14 linears")
+    assert res["after"]["eval_loss"] < res["before"]["eval_loss"]

@@ -119,7 +119,7 @@ def _steps(model, params, x, p: Preset, first: bool) -> tuple[list[float], list[
         if dev == "cuda":
             torch.cuda.synchronize()
         if i == 0:
-            loss0 = float(loss)
+            loss0 = float(loss.detach())
         if i >= p.warmup:
             wall.append((time.perf_counter() - t0) * 1000)
             cpu.append((time.process_time() - c0) * 1000)
