@@ -9,13 +9,25 @@ from conftest_train import instruction_rows, sentiment_rows, tiny_bert, tiny_lla
 from slimtune.cli.main import main
 
 
-@pytest.mark.parametrize("cmd", [[], ["train"], ["eval"], ["generate"], ["merge"], ["inspect"]])
+@pytest.mark.parametrize("cmd", [[], ["train"], ["eval"], ["predict"], ["generate"], ["merge"], ["inspect"]])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main(cmd + ["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "usage: slimtune" in out
+    assert "usage: slimtune" in out and "%%" not in out  # argparse's % escapes must not show
+
+
+def test_building_the_parser_imports_nothing_heavy():
+    """`slimtune --help` costs `import slimtune` plus the CLI modules (and light slimtune modules they read
+    defaults from), which import no torch,
+    transformers, datasets or matplotlib at parser-build time (the commands import them when run)."""
+    code = ("import sys, slimtune; before = set(sys.modules); import slimtune.cli.main as m; m.build_parser(); "
+            "print(sorted(set(sys.modules) - before))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    new = eval(r.stdout.strip().splitlines()[-1])
+    heavy = [x for x in new if x.split(".")[0] != "slimtune" and x.split(".")[0] not in sys.stdlib_module_names]
+    assert new and not heavy, heavy
 
 
 def test_python_dash_m_help():

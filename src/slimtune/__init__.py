@@ -60,6 +60,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "OfflineError": ("hub", "OfflineError"),
     "all_methods": ("registry", "all_methods"), "get_method": ("registry", "get_method"),
     "make_config": ("registry", "make_config"),
+    "prepare_model_for_kbit_training": ("quant", "prepare_model_for_kbit_training"),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

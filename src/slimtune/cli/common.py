@@ -1,9 +1,11 @@
-"""What several commands share: quiet transformers logging, loading a base model for an adapter
-folder, reading a run folder's config."""
+"""What several commands share: quiet transformers logging, telling a run folder from a config or an
+adapter folder, loading a base model for an adapter folder."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from .errors import CommandError
 
 
 def quiet_hf() -> None:
@@ -17,33 +19,69 @@ def quiet_hf() -> None:
     warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
 
 
+def is_run_folder(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "config.yaml").is_file()
+
+
+def not_a_run(path: str | Path, what: str = "a run folder") -> CommandError:
+    p = Path(path)
+    inside = sorted(x.name for x in p.iterdir())[:6] if p.is_dir() else []
+    return CommandError(f"'{path}' is a folder but not a slimtune run (no config.yaml"
+                        + (f"; it holds {', '.join(inside)}" if inside else "; it is empty")
+                        + f"); pass {what}: the output_dir of `slimtune train`")
+
+
 def run_dir_config(target: str | None, overrides: list[str]):
     """(config, adapter folder) for a run folder (its config.yaml and best adapter), or (config, None)
     for a YAML file / the default config."""
     from ..train.config import load_config
 
-    if target and Path(target).is_dir() and (Path(target) / "config.yaml").is_file():
-        cfg = load_config(str(Path(target) / "config.yaml"), overrides + ["resume=false"])
-        best = Path(target) / "best"
-        return cfg, str(best if best.is_dir() else Path(target) / "adapter")
+    if target and Path(target).is_dir():
+        if not is_run_folder(target):
+            raise not_a_run(target, "a run folder or a YAML config")
+        cfg = load_config(str(Path(target) / "config.yaml"), overrides)
+        return cfg, adapter_folder(target)
     return load_config(target, overrides), None
 
 
-def load_base(model_name: str | None, adapter: str | None, task: str | None = None):
+def adapter_folder(path: str) -> str:
+    """An adapter folder from what a person passes: the folder itself, or a run folder (its best/,
+    else its last adapter/)."""
+    p = Path(path)
+    if (p / "adapter_config.json").is_file():
+        return str(p)
+    if is_run_folder(p):
+        for sub in ("best", "adapter"):
+            if (p / sub / "adapter_config.json").is_file():
+                return str(p / sub)
+        raise CommandError(f"run folder '{path}' has no trained adapter yet (no best/ or adapter/): the run stopped "
+                           f"before its first evaluation; resume it (`slimtune train {path} --resume`) or pass a "
+                           "checkpoint's adapter (checkpoints/step-*/adapter)")
+    if not p.exists():
+        raise CommandError(f"adapter folder '{path}' does not exist")
+    if not p.is_dir():
+        raise CommandError(f"'{path}' is a file; pass an adapter folder (with adapter_config.json) or a run folder")
+    raise CommandError(f"no adapter_config.json in '{path}': pass the folder `train` wrote (runs/NAME, runs/NAME/best "
+                       "or runs/NAME/adapter)")
+
+
+def load_base(model_name: str | None, adapter: str | None, task: str | None = None, load_kwargs: dict | None = None):
     """(base model, tokenizer, its folder, PEFT task type) for an adapter folder: --model if given,
-    else the adapter's base_model_name_or_path when that folder is on this machine."""
+    else the adapter's base_model_name_or_path when that folder is on this machine. `load_kwargs`
+    go to from_pretrained (e.g. a quantization_config, slimtune.quant)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from ..train import models
+    from ..train.job import hf_quiet
 
     cfgj = {}
     if adapter:
-        p = Path(adapter) / "adapter_config.json"
-        if not p.is_file():
-            raise FileNotFoundError(f"no adapter_config.json in '{adapter}': pass the folder `train` wrote "
-                                    "(runs/NAME/best or runs/NAME/adapter)")
-        cfgj = json.loads(p.read_text())
+        adapter = adapter_folder(adapter)
+        try:
+            cfgj = json.loads((Path(adapter) / "adapter_config.json").read_text())
+        except ValueError as e:
+            raise CommandError(f"{adapter}/adapter_config.json is not valid JSON ({e})") from None
     base = cfgj.get("base_model_name_or_path")
     if model_name:
         path = models.resolve(model_name)
@@ -52,17 +90,34 @@ def load_base(model_name: str | None, adapter: str | None, task: str | None = No
     elif base and Path(base).exists():
         path = base
     else:
-        raise FileNotFoundError("which base model? pass --model (a builtin name or folder); the adapter's "
-                                "base_model_name_or_path is missing or not on this machine")
+        raise CommandError("which base model? pass --model (a builtin name or folder); the adapter's "
+                           f"base_model_name_or_path ({cfgj.get('base_model_name_or_path')!r}) is missing or not on "
+                           "this machine")
     tok_dir = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else path
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    task = task or cfgj.get("task_type") or "CAUSAL_LM"
-    if task == "SEQ_CLS":
-        n = num_labels(adapter) if adapter else 2
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=n, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with hf_quiet():
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        task = task or cfgj.get("task_type") or "CAUSAL_LM"
+        if task == "SEQ_CLS":
+            n = num_labels(adapter) if adapter else 2
+            names = labels_of(adapter) if adapter else None
+            kw = {"id2label": dict(enumerate(names)), "label2id": {x: i for i, x in enumerate(names)}} \
+                if names and len(names) == n else {}
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=n, dtype=torch.float32, **kw, **(load_kwargs or {}))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **(load_kwargs or {}))
     return model, tok, path, task
+
+
+def labels_of(adapter: str) -> list[str] | None:
+    """The class names a classifier adapter was trained with (labels.json, written by `train`)."""
+    p = Path(adapter) / "labels.json"
+    if p.is_file():
+        try:
+            labels = json.loads(p.read_text())
+            return [str(x) for x in labels] if isinstance(labels, list) else None
+        except ValueError:
+            return None
+    return None
 
 
 def num_labels(adapter: str) -> int:
@@ -73,4 +128,5 @@ def num_labels(adapter: str) -> int:
         for k in f.keys():
             if k.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
                 return f.get_slice(k).get_shape()[0]
-    return 2
+    labels = labels_of(adapter)
+    return len(labels) if labels else 2

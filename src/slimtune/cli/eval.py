@@ -16,31 +16,30 @@ def add_parser(sub) -> None:
 
 
 def run(a) -> int:
+    import tempfile
+
     import torch
 
     from .. import PeftModel, get_peft_model
     from ..train.job import setup
     from ..train.trainer import Trainer, _fmt
-    from .common import run_dir_config
+    from .common import adapter_folder, run_dir_config
 
     cfg, adapter = run_dir_config(a.target, list(a.overrides))
-    adapter = a.adapter or adapter
+    adapter = adapter_folder(a.adapter) if a.adapter else adapter
     s = setup(cfg, print)
     if adapter:
         model = PeftModel.from_pretrained(s["model"], adapter, is_trainable=True)
-        print(f"evaluating {cfg.model} + adapter {adapter}")
+        print(f"evaluating {cfg.model_name()} + adapter {adapter}")
     else:  # a fresh adapter is the identity (LoRA B = 0): this measures the base model
         torch.manual_seed(cfg.train.seed)
         model = get_peft_model(s["model"], s["adapter_config"])
-        print(f"evaluating {cfg.model} without a trained adapter (zero-shot)")
-    tr = Trainer(cfg.model_copy(update={"output_dir": a.out or "/tmp/slimtune-eval"}), model, s["tokenizer"],
+        print(f"evaluating {cfg.model_name()} without a trained adapter (zero-shot)")
+    tr = Trainer(cfg.model_copy(update={"output_dir": a.out or tempfile.gettempdir()}), model, s["tokenizer"],
                  s["data"], s["task"], progress=False)
-    samples: list = []
     res = tr.evaluate()
-    if s["task"] == "causal_lm" and s["data"].eval_raw:
-        tr.generated_accuracy(samples)
     print(f"{s['data'].source}: {len(s['data'].eval)} held-out examples")
     print(_fmt(res))
-    for ref, pred in samples:
-        print(f"  reference {ref!r:30} generated {pred!r}")
+    for smp in tr.sample_generations() or []:
+        print(f"  reference {smp['reference']!r:30.60} generated {smp['generated']!r:.80}")
     return 0

@@ -1,7 +1,7 @@
 """`slimtune generate PROMPT --adapter A [--adapter B ...]`: one answer per adapter (and the base's)."""
 from __future__ import annotations
 
-from .common import load_base, quiet_hf
+from .common import adapter_folder, load_base, quiet_hf
 from .errors import CommandError
 
 HELP = "prompt -> text with one or several adapters (or a chat turn)"
@@ -31,10 +31,11 @@ def run(a) -> int:
     from .. import PeftModel
 
     quiet_hf()
-    adapters = a.adapter or []
+    adapters = [adapter_folder(x) for x in a.adapter or []]  # a run folder means its best adapter
     model, tok, path, task = load_base(a.model, adapters[0] if adapters else None)
     if task != "CAUSAL_LM":
-        raise CommandError(f"generate needs a causal LM adapter; {adapters[0]} is {task} (use `slimtune eval`)")
+        raise CommandError(f"generate needs a causal LM adapter; {adapters[0]} is {task}: `slimtune predict RUN FILE` "
+                           "labels new texts with a classifier, `slimtune eval RUN` scores its held-out split")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if a.chat or (a.chat is None and getattr(tok, "chat_template", None)):

@@ -4,6 +4,7 @@ the parser from them and dispatches.
     slimtune train                                  # the shipped default run (offline, minutes on 2 CPU cores)
     slimtune train examples/minilm_rotten_tomatoes.yaml train.lr=1e-4 method.r=16
     slimtune eval runs/default                      # a run folder: its config + best adapter
+    slimtune predict runs/minilm_rt new.csv --out pred.csv    # label + probability per row (or generated text)
     slimtune generate --adapter runs/default/best --system "" "Text: A clumsy, overlong mess.
     Is this text a movie's plot summary or a critic's review? Answer plot or review."
     slimtune merge --adapter runs/default/best --out merged/
@@ -21,12 +22,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The commands, in the order `slimtune --help` lists them: each a module of this package with
 # `add_parser(subparsers)` (which sets `fn=run` on its parser) and `run(args) -> int`.
-COMMANDS = ["train", "eval", "generate", "merge", "inspect", "export"]
+COMMANDS = ["train", "eval", "predict", "generate", "merge", "inspect", "export", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimtune", description="Parameter-efficient fine-tuning: train, evaluate, "
-                                "generate, merge and inspect, offline.", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                "predict, generate, merge and inspect, offline.", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n", 3)[3])
     p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of its one-line message")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -37,7 +38,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _term_as_interrupt():
+    """SIGTERM before a command has its own handling stops like Ctrl-C: one message, not a silent
+    exit. Returns the handler to put back."""
+    import signal
+    import threading
+
+    def handle(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        return signal.signal(signal.SIGTERM, handle)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    old = _term_as_interrupt()
+    try:
+        return _main(argv)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _main(argv: list[str] | None) -> int:
     from .errors import run_command
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -52,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may come after options (`train cfg.yaml --no-progress train.lr=1e-4`)
     bad = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(a, "overrides")]
     if bad:
-        p.error(f"unrecognized arguments: {' '.join(bad)}")
+        from .errors import fail
+
+        x = bad[0]
+        return fail(f"unknown option {x}; `slimtune {a.cmd or ''} --help` lists them".replace("  ", " ")
+                    if x.startswith("-") else
+                    f"'{x}' is neither an option nor a key=value override (e.g. train.lr=1e-4)"
+                    if hasattr(a, "overrides") else f"unexpected argument '{x}'; `slimtune {a.cmd} --help` shows the usage")
     if extra:
         a.overrides = list(a.overrides) + extra
     if not getattr(a, "cmd", None):

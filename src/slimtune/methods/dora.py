@@ -26,7 +26,7 @@ from ..config import ConfigError
 from ..peft_types import PeftType
 from ..registry import register_method
 from .lora import LoraConfig, LoraModel
-from .lora_layers import BASE_ADAPTER, Conv, Embedding, Linear
+from .lora_layers import BASE_ADAPTER, Conv, Embedding, Linear, variant_for
 
 
 class DoraLinear(Linear):
@@ -278,8 +278,8 @@ def create_dora_layer(base: nn.Module, adapter: str, config: LoraConfig, kw: dic
     """The DoRA layer for a base layer (called by LoraModel.create_layer when use_dora=True)."""
     from ..targeting import LINEAR_TYPES
 
-    if isinstance(base, LINEAR_TYPES):
-        return DoraLinear(base, adapter, fan_in_fan_out=config.fan_in_fan_out, use_dora=True, **kw)
+    if isinstance(base, LINEAR_TYPES):  # a quantized base gets its DoRA class (methods/lora_quant.py)
+        return variant_for(base, DoraLinear)(base, adapter, fan_in_fan_out=config.fan_in_fan_out, use_dora=True, **kw)
     if isinstance(base, nn.Embedding):
         return DoraEmbedding(base, adapter, use_dora=True, **kw)
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

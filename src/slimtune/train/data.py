@@ -1,9 +1,11 @@
-"""Data: local JSONL/JSON/CSV/Parquet (read with HF `datasets`) or a builtin -> tokenised examples.
+"""Data: a local file (`datafiles.read_rows`) or a builtin -> tokenised train / validation examples.
 
-Formats (`data.format`, `auto` detects from the columns):
+Formats (`data.format`, `auto` detects from the columns; docs/data.md shows a file of each):
   classification  text (+ text_pair) + label  -> input_ids, label id
-  instruction     instruction / input / output (alpaca) -> prompt + answer, loss on the answer only
+  instruction     alpaca: instruction / input / output -> prompt + answer, loss on the answer only
+                  (`data.prompt_template` builds the prompt from any columns)
   chat            messages [{role, content}] via the tokenizer's chat template, loss on assistant turns
+  sharegpt        chat from `conversations` [{from: human|gpt|system, value}]
   text            plain text for causal-LM training, loss on every token
   image           pixels (H x W floats) + label (the non-transformer example)
 
@@ -11,22 +13,20 @@ Bad data fails with one `DataError` naming the file, the row and the fix.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import DataConfig
+from .datafiles import DataError, _missing, read_rows
+from .prompts import (CHATML, IGNORE, _encode_chat, _encode_prompt_answer, _ids, _messages, ensure_chat_template,
+                      render_prompt, uses_chat_template)
 
-IGNORE = -100
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+__all__ = ["IGNORE", "CHATML", "DataError", "Prepared", "read_rows", "detect_format", "prepare", "collate",
+           "render_prompt", "ensure_chat_template"]
 
-
-class DataError(ValueError):
-    """Unusable data; the message names the file, the row and the fix."""
+SAMPLE_ROWS = 16  # chat / text validation rows kept as prompts for the report's generation samples
 
 
 @dataclass
@@ -37,311 +37,242 @@ class Prepared:
     labels: list[str] | None = None  # classification / image label names
     answers: list[str] | None = None  # short answer set of an LM task (for generated-answer accuracy)
     eval_raw: list[dict[str, Any]] = field(default_factory=list)  # prompts + references for generation
+    # rows per split, how validation was made, token lengths, truncation and class counts (checks.py)
     stats: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
 
-# ---- reading -------------------------------------------------------------------------------------
+# ---- format ----------------------------------------------------------------------------------------
 
-def read_rows(path: str) -> list[dict[str, Any]]:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{path}: file not found (data paths are relative to the config file or the working dir)")
-    if p.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty; put at least one example in it")
-    suffix = "".join(p.suffixes[-2:]) if p.suffix in (".gz", ".bz2") else p.suffix
-    if suffix in (".jsonl", ".json"):
-        rows = _read_json(p)
-    elif suffix in (".csv", ".tsv", ".parquet"):
-        import datasets
-
-        datasets.disable_progress_bars()
-        kind = "parquet" if suffix == ".parquet" else "csv"
-        kw = {"delimiter": "\t"} if suffix == ".tsv" else {}
-        try:
-            ds = datasets.load_dataset(kind, data_files=str(p), split="train", **kw)
-        except Exception as e:  # noqa: BLE001 - datasets raises many types; name the file
-            raise DataError(f"{path}: could not be read as {kind} ({type(e).__name__}: {str(e)[:300]}); "
-                            f"check the file is valid {kind}") from None
-        rows = ds.to_list()
-    else:
-        raise DataError(f"{path}: unknown file type '{p.suffix}'; use .jsonl, .json, .csv, .tsv or .parquet")
-    if not rows:
-        raise DataError(f"{path}: no examples in the file; put at least one example in it")
-    return rows
-
-
-def _read_json(p: Path) -> list[dict[str, Any]]:
-    """JSON lines (one object per line) or a JSON array. Parsed here, line by line, so a broken row
-    is reported with its line number; the rows then go into a `datasets.Dataset`."""
-    text = p.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}; fix that line") from None
-        rows = data
-    else:
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}: row at line {i} is not valid JSON ({e.msg}, column {e.colno}): "
-                                f"{line[:80]!r}; each line must be one JSON object") from None
-    for i, r in enumerate(rows, 1):
-        if not isinstance(r, dict):
-            raise DataError(f"{p}: row {i} is {type(r).__name__}, not an object; each example must be a JSON object")
-    if not rows:
-        raise DataError(f"{p}: no examples in the file; put at least one example in it")
-    import datasets
-
-    try:  # through `datasets` for the same typing as CSV/Parquet (and to catch ragged columns)
-        return datasets.Dataset.from_list(rows).to_list()
-    except Exception:  # noqa: BLE001 - mixed types across rows: keep the plain rows
-        return rows
-
-
-def detect_format(rows: list[dict[str, Any]], cfg: DataConfig, source: str) -> str:
-    if cfg.format != "auto":
-        return cfg.format
+def detect_format(rows: list[dict[str, Any]], cfg: DataConfig, source: str, task: str = "auto") -> str:
+    fmt = "chat" if cfg.format == "sharegpt" else cfg.format
     keys = set(rows[0])
-    if cfg.messages_column in keys or "conversations" in keys:
-        return "chat"
-    if "instruction" in keys and "output" in keys:
-        return "instruction"
-    if "pixels" in keys:
-        return "image"
-    if cfg.text_column in keys and cfg.label_column in keys:
-        return "classification"
-    if cfg.text_column in keys:
-        return "text"
-    raise DataError(f"{source}: cannot tell the data format from the columns {sorted(keys)}; set data.format to "
-                    "classification (text, label), instruction (instruction, input, output), chat (messages) or text")
+    if fmt == "auto":
+        if cfg.chat_column() in keys or "conversations" in keys:
+            fmt = "chat"
+        elif cfg.output_column in keys and ("instruction" in keys or cfg.prompt_template):
+            fmt = "instruction"
+        elif "pixels" in keys:
+            fmt = "image"
+        elif cfg.text_column in keys and cfg.label_column in keys:
+            fmt = "classification"
+        elif cfg.text_column in keys:
+            fmt = "text"
+        elif task == "classification":
+            raise DataError(f"{source}: task classification needs a text column and a label column; the rows have "
+                            f"{sorted(keys)}: set data.text_column and data.label_column to the right ones")
+        else:
+            raise DataError(f"{source}: cannot tell the data format from the columns {sorted(keys)}; set data.format "
+                            "to classification (text, label), instruction (instruction, input, output), chat "
+                            "(messages), sharegpt (conversations) or text (text), or name your columns with "
+                            "data.text_column / data.label_column / data.messages_column")
+    if task == "classification" and fmt not in ("classification", "image"):
+        has = sorted(keys)
+        raise DataError(f"{source}: task classification needs a label column, but the rows have no "
+                        f"{cfg.label_column!r} (columns: {has}); set data.label_column to the column that holds the "
+                        f"classes (this data reads as {fmt} data: task causal_lm trains a language model on it)")
+    if task == "causal_lm" and fmt == "classification":
+        raise DataError(f"{source}: task causal_lm, but the rows are classification data ({cfg.text_column} + "
+                        f"{cfg.label_column}); set task: classification, or data.format: text to train a language "
+                        "model on the text column alone")
+    return fmt
 
 
 def _need(rows, cols, source, fmt):
     for i, r in enumerate(rows, 1):
         for c in cols:
-            if c not in r or r[c] is None:
-                raise DataError(f"{source}: row {i} has no '{c}' column (format {fmt} needs {', '.join(cols)}); "
-                                f"the row has {sorted(r)}: rename the column or set data.{_col_key(c)}")
+            if c not in r or _missing(r[c]):
+                what = "no" if c not in r else "an empty"
+                raise DataError(f"{source}: row {i} has {what} '{c}' column (format {fmt} needs {', '.join(cols)}); "
+                                f"the row has {sorted(map(str, r))}: fill it in, drop the row, or set data.{_col_key(c)}")
 
 
 def _col_key(c):
-    return {"text": "text_column", "label": "label_column", "messages": "messages_column"}.get(c, "format")
+    return {"text": "text_column", "label": "label_column", "messages": "messages_column",
+            "output": "output_column", "conversations": "messages_column"}.get(c, "format")
 
 
-# ---- tokenisation --------------------------------------------------------------------------------
+# ---- splits ----------------------------------------------------------------------------------------
 
-def ensure_chat_template(tok) -> None:
-    if not getattr(tok, "chat_template", None):
-        tok.chat_template = CHATML
+def carve(rows: list, n: int, seed: int) -> tuple[list, list]:
+    """(rest, carved): `n` rows chosen by a seeded shuffle (through `datasets`, so the split equals
+    the one earlier versions made). A held-out test split (separate from the validation split that
+    picks the best checkpoint) is carved the same way, from the rows before validation is taken."""
+    import datasets
 
-
-def prompt_text(tok, instruction: str, inp: str = "", system: str | None = None) -> str:
-    """The prompt of an instruction example: the chat template when the tokenizer has one (instruct
-    models), else the alpaca template."""
-    user = instruction if not inp else f"{instruction}\n\n{inp}"
-    if getattr(tok, "chat_template", None):
-        msgs = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": user}]
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    head = "### Instruction:\n" + instruction + (f"\n\n### Input:\n{inp}" if inp else "")
-    return head + "\n\n### Response:\n"
+    idx = datasets.Dataset.from_dict({"i": list(range(len(rows)))}).train_test_split(
+        test_size=n, seed=seed, shuffle=True)
+    return [rows[i] for i in idx["train"]["i"]], [rows[i] for i in idx["test"]["i"]]
 
 
-def _ids(tok, text: str, special: bool) -> list[int]:
-    return tok(text, add_special_tokens=special)["input_ids"]
+def split(rows: list, val_rows: list | None, cfg: DataConfig, seed: int, source: str, stats: dict) -> tuple[list, list]:
+    """train and validation rows: the validation file, else `val_fraction` of train carved off."""
+    if val_rows is None:
+        if len(rows) < 2:
+            raise DataError(f"{source}: {len(rows)} example cannot be split into train and validation; add examples "
+                            "or give data.validation")
+        n_val = max(1, round(len(rows) * cfg.val_fraction))
+        if cfg.max_eval:
+            n_val = min(n_val, cfg.max_eval)
+        n_val = min(n_val, len(rows) - 1)
+        rows, val_rows = carve(rows, n_val, seed)
+        stats["validation"] = f"carved {len(val_rows)} of {len(rows) + len(val_rows)} examples (seed {seed})"
+    else:
+        stats["validation"] = f"{len(val_rows)} examples from data.validation"
+    if cfg.max_train:
+        rows = rows[:cfg.max_train]
+    if cfg.max_eval:
+        val_rows = val_rows[:cfg.max_eval]
+    return rows, val_rows
 
 
-def _encode_prompt_answer(tok, prompt: str, answer: str, max_len: int):
-    p = _ids(tok, prompt, special=not getattr(tok, "chat_template", None))
-    a = _ids(tok, answer, special=False)
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    a = a + eos
-    truncated = len(p) + len(a) > max_len
-    if truncated:  # keep the answer, the prompt's first tokens (template header) and its end (the
-        # question); cut the middle. Cutting from the left would drop the header of long prompts only,
-        # a length cue a model learns instead of the task (seen: plot summaries are the long texts).
-        room = max_len - len(a)
-        head = min(16, room // 4) if room > 0 else 0
-        p = (p[:head] + p[len(p) - (room - head):]) if room > 0 else []
-        a = a[:max_len - len(p)]
-    return {"input_ids": p + a, "labels": [IGNORE] * len(p) + a}, truncated
-
-
-def _encode_chat(tok, messages, max_len: int):
-    ensure_chat_template(tok)
-    ids: list[int] = []
-    labels: list[int] = []
-    for i, m in enumerate(messages):
-        full = tok.apply_chat_template(messages[:i + 1], tokenize=False)
-        if m["role"] == "assistant":
-            prefix = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-            done = tok.apply_chat_template(messages[:i], tokenize=False) if i else ""
-            gen = prefix[len(done):] if prefix.startswith(done) else prefix
-            ans = full[len(prefix):] if full.startswith(prefix) else m["content"]
-            g, a = _ids(tok, gen, False), _ids(tok, ans, False)
-            ids += g + a
-            labels += [IGNORE] * len(g) + a
-        else:
-            done = tok.apply_chat_template(messages[:i], tokenize=False) if i else ""
-            t = _ids(tok, full[len(done):] if full.startswith(done) else full, False)
-            ids += t
-            labels += [IGNORE] * len(t)
-    truncated = len(ids) > max_len
-    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}, truncated
-
+# ---- the whole preparation -------------------------------------------------------------------------
 
 def prepare(cfg: DataConfig, tok, task: str, seed: int, log=print) -> Prepared:
     from .datasets_offline import load_builtin
 
     info: dict[str, Any] = {}
     if cfg.builtin:
-        rows, fmt, info = load_builtin(cfg.builtin)
+        try:
+            rows, fmt, info = load_builtin(cfg.builtin)
+        except ValueError as e:
+            raise DataError(str(e)) from None
         source = f"builtin:{cfg.builtin}"
         if cfg.format != "auto" and cfg.format != fmt:
             raise DataError(f"{source} is {fmt} data; remove data.format or set it to {fmt}")
-        val_rows, val_source = None, source
-        if cfg.validation:
-            val_rows, val_source = read_rows(cfg.validation), cfg.validation
+        if task == "classification" and fmt not in ("classification", "image"):
+            raise DataError(f"{source} is {fmt} data, not classification data; use task: causal_lm (or auto), or a "
+                            "classification builtin such as rotten_tomatoes")
     else:
         rows = read_rows(cfg.train)
         source = cfg.train
-        fmt = detect_format(rows, cfg, source)
-        val_rows, val_source = (read_rows(cfg.validation), cfg.validation) if cfg.validation else (None, source)
-
-    stats: dict[str, Any] = {}
-    if val_rows is None:  # carve a seeded validation split through `datasets`
-        import datasets
-
-        n_val = max(1, round(len(rows) * cfg.val_fraction))
-        if cfg.max_eval:
-            n_val = min(n_val, cfg.max_eval)
-        if len(rows) < 2:
-            raise DataError(f"{source}: 1 example cannot be split into train and validation; add examples or "
-                            "give data.validation")
-        idx = datasets.Dataset.from_dict({"i": list(range(len(rows)))}).train_test_split(
-            test_size=n_val, seed=seed, shuffle=True)
-        val_rows = [rows[i] for i in idx["test"]["i"]]
-        rows = [rows[i] for i in idx["train"]["i"]]
-        stats["validation"] = f"carved {len(val_rows)} of {len(rows) + len(val_rows)} examples (seed {seed})"
-    if cfg.max_train:
-        rows = rows[:cfg.max_train]
-    if cfg.max_eval:
-        val_rows = val_rows[:cfg.max_eval]
-
+        fmt = detect_format(rows, cfg, source, task)
+    val_rows, val_source = (read_rows(cfg.validation), cfg.validation) if cfg.validation else (None, source)
+    stats: dict[str, Any] = {"max_length": cfg.max_length}
+    all_rows = rows if val_rows is None else None  # carved: the label set comes from every row
+    rows, val_rows = split(rows, val_rows, cfg, seed, source, stats)
+    stats["rows_train"], stats["rows_validation"] = len(rows), len(val_rows)
+    lengths: list[int] = []
     out = Prepared(format=fmt, train=[], eval=[], source=source, stats=stats)
     if fmt in ("classification", "image"):
-        cols = [cfg.text_column, cfg.label_column] if fmt == "classification" else ["pixels", cfg.label_column]
-        if fmt == "classification" and cfg.text_pair_column:
-            cols.append(cfg.text_pair_column)
-        _need(rows, cols, source, fmt)
-        _need(val_rows, cols, val_source, fmt)
-        labels = cfg.labels or info.get("labels") or sorted({str(r[cfg.label_column]) for r in rows})
-        labels = [str(x) for x in labels]
-        out.labels = labels
-        lid = {l: i for i, l in enumerate(labels)}
-        for split_rows, src, dst in ((rows, source, out.train), (val_rows, val_source, out.eval)):
-            for i, r in enumerate(split_rows, 1):
-                lab = str(r[cfg.label_column])
-                if lab not in lid:
-                    raise DataError(f"{src}: row {i} has label {lab!r}, which is not in the label set {labels}; "
-                                    "fix the row or add the label to data.labels")
-                if fmt == "image":
-                    dst.append({"pixel_values": torch.tensor(r["pixels"], dtype=torch.float32).unsqueeze(0), "labels": lid[lab]})
-        if fmt == "classification":
-            n_cut = 0
-            for split_rows, dst in ((rows, out.train), (val_rows, out.eval)):
-                for r in split_rows:
-                    args = (str(r[cfg.text_column]),) + ((str(r[cfg.text_pair_column]),) if cfg.text_pair_column else ())
-                    full = tok(*args)["input_ids"]
-                    enc = tok(*args, truncation=True, max_length=cfg.max_length)
-                    n_cut += len(full) > cfg.max_length
-                    dst.append({"input_ids": enc["input_ids"], "labels": lid[str(r[cfg.label_column])],
-                                **({"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {})})
-            stats["truncated"] = n_cut
+        _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_source, out, lengths)
     elif fmt in ("instruction", "chat", "text"):
-        if task == "classification":
-            raise DataError(f"{source} is {fmt} data but the task is classification; use task: causal_lm")
-        n_cut, n_empty = 0, 0
-        for split_rows, src, dst, is_eval in ((rows, source, out.train, False), (val_rows, val_source, out.eval, True)):
-            if fmt == "instruction":
-                _need(split_rows, ["instruction", "output"], src, fmt)
-            elif fmt == "chat":
-                col = cfg.messages_column if cfg.messages_column in split_rows[0] else "conversations"
-                _need(split_rows, [col], src, fmt)
-            else:
-                _need(split_rows, [cfg.text_column], src, fmt)
-            for i, r in enumerate(split_rows, 1):
-                if fmt == "instruction":
-                    prompt = prompt_text(tok, str(r["instruction"]), str(r.get("input") or ""), cfg.system_prompt)
-                    ex, cut = _encode_prompt_answer(tok, prompt, str(r["output"]), cfg.max_length)
-                    if is_eval:  # the prompt exactly as trained on (truncated the same way)
-                        n_prompt = sum(1 for l in ex["labels"] if l == IGNORE)
-                        out.eval_raw.append({"prompt": prompt, "prompt_ids": ex["input_ids"][:n_prompt],
-                                             "reference": str(r["output"])})
-                elif fmt == "chat":
-                    msgs = _messages(r[col], src, i)
-                    ex, cut = _encode_chat(tok, msgs, cfg.max_length)
-                else:
-                    ids = _ids(tok, str(r[cfg.text_column]), True)
-                    if tok.eos_token_id is not None:
-                        ids.append(tok.eos_token_id)
-                    cut = len(ids) > cfg.max_length
-                    ex = {"input_ids": ids[:cfg.max_length], "labels": ids[:cfg.max_length]}
-                n_cut += cut
-                if all(l == IGNORE for l in ex["labels"]):
-                    n_empty += 1
-                    continue
-                dst.append(ex)
-        stats["truncated"] = n_cut
-        if n_empty:
-            stats["dropped_no_answer"] = n_empty
+        _language(cfg, tok, fmt, rows, val_rows, source, val_source, out, lengths)
         answers = info.get("answers")
-        if answers is None and out.eval_raw:
+        if answers is None and fmt == "instruction" and out.eval_raw:
             refs = [e["reference"] for e in out.eval_raw]
             if max(len(x.split()) for x in refs) <= 3:
                 answers = sorted(set(refs)) if len(set(refs)) <= 20 else None
         out.answers = answers
     else:
         raise DataError(f"unknown data format {fmt}")
+    stats["lengths"] = lengths
+    stats["truncated"] = sum(n > cfg.max_length for n in lengths)
     if not out.train:
         raise DataError(f"{source}: no usable training examples after tokenisation (all answers truncated away?); "
                         "raise data.max_length")
     if not out.eval:
         raise DataError(f"{val_source}: no usable validation examples; give more data or data.validation")
-    if stats.get("truncated"):
+    if stats["truncated"]:
         log(f"data: truncation to max_length={cfg.max_length} cut {stats['truncated']} of "
-            f"{len(rows) + len(val_rows)} examples (raise data.max_length to keep them whole)")
+            f"{len(lengths)} examples (raise data.max_length to keep them whole)")
     return out
 
 
-def _messages(raw, src, i):
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError:
-            raise DataError(f"{src}: row {i}: messages is a string that is not JSON; give a list of "
-                            "{{role, content}} objects") from None
-    if not isinstance(raw, list) or not raw:
-        raise DataError(f"{src}: row {i}: messages must be a non-empty list of {{role, content}} objects")
-    msgs = []
-    for m in raw:
-        if not isinstance(m, dict):
-            raise DataError(f"{src}: row {i}: each message must be an object with role and content")
-        role = m.get("role", m.get("from"))
-        content = m.get("content", m.get("value"))
-        role = {"human": "user", "gpt": "assistant"}.get(role, role)
-        if role not in ("system", "user", "assistant") or content is None:
-            raise DataError(f"{src}: row {i}: message {m!r} needs role system/user/assistant and content")
-        msgs.append({"role": role, "content": str(content)})
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise DataError(f"{src}: row {i} has no assistant message: nothing to learn from; add the answer turn")
-    return msgs
+def _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_source, out, lengths):
+    cols = [cfg.text_column, cfg.label_column] if fmt == "classification" else ["pixels", cfg.label_column]
+    if fmt == "classification" and cfg.text_pair_column:
+        cols.append(cfg.text_pair_column)
+    _need(rows, cols, source, fmt)
+    _need(val_rows, cols, val_source, fmt)
+    seen = all_rows if all_rows is not None else rows
+    labels = cfg.labels or info.get("labels") or sorted({str(r[cfg.label_column]) for r in seen})
+    labels = [str(x) for x in labels]
+    if len(set(labels)) < 2:
+        raise DataError(f"{source}: the label column {cfg.label_column!r} holds one class ({labels[0]!r}) in all "
+                        f"{len(seen)} rows; a classifier needs at least 2. Is data.label_column the column with the "
+                        f"classes? (columns: {sorted(map(str, rows[0]))})")
+    out.labels = labels
+    lid = {lab: i for i, lab in enumerate(labels)}
+    counts: dict[str, dict[str, int]] = {"train": {}, "validation": {}}
+    for split_rows, src, dst, name in ((rows, source, out.train, "train"), (val_rows, val_source, out.eval, "validation")):
+        for i, r in enumerate(split_rows, 1):
+            lab = str(r[cfg.label_column])
+            if lab not in lid:
+                raise DataError(f"{src}: row {i} has label {lab!r}, which is not in the label set {labels}; "
+                                "fix the row or add the label to data.labels")
+            counts[name][lab] = counts[name].get(lab, 0) + 1
+            if fmt == "image":
+                try:
+                    px = torch.tensor(r["pixels"], dtype=torch.float32).unsqueeze(0)
+                except (TypeError, ValueError, RuntimeError) as e:
+                    raise DataError(f"{src}: row {i}: pixels must be a rectangular list of numbers ({e})") from None
+                dst.append({"pixel_values": px, "labels": lid[lab]})
+                lengths.append(0)
+                continue
+            args = (str(r[cfg.text_column]),) + ((str(r[cfg.text_pair_column]),) if cfg.text_pair_column else ())
+            enc = tok(*args)
+            lengths.append(len(enc["input_ids"]))
+            if len(enc["input_ids"]) > cfg.max_length:
+                enc = tok(*args, truncation=True, max_length=cfg.max_length)
+            dst.append({"input_ids": enc["input_ids"], "labels": lid[lab],
+                        **({"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {})})
+    if fmt == "image" and len({tuple(e["pixel_values"].shape) for e in out.train + out.eval}) > 1:
+        raise DataError(f"{source}: the images have different shapes; every 'pixels' grid must be the same size")
+    out.stats["class_counts"] = counts
+
+
+def _language(cfg, tok, fmt, rows, val_rows, source, val_source, out, lengths):
+    special = not uses_chat_template(tok, cfg)
+    n_empty = 0
+    col = cfg.chat_column()
+    for split_rows, src, dst, is_eval in ((rows, source, out.train, False), (val_rows, val_source, out.eval, True)):
+        if fmt == "instruction":
+            need = [cfg.output_column] + ([] if cfg.prompt_template else ["instruction"])
+            _need(split_rows, need, src, fmt)
+        elif fmt == "chat":
+            c = col if col in split_rows[0] or cfg.messages_column else "conversations"
+            _need(split_rows, [c], src, fmt)
+        else:
+            _need(split_rows, [cfg.text_column], src, fmt)
+        for i, r in enumerate(split_rows, 1):
+            raw = None
+            if fmt == "instruction":
+                prompt = render_prompt(tok, r, cfg, f"{src}: row {i}")
+                ex, n = _encode_prompt_answer(tok, prompt, str(r[cfg.output_column]), cfg.max_length, special)
+                n_prompt = sum(1 for lab in ex["labels"] if lab == IGNORE)
+                raw = {"prompt": prompt, "prompt_ids": ex["input_ids"][:n_prompt], "reference": str(r[cfg.output_column])}
+            elif fmt == "chat":
+                msgs = _messages(r[c], src, i)
+                try:
+                    ex, n, last = _encode_chat(tok, msgs, cfg.max_length)
+                except Exception as e:  # noqa: BLE001 - jinja's TemplateError, ValueError from transformers
+                    if type(e).__name__ not in ("TemplateError", "TemplateSyntaxError", "UndefinedError", "ValueError"):
+                        raise
+                    raise DataError(f"{src}: row {i}: the model's chat template refuses this conversation ({e}); "
+                                    "check the order of its roles (many templates want user/assistant turns to "
+                                    "alternate)") from None
+                if last is not None and last[0] < cfg.max_length:
+                    raw = {"prompt": None, "prompt_ids": ex["input_ids"][:last[0]], "reference": last[1]}
+            else:
+                ids = _ids(tok, str(r[cfg.text_column]), True)
+                if tok.eos_token_id is not None:
+                    ids.append(tok.eos_token_id)
+                n = len(ids)
+                ex = {"input_ids": ids[:cfg.max_length], "labels": ids[:cfg.max_length]}
+                k = min(16, len(ex["input_ids"]) // 2)
+                if k:
+                    raw = {"prompt": None, "prompt_ids": ex["input_ids"][:k],
+                           "reference": tok.decode(ex["input_ids"][k:k + 32], skip_special_tokens=True)}
+            lengths.append(n)
+            if all(lab == IGNORE for lab in ex["labels"]):
+                n_empty += 1
+                continue
+            dst.append(ex)
+            if is_eval and raw is not None and (fmt == "instruction" or len(out.eval_raw) < SAMPLE_ROWS):
+                out.eval_raw.append(raw)
+    if n_empty:
+        out.stats["dropped_no_answer"] = n_empty
 
 
 # ---- batching ------------------------------------------------------------------------------------

@@ -88,14 +88,21 @@ class Evaluation:
             return None
         return ids
 
+    def measured_metrics(self) -> list[str]:
+        """What `evaluate` reports for this task and data (train.metric must be one of them)."""
+        if self.task != "causal_lm":
+            return ["eval_loss", "accuracy", "f1"]
+        return ["eval_loss", "perplexity"] + (["choice_accuracy"] if self._answer_first_tokens() else []) + \
+            (["gen_accuracy"] if self._do_generate() else [])
+
     @torch.no_grad()
-    def generated_accuracy(self, samples: list | None = None) -> float:
+    def _generate(self, rows: list[dict], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of rows' prompt ids (left-padded in batches), as text."""
         tok = self.tok
-        rows = self.data.eval_raw[:self.cfg.eval.max_examples]
         gen_model = self.model_unwrapped
         side = tok.padding_side
         tok.padding_side = "left"
-        correct = 0
+        texts: list[str] = []
         try:
             for i in range(0, len(rows), self.cfg.eval.batch_size):
                 chunk = rows[i:i + self.cfg.eval.batch_size]
@@ -108,15 +115,38 @@ class Evaluation:
                     mask[j, n - L:] = 1
                 enc = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
                 with self.acc.autocast(), (eager() if self.t.compile else contextlib.nullcontext()):
-                    out = gen_model.generate(**enc, max_new_tokens=self.cfg.eval.max_new_tokens, do_sample=False,
+                    out = gen_model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                              pad_token_id=tok.pad_token_id)
-                texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                for r, t in zip(chunk, texts):
-                    ok = answer_matches(t, r["reference"], self.data.answers if self.data.answers and
-                                        all(len(a.split()) == 1 for a in self.data.answers) else None)
-                    correct += ok
-                    if samples is not None and len(samples) < 5:
-                        samples.append((r["reference"], t.strip()))
+                texts += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         finally:
             tok.padding_side = side
+        return texts
+
+    @torch.no_grad()
+    def generated_accuracy(self, samples: list | None = None) -> float:
+        rows = self.data.eval_raw[:self.cfg.eval.max_examples]
+        single = self.data.answers if self.data.answers and all(len(a.split()) == 1 for a in self.data.answers) else None
+        correct = 0
+        for r, t in zip(rows, self._generate(rows, self.cfg.eval.max_new_tokens)):
+            correct += answer_matches(t, r["reference"], single)
+            if samples is not None and len(samples) < 5:
+                samples.append((r["reference"], t.strip()))
         return correct / max(len(rows), 1)
+
+    def sample_generations(self) -> list[dict[str, str]] | None:
+        """The report's before -> after samples: the first `eval.samples` validation prompts of an LM
+        run, with the reference and what the model generates (short-answer tasks: eval.max_new_tokens
+        tokens; others 32)."""
+        if self.task != "causal_lm" or not self.data.eval_raw or not self.cfg.eval.samples or self.tok is None:
+            return None
+        rows = self.data.eval_raw[:self.cfg.eval.samples]
+        n_new = self.cfg.eval.max_new_tokens if self.data.answers else max(32, self.cfg.eval.max_new_tokens)
+        was = self.model.training
+        self.model.eval()
+        try:
+            texts = self._generate(rows, n_new)
+        finally:
+            if was:
+                self.model.train()
+        return [{"prompt": self.tok.decode(r["prompt_ids"][-48:], skip_special_tokens=True).strip(),
+                 "reference": r["reference"], "generated": t.strip()} for r, t in zip(rows, texts)]

@@ -7,9 +7,12 @@ models get a larger rank). Keys the user sets are never overridden.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import re
 import time
-from typing import Any
+import typing
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -29,6 +32,13 @@ for _t in ("roberta", "xlm-roberta", "electra", "albert"):
     QKV[_t] = QKV["bert"]
 
 
+# the YAML shapes of method keys whose config field is typed Any (names, indices, patterns)
+_NAMES = Union[str, list[str]]
+SHAPES = {"target_modules": _NAMES, "exclude_modules": _NAMES, "modules_to_save": Optional[list[str]],
+          "feedforward_modules": _NAMES, "attention_modules": _NAMES, "layers_pattern": _NAMES,
+          "layers_to_transform": Union[int, list[int]], "layers": list[int], "blocks": list[int],
+          "heads": Union[list[int], dict[str, list[int]]], "init_lora_weights": Union[bool, str]}
+
 ALIASES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
            "target": "target_modules", "modules": "target_modules"}
 
@@ -36,11 +46,28 @@ ALIASES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targe
 def resolve_task(cfg: JobConfig, fmt: str | None) -> str:
     if cfg.task != "auto":
         return cfg.task
-    if fmt == "image" or cfg.model == "digits-cnn":
+    if fmt == "image" or cfg.model_name() == "digits-cnn":
         return "image_classification"
     if fmt == "classification":
         return "classification"
     return "causal_lm"
+
+
+@contextlib.contextmanager
+def hf_quiet():
+    """transformers' load banners off while a model loads (e.g. "LOAD REPORT ... classifier MISSING"
+    for a head the adapter brings or the job trains): the job says what it loaded in its own words."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(cfg: JobConfig, path: str | None):
@@ -48,14 +75,21 @@ def load_tokenizer(cfg: JobConfig, path: str | None):
         return None
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        with hf_quiet():
+            tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise JobConfigError(f"model '{cfg.model_name()}': no tokenizer could be loaded from {path} ({str(e)[:200]}); the "
+                             "folder needs tokenizer files (save_pretrained of the tokenizer)") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
 
 
 def load_model(cfg: JobConfig, path: str | None, task: str, num_labels: int | None, log=print) -> nn.Module:
-    if cfg.model == "digits-cnn":
+    if cfg.model_name() == "digits-cnn":
+        if cfg.model_options().quantize != "none":
+            raise JobConfigError("model.quantize applies to transformers models; the digits CNN is not one")
         return models.digits_cnn(log)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -64,11 +98,43 @@ def load_model(cfg: JobConfig, path: str | None, task: str, num_labels: int | No
     # The frozen base in the training precision (bf16 halves its memory on GPU); the trained
     # parameters are upcast to fp32 after injection (`upcast_trainable`), as PEFT does.
     dtype = BASE_DTYPE[resolve_precision(cfg.train.precision)]
-    if task == "classification":
-        m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
-    else:
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    kw = quantize_kwargs(cfg, task, dtype)  # model.quantize: bitsandbytes layers on load (slimtune.quant)
+    try:
+        with hf_quiet():
+            if task == "classification":
+                m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype, **kw)
+            else:
+                m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        kind = "sequence classifier" if task == "classification" else "causal LM"
+        raise JobConfigError(f"model '{cfg.model_name()}' cannot be loaded as a {kind} from {path}: {str(e)[:300]}"
+                             + ("; is task right? (a decoder-only model wants task: causal_lm)" if task == "classification"
+                                else "")) from None
+    if kw:
+        from ..quant import guard_cpu_repack, quantized_size
+        from ..quant.config import detach_from_checkpoint
+
+        guard_cpu_repack(m)  # before the job's first (eval) forward: see quant/prepare.py
+        detach_from_checkpoint(m)  # drop the dense checkpoint's resident pages (the linears are quantized)
+        size = quantized_size(m)
+        if size is not None:
+            log(size.line())
     return m
+
+
+def quantize_kwargs(cfg: JobConfig, task: str, dtype: torch.dtype) -> dict[str, Any]:
+    """from_pretrained's quantization_config (and device placement on GPU) for `model.quantize`."""
+    opt = cfg.model_options()
+    if opt.quantize == "none":
+        return {}
+    from ..quant.config import DTYPES, load_kwargs
+    from ..quant.prepare import refuse_method
+
+    refuse_method(get_method(cfg.method_name()).name)  # full / layerwise / ...: refused before loading anything
+    compute = dtype if opt.compute_dtype == "auto" else DTYPES[opt.compute_dtype]
+    heads = families.TASK_HEADS.get("SEQ_CLS", []) if task == "classification" else []
+    skip = (["lm_head"] + heads) if heads else None  # a trained head must stay dense
+    return load_kwargs(opt.quantize, opt.double_quant, compute, skip)
 
 
 def upcast_trainable(model: nn.Module) -> int:
@@ -84,13 +150,18 @@ def upcast_trainable(model: nn.Module) -> int:
 
 
 def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    from ..quant.backend import param_count  # a 4-bit weight counts its unpacked size
+
+    return sum(param_count(p) for p in model.parameters())
 
 
 def auto_method(cfg: JobConfig, model: nn.Module, task: str) -> tuple[Any, list[str]]:
     """The adapter config, and a line per choice made for the user (what and why)."""
     name = cfg.method_name()
-    spec = get_method(name)  # unknown method -> KeyError naming the closest
+    try:
+        spec = get_method(name)  # unknown method -> KeyError naming the closest
+    except KeyError as e:
+        raise JobConfigError(f"method: {e.args[0] if e.args else e}") from None
     kw = dict(cfg.method_kwargs())
     fields = {f.name for f in dataclasses.fields(spec.config_cls)}
     why: list[str] = []
@@ -102,6 +173,7 @@ def auto_method(cfg: JobConfig, model: nn.Module, task: str) -> tuple[Any, list[
             close = close or next(iter(difflib.get_close_matches(k, sorted(fields), n=1, cutoff=0.4)), None)
             hint = f"did you mean 'method.{close}'?" if close else f"valid keys: {', '.join(sorted(fields))}"
             raise JobConfigError(f"method block: unknown key 'method.{k}' for {spec.name}; {hint}")
+    check_types(spec, kw)
     tt = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}.get(task)
     if "task_type" in fields and "task_type" not in kw and tt:
         kw["task_type"] = tt
@@ -144,13 +216,62 @@ def auto_method(cfg: JobConfig, model: nn.Module, task: str) -> tuple[Any, list[
                        "set method.layers_to_transform=null to adapt all")
     try:
         return make_config(spec.name, **kw), why
-    except (TypeError, ValueError) as e:
-        raise JobConfigError(f"method block: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise JobConfigError(f"method block ({spec.name}): {e}") from None
+
+
+def check_types(spec: Any, kw: dict[str, Any]) -> None:
+    """Each method key's value against its config field's type (pydantic, lax: 16 for 16.0 is fine),
+    so `method.alpha_pattern: 0` is a message, not an AttributeError deep inside the method."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        hints = typing.get_type_hints(spec.config_cls)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: the config's own checks remain
+        hints = {}
+    for k, v in kw.items():
+        hint = SHAPES.get(k) if hints.get(k) in (None, Any) else hints[k]
+        if hint is None or hint is Any:
+            continue
+        if k == "target_modules" and isinstance(v, list) and any(isinstance(x, type) for x in v):
+            continue  # module types (Python API, not YAML)
+        try:
+            TypeAdapter(hint).validate_python(v)
+        except ValidationError as e:
+            want = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            raise JobConfigError(f"method block ({spec.name}): method.{k} = {v!r} should be {want} "
+                                 f"({e.errors()[0]['msg'].lower()})") from None
+        except Exception:  # noqa: BLE001 - a type pydantic cannot check: the config's own checks remain
+            continue
+
+
+def apply_method(model: nn.Module, adapter_cfg: Any):
+    """get_peft_model, with a target that matches nothing said in the config's words: the entry, the
+    closest names, and the short layer names this model has (not every full path)."""
+    from .. import get_peft_model
+    from ..config import ConfigError
+    from ..targeting import TargetError
+
+    try:
+        return get_peft_model(model, adapter_cfg)
+    except TargetError as e:
+        msg = str(e).split(" Module names that would match:")[0].rstrip(" ")
+        msg = msg if msg.endswith(("?", ".")) else msg + "."
+        leaves = sorted({n.split(".")[-1] for n, m in model.named_modules()
+                         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)) or type(m).__name__ == "Conv1D"})
+        shown = ", ".join(leaves[:20]) + (f" (+{len(leaves) - 20} more)" if len(leaves) > 20 else "")
+        raise JobConfigError(f"method.target_modules: {msg} Layer names in {type(model).__name__}: {shown}; or "
+                             "'all-linear' (`slimtune inspect MODEL` shows the tree)") from None
+    except re.error as e:
+        raise JobConfigError(f"method block ({adapter_cfg.method}): a module pattern {e.pattern!r} is not a valid "
+                             f"regular expression ({e}); a string target is a full-match regex, a list holds names") from None
+    except (ConfigError, ValueError, TypeError) as e:
+        raise JobConfigError(f"method block ({adapter_cfg.method}): {e}") from None
 
 
 def setup(cfg: JobConfig, log=print) -> dict[str, Any]:
     """Everything the trainer needs, built from the config."""
-    path = None if cfg.model == "digits-cnn" else models.resolve(cfg.model, log)
+    path = None if cfg.model_name() == "digits-cnn" else models.resolve(cfg.model_name(), log)
     tok = load_tokenizer(cfg, path)
     # the data decides the format (and the label count) before the model is built
     pre_task = cfg.task if cfg.task != "auto" else None
@@ -159,9 +280,16 @@ def setup(cfg: JobConfig, log=print) -> dict[str, Any]:
     if task == "causal_lm" and tok is not None:
         ensure_chat_template(tok)
     num_labels = cfg.num_labels or (len(data.labels) if data.labels else None)
+    if cfg.num_labels and data.labels and cfg.num_labels < len(data.labels):
+        raise JobConfigError(f"num_labels={cfg.num_labels} but the data has {len(data.labels)} classes "
+                             f"{data.labels}; remove num_labels (it follows the data) or raise it")
     model = load_model(cfg, path, task, num_labels, log)
-    if task == "classification" and getattr(model.config, "pad_token_id", None) is None and tok is not None:
-        model.config.pad_token_id = tok.pad_token_id
+    if task == "classification":
+        if getattr(model.config, "pad_token_id", None) is None and tok is not None:
+            model.config.pad_token_id = tok.pad_token_id
+        if data.labels and len(data.labels) == num_labels:  # a merged model then names its classes (transformers' pipelines read these)
+            model.config.id2label = dict(enumerate(data.labels))
+            model.config.label2id = {lab: i for i, lab in enumerate(data.labels)}
     adapter_cfg, why = auto_method(cfg, model, task)
     return {"tokenizer": tok, "model": model, "adapter_config": adapter_cfg, "why": why, "data": data,
             "task": task, "model_path": path}

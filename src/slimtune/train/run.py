@@ -1,17 +1,32 @@
-"""`slimtune train` as a function: set up, wrap with the adapter, train, plot, report."""
+"""`slimtune train` as a function: claim the folder, set up, check, wrap with the adapter, train,
+report. The pipeline, each step its own module:
+
+    rundir.claim (lock, resume / overwrite) -> job.setup (model, data, method) -> checks.preflight
+    -> job.apply_method -> Trainer.train -> report.write_report / report.plot
+
+Everything the run prints also goes to OUTPUT_DIR/train.log, and an unexpected error leaves its
+traceback there (the CLI names the file). Ctrl-C / SIGTERM: the loop saves a checkpoint, the
+report is written, then `TrainingInterrupted` says what was kept.
+"""
 from __future__ import annotations
 
 import json
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
 
+from . import rundir
+from .checks import best_no_better, preflight
 from .config import JobConfig
-from .job import score_for_selection, setup, upcast_trainable
-from .trainer import Trainer
+from .interrupt import SetupSignals, TrainingInterrupted
+from .job import apply_method, score_for_selection, setup, upcast_trainable
+from .report import plot, title, write_report
+from .trainer import Trainer, TrainingDiverged
+
+__all__ = ["run_train", "plot", "write_report", "trainable_summary"]
 
 
 def trainable_summary(model) -> tuple[int, int, float]:
@@ -19,50 +34,133 @@ def trainable_summary(model) -> tuple[int, int, float]:
     return t, a, 100 * t / max(a, 1)
 
 
-def run_train(cfg: JobConfig, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
-    from .. import get_peft_model
+class RunLog:
+    """A log function that also appends every line to the run's train.log."""
 
+    def __init__(self, path: Path, echo: Callable[[str], None]) -> None:
+        self.path, self.echo = path, echo
+        self.f = open(path, "a", encoding="utf-8")
+        self.f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} slimtune train into {path.parent}\n")
+        self.f.flush()
+
+    def __call__(self, msg: str) -> None:
+        self.echo(msg)
+        self.write(msg)
+
+    def write(self, msg: str) -> None:
+        if not self.f.closed:
+            self.f.write(msg.rstrip("\n") + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def run_train(cfg: JobConfig, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
     t_start = time.time()
-    torch.manual_seed(cfg.train.seed)
+    notes: list[str] = []
+    with SetupSignals() as sig, rundir.claim(cfg, notes.append) as claim:
+        runlog = RunLog(claim.out / "train.log", log)
+        try:
+            for n in notes:
+                runlog(n)
+            return _run(cfg, claim, runlog, progress, t_start)
+        except TrainingInterrupted as e:
+            runlog.write(f"stopped: {e}")
+            raise
+        except KeyboardInterrupt:  # during set-up, or a second Ctrl-C in the loop
+            what = "SIGTERM" if sig.signum else "Ctrl-C"
+            ck = rundir.checkpoints(claim.out)
+            if ck:
+                msg = (f"interrupted ({what}) at once: the last checkpoint {ck[-1]} is kept, the steps after it are "
+                       f"lost; `slimtune train {claim.out} --resume` continues")
+            elif _started(claim.out):
+                msg = (f"interrupted ({what}) at once, before the first checkpoint: the steps trained so far are lost; "
+                       "run the command again (train.save_every sets how often checkpoints are written)")
+            else:
+                msg = (f"interrupted ({what}) before training started: nothing was trained, nothing needs keeping; "
+                       "run the command again to start")
+            runlog.write(f"stopped: {msg}")
+            raise TrainingInterrupted(msg, sig.signum or 2) from None
+        except TrainingDiverged as e:  # says itself what it kept
+            runlog.write(f"stopped: {e}")
+            raise
+        except Exception as e:
+            runlog.write("error: " + "".join(traceback.format_exception(e)))
+            e.slimtune_log = str(runlog.path)  # the CLI says where the traceback is
+            raise
+        finally:
+            runlog.close()
+
+
+def _run(cfg: JobConfig, claim: rundir.Claim, log: RunLog, progress: bool, t_start: float) -> dict[str, Any]:
     import random
 
     import numpy as np
 
+    torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
+    out = claim.out
     if not torch.cuda.is_available():  # before set-up: the GGUF conversion runs on CPU too
         from .resources import set_cpu_threads
 
         set_cpu_threads(cfg.train.cpu_threads, log)
     s = setup(cfg, log)
     data = s["data"]
-    log(f"task: {s['task']}  data: {data.source} ({data.format}), {len(data.train)} train / {len(data.eval)} eval"
+    log(f"task: {s['task']}  data: {data.source} ({data.format}), {len(data.train)} train / {len(data.eval)} validation"
         + (f"; {data.stats['validation']}" if "validation" in data.stats else ""))
+    if s["task"] == "classification":
+        log(f"classifier head: new, {len(data.labels or [])} classes {data.labels} (trained in full with the adapter)")
     if s["why"]:
         log(f"method {s['adapter_config'].method}: chose " + "; ".join(s["why"]))
     if s["adapter_config"].needs_scores():  # sparse fisher / top-k heads: choose from the data
         s["adapter_config"] = score_for_selection(s["adapter_config"], s["model"], data, cfg, s["tokenizer"], log)
+    from ..quant import quantized_size
+
+    qsize = quantized_size(s["model"])  # model.quantize: what quantizing saved, for the report
     torch.manual_seed(cfg.train.seed)  # adapter init independent of what set-up consumed
-    model = get_peft_model(s["model"], s["adapter_config"])
+    model = apply_method(s["model"], s["adapter_config"])
     if upcast_trainable(model):
         log(f"precision: frozen base in {next(model.get_base_model().parameters()).dtype}, trained parameters "
             "in fp32, forward under autocast")
     t, a, pct = trainable_summary(model)
     log(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {pct:.4f}")
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    trainer = Trainer(cfg, model, s["tokenizer"], data, s["task"], log=log, progress=progress)
-    res = trainer.train(resume=cfg.resume)
-    if s["tokenizer"] is not None and trainer.is_main:
-        s["tokenizer"].save_pretrained(out / "adapter")
-    res.update(task=s["task"], trainable=t, total_params=a, trainable_pct=pct, total_wall_s=time.time() - t_start,
-               why=s["why"], truncated=data.stats.get("truncated", 0), data=data.source,
-               model_path=s["model_path"], method=s["adapter_config"].method)
+    trainer = Trainer(cfg, model, s["tokenizer"], data, s["task"], log=log, progress=progress, session_t0=t_start)
+    warnings = preflight(cfg, data, trainer.schedule, trainer.metric, s["task"])
+    for w in warnings:
+        log(f"warning: {w}")
+    if claim.init_from is not None:  # --resume-weights-only: the weights must fit before the old run moves
+        trainer.load_weights(claim.init_from)
+        moved = claim.commit()
+        if moved:
+            log(moved)
+        log(f"trained weights from {claim.init_from}; optimizer, schedule and step count start fresh")
     if trainer.is_main:
-        plot(trainer.history, trainer.metric, out / "plot.png")
-        write_report(cfg, res, out / "report.md")
-        (out / "summary.json").write_text(json.dumps(res, indent=2, default=str))
+        rundir.write_config(cfg, out / "config.yaml")
+    info = dict(task=s["task"], trainable=t, total_params=a, trainable_pct=pct, why=s["why"],
+                quantization=qsize.line() if qsize is not None else None,
+                truncated=data.stats.get("truncated", 0), data=data.source, format=data.format,
+                n_train=len(data.train), n_eval=len(data.eval), model_path=s["model_path"],
+                method=s["adapter_config"].method, warnings=list(warnings), labels=data.labels,
+                data_stats={k: v for k, v in data.stats.items() if k != "lengths"})
+    try:
+        res = trainer.train(claim.resume_from)
+    except TrainingDiverged as e:
+        res = getattr(e, "result", None)
+        if res is not None and trainer.is_main:
+            res.update(info, total_wall_s=time.time() - t_start, error=str(e))
+            _write(cfg, trainer, res, out)
+        raise
+    if s["tokenizer"] is not None and trainer.is_main and res["status"] != "interrupted":
+        s["tokenizer"].save_pretrained(out / "adapter")
+    res.update(info, total_wall_s=time.time() - t_start)
+    late = best_no_better(trainer.metric, trainer.metric_max, res["before"], res["best"], res["best_step"])
+    if late:
+        res["warnings"].append(late)
+        log(f"warning: {late}")
+    if trainer.is_main:
+        _write(cfg, trainer, res, out)
         m = res["metric"]
         b = (res["before"] or {}).get(m)
         f = (res["after"] or {}).get(m)
@@ -70,63 +168,29 @@ def run_train(cfg: JobConfig, log: Callable[[str], None] = print, progress: bool
         if res["best"] is not None:
             msg += f"  (best {res['best']:.4f} at step {res['best_step']})"
         log(msg)
-        log(f"wrote {out}/adapter (last), {out}/best, {out}/report.md, {out}/plot.png, {out}/metrics.jsonl")
+        if res["status"] != "interrupted":
+            log(f"wrote {out}/adapter (last), {out}/best, {out}/report.md, {out}/plot.png, {out}/metrics.jsonl")
+    if res["status"] == "interrupted":
+        signum = trainer.stop.signum if trainer.stop and trainer.stop.signum else 2
+        if res["steps"] and res.get("last_checkpoint"):
+            raise TrainingInterrupted(f"interrupted ({res['signal']}) at step {res['steps']} of {res['total_steps']}: "
+                                      f"checkpoint {res['last_checkpoint']} and {out}/report.md written; "
+                                      f"`slimtune train {out} --resume` continues", signum)
+        raise TrainingInterrupted(f"interrupted ({res['signal']}) before the first training step: nothing to resume; "
+                                  "run the command again to start", signum)
     res["trainer"] = trainer
     res["peft_model"] = model
     return res
 
 
-def plot(history: list[dict], metric: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tr = [(r["step"], r["loss"]) for r in history if "loss" in r]
-    ev = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
-    mt = [(r["step"], r[metric]) for r in history if metric in r and metric != "eval_loss"]
-    fig, axes = plt.subplots(1, 2 if mt else 1, figsize=(11 if mt else 6, 4), squeeze=False)
-    ax = axes[0][0]
-    if tr:
-        ax.plot(*zip(*tr), label="train loss")
-    if ev:
-        ax.plot(*zip(*ev), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    if mt:
-        ax2 = axes[0][1]
-        ax2.plot(*zip(*mt), "o-", color="C2")
-        ax2.set_xlabel("step")
-        ax2.set_ylabel(metric)
-        ax2.set_title(f"held-out {metric}")
-        ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def _started(out: Path) -> bool:
+    """Whether this run has begun training (its config.yaml is written just before the loop)."""
+    return (out / "config.yaml").is_file()
 
 
-def write_report(cfg: JobConfig, res: dict[str, Any], path: Path) -> None:
-    m = res["metric"]
-    b, a = res["before"] or {}, res["after"] or {}
-    lines = [
-        f"# slimtune run: {cfg.output_dir}", "",
-        f"- model: `{cfg.model}` ({res['task']}), method `{res['method']}`",
-        f"- data: {res['data']}, truncation cut {res['truncated']} examples",
-        f"- trainable params: {res['trainable']:,d} of {res['total_params']:,d} ({res['trainable_pct']:.4f}%)",
-        f"- steps: {res['steps']}" + (" (stopped early)" if res["stopped_early"] else ""),
-        f"- wall time: {res['total_wall_s']:.1f} s total, {res['train_time_s']:.1f} s in training steps",
-        f"- peak memory: {res['peak_mem_mb']:.0f} MB ({'GPU' if torch.cuda.is_available() else 'process RSS'})",
-        f"- best {m}: {res['best']:.4f} at step {res['best_step']}" if res["best"] is not None else "",
-        "", "## Held-out metrics: before -> after", "", "| metric | before | after |", "|---|---|---|",
-    ]
-    for k in sorted(set(b) | set(a)):
-        fb = f"{b[k]:.4f}" if k in b else "-"
-        fa = f"{a[k]:.4f}" if k in a else "-"
-        lines.append(f"| {k}{' (selection metric)' if k == m else ''} | {fb} | {fa} |")
-    if res["why"]:
-        lines += ["", "## Choices made for you", ""] + [f"- {w}" for w in res["why"]]
-    lines += ["", "## Config", "", "```yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False).rstrip(), "```", "",
-              "![loss and metric](plot.png)", ""]
-    path.write_text("\n".join(lines))
+def _write(cfg: JobConfig, trainer: Trainer, res: dict[str, Any], out: Path) -> None:
+    plot(trainer.history, trainer.metric, out / "plot.png", res, title(cfg, res))
+    write_report(cfg, res, out / "report.md")
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps({k: v for k, v in res.items() if k != "lr_curve"}, indent=2, default=str))
+    tmp.replace(out / "summary.json")

@@ -9,31 +9,30 @@
 
 Data order is a pure function of (seed, epoch): batch m of the run is always the same examples,
 so a resumed run sees exactly the batches the killed one would have seen, and on CPU continues
-the same loss curve bit for bit. Checkpoints are written to a temp folder and renamed into place.
+the same loss curve bit for bit. Checkpoints: state.py. Ctrl-C / SIGTERM: interrupt.py (the loop
+stops after the step it is in, saves, and the run writes its report).
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
-import os
-import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from ..kernels.chunked_ce import train_loss_fn
+from .checks import plan
 from .config import JobConfig, JobConfigError
 from .data import Prepared, collate
 from .evaluate import Evaluation
+from .interrupt import StopRequest
 from .resources import peak_memory_mb, resolve_precision, set_cpu_threads
 from .speed import compile_for_training, enable_gradient_checkpointing, offload_factory
+from .state import Checkpointing
 
 
 class TrainingDiverged(RuntimeError):
@@ -42,9 +41,9 @@ class TrainingDiverged(RuntimeError):
 
 # ---- the trainer ---------------------------------------------------------------------------------
 
-class Trainer(Evaluation):
+class Trainer(Evaluation, Checkpointing):
     def __init__(self, cfg: JobConfig, peft_model, tokenizer, data: Prepared, task: str,
-                 log: Callable[[str], None] = print, progress: bool = True) -> None:
+                 log: Callable[[str], None] = print, progress: bool = True, session_t0: float | None = None) -> None:
         from accelerate import Accelerator
 
         self.cfg, self.t, self.data, self.task, self.log = cfg, cfg.train, data, task, log
@@ -68,7 +67,8 @@ class Trainer(Evaluation):
             enable_gradient_checkpointing(peft_model.get_base_model(), log)
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.params:
-            raise RuntimeError("no trainable parameters: the adapter is frozen (loaded with is_trainable=False?)")
+            raise JobConfigError("no trainable parameters: the adapter is frozen (loaded with is_trainable=False?) "
+                                 "or the method selects nothing to train in this model")
         decay = [p for n, p in self.params if p.ndim >= 2]
         no_decay = [p for n, p in self.params if p.ndim < 2]
         # fused: one kernel for every tensor (CPU and CUDA); a per-tensor loop costs ~4x on CPU
@@ -78,10 +78,9 @@ class Trainer(Evaluation):
 
         world = self.acc.num_processes
         self.global_bs = self.t.batch_size * world
-        self.micro_per_epoch = math.ceil(len(data.train) / self.global_bs)
-        self.total_steps = self.t.max_steps or max(1, math.ceil(self.t.epochs * self.micro_per_epoch / self.t.grad_accum))
-        warm = self.t.warmup_steps if self.t.warmup_steps is not None else int(self.t.warmup_ratio * self.total_steps)
-        self.warmup = min(warm, self.total_steps)
+        self.schedule = plan(self.t, len(data.train), world)
+        self.micro_per_epoch, self.total_steps, self.warmup = (self.schedule.micro_per_epoch, self.schedule.total_steps,
+                                                               self.schedule.warmup)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
         self.model, self.opt = self.acc.prepare(self.model, opt)
         try:  # causal LMs on CPU: the loss without the (tokens × vocab) logits (kernels/chunked_ce.py)
@@ -95,6 +94,9 @@ class Trainer(Evaluation):
         self._offload = offload_factory(self.t, self.device)
 
         self.metric = self.t.metric or self._default_metric()
+        if self.metric not in self.measured_metrics():
+            raise JobConfigError(f"train.metric '{self.metric}' is not measured for this task and data; choose one "
+                                 f"of {self.measured_metrics()}")
         self.metric_max = not (self.metric.endswith("loss") or self.metric == "perplexity")
         self.step = 0
         self.best: float | None = None
@@ -103,9 +105,20 @@ class Trainer(Evaluation):
         self.history: list[dict[str, Any]] = []
         self.before: dict[str, float] | None = None
         self.tokens_seen = 0
-        self.train_time = 0.0
+        self.train_time = 0.0  # seconds inside training steps, over every session of the run
         self.last_ckpt: Path | None = None
         self.tb = None
+        # sessions: one per process that trained this run (a resume starts a new one), each with its
+        # steps and times; elapsed = wall time of the earlier sessions up to their last checkpoint
+        self.session_t0 = session_t0 or time.time()
+        self.sessions: list[dict[str, Any]] = []
+        self.elapsed = 0.0
+        self.resumed_at: int | None = None
+        self.lost_steps = 0  # steps a killed session ran after its last checkpoint (run again now)
+        self.samples_before: list[dict[str, str]] | None = None
+        self.samples_after: list[dict[str, str]] | None = None
+        self.stop: StopRequest | None = None
+        self._session_train = 0.0
 
     # ---- schedule -----------------------------------------------------------------------------
     def _lr_lambda(self, s: int) -> float:
@@ -130,67 +143,15 @@ class Trainer(Evaluation):
         batch = collate([self.data.train[i] for i in mine], self.pad_id)
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    # ---- checkpoints --------------------------------------------------------------------------
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.model_unwrapped.named_parameters() if p.requires_grad}
-
-    def save_checkpoint(self) -> Path:
-        from safetensors.torch import save_file
-
-        self.acc.wait_for_everyone()
-        final = self.out / "checkpoints" / f"step-{self.step:06d}"
-        if self.is_main:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{self.step:06d}-", dir=final.parent))
-            self.model_unwrapped.save_pretrained(tmp / "adapter")
-            save_file({n: t.contiguous() for n, t in self._trainable_state().items()}, str(tmp / "trainable.safetensors"))
-            state = {
-                "step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_rng_to_plain(np.random.get_state()),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                "best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals,
-                "history": self.history, "before": self.before, "tokens_seen": self.tokens_seen,
-                "train_time": self.train_time,
-            }
-            torch.save(state, tmp / "trainer_state.pt")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)  # atomic: a killed run leaves either the old or the new checkpoint
-            for old in sorted(final.parent.glob("step-*"))[:-2]:  # keep the last two
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
-        self.last_ckpt = final
-        self.acc.wait_for_everyone()
-        return final
-
-    def load_checkpoint(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        saved = load_file(str(path / "trainable.safetensors"))
-        live = dict(self.model_unwrapped.named_parameters())
-        missing = [n for n, _ in self.params if n not in saved]
-        if missing:
-            raise RuntimeError(f"checkpoint {path} does not match this model/adapter: no tensor for '{missing[0]}'; "
-                               "resume with the config the run was started with")
-        with torch.no_grad():
-            for n, t in saved.items():
-                live[n].copy_(t)
-        st = torch.load(path / "trainer_state.pt", weights_only=True)  # tensors and plain data only
-        self.opt.load_state_dict(st["optimizer"])
-        self.sched.load_state_dict(st["scheduler"])
-        torch.set_rng_state(st["rng"]["torch"])
-        random.setstate(st["rng"]["python"])
-        np.random.set_state(_numpy_rng_from_plain(st["rng"]["numpy"]))
-        if st["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
-        for k in ("step", "best", "best_step", "bad_evals", "history", "before", "tokens_seen", "train_time"):
-            setattr(self, k, st[k])
-        self.last_ckpt = path
-        self.log(f"resumed from {path} at step {self.step}")
-
     def latest_checkpoint(self) -> Path | None:
-        cks = sorted((self.out / "checkpoints").glob("step-*"))
+        from .rundir import checkpoints
+
+        cks = checkpoints(self.out)
         return cks[-1] if cks else None
+
+    def _session(self) -> dict[str, Any]:
+        return {"start_step": self.resumed_at or 0, "end_step": self.step, "wall_s": time.time() - self.session_t0,
+                "train_s": self._session_train}
 
     # ---- logging ------------------------------------------------------------------------------
     def _record(self, rec: dict[str, Any]) -> None:
@@ -215,17 +176,17 @@ class Trainer(Evaluation):
             w.writerows(self.history)
 
     # ---- the loop -----------------------------------------------------------------------------
-    def train(self, resume: bool | str = False) -> dict[str, Any]:
+    def train(self, resume_from: Path | None = None) -> dict[str, Any]:
+        """Train to the end (or an early stop, a NaN, a Ctrl-C); resume_from continues a checkpoint
+        exactly (`load_weights` first takes only a checkpoint's trained weights)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        ck = None
-        if resume:
-            ck = Path(resume) if isinstance(resume, str) else self.latest_checkpoint()
-            if ck is None:
-                self.log(f"resume: no checkpoint in {self.out / 'checkpoints'}; starting from step 0")
-            elif not (ck / "trainer_state.pt").is_file():
-                raise FileNotFoundError(f"resume: {ck} is not a slimtune checkpoint (no trainer_state.pt)")
-        if ck is not None:
-            self.load_checkpoint(ck)
+        if resume_from is not None:
+            before = self._logged_steps()
+            self.load_checkpoint(resume_from)
+            self.lost_steps = max(0, before - self.step)
+            self.log(f"resumed from {resume_from} at step {self.step} of {self.total_steps}"
+                     + (f"; steps {self.step + 1}-{before} of the earlier session came after its last checkpoint "
+                        "and run again" if self.lost_steps else ""))
             if self.is_main:  # the log restarts from what the checkpoint knew: no duplicated steps
                 with open(self.out / "metrics.jsonl", "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in self.history)
@@ -238,10 +199,29 @@ class Trainer(Evaluation):
                 self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step or None)
             except Exception as e:  # noqa: BLE001 - tensorboard is optional at run time
                 self.log(f"tensorboard logging off ({e})")
+        with StopRequest() as self.stop:
+            return self._loop()
+
+    def _logged_steps(self) -> int:
+        """The last step metrics.jsonl recorded (a killed session may have gone past its checkpoint)."""
+        last = 0
+        try:
+            for line in (self.out / "metrics.jsonl").read_text().splitlines():
+                try:
+                    last = max(last, int(json.loads(line).get("step", 0)))
+                except (ValueError, AttributeError, TypeError):
+                    continue  # a line cut by the kill
+        except OSError:
+            pass
+        return last
+
+    def _loop(self) -> dict[str, Any]:
         if self.before is None and self.t.eval_before:
             self.before = self.evaluate()
             self._record({"step": 0, **self.before})
             self.log("before training: " + _fmt(self.before))
+        if self.samples_before is None and self.is_main:
+            self.samples_before = self.sample_generations()
 
         eval_every = self.t.eval_every or max(1, self.micro_per_epoch // self.t.grad_accum)
         save_every = self.t.save_every or eval_every
@@ -253,10 +233,16 @@ class Trainer(Evaluation):
                        file=sys.stderr, mininterval=0.5)
         self.model.train()
         stopped = None
+        status = "finished"
         win_loss, win_n, win_tok, win_t0 = 0.0, 0, 0, time.time()
         t_run = time.time()
+        if self.step >= self.total_steps:
+            self.log(f"the run is complete ({self.step} of {self.total_steps} steps): nothing left to train")
         try:
             while self.step < self.total_steps:
+                if self.stop.requested:
+                    status = "interrupted"
+                    break
                 t0 = time.time()
                 step_loss = 0.0
                 for micro in range(self.t.grad_accum):
@@ -282,6 +268,7 @@ class Trainer(Evaluation):
                 self.opt.zero_grad(set_to_none=True)
                 self.step += 1
                 self.train_time += time.time() - t0
+                self._session_train += time.time() - t0
                 self.tokens_seen += win_tok
                 win_loss += step_loss
                 win_n += 1
@@ -298,6 +285,9 @@ class Trainer(Evaluation):
                     if gnorm is not None:
                         rec["grad_norm"] = gnorm
                     self._record(rec)
+                    if bar is None:  # no progress bar: the log carries the training loss
+                        self.log(f"step {self.step}/{self.total_steps}: loss {rec['loss']:.4f}, lr {lr:.2e}, "
+                                 f"{rec['tokens_per_s']:.0f} tokens/s")
                     win_loss, win_n, win_tok, win_t0 = 0.0, 0, 0, time.time()
                 do_eval = self.step % eval_every == 0 or self.step == self.total_steps
                 if do_eval:
@@ -308,25 +298,50 @@ class Trainer(Evaluation):
                     else:
                         self.log(f"step {self.step}: " + _fmt(res))
                     stopped = self._track_best(res)
-                if self.step % save_every == 0 or self.step == self.total_steps or stopped:
+                if self.stop.requested and self.step < self.total_steps:
+                    status = "interrupted"
+                if self.step % save_every == 0 or self.step == self.total_steps or stopped or status == "interrupted":
                     self.save_checkpoint()
-                if stopped:
+                if stopped or status == "interrupted":
                     break
-        except TrainingDiverged:
+        except TrainingDiverged as e:
             if bar is not None:
                 bar.close()
             self._finish_logs()
+            e.result = self._result("diverged", time.time() - t_run)
             raise
         if bar is not None:
             bar.close()
-        wall = time.time() - t_run
-        if self.is_main:
+        if stopped:
+            status = "stopped early"
+        if self.is_main and status != "interrupted":
             self.model_unwrapped.save_pretrained(self.out / "adapter")  # the last adapter
-        final = self.history_last_eval()
+            self._save_extras(self.out / "adapter")
+            if self.samples_before is not None:
+                self.samples_after = self.sample_generations()
         self._finish_logs()
-        return {"steps": self.step, "stopped_early": bool(stopped), "before": self.before, "after": final,
+        return self._result(status, time.time() - t_run)
+
+    def _result(self, status: str, wall: float) -> dict[str, Any]:
+        sess = self.sessions + [self._session()]
+        steps_here = self.step - (self.resumed_at or 0)
+        return {"status": status, "signal": self.stop.name if self.stop and self.stop.requested else None,
+                "steps": self.step, "total_steps": self.total_steps, "warmup_steps": self.warmup,
+                "stopped_early": status == "stopped early", "before": self.before, "after": self.history_last_eval(),
                 "best": self.best, "best_step": self.best_step, "metric": self.metric, "wall_s": wall,
-                "train_time_s": self.train_time, "peak_mem_mb": peak_memory_mb(), "tokens": self.tokens_seen}
+                "train_time_s": self.train_time, "peak_mem_mb": peak_memory_mb(), "tokens": self.tokens_seen,
+                "session_steps": steps_here, "session_train_s": self._session_train,
+                "step_time_s": self._session_train / steps_here if steps_here else None,
+                "tokens_per_s": self.tokens_seen / self.train_time if self.train_time else None,
+                "resumed_at": self.resumed_at, "lost_steps": self.lost_steps, "sessions": sess,
+                "elapsed_before_s": self.elapsed, "last_checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
+                "samples_before": self.samples_before, "samples_after": self.samples_after,
+                "resume_steps": [x["start_step"] for x in sess if x["start_step"]], "lr_curve": self.lr_curve()}
+
+    def lr_curve(self, points: int = 400) -> list[tuple[int, float]]:
+        """The schedule's learning rate after each step (at most `points` of them): for the plot."""
+        every = max(1, self.total_steps // points)
+        return [(s, self.t.lr * self._lr_lambda(s)) for s in range(0, self.total_steps + 1, every)]
 
     def _nan_message(self, loss, what: str = "loss") -> str:
         keep = (f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else
@@ -337,17 +352,14 @@ class Trainer(Evaluation):
 
     def _track_best(self, res: dict[str, float]) -> bool:
         if self.metric not in res:
-            raise KeyError(f"train.metric '{self.metric}' is not measured for this task; choose from {sorted(res)}")
+            raise JobConfigError(f"train.metric '{self.metric}' is not measured for this task; choose from "
+                                 f"{sorted(res)}")
         v = res[self.metric]
         better = self.best is None or (v > self.best if self.metric_max else v < self.best)
         if better:
             self.best, self.best_step, self.bad_evals = v, self.step, 0
             if self.is_main:
-                tmp = Path(tempfile.mkdtemp(prefix=".tmp-best-", dir=self.out))
-                self.model_unwrapped.save_pretrained(tmp)
-                (tmp / "best.json").write_text(json.dumps({"step": self.step, self.metric: v}))
-                shutil.rmtree(self.out / "best", ignore_errors=True)
-                os.replace(tmp, self.out / "best")
+                self.save_best(v)
         else:
             self.bad_evals += 1
         p = self.t.early_stopping_patience
@@ -393,14 +405,3 @@ class _null:
 
 def _fmt(res: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in res.items())
-
-
-def _numpy_rng_to_plain(state: tuple) -> list:
-    """numpy's RNG state as tensors and numbers, so checkpoints load with weights_only=True."""
-    kind, keys, pos, has_gauss, gauss = state
-    return [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
-
-
-def _numpy_rng_from_plain(state: list) -> tuple:
-    kind, keys, pos, has_gauss, gauss = state
-    return kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss

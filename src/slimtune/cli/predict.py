@@ -1,0 +1,70 @@
+"""`slimtune predict RUN|ADAPTER [INPUT|-] [--out FILE]`: a trained classifier's label + probability,
+or an LM's generated answer, for every row of a file or of stdin."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .common import adapter_folder, is_run_folder, labels_of, load_base, quiet_hf
+from .errors import CommandError
+
+HELP = "run a trained adapter on new rows: label + probability, or generated text (JSONL/CSV)"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("predict", help=HELP,
+                       description="Predict with a trained adapter. TARGET is a run folder (its best adapter, data "
+                       "settings and label names) or an adapter folder. INPUT is a data file (.jsonl/.json/.csv/.tsv/"
+                       ".txt/.parquet) or - for stdin (JSON lines, or one text per line); none reads stdin. "
+                       "Classifiers add 'label' and 'probability' to each row; language models add 'generated'.")
+    p.add_argument("target", help="run folder or adapter folder")
+    p.add_argument("input", nargs="?", default="-", help="input file, or - for stdin (default)")
+    p.add_argument("--out", help="output file (.csv for CSV, else JSON lines); default: stdout")
+    p.add_argument("--format", choices=["jsonl", "csv"], help="output format (default: from --out, else jsonl)")
+    p.add_argument("--model", help="base model (default: the adapter's base)")
+    p.add_argument("--column", help="classifier input column (default: the run's data.text_column, else text)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="language models: tokens to generate per row")
+    p.add_argument("--temperature", type=float, default=0.0, help="language models: 0 = greedy")
+    p.set_defaults(fn=run)
+
+
+def run(a) -> int:
+    from .. import PeftModel
+    from ..train import predict
+
+    quiet_hf()
+    if a.batch_size < 1 or a.max_new_tokens < 1:
+        raise CommandError("--batch-size and --max-new-tokens must be at least 1")
+    if a.input == "-" and sys.stdin.isatty():
+        raise CommandError("no input: pass a file (slimtune predict RUN new.jsonl) or pipe rows into stdin")
+    data_cfg, fmt = None, None
+    if is_run_folder(a.target):
+        from ..train.config import load_config
+
+        data_cfg = load_config(str(Path(a.target) / "config.yaml")).data
+        try:
+            fmt = json.loads((Path(a.target) / "summary.json").read_text()).get("format")
+        except (OSError, ValueError):
+            fmt = None
+    elif Path(a.target).is_dir() and not (Path(a.target) / "adapter_config.json").is_file():
+        from .common import not_a_run
+
+        raise not_a_run(a.target, "a run folder or an adapter folder")
+    adapter = adapter_folder(a.target)
+    rows = predict.read_inputs(a.input)  # read first: a bad file fails before the model loads
+    model, tok, path, task = load_base(a.model, adapter)
+    model = PeftModel.from_pretrained(model, adapter)
+    if task == "SEQ_CLS":
+        col = a.column or (data_cfg.text_column if data_cfg else "text")
+        out = predict.classify(model, tok, rows, labels_of(adapter), col,
+                               data_cfg.text_pair_column if data_cfg else None, a.batch_size,
+                               data_cfg.max_length if data_cfg else 512)
+    elif task == "CAUSAL_LM":
+        out = predict.generate(model, tok, rows, data_cfg, a.max_new_tokens, a.batch_size, a.temperature, fmt)
+    else:
+        raise CommandError(f"predict handles classifiers (SEQ_CLS) and language models (CAUSAL_LM); {adapter} is {task}")
+    n = predict.write_outputs(out, a.out, a.format)
+    print(f"predicted {n} row(s) with {adapter}" + (f" -> {a.out}" if a.out else ""), file=sys.stderr)
+    return 0
