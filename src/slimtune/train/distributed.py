@@ -135,8 +135,6 @@ class Dist:
                    "cannot hold them")
         elif any(type(p).__module__.startswith("bitsandbytes") for p in base.parameters()):
             why = "a quantized base (model.quantize) has packed weights FSDP cannot split"
-        elif method in FSDP_REFUSED:
-            why = FSDP_REFUSED[method]
         if why:
             raise DistributedError(f"train.distributed=fsdp cannot run method '{method}': {why}; use "
                                    "train.distributed=ddp (each rank holds the model; the adapter is small)")
@@ -256,6 +254,17 @@ class Dist:
             forward()
 
     # ---- checkpoints ----------------------------------------------------------------------------
+    def reshard(self, model: nn.Module) -> None:
+        """FSDP keeps the root group's weights gathered after a forward that no backward follows (an
+        evaluation, a generation): shard them again, so the parameters are the optimizer's."""
+        if not self.fsdp:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
     def full_tensors(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Whole tensors on CPU (FSDP shards gathered: every rank calls this, in the same order)."""
         from torch.distributed.tensor import DTensor
@@ -267,6 +276,7 @@ class Dist:
         saves itself)."""
         if not self.fsdp:
             return None
+        self.reshard(peft_model)
         return {name: self.full_tensors(peft_model.get_adapter_state_dict(name)) for name in peft_model.peft_config}
 
     def write_adapter(self, peft_model, folder: Path, gathered: dict[str, dict[str, torch.Tensor]] | None) -> None:
@@ -287,6 +297,7 @@ class Dist:
         state-dict API; full on rank 0): loadable under any world size, DDP or FSDP."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+        self.reshard(model)
         return get_optimizer_state_dict(model, _raw(opt), options=StateDictOptions(full_state_dict=True,
                                                                                     cpu_offload=True))
 
@@ -362,10 +373,6 @@ class Dist:
                                 f"of memory, or failed: its own output says which) or stopped answering within "
                                 f"train.distributed_timeout={self.timeout_s} s, so this one stops too ({first}); "
                                 f"{kept}")
-
-
-# methods that FSDP's per-block sharding cannot serve, and why (measured: docs/distributed.md)
-FSDP_REFUSED: dict[str, str] = {}
 
 
 def _raw(opt):

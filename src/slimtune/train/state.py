@@ -49,6 +49,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
 class Checkpointing:
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         """Every trained tensor, whole (FSDP: gathered; every rank calls this)."""
+        self.dist.reshard(self.model_unwrapped)
         return self.dist.full_tensors({n: p for n, p in self.model_unwrapped.named_parameters() if p.requires_grad})
 
     def _state(self, optimizer: dict) -> dict:
