@@ -35,10 +35,12 @@ quiet = dict(log=lambda m: None, progress=False)
 
 
 def _cfg(model: Path, data: Path, out: Path, **train):
-    """4 steps of global batch 4 (1 process x 4, or 2 x 2), a checkpoint every 2 steps, no dropout."""
+    """4 steps of global batch 4 (1 process x 4, or 2 x 2), a checkpoint every 2 steps, no dropout;
+    5 validation rows in batches of 2: the ranks' shards (3 and 2 rows) take 2 and 1 batches."""
     t = {"max_steps": 4, "batch_size": 4, "eval_every": 2, "save_every": 2, "lr": 1e-2, **train}
-    return job(model, out, {"train": str(data), "max_length": 40}, method={"name": "lora", "r": 4, "lora_dropout": 0.0},
-               train=t, eval={"max_examples": 4, "samples": 1})
+    return job(model, out, {"train": str(data), "max_length": 40, "val_fraction": 0.125},
+               method={"name": "lora", "r": 4, "lora_dropout": 0.0}, train=t,
+               eval={"max_examples": 4, "samples": 1, "batch_size": 2})
 
 
 def _adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -327,3 +329,47 @@ def test_every_method_under_ddp_and_fsdp(tiny_llama, tiny_bert, tmp_path):
             continue
         assert r["ok"], (name, r)
         assert r["after"]["eval_loss"] == pytest.approx(res["ddp"][name]["after"]["eval_loss"], rel=1e-5), name
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_same_job(tiny_llama, lm_data, reference, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (torchrun underneath; on a CPU-only machine
+    the ranks use gloo) gives the reference's adapter."""
+    from slimtune.train.distributed import free_port
+
+    out = tmp_path / "acc"
+    cfg = write_config(_cfg(tiny_llama, lm_data, out, batch_size=2), tmp_path / "job.yaml")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), "-m", *train_cmd(cfg)]
+    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240)
+    _ok(p)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    _same_adapter(reference / "adapter", out / "adapter")
+
+
+@pytest.mark.slow
+def test_two_nodes_through_c10d_rendezvous(tiny_llama, lm_data, reference, tmp_path):
+    """Multi-node as torchrun runs it: two launchers (`--nnodes 2 --nproc_per_node 1`, c10d
+    rendezvous on 127.0.0.1), one process each, FSDP across them: the reference's adapter."""
+    from slimtune.train.distributed import free_port
+
+    out = tmp_path / "nodes"
+    cfg = write_config(_cfg(tiny_llama, lm_data, out, batch_size=2, distributed="fsdp"), tmp_path / "job.yaml")
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "test-nodes",
+           "-m", *train_cmd(cfg)]
+    nodes = [subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        outs = [n.communicate(timeout=240) for n in nodes]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                n.kill()
+                n.communicate()
+    assert [n.returncode for n in nodes] == [0, 0], [o[1][-3000:] for o in outs]
+    assert sum(o[0].count("done in") for o in outs) == 1  # rank 0, on whichever node it landed
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    _same_adapter(reference / "adapter", out / "adapter")

@@ -29,7 +29,7 @@ class Evaluation:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        model = self.model
+        model = self.model_unwrapped if self.dist.mode == "ddp" else self.model  # DDP syncs buffers per forward
         was_training = model.training
         model.eval()
         tot_loss, tot_n = 0.0, 0
