@@ -1,8 +1,8 @@
 """Per-rank memory and step time of the job on CPU: 1 process vs 2 processes, DDP vs FSDP2, on the
-SmolLM2-135M shape (the packaged SmolLM2-135M-Instruct, fp32), LoRA r=16 on q/k/v/o (the job's CPU default: the top
-third of the blocks), global batch
-4 x up to 128 tokens, the same steps and seed in every row. Each row is its own launch (torchrun for
-2 processes); every rank writes what it held and used:
+SmolLM2-135M shape (the packaged SmolLM2-135M-Instruct, fp32), LoRA r=16 on q/k/v/o (on CPU the job
+adapts the top third of the blocks), global batch 4 x up to 128 tokens, the same steps and seed in
+every row. Each row is its own launch (torchrun for 2 processes); every rank writes what it held
+and used:
 
     params held   MiB of parameters in this rank's memory (FSDP: its shards)
     RSS end       resident memory after training (the job's own tensors, Python, torch, the data)

@@ -37,7 +37,8 @@ quiet = dict(log=lambda m: None, progress=False)
 def _cfg(model: Path, data: Path, out: Path, **train):
     """4 steps of global batch 4 (1 process x 4, or 2 x 2), a checkpoint every 2 steps, no dropout;
     5 validation rows in batches of 2: the ranks' shards (3 and 2 rows) take 2 and 1 batches."""
-    t = {"max_steps": 4, "batch_size": 4, "eval_every": 2, "save_every": 2, "lr": 1e-2, **train}
+    t = {"max_steps": 4, "batch_size": 4, "eval_every": 2, "save_every": 2, "lr": 1e-2, "distributed_timeout": 60,
+         **train}
     return job(model, out, {"train": str(data), "max_length": 40, "val_fraction": 0.125},
                method={"name": "lora", "r": 4, "lora_dropout": 0.0}, train=t,
                eval={"max_examples": 4, "samples": 1, "batch_size": 2})
@@ -133,6 +134,12 @@ def test_eval_shards_cover_every_row_once():
     parts = [Dist("ddp", world=3, rank=r).eval_rows(rows) for r in range(3)]
     assert sum(parts, []) == rows and [len(p) for p in parts] == [4, 4, 3]
     assert Dist("fsdp", world=3, rank=1).gen_rows(rows) == rows  # FSDP: every rank decodes the same rows
+    # FSDP: 5 rows in batches of 2 are 2 + 1 batches; rank 1 runs one uncounted forward to match
+    calls = []
+    for r in range(2):
+        Dist("fsdp", world=2, rank=r).eval_tail(5, 2, lambda r=r: calls.append(r))
+    Dist("ddp", world=2, rank=1).eval_tail(5, 2, lambda: calls.append("ddp"))
+    assert calls == [1]
 
 
 def test_launch_command_is_loopback_torchrun():

@@ -139,7 +139,7 @@ class Dist:
             raise DistributedError(f"train.distributed=fsdp cannot run method '{method}': {why}; use "
                                    "train.distributed=ddp (each rank holds the model; the adapter is small)")
 
-    def shard(self, peft_model: nn.Module) -> nn.Module:
+    def shard(self, peft_model: nn.Module, device: torch.device | None = None) -> nn.Module:
         """fsdp: FSDP2 `fully_shard` on each repeated block (the Llama layers, BERT's encoder layers),
         then on the transformer itself (embeddings, norm, head: its forward and `generate` both
         gather them). Parameters become DTensor shards: each rank keeps 1/world of the base."""
@@ -149,6 +149,8 @@ class Dist:
 
         from ..compile_blocks import repeated_blocks
 
+        if device is not None:  # GPU: shard from the rank's device (accelerate does not move an FSDP model)
+            peft_model.to(device)
         base = peft_model.get_base_model()
         blocks = list(repeated_blocks(base))
         if not blocks:
@@ -243,13 +245,14 @@ class Dist:
         dist.all_gather_object(out, xs)
         return [x for part in out for x in part]
 
-    def eval_tail(self, n_rows: int, bs: int, forward: Callable[[], Any]) -> None:
+    def eval_tail(self, n_total: int, bs: int, forward: Callable[[], Any]) -> None:
         """FSDP: every rank runs as many forwards as the rank with the most batches (each forward
-        gathers weights with the others); the extra ones are not counted."""
+        gathers weights with the others); the extra ones are not counted. The counts follow from
+        the row total, so no collective is needed (one would interleave with the forwards')."""
         if not self.fsdp:
             return
-        mine = -(-n_rows // bs)
-        most = int(self._reduce([float(mine)], "max")[0])
+        mine = -(-len(self.eval_rows(range(n_total))) // bs)
+        most = -(-(-(-n_total // self.world)) // bs)
         for _ in range(most - mine):
             forward()
 

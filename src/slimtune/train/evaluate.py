@@ -64,7 +64,7 @@ class Evaluation:
                 tot_n += len(batch["labels"])
                 preds += logits.argmax(-1).tolist()
                 golds += batch["labels"].tolist()
-        self.dist.eval_tail(len(ev), bs, lambda: model(**{k: v.to(self.device) for k, v in
+        self.dist.eval_tail(len(self.data.eval), bs, lambda: model(**{k: v.to(self.device) for k, v in
                                                           collate(self.data.eval[:1], self.pad_id).items()}))
         tot_loss, tot_n, choice_right, choice_n = self.dist.eval_sum(tot_loss, tot_n, choice_right, choice_n)
         preds, golds = self.dist.gather(preds), self.dist.gather(golds)

@@ -74,7 +74,7 @@ class Trainer(Evaluation, Checkpointing):
         if self.t.gradient_checkpointing:
             enable_gradient_checkpointing(peft_model.get_base_model(), log)
         self.dist.refuse_fsdp(peft_model)
-        self.dist.shard(peft_model)  # fsdp: base and adapters split across ranks, before the optimizer
+        self.dist.shard(peft_model, self.device)  # fsdp: base and adapters split across ranks, before the optimizer
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.params:
             raise JobConfigError("no trainable parameters: the adapter is frozen (loaded with is_trainable=False?) "
