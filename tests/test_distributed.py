@@ -282,8 +282,12 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes(tiny_llama, tmp_path)
             proc.kill()
             proc.communicate()
     assert proc.returncode != 0
-    assert "rank 0 of 2: another process of this run stopped" in stderr, stderr[-4000:]
-    assert "is intact; relaunch the same command with --resume" in stderr
+    # rank 0 sees the lost peer in its next collective, or (a race) torchrun's SIGTERM to the
+    # survivors reaches it first: either way one message naming the kept checkpoint and --resume
+    lost = "rank 0 of 2: another process of this run stopped" in stderr and "is intact; relaunch the same " \
+        "command with --resume" in stderr
+    termed = "interrupted (SIGTERM) at once: the last checkpoint" in stderr and "--resume` continues" in stderr
+    assert lost or termed, stderr[-4000:]
     cks = checkpoints(out)
     assert cks and all((cks[-1] / f).is_file() for f in ("adapter/adapter_model.safetensors", "trainable.safetensors",
                                                           "trainer_state.pt", "distributed.json"))

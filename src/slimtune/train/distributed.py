@@ -354,6 +354,15 @@ class Dist:
                      f"{self.batch_size} per process keeps the run's global batch of {g}")
         return t.model_copy(update={"batch_size": self.batch_size})
 
+    @staticmethod
+    def hold_signals() -> None:
+        """A peer is gone, the run is over: the launcher's SIGTERM to the survivors must not cut
+        the message short (torchrun SIGKILLs after its grace period anyway)."""
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+
     def explain(self, e: BaseException, out: Path) -> DistributedError | None:
         """A collective that failed because a peer died or hung, as one message (None: another error)."""
         if self.world == 1:

@@ -90,8 +90,10 @@ def run_train(cfg: JobConfig, log: Callable[[str], None] = print, progress: bool
             runlog.write(f"stopped: {e}")
             raise
         except Exception as e:
-            runlog.write("error: " + "".join(traceback.format_exception(e)))
             lost = dist.explain(e, claim.out)  # a peer died or hung: one message, the checkpoint it kept
+            if lost is not None:
+                dist.hold_signals()
+            runlog.write("error: " + "".join(traceback.format_exception(e)))
             if lost is not None:
                 runlog.write(f"stopped: {lost}")
                 raise lost from None
