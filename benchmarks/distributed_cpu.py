@@ -54,7 +54,7 @@ def worker(out_json: str, steps: int, mode: str, run_dir: str) -> None:
 
 
 def run_row(name: str, nproc: int, mode: str, steps: int, tmp: Path) -> list[dict]:
-    from slimtune.train.distributed import free_port
+    from slimtune.train.launch import free_port
 
     out = tmp / name
     args = [str(Path(__file__).resolve()), "worker", str(out), str(steps), mode, str(tmp / f"run-{name}")]

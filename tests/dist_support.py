@@ -45,7 +45,7 @@ def env() -> dict[str, str]:
 
 def torchrun(args: list[str], nproc: int = 2, timeout: float = 240, module: bool = True) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node N [-m] ARGS` on 127.0.0.1 and a free port; killed past `timeout`."""
-    from slimtune.train.distributed import free_port
+    from slimtune.train.launch import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port())] + (["-m"] if module else []) + args

@@ -28,7 +28,8 @@ from conftest_train import (chat_rows, instruction_rows, job, sentiment_rows, ti
 from dist_support import HERE, env, torchrun, train_cmd, write_config
 
 from slimtune.train.config import TrainConfig
-from slimtune.train.distributed import Dist, DistributedError, _items, launch_command
+from slimtune.train.distributed import Dist, DistributedError, _items
+from slimtune.train.launch import launch_command
 from slimtune.train.run import run_train
 
 quiet = dict(log=lambda m: None, progress=False)
@@ -256,7 +257,7 @@ def _pids_by_rank(parent: int) -> dict[int, int]:
 def test_a_killed_rank_stops_the_other_and_the_run_resumes(tiny_llama, tmp_path):
     """SIGKILL rank 1 mid-run: rank 0 exits with one message (no hang), the last checkpoint is
     complete, and `--resume` (here with one process) finishes the run."""
-    from slimtune.train.distributed import free_port
+    from slimtune.train.launch import free_port
     from slimtune.train.rundir import checkpoints
 
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(60))
@@ -346,7 +347,7 @@ def test_every_method_under_ddp_and_fsdp(tiny_llama, tiny_bert, tmp_path):
 def test_accelerate_launch_runs_the_same_job(tiny_llama, lm_data, reference, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` (torchrun underneath; on a CPU-only machine
     the ranks use gloo) gives the reference's adapter."""
-    from slimtune.train.distributed import free_port
+    from slimtune.train.launch import free_port
 
     out = tmp_path / "acc"
     cfg = write_config(_cfg(tiny_llama, lm_data, out, batch_size=2), tmp_path / "job.yaml")
@@ -363,7 +364,7 @@ def test_accelerate_launch_runs_the_same_job(tiny_llama, lm_data, reference, tmp
 def test_two_nodes_through_c10d_rendezvous(tiny_llama, lm_data, reference, tmp_path):
     """Multi-node as torchrun runs it: two launchers (`--nnodes 2 --nproc_per_node 1`, c10d
     rendezvous on 127.0.0.1), one process each, FSDP across them: the reference's adapter."""
-    from slimtune.train.distributed import free_port
+    from slimtune.train.launch import free_port
 
     out = tmp_path / "nodes"
     cfg = write_config(_cfg(tiny_llama, lm_data, out, batch_size=2, distributed="fsdp"), tmp_path / "job.yaml")

@@ -71,7 +71,8 @@ def run(a) -> int:
         overrides.append(f"output_dir={_quoted(a.output_dir)}")
     cfg = load_config(config, overrides)
     if a.nproc is not None and a.nproc != 1:
-        from ..train.distributed import DistributedError, spawn
+        from ..train.distributed import DistributedError
+        from ..train.launch import spawn
 
         if a.nproc < 1:
             raise DistributedError(f"--nproc {a.nproc}: give a number of processes of 1 or more")

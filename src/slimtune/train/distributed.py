@@ -5,7 +5,6 @@
 The launcher sets WORLD_SIZE / RANK / LOCAL_RANK / MASTER_ADDR; `Dist.from_env` reads them and the
 job does the rest with torch.distributed and accelerate (gloo on CPU, NCCL on GPU):
 
-    claim(cfg, log, dist)       rank 0 locks and settles the run folder; the others follow its decision
     Dist.start()                the process group (accelerate's PartialState, train.distributed_timeout)
     Dist.shard(model)           fsdp: `fully_shard` each repeated block, then the transformer root
     Dist.prepare(acc, m, opt)   ddp: accelerate's DDP wrapper (unused parameters found); fsdp: as sharded
@@ -18,15 +17,13 @@ job does the rest with torch.distributed and accelerate (gloo on CPU, NCCL on GP
 
 One run, any world size: the global batch is `batch_size x world` per micro-batch, fixed by the
 run's first session; a resume under another world size changes the per-rank batch to keep it.
+The run folder under several processes and `slimtune train --nproc`: launch.py.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import socket
-import subprocess
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -35,7 +32,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-from .config import JobConfig, JobConfigError, TrainConfig
+from .config import JobConfigError, TrainConfig
 
 INFO = "distributed.json"  # in each checkpoint: the world that wrote it (for a resume under another)
 IGNORE = -100
@@ -411,81 +408,3 @@ def _items(batch: dict[str, torch.Tensor]) -> int:
     if lab.ndim >= 2:
         return int((lab[:, 1:] != IGNORE).sum())
     return int(lab.numel())
-
-
-# ---- the run folder ------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def claim(cfg: JobConfig, log: Callable[[str], None], dist: Dist):
-    """rundir.claim on rank 0 (the lock, recovery, resume / overwrite decision); the other ranks
-    receive its decision, or its refusal, and hold no lock."""
-    from . import rundir
-
-    if dist.world == 1:
-        with rundir.claim(cfg, log) as c:
-            yield c
-        return
-    import torch.distributed as dist_
-
-    c = err = None
-    if dist.is_main:
-        try:
-            c = rundir.claim(cfg, log)
-        except Exception as e:  # noqa: BLE001 - sent to the others, then raised here as it was
-            err = e
-        msg = [None if err is None else str(err),
-               None if c is None else (c.resume_from, c.init_from, list(c.notes))]
-        dist_.broadcast_object_list(msg, src=0)
-        if err is not None:
-            raise err
-    else:
-        msg = [None, None]
-        dist_.broadcast_object_list(msg, src=0)
-        if msg[0] is not None:
-            raise DistributedError(f"rank 0 refused the run: {msg[0]}")
-        out = Path(cfg.output_dir).expanduser()
-        resume_from, init_from, notes = msg[1]
-        c = rundir.Claim(out, rundir.RunLock(out), resume_from=resume_from, init_from=init_from, notes=notes)
-    try:
-        yield c
-    finally:
-        c.release()
-
-
-class QuietLog:
-    """The log of ranks other than 0: the run's log and progress are rank 0's; this rank's own
-    errors go to its stderr (torchrun prefixes them with the rank)."""
-
-    path = "this process's stderr (rank 0 keeps OUTPUT_DIR/train.log)"
-
-    def __call__(self, msg: str) -> None:
-        pass
-
-    def write(self, msg: str) -> None:
-        if msg.startswith("error:"):
-            print(msg, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        pass
-
-
-# ---- `slimtune train --nproc N` ------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_command(argv: list[str], nproc: int, port: int | None = None) -> list[str]:
-    """torchrun on this machine, loopback rendezvous on a free port, running `slimtune train ARGV`."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()), "-m", "slimtune", "train", *argv]
-
-
-def spawn(argv: list[str], nproc: int) -> int:
-    """Run the job under torchrun with `nproc` processes and return its exit code."""
-    if os.environ.get("WORLD_SIZE"):
-        raise DistributedError("--nproc: this process was itself started by a launcher (WORLD_SIZE is set); drop "
-                               "--nproc and let the launcher's --nproc_per_node decide")
-    return subprocess.call(launch_command(argv, nproc))

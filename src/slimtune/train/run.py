@@ -21,8 +21,9 @@ import torch
 from . import rundir
 from .checks import best_no_better, preflight
 from .config import JobConfig
-from .distributed import Dist, QuietLog
-from .distributed import claim as claim_folder
+from .distributed import Dist
+from .launch import QuietLog
+from .launch import claim as claim_folder
 from .interrupt import SetupSignals, TrainingInterrupted
 from .job import apply_method, score_for_selection, setup, upcast_trainable
 from .report import plot, title, write_report
