@@ -1,6 +1,7 @@
 """`slimtune train [CONFIG|RUN] [key=value ...]`: the job, from a YAML file (none: the shipped default)."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -24,6 +25,8 @@ def add_parser(sub) -> None:
                    "optimizer and schedule); the old run moves to output_dir/previous")
     t.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
     t.add_argument("--output-dir", help="same as output_dir=...")
+    t.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine: runs the same "
+                   "command under torchrun (DDP, or FSDP with train.distributed=fsdp; docs/distributed.md)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar: the log prints the loss every "
                    "train.log_every steps")
     t.set_defaults(fn=run)
@@ -32,6 +35,15 @@ def add_parser(sub) -> None:
 def _quoted(v: str) -> str:
     """A path as a YAML string whatever it contains (`runs/[a]` would read as a list)."""
     return "'" + v.replace("'", "''") + "'"
+
+
+def _argv(a) -> list[str]:
+    """This command's arguments again, less --nproc: what each of torchrun's processes runs."""
+    out = ([a.config] if a.config else []) + list(a.overrides)
+    flags = {"--resume": a.resume, "--resume-weights-only": a.resume_weights_only, "--overwrite": a.overwrite,
+             "--no-progress": a.no_progress}
+    out += [f for f, on in flags.items() if on]
+    return out + (["--output-dir", a.output_dir] if a.output_dir else [])
 
 
 def run(a) -> int:
@@ -58,10 +70,18 @@ def run(a) -> int:
     if a.output_dir:
         overrides.append(f"output_dir={_quoted(a.output_dir)}")
     cfg = load_config(config, overrides)
+    if a.nproc is not None and a.nproc != 1:
+        from ..train.distributed import DistributedError
+        from ..train.launch import spawn
+
+        if a.nproc < 1:
+            raise DistributedError(f"--nproc {a.nproc}: give a number of processes of 1 or more")
+        return spawn(_argv(a), a.nproc)  # the config was checked here first: errors come once
     if config is None and cfg.data.builtin == "rotten_tomatoes_plot":
         print(f"no config given: running the shipped default (LoRA on SmolLM2-135M-Instruct: plot summary or "
               f"critic's review? on Rotten Tomatoes texts). `slimtune train --help` shows how to pass your own. Output: {cfg.output_dir}")
     t0 = time.time()
     run_train(cfg, progress=not a.no_progress)
-    print(f"done in {time.time() - t0:.1f} s")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: once, from rank 0
+        print(f"done in {time.time() - t0:.1f} s")
     return 0

@@ -157,6 +157,14 @@ class TrainConfig(_Strict):
     # GPU: keep the tensors saved for backward in pinned CPU memory (speed.activation_offload),
     # for sequences whose activations do not fit; costs PCIe copies every step, so off by default.
     activation_offload: bool = False
+    # ---- several processes (train/distributed.py; docs/distributed.md) ----
+    # Launched by torchrun / accelerate launch with several processes: auto = DDP (every rank holds
+    # the whole model; cheapest when it fits); fsdp = FSDP2 fully_shard per block (the frozen base
+    # is split across ranks, so its memory falls with the world size). One process: ignored.
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    # Seconds a collective may wait for a peer before the run fails (a hung or stopped rank): long
+    # enough for an eval or a save on the slowest rank, short enough that nobody waits forever.
+    distributed_timeout: int = Field(600, ge=10)
 
     @field_validator("chunked_ce", mode="before")
     @classmethod

@@ -29,14 +29,14 @@ class Evaluation:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        model = self.model
+        model = self.model_unwrapped if self.dist.mode == "ddp" else self.model  # DDP syncs buffers per forward
         was_training = model.training
         model.eval()
         tot_loss, tot_n = 0.0, 0
         preds: list[int] = []
         golds: list[int] = []
         bs = self.cfg.eval.batch_size
-        ev = self.data.eval
+        ev = self.dist.eval_rows(self.data.eval)  # several processes: this rank's share, sums reduced below
         cand = self._answer_first_tokens()
         choice_right, choice_n = 0, 0
         for i in range(0, len(ev), bs):
@@ -64,6 +64,10 @@ class Evaluation:
                 tot_n += len(batch["labels"])
                 preds += logits.argmax(-1).tolist()
                 golds += batch["labels"].tolist()
+        self.dist.eval_tail(len(self.data.eval), bs, lambda: model(**{k: v.to(self.device) for k, v in
+                                                          collate(self.data.eval[:1], self.pad_id).items()}))
+        tot_loss, tot_n, choice_right, choice_n = self.dist.eval_sum(tot_loss, tot_n, choice_right, choice_n)
+        preds, golds = self.dist.gather(preds), self.dist.gather(golds)
         res: dict[str, float] = {"eval_loss": tot_loss / max(tot_n, 1)}
         if self.task == "causal_lm":
             res["perplexity"] = math.exp(min(res["eval_loss"], 50))
@@ -124,14 +128,15 @@ class Evaluation:
 
     @torch.no_grad()
     def generated_accuracy(self, samples: list | None = None) -> float:
-        rows = self.data.eval_raw[:self.cfg.eval.max_examples]
+        rows = self.dist.gen_rows(self.data.eval_raw[:self.cfg.eval.max_examples])
         single = self.data.answers if self.data.answers and all(len(a.split()) == 1 for a in self.data.answers) else None
         correct = 0
         for r, t in zip(rows, self._generate(rows, self.cfg.eval.max_new_tokens)):
             correct += answer_matches(t, r["reference"], single)
             if samples is not None and len(samples) < 5:
                 samples.append((r["reference"], t.strip()))
-        return correct / max(len(rows), 1)
+        correct, n = self.dist.gen_sum(correct, len(rows))
+        return correct / max(n, 1)
 
     def sample_generations(self) -> list[dict[str, str]] | None:
         """The report's before -> after samples: the first `eval.samples` validation prompts of an LM

@@ -145,7 +145,9 @@ def write_report(cfg: JobConfig, res: dict[str, Any], path: Path) -> None:
         f"- steps: {res['steps']} of {res.get('total_steps', res['steps'])} (warm-up {res.get('warmup_steps', 0)}), batch "
         f"{cfg.train.batch_size} x {cfg.train.grad_accum} accumulation",
         *_times(res),
-        f"- peak memory: {res['peak_mem_mb']:.0f} MB ({'GPU' if torch.cuda.is_available() else 'process RSS'})",
+        f"- peak memory: {res['peak_mem_mb']:.0f} MB ({'GPU' if torch.cuda.is_available() else 'process RSS'})"
+        + (" of rank 0" if res.get("world_size", 1) > 1 else ""),
+        _world(res),
     ]
     if res.get("best") is not None:
         lines.append(f"- best {m}: {res['best']:.4f} at step {res['best_step']} (in best/)")
@@ -169,3 +171,14 @@ def write_report(cfg: JobConfig, res: dict[str, Any], path: Path) -> None:
     lines += ["", "## Config", "", "```yaml", yaml.safe_dump(saved_form(cfg), sort_keys=False).rstrip(), "```", "",
               "![loss, learning rate and metric](plot.png)", ""]
     path.write_text("\n".join(lines))
+
+
+def _world(res: dict[str, Any]) -> str:
+    """The processes the run trained with (torchrun / accelerate launch: docs/distributed.md)."""
+    w = res.get("world_size", 1)
+    if w <= 1:
+        return "- processes: 1"
+    held = res.get("params_mb_per_process")
+    return (f"- processes: {w} ({str(res.get('distributed', 'ddp')).upper()}), global batch "
+            f"{res.get('global_batch', '?')} per micro-batch" + (f", parameters held per process {held:.1f} MiB"
+                                                                  if held is not None else ""))

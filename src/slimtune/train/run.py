@@ -21,6 +21,9 @@ import torch
 from . import rundir
 from .checks import best_no_better, preflight
 from .config import JobConfig
+from .distributed import Dist
+from .launch import QuietLog
+from .launch import claim as claim_folder
 from .interrupt import SetupSignals, TrainingInterrupted
 from .job import apply_method, score_for_selection, setup, upcast_trainable
 from .report import plot, title, write_report
@@ -59,12 +62,14 @@ class RunLog:
 def run_train(cfg: JobConfig, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
     t_start = time.time()
     notes: list[str] = []
-    with SetupSignals() as sig, rundir.claim(cfg, notes.append) as claim:
-        runlog = RunLog(claim.out / "train.log", log)
+    dist = Dist.from_env(cfg.train)  # torchrun / accelerate launch: this process's rank (distributed.py)
+    dist.start(cfg.train.cpu_threads)
+    with SetupSignals() as sig, claim_folder(cfg, notes.append, dist) as claim:
+        runlog = RunLog(claim.out / "train.log", log) if dist.is_main else QuietLog()  # rank 0 logs
         try:
             for n in notes:
                 runlog(n)
-            return _run(cfg, claim, runlog, progress, t_start)
+            return _run(cfg, claim, runlog, progress and dist.is_main, t_start, dist)
         except TrainingInterrupted as e:
             runlog.write(f"stopped: {e}")
             raise
@@ -86,14 +91,21 @@ def run_train(cfg: JobConfig, log: Callable[[str], None] = print, progress: bool
             runlog.write(f"stopped: {e}")
             raise
         except Exception as e:
+            lost = dist.explain(e, claim.out)  # a peer died or hung: one message, the checkpoint it kept
+            if lost is not None:
+                dist.hold_signals()
             runlog.write("error: " + "".join(traceback.format_exception(e)))
+            if lost is not None:
+                runlog.write(f"stopped: {lost}")
+                raise lost from None
             e.slimtune_log = str(runlog.path)  # the CLI says where the traceback is
             raise
         finally:
             runlog.close()
 
 
-def _run(cfg: JobConfig, claim: rundir.Claim, log: RunLog, progress: bool, t_start: float) -> dict[str, Any]:
+def _run(cfg: JobConfig, claim: rundir.Claim, log: RunLog, progress: bool, t_start: float,
+         dist: Dist | None = None) -> dict[str, Any]:
     import random
 
     import numpy as np
@@ -126,12 +138,21 @@ def _run(cfg: JobConfig, claim: rundir.Claim, log: RunLog, progress: bool, t_sta
             "in fp32, forward under autocast")
     t, a, pct = trainable_summary(model)
     log(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {pct:.4f}")
-    trainer = Trainer(cfg, model, s["tokenizer"], data, s["task"], log=log, progress=progress, session_t0=t_start)
+    dist = dist or Dist.from_env(cfg.train)
+    dist.resume_batch(cfg.train, claim.resume_from)  # another world size than the checkpoint's: same global batch
+    if dist.note:
+        log(dist.note)
+    trainer = Trainer(cfg, model, s["tokenizer"], data, s["task"], log=log, progress=progress, session_t0=t_start,
+                      dist=dist)
+    if dist.world > 1:
+        log(f"distributed: {dist.label()}, batch {trainer.t.batch_size} per process x {dist.world} = "
+            f"{trainer.global_bs} per micro-batch; parameters held per process {dist.held_mb(trainer.model_unwrapped):.1f} MiB")
     warnings = preflight(cfg, data, trainer.schedule, trainer.metric, s["task"])
     for w in warnings:
         log(f"warning: {w}")
     if claim.init_from is not None:  # --resume-weights-only: the weights must fit before the old run moves
         trainer.load_weights(claim.init_from)
+        dist.barrier()  # every rank has read the weights before rank 0 moves the old run aside
         moved = claim.commit()
         if moved:
             log(moved)
@@ -143,7 +164,9 @@ def _run(cfg: JobConfig, claim: rundir.Claim, log: RunLog, progress: bool, t_sta
                 truncated=data.stats.get("truncated", 0), data=data.source, format=data.format,
                 n_train=len(data.train), n_eval=len(data.eval), model_path=s["model_path"],
                 method=s["adapter_config"].method, warnings=list(warnings), labels=data.labels,
-                data_stats={k: v for k, v in data.stats.items() if k != "lengths"})
+                data_stats={k: v for k, v in data.stats.items() if k != "lengths"},
+                world_size=dist.world, distributed=dist.mode, global_batch=trainer.global_bs,
+                params_mb_per_process=dist.held_mb(trainer.model_unwrapped))
     try:
         res = trainer.train(claim.resume_from)
     except TrainingDiverged as e:

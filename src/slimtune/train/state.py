@@ -48,29 +48,37 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 class Checkpointing:
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.model_unwrapped.named_parameters() if p.requires_grad}
+        """Every trained tensor, whole (FSDP: gathered; every rank calls this)."""
+        self.dist.reshard(self.model_unwrapped)
+        return self.dist.full_tensors({n: p for n, p in self.model_unwrapped.named_parameters() if p.requires_grad})
 
-    def _state(self) -> dict:
+    def _state(self, optimizer: dict) -> dict:
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "numpy": _numpy_rng_to_plain(np.random.get_state()),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         st = {k: getattr(self, k) for k in STATE_KEYS}
         st["elapsed"] = self.elapsed + (time.time() - self.session_t0)  # wall time of the run so far
         st["sessions"] = self.sessions + [self._session()]
-        return {**st, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng}
+        return {**st, "optimizer": optimizer, "scheduler": self.sched.state_dict(), "rng": rng}
 
     def save_checkpoint(self) -> Path:
         from safetensors.torch import save_file
 
         self.acc.wait_for_everyone()
         final = self.out / "checkpoints" / f"step-{self.step:06d}"
-        if self.is_main and not (self.last_ckpt == final and final.is_dir()):  # this step is saved already
+        # this step is saved already? (rank 0 looks; the others must take the same branch)
+        done = self.dist.any(self.is_main and self.last_ckpt == final and final.is_dir())
+        if not done:  # whole tensors keyed by name: gathered on every rank (FSDP), written by rank 0
+            adapter, trained = self.dist.adapter_tensors(self.model_unwrapped), self._trainable_state()
+            optimizer = self.dist.optimizer_state(self.model_unwrapped, self.opt)
+        if self.is_main and not done:
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{self.step:06d}-", dir=final.parent))
-            self.model_unwrapped.save_pretrained(tmp / "adapter")
-            save_file({n: t.contiguous() for n, t in self._trainable_state().items()}, str(tmp / "trainable.safetensors"))
-            torch.save(self._state(), tmp / "trainer_state.pt")
+            self.dist.write_adapter(self.model_unwrapped, tmp / "adapter", adapter)
+            save_file({n: t.contiguous() for n, t in trained.items()}, str(tmp / "trainable.safetensors"))
+            torch.save(self._state(optimizer), tmp / "trainer_state.pt")
             write_config(self.cfg, tmp / "config.yaml")
+            self.dist.write_info(tmp, self.t.batch_size)
             replace_dir(tmp, final)  # atomic: a killed run leaves either the old or the new checkpoint
             for old in checkpoints(self.out)[:-KEEP]:
                 if old != final:
@@ -79,9 +87,19 @@ class Checkpointing:
         self.acc.wait_for_everyone()
         return final
 
+    def save_adapter(self, folder: Path) -> None:
+        """The adapter's PEFT files (+ labels) into folder: rank 0 writes (FSDP: all gather first)."""
+        gathered = self.dist.adapter_tensors(self.model_unwrapped)
+        if self.is_main:
+            self.dist.write_adapter(self.model_unwrapped, folder, gathered)
+            self._save_extras(folder)
+
     def save_best(self, value: float) -> None:
+        gathered = self.dist.adapter_tensors(self.model_unwrapped)  # every rank (FSDP)
+        if not self.is_main:
+            return
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-best-", dir=self.out))
-        self.model_unwrapped.save_pretrained(tmp)
+        self.dist.write_adapter(self.model_unwrapped, tmp, gathered)
         self._save_extras(tmp)
         (tmp / "best.json").write_text(json.dumps({"step": self.step, self.metric: value}))
         replace_dir(tmp, self.out / "best")
@@ -113,14 +131,13 @@ class Checkpointing:
             raise CheckpointMismatch(f"checkpoint {path} trains tensors this set-up does not have ('{extra[0]}', "
                                      f"{len(extra)} in all): was the method changed? resume with the config the run "
                                      "was started with, or choose a fresh output_dir")
-        with torch.no_grad():
-            for n, t in saved.items():
-                live[n].copy_(t)
+        for n, t in saved.items():  # in file order on every rank (FSDP: each takes its shard)
+            self.dist.copy_into(live[n], t)
 
     def load_checkpoint(self, path: Path) -> None:
         self.load_weights(path)
         st = torch.load(path / "trainer_state.pt", weights_only=True)  # tensors and plain data only
-        self.opt.load_state_dict(st["optimizer"])
+        self.dist.load_optimizer_state(self.model_unwrapped, self.opt, st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
         torch.set_rng_state(st["rng"]["torch"])
         random.setstate(st["rng"]["python"])

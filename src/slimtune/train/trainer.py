@@ -28,6 +28,7 @@ from ..kernels.chunked_ce import train_loss_fn
 from .checks import plan
 from .config import JobConfig, JobConfigError
 from .data import Prepared, collate
+from .distributed import Dist
 from .evaluate import Evaluation
 from .interrupt import StopRequest
 from .resources import peak_memory_mb, resolve_precision, set_cpu_threads
@@ -43,10 +44,17 @@ class TrainingDiverged(RuntimeError):
 
 class Trainer(Evaluation, Checkpointing):
     def __init__(self, cfg: JobConfig, peft_model, tokenizer, data: Prepared, task: str,
-                 log: Callable[[str], None] = print, progress: bool = True, session_t0: float | None = None) -> None:
+                 log: Callable[[str], None] = print, progress: bool = True, session_t0: float | None = None,
+                 dist: Dist | None = None) -> None:
         from accelerate import Accelerator
 
         self.cfg, self.t, self.data, self.task, self.log = cfg, cfg.train, data, task, log
+        # several processes (distributed.py): the launcher's world, DDP or FSDP; t = this session's
+        # train config (a resume under another world size changes the per-rank batch only)
+        self.dist = dist or Dist.from_env(cfg.train)
+        self.dist.start(self.t.cpu_threads)
+        self.t = self.dist.resume_batch(cfg.train, None) if self.dist.batch_size is None else \
+            cfg.train.model_copy(update={"batch_size": self.dist.batch_size})
         self.tok = tokenizer
         self.out = Path(cfg.output_dir)
         cuda = torch.cuda.is_available()
@@ -54,7 +62,7 @@ class Trainer(Evaluation, Checkpointing):
         self.precision = prec
         mp = {"fp32": "no"}.get(prec, prec)
         _allow_new_precision(mp)
-        self.acc = Accelerator(mixed_precision=mp, cpu=not cuda)
+        self.acc = Accelerator(mixed_precision=mp, cpu=not cuda, **self.dist.accelerator_kwargs())
         self.device = self.acc.device
         if not cuda:
             set_cpu_threads(self.t.cpu_threads, log)
@@ -65,6 +73,8 @@ class Trainer(Evaluation, Checkpointing):
         self.model = peft_model
         if self.t.gradient_checkpointing:
             enable_gradient_checkpointing(peft_model.get_base_model(), log)
+        self.dist.refuse_fsdp(peft_model)
+        self.dist.shard(peft_model, self.device)  # fsdp: base and adapters split across ranks, before the optimizer
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.params:
             raise JobConfigError("no trainable parameters: the adapter is frozen (loaded with is_trainable=False?) "
@@ -82,7 +92,7 @@ class Trainer(Evaluation, Checkpointing):
         self.micro_per_epoch, self.total_steps, self.warmup = (self.schedule.micro_per_epoch, self.schedule.total_steps,
                                                                self.schedule.warmup)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
-        self.model, self.opt = self.acc.prepare(self.model, opt)
+        self.model, self.opt = self.dist.prepare(self.acc, self.model, opt)
         try:  # causal LMs on CPU: the loss without the (tokens × vocab) logits (kernels/chunked_ce.py)
             self.loss_fn = train_loss_fn(self.model, self.t.chunked_ce if task == "causal_lm" else "off",
                                          self.device, self.acc.num_processes, log)
@@ -220,7 +230,7 @@ class Trainer(Evaluation, Checkpointing):
             self.before = self.evaluate()
             self._record({"step": 0, **self.before})
             self.log("before training: " + _fmt(self.before))
-        if self.samples_before is None and self.is_main:
+        if self.samples_before is None and (self.is_main or self.dist.fsdp):  # FSDP: every rank decodes
             self.samples_before = self.sample_generations()
 
         eval_every = self.t.eval_every or max(1, self.micro_per_epoch // self.t.grad_accum)
@@ -240,7 +250,7 @@ class Trainer(Evaluation, Checkpointing):
             self.log(f"the run is complete ({self.step} of {self.total_steps} steps): nothing left to train")
         try:
             while self.step < self.total_steps:
-                if self.stop.requested:
+                if self.dist.any(self.stop.requested):  # every rank stops at the same step
                     status = "interrupted"
                     break
                 t0 = time.time()
@@ -249,18 +259,18 @@ class Trainer(Evaluation, Checkpointing):
                     batch = self._batch(self.step * self.t.grad_accum + micro)
                     ntok = int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
                     sync = micro == self.t.grad_accum - 1
-                    ctx = self.acc.no_sync(self.model) if not sync else _null()
-                    with ctx:
+                    with self.dist.no_sync(self.acc, self.model, sync):
                         with self.acc.autocast(), (self._offload() if self._offload else _null()):
                             loss = self.loss_fn(batch) if self.loss_fn else self.model(**batch)["loss"]
-                        if not torch.isfinite(loss):
-                            raise TrainingDiverged(self._nan_message(loss))
+                        loss, mean = self.dist.global_mean(loss, batch)  # several processes: the global batch's
+                        if not torch.isfinite(mean):
+                            raise TrainingDiverged(self._nan_message(mean))
                         self.acc.backward(loss / self.t.grad_accum)
-                    step_loss += loss.item() / self.t.grad_accum
+                    step_loss += mean.item() / self.t.grad_accum
                     win_tok += ntok * self.acc.num_processes
                 gnorm = None
                 if self.t.max_grad_norm:
-                    gnorm = float(self.acc.clip_grad_norm_([p for _, p in self.params], self.t.max_grad_norm))
+                    gnorm = self.dist.clip_grad_norm_(self.acc, [p for _, p in self.params], self.t.max_grad_norm)
                     if not math.isfinite(gnorm) and self.precision != "fp16":
                         raise TrainingDiverged(self._nan_message(torch.tensor(gnorm), what="gradient norm"))
                 self.opt.step()
@@ -298,7 +308,7 @@ class Trainer(Evaluation, Checkpointing):
                     else:
                         self.log(f"step {self.step}: " + _fmt(res))
                     stopped = self._track_best(res)
-                if self.stop.requested and self.step < self.total_steps:
+                if self.dist.any(self.stop.requested) and self.step < self.total_steps:
                     status = "interrupted"
                 if self.step % save_every == 0 or self.step == self.total_steps or stopped or status == "interrupted":
                     self.save_checkpoint()
@@ -314,9 +324,8 @@ class Trainer(Evaluation, Checkpointing):
             bar.close()
         if stopped:
             status = "stopped early"
-        if self.is_main and status != "interrupted":
-            self.model_unwrapped.save_pretrained(self.out / "adapter")  # the last adapter
-            self._save_extras(self.out / "adapter")
+        if status != "interrupted":
+            self.save_adapter(self.out / "adapter")  # the last adapter (FSDP: gathered, rank 0 writes)
             if self.samples_before is not None:
                 self.samples_after = self.sample_generations()
         self._finish_logs()
@@ -358,8 +367,7 @@ class Trainer(Evaluation, Checkpointing):
         better = self.best is None or (v > self.best if self.metric_max else v < self.best)
         if better:
             self.best, self.best_step, self.bad_evals = v, self.step, 0
-            if self.is_main:
-                self.save_best(v)
+            self.save_best(v)  # rank 0 writes (FSDP: every rank gathers first)
         else:
             self.bad_evals += 1
         p = self.t.early_stopping_patience

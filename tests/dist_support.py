@@ -1,0 +1,120 @@
+"""Helpers for the multi-process tests (tests/test_distributed.py): launch torchrun on loopback with a
+bounded time, and a worker script run by each rank for the cases one `slimtune train` command
+cannot express (every method in one process group; a fault injected into rank 0's save).
+
+    python -m torch.distributed.run ... tests/dist_support.py methods OUT MODEL DATA MODE
+    python -m torch.distributed.run ... tests/dist_support.py crash-in-save CONFIG
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+
+# one small config per registered method (tiny Llama causal LM; bitfit: the tiny BERT classifier,
+# whose linears have biases)
+METHODS: dict[str, dict] = {
+    "lora": {"name": "lora", "r": 2, "lora_dropout": 0.0},
+    "dora": {"name": "dora", "r": 2},
+    "ia3": {"name": "ia3"},
+    "bottleneck": {"name": "bottleneck"},
+    "full": {"name": "full"},
+    "heads": {"name": "heads", "top_k": 1},
+    "layerwise": {"name": "layerwise", "layers": [1]},
+    "prefix": {"name": "prefix"},
+    "prompt": {"name": "prompt"},
+    "p_tuning": {"name": "p_tuning"},
+    "singular": {"name": "singular"},
+    "sparse": {"name": "sparse", "density": 0.05},
+    "bitfit": {"name": "bitfit"},
+}
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(SRC), str(HERE)] + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else []))
+    e.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_CBWR="AUTO,STRICT", TOKENIZERS_PARALLELISM="false")
+    e.pop("PYTEST_XDIST_WORKER", None)
+    return e
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: float = 240, module: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N [-m] ARGS` on 127.0.0.1 and a free port; killed past `timeout`."""
+    from slimtune.train.launch import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port())] + (["-m"] if module else []) + args
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def train_cmd(config: Path, *extra: str) -> list[str]:
+    return ["slimtune", "train", str(config), "--no-progress", *extra]
+
+
+def write_config(cfg, path: Path) -> Path:
+    import yaml
+
+    from slimtune.train.config import saved_form
+
+    path.write_text(yaml.safe_dump(saved_form(cfg), sort_keys=False))
+    return path
+
+
+# ---- worker modes (run by every rank) -------------------------------------------------------------
+
+def _methods(out: str, llama: str, bert: str, data: str, cls_data: str, mode: str) -> None:
+    from conftest_train import job
+
+    from slimtune.train.run import run_train
+
+    results = {}
+    for name, method in METHODS.items():
+        model, d = (bert, cls_data) if name == "bitfit" else (llama, data)
+        cfg = job(Path(model), Path(out) / name, {"train": d, "max_length": 32}, method=method,
+                  train={"max_steps": 2, "batch_size": 2, "eval_every": 2, "distributed": mode, "score_batches": 1,
+                         "eval_before": False},
+                  eval={"generate": False, "samples": 0, "batch_size": 4})
+        try:
+            res = run_train(cfg, log=lambda m: None, progress=False)
+            results[name] = {"ok": True, "loss": res["history_loss"] if "history_loss" in res else None,
+                             "after": res["after"], "world": res["world_size"]}
+        except Exception as e:  # noqa: BLE001 - recorded for the test to judge
+            results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:600]}
+    if os.environ.get("RANK", "0") == "0":
+        (Path(out) / "methods.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+def _crash_in_save(config: str) -> None:
+    """Rank 0 dies (os._exit) half-way through writing its second checkpoint: after the adapter and
+    the trained tensors, before trainer_state.pt."""
+    import safetensors.torch as st
+
+    from slimtune.cli.main import main
+
+    calls = {"n": 0}
+    real = st.save_file
+
+    def save_file(tensors, path, *a, **k):
+        real(tensors, path, *a, **k)
+        if str(path).endswith("trainable.safetensors"):  # state.py's checkpoint write
+            calls["n"] += 1
+            if calls["n"] == 2 and os.environ.get("RANK") == "0":
+                os._exit(17)
+
+    st.save_file = save_file
+    sys.exit(main(["train", config, "--no-progress"]))
+
+
+if __name__ == "__main__":
+    what, rest = sys.argv[1], sys.argv[2:]
+    if what == "methods":
+        _methods(*rest)
+    elif what == "crash-in-save":
+        _crash_in_save(*rest)
+    else:
+        raise SystemExit(f"unknown mode {what}")
