@@ -56,7 +56,10 @@ class RunLog:
         self.f.close()
 
 
-def run_train(cfg: JobConfig, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+def run_train(cfg: JobConfig, log: Callable[[str], None] = print, progress: bool = True,
+              on_evaluate: Callable[[int, dict], str | None] | None = None) -> dict[str, Any]:
+    """Run the job of `cfg`; `on_evaluate(step, metrics)` is the trainer's per-evaluation callback
+    (a reason returned stops the run there: search's pruning)."""
     t_start = time.time()
     notes: list[str] = []
     with SetupSignals() as sig, rundir.claim(cfg, notes.append) as claim:
@@ -64,7 +67,7 @@ def run_train(cfg: JobConfig, log: Callable[[str], None] = print, progress: bool
         try:
             for n in notes:
                 runlog(n)
-            return _run(cfg, claim, runlog, progress, t_start)
+            return _run(cfg, claim, runlog, progress, t_start, on_evaluate)
         except TrainingInterrupted as e:
             runlog.write(f"stopped: {e}")
             raise
@@ -93,7 +96,8 @@ def run_train(cfg: JobConfig, log: Callable[[str], None] = print, progress: bool
             runlog.close()
 
 
-def _run(cfg: JobConfig, claim: rundir.Claim, log: RunLog, progress: bool, t_start: float) -> dict[str, Any]:
+def _run(cfg: JobConfig, claim: rundir.Claim, log: RunLog, progress: bool, t_start: float,
+         on_evaluate: Callable[[int, dict], str | None] | None = None) -> dict[str, Any]:
     import random
 
     import numpy as np
@@ -123,7 +127,8 @@ def _run(cfg: JobConfig, claim: rundir.Claim, log: RunLog, progress: bool, t_sta
             "in fp32, forward under autocast")
     t, a, pct = trainable_summary(model)
     log(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {pct:.4f}")
-    trainer = Trainer(cfg, model, s["tokenizer"], data, s["task"], log=log, progress=progress, session_t0=t_start)
+    trainer = Trainer(cfg, model, s["tokenizer"], data, s["task"], log=log, progress=progress, session_t0=t_start,
+                      on_evaluate=on_evaluate)
     warnings = preflight(cfg, data, trainer.schedule, trainer.metric, s["task"])
     for w in warnings:
         log(f"warning: {w}")
