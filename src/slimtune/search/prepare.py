@@ -98,10 +98,10 @@ def preflight(cfg: JobConfig, metric: str | None, log: Callable[[str], None] = p
     from ..train.data import ensure_chat_template, prepare
     from ..train.job import load_tokenizer, resolve_task
 
-    if cfg.model == "digits-cnn":
+    if cfg.model_name() == "digits-cnn":
         raise SearchError("compare / search run transformers models (the digits CNN example has no blocks to search "
                           "over); use slimtune train for it")
-    path = models.resolve(cfg.model, log)
+    path = models.resolve(cfg.model_name(), log)
     tok = load_tokenizer(cfg, path)
     pre_task = cfg.task if cfg.task != "auto" else "auto"
     data = prepare(cfg.data, tok, pre_task, cfg.train.seed, log)

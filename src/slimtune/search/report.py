@@ -79,7 +79,7 @@ def write_compare(summary: dict[str, Any], out: Path) -> None:
     steps = (f"{opts.steps} steps (--steps)" if opts.steps else
              f"{opts.budget_min:g} min of training per method (--budget-minutes; steps from each method's step time)"
              if opts.budget_min else f"{pf.total_steps} steps (the config's schedule)")
-    lines = [f"# slimtune compare: {summary['cfg'].model}, {pf.data.source}", "",
+    lines = [f"# slimtune compare: {summary['cfg'].model_name()}, {pf.data.source}", "",
              f"`{_command()}`", "",
              f"Every row: the same data and split ({_split_note(pf)}), {steps}, seed {summary['cfg'].train.seed}, "
              f"{summary['threads']} CPU thread(s); the best checkpoint by validation {m}.",
@@ -175,13 +175,13 @@ def write_search(s: dict[str, Any], out: Path) -> None:
     states = {k: sum(1 for r in rows if r["state"] == k) for k in ("complete", "pruned", "fail")}
     bc = s["best_config"]
     if bc is not None:
-        header = (f"# slimtune search: {bc.model}, {pf.data.source}\n# best trial {best.number} of {out}/study.db: "
+        header = (f"# slimtune search: {bc.model_name()}, {pf.data.source}\n# best trial {best.number} of {out}/study.db: "
                   f"validation {m} {best.values[0]:.4f}; test {m} {_f((s['tests'].get(str(best.number)) or {}).get(m))} "
                   f"(measured once)\n#   slimtune train {out / 'best.yaml'}\n")
         (out / "best.yaml").write_text(header + yaml.safe_dump(saved_form(bc), sort_keys=False))
     sec = s["section"]
     base = s["base"]
-    lines = [f"# slimtune search: {base.model}, {pf.data.source}", "", f"`{_command()}`", "",
+    lines = [f"# slimtune search: {base.model_name()}, {pf.data.source}", "", f"`{_command()}`", "",
              f"Objective: validation {m} ({'higher' if pf.metric_max else 'lower'} is better)"
              + (f" and {'trainable %' if s['pareto_with'] == 'params' else 'step time'} (Pareto, no pruning: Optuna does "
                 "not prune multi-objective studies)" if s["pareto"] else
