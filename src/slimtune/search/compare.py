@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -201,6 +202,7 @@ def _run_row(spec: dict[str, Any], out: Path, i: int, n: int, rerun: bool, log) 
         if old and old.get("spec") == key and old.get("status") in ("ok", "error"):
             log(f"[{i}/{n}] {spec['label']}: kept from an earlier session ({res_path})")
             return old
+    shutil.rmtree(run_dir, ignore_errors=True)  # a row runs whole again: its probe and run folders start empty
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_path = run_dir / "spec.json"
     spec_path.write_text(json.dumps(key, indent=2))

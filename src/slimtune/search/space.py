@@ -210,9 +210,12 @@ class Space:
 
     def describe(self) -> list[str]:
         lines = [f"methods: {', '.join(self.methods)}"]
-        for m in self.methods:
+        for m in self.methods:  # a parameter every method shares once, a per-method one with its method
             for k, d in self.per_method[m].items():
-                lines.append(f"{self.names[(m, k)]}: {d.describe()}" + ("" if len(self.methods) == 1 else f" ({m})"))
+                name = self.names[(m, k)]
+                only = [o for o in self.methods if k in self.per_method[o]]
+                lines.append(f"{name}: {d.describe()}" + ("" if "[" in name or len(only) == len(self.methods)
+                                                          else f" ({', '.join(only)})"))
         return list(dict.fromkeys(lines))
 
     def to_dict(self) -> dict[str, Any]:
