@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
                    help="a learning rate for a method (no probe for it); repeat or comma-separate: --lr full=1e-5,ia3=3e-3")
     c.add_argument("--no-probe", action="store_true", help="no lr probe: each method's default learning rate")
     c.add_argument("--lr-grid", type=int, default=3, help="learning rates in the probe, half a decade apart (default 3)")
-    c.add_argument("--probe-steps", type=int, help="steps of each probe run (default: a quarter of the run, at least 5)")
+    c.add_argument("--probe-steps", type=int, help="steps of each probe run (default: a quarter of the run, at least 10)")
     c.add_argument("--test-fraction", type=float, help="the test split to carve when the config has none (default 0.1)")
     c.add_argument("--no-config-row", action="store_true", help="leave out the row of the config as given")
     c.add_argument("--rerun", action="store_true", help="run every row again, even those finished in OUT")

@@ -122,7 +122,8 @@ def _compare(cfg: JobConfig, opts: CompareOptions, methods: list[str], out: Path
                        f"{MIN_BUDGET_STEPS} training steps of the config as given ({t.step_s:.2f} s/step)")
         log(f"budget: {opts.budget_min:g} min of training per method (measured {t.step_s:.2f} s/step for the config "
             "as given); each method's steps come from its own step time in the lr probe")
-    probe_steps = opts.probe_steps or max(5, min(pf.total_steps, round(pf.total_steps / 4)))
+    # a quarter of the run, at least 10 steps (fewer barely move a fresh classifier head off the majority class)
+    probe_steps = opts.probe_steps or min(pf.total_steps, max(10, round(pf.total_steps / 4)))
     rows = ([("config", None)] if opts.as_given else []) + [(m, m) for m in methods]
     dora_like = _lora_choice(pf, base)
     results = []
@@ -134,7 +135,7 @@ def _compare(cfg: JobConfig, opts: CompareOptions, methods: list[str], out: Path
             lr = _center(method)
         run_cfg = P.derive(base, {"method": block, "output_dir": str(out / "runs" / name)})
         spec = {"name": name, "label": _label(name, block, cfg), "config": saved_form(run_cfg), "lr": lr, "grid": grid,
-                "probe_steps": probe_steps, "budget_s": budget_s, "lr_source": "config" if method is None else
+                "probe_steps": probe_steps if grid else None, "budget_s": budget_s, "lr_source": "config" if method is None else
                 "given" if name in opts.lrs else "probe" if grid else "default"}
         results.append(_run_row(spec, out, i, len(rows), opts.rerun, log))
     summary = {"rows": results, "pf": pf, "cfg": cfg, "base": base, "opts": opts, "probe_steps": probe_steps,
