@@ -127,7 +127,7 @@ def test_strict_config_names_key_and_closest():
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(r=0), "positive"), (dict(bias="some"), "bias="),
-                                    (dict(lora_dropout=1.5), "lora_dropout"), (dict(init_lora_weights="olora"), "init_lora_weights")])
+                                    (dict(lora_dropout=1.5), "lora_dropout"), (dict(init_lora_weights="loftq"), "init_lora_weights")])
 def test_bad_values(kw, msg):
     with pytest.raises((ConfigError, ValueError), match=msg):
         get_peft_model(tiny_llama(), LoraConfig(**kw))

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import TinyEmbedMLP, logits, tiny_bert_cls, tiny_gpt2, tiny_llama
+from conftest import logits, tiny_bert_cls, tiny_gpt2, tiny_llama
 from properties import check_merge_and_round_trip, train_lm_steps
 
 from slimtune import ConfigError, LoraConfig, PeftModel, get_peft_model, make_config
@@ -31,8 +31,9 @@ def test_make_config_count_and_init_identity(ids):
     assert pm.get_nb_trainable_parameters()[0] == expect
     with torch.no_grad():
         torch.testing.assert_close(logits(pm, ids), logits(tiny_llama(), ids))
-    with pytest.raises(ConfigError, match="DoRA in slimtune adapts Linear"):
-        get_peft_model(TinyEmbedMLP(), LoraConfig(target_modules=["emb"], use_dora=True))
+    grouped = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ConfigError, match="grouped convolution"):
+        get_peft_model(grouped, LoraConfig(r=2, target_modules=["0"], use_dora=True))
 
 
 @pytest.mark.parametrize("case", CASES)

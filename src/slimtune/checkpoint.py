@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.nn.modules.module import _IncompatibleKeys
 
 from .inject import AdapterLayer, ModulesToSaveWrapper
 
@@ -85,27 +86,39 @@ def read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:
                           "save_pretrained wrote (adapters not named 'default' sit in a sub-folder of their name)")
 
 
-def load_into(key_map: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy a file's tensors into the live ones; any key or shape that does not fit is an error."""
-    unexpected = [k for k in state if k not in key_map]
-    if unexpected:
+def load_into(key_map: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, strict: bool = True,
+              model: nn.Module | None = None) -> _IncompatibleKeys:
+    """Copy a file's tensors into the live ones; returns PEFT's load result (missing, unexpected keys).
+
+    A file key outside the adapter that names a tensor of `model` (e.g. `classifier.original_module.bias`
+    in PEFT files with bias="all") loads there, as PEFT's state-dict loading does. Other keys that do
+    not fit raise with `strict` (the default: a partly loaded adapter computes something else), or are
+    reported in the result with `strict=False`. A shape mismatch always raises."""
+    live = dict(key_map)
+    unexpected = [k for k in state if k not in live]
+    if unexpected and model is not None:
+        full = model.state_dict(keep_vars=True)
+        live.update({k: full[k] for k in unexpected if k in full})
+        unexpected = [k for k in unexpected if k not in live]
+    if unexpected and strict:
         k = unexpected[0]
         raise CheckpointError(
             f"{source}: tensor '{k}' has no place in this model ({len(unexpected)} such keys): the adapter "
             "was trained for another model or with other target_modules. Load it into the base model it was made for.")
     for k, v in state.items():
-        live = key_map[k]
-        if tuple(live.shape) != tuple(v.shape):
+        if k in live and tuple(live[k].shape) != tuple(v.shape):
             raise CheckpointError(
-                f"{source}: tensor '{k}' has shape {tuple(v.shape)} in the file but {tuple(live.shape)} in the "
+                f"{source}: tensor '{k}' has shape {tuple(v.shape)} in the file but {tuple(live[k].shape)} in the "
                 "model: the adapter was made for a model of another size (or another rank than its config says)")
     missing = [k for k in key_map if k not in state]
-    if missing:
+    if missing and strict:
         raise CheckpointError(f"{source}: the file lacks {len(missing)} tensors the config implies, first "
                               f"'{missing[0]}': the file is incomplete or belongs to another adapter")
     with torch.no_grad():
         for k, v in state.items():
-            key_map[k].copy_(v.to(dtype=key_map[k].dtype, device=key_map[k].device))
+            if k in live:
+                live[k].copy_(v.to(dtype=live[k].dtype, device=live[k].device))
+    return _IncompatibleKeys(missing, unexpected)
 
 
 def warn_zero_trainable(adapter: str) -> None:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import json
 import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from .peft_types import PeftType
 
 CONFIG_NAME = "adapter_config.json"
 ANY = object()  # marks PEFT metadata fields whose value never matters
@@ -26,7 +29,7 @@ class ConfigError(ValueError):
 class AdapterConfig:
     """Fields every method shares (PEFT's `PeftConfig`)."""
 
-    peft_type: ClassVar[str] = ""  # PEFT's name for the method, written to disk ("LORA", ...)
+    peft_type: ClassVar[PeftType | str] = ""  # PEFT's type (an enum; .value is written to disk: "LORA", ...)
     method: ClassVar[str] = ""  # slimtune's short name ("lora", ...), the registry key
     # Keys slimtune adds that PEFT does not know: only written when set, so PEFT reads our files.
     slimtune_only: ClassVar[tuple[str, ...]] = ()
@@ -40,6 +43,15 @@ class AdapterConfig:
     revision: str | None = None
     inference_mode: bool = False  # True freezes the adapter (what PEFT writes on save)
 
+    @property
+    def is_prompt_learning(self) -> bool:
+        """True for methods that add inputs (prompt, P-, prefix tuning) instead of swapping layers."""
+        return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:  # PEFT's flag; slimtune has no adaption-prompt method
+        return False
+
     # ---- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -50,7 +62,9 @@ class AdapterConfig:
             if isinstance(v, (set, tuple)):
                 v = sorted(v) if isinstance(v, set) else list(v)
             out[f.name] = v
-        out["peft_type"] = self.peft_type
+        out["peft_type"] = getattr(self.peft_type, "value", self.peft_type)
+        if isinstance(out.get("task_type"), enum.Enum):
+            out["task_type"] = out["task_type"].value
         return out
 
     @classmethod

@@ -131,28 +131,45 @@ class AdapterLayer(nn.Module):
 class ModulesToSaveWrapper(nn.Module):
     """A module trained in full for each adapter (e.g. a classifier head), saved with it.
 
-    PEFT's layout: `original_module` plus a copy per adapter in `modules_to_save[name]`.
+    PEFT's layout: `original_module` plus a copy per adapter in `modules_to_save[name]`. Attribute
+    reads (`.weight`, `.out_features`) go to the active copy, or to the original when no copy is
+    active or adapters are disabled: what the forward computes with.
     """
 
     def __init__(self, module: nn.Module, adapter: str) -> None:
+        if isinstance(module, (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)):
+            raise TypeError(f"modules_to_save cannot wrap a {type(module).__name__}: it has no forward of its own; "
+                            "name the module inside it that runs (e.g. 'score', 'classifier')")
+        if isinstance(module, AdapterLayer):
+            raise TypeError(f"modules_to_save cannot wrap a {type(module).__name__} (it already holds adapters); "
+                            "take that module out of modules_to_save or out of the adapters' target_modules")
         super().__init__()
         self.original_module = module
         self.modules_to_save = nn.ModuleDict({})
         self.active_adapter: str | None = None
         self.disable_adapters = False
+        # Per-sample routing for mixed batches, as in AdapterLayer: (adapter names, per-row indices).
+        self._mixed: tuple[list[str], torch.Tensor] | None = None
         self.update(adapter)
 
-    def update(self, adapter: str) -> None:
+    def update(self, adapter: str, activate: bool = True) -> None:
         if adapter not in self.modules_to_save:
             self.modules_to_save[adapter] = copy.deepcopy(self.original_module)
         self.original_module.requires_grad_(False)
-        self.set_adapter(adapter)
+        if activate:
+            self.set_adapter(adapter)
+        else:
+            self.modules_to_save[adapter].requires_grad_(False)
 
     def set_adapter(self, adapter: str | list[str]) -> None:
-        adapter = adapter if isinstance(adapter, str) else (adapter[0] if adapter else "")
+        names = [adapter] if isinstance(adapter, str) else list(adapter)
+        held = [n for n in names if n in self.modules_to_save]
+        if len(held) > 1:
+            raise ValueError(f"adapters {held} each have their own copy of this module (modules_to_save), so they "
+                             "cannot be active together; activate one of them (or a mixed batch, one per row)")
         for name, mod in self.modules_to_save.items():
-            mod.requires_grad_(name == adapter)
-        self.active_adapter = adapter if adapter in self.modules_to_save else None
+            mod.requires_grad_(name in held)
+        self.active_adapter = held[0] if held else None
 
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save.keys())
@@ -168,15 +185,42 @@ class ModulesToSaveWrapper(nn.Module):
             self.active_adapter = None
 
     def forward(self, *args, **kwargs):
-        if self.disable_adapters or self.active_adapter is None:
+        if self.disable_adapters:
+            return self.original_module(*args, **kwargs)
+        if self._mixed is not None:
+            return self._mixed_forward(*args, **kwargs)
+        if self.active_adapter is None:
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Row i through the copy of adapter_names[i] (the original for "__base__" or an adapter without
+        a copy here): one call per distinct module on its rows, written back in row order."""
+        names, idx = self._mixed
+        out = None
+        for i, name in enumerate(names):
+            rows = (idx == i).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            mod = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            y = mod(x[rows], *args, **kwargs)  # (n_rows, ...)
+            if out is None:
+                out = y.new_empty((idx.shape[0],) + tuple(y.shape[1:]))
+            out[rows] = y
+        return out
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.original_module, name)
+            pass
+        mods = self.__dict__.get("_modules", {})
+        active = self.__dict__.get("active_adapter")
+        if active is not None and not self.__dict__.get("disable_adapters") and active in mods.get("modules_to_save", {}):
+            return getattr(mods["modules_to_save"][active], name)
+        if "original_module" in mods:
+            return getattr(mods["original_module"], name)
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
 
 def get_submodule_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -213,8 +257,9 @@ def wrapped_paths(model: nn.Module) -> list[str]:
     return out
 
 
-def add_modules_to_save(model: nn.Module, names: list[str], adapter: str) -> list[str]:
-    """Wrap each module whose path equals or ends with an entry; return the wrapped paths."""
+def add_modules_to_save(model: nn.Module, names: list[str], adapter: str, activate: bool = True) -> list[str]:
+    """Wrap each module whose path equals or ends with an entry; return the wrapped paths.
+    `activate=False` (a second adapter) leaves the new copies inactive until set_adapter."""
     found: list[str] = []
     skip = tuple(wrapped_paths(model))
     for path, mod in list(model.named_modules()):
@@ -222,11 +267,14 @@ def add_modules_to_save(model: nn.Module, names: list[str], adapter: str) -> lis
             continue
         if any(path == n or path.endswith("." + n) for n in names):
             if isinstance(mod, ModulesToSaveWrapper):
-                mod.update(adapter)
+                mod.update(adapter, activate)
             elif any(path.startswith(f + ".") for f in found):
                 continue
             else:
-                replace_module(model, path, ModulesToSaveWrapper(mod, adapter))
+                wrapper = ModulesToSaveWrapper(mod, adapter)
+                if not activate:
+                    wrapper.set_adapter([])
+                replace_module(model, path, wrapper)
             found.append(path)
     return found
 
@@ -289,7 +337,8 @@ def unwrap(model: nn.Module, keep_adapter: str | None = None) -> nn.Module:
     a merge); None restores the original modules.
     """
     remove_block_forwards(model)
-    for path, layer in list(adapter_layers(model)):
+    # innermost first: an adapter layer may hold another one inside its base (LoRA on MultiheadAttention)
+    for path, layer in reversed(list(adapter_layers(model))):
         replace_module(model, path, layer.get_base_layer())
     for path, wrapper in list(save_wrappers(model)):
         if keep_adapter is not None and keep_adapter in wrapper.modules_to_save:

@@ -3,12 +3,18 @@
     PeftModel ─ base_model (the method's Tuner) ─ model (the user's model, adapters swapped in)
 
 Names and meaning follow PEFT (get_peft_model, from_pretrained, save_pretrained, set_adapter,
-merge_and_unload, ...) so PEFT code runs with only the import changed.
+merge_and_unload, ...) so PEFT code runs with only the import changed. Tools that read the
+forward signature to pick inputs (transformers' Trainer, TRL) see the wrapped model's own
+parameters on an instance (`inspect.signature(pm.forward)`), and the task's label names on the
+class (`PeftModelForCausalLM.forward` takes `labels`), as they do for PEFT's classes.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
+import re
+import warnings
 from typing import Any
 
 import torch
@@ -18,15 +24,73 @@ from . import checkpoint as ckpt
 from .config import AdapterConfig
 from .registry import get_method
 
+AUTOCAST_DEFAULT = None  # None: adapters in the base weights' dtype (slimtune); True: PEFT's fp32 upcast
+
+
+class _BoundForward:
+    """`pm.forward`: calls the class's forward; `inspect.signature` shows the wrapped model's forward
+    parameters plus `adapter_names`, which is what the Trainer keeps dataset columns by."""
+
+    __slots__ = ("_fn", "__self__")
+
+    def __init__(self, fn, obj) -> None:
+        self._fn, self.__self__ = fn, obj
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(self.__self__, *args, **kwargs)
+
+    @property
+    def __func__(self):
+        return self._fn
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        own = inspect.signature(self._fn)
+        try:
+            base = inspect.signature(self.__self__.get_base_model().forward)
+        except (TypeError, ValueError):
+            return own.replace(parameters=list(own.parameters.values())[1:])
+        params = [p for p in base.parameters.values() if p.kind != p.VAR_KEYWORD]
+        extra = [own.parameters["adapter_names"]] if "adapter_names" not in base.parameters else []
+        var_kw = [p for p in base.parameters.values() if p.kind == p.VAR_KEYWORD]
+        return base.replace(parameters=params + extra + var_kw)
+
+
+class _SignedForward:
+    """Descriptor for `forward`: the function on the class, a `_BoundForward` on an instance."""
+
+    def __init__(self, fn) -> None:
+        self._fn = fn
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, obj, cls=None):
+        return self._fn if obj is None else _BoundForward(self._fn, obj)
+
+
+def _forward(self, *args, labels=None, adapter_names: list[str] | None = None, **kwargs):
+    """The wrapped model's forward. `adapter_names` (one per row) runs a mixed-adapter batch."""
+    if labels is not None:
+        kwargs["labels"] = labels
+    if adapter_names is None:
+        return self.base_model(*args, **kwargs)
+    with self.base_model.mixed_batch(list(adapter_names)):
+        return self.base_model(*args, **kwargs)
+
 
 class PeftModel(nn.Module):
-    def __init__(self, model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> None:
+    # transformers reads this flag to accept a quantized base that carries trainable adapters
+    # (trainer_utils.validate_quantization_for_training); it means the same here.
+    _hf_peft_config_loaded = True
+
+    def __init__(self, model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool | None = AUTOCAST_DEFAULT, low_cpu_mem_usage: bool = False) -> None:
         super().__init__()
         spec = get_method(peft_config.method)
         if peft_config.base_model_name_or_path is None:
-            peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+            peft_config.base_model_name_or_path = base_model_name(model)
         self.base_model = spec.tuner_cls(model, peft_config, adapter_name)
         self._untrainable_loaded: set[str] = set()
+        cast_adapter_dtype(self.base_model, adapter_name, autocast_adapter_dtype)
 
     # ---- delegation: a PeftModel behaves like the model it wraps --------------------------
     def __getattr__(self, name: str):
@@ -42,21 +106,36 @@ class PeftModel(nn.Module):
         return self.base_model.peft_config
 
     @property
-    def active_adapter(self) -> str:
+    def active_adapter(self) -> str | list[str]:
         return self.base_model.active_adapter
 
     @property
     def active_adapters(self) -> list[str]:
         return self.base_model.active_adapters
 
+    @property
+    def active_peft_config(self) -> AdapterConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    @property
+    def peft_type(self):
+        """The method's PeftType (an enum; `.value` is PEFT's string, e.g. "LORA")."""
+        cfg = next(iter(self.peft_config.values()), None)
+        return None if cfg is None else cfg.peft_type
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        mods = {m for c in self.peft_config.values() for m in (getattr(c, "modules_to_save", None) or [])}
+        return mods or None
+
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        return getattr(self.get_base_model(), "dtype", None)
+
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
-    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        if adapter_names is None:
-            return self.base_model(*args, **kwargs)
-        with self.base_model.mixed_batch(list(adapter_names)):
-            return self.base_model(*args, **kwargs)
+    forward = _SignedForward(_forward)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         ctx = self.base_model.mixed_batch(list(adapter_names)) if adapter_names is not None else contextlib.nullcontext()
@@ -71,15 +150,35 @@ class PeftModel(nn.Module):
         return super().train(mode)
 
     # ---- adapters as a set ----------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, peft_config: AdapterConfig, low_cpu_mem_usage: bool = False) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: AdapterConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool | None = AUTOCAST_DEFAULT) -> None:
+        """A new, untrained adapter; it stays inactive (and frozen) until set_adapter, as in PEFT."""
         current = get_method(next(iter(self.peft_config.values())).method) if self.peft_config else None
-        if current is not None and peft_config.method != current.name:
+        if current is not None and get_method(peft_config.method).tuner_cls is not current.tuner_cls:
             raise ValueError(f"this model holds {current.name} adapters; a {peft_config.method} adapter needs its "
                              "own PeftModel (methods cannot be mixed on one model)")
+        if getattr(peft_config, "base_model_name_or_path", None) is None:
+            peft_config.base_model_name_or_path = base_model_name(self.get_base_model())
         self.base_model.inject_adapter(peft_config, adapter_name)
+        cast_adapter_dtype(self.base_model, adapter_name, autocast_adapter_dtype)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate an adapter; it trains unless `inference_mode=True` (PEFT's rule, also for an
+        adapter loaded for inference)."""
         self.base_model.set_adapter(adapter_name)
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for n in names:
+            self.peft_config[n].inference_mode = inference_mode
+            if not inference_mode:
+                self._untrainable_loaded.discard(n)
+        self.base_model._mark_trainable()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for n in names:
+            self.base_model._check(n)
+            for p in self.base_model.adapter_parameters(n):
+                p.requires_grad_(requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
@@ -107,7 +206,7 @@ class PeftModel(nn.Module):
     def unload(self) -> nn.Module:
         return self.base_model.unload()
 
-    # ---- parameter report -----------------------------------------------------------------
+    # ---- reports --------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         from .quant.backend import param_count  # a packed 4-bit weight counts its unpacked size, as PEFT does
 
@@ -119,6 +218,16 @@ class PeftModel(nn.Module):
         t, a = self.get_nb_trainable_parameters()
         print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / max(a, 1):.4f}")
 
+    def get_layer_status(self):
+        from .status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self):
+        from .status import get_model_status
+
+        return get_model_status(self)
+
     # ---- files ----------------------------------------------------------------------------
     def _key_map(self, adapter: str) -> dict[str, torch.Tensor]:
         return self.base_model.adapter_key_map(adapter, self)
@@ -128,64 +237,232 @@ class PeftModel(nn.Module):
         self.base_model._check(adapter_name)
         return {k: v.detach() for k, v in self._key_map(adapter_name).items()}
 
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                        safe_serialization: bool = True, **_: Any) -> None:
-        """`adapter_config.json` + `adapter_model.safetensors`; adapters other than "default" go in a
-        sub-folder of their name, as PEFT does."""
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, save_embedding_layers: Any = "auto",
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: str | None = None,
+                        **kwargs: Any) -> None:
+        """`adapter_config.json` + `adapter_model.safetensors` (+ a README.md model card); adapters other
+        than "default" go in a sub-folder of their name, as PEFT does.
+
+        `path_initial_model_for_weight_conversion`: the folder where this adapter was saved right after
+        a PiSSA/OLoRA init, before training. The adapter is then written as a plain LoRA of twice the
+        rank (ΔW = BA − B₀A₀) that applies to the original base model, as PEFT's conversion."""
         if os.path.isfile(save_directory):
             raise ValueError(f"'{save_directory}' is a file; save_pretrained needs a folder")
-        for name in selected_adapters or list(self.peft_config):
+        names = selected_adapters or list(self.peft_config)
+        for name in names:
             self.base_model._check(name)
+        if not is_main_process:
+            return
+        from .hub import write_model_card
+
+        os.makedirs(save_directory, exist_ok=True)
+        write_model_card(self, str(save_directory))
+        for name in names:
             out = os.path.join(save_directory, name) if name != "default" else str(save_directory)
             cfg = self.peft_config[name].replace(inference_mode=True)
-            ckpt.save_adapter_weights(self.get_adapter_state_dict(name), out, safe_serialization)
+            if cfg.base_model_name_or_path is None:
+                cfg.base_model_name_or_path = base_model_name(self.get_base_model())
+            state = self.get_adapter_state_dict(name)
+            if path_initial_model_for_weight_conversion is not None:
+                from .methods.lora_convert import convert_to_plain_lora
+
+                cfg, state = convert_to_plain_lora(self, name, cfg, state, str(path_initial_model_for_weight_conversion))
+            ckpt.save_adapter_weights(state, out, safe_serialization)
             cfg.save_pretrained(out)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        from .hub import offline_error
+
+        raise offline_error("push_to_hub")
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        from .hub import write_model_card
+
+        write_model_card(self, output_dir)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: AdapterConfig | None = None,
-                        subfolder: str | None = None, **_: Any) -> "PeftModel":
+                        autocast_adapter_dtype: bool | None = AUTOCAST_DEFAULT, ephemeral_gpu_offload: bool = False,
+                        low_cpu_mem_usage: bool = False, key_mapping: dict[str, str] | None = None,
+                        subfolder: str | None = None, strict: bool = True, **kwargs: Any) -> "PeftModel":
         """Load a saved adapter (slimtune's or PEFT's) onto `model`.
 
-        `is_trainable=False` (PEFT's default) freezes it for inference; pass True to train on.
-        """
-        path = os.path.join(model_id, subfolder) if subfolder else str(model_id)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"adapter folder '{path}' does not exist (slimtune loads local folders only; "
-                                    "download hub adapters first)")
-        cfg = config or AdapterConfig.from_pretrained(path)
-        cfg = cfg.replace(inference_mode=not is_trainable)
+        `is_trainable=False` (PEFT's default) freezes it for inference; pass True to train on. A
+        `config` passed in is the one the model keeps (PEFT's behaviour), its inference_mode set.
+        `key_mapping` ({regex: replacement}) renames file keys (after "base_model.model.") first;
+        by default the model's own `_checkpoint_conversion_mapping`, as PEFT. `strict=False` loads
+        what fits and reports the rest, as PEFT does; the default raises on the first bad tensor."""
+        path = _adapter_dir(model_id, subfolder)
+        if config is None:
+            config = AdapterConfig.from_pretrained(path)
+        elif not isinstance(config, AdapterConfig):
+            raise ValueError(f"config must be a slimtune adapter config (LoraConfig, ...), got {type(config).__name__}")
+        config.inference_mode = not is_trainable  # (PEFT refuses is_trainable for prompt learning; slimtune trains on)
+        if key_mapping is None and not config.is_prompt_learning:
+            key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
         state = ckpt.read_adapter_weights(path)
-        self = cls(model, cfg.for_loading(), adapter_name)
-        self.peft_config[adapter_name] = cfg  # the file's config, as saved (not the loading variant)
-        self._load_state(adapter_name, state, path, is_trainable)
+        task_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(config.task_type or ""), cls) if cls is PeftModel else cls
+        self = task_cls(model, config.for_loading(), adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        self.peft_config[adapter_name] = config  # the caller's / the file's config, not the loading variant
+        result = self._load_state(adapter_name, state, path, is_trainable, key_mapping, strict)
+        if result.missing_keys:
+            warnings.warn(f"Found missing adapter keys while loading the checkpoint: {result.missing_keys}.")
         return self
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     subfolder: str | None = None, **_: Any) -> None:
-        path = os.path.join(model_id, subfolder) if subfolder else str(model_id)
-        cfg = AdapterConfig.from_pretrained(path).replace(inference_mode=not is_trainable)
+                     torch_device: str | None = None, autocast_adapter_dtype: bool | None = AUTOCAST_DEFAULT,
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
+                     key_mapping: dict[str, str] | None = None, subfolder: str | None = None,
+                     strict: bool = True, **kwargs: Any):
+        """Load a saved adapter under `adapter_name` (a new one, inactive until set_adapter; or an
+        existing one, whose weights are replaced, as PEFT and the Trainer's resume do).
+
+        Returns PEFT's load result: `.missing_keys` (adapter tensors the file lacks) and
+        `.unexpected_keys` (file tensors with no place here), both empty unless `strict=False`."""
+        path = _adapter_dir(model_id, subfolder)
         state = ckpt.read_adapter_weights(path)
-        self.add_adapter(adapter_name, cfg.for_loading())
-        self.peft_config[adapter_name] = cfg
+        new = adapter_name not in self.peft_config
+        if new:
+            cfg = AdapterConfig.from_pretrained(path)
+            cfg.inference_mode = not is_trainable
+            self.add_adapter(adapter_name, cfg.for_loading(), autocast_adapter_dtype=autocast_adapter_dtype)
+            self.peft_config[adapter_name] = cfg
+        elif is_trainable:
+            self.peft_config[adapter_name].inference_mode = False
+        if key_mapping is None and not self.peft_config[adapter_name].is_prompt_learning:
+            key_mapping = getattr(self.get_base_model(), "_checkpoint_conversion_mapping", None) or None
         try:
-            self._load_state(adapter_name, state, path, is_trainable)
+            result = self._load_state(adapter_name, state, path, is_trainable, key_mapping, strict)
         except Exception:
-            self.delete_adapter(adapter_name)  # leave the model as it was
+            if new:
+                self.delete_adapter(adapter_name)  # leave the model as it was
             raise
+        if torch_device is not None:
+            for p in self.base_model.adapter_parameters(adapter_name):
+                p.data = p.data.to(torch_device)
+        self.base_model._mark_trainable()
+        return result
 
-    def _load_state(self, adapter: str, state: dict[str, torch.Tensor], path: str, is_trainable: bool) -> None:
-        ckpt.load_into(self._key_map(adapter), state, path)
+    def _load_state(self, adapter: str, state: dict[str, torch.Tensor], path: str, is_trainable: bool,
+                    key_mapping: dict[str, str] | None = None, strict: bool = True):
+        if key_mapping:
+            state = apply_key_mapping(state, key_mapping)
+        result = ckpt.load_into(self._key_map(adapter), state, path, strict=strict, model=self)
         if not is_trainable:
-            self._untrainable_loaded.add(adapter)
-            self.eval()
+            if self.peft_config[adapter].inference_mode:
+                self._untrainable_loaded.add(adapter)
+            self.eval()  # dropout off, as PEFT leaves a model loaded for inference
+        else:
+            self._untrainable_loaded.discard(adapter)
+        return result
 
 
-def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default", **_: Any) -> PeftModel:
-    """Wrap `model` with a new adapter described by `peft_config` (PEFT's entry point)."""
-    return PeftModel(model, peft_config, adapter_name)
+def _adapter_dir(model_id: str | os.PathLike, subfolder: str | None) -> str:
+    path = os.path.join(model_id, subfolder) if subfolder else str(model_id)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"adapter folder '{path}' does not exist (slimtune loads local folders only; "
+                                "download hub adapters first)")
+    return path
 
 
-# PEFT's task-specific class names: the wrapper is task-agnostic, so they are the same class.
-PeftModelForCausalLM = PeftModelForSequenceClassification = PeftModelForSeq2SeqLM = PeftModel
-PeftModelForTokenClassification = PeftModelForQuestionAnswering = PeftModelForFeatureExtraction = PeftModel
+def apply_key_mapping(state: dict[str, torch.Tensor], key_mapping: dict[str, str]) -> dict[str, torch.Tensor]:
+    """PEFT's `key_mapping`: each {regex: replacement} applied to the key after "base_model.model."."""
+    out = {}
+    for k, v in state.items():
+        head, rest = (ckpt.PREFIX, k[len(ckpt.PREFIX):]) if k.startswith(ckpt.PREFIX) else ("", k)
+        for pattern, repl in key_mapping.items():
+            rest, n = re.subn(pattern, repl, rest)
+            if n:
+                break
+        out[head + rest] = v
+    return out
+
+
+def base_model_name(model: nn.Module) -> str | None:
+    """What adapter_config.json records as the base: the model's name_or_path, with a model that
+    slimtune ships (a cache folder on this machine) named by its Hub id, so other tools find it."""
+    name = getattr(model, "name_or_path", None) or None
+    if name:
+        from .train.models import hub_id_for
+
+        return hub_id_for(name) or name
+    return None
+
+
+def cast_adapter_dtype(tuner: nn.Module, adapter: str, autocast_adapter_dtype: bool | None) -> None:
+    """PEFT's `autocast_adapter_dtype=True`: fp16/bf16 adapter weights become fp32 (the fused LoRA path
+    casts them to the input's dtype per call; gradients and optimizer state stay fp32). False or
+    None (slimtune's default) keeps them in the base weights' dtype."""
+    if not autocast_adapter_dtype:
+        return
+    for p in tuner.adapter_parameters(adapter):
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+
+
+def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool | None = AUTOCAST_DEFAULT, revision: str | None = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
+    """Wrap `model` with a new adapter described by `peft_config` (PEFT's entry point); the
+    PeftModel class of the config's task_type, as PEFT (PeftModelForCausalLM for CAUSAL_LM, ...)."""
+    if mixed:
+        raise NotImplementedError("get_peft_model(mixed=True) (PEFT's PeftMixedModel, several methods on one "
+                                  "model) is not supported; use one method per model")
+    if revision is not None:
+        peft_config.revision = revision
+    cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(peft_config.task_type or ""), PeftModel)
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def inject_adapter_in_model(peft_config: AdapterConfig, model: nn.Module, adapter_name: str = "default",
+                            low_cpu_mem_usage: bool = False, state_dict: dict | None = None) -> nn.Module:
+    """PEFT's low-level entry: swap adapter layers into `model` in place and return it (no PeftModel
+    wrapper; the layers' own set_adapter / merge work, as PEFT's)."""
+    if peft_config.is_prompt_learning:
+        raise ValueError("inject_adapter_in_model does not support prompt learning methods (they wrap the model's "
+                         "forward, there are no layers to inject); use get_peft_model")
+    tuner = get_method(peft_config.method).tuner_cls(model, peft_config, adapter_name)
+    return tuner.model
+
+
+# PEFT's task-specific classes: the same model, with the task's label names in the forward
+# signature (what transformers' Trainer reads to find the labels and report eval_loss).
+class PeftModelForCausalLM(PeftModel):
+    pass
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    pass
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    pass
+
+
+class PeftModelForTokenClassification(PeftModel):
+    pass
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    pass
+
+
+def _qa_forward(self, *args, start_positions=None, end_positions=None, adapter_names: list[str] | None = None,
+                **kwargs):
+    for k, v in (("start_positions", start_positions), ("end_positions", end_positions)):
+        if v is not None:
+            kwargs[k] = v
+    return _forward(self, *args, adapter_names=adapter_names, **kwargs)
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    forward = _SignedForward(_qa_forward)
+
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
+    "CAUSAL_LM": PeftModelForCausalLM, "SEQ_CLS": PeftModelForSequenceClassification,
+    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM, "TOKEN_CLS": PeftModelForTokenClassification,
+    "QUESTION_ANS": PeftModelForQuestionAnswering, "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
+}

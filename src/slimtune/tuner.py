@@ -7,6 +7,7 @@ state-dict keys match: PeftModel.base_model (a Tuner) .model (the user's model).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -23,7 +24,7 @@ class NotMergeableError(TypeError):
     """The method has no weight delta to fold into the base weights."""
 
 
-class UnknownAdapterError(KeyError):
+class UnknownAdapterError(KeyError, ValueError):  # PEFT raises ValueError for an unknown adapter name
     def __init__(self, name: str, known: list[str]):
         super().__init__(f"no adapter named '{name}'; known adapters: {', '.join(known) or '(none)'}")
 
@@ -57,10 +58,19 @@ class Tuner(nn.Module):
     def mark_extra_trainable(self, config: AdapterConfig) -> None:
         """Unfreeze what a method trains besides its adapter weights (e.g. LoRA's bias modes)."""
 
-    # ---- injection -------------------------------------------------------------------------
-    def inject_adapter(self, config: AdapterConfig, adapter: str) -> None:
+    def check_new_adapter(self, config: AdapterConfig, adapter: str) -> None:
+        """Refuse an adapter that cannot live beside the ones already here (PEFT's checks)."""
         if adapter in self.peft_config:
             raise ValueError(f"an adapter named '{adapter}' already exists; pick another name or delete_adapter it first")
+        with_bias = [n for n, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
+        if with_bias and getattr(config, "bias", "none") != "none":
+            raise ValueError(f"bias={getattr(config, 'bias')!r}: adapter '{with_bias[0]}' already trains biases, and all "
+                             "adapters share the base model's biases, so only one adapter per model may set bias; "
+                             "use bias='none' for the others")
+
+    # ---- injection -------------------------------------------------------------------------
+    def inject_adapter(self, config: AdapterConfig, adapter: str) -> None:
+        self.check_new_adapter(config, adapter)
         targets = getattr(config, "target_modules", None)
         if targets is None:
             targets = self.default_targets(config)
@@ -70,8 +80,8 @@ class Tuner(nn.Module):
                     f"{config.method}: no target_modules given and no default for model type '{mt}'; "
                     "pass target_modules=[...] (module names) or 'all-linear'")
         # Heads trained in full are wrapped first, so no target (e.g. "all-linear") lands inside them.
-        self._setup_modules_to_save(config, adapter)
         try:
+            self._setup_modules_to_save(config, adapter)
             sel = targeting.select(
                 self.model, targets, supported_types=self.supported_types,
                 exclude_modules=getattr(config, "exclude_modules", None),
@@ -79,14 +89,21 @@ class Tuner(nn.Module):
                 layers_pattern=getattr(config, "layers_pattern", None),
                 skip=wrapped_paths(self.model), method=config.method,
             )
-        except targeting.TargetError:
+        except (targeting.TargetError, TypeError):
             self._drop_modules_to_save(adapter)  # leave the model as it was
             raise
+        tied = shared_weights(self.model)
         for path in sel.names:
             module = self.model.get_submodule(path)
             if isinstance(module, AdapterLayer):
                 self.update_layer(module, config, adapter, path)
             else:
+                w = getattr(module, "weight", None)
+                if isinstance(w, nn.Parameter) and len(tied.get(id(w), ())) > 1:
+                    others = [n for n in tied[id(w)] if not n.startswith(path + ".")]
+                    warnings.warn(f"'{path}' shares its weight with {others} (tied weights, e.g. tie_word_embeddings=True): "
+                                  "the adapter changes this module only; merging it unties the two so the other "
+                                  "keeps computing what it did", stacklevel=4)
                 replace_module(self.model, path, self.create_layer(module, config, adapter, path))
         # Record what was chosen in a form PEFT reads (types and defaults become names).
         if hasattr(config, "target_modules"):
@@ -96,7 +113,14 @@ class Tuner(nn.Module):
         if len(self.peft_config) == 1:
             self.set_adapter(adapter)
         else:
-            self._mark_trainable()
+            self._apply_active()  # the new adapter waits for set_adapter, also on modules only it targets
+
+    def _apply_active(self) -> None:
+        """Re-apply the active set to every adapter module (new layers start with their own adapter
+        active) and recompute what trains."""
+        for _, m in list(adapter_layers(self.model)) + list(save_wrappers(self.model)):
+            m.set_adapter(self.active_adapters)
+        self._mark_trainable()
 
     def adapter_key_map(self, adapter: str, root: nn.Module) -> dict[str, torch.Tensor]:
         """On-disk key -> live tensor for `adapter` (what save_pretrained writes and loading fills).
@@ -117,7 +141,7 @@ class Tuner(nn.Module):
             to_save += heads
             config.modules_to_save = list(to_save)
         if to_save:
-            found = add_modules_to_save(self.model, to_save, adapter)
+            found = add_modules_to_save(self.model, to_save, adapter, activate=not self.peft_config)
             # PEFT lists every default head name ("classifier", "score"); only one exists in a model.
             missing = [n for n in to_save if n not in defaults and not any(p == n or p.endswith("." + n) for p in found)]
             if missing:
@@ -138,12 +162,14 @@ class Tuner(nn.Module):
         names = [name] if isinstance(name, str) else list(name)
         for n in names:
             self._check(n)
-        for _, layer in adapter_layers(self.model):
-            if layer.merged:
-                raise RuntimeError("adapters are merged into the base weights; unmerge_adapter() before switching")
+        layers = list(adapter_layers(self.model))
+        if any(layer.merged for _, layer in layers):
+            raise RuntimeError("adapters are merged into the base weights; unmerge_adapter() before switching")
+        wrappers = list(save_wrappers(self.model))
+        for _, w in wrappers:  # first: it refuses two active adapters that each have a copy of one module
+            w.set_adapter(names)
+        for _, layer in layers:
             layer.set_adapter(names)
-        for _, w in save_wrappers(self.model):
-            w.set_adapter(names[0])
         self.active_adapter = names[0] if len(names) == 1 else names
         self._mark_trainable()
 
@@ -164,7 +190,7 @@ class Tuner(nn.Module):
         elif self.peft_config:
             self.set_adapter(next(iter(self.peft_config)))
         else:
-            self.active_adapter = ""
+            self.active_adapter = []  # PEFT's value: no adapter left, none active
 
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
         """Every parameter owned by adapter `name`, found by module type."""
@@ -199,8 +225,23 @@ class Tuner(nn.Module):
                 self.model.get_submodule(path).merge(names)
 
     def _set_disabled(self, flag: bool) -> None:
+        """Disabled: adapter modules compute the base and nothing trains (PEFT freezes the adapter
+        layers too); enabled again: the active adapters train as before."""
         for _, m in list(adapter_layers(self.model)) + list(save_wrappers(self.model)):
             m.disable_adapters = flag
+        if flag:
+            for name in self.peft_config:
+                for p in self.adapter_parameters(name):
+                    p.requires_grad_(False)
+        else:
+            self._mark_trainable()
+
+    def disable_adapter_layers(self) -> None:
+        """PEFT's switch: every adapter module computes the base model until enable_adapter_layers()."""
+        self._set_disabled(True)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_disabled(False)
 
     @contextlib.contextmanager
     def mixed_batch(self, adapter_names: list[str]):
@@ -213,11 +254,10 @@ class Tuner(nn.Module):
                 self._check(n)
         if any(layer.merged for _, layer in adapter_layers(self.model)):
             raise RuntimeError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
-        if any(w.active_adapter is not None for _, w in save_wrappers(self.model)) and len(uniq) > 1:
-            raise ValueError("mixed-adapter batches are not supported with modules_to_save (each adapter has its own head)")
         dev = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         idx = torch.tensor([uniq.index(n) for n in adapter_names], device=dev)
-        layers = [layer for _, layer in adapter_layers(self.model)]
+        # modules_to_save copies route rows too: each row runs through its own adapter's head
+        layers = [m for _, m in list(adapter_layers(self.model)) + list(save_wrappers(self.model))]
         for layer in layers:
             layer._mixed = (uniq, idx)
         try:
@@ -240,11 +280,40 @@ class Tuner(nn.Module):
         names = adapter_names or self.active_adapters
         for n in names:
             self._check(n)
-        for _, layer in adapter_layers(self.model):
+        layers = [layer for _, layer in adapter_layers(self.model)]
+        merged = list(dict.fromkeys(a for layer in layers for a in layer.merged_adapters))
+        if merged:  # PEFT's warnings: merging twice is almost always a mistake
+            more = [n for n in names if n not in merged]
+            warnings.warn(f"Already following adapters were merged {','.join(merged)}. You are now additionally "
+                          f"merging {','.join(more)}." if more else "All adapters are already merged, nothing to do.",
+                          stacklevel=3)
+        tied = shared_weights(self.model)
+        for layer in layers:
+            if any(n in layer.adapter_names() for n in names):
+                self._untie(layer, tied)
             layer.merge(names, safe_merge=safe_merge)
 
+    def _untie(self, layer: AdapterLayer, tied: dict[int, list[str]]) -> None:
+        """Give `layer`'s base its own copy of a weight it shares with another module (an embedding tied
+        to the LM head), so merging changes this module only; the model's config stops saying tied."""
+        base = layer.get_base_layer()
+        w = base._parameters.get("weight")
+        if w is None or len(tied.get(id(w), ())) < 2:
+            return
+        base.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+        cfg = getattr(self.model, "config", None)
+        for c in {id(c): c for c in (cfg, getattr(cfg, "get_text_config", lambda: None)())}.values():
+            if c is not None and getattr(c, "tie_word_embeddings", False):
+                c.tie_word_embeddings = False
+        warnings.warn(f"merging into a weight shared by {tied[id(w)]}: the adapted module got its own copy "
+                      "(tie_word_embeddings is now False), so the merged model computes what the adapter did",
+                      stacklevel=4)
+
     def unmerge_adapter(self) -> None:
-        for _, layer in adapter_layers(self.model):
+        layers = [layer for _, layer in adapter_layers(self.model)]
+        if layers and not any(layer.merged for layer in layers):
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=3)
+        for layer in layers:
             layer.unmerge()
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None,
@@ -258,7 +327,8 @@ class Tuner(nn.Module):
 
     def unload(self) -> nn.Module:
         """The base model back, adapters dropped and any merge undone."""
-        self.unmerge_adapter()
+        for _, layer in adapter_layers(self.model):
+            layer.unmerge()
         return unwrap(self.model, keep_adapter=None)
 
     def forward(self, *args, **kwargs):
@@ -274,6 +344,14 @@ class Tuner(nn.Module):
             if name == "model":
                 raise
             return getattr(self.model, name)
+
+
+def shared_weights(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every name it has in `model` (more than one: tied weights)."""
+    out: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out.setdefault(id(p), []).append(name)
+    return out
 
 
 def is_adapter_module(m: nn.Module) -> bool:

@@ -82,10 +82,13 @@ def load_base(model_name: str | None, adapter: str | None, task: str | None = No
             cfgj = json.loads((Path(adapter) / "adapter_config.json").read_text())
         except ValueError as e:
             raise CommandError(f"{adapter}/adapter_config.json is not valid JSON ({e})") from None
+    base = cfgj.get("base_model_name_or_path")
     if model_name:
         path = models.resolve(model_name)
-    elif cfgj.get("base_model_name_or_path") and Path(cfgj["base_model_name_or_path"]).exists():
-        path = cfgj["base_model_name_or_path"]
+    elif base and base in models.HUB_IDS.values():  # a packaged model, named by its Hub id
+        path = models.resolve(base)
+    elif base and Path(base).exists():
+        path = base
     else:
         raise CommandError("which base model? pass --model (a builtin name or folder); the adapter's "
                            f"base_model_name_or_path ({cfgj.get('base_model_name_or_path')!r}) is missing or not on "

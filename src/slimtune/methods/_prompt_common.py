@@ -52,6 +52,10 @@ class PromptLearningConfig(AdapterConfig):
             raise ConfigError(f"num_virtual_tokens={self.num_virtual_tokens!r}: must be a positive integer")
 
     @property
+    def is_prompt_learning(self) -> bool:
+        return True
+
+    @property
     def total_virtual_tokens(self) -> int:
         return self.num_virtual_tokens * (self.num_transformer_submodules or 1)
 
@@ -146,8 +150,7 @@ class PromptTunerBase(Tuner):
 
     # ---- injection ---------------------------------------------------------------------------
     def inject_adapter(self, config: PromptLearningConfig, adapter: str) -> None:
-        if adapter in self.peft_config:
-            raise ValueError(f"an adapter named '{adapter}' already exists; pick another name or delete_adapter it first")
+        self.check_new_adapter(config, adapter)
         if "prompt_encoder" not in self._modules:
             self.prompt_encoder = nn.ModuleDict()
             self._prompt_disabled = False
@@ -169,21 +172,21 @@ class PromptTunerBase(Tuner):
         if len(self.peft_config) == 1:
             self.set_adapter(adapter)
         else:
-            self._mark_trainable()
+            self._apply_active()
 
     # ---- the hook ----------------------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
-        if self._prompt_disabled or not self.peft_config or self.active_adapter not in self.prompt_encoder:
+        name = self.active_adapter
+        if self._prompt_disabled or not isinstance(name, str) or name not in self.prompt_encoder:
             return None
         if args:  # positional -> named, so the rewrite sees one dict
             kwargs = {**dict(zip(self._arg_names, args)), **kwargs}
             if len(args) > len(self._arg_names):
-                raise TypeError(f"{self.peft_config[self.active_adapter].method}: pass inputs by name")
+                raise TypeError(f"{self.peft_config[name].method}: pass inputs by name")
         kwargs = dict(kwargs)
         given, past = pop_cache(kwargs)
         if past is not None:
             kwargs[self.cache_key if self._cache_arg else given] = past
-        name = self.active_adapter
         return (), self.rewrite(module, kwargs, self.peft_config[name], self.prompt_encoder[name])
 
     @property

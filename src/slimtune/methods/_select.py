@@ -133,7 +133,7 @@ class InPlaceTuner(Tuner):
         self._need_original("delete_adapter()")
         self._swap(name)
         del self._trained[name], self._original[name], self.peft_config[name]
-        self.active_adapter = ""
+        self.active_adapter = []
         self.model.requires_grad_(False)
 
     # ---- merging: the weights already are the merged model ---------------------------------

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch.nn as nn
 
 from ..config import AdapterConfig, listify
+from ..peft_types import PeftType
 from ..families import model_type
 from ..registry import register_method
 from ..targeting import TargetError, name_matches
@@ -26,7 +27,7 @@ from ._select import InPlaceTuner, head_paths, module_params
 
 @dataclass
 class BitFitConfig(AdapterConfig):
-    peft_type: ClassVar[str] = "BITFIT"  # slimtune's own type: PEFT has no BitFit
+    peft_type: ClassVar[PeftType] = PeftType.BITFIT  # slimtune's own type: PEFT has no BitFit
     method: ClassVar[str] = "bitfit"
 
     target_modules: Any = None  # None: every bias in the model; else names/regex of modules whose bias trains

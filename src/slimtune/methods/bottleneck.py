@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..config import AdapterConfig, ConfigError, listify
+from ..peft_types import PeftType
 from ..families import model_type
 from ..inject import AdapterLayer
 from ..registry import register_method
@@ -57,7 +58,7 @@ PLACEMENT: dict[str, tuple[str, str, str, int]] = {
 
 @dataclass
 class BottleneckConfig(AdapterConfig):
-    peft_type: ClassVar[str] = "BOTTLENECK"  # slimtune-only: PEFT has no bottleneck adapters
+    peft_type: ClassVar[PeftType] = PeftType.BOTTLENECK  # slimtune-only: PEFT has no bottleneck adapters
     method: ClassVar[str] = "bottleneck"
 
     adapter_type: str = "pfeiffer"  # "houlsby" | "pfeiffer" | "parallel" (or AdapterHub's double_seq_bn/seq_bn/par_bn)

@@ -9,8 +9,9 @@ Computed as PEFT does, without forming W' for the output (the norm is detached, 
 
 `LoraConfig(use_dora=True)` (or `make_config("dora", ...)`) selects these layers; files are PEFT's
 LoRA format plus `lora_magnitude_vector` per layer, written with `peft_type: "LORA"` and
-`use_dora: true`, so they load in HF PEFT and PEFT's load here. Linear and GPT-2 Conv1D layers;
-mergeable (the merge is W ← W' and unmerge divides the magnitude factor back out).
+`use_dora: true`, so they load in HF PEFT and PEFT's load here. Linear and GPT-2 Conv1D layers,
+and (as PEFT's variants) Embedding and Conv1d/2d/3d; mergeable (the merge is W ← W' and unmerge
+divides the magnitude factor back out).
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError
+from ..peft_types import PeftType
 from ..registry import register_method
 from .lora import LoraConfig, LoraModel
-from .lora_layers import BASE_ADAPTER, Linear, variant_for
+from .lora_layers import BASE_ADAPTER, Conv, Embedding, Linear, variant_for
 
 
 class DoraLinear(Linear):
@@ -84,7 +86,7 @@ class DoraLinear(Linear):
             a, b = self.lora_A[name], self.lora_B[name]
             s, drop = self.scaling[name], self.lora_dropout[name]
             if not self._is_dora(name):
-                out = out + b(a(drop(x))) * s
+                out = out + self._lora_out(name, x) * s
                 continue
             w = self._base_weight().to(x.dtype)
             norm = self._norm_for_forward(name, w)  # (out,): a constant, as in the paper's Sec. 4.3
@@ -94,7 +96,8 @@ class DoraLinear(Linear):
             else:
                 xd = drop(x)
                 plain = F.linear(xd, w)
-            out = out + (scale - 1) * plain + scale * b(a(xd)) * s
+            lora = b(a(xd.to(a.weight.dtype))).to(x.dtype)
+            out = out + (scale - 1) * plain + scale * lora * s
         return out
 
     # ---- merging: W <- m/‖W+ΔW‖ · (W+ΔW); unmerge divides the factor back out -----------------
@@ -135,20 +138,159 @@ class DoraLinear(Linear):
                 base.weight.data.sub_(delta)
 
 
-def create_dora_layer(base: nn.Module, adapter: str, config: LoraConfig, kw: dict) -> DoraLinear:
+class _DoraExtra:
+    """DoRA for the other LoRA layer types (PEFT's variants): a magnitude per output feature of the
+    adapted weight, found by `_norm` on W + ΔW (detached), applied as f = m/‖W + ΔW‖.
+
+    Embedding: ‖·‖ over the vocabulary for each embedding dim, f (dim,) scales the lookup.
+    Conv:      ‖·‖ over (in, kernel) for each output channel, f (1, out, 1, ...) scales the channels.
+    """
+
+    def _init_dora(self) -> None:
+        if "lora_magnitude_vector" not in self._modules:
+            self.lora_magnitude_vector = nn.ParameterDict()
+            self._dora_norm: dict[str, torch.Tensor] = {}
+
+    def _is_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude_vector
+
+    def _dora_norm_of(self, name: str) -> torch.Tensor:
+        base = self.get_base_layer().weight
+        return self._norm(base + self.get_delta_weight(name).detach().to(base.dtype)).detach()
+
+    def _add_magnitude(self, adapter: str, use_dora: bool) -> None:
+        if use_dora:
+            with torch.no_grad():
+                self.lora_magnitude_vector[adapter] = nn.Parameter(self._dora_norm_of(adapter))
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        base = self.get_base_layer()
+        for name in adapter_names if adapter_names is not None else list(self.active_adapters):
+            if name in self.merged_adapters or name not in self.adapter_names():
+                continue
+            if not self._is_dora(name):
+                super().merge([name], safe_merge=safe_merge)
+                continue
+            norm = self._dora_norm_of(name)  # on the weight before this merge, as the forward sees it
+            f = self._weight_factor(self.lora_magnitude_vector[name] / norm).to(base.weight.dtype)
+            new = f * (base.weight.data + self.get_delta_weight(name).to(base.weight.dtype))
+            if safe_merge and not torch.isfinite(new).all():
+                raise ValueError(f"merging DoRA adapter '{name}' gives NaN/Inf; the adapter is broken; nothing was merged")
+            base.weight.data.copy_(new)
+            self._dora_norm[name] = norm
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            delta = self.get_delta_weight(name).to(base.weight.dtype)
+            if self._is_dora(name):
+                f = self._weight_factor(self.lora_magnitude_vector[name] / self._dora_norm.pop(name))
+                base.weight.data.copy_(base.weight.data / f.to(base.weight.dtype) - delta)
+            else:
+                base.weight.data.sub_(delta)
+
+
+class DoraEmbedding(_DoraExtra, Embedding):
+    adapter_layer_names = Embedding.adapter_layer_names + ("lora_magnitude_vector",)
+
+    def update_layer(self, adapter: str, *args, use_dora: bool = True, **kw) -> None:
+        self._init_dora()
+        super().update_layer(adapter, *args, **kw)
+        self._add_magnitude(adapter, use_dora)
+
+    @staticmethod
+    def _norm(w: torch.Tensor) -> torch.Tensor:  # w (vocab, dim) -> (dim,)
+        return torch.linalg.norm(w, dim=0).to(w.dtype)
+
+    @staticmethod
+    def _weight_factor(f: torch.Tensor) -> torch.Tensor:
+        return f.view(1, -1)  # scales each embedding dim (column) of W
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        active = [] if (self.disable_adapters or self.merged) else list(self.active_adapters)
+        if not any(self._is_dora(n) for n in active):
+            if self._mixed is not None and any(self._is_dora(n) for n in self._mixed[0] if n != BASE_ADAPTER):
+                raise ValueError("mixed-adapter batches are not supported with DoRA adapters; run one DoRA adapter per batch")
+            return super().forward(x, *args, **kwargs)
+        if self._mixed is not None:
+            raise ValueError("mixed-adapter batches are not supported with DoRA adapters; run one DoRA adapter per batch")
+        out = self.base_layer(x, *args, **kwargs)
+        for name in active:
+            if not self._is_dora(name):
+                out = out + self._delta(name, x).to(out.dtype)
+                continue
+            f = (self.lora_magnitude_vector[name] / self._dora_norm_of(name)).to(out.dtype)  # (dim,)
+            out = f * out + f * self._delta(name, x).to(out.dtype)  # = lookup of f·(W + ΔW), embed_scale included
+        return out
+
+
+class DoraConv(_DoraExtra, Conv):
+    adapter_layer_names = Conv.adapter_layer_names + ("lora_magnitude_vector",)
+
+    def update_layer(self, adapter: str, *args, use_dora: bool = True, **kw) -> None:
+        if self.get_base_layer().groups != 1:
+            raise ConfigError("use_dora=True on a grouped convolution is not supported (its LoRA cannot be "
+                              "merged into the weight DoRA normalises); use plain LoRA for this module")
+        self._init_dora()
+        super().update_layer(adapter, *args, **kw)
+        self._add_magnitude(adapter, use_dora)
+
+    @staticmethod
+    def _norm(w: torch.Tensor) -> torch.Tensor:  # w (out, in, *k) -> (1, out, 1, ...)
+        return w.norm(p=2, dim=tuple(range(1, w.dim())), keepdim=True).transpose(0, 1)
+
+    @staticmethod
+    def _weight_factor(f: torch.Tensor) -> torch.Tensor:
+        return f.transpose(0, 1)  # (out, 1, 1, ...): scales each output channel of W
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        active = [] if (self.disable_adapters or self.merged) else list(self.active_adapters)
+        if self._mixed is not None and active:
+            if any(self._is_dora(n) for n in self._mixed[0] if n != BASE_ADAPTER):
+                raise ValueError("mixed-adapter batches are not supported with DoRA adapters; run one DoRA adapter per batch")
+            return super().forward(x, *args, **kwargs)
+        if not any(self._is_dora(n) for n in active):
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        out = self.base_layer(x, *args, **kwargs)
+        for name in active:
+            drop, s = self.lora_dropout[name], self.scaling[name]
+            if not self._is_dora(name):
+                out = out + self._delta(name, x)
+                continue
+            f = (self.lora_magnitude_vector[name] / self._dora_norm_of(name)).to(out.dtype)  # (1, out, 1, ...)
+            if isinstance(drop, nn.Identity) or not self.training:
+                xd = x
+                plain = out if base.bias is None else out - base.bias.view(1, -1, *([1] * (out.dim() - 2)))
+            else:  # W x on the dropped-out input, as the LoRA path sees it
+                xd = drop(x)
+                plain = base._conv_forward(xd, base.weight, None)
+            lora = self.lora_B[name](self.lora_A[name](xd.to(self.lora_A[name].weight.dtype))).to(out.dtype)
+            out = out + (f - 1) * plain + f * lora * s
+        return out
+
+
+def create_dora_layer(base: nn.Module, adapter: str, config: LoraConfig, kw: dict) -> nn.Module:
     """The DoRA layer for a base layer (called by LoraModel.create_layer when use_dora=True)."""
     from ..targeting import LINEAR_TYPES
 
-    if not isinstance(base, LINEAR_TYPES):
-        raise ConfigError(f"use_dora=True: DoRA in slimtune adapts Linear and Conv1D layers, not "
-                          f"{type(base).__name__}; leave that module out of target_modules (or use exclude_modules)")
-    cls = variant_for(base, DoraLinear)  # a quantized base gets its DoRA class (methods/lora_quant.py)
-    return cls(base, adapter, fan_in_fan_out=config.fan_in_fan_out, use_dora=True, **kw)
+    if isinstance(base, LINEAR_TYPES):  # a quantized base gets its DoRA class (methods/lora_quant.py)
+        return variant_for(base, DoraLinear)(base, adapter, fan_in_fan_out=config.fan_in_fan_out, use_dora=True, **kw)
+    if isinstance(base, nn.Embedding):
+        return DoraEmbedding(base, adapter, use_dora=True, **kw)
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return DoraConv(base, adapter, use_dora=True, **kw)
+    raise ConfigError(f"use_dora=True: DoRA adapts Linear, Conv1D, Embedding and Conv1d/2d/3d layers, not "
+                      f"{type(base).__name__}; leave that module out of target_modules (or use exclude_modules)")
 
 
 def update_dora_layer(layer: nn.Module, adapter: str, config: LoraConfig, path: str, kw: dict) -> None:
     """Add an adapter to an existing layer (called by LoraModel.update_layer)."""
-    if isinstance(layer, DoraLinear):
+    if isinstance(layer, (DoraLinear, DoraEmbedding, DoraConv)):
         layer.update_layer(adapter, use_dora=config.use_dora, **kw)
         return
     raise ValueError(f"'{path}' already holds plain LoRA adapters; a DoRA adapter cannot be added to it. "
@@ -163,7 +305,7 @@ class DoraConfig(LoraConfig):
     back gives a `LoraConfig(use_dora=True)`.
     """
 
-    peft_type: ClassVar[str] = "DORA"  # registry key only; files say "LORA"
+    peft_type: ClassVar[PeftType] = PeftType.DORA  # registry key only; files say "LORA"
     method: ClassVar[str] = "dora"
 
     use_dora: bool = True
@@ -175,7 +317,7 @@ class DoraConfig(LoraConfig):
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
-        d["peft_type"] = LoraConfig.peft_type
+        d["peft_type"] = LoraConfig.peft_type.value
         return d
 
 

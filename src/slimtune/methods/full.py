@@ -14,13 +14,14 @@ from typing import ClassVar
 import torch.nn as nn
 
 from ..config import AdapterConfig
+from ..peft_types import PeftType
 from ..registry import register_method
 from ._select import InPlaceTuner, module_params
 
 
 @dataclass
 class FullConfig(AdapterConfig):
-    peft_type: ClassVar[str] = "FULL"  # slimtune's own type
+    peft_type: ClassVar[PeftType] = PeftType.FULL  # slimtune's own type
     method: ClassVar[str] = "full"
 
 

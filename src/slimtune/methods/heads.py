@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import AdapterConfig, ConfigError, listify
+from ..peft_types import PeftType
 from ..families import model_type
 from ..inject import AdapterLayer, replace_module
 from ..registry import register_method
@@ -55,7 +56,7 @@ ATTENTION_MODULES: dict[str, dict[str, str]] = {
 
 @dataclass
 class HeadsConfig(AdapterConfig):
-    peft_type: ClassVar[str] = "HEADS"  # slimtune's own type
+    peft_type: ClassVar[PeftType] = PeftType.HEADS  # slimtune's own type
     method: ClassVar[str] = "heads"
 
     heads: Any = None  # [h, ...] for every layer, or {layer: [h, ...]}; written back resolved

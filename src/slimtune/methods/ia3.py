@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 
 from ..config import AdapterConfig, ConfigError, listify
+from ..peft_types import PeftType
 from ..families import model_type
-from ..inject import AdapterLayer
+from ..inject import AdapterLayer, adapter_layers
 from ..registry import register_method
 from ..targeting import LINEAR_TYPES, Conv1D
 from ..tuner import Tuner
@@ -53,7 +54,7 @@ IA3_FEEDFORWARD: dict[str, list[str]] = {
 
 @dataclass
 class IA3Config(AdapterConfig):
-    peft_type: ClassVar[str] = "IA3"
+    peft_type: ClassVar[PeftType] = PeftType.IA3
     method: ClassVar[str] = "ia3"
 
     target_modules: Any = None  # names / regex / "all-linear"; None = PEFT's family default
@@ -237,6 +238,41 @@ class IA3Model(Tuner):
             raise ValueError(f"'{path}' is {'a' if layer.is_feedforward else 'not a'} feed-forward module for the "
                              "existing (IA)³ adapter; every adapter on a model must agree on feedforward_modules")
         layer.update_layer(adapter, config.init_ia3_weights)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """A new adapter whose vectors are Σ w_i·l_i over the given adapters (PEFT's IA³ combination);
+        a trained modules_to_save copy of one source is copied for it."""
+        import copy
+
+        from .lora_weighted import _heads_to_copy
+
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError("pass one weight per adapter (and at least one adapter)")
+        for a in adapters:
+            self._check(a)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named '{adapter_name}' already exists")
+        cfgs = [self.peft_config[a] for a in adapters]
+        heads = _heads_to_copy(self, adapters)
+        for _, layer in adapter_layers(self.model):
+            present = [(a, w) for a, w in zip(adapters, weights) if a in getattr(layer, "ia3_l", {})]
+            if not present:
+                continue
+            layer.update_layer(adapter_name, True)
+            with torch.no_grad():
+                v = layer.ia3_l[adapter_name]
+                v.zero_()
+                for a, w in present:
+                    v.add_(layer.ia3_l[a], alpha=w)
+        union = lambda key: sorted({t for c in cfgs for t in (getattr(c, key) or [])})  # noqa: E731
+        lists = all(isinstance(c.target_modules, list) for c in cfgs)
+        self.peft_config[adapter_name] = cfgs[0].replace(
+            target_modules=union("target_modules") if lists else "|".join(f"({c.target_modules})" for c in cfgs),
+            feedforward_modules=union("feedforward_modules") if lists else cfgs[0].feedforward_modules)
+        for path, src in heads.items():
+            w = self.model.get_submodule(path)
+            w.modules_to_save[adapter_name] = copy.deepcopy(w.modules_to_save[src])
+        self._apply_active()
 
     @contextmanager
     def mixed_batch(self, adapter_names: list[str]):

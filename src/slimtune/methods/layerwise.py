@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch.nn as nn
 
 from ..config import AdapterConfig, ConfigError, listify
+from ..peft_types import PeftType
 from ..registry import register_method
 from ..targeting import TargetError
 from ._select import InPlaceTuner, head_paths, module_params
@@ -26,7 +27,7 @@ from ._select import InPlaceTuner, head_paths, module_params
 
 @dataclass
 class LayerwiseConfig(AdapterConfig):
-    peft_type: ClassVar[str] = "LAYERWISE"  # slimtune's own type
+    peft_type: ClassVar[PeftType] = PeftType.LAYERWISE  # slimtune's own type
     method: ClassVar[str] = "layerwise"
 
     first_n: int | None = None  # train the first N blocks

@@ -13,8 +13,9 @@ from typing import Any, ClassVar
 import torch.nn as nn
 
 from ..config import ANY, AdapterConfig, ConfigError, config_field, listify
+from ..peft_types import PeftType
 from ..families import default_lora_targets
-from ..inject import adapter_layers
+from ..inject import adapter_layers, save_wrappers
 from ..registry import register_method
 from ..tuner import Tuner
 from .lora_blocks import fuse_swiglu_blocks
@@ -23,11 +24,11 @@ from .lora_layers import SUPPORTED_TYPES, LoraLayer, lora_layer_for
 
 @dataclass
 class LoraConfig(AdapterConfig):
-    peft_type: ClassVar[str] = "LORA"
+    peft_type: ClassVar[PeftType] = PeftType.LORA
     method: ClassVar[str] = "lora"
     peft_only: ClassVar[dict[str, Any]] = {
         "megatron_core": ANY, "qalora_group_size": ANY,
-        "ensure_weight_tying": ANY, "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None,
+        "ensure_weight_tying": False, "alora_invocation_tokens": None, "arrow_config": None, "corda_config": None,
         "eva_config": None, "kasa_config": None, "layer_replication": None, "loftq_config": {},
         "lora_ga_config": None, "megatron_config": None, "monteclora_config": None,
         "trainable_token_indices": None, "use_bdlora": None, "use_qalora": False, "velora_config": None,
@@ -42,7 +43,7 @@ class LoraConfig(AdapterConfig):
     bias: str = "none"  # "none" | "all" (every bias trains) | "lora_only" (biases of adapted layers)
     use_rslora: bool = False  # s = alpha/sqrt(r): stable updates at high rank (Kalajdzievski 2023)
     modules_to_save: Any = None  # modules trained in full and saved with the adapter (e.g. a new head)
-    init_lora_weights: Any = True  # True (Kaiming A, zero B) | "gaussian" | "pissa" | False (random, tests)
+    init_lora_weights: Any = True  # True (Kaiming A, zero B) | "gaussian" | "pissa" | "olora" | False (random, tests)
     layers_to_transform: Any = None  # int or list of block indices to adapt
     layers_pattern: Any = None  # name of the block list ("layers", "h") when indices are ambiguous
     rank_pattern: dict = config_field({})  # {"regex of module path": r} overrides r per module
@@ -69,25 +70,39 @@ class LoraConfig(AdapterConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern only applies together with layers_to_transform")
 
-    def for_loading(self) -> "LoraConfig":
-        """PiSSA init rewrites the base weight: never when the adapter's weights come from a file."""
-        init = self.init_lora_weights
-        return self.replace(init_lora_weights=True) if isinstance(init, str) and init.lower().startswith("pissa") else self
+    # No for_loading override: a PiSSA/OLoRA config re-runs its decomposition on load (as PEFT), so
+    # the file's A, B apply to the residual W − s·B₀A₀ of the original base, reproducing the trained
+    # model. To load onto an already residual base, save with init_lora_weights=True first (PEFT's
+    # advice), or convert to a plain LoRA: save_pretrained(path_initial_model_for_weight_conversion=...).
 
     def for_module(self, path: str) -> tuple[int, float]:
         """(r, alpha) for one module path, after rank_pattern / alpha_pattern (PEFT's matching)."""
         return (_pattern_value(self.rank_pattern, path, self.r), _pattern_value(self.alpha_pattern, path, self.lora_alpha))
 
 
-def lora_bias_parameters(model: nn.Module, mode: str) -> dict[str, nn.Parameter]:
-    """Biases that train under `bias` mode, by module path + ".bias" (found structurally)."""
+def lora_bias_parameters(model: nn.Module, mode: str, adapter: str | None = None) -> dict[str, nn.Parameter]:
+    """Biases that train under `bias` mode, by module path + ".bias" (found structurally).
+
+    Keys are PEFT's: a bias inside adapter `adapter`'s modules_to_save copy is named without the
+    adapter ("head.modules_to_save.bias"); other adapters' copies are left out. `adapter=None`:
+    every copy (for marking what trains)."""
     if mode == "none":
         return {}
     if mode == "lora_only":
         owners = [(f"{path}.base_layer" if path else "base_layer", layer.get_base_layer())
                   for path, layer in adapter_layers(model)]
     else:
-        owners = list(model.named_modules())
+        copies = {f"{w}.modules_to_save.{a}": (f"{w}.modules_to_save", a)
+                  for w, wrapper in save_wrappers(model) for a in wrapper.adapter_names()}
+        owners = []
+        for path, m in model.named_modules():
+            hit = next((c for c in copies if path == c or path.startswith(c + ".")), None)
+            if hit is not None and adapter is not None:
+                stem, a = copies[hit]
+                if a != adapter:
+                    continue
+                path = stem + path[len(hit):]
+            owners.append((path, m))
     return {f"{path}.bias" if path else "bias": m._parameters["bias"]
             for path, m in owners if isinstance(m._parameters.get("bias"), nn.Parameter)}
 
@@ -144,12 +159,17 @@ class LoraModel(Tuner):
     def adapter_key_map(self, adapter: str, root: nn.Module) -> dict:
         from ..checkpoint import PREFIX, adapter_key_map
 
-        bias = lora_bias_parameters(self.model, self.peft_config[adapter].bias)
+        bias = lora_bias_parameters(self.model, self.peft_config[adapter].bias, adapter)
         return adapter_key_map(root, adapter, {PREFIX + k: p for k, p in bias.items()})
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: int | None = None) -> None:
-        """A new adapter from a weighted combination of existing ones ("linear", "cat", "svd")."""
+                             combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
+                             svd_full_matrices: bool = True, svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """A new adapter from a weighted combination of existing ones (PEFT's combination types:
+        "svd", "linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune" and the "_svd"
+        variants; see lora_weighted.py)."""
         from .lora_weighted import add_weighted_adapter
 
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                             svd_full_matrices, svd_driver, density, majority_sign_method)

@@ -10,18 +10,18 @@ keyed by adapter name, with PEFT's attribute names so state-dict keys match PEFT
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..inject import AdapterLayer
-from ..kernels.lora import lora_group_linear, lora_linear
+from ..kernels.lora import lora_linear
 from ..targeting import Conv1D
+from .lora_share import _learn_sharing
 
 BASE_ADAPTER = "__base__"  # name for "no adapter" rows in a mixed batch
-# Run linears that read one input (q/k/v, gate/up) as one node (`_SharedInput`). Off by default:
+# Run linears that read one input (q/k/v, gate/up) as one node (lora_share.py). Off by default:
 # the groups are learnt at the first step, so step 1 and later steps round differently and a
 # resumed run is no longer bitwise equal to an uninterrupted one; measured gain on an H100 was
 # 3% of the step at 0.85B and none at 6.7B (benchmarks/results). On for ablations and tests.
@@ -81,11 +81,23 @@ class LoraLayer(AdapterLayer):
             nn.init.zeros_(b)
         elif isinstance(init, str) and init.lower().startswith("pissa"):
             self._pissa_init(adapter)
+        elif init == "olora":
+            self._olora_init(adapter)
         else:
-            raise ValueError(f"init_lora_weights={init!r}: use True, False, 'gaussian' or 'pissa'")
+            raise ValueError(f"init_lora_weights={init!r}: use True, False, 'gaussian', 'pissa' or 'olora'")
 
     def _pissa_init(self, adapter: str) -> None:
         raise ValueError(f"PiSSA init needs a Linear base layer, not {type(self.get_base_layer()).__name__}")
+
+    def _olora_init(self, adapter: str) -> None:
+        raise ValueError(f"OLoRA init needs a Linear base layer, not {type(self.get_base_layer()).__name__}")
+
+    def _lora_out(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """B(A(dropout(x))) unscaled, computed in the adapter's dtype and returned in x's (fp32 adapters on
+        a bf16 base with autocast_adapter_dtype=True); the fused path casts A, B instead."""
+        w = self.lora_A[name].weight
+        xa = x.to(w.dtype) if x.is_floating_point() and x.dtype != w.dtype else x
+        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](xa))).to(x.dtype)
 
     def _single_active(self) -> str | None:
         """The one adapter to apply, or None for the base (disabled, merged or none active)."""
@@ -139,6 +151,18 @@ class Linear(LoraLayer):
         residual = w - s * (b @ a)
         base.weight.data.copy_((residual.t() if self.fan_in_fan_out else residual).to(base.weight.dtype))
 
+    @torch.no_grad()
+    def _olora_init(self, adapter: str) -> None:
+        """OLoRA (Büyükakyüz 2024): A, B from the QR decomposition of W (B = Q_r, A = R_r), W ← W − s·BA."""
+        base = self.get_base_layer()
+        w = self._base_weight().float()
+        r, s = self.r[adapter], self.scaling[adapter]
+        q, rr = torch.linalg.qr(w)  # w (out,in) = q·rr
+        self.lora_A[adapter].weight.copy_(rr[:r])
+        self.lora_B[adapter].weight.copy_(q[:, :r])
+        residual = w - s * (q[:, :r] @ rr[:r])
+        base.weight.data.copy_((residual.t() if self.fan_in_fan_out else residual).to(base.weight.dtype))
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         d = self.__dict__
         if d["_mixed"] is not None and not d["disable_adapters"] and not d["merged_adapters"]:
@@ -157,7 +181,7 @@ class Linear(LoraLayer):
             # General path: several active adapters, or a base we cannot fuse (e.g. quantized).
             out = self.base_layer(x, *args, **kwargs)
             for name in self.active_adapters:
-                out = out + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+                out = out + self._lora_out(name, x) * self.scaling[name]
             return out
         if SHARE_INPUTS and group is None and (isinstance(fast[5], nn.Identity) or not fast[5].training):
             _learn_sharing(self, x)  # no dropout mask: this layer may share x with the next one
@@ -233,77 +257,12 @@ class Linear(LoraLayer):
         return stacks
 
 
-class _SharedInput:
-    """LoRA linears that read the same input tensor (q/k/v, gate/up), run as one fused node.
-
-    Learnt, not configured: when consecutive LoRA linears are called on the very same tensor
-    object, they join a group. On later calls the first member (the leader) computes every
-    member's output with one `lora_group_linear` (one GEMM for all A-projections, one for the LoRA
-    part of dx, one for all dA) and each other member picks up its own output — only if it is
-    called on that same tensor, unchanged (identity and version checked), and else computes alone.
-    So the result is always each layer's own function of its own input; a wrong guess costs time only.
-
-    A new group switches on at its leader's next call made outside a backward pass, never in the
-    middle of a step: activation checkpointing recomputes a forward inside backward and needs it
-    to run exactly as the original did.
-    """
-
-    def __init__(self, first: "Linear") -> None:
-        self.members: list[Linear] = [first]
-        self.active = False
-        self._pending: tuple | None = None  # (weakref to x, x._version, {id(member): output})
-
-    def __getstate__(self) -> dict:  # picklable (torch.save of a whole model): drop the in-flight outputs
-        return {"members": self.members, "active": self.active, "_pending": None}
-
-    def output(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor | None:
-        pend = self._pending
-        if pend is not None and pend[0]() is x and pend[1] == x._version and id(layer) in pend[2]:
-            out = pend[2].pop(id(layer))
-            if not pend[2]:
-                self._pending = None
-            return out
-        if layer is not self.members[0]:
-            return None
-        self._pending = None
-        if not self.active:
-            if _graph_task_id() != -1:  # inside backward (a checkpoint recompute): stay as before
-                return None
-            self.active = True
-        specs = []
-        for m in self.members:
-            f = m._fast_args(x)
-            if f is None or m.in_features != layer.in_features or not (
-                    isinstance(f[5], nn.Identity) or not f[5].training):
-                return None
-            specs.append(f[:5])
-        outs = lora_group_linear(x, specs)
-        self._pending = (weakref.ref(x), x._version, {id(m): o for m, o in zip(self.members[1:], outs[1:])})
-        return outs[0]
-
-
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: 0)  # -1 outside backward
-_LAST_CALL: list = [None, None]  # (weakref to the last fast-path input, weakref to its layer)
-
-
-def _learn_sharing(layer: "Linear", x: torch.Tensor) -> None:
-    last_x, last_layer = _LAST_CALL
-    prev = last_layer() if last_layer is not None else None
-    if prev is not None and prev is not layer and last_x() is x and prev.in_features == layer.in_features:
-        group = prev.__dict__.get("_share")
-        if group is None:
-            group = prev.__dict__["_share"] = _SharedInput(prev)
-        if layer not in group.members and not group.active:
-            group.members.append(layer)
-            layer.__dict__["_share"] = group
-    _LAST_CALL[0], _LAST_CALL[1] = weakref.ref(x), weakref.ref(layer)
-
-
 class Embedding(LoraLayer):
     """LoRA on nn.Embedding: A (r, vocab) is looked up, B (dim, r) projects; PEFT inits A = 0."""
 
     def __init__(self, base_layer: nn.Embedding, adapter: str, **kw) -> None:
         super().__init__(base_layer)
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
         self.update_layer(adapter, **kw)
 
     def _create_weights(self, adapter: str, r: int) -> None:
@@ -330,20 +289,31 @@ class Embedding(LoraLayer):
         return F.embedding(x, table, base.padding_idx, base.max_norm, base.norm_type,
                            base.scale_grad_by_freq, base.sparse)
 
+    def embed_scale(self) -> torch.Tensor | float | None:
+        """The factor a scaled embedding (Gemma's `embed_scale`) applies to its lookups: the
+        adapter's rows get it too, so the output is the lookup of W + ΔW, merged or not."""
+        scale = getattr(self.get_base_layer(), "embed_scale", None)
+        if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+            raise ValueError(f"{type(self.get_base_layer()).__name__}.embed_scale has shape {tuple(scale.shape)}; "
+                             "LoRA supports a scalar embedding scale only")
+        return scale
+
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        return (self._lookup(x, a.t()) @ b.t()) * self.scaling[name]  # (..., r) @ (r, dim)
+        out = (self._lookup(x, a.t()) @ b.t()) * self.scaling[name]  # (..., r) @ (r, dim)
+        scale = self.embed_scale()
+        return out if scale is None else out * (scale.to(out.dtype) if isinstance(scale, torch.Tensor) else scale)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if self._mixed is not None and not self.disable_adapters and not self.merged:
             for name, mask in self._mixed_rows():
-                out = out + self._delta(name, x) * mask.view(-1, *([1] * (out.dim() - 1))).to(out.dtype)
+                out = out + self._delta(name, x).to(out.dtype) * mask.view(-1, *([1] * (out.dim() - 1))).to(out.dtype)
             return out
         if self._single_active() is None:
             return out
         for name in self.active_adapters:
-            out = out + self._delta(name, x)
+            out = out + self._delta(name, x).to(out.dtype)
         return out
 
 
@@ -352,25 +322,30 @@ class Conv(LoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter: str, **kw) -> None:
         super().__init__(base_layer)
-        if base_layer.groups != 1:
-            raise ValueError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported; "
-                             "exclude this module with exclude_modules")
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         self.update_layer(adapter, **kw)
 
     def _create_weights(self, adapter: str, r: int) -> None:
         base = self.get_base_layer()
+        if r % base.groups:
+            raise ValueError(f"LoRA on a {type(base).__name__} with groups={base.groups} needs a rank divisible by "
+                             f"the groups (B is a grouped 1x1 conv, as PEFT's); got r={r}")
         conv = type(base)
         self.lora_A[adapter] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
                                     base.dilation, bias=False)
-        self.lora_B[adapter] = conv(r, base.out_channels, 1, 1, bias=False)
+        # grouped base: B is grouped like it (PEFT's layout); the product is then a full conv, not mergeable
+        self.lora_B[adapter] = conv(r, base.out_channels, 1, 1, groups=base.groups, bias=False)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight  # (r, in, *k), (out, r, 1..)
         w = self.get_base_layer().weight
+        if self.get_base_layer().groups != 1:
+            raise NotImplementedError("LoRA on a grouped convolution cannot be merged: B·A connects every input "
+                                      "channel to every output, which the grouped weight cannot hold; keep it unmerged")
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight  # (r, in, *k), (out, r, 1..)
         return (b.flatten(1) @ a.flatten(1)).view(w.shape) * self.scaling[adapter]
 
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+        return self._lora_out(name, x) * self.scaling[name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -408,8 +383,13 @@ def lora_layer_for(base: nn.Module) -> type[LoraLayer] | None:
         return Embedding
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return Conv
+    if isinstance(base, nn.MultiheadAttention):
+        from .lora_mha import MultiheadAttention
+
+        return MultiheadAttention
     return None
 
 
 _FAST_BASES = (nn.Linear, Conv1D)  # bases the fused path reads (weight, bias) from directly
-SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                                     nn.MultiheadAttention)

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from ..compat import cache_arg
 from ..config import ConfigError
+from ..peft_types import PeftType
 from ..registry import register_method
 from ..targeting import TargetError
 from ._prompt_common import (BakedSlot, PromptLearningConfig, PromptTunerBase, batch_size, cache_length,
@@ -36,7 +37,7 @@ from ._prompt_common import (BakedSlot, PromptLearningConfig, PromptTunerBase, b
 
 @dataclass
 class PrefixTuningConfig(PromptLearningConfig):
-    peft_type: ClassVar[str] = "PREFIX_TUNING"
+    peft_type: ClassVar[PeftType] = PeftType.PREFIX_TUNING
     method: ClassVar[str] = "prefix"
 
     encoder_hidden_size: int | None = None  # MLP width with prefix_projection; None = token_dim

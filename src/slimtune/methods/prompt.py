@@ -11,6 +11,12 @@ Config fields and the file (`prompt_embeddings`, shape (N, D)) are PEFT's.
 
 `generate()` works through the same hook: the first step gets the prompt, later steps find it
 in the KV cache; the returned sequences are the real tokens only.
+
+Encoder-decoder models (T5, BART), as PEFT: the prompt goes in front of the *encoder's* input
+(a pre-hook on `model.get_encoder()`), the encoder attention mask grows by N wherever it is used
+(the encoder and the decoder's cross-attention), the decoder and the labels are untouched. With
+task_type SEQ_2_SEQ_LM the table has 2N rows (PEFT's num_transformer_submodules=2), of which the
+first N are the prompt, so files move between the libraries unchanged.
 """
 from __future__ import annotations
 
@@ -22,17 +28,18 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError
+from ..peft_types import PeftType
 from ..registry import register_method
 from ..targeting import TargetError
-from ._prompt_common import (BakedSlot, PromptLearningConfig, PromptTunerBase, cache_length, extend_mask,
-                             fill_from_model, warn_mlp_dropped)
+from ._prompt_common import (BakedSlot, PromptLearningConfig, PromptTunerBase, _arg_names, cache_length,
+                             extend_mask, fill_from_model, warn_mlp_dropped)
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
 
 @dataclass
 class PromptTuningConfig(PromptLearningConfig):
-    peft_type: ClassVar[str] = "PROMPT_TUNING"
+    peft_type: ClassVar[PeftType] = PeftType.PROMPT_TUNING
     method: ClassVar[str] = "prompt"
     slimtune_only: ClassVar[tuple[str, ...]] = ("tokenizer",)
 
@@ -76,7 +83,7 @@ class PromptTuningConfig(PromptLearningConfig):
 class PromptEncoderConfig(PromptLearningConfig):
     """P-tuning: the prompt table is the output of an MLP (or LSTM + MLP) while training."""
 
-    peft_type: ClassVar[str] = "P_TUNING"
+    peft_type: ClassVar[PeftType] = PeftType.P_TUNING
     method: ClassVar[str] = "p_tuning"
 
     encoder_reparameterization_type: str = "MLP"  # "MLP" | "LSTM"
@@ -180,8 +187,6 @@ class PromptTuningModel(PromptTunerBase):
         if not isinstance(emb, nn.Embedding):
             raise TargetError(f"{config.method}: the model has no input embedding layer (get_input_embeddings()); "
                               "prompt tuning needs a transformers model that takes inputs_embeds")
-        if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
-            raise TargetError(f"{config.method}: encoder-decoder models are not supported yet; use LoRA or IA3")
         fill_from_model(config, self.model)
         if config.token_dim != emb.embedding_dim:
             raise TargetError(f"{config.method}: token_dim={config.token_dim} but the input embeddings have "
@@ -192,7 +197,61 @@ class PromptTuningModel(PromptTunerBase):
             return PromptEncoder(config)
         return PromptEmbedding(config, self.model.get_input_embeddings())
 
+    def _is_encoder_decoder(self) -> bool:
+        return bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
+
+    def hook_module(self) -> nn.Module:
+        if self._is_encoder_decoder():
+            enc = self.model.get_encoder()
+            self._enc_arg_names = _arg_names(enc)
+            self._enc_handle = enc.register_forward_pre_hook(self._encoder_hook, with_kwargs=True)
+        return self.model
+
+    def unload(self) -> nn.Module:
+        if getattr(self, "_enc_handle", None) is not None:
+            self._enc_handle.remove()
+            self._enc_handle = None
+        return super().unload()
+
+    def _encoder_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Encoder-decoder: the prompt in front of the encoder's input, the mask grown to match."""
+        name = self.active_adapter
+        if self._prompt_disabled or not isinstance(name, str) or name not in self.prompt_encoder:
+            return None
+        kw = {**dict(zip(self._enc_arg_names, args)), **kwargs}
+        n = self.peft_config[name].num_virtual_tokens
+        ids = kw.pop("input_ids", None)
+        embeds = kw.get("inputs_embeds")
+        if embeds is None:
+            embeds = self.model.get_input_embeddings()(ids)
+        b, t = embeds.shape[:2]
+        prompts = self.prompt_encoder[name].prompts()[:n].to(embeds.dtype).unsqueeze(0).expand(b, -1, -1)
+        kw["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)  # (B, N+T, D)
+        mask = kw.get("attention_mask")
+        if mask is not None and mask.shape[-1] == t:
+            kw["attention_mask"] = extend_mask(mask, n)
+        return (), kw
+
+    def _rewrite_encoder_decoder(self, kw: dict, config: PromptLearningConfig) -> dict:
+        """The model-level call: only the encoder mask (also used by cross-attention) needs the N extra
+        positions; the encoder itself gets the prompt from its own hook."""
+        n, mask = config.num_virtual_tokens, kw.get("attention_mask")
+        if mask is None:
+            return kw
+        enc_out = kw.get("encoder_outputs")
+        if enc_out is not None:  # decoding steps: the encoder ran already, with the prompt
+            enc_len = (enc_out[0] if isinstance(enc_out, (tuple, list)) else enc_out.last_hidden_state).shape[1]
+            grow = mask.shape[-1] == enc_len - n
+        else:
+            src = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+            grow = src is not None and mask.shape[-1] == src.shape[1]
+        if grow:
+            kw["attention_mask"] = extend_mask(mask, n)
+        return kw
+
     def rewrite(self, module: nn.Module, kw: dict, config: PromptLearningConfig, encoder: nn.Module) -> dict:
+        if self._is_encoder_decoder():
+            return self._rewrite_encoder_decoder(kw, config)
         n = config.total_virtual_tokens
         if cache_length(kw.get(self.cache_key)) > 0:
             # a decoding step: the cache already holds the prompt, only the mask and positions shift

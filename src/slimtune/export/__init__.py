@@ -1,0 +1,1 @@
+"""Writing adapters and models in formats other tools run (GGUF for llama.cpp / ollama)."""
