@@ -92,6 +92,12 @@ class DataConfig(_Strict):
     # layout when no prompt_template is set).
     chat_template: Optional[bool] = None
     val_fraction: float = Field(0.1, gt=0, lt=1)
+    # A held-out test split, apart from validation (which picks the best checkpoint, and in compare /
+    # search the learning rate and the trials): `slimtune compare` / `search` measure it once, at the
+    # end. A file, or `test_fraction` of train carved off (seeded) before validation is; 0 = none.
+    test: Optional[str] = None
+    test_fraction: float = Field(0.0, ge=0, lt=1)
+    max_test: Optional[int] = Field(None, ge=1)
     max_length: int = Field(256, ge=8)
     max_train: Optional[int] = Field(None, ge=1)  # cap example counts (quick runs)
     max_eval: Optional[int] = Field(None, ge=1)
@@ -205,6 +211,8 @@ class JobConfig(_Strict):
     resume_weights_only: bool = False
     overwrite: bool = False  # replace the run already in output_dir (its checkpoints, adapters, report)
     num_labels: Optional[int] = Field(None, ge=2)
+    # the search space of `slimtune search` / `compare` (validated by slimtune.search.space; train ignores it)
+    search: Optional[dict[str, Any]] = None
 
     def model_name(self) -> str:
         return self.model if isinstance(self.model, str) else self.model.name
@@ -390,7 +398,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         # relative data paths are relative to the config file (else to the working directory)
         d = data.get("data")
         if isinstance(d, dict):
-            for k in ("train", "validation"):
+            for k in ("train", "validation", "test"):
                 if isinstance(d.get(k), str) and not Path(d[k]).is_absolute() and (p.parent / d[k]).exists():
                     d[k] = str(p.parent / d[k])
     elif _sets(overrides, "data.train") and not _sets(overrides, "data.builtin"):
@@ -413,7 +421,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     if cfg.data.builtin is not None and cfg.data.train is not None:
         raise JobConfigError(f"{source}: data.builtin={cfg.data.builtin!r} and data.train={cfg.data.train!r} are "
                              "both set; keep one (data.builtin=null to train on your file)")
-    for k in ("train", "validation"):  # absolute: the run's config.yaml then works from anywhere
+    for k in ("train", "validation", "test"):  # absolute: the run's config.yaml then works from anywhere
         v = getattr(cfg.data, k)
         if v and Path(v).expanduser().exists():
             setattr(cfg.data, k, str(Path(v).expanduser().resolve()))

@@ -37,9 +37,21 @@ class Prepared:
     labels: list[str] | None = None  # classification / image label names
     answers: list[str] | None = None  # short answer set of an LM task (for generated-answer accuracy)
     eval_raw: list[dict[str, Any]] = field(default_factory=list)  # prompts + references for generation
+    # the held-out test split (data.test / data.test_fraction), tokenised like validation; measured once
+    # by compare / search at the end (`held_out()` is the view the evaluation reads), never for selection
+    test: list[dict[str, Any]] = field(default_factory=list)
+    test_raw: list[dict[str, Any]] = field(default_factory=list)
     # rows per split, how validation was made, token lengths, truncation and class counts (checks.py)
     stats: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+
+    def held_out(self) -> "Prepared":
+        """This data with the test split in the place of validation (what `Evaluation.evaluate` reads)."""
+        import dataclasses
+
+        if not self.test:
+            raise DataError(f"{self.source}: no test split; set data.test (a file) or data.test_fraction")
+        return dataclasses.replace(self, eval=self.test, eval_raw=self.test_raw)
 
 
 # ---- format ----------------------------------------------------------------------------------------
@@ -105,6 +117,27 @@ def carve(rows: list, n: int, seed: int) -> tuple[list, list]:
     return [rows[i] for i in idx["train"]["i"]], [rows[i] for i in idx["test"]["i"]]
 
 
+def test_split(rows: list, cfg: DataConfig, seed: int, source: str, stats: dict) -> tuple[list, list]:
+    """(rows, test rows): the data.test file, else `test_fraction` of the rows carved off first (so
+    validation and training never see them), else no test split."""
+    if cfg.test and cfg.test_fraction:
+        raise DataError(f"data.test={cfg.test!r} and data.test_fraction={cfg.test_fraction} are both set; keep one")
+    if cfg.test:
+        test = read_rows(cfg.test)
+    elif cfg.test_fraction:
+        n = min(max(1, round(len(rows) * cfg.test_fraction)), cfg.max_test or len(rows), len(rows) - 2)
+        if n < 1:
+            raise DataError(f"{source}: {len(rows)} examples are too few to carve a test split from; add examples, "
+                            "give data.test, or set data.test_fraction=0")
+        rows, test = carve(rows, n, seed)
+        stats["test"] = f"carved {len(test)} of {len(rows) + len(test)} examples (seed {seed}) before validation"
+        return rows, test
+    else:
+        return rows, []
+    stats["test"] = f"{len(test)} examples from data.test"
+    return rows, test[:cfg.max_test] if cfg.max_test else test
+
+
 def split(rows: list, val_rows: list | None, cfg: DataConfig, seed: int, source: str, stats: dict) -> tuple[list, list]:
     """train and validation rows: the validation file, else `val_fraction` of train carved off."""
     if val_rows is None:
@@ -150,14 +183,17 @@ def prepare(cfg: DataConfig, tok, task: str, seed: int, log=print) -> Prepared:
     val_rows, val_source = (read_rows(cfg.validation), cfg.validation) if cfg.validation else (None, source)
     stats: dict[str, Any] = {"max_length": cfg.max_length}
     all_rows = rows if val_rows is None else None  # carved: the label set comes from every row
+    rows, test_rows = test_split(rows, cfg, seed, source, stats)
     rows, val_rows = split(rows, val_rows, cfg, seed, source, stats)
     stats["rows_train"], stats["rows_validation"] = len(rows), len(val_rows)
+    if test_rows:
+        stats["rows_test"] = len(test_rows)
     lengths: list[int] = []
     out = Prepared(format=fmt, train=[], eval=[], source=source, stats=stats)
     if fmt in ("classification", "image"):
-        _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_source, out, lengths)
+        _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_source, out, lengths, test_rows)
     elif fmt in ("instruction", "chat", "text"):
-        _language(cfg, tok, fmt, rows, val_rows, source, val_source, out, lengths)
+        _language(cfg, tok, fmt, rows, val_rows, source, val_source, out, lengths, test_rows)
         answers = info.get("answers")
         if answers is None and fmt == "instruction" and out.eval_raw:
             refs = [e["reference"] for e in out.eval_raw]
@@ -173,18 +209,21 @@ def prepare(cfg: DataConfig, tok, task: str, seed: int, log=print) -> Prepared:
                         "raise data.max_length")
     if not out.eval:
         raise DataError(f"{val_source}: no usable validation examples; give more data or data.validation")
+    if test_rows and not out.test:
+        raise DataError(f"{cfg.test or source}: no usable test examples after tokenisation; raise data.max_length")
     if stats["truncated"]:
         log(f"data: truncation to max_length={cfg.max_length} cut {stats['truncated']} of "
             f"{len(lengths)} examples (raise data.max_length to keep them whole)")
     return out
 
 
-def _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_source, out, lengths):
+def _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_source, out, lengths, test_rows=()):
     cols = [cfg.text_column, cfg.label_column] if fmt == "classification" else ["pixels", cfg.label_column]
     if fmt == "classification" and cfg.text_pair_column:
         cols.append(cfg.text_pair_column)
     _need(rows, cols, source, fmt)
     _need(val_rows, cols, val_source, fmt)
+    _need(test_rows, cols, cfg.test or source, fmt)
     seen = all_rows if all_rows is not None else rows
     labels = cfg.labels or info.get("labels") or sorted({str(r[cfg.label_column]) for r in seen})
     labels = [str(x) for x in labels]
@@ -194,8 +233,9 @@ def _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_s
                         f"classes? (columns: {sorted(map(str, rows[0]))})")
     out.labels = labels
     lid = {lab: i for i, lab in enumerate(labels)}
-    counts: dict[str, dict[str, int]] = {"train": {}, "validation": {}}
-    for split_rows, src, dst, name in ((rows, source, out.train, "train"), (val_rows, val_source, out.eval, "validation")):
+    counts: dict[str, dict[str, int]] = {"train": {}, "validation": {}, **({"test": {}} if test_rows else {})}
+    for split_rows, src, dst, name in ((rows, source, out.train, "train"), (val_rows, val_source, out.eval, "validation"),
+                                       (test_rows, cfg.test or source, out.test, "test")):
         for i, r in enumerate(split_rows, 1):
             lab = str(r[cfg.label_column])
             if lab not in lid:
@@ -222,11 +262,14 @@ def _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_s
     out.stats["class_counts"] = counts
 
 
-def _language(cfg, tok, fmt, rows, val_rows, source, val_source, out, lengths):
+def _language(cfg, tok, fmt, rows, val_rows, source, val_source, out, lengths, test_rows=()):
     special = not uses_chat_template(tok, cfg)
     n_empty = 0
     col = cfg.chat_column()
-    for split_rows, src, dst, is_eval in ((rows, source, out.train, False), (val_rows, val_source, out.eval, True)):
+    splits = [(rows, source, out.train, None), (val_rows, val_source, out.eval, out.eval_raw)]
+    if test_rows:
+        splits.append((list(test_rows), cfg.test or source, out.test, out.test_raw))
+    for split_rows, src, dst, raws in splits:  # raws: where a held-out split keeps its prompts
         if fmt == "instruction":
             need = [cfg.output_column] + ([] if cfg.prompt_template else ["instruction"])
             _need(split_rows, need, src, fmt)
@@ -269,8 +312,8 @@ def _language(cfg, tok, fmt, rows, val_rows, source, val_source, out, lengths):
                 n_empty += 1
                 continue
             dst.append(ex)
-            if is_eval and raw is not None and (fmt == "instruction" or len(out.eval_raw) < SAMPLE_ROWS):
-                out.eval_raw.append(raw)
+            if raws is not None and raw is not None and (fmt == "instruction" or len(raws) < SAMPLE_ROWS):
+                raws.append(raw)
     if n_empty:
         out.stats["dropped_no_answer"] = n_empty
 

@@ -59,7 +59,10 @@ class RunLog:
         self.f.close()
 
 
-def run_train(cfg: JobConfig, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+def run_train(cfg: JobConfig, log: Callable[[str], None] = print, progress: bool = True,
+              on_evaluate: Callable[[int, dict], str | None] | None = None) -> dict[str, Any]:
+    """Run the job of `cfg`; `on_evaluate(step, metrics)` is the trainer's per-evaluation callback
+    (a reason returned stops the run there: search's pruning)."""
     t_start = time.time()
     notes: list[str] = []
     dist = Dist.from_env(cfg.train)  # torchrun / accelerate launch: this process's rank (distributed.py)
@@ -69,7 +72,7 @@ def run_train(cfg: JobConfig, log: Callable[[str], None] = print, progress: bool
         try:
             for n in notes:
                 runlog(n)
-            return _run(cfg, claim, runlog, progress and dist.is_main, t_start, dist)
+            return _run(cfg, claim, runlog, progress and dist.is_main, t_start, dist, on_evaluate)
         except TrainingInterrupted as e:
             runlog.write(f"stopped: {e}")
             raise
@@ -105,7 +108,7 @@ def run_train(cfg: JobConfig, log: Callable[[str], None] = print, progress: bool
 
 
 def _run(cfg: JobConfig, claim: rundir.Claim, log: RunLog, progress: bool, t_start: float,
-         dist: Dist | None = None) -> dict[str, Any]:
+         dist: Dist | None = None, on_evaluate: Callable[[int, dict], str | None] | None = None) -> dict[str, Any]:
     import random
 
     import numpy as np
@@ -143,7 +146,7 @@ def _run(cfg: JobConfig, claim: rundir.Claim, log: RunLog, progress: bool, t_sta
     if dist.note:
         log(dist.note)
     trainer = Trainer(cfg, model, s["tokenizer"], data, s["task"], log=log, progress=progress, session_t0=t_start,
-                      dist=dist)
+                      dist=dist, on_evaluate=on_evaluate)
     if dist.world > 1:
         log(f"distributed: {dist.label()}, batch {trainer.t.batch_size} per process x {dist.world} = "
             f"{trainer.global_bs} per micro-batch; parameters held per process {dist.held_mb(trainer.model_unwrapped):.1f} MiB")

@@ -42,11 +42,19 @@ class TrainingDiverged(RuntimeError):
 
 # ---- the trainer ---------------------------------------------------------------------------------
 
+# Called after each evaluation during training with (step, metrics); a non-empty return value (the
+# reason) stops the run there, as early stopping does: how `slimtune search` prunes a trial at a rung.
+EvalCallback = Callable[[int, dict], "str | None"]
+
+
 class Trainer(Evaluation, Checkpointing):
     def __init__(self, cfg: JobConfig, peft_model, tokenizer, data: Prepared, task: str,
                  log: Callable[[str], None] = print, progress: bool = True, session_t0: float | None = None,
-                 dist: Dist | None = None) -> None:
+                 dist: Dist | None = None, on_evaluate: EvalCallback | None = None) -> None:
         from accelerate import Accelerator
+
+        self.on_evaluate = on_evaluate
+        self.stop_reason: str | None = None
 
         self.cfg, self.t, self.data, self.task, self.log = cfg, cfg.train, data, task, log
         # several processes (distributed.py): the launcher's world, DDP or FSDP; t = this session's
@@ -308,6 +316,11 @@ class Trainer(Evaluation, Checkpointing):
                     else:
                         self.log(f"step {self.step}: " + _fmt(res))
                     stopped = self._track_best(res)
+                    if self.on_evaluate is not None and not stopped:
+                        self.stop_reason = self.on_evaluate(self.step, res) or None
+                        if self.stop_reason:
+                            self.log(f"stopped at step {self.step}: {self.stop_reason}")
+                            stopped = True
                 if self.dist.any(self.stop.requested) and self.step < self.total_steps:
                     status = "interrupted"
                 if self.step % save_every == 0 or self.step == self.total_steps or stopped or status == "interrupted":
@@ -345,7 +358,8 @@ class Trainer(Evaluation, Checkpointing):
                 "resumed_at": self.resumed_at, "lost_steps": self.lost_steps, "sessions": sess,
                 "elapsed_before_s": self.elapsed, "last_checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
                 "samples_before": self.samples_before, "samples_after": self.samples_after,
-                "resume_steps": [x["start_step"] for x in sess if x["start_step"]], "lr_curve": self.lr_curve()}
+                "resume_steps": [x["start_step"] for x in sess if x["start_step"]], "lr_curve": self.lr_curve(),
+                "stop_reason": self.stop_reason}
 
     def lr_curve(self, points: int = 400) -> list[tuple[int, float]]:
         """The schedule's learning rate after each step (at most `points` of them): for the plot."""

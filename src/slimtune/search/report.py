@@ -1,0 +1,274 @@
+"""What compare and search leave in their folder: Markdown tables, CSV, plots, and search's best.yaml.
+
+    compare.md / compare.csv / compare.png   one row per method: trainable count, lr and how it was
+                                             chosen, validation metric (selection), test metric
+                                             (measured once), training time, step time, peak memory
+    search.md / search.csv / plots/*.png     the trials, the best config (or the Pareto front) with its
+                                             test numbers, history, importances, rung curves, front
+    best.yaml                                the best trial's config: `slimtune train best.yaml` reruns it
+"""
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..train.config import saved_form
+
+
+def _f(v: Any, nd: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _load(t: tuple | None) -> str:
+    return "n/a" if not t else f"{t[0]:.2f}, {t[1]:.2f}, {t[2]:.2f}"
+
+
+def _command() -> str:
+    import shlex
+
+    return shlex.join(["slimtune"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("slimtune", "__main__.py")) \
+        else "(called from Python)"
+
+
+def _split_note(pf) -> str:
+    d = pf.data
+    return (f"{len(d.train)} train / {len(d.eval)} validation / {len(d.test)} test examples "
+            f"({d.stats.get('test', 'test split')}; {d.stats.get('validation', '')})")
+
+
+# ---- compare ------------------------------------------------------------------------------------
+
+COMPARE_COLS = ["name", "label", "status", "trainable", "trainable_pct", "lr", "lr_source", "val_metric", "val_step",
+                "test_metric", "test_eval_loss", "steps", "train_time_s", "step_time_s", "peak_mem_mb", "error"]
+
+
+def compare_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    pf = summary["pf"]
+    rows = []
+    for r in summary["rows"]:
+        run, test = r.get("run") or {}, r.get("test") or {}
+        rows.append({"name": r["name"], "label": r["label"], "status": r.get("status"), "trainable": run.get("trainable"),
+                     "trainable_pct": run.get("trainable_pct"), "lr": r.get("lr"), "lr_source": r.get("lr_source"),
+                     "val_metric": run.get("best"), "val_step": run.get("best_step"), "test_metric": test.get(pf.metric),
+                     "test_eval_loss": test.get("eval_loss"), "steps": run.get("steps"),
+                     "train_time_s": run.get("train_time_s"), "step_time_s": run.get("step_time_s"),
+                     "peak_mem_mb": run.get("peak_mem_mb"), "error": r.get("error"), "probe": r.get("probe")})
+    ok = [x for x in rows if x["status"] == "ok" and x["test_metric"] is not None]
+    ok.sort(key=lambda x: x["test_metric"], reverse=pf.metric_max)
+    return ok + [x for x in rows if x not in ok]
+
+
+def write_compare(summary: dict[str, Any], out: Path) -> None:
+    pf, opts = summary["pf"], summary["opts"]
+    rows = compare_rows(summary)
+    m = pf.metric
+    with open(out / "compare.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COMPARE_COLS + ["probe"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "probe": ";".join(f"{p['lr']:g}={_f(p.get('value'))}" for p in r["probe"] or [])})
+    steps = (f"{opts.steps} steps (--steps)" if opts.steps else
+             f"{opts.budget_min:g} min of training per method (--budget-minutes; steps from each method's step time)"
+             if opts.budget_min else f"{pf.total_steps} steps (the config's schedule)")
+    lines = [f"# slimtune compare: {summary['cfg'].model_name()}, {pf.data.source}", "",
+             f"`{_command()}`", "",
+             f"Every row: the same data and split ({_split_note(pf)}), {steps}, seed {summary['cfg'].train.seed}, "
+             f"{summary['threads']} CPU thread(s); the best checkpoint by validation {m}.",
+             f"**Held-out numbers are measured once, on the test split**, which no run, no lr probe and no checkpoint "
+             f"choice saw; the lr probe ({summary['probe_steps']} steps per learning rate, half-decade grid) and the "
+             "best checkpoint were chosen on validation.",
+             f"Load average (1, 5, 15 min) at the start: {_load(summary['load_start'])}; at the end: "
+             f"{_load(summary['load_end'])}; whole compare {summary['wall_s'] / 60:.1f} min.", "",
+             f"| method | trainable | trainable % | lr (chosen by) | validation {m} (step) | **test {m}** | test eval_loss "
+             "| steps | training s | s/step | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['label']} | — | — | — | {r['status']}: {str(r['error'])[:160].replace('|', '/')} "
+                         "| — | — | — | — | — | — |")
+            continue
+        lines.append(f"| {r['label']} | {r['trainable']:,} | {r['trainable_pct']:.3f} | {r['lr']:.3g} ({r['lr_source']}) "
+                     f"| {_f(r['val_metric'])} ({r['val_step']}) | **{_f(r['test_metric'])}** | {_f(r['test_eval_loss'])} "
+                     f"| {r['steps']} | {_f(r['train_time_s'], 0)} | {_f(r['step_time_s'], 2)} | {_f(r['peak_mem_mb'], 0)} |")
+    probes = [r for r in rows if r["probe"]]
+    if probes:
+        lines += ["", f"lr probe (validation {m} after {summary['probe_steps']} steps):", ""]
+        for r in probes:
+            lines.append(f"- {r['name']}: " + ", ".join(f"{p['lr']:g} → {_f(p.get('value')) if p['status'] == 'ok' else p['status']}"
+                                                       for p in r["probe"]))
+    lines += ["", "Peak memory is each method's process (its lr probe, run and nothing else): ru_maxrss on CPU, "
+              "max allocated on GPU. Training s counts the optimizer steps only (evaluations and set-up are extra).",
+              "", "![compare](compare.png)", ""]
+    (out / "compare.md").write_text("\n".join(lines))
+    _plot_compare(rows, m, out / "compare.png")
+
+
+def _plot_compare(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok" and r["test_metric"] is not None]
+    if not ok:
+        return
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.8))
+    for r in ok:
+        ax[0].scatter(r["trainable"], r["test_metric"], color="C3" if r["name"] == "config" else "C0")
+        ax[0].annotate(r["name"], (r["trainable"], r["test_metric"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        ax[1].scatter(r["train_time_s"], r["test_metric"], color="C3" if r["name"] == "config" else "C0")
+        ax[1].annotate(r["name"], (r["train_time_s"], r["test_metric"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax[0].set_xscale("log")
+    ax[0].set_xlabel("trainable parameters (log)")
+    ax[0].set_ylabel(f"test {metric}")
+    ax[0].set_title(f"test {metric} vs trainable parameters")
+    ax[1].set_xlabel("training time (s)")
+    ax[1].set_ylabel(f"test {metric}")
+    ax[1].set_title(f"test {metric} vs training time")
+    names = [r["name"] for r in ok]
+    ax[2].barh(names, [r["peak_mem_mb"] or 0 for r in ok], color="C2")
+    ax[2].set_xlabel("peak memory (MB)")
+    ax[2].set_title("peak memory per method")
+    ax[2].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- search -------------------------------------------------------------------------------------
+
+def trial_rows(study, metric: str) -> list[dict[str, Any]]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        p = t.user_attrs.get("params") or {}
+        res = t.user_attrs.get("result") or {}
+        rows.append({"trial": t.number, "state": t.state.name.lower(), "method": p.get("method"), "r": p.get("r"),
+                     "alpha_over_r": p.get("alpha_over_r"), "targets": p.get("targets"),
+                     "layers": p.get("layers") if not isinstance(p.get("layers"), list) else ",".join(map(str, p["layers"])),
+                     "dropout": p.get("dropout"), "lr": p.get("lr"),
+                     metric: t.values[0] if t.values else None, "best_step": res.get("best_step"),
+                     "steps": res.get("steps"), "trainable_pct": res.get("trainable_pct", t.user_attrs.get("trainable_pct")),
+                     "step_time_s": res.get("step_time_s"),
+                     "duration_s": t.duration.total_seconds() if t.duration else None,
+                     "reason": t.user_attrs.get("reason") or t.user_attrs.get("interrupted") or ""})
+    return rows
+
+
+def write_search(s: dict[str, Any], out: Path) -> None:
+    study, pf, best = s["study"], s["pf"], s["best"]
+    m = pf.metric
+    rows = trial_rows(study, m)
+    cols = list(rows[0]) if rows else []
+    with open(out / "search.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    states = {k: sum(1 for r in rows if r["state"] == k) for k in ("complete", "pruned", "fail")}
+    bc = s["best_config"]
+    if bc is not None:
+        header = (f"# slimtune search: {bc.model_name()}, {pf.data.source}\n# best trial {best.number} of {out}/study.db: "
+                  f"validation {m} {best.values[0]:.4f}; test {m} {_f((s['tests'].get(str(best.number)) or {}).get(m))} "
+                  f"(measured once)\n#   slimtune train {out / 'best.yaml'}\n")
+        (out / "best.yaml").write_text(header + yaml.safe_dump(saved_form(bc), sort_keys=False))
+    sec = s["section"]
+    base = s["base"]
+    lines = [f"# slimtune search: {base.model_name()}, {pf.data.source}", "", f"`{_command()}`", "",
+             f"Objective: validation {m} ({'higher' if pf.metric_max else 'lower'} is better)"
+             + (f" and {'trainable %' if s['pareto_with'] == 'params' else 'step time'} (Pareto, no pruning: Optuna does "
+                "not prune multi-objective studies)" if s["pareto"] else
+                f"; pruner {sec.pruner} at evaluation rungs every {s['every']} steps after {sec.warmup_trials} trials "
+                f"reached a rung (reduction factor {sec.reduction_factor})"),
+             f"Space: {'; '.join(s['space'].describe())}" + (f"; trials above {sec.max_trainable_pct:g}% trainable are "
+                                                             "skipped before training" if sec.max_trainable_pct else ""),
+             f"Data: {_split_note(pf)}; {pf.total_steps} steps a trial, seed {base.train.seed}, "
+             f"{s['threads']} CPU thread(s). TPE sampler (multivariate), storage {out}/study.db.",
+             f"Trials: {len(rows)} ({states['complete']} complete, {states['pruned']} pruned, {states['fail']} failed) of "
+             f"--trials {s['trials_target']}" + (f", --timeout {s['timeout_min']:g} min" if s["timeout_min"] else "")
+             + f"; {s['elapsed_s'] / 60:.1f} min of trials over all sessions; this session stopped: {s['stop_why']}.",
+             f"Load average (1, 5, 15 min) at the start of this session: {_load(s['load_start'])}; at the end: "
+             f"{_load(s['load_end'])}.", "",
+             "**Selection used only the validation split**: trial values and pruning are validation metrics. "
+             "The test numbers below are measured once, on the test split, for the reported trial(s) only.", ""]
+    if best is None:
+        lines += ["## Best", "", "No trial finished: every one was pruned, skipped or failed (see the table).", ""]
+    lines += [] if best is None else ["## Best" + (" (Pareto front, by validation metric)" if s["pareto"] else ""), "",
+              f"| trial | settings | trainable % | validation {m} | **test {m}** | test eval_loss |", "|---|---|---|---|---|---|"]
+    for t in s["chosen"][:8]:
+        te = s["tests"].get(str(t.number)) or {}
+        res = t.user_attrs.get("result") or {}
+        lines.append(f"| {t.number} | {_settings(t.user_attrs.get('params') or {})} | {_f(res.get('trainable_pct'), 3)} "
+                     f"| {t.values[0]:.4f} | **{_f(te.get(m))}** | {_f(te.get('eval_loss'))} |")
+    if best is not None:
+        lines += ["", f"`best.yaml` (trial {best.number}) reruns it: `slimtune train {out / 'best.yaml'}` (method block: "
+                  f"`{best.user_attrs.get('method_block')}`)."]
+    lines += ["", "## Trials", "",
+              f"| trial | state | settings | validation {m} | best step | trainable % | s | note |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['trial']} | {r['state']} | {_settings(r)} | {_f(r[m])} | {_f(r['best_step'])} "
+                     f"| {_f(r['trainable_pct'], 3)} | {_f(r['duration_s'], 0)} | {str(r['reason'])[:120].replace('|', '/')} |")
+    plots = _plot_search(study, m, out / "plots", s["pareto"], s["pareto_with"])
+    lines += [""] + [f"![{name}](plots/{name}.png)" for name in plots] + [""]
+    (out / "search.md").write_text("\n".join(lines))
+
+
+def _settings(p: dict[str, Any]) -> str:
+    if not p.get("method"):
+        return "—"
+    bits = [str(p["method"])]
+    if p.get("r") is not None:
+        layers = p["layers"] if isinstance(p["layers"], str) else ",".join(map(str, p["layers"]))
+        bits.append(f"r={p['r']} α/r={p['alpha_over_r']:g} {p['targets']} layers={layers} dropout={p['dropout']:g}")
+    if p.get("lr") is not None:
+        bits.append(f"lr={p['lr']:.2e}")
+    return " ".join(bits)
+
+
+def _plot_search(study, metric: str, folder: Path, pareto: bool, pareto_with: str) -> list[str]:
+    """Optuna's matplotlib plots: history, importances, rung curves, Pareto front (what the trials allow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    import optuna.visualization.matplotlib as vm
+    from optuna.trial import TrialState
+
+    folder.mkdir(parents=True, exist_ok=True)
+    target = (lambda t: t.values[0]) if pareto else None
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    plots = {"history": lambda: vm.plot_optimization_history(study, target=target, target_name=metric)}
+    if len(done) >= 2 and len({tuple(sorted(t.params.items())) for t in done}) >= 2:
+        # fANOVA: how much of the metric's variance each parameter explains (direction-free, seeded)
+        fanova = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        plots["importances"] = lambda: vm.plot_param_importances(study, evaluator=fanova, target=target,
+                                                                 target_name=metric)
+    if not pareto:
+        plots["rungs"] = lambda: vm.plot_intermediate_values(study)
+    else:
+        plots["pareto"] = lambda: vm.plot_pareto_front(study, target_names=[metric, "trainable %" if pareto_with ==
+                                                                             "params" else "step time (s)"])
+    made = []
+    for name, fn in plots.items():
+        with matplotlib.rc_context():  # Optuna's plots switch the global style to ggplot: put it back after
+            try:
+                ax = fn()
+            except (ValueError, RuntimeError, ZeroDivisionError) as e:  # too few trials for this plot
+                (folder / f"{name}.txt").write_text(f"not drawn: {e}\n")
+                continue
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.set_size_inches(8, 4.5)
+            fig.tight_layout()
+            fig.savefig(folder / f"{name}.png", dpi=110)
+            plt.close(fig)
+        made.append(name)
+    return made

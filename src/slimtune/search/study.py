@@ -1,0 +1,430 @@
+"""`slimtune search`: an Optuna study over the space of space.py, each trial one run of the job.
+
+    lock OUT -> preflight (data, metric, space, budget) -> open OUT/study.db (Optuna RDB storage)
+    -> settle what a killed earlier session left -> ask / run / tell until N trials or the time
+    budget -> the best trial (or the Pareto front) measured once on the test split -> report.py
+
+Why trials run in this process (not one subprocess each): pruning is a callback into the trainer's
+own evaluations (`run_train(on_evaluate=...)` reports the metric at each rung and stops the run when
+the pruner says so), the study needs no inter-process channel, and a kill of the search kills its
+trial with it (no orphan keeps training into a folder the next session must use). The cost: the
+process's peak memory is not a per-trial figure, so search tables report step time, not memory
+(`slimtune compare` runs each method in its own process and does report it).
+
+Resuming: the study lives in OUT/study.db. OUT is locked for the life of a search (train/lock.py),
+so a trial still RUNNING in the storage when a search starts was cut off by a kill: it is marked
+failed ("interrupted"), its run folder removed, and its parameters queued to run first. Completed
+and pruned trials stay; the count and the time budget continue where they were. A resumed search
+whose config or space differs from the stored one is refused, naming the differences.
+
+Selection uses the validation split only (the trial's best validation metric is its value; the
+pruner sees validation metrics). The test split is evaluated once, for the reported best trial(s).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..train.config import JobConfig, saved_form
+from ..train.lock import RunLock
+from . import prepare as P
+from .space import SearchError, Space, build_space, method_block, parse_section
+
+STUDY_NAME = "slimtune-search"
+
+
+def _trial_errors() -> tuple[type[BaseException], ...]:
+    from ..checkpoint import CheckpointError
+    from ..config import ConfigError
+    from ..targeting import TargetError
+    from ..train.config import JobConfigError
+    from ..train.datafiles import DataError
+
+    return (JobConfigError, DataError, ConfigError, TargetError, CheckpointError)
+
+
+TRIAL_ERRORS = _trial_errors()
+PARETO_WITH = ("params", "step_time")
+
+
+@dataclass
+class SearchOptions:
+    out: Path
+    trials: int = 20
+    timeout_min: Optional[float] = None
+    objective: Optional[str] = None  # a metric, or "pareto"
+    pareto_with: str = "params"  # the second objective of a Pareto search: trainable % or step time
+    max_trainable_pct: Optional[float] = None
+    keep_all: bool = False  # keep pruned / failed trials' folders and every checkpoint
+    test_fraction: Optional[float] = None
+    overwrite: bool = False
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise SearchError("slimtune search runs on Optuna, which is not installed: pip install 'slimtune[search]' "
+                          "(or pip install optuna)") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+def trial_dir(out: Path, number: int) -> Path:
+    return out / "trials" / f"trial-{number:04d}"
+
+
+def run_search(cfg: JobConfig, opts: SearchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or continue) the search in opts.out; returns the summary report.py writes."""
+    optuna = _optuna()
+    if opts.trials < 1:
+        raise SearchError(f"--trials {opts.trials}: a search needs at least 1 trial")
+    if opts.pareto_with not in PARETO_WITH:
+        raise SearchError(f"--pareto-with {opts.pareto_with!r}: choose {' or '.join(PARETO_WITH)}")
+    out = opts.out
+    if out.exists() and not out.is_dir():
+        raise SearchError(f"--out '{out}' is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out)
+    lock.acquire()
+    try:
+        if opts.overwrite:
+            for p in ("study.db", "trials", "search.md", "search.csv", "best.yaml", "pareto", "plots"):
+                q = out / p
+                shutil.rmtree(q, ignore_errors=True) if q.is_dir() else q.unlink(missing_ok=True)
+        return _search(optuna, cfg, opts, out, log)
+    finally:
+        lock.release()
+
+
+def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict[str, Any]:
+    from ..train.resources import set_cpu_threads
+
+    t_session = time.time()
+    load_start = os.getloadavg()
+    section = parse_section(cfg.search, "search")
+    if opts.max_trainable_pct is not None:
+        section = section.model_copy(update={"max_trainable_pct": opts.max_trainable_pct})
+    pareto = opts.objective == "pareto"
+    cfg = P.with_test_split(cfg, opts.test_fraction, log)
+    pf = P.preflight(cfg, None if pareto else (opts.objective or section.metric), log)
+    space = build_space(section, pf.task, pf.blocks)
+    threads = set_cpu_threads(cfg.train.cpu_threads, P.quiet)
+    every = min(cfg.train.eval_every or pf.total_steps, max(1, math.ceil(pf.total_steps / section.rungs)))
+    base = P.derive(cfg, {"search": None, "resume": False, "overwrite": True, "resume_weights_only": False,
+                          "train": {"eval_every": every, "eval_before": False, "metric": pf.metric,
+                                    "cpu_threads": threads},
+                          "eval": {"samples": 0}})
+    log("search space: " + "; ".join(space.describe()))
+    directions = ["maximize" if pf.metric_max else "minimize"] + (["minimize"] if pareto else [])
+    storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'study.db').resolve()}",
+                                         engine_kwargs={"connect_args": {"timeout": 60}})
+    fingerprint = {"config": _fingerprint(base), "space": space.to_dict(), "metric": pf.metric, "pareto": pareto,
+                   "pareto_with": opts.pareto_with if pareto else None, "max_trainable_pct": section.max_trainable_pct}
+    existing = [s for s in optuna.get_all_study_summaries(storage) if s.study_name == STUDY_NAME]
+    n_before = existing[0].n_trials if existing else 0
+    sampler = optuna.samplers.TPESampler(
+        seed=cfg.train.seed + n_before,  # a resumed session draws new points, not the first session's again
+        n_startup_trials=section.startup_trials if section.startup_trials is not None else max(3, min(10, opts.trials // 4)),
+        multivariate=True, group=True, constant_liar=False)
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True, directions=directions,
+                                sampler=sampler, pruner=_pruner(optuna, section, every, pf.total_steps, pareto))
+    if existing:
+        _same_search(study, fingerprint, out)
+        log(f"resuming the search in {out}: {n_before} trial(s) in study.db")
+    else:
+        for k, v in fingerprint.items():
+            study.set_user_attr(k, v)
+        study.set_user_attr("elapsed_s", 0.0)
+    _recover(optuna, study, storage, out, log)
+
+    done = _counted(study)
+    elapsed0 = float(study.user_attrs.get("elapsed_s", 0.0))
+    budget_s = opts.timeout_min * 60 if opts.timeout_min else None
+    estimate = _trial_estimate(study)
+    if budget_s is not None and estimate is None and done < opts.trials:
+        t = P.time_run(base, out / "timing")
+        estimate = t.run_s(pf.total_steps, P.evals_of(pf.total_steps, every, pf.total_steps))
+        P.check_budget("--timeout", budget_s - elapsed0, estimate,
+                       f"one trial ({pf.total_steps} steps, an evaluation every {every})")
+        log(f"timing: about {estimate:.0f} s a full trial (set-up {t.setup_s:.0f} s, {t.step_s:.2f} s/step, "
+            f"{t.eval_s:.1f} s/evaluation)")
+    stop_why = None
+    while True:
+        done = _counted(study)
+        if done >= opts.trials:
+            stop_why = f"{done} trials done"
+            break
+        spent = elapsed0 + (time.time() - t_session)
+        if budget_s is not None:
+            est = _trial_estimate(study) or estimate or 0.0
+            if spent + est > budget_s:
+                stop_why = (f"time budget: {spent / 60:.1f} of {budget_s / 60:.1f} min spent, a trial takes about "
+                            f"{est / 60:.1f} min")
+                break
+        _one_trial(optuna, study, storage, space, pf, base, out, opts, section, done, log)
+        study.set_user_attr("elapsed_s", elapsed0 + (time.time() - t_session))
+    log(f"search stopped: {stop_why}")
+    summary = _finish(optuna, study, pf, space, cfg, base, out, opts, pareto, section, every)
+    summary.update(load_start=load_start, load_end=os.getloadavg(), session_s=time.time() - t_session,
+                   stop_why=stop_why, threads=threads)
+    from .report import write_search
+
+    write_search(summary, out)
+    if summary["best"] is None:
+        raise SearchError(f"no trial of the search in {out} finished ({out}/search.md lists each trial and why it "
+                          "stopped): widen the space, raise --trials / --timeout, or fix the errors it names")
+    log(f"wrote {out}/search.md, {out}/search.csv, {out}/best.yaml and plots in {out}/plots")
+    b, te = summary["best"], summary["tests"].get(str(summary["best"].number)) or {}
+    log(f"best: trial {b.number}, validation {pf.metric} {b.values[0]:.4f}; test {pf.metric} "
+        f"{te.get(pf.metric, float('nan')):.4f} (measured once, {te.get('n_test')} test examples)")
+    return summary
+
+
+def _fingerprint(base: JobConfig) -> dict[str, Any]:
+    d = saved_form(base)
+    for k in ("output_dir", "method"):  # where it goes, and what each trial draws
+        d.pop(k, None)
+    d["train"].pop("cpu_threads", None)  # the machine, not the search
+    d["train"].pop("lr", None)
+    return json.loads(json.dumps(d, default=str))
+
+
+def _same_search(study, fp: dict[str, Any], out: Path) -> None:
+    from ..train.rundir import config_diff
+
+    old = {k: study.user_attrs.get(k) for k in fp}
+    if old == json.loads(json.dumps(fp, default=str)):
+        return
+    diffs = []
+    if old.get("config") != fp["config"]:
+        diffs += config_diff(old.get("config") or {}, fp["config"])
+    for k in fp:
+        if k != "config" and old.get(k) != json.loads(json.dumps(fp[k], default=str)):
+            diffs.append(f"{k}: {old.get(k)!r} -> {fp[k]!r}")
+    raise SearchError(f"'{out}' holds a search of another config or space ({'; '.join(diffs[:6]) or 'settings differ'}); "
+                      "run the same command to continue it, choose another --out, or add --overwrite to start over")
+
+
+def _pruner(optuna, section, every: int, total: int, pareto: bool):
+    """Successive halving / Hyperband on the evaluation rungs (the first at `every` steps), after a
+    warm-up: a trial is pruned at a step only once `warmup_trials` earlier trials have reached that step
+    (Optuna's own bootstrap_count prunes *during* its bootstrap, which is the opposite). Optuna does not
+    prune multi-objective studies, so a Pareto search runs every trial to the end."""
+    if pareto or section.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if section.pruner == "hyperband":
+        inner = optuna.pruners.HyperbandPruner(min_resource=every, max_resource=total,
+                                               reduction_factor=section.reduction_factor)
+    else:
+        inner = optuna.pruners.SuccessiveHalvingPruner(min_resource=every, reduction_factor=section.reduction_factor)
+    return _after_warmup(optuna)(inner, section.warmup_trials)
+
+
+def _after_warmup(optuna):
+    from optuna.trial import TrialState
+
+    class AfterWarmup(optuna.pruners.BasePruner):
+        """`inner`'s decision, once `n` other finished trials reached this trial's step. The inner
+        pruner is always asked, so it records every rung's value for the trials that come later."""
+
+        def __init__(self, inner, n: int) -> None:
+            self.inner, self.n = inner, n
+
+        def prune(self, study, trial) -> bool:
+            if not self.inner.prune(study, trial):
+                return False
+            step = trial.last_step
+            reached = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                       if t.number != trial.number and t.last_step is not None and t.last_step >= step]
+            return len(reached) >= self.n
+
+    return AfterWarmup
+
+
+def _counted(study) -> int:
+    """Trials that count toward --trials: finished, pruned, or failed on their own config (not cut off)."""
+    from optuna.trial import TrialState
+
+    n = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            n += 1
+        elif t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"):
+            n += 1
+    return n
+
+
+def _trial_estimate(study) -> float | None:
+    """Seconds a full trial takes: the median of the completed trials of this study."""
+    from optuna.trial import TrialState
+
+    ds = [t.duration.total_seconds() for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+          if t.duration is not None]
+    return statistics.median(ds) if ds else None
+
+
+def _recover(optuna, study, storage, out: Path, log) -> None:
+    """Trials a killed session left RUNNING: failed as interrupted, folders removed, parameters queued again."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_user_attr(t._trial_id, "interrupted", "the search process was stopped during this trial")
+        study.tell(t.number, state=TrialState.FAIL)
+        shutil.rmtree(trial_dir(out, t.number), ignore_errors=True)
+        study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
+        log(f"trial {t.number} was cut off by the end of the last session: its folder is removed and it runs again "
+            "first")
+    shutil.rmtree(out / "timing", ignore_errors=True)
+
+
+def _describe(params: dict[str, Any]) -> str:
+    m = params["method"]
+    bits = [m]
+    if "r" in params:
+        bits += [f"r={params['r']}", f"α/r={params['alpha_over_r']:g}", str(params["targets"]),
+                 f"layers {params['layers'] if isinstance(params['layers'], str) else ','.join(map(str, params['layers']))}",
+                 f"dropout {params['dropout']:g}"]
+    bits.append(f"lr {params['lr']:.2e}")
+    return " ".join(bits)
+
+
+def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: Path, opts: SearchOptions,
+               section, done: int, log) -> None:
+    from optuna.trial import TrialState
+
+    from ..train.interrupt import TrainingInterrupted
+    from ..train.trainer import TrainingDiverged
+
+    trial = study.ask()
+    params = space.sample(trial)
+    folder = trial_dir(out, trial.number)
+    block = method_block(params, pf.blocks)
+    trial.set_user_attr("params", params)
+    trial.set_user_attr("method_block", block)
+    tcfg = P.derive(base, {"method": block, "train": {"lr": float(params["lr"])}, "output_dir": str(folder)})
+    head = f"trial {trial.number} ({done + 1}/{opts.trials}): {_describe(params)}"
+    pareto = len(study.directions) > 1
+    limit = section.max_trainable_pct
+    counts = P.count_trainable(pf, tcfg) if limit is not None else None
+    if counts is not None:
+        trial.set_user_attr("trainable_pct", counts[2])
+        if counts[2] > limit:
+            trial.set_user_attr("reason", f"{counts[2]:.3f}% trainable is above max_trainable_pct {limit:g}")
+            study.tell(trial, state=TrialState.PRUNED)
+            log(f"{head}: skipped, {counts[2]:.3f}% trainable > {limit:g}%")
+            return
+    pruned: list[str] = []
+
+    def on_evaluate(step: int, metrics: dict) -> str | None:
+        v = metrics.get(pf.metric)
+        if v is None or pareto:
+            return None
+        trial.report(float(v), step)
+        if trial.should_prune():
+            pruned.append(f"{pf.metric} {v:.4f} at step {step}")
+            return f"pruned by the search ({section.pruner}): {pf.metric} {v:.4f}"
+        return None
+
+    t0 = time.time()
+    try:
+        res = P.run_once(tcfg, on_evaluate=on_evaluate)
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM (TrainingInterrupted is one): the trial runs again next time
+        storage.set_trial_user_attr(trial._trial_id, "interrupted", "stopped by Ctrl-C / SIGTERM")
+        study.tell(trial, state=TrialState.FAIL)
+        study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
+        shutil.rmtree(folder, ignore_errors=True)
+        raise TrainingInterrupted(f"search interrupted during trial {trial.number}: {done} trial(s) done are kept in "
+                                  f"{out}/study.db; run the same command again to continue (trial {trial.number}'s "
+                                  "settings run first)", getattr(e, "signum", 2)) from None
+    except TrainingDiverged as e:  # a learning rate too high: a bad result the sampler should learn from
+        trial.set_user_attr("reason", f"diverged: {str(e)[:200]}")
+        study.tell(trial, state=TrialState.PRUNED)
+        log(f"{head}: diverged ({time.time() - t0:.0f} s)")
+        _clean(folder, keep=opts.keep_all)
+        return
+    except TRIAL_ERRORS as e:  # this trial's config cannot run (a method that fits nothing here): record it, go on
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        trial.set_user_attr("reason", f"error: {msg[:300]}")
+        study.tell(trial, state=TrialState.FAIL)
+        log(f"{head}: failed: {msg[:200]}")
+        _clean(folder, keep=opts.keep_all)
+        return
+    except BaseException:  # a bug, or the machine: the trial is not left RUNNING for the next session to guess
+        study.tell(trial, state=TrialState.FAIL)
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    trial.set_user_attr("result", res)
+    took = time.time() - t0
+    if pruned:
+        trial.set_user_attr("reason", f"pruned: {pruned[0]}")
+        study.tell(trial, state=TrialState.PRUNED)
+        log(f"{head}: pruned, {pruned[0]} ({took:.0f} s)")
+        _clean(folder, keep=opts.keep_all)
+        return
+    if res["best"] is None:
+        trial.set_user_attr("reason", "no evaluation")
+        study.tell(trial, state=TrialState.FAIL)
+        _clean(folder, keep=opts.keep_all)
+        return
+    values = [float(res["best"])]
+    if pareto:
+        values.append(float(res["trainable_pct"]) if opts.pareto_with == "params" else float(res["step_time_s"] or 0))
+    study.tell(trial, values=values)
+    if not opts.keep_all:
+        P.strip_checkpoints(folder)
+    best = _best_value(study)
+    log(f"{head}: {pf.metric} {res['best']:.4f} at step {res['best_step']}, {res['trainable_pct']:.3f}% trainable, "
+        f"{took:.0f} s" + ("" if pareto or best is None else f" (best so far {best:.4f})"))
+
+
+def _best_value(study) -> float | None:
+    try:
+        return study.best_value if len(study.directions) == 1 else None
+    except ValueError:
+        return None
+
+
+def _clean(folder: Path, keep: bool) -> None:
+    """A pruned or failed trial's folder goes whole (its curve and reason stay in study.db)."""
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _finish(optuna, study, pf, space, cfg: JobConfig, base: JobConfig, out: Path, opts: SearchOptions, pareto: bool,
+            section, every: int) -> dict[str, Any]:
+    from optuna.trial import TrialState
+
+    common = {"study": study, "pf": pf, "space": space, "pareto": pareto, "pareto_with": opts.pareto_with,
+              "section": section, "every": every, "trials_target": opts.trials, "timeout_min": opts.timeout_min,
+              "base": base, "elapsed_s": float(study.user_attrs.get("elapsed_s", 0.0))}
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return {**common, "best": None, "chosen": [], "tests": {}, "best_config": None}
+    chosen = sorted(study.best_trials, key=lambda t: t.values[0], reverse=pf.metric_max) if pareto else [study.best_trial]
+    tests = dict(study.user_attrs.get("test") or {})
+    for t in chosen[:8]:
+        key = str(t.number)
+        if key not in tests:  # measured once per reported trial, kept in the study
+            tcfg = _trial_config(base, t, out)
+            tests[key] = P.measure_test(tcfg, trial_dir(out, t.number))
+            study.set_user_attr("test", tests)
+    best = chosen[0]
+    best_cfg = _trial_config(base, best, out).model_copy(deep=True)
+    best_yaml = P.derive(best_cfg, {"output_dir": str(out / "best-run"),
+                                    "train": {"eval_before": cfg.train.eval_before},
+                                    "eval": {"samples": cfg.eval.samples}})
+    return {**common, "best": best, "chosen": chosen, "tests": tests, "best_config": best_yaml}
+
+
+def _trial_config(base: JobConfig, t, out: Path) -> JobConfig:
+    return P.derive(base, {"method": t.user_attrs["method_block"], "train": {"lr": float(t.user_attrs["params"]["lr"])},
+                           "output_dir": str(trial_dir(out, t.number))})

@@ -1,0 +1,100 @@
+"""`slimtune compare` on a tiny random BERT: every row on the same split and steps, the lr probe chosen
+on validation, the test split measured once, a worker process per row, a rerun that keeps finished
+rows, a method that cannot run as a row with its message, and every bad input one message (exit 2)
+before any row runs."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest_train import sentiment_rows, tiny_bert, tiny_llama, chat_rows, write_jsonl  # noqa: F401
+
+
+def _config(tmp_path: Path, model: Path, task: str = "classification", rows=None) -> Path:
+    data = write_jsonl(tmp_path / "d.jsonl", rows if rows is not None else sentiment_rows(120))
+    d = {"model": str(model), "task": task, "method": "lora", "data": {"train": str(data), "max_length": 32},
+         "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "eval_every": 2, "log_every": 2, "cpu_threads": 1},
+         "eval": {"batch_size": 32, "samples": 0}, "output_dir": str(tmp_path / "run")}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def _cli(argv, capsys):
+    from slimtune.cli.main import main
+
+    rc = main(argv)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_compare_runs_every_row_alike_and_a_rerun_keeps_them(tiny_bert, tmp_path, capsys):
+    cfg = _config(tmp_path, tiny_bert)
+    out = tmp_path / "cmp"
+    argv = ["compare", str(cfg), "--methods", "lora,ia3", "--steps", "4", "--probe-steps", "2", "--lr-grid", "2",
+            "--lr", "ia3=3e-3", "--out", str(out)]
+    rc, stdout, err = _cli(argv, capsys)
+    assert rc == 0, err
+    rows = {r["name"]: r for r in csv.DictReader(open(out / "compare.csv"))}
+    assert set(rows) == {"config", "lora", "ia3"} and all(r["status"] == "ok" for r in rows.values())
+    assert {r["steps"] for r in rows.values()} == {"4"}
+    assert rows["config"]["lr_source"] == "config" and float(rows["config"]["lr"]) == 1e-2
+    assert rows["ia3"]["lr_source"] == "given" and float(rows["ia3"]["lr"]) == 3e-3 and not rows["ia3"]["probe"]
+    # lora's lr came from its probe: two half-decade points around its centre, the winner on validation
+    res = json.loads((out / "runs" / "lora" / "result.json").read_text())
+    probed = [p["lr"] for p in res["probe"]]
+    assert rows["lora"]["lr_source"] == "probe" and len(probed) >= 2 and res["lr"] in probed
+    assert all((out / "runs" / "lora" / "probe" / f"lr-{lr:.3g}").is_dir() for lr in probed)
+    # the held-out number: the test split, 12 of 120 rows carved before validation, measured once
+    assert res["test"]["n_test"] == 12 and 0 <= res["test"]["accuracy"] <= 1
+    assert float(rows["lora"]["test_metric"]) == res["test"]["accuracy"]
+    assert (out / "runs" / "lora" / "main" / "best").is_dir() and not (out / "runs" / "lora" / "main" / "checkpoints").exists()
+    assert float(rows["ia3"]["trainable_pct"]) < float(rows["lora"]["trainable_pct"])
+    assert all(float(r["peak_mem_mb"]) > 0 for r in rows.values())
+    md = (out / "compare.md").read_text()
+    assert "measured once, on the test split" in md and "| config as given: lora" in md
+    assert (out / "compare.png").stat().st_size > 10_000
+    # the same command again: every finished row kept, nothing retrained
+    rc, stdout, err = _cli(argv, capsys)
+    assert rc == 0 and stdout.count("kept from an earlier session") == 3
+    # another lr for ia3: that row runs again, the others stay
+    rc, stdout, err = _cli(argv[:-4] + ["--lr", "ia3=1e-3", "--out", str(out)], capsys)
+    assert rc == 0 and stdout.count("kept from an earlier session") == 2
+    assert float(next(r for r in csv.DictReader(open(out / "compare.csv")) if r["name"] == "ia3")["lr"]) == 1e-3
+
+
+def test_a_method_that_cannot_run_is_a_row_with_its_message(tiny_llama, tmp_path, capsys):
+    cfg = _config(tmp_path, tiny_llama, task="causal_lm", rows=chat_rows(40))
+    out = tmp_path / "cmp"
+    rc, stdout, err = _cli(["compare", str(cfg), "--methods", "bitfit", "--steps", "2", "--no-probe",
+                            "--no-config-row", "--out", str(out)], capsys)
+    assert rc == 0, err
+    (row,) = list(csv.DictReader(open(out / "compare.csv")))
+    assert row["name"] == "bitfit" and row["status"] == "error" and "bias" in row["error"]
+    assert "bitfit" in (out / "compare.md").read_text()
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--methods", "lorra"], "unknown method 'lorra'; did you mean 'lora'?"),
+    (["--methods", "lora", "--lr", "ia3=1e-3"], "'ia3' is not among --methods"),
+    (["--methods", "lora", "--lr", "ia3"], "write METHOD=LR"),
+    (["--methods", "lora", "--lr-grid", "1"], "at least 2 learning rates"),
+    (["--methods", "lora", "--steps", "3", "--budget-minutes", "2"], "not allowed with argument"),
+    (["--methods", "lora", "--budget-minutes", "0.0001"], "too small for one run"),
+    (["--methods", "lora", "--test-fraction", "0"], "give data.test"),
+    (["--methods", "lora", "train.metric=gen_accuracy"], "metric 'gen_accuracy' is not produced"),
+])
+def test_bad_input_is_one_message_before_any_row(tiny_bert, tmp_path, capsys, extra, match):
+    cfg = _config(tmp_path, tiny_bert)
+    out = tmp_path / "bad"
+    try:
+        rc, _, err = _cli(["compare", str(cfg), "--out", str(out), *extra], capsys)
+    except SystemExit as e:  # argparse's own mutually exclusive options
+        rc, err = e.code, capsys.readouterr().err
+    assert rc == 2 and match in err, err
+    assert "Traceback" not in err
+    assert not (out / "runs").exists()

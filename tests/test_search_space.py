@@ -1,0 +1,143 @@
+"""The search space (search/space.py) and target sets (search/targets.py): every bad space is one
+SearchError naming the key; target sets select exactly the attention / MLP / all linears of the
+chosen blocks; a trial's draw becomes a method block the job accepts; trainable counts on the
+weightless copy equal the real injection's."""
+from __future__ import annotations
+
+import pytest
+import torch.nn as nn
+
+optuna = pytest.importorskip("optuna")
+
+from slimtune.search import targets as T  # noqa: E402
+from slimtune.search.space import SearchError, build_space, method_block, parse_section  # noqa: E402
+from slimtune.targeting import LINEAR_TYPES, select  # noqa: E402
+
+
+def _llama(layers=3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                                        num_attention_heads=2, num_key_value_heads=1))
+
+
+def _bert(layers=3):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                    num_hidden_layers=layers, num_attention_heads=2))
+
+
+def _gpt2(layers=3):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=layers, n_head=2, bos_token_id=0, eos_token_id=0))
+
+
+def _chosen(model, target):
+    return set(select(model, target, supported_types=LINEAR_TYPES).names)
+
+
+@pytest.mark.parametrize("make, att, mlp", [
+    (_llama, {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"},
+     {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}),
+    (_bert, {"attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"},
+     {"intermediate.dense", "output.dense"}),
+    (_gpt2, {"attn.c_attn", "attn.c_proj"}, {"mlp.c_fc", "mlp.c_proj"}),
+])
+def test_target_sets_split_each_block_by_role(make, att, mlp):
+    model = make()
+    blocks = T.find_blocks(model)
+    (b,) = blocks.lists
+    assert b.n == 3
+    assert set(b.attention) == att and set(b.mlp) == mlp
+    a = _chosen(model, T.target_modules(blocks, "attention", "all"))
+    m = _chosen(model, T.target_modules(blocks, "mlp", "all"))
+    assert a and m and not (a & m)
+    assert len(a) == 3 * len(att) and len(m) == 3 * len(mlp)
+    every = _chosen(model, T.target_modules(blocks, "all-linear", "top_third"))
+    assert every == {n for n in a | m if f"{b.path}.2." in n}
+    # the ambiguity a suffix list would have (BERT's output.dense is also attention.output.dense) is gone
+    assert all(".attention." not in n for n in m)
+
+
+def test_all_linear_over_all_layers_is_peft_all_linear_and_layer_choices():
+    blocks = T.find_blocks(_llama(layers=6))
+    assert T.target_modules(blocks, "all-linear", "all") == "all-linear"
+    assert T.layer_indices("top_half", 6) == [3, 4, 5]
+    assert T.layer_indices("top_third", 6) == [4, 5]
+    assert T.layer_indices("bottom_half", 6) == [0, 1, 2]
+    assert T.layer_indices([5, 0, 5], 6) == [0, 5]
+    with pytest.raises(ValueError, match="numbered 0..5"):
+        T.layer_indices([6], 6)
+
+
+def test_a_model_without_blocks_has_no_target_sets():
+    with pytest.raises(ValueError, match="no repeated transformer blocks"):
+        T.check(T.find_blocks(nn.Sequential(nn.Linear(2, 2))), "attention", "all")
+
+
+@pytest.mark.parametrize("section, match", [
+    ({"rank": [4]}, r"unknown key 'search.rank'"),
+    ({"lrr": 1e-3}, r"did you mean 'search.lr'"),
+    ({"methods": []}, "empty list"),
+    ({"r": []}, "search.r is an empty list"),
+    ({"lr": {"low": 1e-2, "high": 1e-4}}, "low 0.01 is above high 0.0001"),
+    ({"lr": {"low": 0, "high": 1e-2, "log": True}}, "log range needs low > 0"),
+    ({"methods": ["ia3"], "r": [4, 8]}, r"search.r applies to lora / dora only"),
+    ({"methods": ["lorra"]}, "did you mean 'lora'"),
+    ({"targets": ["attn"]}, "not a target set"),
+    ({"layers": ["top"]}, "not a layer choice"),
+    ({"dropout": [1.5]}, r"must be in \[0, 1\)"),
+    ({"r": [0]}, "whole number >= 1"),
+    ({"methods": "lora", "r": 8, "alpha_over_r": 2, "targets": "attention", "layers": "all", "dropout": 0.0, "lr": 1e-3},
+     "holds one configuration"),
+    ({"pruner": "median"}, "search.pruner"),
+])
+def test_bad_spaces_are_one_message(section, match):
+    with pytest.raises(SearchError, match=match):
+        build_space(parse_section(section), "causal_lm", T.find_blocks(_llama()))
+
+
+def test_a_target_set_the_model_lacks_is_refused_before_any_trial():
+    blocks = T.Blocks([T.BlockList("model.layers", 2, attention=["self_attn.q_proj"], mlp=[])])
+    with pytest.raises(SearchError, match="no mlp linear layers"):
+        build_space(parse_section({"targets": ["mlp"]}), "causal_lm", blocks)
+
+
+def test_defaults_per_task_and_shared_parameter_names():
+    blocks = T.find_blocks(_llama())
+    gen = build_space(parse_section(None), "causal_lm", blocks)
+    cls = build_space(parse_section(None), "classification", blocks)
+    assert gen.methods == ("lora", "dora")
+    assert "top_third" in gen.per_method["lora"]["layers"].values
+    assert "top_third" not in cls.per_method["lora"]["layers"].values
+    assert gen.names[("lora", "lr")] == "lr"  # lora and dora share the lr range: one parameter
+    mixed = build_space(parse_section({"methods": ["lora", "prompt"]}), "causal_lm", blocks)
+    assert mixed.names[("prompt", "lr")] == "lr[prompt]" and mixed.names[("lora", "lr")] == "lr[lora]"
+    assert set(mixed.per_method["prompt"]) == {"lr"}
+
+
+def test_draws_become_method_blocks_the_job_accepts():
+    from slimtune.registry import make_config
+
+    model = _llama()
+    blocks = T.find_blocks(model)
+    space = build_space(parse_section({"methods": ["lora", "dora", "ia3"], "layers": ["all", [0, 2]]}), "causal_lm",
+                        blocks)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(25):
+        t = study.ask()
+        p = space.sample(t)
+        block = method_block(p, blocks)
+        cfg = make_config(block.pop("name"), **block)
+        seen.add(p["method"])
+        if p["method"] in ("lora", "dora"):
+            assert cfg.lora_alpha == pytest.approx(p["alpha_over_r"] * p["r"])
+            names = _chosen(model, cfg.target_modules)
+            assert names
+            if p["layers"] == [0, 2]:
+                assert all(".1." not in n for n in names)
+        study.tell(t, 0.0)
+    assert seen == {"lora", "dora", "ia3"}

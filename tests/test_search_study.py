@@ -1,0 +1,199 @@
+"""`slimtune search` on tiny random models: the study in OUT/study.db, trial folders kept or removed,
+best.yaml rerunning to the trial's value, resume (also after a real SIGKILL of a real process),
+pruning only after warm-up, Pareto, and every bad input one message before any trial."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest_train import sentiment_rows, tiny_bert, write_jsonl  # noqa: F401
+
+optuna = pytest.importorskip("optuna")
+
+from slimtune.search.study import SearchOptions, run_search  # noqa: E402
+from slimtune.train.config import load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _config(tmp_path: Path, model: Path, steps: int = 6, **search) -> Path:
+    data = write_jsonl(tmp_path / "s.jsonl", sentiment_rows(120))
+    d = {"model": str(model), "task": "classification", "method": "lora",
+         "data": {"train": str(data), "max_length": 32},
+         "train": {"max_steps": steps, "batch_size": 8, "lr": 1e-2, "eval_every": 2, "log_every": 2, "cpu_threads": 1},
+         "eval": {"batch_size": 32}, "output_dir": str(tmp_path / "run"),
+         "search": {"methods": ["lora"], "r": [2, 4], "targets": ["attention", "all-linear"], "layers": ["all"],
+                    "dropout": 0.0, "lr": {"low": 1e-3, "high": 3e-2, "log": True}, **search}}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def _study(out: Path):
+    return optuna.load_study(study_name="slimtune-search", storage=f"sqlite:///{out / 'study.db'}")
+
+
+def test_search_runs_reports_and_best_yaml_reruns_to_the_same_metric(tiny_bert, tmp_path):
+    from slimtune.train.run import run_train
+
+    cfg_path = _config(tmp_path, tiny_bert)
+    out = tmp_path / "search"
+    s = run_search(load_config(str(cfg_path)), SearchOptions(out=out, trials=4), log=lambda m: None)
+    st = _study(out)
+    assert len(st.trials) == 4
+    for t in st.trials:
+        folder = out / "trials" / f"trial-{t.number:04d}"
+        if t.state.name == "COMPLETE":
+            assert (folder / "best" / "adapter_config.json").is_file() and not (folder / "checkpoints").exists()
+        else:
+            assert not folder.exists()  # pruned / failed: removed whole, the curve and reason stay in study.db
+    md = (out / "search.md").read_text()
+    assert "measured once" in md and "Selection used only the validation split" in md
+    assert (out / "search.csv").read_text().count("\n") == 5
+    assert (out / "plots" / "history.png").is_file() and (out / "plots" / "rungs.png").is_file()
+    test = s["tests"][str(s["best"].number)]
+    assert 0 <= test["accuracy"] <= 1 and test["n_test"] == 12
+    best = load_config(str(out / "best.yaml"))
+    assert best.search is None and best.output_dir == str(out / "best-run")
+    assert best.data.test_fraction == 0.1  # the same rows train as in the trial
+    res = run_train(best, log=lambda m: None, progress=False)
+    assert res["best"] == pytest.approx(st.best_value, abs=1e-12)
+    assert res["trainable"] == st.best_trial.user_attrs["result"]["trainable"]
+
+
+def test_resume_continues_the_count_and_refuses_another_config(tiny_bert, tmp_path):
+    from slimtune.search.space import SearchError
+
+    cfg_path = _config(tmp_path, tiny_bert)
+    out = tmp_path / "search"
+    run_search(load_config(str(cfg_path)), SearchOptions(out=out, trials=2), log=lambda m: None)
+    first = [(t.number, t.params, t.values) for t in _study(out).trials]
+    lines: list[str] = []
+    run_search(load_config(str(cfg_path)), SearchOptions(out=out, trials=3), log=lines.append)
+    st = _study(out)
+    assert len(st.trials) == 3 and [(t.number, t.params, t.values) for t in st.trials[:2]] == first
+    assert any("resuming the search" in x for x in lines)
+    with pytest.raises(SearchError, match=r"another config or space.*data.max_length: 32 -> 40"):
+        run_search(load_config(str(cfg_path), ["data.max_length=40"]), SearchOptions(out=out, trials=4),
+                   log=lambda m: None)
+    run_search(load_config(str(cfg_path), ["data.max_length=40"]), SearchOptions(out=out, trials=1, overwrite=True),
+               log=lambda m: None)
+    assert len(_study(out).trials) == 1
+
+
+def test_pruning_waits_for_warmup_trials_then_halves():
+    from slimtune.search.space import parse_section
+    from slimtune.search.study import _pruner
+
+    pruner = _pruner(optuna, parse_section({"warmup_trials": 2}), every=1, total=9, pareto=False)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+
+    def trial(v: float) -> bool:
+        t = study.ask()
+        t.report(v, 1)
+        p = t.should_prune()
+        study.tell(t, state=optuna.trial.TrialState.PRUNED) if p else study.tell(t, v)
+        return p
+
+    assert trial(0.9) is False  # the first at the rung
+    assert trial(0.5) is False  # worse, but only 1 trial reached the rung before it: warm-up
+    assert trial(0.1) is True  # 2 before it: successive halving prunes the bottom
+    assert trial(0.95) is False  # the best so far goes on
+    nop = _pruner(optuna, parse_section({"pruner": "none"}), every=1, total=9, pareto=False)
+    assert isinstance(nop, optuna.pruners.NopPruner)
+    assert isinstance(_pruner(optuna, parse_section({}), 1, 9, pareto=True), optuna.pruners.NopPruner)
+
+
+def test_pareto_reports_the_front_and_a_trainable_limit_skips_before_training(tiny_bert, tmp_path):
+    cfg_path = _config(tmp_path, tiny_bert, r=[2, 16])
+    out = tmp_path / "pareto"
+    s = run_search(load_config(str(cfg_path)), SearchOptions(out=out, trials=3, objective="pareto"), log=lambda m: None)
+    st = _study(out)
+    assert len(st.directions) == 2 and all(t.state.name == "COMPLETE" for t in st.trials)
+    assert {t.number for t in s["chosen"]} == {t.number for t in st.best_trials}
+    assert "Pareto" in (out / "search.md").read_text() and (out / "plots" / "pareto.png").is_file()
+    lines: list[str] = []
+    out2 = tmp_path / "limited"
+    run_search(load_config(str(cfg_path), ["search.targets=[all-linear]"]),
+               SearchOptions(out=out2, trials=4, max_trainable_pct=0.5), log=lines.append)
+    st2 = _study(out2)
+    skipped = [t for t in st2.trials if t.state.name == "PRUNED"]
+    assert skipped and all("above max_trainable_pct" in t.user_attrs["reason"] for t in skipped)
+    assert all(t.params["r"] == 16 for t in skipped)  # r=2 on all linears is ~0.2 %, r=16 ~1.5 %
+    assert all(t.user_attrs["result"]["trainable_pct"] <= 0.5 for t in st2.trials if t.state.name == "COMPLETE")
+    assert all(not (out2 / "trials" / f"trial-{t.number:04d}").exists() for t in skipped)
+
+
+def _cli(argv, capsys):
+    from slimtune.cli.main import main
+
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--objective", "gen_accuracy"], "metric 'gen_accuracy' is not produced by this task"),
+    (["search.methods=[]"], "search.methods is an empty list"),
+    (["search.methods=[ia3]"], "search.r applies to lora / dora only"),
+    (["search.pruner=median"], "search.pruner"),
+    (["--timeout", "0.001"], "too small for one run"),
+    (["--trials", "0"], "at least 1 trial"),
+    (["--pareto-with", "memory"], "invalid choice"),
+])
+def test_bad_input_is_one_message_before_any_trial(tiny_bert, tmp_path, capsys, extra, match):
+    cfg_path = _config(tmp_path, tiny_bert)
+    out = tmp_path / "bad"
+    try:
+        rc, err = _cli(["search", str(cfg_path), "--out", str(out), "--trials", "2", *extra], capsys)
+    except SystemExit as e:  # argparse's own choices
+        rc, err = e.code, capsys.readouterr().err
+    assert rc == 2 and match in err, err
+    assert "Traceback" not in err
+    assert not (out / "trials").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_search_continues_where_it_stopped(tiny_bert, tmp_path):
+    """A real `slimtune search` process, SIGKILLed during its second trial: the next run marks that
+    trial interrupted, removes its folder, runs its settings again first, and finishes the count."""
+    cfg_path = _config(tmp_path, tiny_bert, steps=40, lr=1e-2, r=[2, 4, 8], pruner="none")
+    out = tmp_path / "search"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.Popen([sys.executable, "-m", "slimtune", "search", str(cfg_path), "--out", str(out), "--trials", "3"],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = out / "trials" / "trial-0001" / "metrics.jsonl"
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and p.poll() is None:
+            if marker.is_file() and marker.read_text().count("\n") >= 2:  # trial 1 is training
+                break
+            time.sleep(0.2)
+        assert p.poll() is None, "the search ended before it could be killed"
+        assert marker.is_file(), "trial 1 never started"
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(30)
+    st = _study(out)
+    assert [t.state.name for t in st.trials] == ["COMPLETE", "RUNNING"]
+    killed_params = st.trials[1].params
+    lines: list[str] = []
+    run_search(load_config(str(cfg_path)), SearchOptions(out=out, trials=3), log=lines.append)
+    st = _study(out)
+    states = [t.state.name for t in st.trials]
+    assert states[:2] == ["COMPLETE", "FAIL"] and "RUNNING" not in states
+    assert st.trials[1].user_attrs["interrupted"]
+    retry = st.trials[2]
+    assert retry.user_attrs["retry_of"] == 1 and retry.params == killed_params and retry.state.name == "COMPLETE"
+    assert sum(s in ("COMPLETE", "PRUNED") for s in states) == 3
+    assert not (out / "trials" / "trial-0001").exists()
+    assert any("cut off" in x for x in lines)
