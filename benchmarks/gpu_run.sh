@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What to run when a GPU is lent (device tool): versions, the CUDA tests, the GPU presets, a profile.
-# Usage: bash benchmarks/gpu_run.sh OUTDIR [tests|0.85b|ablation|6.7b|offload|paired|infer_compile|cpu-host|profile ...]
+# Usage: bash benchmarks/gpu_run.sh OUTDIR [tests|0.85b|ablation|6.7b|offload|paired|infer_compile|cpu-host|profile|qlora ...]
 #        (default: tests 0.85b 6.7b profile)
 set -u
 out=${1:?OUTDIR}; shift
@@ -27,6 +27,11 @@ for s in $steps; do
              CUDA_VISIBLE_DEVICES= timeout 400 taskset -c 0,1 python3 -m slimtune.bench --preset cpu --pairs 24 \
                 --scenarios paired,paired_peft,paired_infer --out "$out/cpu-host-paired.json" ;;
     6.7b) timeout 420 python3 -m slimtune.bench --preset gpu-6.7b --rounds 1 --out "$out/gpu-6.7b.json" ;;
+    qlora) # QLoRA on the GPU: its CUDA test, then LoRA (bf16 base) vs slimtune QLoRA NF4 vs PEFT QLoRA (bf16 compute)
+           python3 -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)"
+           timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_qlora.py -k cuda > "$out/qlora-tests.txt" 2>&1; tail -3 "$out/qlora-tests.txt"
+           timeout 300 python3 -m slimtune.bench.qlora --part shape --preset gpu-0.85b --rounds 2 --out "$out/qlora-gpu-0.85b"
+           timeout 420 python3 -m slimtune.bench.qlora --part shape --preset gpu-6.7b --rounds 1 --steps 5 --out "$out/qlora-gpu-6.7b" ;;
     profile) python3 benchmarks/profile_gpu.py gpu-0.85b frozen,slimtune,infer:base,infer:slimtune_merged,infer:slimtune > "$out/profile-gpu-0.85b.txt" 2>&1
              grep -E "^====|time total" "$out/profile-gpu-0.85b.txt" ;;
   esac

@@ -24,6 +24,7 @@ from .model import (PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtracti
                     PeftModelForSeq2SeqLM, PeftModelForSequenceClassification, PeftModelForTokenClassification,
                     get_peft_model)
 from .registry import all_methods, get_method, make_config
+from .quant import prepare_model_for_kbit_training
 from .targeting import TargetError
 from .tuner import UnknownAdapterError
 
@@ -47,7 +48,7 @@ __all__ = [
     "AdapterLayer", "ModulesToSaveWrapper", "LoraConfig", "LoraModel", "PeftModel", "PeftModelForCausalLM",
     "PeftModelForSequenceClassification", "PeftModelForSeq2SeqLM", "PeftModelForTokenClassification",
     "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction", "get_peft_model", "TaskType",
-    "BASE_ADAPTER", "all_methods", "get_method", "make_config",
+    "BASE_ADAPTER", "all_methods", "get_method", "make_config", "prepare_model_for_kbit_training",
     # every method's config: PEFT's names where PEFT has the method, slimtune's otherwise
     "IA3Config", "PrefixTuningConfig", "PromptTuningConfig", "PromptEncoderConfig", "DoraConfig",
     "BottleneckConfig", "BitFitConfig", "LayerwiseConfig", "SparseConfig", "HeadsConfig", "SingularConfig", "FullConfig",

@@ -109,8 +109,10 @@ class PeftModel(nn.Module):
 
     # ---- parameter report -----------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        from .quant.backend import param_count  # a packed 4-bit weight counts its unpacked size, as PEFT does
+
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        total = sum(param_count(p) for p in self.parameters())
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

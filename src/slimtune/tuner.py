@@ -39,6 +39,9 @@ class Tuner(nn.Module):
         self.model = model
         self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapter: str = adapter_name
+        from .quant.prepare import on_inject
+
+        on_inject(model, config.method)  # a quantized base: refuse what cannot work, guard the CPU repack
         self.inject_adapter(config, adapter_name)
 
     # ---- method hooks --------------------------------------------------------------------
@@ -248,7 +251,10 @@ class Tuner(nn.Module):
                          progressbar: bool = False) -> nn.Module:
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         keep = (adapter_names or self.active_adapters)[0]
-        return unwrap(self.model, keep_adapter=keep)
+        from .quant.merge import dequantize_model
+
+        # a quantized base comes back plain: dequantize(W_q) + ΔW, never re-quantized (quant/merge.py)
+        return dequantize_model(unwrap(self.model, keep_adapter=keep))
 
     def unload(self) -> nn.Module:
         """The base model back, adapters dropped and any merge undone."""

@@ -284,6 +284,11 @@ def _liger_rows(model, x, p: Preset, checks: dict, tokens: int) -> list[Row]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m slimtune.bench` / `slimtune bench`: run a preset, print the table, write JSON + md."""
+    args = list(__import__("sys").argv[1:] if argv is None else argv)
+    if "serve" in args and ("--preset" in args[: args.index("serve")] or "--preset=serve" in args):
+        from .serve import main as serve_main  # the serving benchmark has its own options (bench/serve.py)
+
+        return serve_main([x for x in args if x != "--preset=serve"])
     ap = argparse.ArgumentParser(prog="slimtune bench", description="slimtune vs HF PEFT, side by side")
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     ap.add_argument("--steps", type=int, help="timed steps per round (default: the preset's)")

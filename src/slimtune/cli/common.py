@@ -65,9 +65,10 @@ def adapter_folder(path: str) -> str:
                        "or runs/NAME/adapter)")
 
 
-def load_base(model_name: str | None, adapter: str | None, task: str | None = None):
+def load_base(model_name: str | None, adapter: str | None, task: str | None = None, load_kwargs: dict | None = None):
     """(base model, tokenizer, its folder, PEFT task type) for an adapter folder: --model if given,
-    else the adapter's base_model_name_or_path when that folder is on this machine."""
+    else the adapter's base_model_name_or_path when that folder is on this machine. `load_kwargs`
+    go to from_pretrained (e.g. a quantization_config, slimtune.quant)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -98,9 +99,9 @@ def load_base(model_name: str | None, adapter: str | None, task: str | None = No
             names = labels_of(adapter) if adapter else None
             kw = {"id2label": dict(enumerate(names)), "label2id": {x: i for i, x in enumerate(names)}} \
                 if names and len(names) == n else {}
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=n, dtype=torch.float32, **kw)
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=n, dtype=torch.float32, **kw, **(load_kwargs or {}))
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **(load_kwargs or {}))
     return model, tok, path, task
 
 

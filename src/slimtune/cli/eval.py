@@ -30,11 +30,11 @@ def run(a) -> int:
     s = setup(cfg, print)
     if adapter:
         model = PeftModel.from_pretrained(s["model"], adapter, is_trainable=True)
-        print(f"evaluating {cfg.model} + adapter {adapter}")
+        print(f"evaluating {cfg.model_name()} + adapter {adapter}")
     else:  # a fresh adapter is the identity (LoRA B = 0): this measures the base model
         torch.manual_seed(cfg.train.seed)
         model = get_peft_model(s["model"], s["adapter_config"])
-        print(f"evaluating {cfg.model} without a trained adapter (zero-shot)")
+        print(f"evaluating {cfg.model_name()} without a trained adapter (zero-shot)")
     tr = Trainer(cfg.model_copy(update={"output_dir": a.out or tempfile.gettempdir()}), model, s["tokenizer"],
                  s["data"], s["task"], progress=False)
     res = tr.evaluate()

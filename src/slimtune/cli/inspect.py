@@ -17,6 +17,8 @@ def add_parser(sub) -> None:
     i.add_argument("--num-labels", type=int, default=2)
     i.add_argument("--config", help="take method settings from this YAML")
     i.add_argument("--depth", type=int, default=6, help="tree depth to print")
+    i.add_argument("--quantize", choices=["none", "nf4", "fp4", "int8"], default="none",
+                   help="load the model quantized (bitsandbytes) and show its quantized size")
     i.set_defaults(fn=run)
 
 
@@ -43,9 +45,20 @@ def run(a) -> int:
                 not getattr(hf_cfg, "is_decoder", False) and hf_cfg.model_type in job.QKV and \
                 hf_cfg.model_type not in ("llama", "gpt2") else "causal_lm"
         cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-        model = cls.from_pretrained(path, dtype=torch.float32, **({"num_labels": a.num_labels} if task == "classification" else {}))
-    total = sum(p.numel() for p in model.parameters())
+        kw = {"num_labels": a.num_labels} if task == "classification" else {}
+        if a.quantize != "none":
+            from ..quant.config import load_kwargs
+
+            kw.update(load_kwargs(a.quantize, skip_modules=["lm_head", "classifier", "score"] if task == "classification" else None))
+        model = cls.from_pretrained(path, dtype=torch.float32, **kw)
+    from ..quant import quantized_size
+    from ..quant.backend import param_count
+
+    total = sum(param_count(p) for p in model.parameters())
     print(f"{a.model}: {type(model).__name__}, {total:,d} parameters, task {task}")
+    size = quantized_size(model)
+    if size is not None:
+        print(size.line())
     overrides = [f"model={a.model}", f"method={a.method}"] + (["data.builtin=rotten_tomatoes"]) + list(a.overrides)
     cfg = load_config(a.config, overrides) if a.config else load_config(None, overrides)
     adapter_cfg, why = job.auto_method(cfg, model, task)

@@ -1,6 +1,7 @@
 """`slimtune merge --adapter A --out DIR`: the adapter folded into its base, a plain transformers folder."""
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -18,6 +19,15 @@ def add_parser(sub) -> None:
     m.add_argument("--out", required=True, help="output folder (written atomically)")
     m.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    m.add_argument("--quantize", choices=["none", "nf4", "fp4", "int8"],
+                   help="quantize the base on load as it was trained (QLoRA); the merge dequantizes it exactly: "
+                   "dequantize(W_q) + ΔW. Default: what the adapter's run used (its config.yaml), else none")
+    m.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None,
+                   help="4-bit: double quantization of the block scales (default: the run's, else on)")
+    m.add_argument("--compute-dtype", choices=["fp32", "bf16", "fp16"], help="4-bit compute dtype (default: the run's, else fp32)")
+    m.add_argument("--requantize", action="store_true",
+                   help="quantize the merged linears again like the base (lossy: prints the measured output "
+                   "difference vs the unmerged model on a probe batch) and save a quantized model")
     m.set_defaults(fn=run)
 
 
@@ -43,11 +53,26 @@ def run(a) -> int:
     if not spec.mergeable:
         raise CommandError(f"{spec.name} adapters cannot be merged into the base weights (they add tokens or "
                     "activations); load them with PeftModel.from_pretrained instead")
-    model, tok, path, task = load_base(a.model, adapter)
+    from ..quant.config import merge_quantization
+
+    quant, note = merge_quantization(adapter, a.quantize, a.double_quant, a.compute_dtype)
+    if a.requantize and quant is None:
+        raise CommandError("--requantize needs a quantized base: pass --quantize nf4|fp4|int8 (or merge the "
+                           "adapter of a run that trained with model.quantize)")
+    model, tok, path, task = load_base(a.model, adapter, load_kwargs=quant)
+    if note:
+        print(note)
     pm = PeftModel.from_pretrained(model, adapter)
-    merged = pm.merge_and_unload(safe_merge=True)
-    if a.dtype != "float32":
-        merged = merged.to(getattr(torch, a.dtype))
+    if a.requantize:
+        from ..quant import merge_and_requantize
+
+        probe = tok(["The film opens on a quiet street.", "A clumsy, overlong mess of a movie."],
+                    return_tensors="pt", padding=True).to(next(model.parameters()).device)
+        merged, _ = merge_and_requantize(pm, dict(probe))  # prints what re-quantizing cost
+    else:
+        merged = pm.merge_and_unload(safe_merge=True)  # a quantized base: dequantize(W_q) + ΔW, exact
+        if a.dtype != "float32" or next(merged.parameters()).dtype != torch.float32:
+            merged = merged.to(getattr(torch, a.dtype))
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     merged.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -59,6 +84,7 @@ def run(a) -> int:
         import shutil
 
         shutil.rmtree(aside)
-    print(f"merged {adapter} into {path} -> {out} ({a.dtype}); load it with "
+    what = "re-quantized" if a.requantize else a.dtype
+    print(f"merged {adapter} into {path} -> {out} ({what}); load it with "
           f"transformers.{type(merged).__name__}.from_pretrained('{out}')")
     return 0

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..config import ConfigError
 from ..registry import register_method
 from .lora import LoraConfig, LoraModel
-from .lora_layers import BASE_ADAPTER, Linear
+from .lora_layers import BASE_ADAPTER, Linear, variant_for
 
 
 class DoraLinear(Linear):
@@ -142,7 +142,8 @@ def create_dora_layer(base: nn.Module, adapter: str, config: LoraConfig, kw: dic
     if not isinstance(base, LINEAR_TYPES):
         raise ConfigError(f"use_dora=True: DoRA in slimtune adapts Linear and Conv1D layers, not "
                           f"{type(base).__name__}; leave that module out of target_modules (or use exclude_modules)")
-    return DoraLinear(base, adapter, fan_in_fan_out=config.fan_in_fan_out, use_dora=True, **kw)
+    cls = variant_for(base, DoraLinear)  # a quantized base gets its DoRA class (methods/lora_quant.py)
+    return cls(base, adapter, fan_in_fan_out=config.fan_in_fan_out, use_dora=True, **kw)
 
 
 def update_dora_layer(layer: nn.Module, adapter: str, config: LoraConfig, path: str, kw: dict) -> None:

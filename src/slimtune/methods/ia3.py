@@ -226,7 +226,9 @@ class IA3Model(Tuner):
         if isinstance(base, CONV_TYPES):
             return IA3Conv(base, adapter, config.is_feedforward(path), config.init_ia3_weights)
         config.fan_in_fan_out = config.fan_in_fan_out or isinstance(base, Conv1D)
-        return IA3Linear(base, adapter, config.is_feedforward(path), config.init_ia3_weights)
+        from .lora_layers import variant_for  # a quantized base gets its (IA)³ class (methods/lora_quant.py)
+
+        return variant_for(base, IA3Linear)(base, adapter, config.is_feedforward(path), config.init_ia3_weights)
 
     def update_layer(self, layer: IA3Linear, config: IA3Config, adapter: str, path: str) -> None:
         if not isinstance(layer, IA3Linear):

@@ -385,10 +385,25 @@ class Conv(LoraLayer):
         return out
 
 
+# Other base-layer families register here: fn(base, cls) -> the class to use instead of `cls` for
+# that base, or None. methods/lora_quant.py registers the bitsandbytes linears (Linear4bit,
+# Linear8bitLt), which subclass nn.Linear but hold a packed weight; DoRA and (IA)³ ask too.
+BASE_VARIANTS: list = []
+
+
+def variant_for(base: nn.Module, cls: type) -> type:
+    """The class for `base`: a registered variant of `cls` (e.g. LoRA on a 4-bit layer), else `cls`."""
+    for pick in BASE_VARIANTS:
+        v = pick(base, cls)
+        if v is not None:
+            return v
+    return cls
+
+
 def lora_layer_for(base: nn.Module) -> type[LoraLayer] | None:
     """Dispatch by module type (minLoRA style): the LoRA class for a base layer, or None."""
     if isinstance(base, (nn.Linear, Conv1D)):
-        return Linear
+        return variant_for(base, Linear)
     if isinstance(base, nn.Embedding):
         return Embedding
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

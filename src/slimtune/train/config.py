@@ -183,8 +183,17 @@ class EvalConfig(_Strict):
     samples: int = Field(3, ge=0)  # LM runs: validation prompts generated before and after training, for the report
 
 
+class ModelConfig(_Strict):
+    """`model: {name: ..., quantize: nf4}`: the model, optionally quantized on load (QLoRA, slimtune.quant)."""
+
+    name: str = "smollm2-135m"  # builtin name or local HF folder
+    quantize: Literal["none", "nf4", "fp4", "int8"] = "none"  # nf4: QLoRA's 4-bit type; int8: LLM.int8()
+    double_quant: bool = True  # quantize the 4-bit block scales too: ~0.4 bit per weight saved (QLoRA's default)
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # the 4-bit matmul's dtype; auto = train.precision
+
+
 class JobConfig(_Strict):
-    model: str = "smollm2-135m"
+    model: Union[str, ModelConfig] = "smollm2-135m"  # a name, or {name, quantize, double_quant, compute_dtype}
     task: Literal["auto", "causal_lm", "classification", "image_classification"] = "auto"
     method: Union[str, dict[str, Any]] = "lora"
     data: DataConfig
@@ -199,6 +208,12 @@ class JobConfig(_Strict):
     resume_weights_only: bool = False
     overwrite: bool = False  # replace the run already in output_dir (its checkpoints, adapters, report)
     num_labels: Optional[int] = Field(None, ge=2)
+
+    def model_name(self) -> str:
+        return self.model if isinstance(self.model, str) else self.model.name
+
+    def model_options(self) -> ModelConfig:
+        return ModelConfig(name=self.model) if isinstance(self.model, str) else self.model
 
     def method_name(self) -> str:
         return self.method if isinstance(self.method, str) else str(self.method.get("name", "lora"))
@@ -216,7 +231,8 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
         if f is None:
             break
         ann = f.annotation
-        cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        ann = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+        cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None  # (a Union: its BaseModel member)
         if cur is None:
             return []
     return list(cur.model_fields) if isinstance(cur, type) and issubclass(cur, BaseModel) else []
@@ -236,9 +252,14 @@ KEY_ALIASES = {"learning_rate": "lr", "lerning_rate": "lr", "num_epochs": "epoch
 def explain(err: ValidationError, source: str) -> str:
     """One message per problem: the dotted key, what is wrong, and the closest valid key."""
     lines = []
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("str", "dict[str,any]")))
+    errors = err.errors()
+    tags = ("str", "dict[str,any]", "ModelConfig")  # union branches pydantic names in the location
+    for e in errors:
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in tags))
         key = ".".join(str(p) for p in loc)
+        if e["type"] == "string_type" and any(len(o["loc"]) > len(e["loc"]) and o["loc"][0] == e["loc"][0]
+                                              for o in errors):
+            continue  # `model: {...}` failed as a dict: its own error says why, not "should be a string"
         if e["type"] == "extra_forbidden":
             valid = _fields_at(JobConfig, loc[:-1])
             alias = KEY_ALIASES.get(str(loc[-1]).lower())
@@ -272,7 +293,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         cur = data
         for i, p in enumerate(parts[:-1]):
             nxt = cur.get(p)
-            if isinstance(nxt, str) and p == "method":  # method: lora + method.r=16 -> {name: lora, r: 16}
+            if isinstance(nxt, str) and p in ("method", "model"):  # method: lora + method.r=16 -> {name: lora, r: 16}
                 nxt = {"name": nxt}
             elif isinstance(nxt, BaseModel):
                 nxt = nxt.model_dump(exclude_unset=True)

@@ -46,7 +46,7 @@ ALIASES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targe
 def resolve_task(cfg: JobConfig, fmt: str | None) -> str:
     if cfg.task != "auto":
         return cfg.task
-    if fmt == "image" or cfg.model == "digits-cnn":
+    if fmt == "image" or cfg.model_name() == "digits-cnn":
         return "image_classification"
     if fmt == "classification":
         return "classification"
@@ -79,7 +79,7 @@ def load_tokenizer(cfg: JobConfig, path: str | None):
         with hf_quiet():
             tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise JobConfigError(f"model '{cfg.model}': no tokenizer could be loaded from {path} ({str(e)[:200]}); the "
+        raise JobConfigError(f"model '{cfg.model_name()}': no tokenizer could be loaded from {path} ({str(e)[:200]}); the "
                              "folder needs tokenizer files (save_pretrained of the tokenizer)") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
@@ -87,7 +87,9 @@ def load_tokenizer(cfg: JobConfig, path: str | None):
 
 
 def load_model(cfg: JobConfig, path: str | None, task: str, num_labels: int | None, log=print) -> nn.Module:
-    if cfg.model == "digits-cnn":
+    if cfg.model_name() == "digits-cnn":
+        if cfg.model_options().quantize != "none":
+            raise JobConfigError("model.quantize applies to transformers models; the digits CNN is not one")
         return models.digits_cnn(log)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -96,18 +98,43 @@ def load_model(cfg: JobConfig, path: str | None, task: str, num_labels: int | No
     # The frozen base in the training precision (bf16 halves its memory on GPU); the trained
     # parameters are upcast to fp32 after injection (`upcast_trainable`), as PEFT does.
     dtype = BASE_DTYPE[resolve_precision(cfg.train.precision)]
+    kw = quantize_kwargs(cfg, task, dtype)  # model.quantize: bitsandbytes layers on load (slimtune.quant)
     try:
         with hf_quiet():
             if task == "classification":
-                m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+                m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype, **kw)
             else:
-                m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     except (OSError, ValueError, KeyError) as e:
         kind = "sequence classifier" if task == "classification" else "causal LM"
-        raise JobConfigError(f"model '{cfg.model}' cannot be loaded as a {kind} from {path}: {str(e)[:300]}"
+        raise JobConfigError(f"model '{cfg.model_name()}' cannot be loaded as a {kind} from {path}: {str(e)[:300]}"
                              + ("; is task right? (a decoder-only model wants task: causal_lm)" if task == "classification"
                                 else "")) from None
+    if kw:
+        from ..quant import guard_cpu_repack, quantized_size
+        from ..quant.config import detach_from_checkpoint
+
+        guard_cpu_repack(m)  # before the job's first (eval) forward: see quant/prepare.py
+        detach_from_checkpoint(m)  # drop the dense checkpoint's resident pages (the linears are quantized)
+        size = quantized_size(m)
+        if size is not None:
+            log(size.line())
     return m
+
+
+def quantize_kwargs(cfg: JobConfig, task: str, dtype: torch.dtype) -> dict[str, Any]:
+    """from_pretrained's quantization_config (and device placement on GPU) for `model.quantize`."""
+    opt = cfg.model_options()
+    if opt.quantize == "none":
+        return {}
+    from ..quant.config import DTYPES, load_kwargs
+    from ..quant.prepare import refuse_method
+
+    refuse_method(get_method(cfg.method_name()).name)  # full / layerwise / ...: refused before loading anything
+    compute = dtype if opt.compute_dtype == "auto" else DTYPES[opt.compute_dtype]
+    heads = families.TASK_HEADS.get("SEQ_CLS", []) if task == "classification" else []
+    skip = (["lm_head"] + heads) if heads else None  # a trained head must stay dense
+    return load_kwargs(opt.quantize, opt.double_quant, compute, skip)
 
 
 def upcast_trainable(model: nn.Module) -> int:
@@ -123,7 +150,9 @@ def upcast_trainable(model: nn.Module) -> int:
 
 
 def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    from ..quant.backend import param_count  # a 4-bit weight counts its unpacked size
+
+    return sum(param_count(p) for p in model.parameters())
 
 
 def auto_method(cfg: JobConfig, model: nn.Module, task: str) -> tuple[Any, list[str]]:
@@ -242,7 +271,7 @@ def apply_method(model: nn.Module, adapter_cfg: Any):
 
 def setup(cfg: JobConfig, log=print) -> dict[str, Any]:
     """Everything the trainer needs, built from the config."""
-    path = None if cfg.model == "digits-cnn" else models.resolve(cfg.model, log)
+    path = None if cfg.model_name() == "digits-cnn" else models.resolve(cfg.model_name(), log)
     tok = load_tokenizer(cfg, path)
     # the data decides the format (and the label count) before the model is built
     pre_task = cfg.task if cfg.task != "auto" else None

@@ -18,7 +18,7 @@ from .config import JobConfig, saved_form
 
 
 def title(cfg: JobConfig, res: dict[str, Any]) -> str:
-    return f"{Path(cfg.output_dir).name}: {cfg.model} + {res.get('method', cfg.method_name())} on {res.get('data', '?')}"
+    return f"{Path(cfg.output_dir).name}: {cfg.model_name()} + {res.get('method', cfg.method_name())} on {res.get('data', '?')}"
 
 
 def plot(history: list[dict], metric: str, path: Path, res: dict[str, Any] | None = None, name: str = "") -> None:
@@ -138,7 +138,8 @@ def write_report(cfg: JobConfig, res: dict[str, Any], path: Path) -> None:
                  + f"; truncation to {cfg.data.max_length} tokens cut {res.get('truncated', 0)}")
     lines = [
         f"# {title(cfg, res)}", "", _status(cfg, res), "",
-        f"- model: `{cfg.model}` ({res['task']}), method `{res['method']}`",
+        f"- model: `{cfg.model_name()}` ({res['task']}), method `{res['method']}`",
+        *([f"- {res['quantization']}"] if res.get("quantization") else []),
         data_line,
         f"- trainable params: {res['trainable']:,d} of {res['total_params']:,d} ({res['trainable_pct']:.4f}%)",
         f"- steps: {res['steps']} of {res.get('total_steps', res['steps'])} (warm-up {res.get('warmup_steps', 0)}), batch "

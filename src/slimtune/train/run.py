@@ -116,6 +116,9 @@ def _run(cfg: JobConfig, claim: rundir.Claim, log: RunLog, progress: bool, t_sta
         log(f"method {s['adapter_config'].method}: chose " + "; ".join(s["why"]))
     if s["adapter_config"].needs_scores():  # sparse fisher / top-k heads: choose from the data
         s["adapter_config"] = score_for_selection(s["adapter_config"], s["model"], data, cfg, s["tokenizer"], log)
+    from ..quant import quantized_size
+
+    qsize = quantized_size(s["model"])  # model.quantize: what quantizing saved, for the report
     torch.manual_seed(cfg.train.seed)  # adapter init independent of what set-up consumed
     model = apply_method(s["model"], s["adapter_config"])
     if upcast_trainable(model):
@@ -136,6 +139,7 @@ def _run(cfg: JobConfig, claim: rundir.Claim, log: RunLog, progress: bool, t_sta
     if trainer.is_main:
         rundir.write_config(cfg, out / "config.yaml")
     info = dict(task=s["task"], trainable=t, total_params=a, trainable_pct=pct, why=s["why"],
+                quantization=qsize.line() if qsize is not None else None,
                 truncated=data.stats.get("truncated", 0), data=data.source, format=data.format,
                 n_train=len(data.train), n_eval=len(data.eval), model_path=s["model_path"],
                 method=s["adapter_config"].method, warnings=list(warnings), labels=data.labels,

@@ -1,0 +1,122 @@
+"""`slimtune serve --model M --adapter NAME=PATH ...`: an OpenAI-compatible server for many adapters."""
+from __future__ import annotations
+
+import os
+
+from .common import load_base, quiet_hf
+from .errors import CommandError
+
+HELP = "serve a base model and many adapters over an OpenAI-compatible HTTP API"
+
+
+def add_parser(sub) -> None:
+    from ..serve.config import ServeConfig
+
+    d = ServeConfig()
+    g = sub.add_parser("serve", help=HELP, description="One base model, many adapters, OpenAI-compatible "
+                       "(/v1/models, /v1/completions, /v1/chat/completions, streaming), continuous batching across "
+                       "adapters, run-time load/unload, tenants with hashed keys, A/B routes, /metrics. "
+                       "See docs/serving.md.")
+    g.add_argument("--model", help="base model (builtin name or folder); default: the first adapter's base")
+    g.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="an adapter folder served as NAME (loaded at start-up); repeat for several")
+    g.add_argument("--adapters-dir", metavar="DIR", help="serve every sub-folder of DIR by its name, loaded on first use")
+    g.add_argument("--host", default=d.host, help="address to bind (default loopback; others need --keys or --insecure)")
+    g.add_argument("--port", type=int, default=d.port)
+    g.add_argument("--keys", metavar="keys.yaml", help="API keys: tenants' adapters and routes, rate limits, admin")
+    g.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --keys")
+    g.add_argument("--route", action="append", default=[], metavar="NAME=A:W,B:W",
+                   help="an A/B route, e.g. support=v1:0.9,v2:0.1 (requests with model=NAME get an arm)")
+    g.add_argument("--served-model-name", help="the base model's id in the API (default: the --model name)")
+    g.add_argument("--max-loaded", type=int, default=d.max_loaded, help="adapters resident in memory (LRU beyond)")
+    g.add_argument("--max-batch", type=int, default=d.max_batch, help="rows decoded together")
+    g.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 429")
+    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    g.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    g.add_argument("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens a request may ask")
+    g.add_argument("--max-n", type=int, default=d.max_n, help="choices per request")
+    g.add_argument("--request-timeout", type=float, default=d.request_timeout_s, help="seconds; then 408")
+    g.add_argument("--prefix-cache-tokens", type=int, default=d.prefix_cache_tokens,
+                   help="prompt-prefix KV kept for reuse, in tokens (0 = off)")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    g.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the base model's dtype (adapters follow it)")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g.set_defaults(fn=run)
+
+
+def parse_adapters(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:  # a bare folder: served under its folder name
+            name, path = os.path.basename(os.path.normpath(item)), item
+        if not name or not path:
+            raise CommandError(f"--adapter {item!r}: write NAME=PATH (e.g. --adapter support-v1=runs/support/best)")
+        if name in out:
+            raise CommandError(f"--adapter: the name '{name}' is given twice; give each adapter its own name")
+        out[name] = path
+    return out
+
+
+def parse_routes(items: list[str]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        arms: dict[str, float] = {}
+        try:
+            for part in spec.split(","):
+                arm, _, w = part.rpartition(":")
+                arms[arm.strip()] = float(w)
+        except ValueError:
+            arms = {}
+        if not sep or not name or not arms or "" in arms:
+            raise CommandError(f"--route {item!r}: write NAME=ADAPTER:WEIGHT,ADAPTER:WEIGHT (e.g. support=v1:0.9,v2:0.1)")
+        out[name] = arms
+    return out
+
+
+def run(a) -> int:
+    import torch
+
+    from ..serve import ServeConfig, ServeError, make_server
+    from ..serve.registry import AdapterError
+    from ..serve.server import run as run_server
+    from ..serve.tenants import KeysFileError
+
+    quiet_hf()
+    adapters = parse_adapters(a.adapter)
+    routes = parse_routes(a.route)
+    from ..serve.server import is_loopback
+
+    if not a.keys and not a.insecure and not is_loopback(a.host):  # before minutes of model loading
+        raise CommandError(f"refusing to listen on {a.host} without --keys: anyone who can reach it could use every "
+                           "adapter and the admin endpoints. Pass --keys keys.yaml, or --insecure if that is intended")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    first = next(iter(adapters.values()), None)
+    model, tok, path, task = load_base(a.model, first)
+    try:
+        model = model.to(device=torch.device(a.device), dtype=getattr(torch, a.dtype))
+    except (RuntimeError, AssertionError) as e:
+        raise CommandError(f"--device {a.device}: {e}") from None
+    if task != "CAUSAL_LM":
+        raise CommandError(f"serve generates text: the base must be a causal LM, and {first} is a {task} adapter")
+    # the API's name for the base: --served-model-name, a builtin name as given, else the folder's name
+    name = a.served_model_name or (a.model if a.model and not os.path.isdir(a.model) else
+                                   os.path.basename(os.path.normpath(a.model or str(path))))
+    cfg = ServeConfig(host=a.host, port=a.port, served_model_name=name, max_batch=a.max_batch, max_queue=a.max_queue,
+                      max_loaded=a.max_loaded, max_body_bytes=a.max_body_bytes, max_prompt_tokens=a.max_prompt_tokens,
+                      max_tokens=a.max_tokens, max_n=a.max_n, request_timeout_s=a.request_timeout, insecure=a.insecure,
+                      prefix_cache_tokens=a.prefix_cache_tokens)
+    if a.adapters_dir and not os.path.isdir(a.adapters_dir):
+        raise CommandError(f"--adapters-dir {a.adapters_dir}: no such folder")
+    try:
+        srv = make_server(model.eval(), tok, cfg, adapters, a.adapters_dir, a.keys, routes, base_path=str(path))
+    except (ServeError, KeysFileError, AdapterError) as e:
+        raise CommandError(str(e)) from None
+    print(f"slimtune serve: {name} + {len(adapters)} adapter(s) on http://{a.host}:{a.port}/v1"
+          + (" (keys required)" if a.keys else ""), flush=True)
+    run_server(srv, a.log_level)
+    return 0

@@ -1,0 +1,36 @@
+"""`ServeConfig`: every limit the server enforces, with the reason for its default.
+
+One typed object is built by the CLI (`slimtune serve --max-batch ...`) or by a test, and read by
+the engine (batch and queue sizes), the registry (resident adapters) and the app (request limits).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"  # loopback: a server is reachable from elsewhere only when told so
+    port: int = 8000
+    served_model_name: str = "base"  # the base model's id in /v1/models and the `model` field
+    # engine
+    max_batch: int = 32  # rows decoded together; on 2 CPU cores a step of 32 rows of a 135M model
+    #                      is ~3x a step of 1, so more rows trade latency for little throughput
+    prefill_tokens: int = 2048  # prompt tokens prefilled per step: bounds the stall running rows see
+    #                             when many requests join at once (one prompt longer than this still goes)
+    prefix_cache_tokens: int = 8192  # prompt-prefix KV kept for reuse (0 = off): ~380 MB for SmolLM2-135M
+    #                                  in fp32; chat prompts share their template and system prompt
+    prefix_block: int = 16  # tokens per cached block: a prefix is reused in whole blocks
+    max_queue: int = 256  # requests waiting for a batch slot before new ones get 429
+    max_loaded: int = 16  # adapters resident in memory; the least recently used is evicted beyond it
+    #                       (a LoRA r=16 on all linears of a 135M model is ~20 MB)
+    # requests
+    max_body_bytes: int = 1 << 20  # 1 MiB of JSON holds a ~250k-token prompt: far past any limit below
+    max_prompt_tokens: int = 4096  # also capped by the model's context length
+    max_tokens: int = 1024  # the largest `max_tokens` a request may ask for
+    default_completion_tokens: int = 16  # OpenAI's default for /v1/completions without max_tokens
+    max_n: int = 8  # choices per request (`n` x prompts): each is a row in the batch
+    max_stop: int = 4  # stop sequences per request (OpenAI's limit)
+    request_timeout_s: float = 600.0  # a request still running after this is cancelled (408)
+    retry_after_s: int = 1  # Retry-After on 429 when the queue is full
+    insecure: bool = False  # allow a non-loopback bind without --keys

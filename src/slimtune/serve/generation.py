@@ -1,0 +1,311 @@
+"""/v1/completions and /v1/chat/completions: check the request, turn it into engine rows (one per
+choice), and answer as one JSON body or as server-sent events.
+
+    body ─► model -> adapter (route arm, tenant's globs) ─► prompts -> token ids ─► limits
+         ─► engine.submit per choice (429 when the queue is full)
+         ─► tokens -> TextStream per choice (stop strings cancel the row) ─► JSON / SSE
+
+A client that disconnects (or whose stream is closed) cancels its rows: they leave the batch at
+the engine's next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..methods.lora_layers import BASE_ADAPTER
+from .engine import EngineStopped, GenRequest, QueueFull
+from .errors import APIError, not_found
+from .registry import AdapterLoadError, AdapterNotFound
+from .schemas import ChatRequest, CompletionRequest
+from .text import PromptError, TextStream, chat_prompt, encode
+
+
+@dataclass
+class Target:
+    adapter: str  # registry name or BASE_ADAPTER
+    label: str  # the name that answered (adapter or base model)
+    route: str | None = None
+
+
+def resolve(srv, tenant, model: str, user: str | None) -> Target:
+    """What `model` means for this key: the base, a route's arm (sticky per user) or an adapter.
+    Anything the key may not use is a 404 exactly like a name that does not exist."""
+    if model == srv.base_name and tenant.may_use_model(model):
+        return Target(BASE_ADAPTER, model)
+    if srv.router.get(model) is not None and tenant.may_use_route(model):
+        arm = srv.router.choose(model, user)
+        srv.metrics.route_requests.labels(model, arm).inc()
+        return Target(BASE_ADAPTER if arm == srv.base_name else arm, arm, model)
+    if model != srv.base_name and srv.registry.get(model) is not None and tenant.may_use_model(model):
+        return Target(model, model)
+    raise not_found(model)
+
+
+@dataclass
+class _Choice:
+    text: TextStream
+    prompt_tokens: int
+    tokens: int = 0
+    finish: str | None = None
+    sent_role: bool = False
+    chunks: list[str] = field(default_factory=list)
+
+
+def _prompts(srv, body) -> list[list[int]]:
+    tok = srv.tokenizer
+    try:
+        if isinstance(body, ChatRequest):
+            msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
+            out = [chat_prompt(tok, msgs)]
+        elif isinstance(body.prompt, str):
+            out = [encode(tok, body.prompt)] if body.prompt else [[]]
+        elif body.prompt and isinstance(body.prompt[0], str):
+            out = [encode(tok, p) if p else [] for p in body.prompt]
+        elif body.prompt and isinstance(body.prompt[0], list):
+            out = [list(p) for p in body.prompt]
+        else:
+            out = [list(body.prompt)]
+    except PromptError as e:
+        raise APIError(400, str(e), "messages" if isinstance(body, ChatRequest) else "prompt", "invalid_prompt") from None
+    if not out:
+        raise APIError(400, "The prompt list is empty; send at least one prompt.", "prompt", "empty_prompt")
+    for p in out:
+        if not p:
+            raise APIError(400, "The prompt is empty; send at least one token of text.", "prompt", "empty_prompt")
+        if min(p) < 0 or max(p) >= srv.vocab_size:
+            raise APIError(400, f"Token ids must be in [0, {srv.vocab_size}).", "prompt", "invalid_token_id")
+    return out
+
+
+def _limits(srv, body, prompts: list[list[int]]) -> list[int]:
+    cfg = srv.cfg
+    asked = body.max_tokens
+    if isinstance(body, ChatRequest) and body.max_completion_tokens is not None:
+        asked = body.max_completion_tokens
+    if asked is not None and asked > cfg.max_tokens:
+        raise APIError(400, f"max_tokens is {asked}; this server allows at most {cfg.max_tokens} (--max-tokens).",
+                       "max_tokens", "max_tokens_too_large")
+    out = []
+    for p in prompts:
+        if len(p) > srv.max_prompt_tokens:
+            raise APIError(400, f"The prompt has {len(p)} tokens; this server takes at most {srv.max_prompt_tokens} "
+                           "(--max-prompt-tokens, and the model's context). Shorten the prompt.",
+                           "messages" if isinstance(body, ChatRequest) else "prompt", "context_length_exceeded")
+        room = srv.context - len(p)
+        default = cfg.default_completion_tokens if isinstance(body, CompletionRequest) else cfg.max_tokens
+        n = asked if asked is not None else max(min(default, room), 1)
+        if n > room:
+            raise APIError(400, f"This model's maximum context length is {srv.context} tokens; the prompt has {len(p)} "
+                           f"and max_tokens asks for {n}. Lower max_tokens or shorten the prompt.", "max_tokens",
+                           "context_length_exceeded")
+        out.append(n)
+    return out
+
+
+def _stops(srv, stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > srv.cfg.max_stop:
+        raise APIError(400, f"At most {srv.cfg.max_stop} stop sequences are allowed.", "stop", "too_many_stops")
+    return stops
+
+
+def _engine_error(ev) -> APIError:
+    e = ev.error
+    if isinstance(e, AdapterNotFound):
+        return APIError(404, f"{e} (it was unloaded while the request waited)", "model", "model_not_found")
+    if isinstance(e, AdapterLoadError):
+        return APIError(400, f"{e}. Ask the server's admin to fix or unload it.", "model", "adapter_load_failed")
+    if isinstance(e, EngineStopped) or ev.finish == "cancelled":
+        return APIError(503, "The server is shutting down; retry on another instance.", code="shutting_down")
+    if ev.finish == "timeout":
+        return APIError(408, "The request ran past the server's timeout (--request-timeout); lower max_tokens "
+                        "or retry when the server is less busy.", code="timeout")
+    return APIError(500, f"generation failed ({type(e).__name__}: {e}); the server log has the details",
+                    code="internal_error")
+
+
+async def handle(srv, request: Request, body, tenant) -> Response:
+    endpoint = "chat" if isinstance(body, ChatRequest) else "completions"
+    try:
+        return await _handle(srv, request, body, tenant, endpoint)
+    except APIError as e:  # refused before any row ran: counted under model "" (names are the client's)
+        if not getattr(e, "counted", False):
+            srv.metrics.request_done(endpoint, "", e.status)
+        raise
+
+
+async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Response:
+    t0 = time.perf_counter()
+    chat = endpoint == "chat"
+    bad = body.unsupported()
+    if bad:
+        raise APIError(400, bad[1], bad[0], "unsupported_parameter")
+    target = resolve(srv, tenant, body.model, body.user)
+    prompts = _prompts(srv, body)
+    if len(prompts) * body.n > srv.cfg.max_n:
+        raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} is {len(prompts) * body.n} choices; this server "
+                       f"allows at most {srv.cfg.max_n} per request (--max-n).", "n", "too_many_choices")
+    max_new = _limits(srv, body, prompts)
+    stops = _stops(srv, body.stop)
+    temp = srv.default_temperature if body.temperature is None else body.temperature
+    top_p = srv.default_top_p if body.top_p is None else body.top_p
+    loop = asyncio.get_running_loop()
+    sink: asyncio.Queue = asyncio.Queue()
+    handles, choices = [], []
+    try:
+        for i, p in enumerate(prompts):
+            for j in range(body.n):
+                seed = None if body.seed is None else (body.seed + j) % 2**64
+                req = GenRequest(p, target.adapter, max_new[i], temp, top_p, seed, srv.cfg.request_timeout_s,
+                                 body.ignore_eos)
+                handles.append(srv.engine.submit(req, loop, sink, tag=len(handles)))
+                choices.append(_Choice(TextStream(srv.tokenizer, stops), len(p)))
+    except (QueueFull, EngineStopped) as e:
+        for h in handles:
+            h.cancel()
+        if isinstance(e, EngineStopped):
+            raise APIError(503, "The server is shutting down; retry on another instance.", code="shutting_down") from None
+        raise APIError(429, f"The server is busy ({e}); retry after {srv.cfg.retry_after_s} s.",
+                       code="queue_full", headers={"Retry-After": str(srv.cfg.retry_after_s)}) from None
+    headers = {"X-Slimtune-Adapter": target.label}
+    if target.route:
+        headers["X-Slimtune-Route"] = target.route
+    run = _Run(srv, endpoint, chat, target, handles, choices, sink, t0, body)
+    if body.stream:
+        return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
+    return await run.json(request, headers)
+
+
+class _Run:
+    """One request's choices in flight."""
+
+    def __init__(self, srv, endpoint, chat, target, handles, choices, sink, t0, body) -> None:
+        self.srv, self.endpoint, self.chat, self.target = srv, endpoint, chat, target
+        self.handles, self.choices, self.sink, self.t0, self.body = handles, choices, sink, t0, body
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.status = 200
+
+    async def _events(self):
+        """(index, new text, finish reason or None) until every choice has finished."""
+        left = len(self.choices)
+        while left:
+            tag, ev = await self.sink.get()
+            c = self.choices[tag]
+            if c.finish is not None:
+                continue  # the engine's last word on a row we already stopped (stop string)
+            if ev.error is not None or ev.finish in ("cancelled", "timeout", "error"):
+                raise _engine_error(ev)
+            c.tokens += len(ev.tokens)
+            delta = c.text.push(ev.tokens)
+            if c.text.stopped:
+                c.finish = "stop"
+                self.handles[tag].cancel()
+            elif ev.finish is not None:
+                c.finish = ev.finish
+            if c.finish is not None:
+                delta += c.text.finish()
+                left -= 1
+            if delta or c.finish is not None:
+                yield tag, delta, c.finish
+
+    def _usage(self) -> dict:
+        p = sum(c.prompt_tokens for c in self.choices[:: self.body.n])
+        g = sum(c.tokens for c in self.choices)
+        return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
+
+    async def json(self, request: Request, headers: dict) -> Response:
+        async def collect():
+            async for _ in self._events():
+                pass
+
+        work = asyncio.ensure_future(collect())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():  # the client went away: its rows leave the batch now
+                self.status = 499
+                work.cancel()
+                return Response(status_code=400)
+            work.result()  # raises the request's APIError
+        except APIError as e:
+            self.status = e.status
+            e.counted = True  # _close records it under the adapter that ran
+            raise
+        finally:
+            gone.cancel()
+            self._close()
+        if self.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": c.text.text}, "logprobs": None,
+                        "finish_reason": c.finish} for i, c in enumerate(self.choices)]
+        else:
+            choices = [{"index": i, "text": c.text.text, "logprobs": None, "finish_reason": c.finish}
+                       for i, c in enumerate(self.choices)]
+        body = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
+                "model": self.target.label, "choices": choices, "usage": self._usage()}
+        return JSONResponse(body, headers=headers)
+
+    def _chunk(self, i: int, text: str | None, finish: str | None, role: bool = False) -> str:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+        obj = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+               "created": self.created, "model": self.target.label, "choices": [choice]}
+        return f"data: {json.dumps(obj)}\n\n"
+
+    async def sse(self):
+        try:
+            if self.chat:
+                for i in range(len(self.choices)):
+                    yield self._chunk(i, None, None, role=True)
+            async for i, text, finish in self._events():
+                if text:
+                    yield self._chunk(i, text, None)
+                if finish is not None:
+                    yield self._chunk(i, None, finish)
+            opts = self.body.stream_options
+            if opts is not None and opts.include_usage:
+                obj = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                       "created": self.created, "model": self.target.label, "choices": [], "usage": self._usage()}
+                yield f"data: {json.dumps(obj)}\n\n"
+        except APIError as e:  # headers are out: the error goes in the stream, as OpenAI does
+            self.status = e.status
+            yield f"data: {json.dumps(e.body())}\n\n"
+        except (asyncio.CancelledError, GeneratorExit):
+            self.status = 499  # the client closed the stream
+            raise
+        finally:
+            self._close()
+        yield "data: [DONE]\n\n"
+
+    def _close(self) -> None:
+        """Cancel rows still running and record the request (once)."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        for h in self.handles:
+            if not h.cancelled and self.choices[h.tag].finish is None:
+                h.cancel()
+        firsts = [h.t_first for h in self.handles if h.t_first is not None]
+        ok = self.status == 200
+        self.srv.metrics.request_done(
+            self.endpoint, self.target.label, self.status, self._usage()["prompt_tokens"] if ok else 0,
+            sum(c.tokens for c in self.choices), time.perf_counter() - self.t0 if ok else None,
+            (min(firsts) - self.t0) if firsts and ok else None)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body is read by then, so the next ASGI message is that)."""
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return

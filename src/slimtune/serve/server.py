@@ -1,0 +1,70 @@
+"""Assemble a server from a loaded base model and run it under uvicorn.
+
+`make_server` is what the CLI and the tests share: registry (with --adapter folders loaded now, so
+a bad one fails at start-up), keys and routes from keys.yaml, the bind check. `run` blocks in uvicorn.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from .config import ServeConfig
+from .kvcache import CacheLayoutError, check_model
+from .registry import Registry
+from .routes import RouteError, Router
+from .tenants import load_keys
+
+
+class ServeError(ValueError):
+    """A server that cannot start as asked; the message says why and what to pass instead."""
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def make_server(model, tokenizer, cfg: ServeConfig, adapters: dict[str, str] | None = None,
+                adapters_dir: str | None = None, keys: str | None = None, routes: dict[str, dict[str, float]] | None = None,
+                base_path: str | None = None):
+    from .app import Server
+
+    if not keys and not cfg.insecure and not is_loopback(cfg.host):
+        raise ServeError(f"refusing to listen on {cfg.host} without --keys: anyone who can reach it could use every "
+                         "adapter and the admin endpoints. Pass --keys keys.yaml, or --insecure if that is intended")
+    try:
+        check_model(model)
+    except CacheLayoutError as e:
+        raise ServeError(str(e)) from None
+    registry = Registry(model, cfg.served_model_name, cfg.max_loaded, adapters_dir)
+    if len(adapters or {}) > cfg.max_loaded:
+        raise ServeError(f"{len(adapters)} --adapter flags but --max-loaded {cfg.max_loaded}: raise --max-loaded or "
+                         "serve them from --adapters-dir (loaded on first use)")
+    for name, path in (adapters or {}).items():
+        registry.add(name, path, "cli")
+    tenants, file_routes = load_keys(keys) if keys else (None, {})
+    router = Router()
+    for name, arms in {**file_routes, **(routes or {})}.items():
+        try:
+            router.set(name, arms)
+        except RouteError as e:
+            raise ServeError(str(e)) from None
+    try:
+        return Server(registry, tokenizer, cfg, tenants, router, base_path)
+    except RouteError as e:
+        raise ServeError(str(e)) from None
+
+
+def run(srv, log_level: str = "info") -> None:
+    import uvicorn
+
+    from .app import build_app
+
+    uvicorn.run(build_app(srv), host=srv.cfg.host, port=srv.cfg.port, log_level=log_level, access_log=False)

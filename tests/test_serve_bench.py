@@ -1,0 +1,21 @@
+"""The serving benchmark's pipeline on a tiny random-init shape (not a measurement): a real
+`slimtune serve` process, HF PEFT one request at a time, the base alone; JSON and markdown written."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_serve_bench_smoke(tmp_path):
+    from slimtune.bench import main
+
+    out = tmp_path / "serve.json"
+    assert main(["--preset", "serve", "--shape", "tiny", "--clients", "3", "--adapters", "2", "--requests", "1",
+                 "--rounds", "2", "--max-tokens", "3", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    serve, seq, base = res["rows"]
+    assert serve["tokens"] == base["tokens"] == 2 * 3 * 3 and seq["tokens"] == 3 * 3  # exactly max_tokens each
+    assert res["serve_vs_a_tokens_per_s"] > 0 and "uptime_before" in res
+    assert "| slimtune serve |" in (tmp_path / "serve.md").read_text()

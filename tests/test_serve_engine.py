@@ -1,0 +1,281 @@
+"""The serving engine without HTTP: continuous batching across adapters of every kind, rows leaving
+and joining, LRU residency, corrupt adapters, limits. Each output is compared with the adapter's own
+offline greedy output (PeftModel.generate, one prompt alone)."""
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+import torch
+
+from serve_support import build, load_base, offline_greedy
+from slimtune import BASE_ADAPTER
+from slimtune.serve import Engine, GenRequest, Registry, ServeConfig
+from slimtune.serve import kvcache
+from slimtune.serve.engine import QueueFull
+from slimtune.serve.registry import AdapterLoadError, AdapterNotFound
+from slimtune.serve.sampling import next_tokens
+
+ALL = ["lora-a", "lora-b", "lora-c", "lora-d", "lora-head", "dora", "ia3", "prompt", "prefix", "layerwise", "bottleneck"]
+EOS = 102  # the tiny model's eos (MiniLM's [SEP])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("serve_engine"), ALL)
+
+
+def _engine(world, names, **cfg):
+    base, ads = world
+    model, _ = load_base(base)
+    reg = Registry(model, "tiny", max_loaded=cfg.pop("max_loaded", 16))
+    for n in names:
+        reg.add(n, str(ads[n]), "cli")
+    return reg, Engine(reg, ServeConfig(**cfg), [EOS], 0)
+
+
+def _prompt(i: int, n: int) -> list[int]:
+    g = torch.Generator().manual_seed(i)
+    return torch.randint(1000, 20000, (n,), generator=g).tolist()
+
+
+def _wait_idle(eng, timeout=10.0):
+    end = time.monotonic() + timeout
+    while eng.running() and time.monotonic() < end:
+        time.sleep(0.01)
+    return eng.running()
+
+
+# ---- pieces ------------------------------------------------------------------------------------
+def test_kvcache_rows_join_with_padding_after_the_virtual_tokens():
+    from transformers import DynamicCache
+
+    def cache(b, t, fill):
+        c = DynamicCache()
+        for layer in range(2):
+            k = torch.arange(b * t, dtype=torch.float).view(b, 1, t, 1) + fill
+            c.update(k, -k, layer)
+        return c
+
+    a, b = cache(2, 5, 100), cache(1, 3, 200)  # offset 2: columns 0-1 are virtual tokens
+    pad_a = kvcache.join(a, b, offset=2)
+    keys = a.layers[0].keys
+    assert pad_a == 0 and keys.shape == (3, 1, 5, 1)
+    assert keys[2, 0, :2, 0].tolist() == [200, 201]  # virtual tokens stay in front
+    assert keys[2, 0, 2:4, 0].tolist() == [0, 0] and keys[2, 0, 4, 0].item() == 202  # padding after them
+    kvcache.select(a, torch.tensor([2, 0]))
+    assert a.layers[1].values[0, 0, :, 0].tolist() == [-200, -201, 0, 0, -202]
+    kvcache.drop_columns(a, 2, 2)
+    assert a.layers[0].keys[0, 0, :, 0].tolist() == [200, 201, 202]
+
+
+def test_sampling_greedy_top_p_and_seeds():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 4.9], [0.0, 0.0, 9.0, 0.0]])
+    greedy = next_tokens(logits, torch.zeros(3), torch.ones(3), None)
+    assert greedy.tolist() == [1, 0, 2]
+    # top_p tiny keeps only the most likely token even at a high temperature
+    hot = next_tokens(logits, torch.full((3,), 2.0), torch.full((3,), 1e-6), [None] * 3)
+    assert hot.tolist() == [1, 0, 2]
+    # a seeded row draws the same tokens whatever else is in its batch
+    def draw(batch_logits, row):
+        gens = [torch.Generator().manual_seed(7) if i == row else None for i in range(len(batch_logits))]
+        return next_tokens(batch_logits, torch.ones(len(batch_logits)), torch.ones(len(batch_logits)), gens)[row]
+    wide = torch.zeros(1, 1000)
+    alone = [draw(wide, 0).item() for _ in range(1)]
+    mixed = [draw(torch.cat([torch.randn(2, 1000), wide]), 2).item() for _ in range(1)]
+    assert alone == mixed
+    # top_p=0.5 on [0.5, 0.3, 0.2]: only token 0 can be drawn; 0.7 allows {0, 1}
+    lg = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).expand(64, 3)
+    assert set(next_tokens(lg, torch.ones(64), torch.full((64,), 0.5), [None] * 64).tolist()) == {0}
+    assert set(next_tokens(lg, torch.ones(64), torch.full((64,), 0.7), [None] * 64).tolist()) <= {0, 1}
+
+
+# ---- the engine --------------------------------------------------------------------------------
+def test_every_method_runs_batched_and_equals_its_offline_greedy(world):
+    """LoRA adapters share a mixed batch with the base; modules_to_save, DoRA, IA3, prompt, prefix,
+    bottleneck and an in-place method each run in a batch of their own, all at once, joining at
+    different steps."""
+    base, ads = world
+    reg, eng = _engine(world, ALL)
+    placed = {e.name: (e.mixable, e.lane.key[0]) for e in reg.list()}
+    assert all(placed[n][0] for n in ("lora-a", "lora-b", "lora-c", "lora-d"))
+    assert not any(placed[n][0] for n in ("lora-head", "dora", "ia3", "prompt", "prefix", "layerwise", "bottleneck"))
+    assert placed["layerwise"][1] == "own"  # in-place weights: a copy of the base of its own
+    eng.start()
+    try:
+        jobs = []
+        names = ALL + [BASE_ADAPTER, "prompt", "prefix", "lora-a", BASE_ADAPTER, "lora-head"]
+        for i, n in enumerate(names):
+            pr, k = _prompt(i, 2 + i % 7), 4 + i % 5
+            jobs.append((n, pr, k, eng.submit(GenRequest(pr, n, max_tokens=k))))
+            if i % 3 == 0:
+                time.sleep(0.01)  # some arrive while others decode: they join the running batches
+        for n, pr, k, h in jobs:
+            toks, finish = h.result(60)
+            assert toks == offline_greedy(base, ads.get(n), pr, k), n
+            assert finish in ("length", "stop")
+        assert _wait_idle(eng) == 0
+    finally:
+        eng.stop()
+
+
+def test_a_cancelled_row_leaves_and_the_rest_are_unchanged(world):
+    base, ads = world
+    reg, eng = _engine(world, ["lora-a", "lora-b"])
+    eng.start()
+    try:
+        long = eng.submit(GenRequest(_prompt(1, 5), "lora-a", max_tokens=200))
+        first = long.queue.get(timeout=30)[1]
+        assert first.tokens and first.finish is None
+        others = [(n, _prompt(i, 4), eng.submit(GenRequest(_prompt(i, 4), n, max_tokens=6)))
+                  for i, n in enumerate(["lora-b", BASE_ADAPTER, "lora-a"], 2)]
+        long.cancel()
+        toks, finish = long.result(30)
+        assert finish == "cancelled" and len(toks) < 199
+        for n, pr, h in others:
+            assert h.result(30)[0] == offline_greedy(base, ads.get(n), pr, 6)
+        assert _wait_idle(eng) == 0
+        assert all(e.pins == 0 for e in reg.list())
+    finally:
+        eng.stop()
+
+
+def test_lru_keeps_max_loaded_resident_and_reloads_on_demand(world):
+    base, ads = world
+    loras = ["lora-a", "lora-b", "lora-c", "lora-d"]
+    reg, eng = _engine(world, loras[:2], max_loaded=2)
+    for n in loras[2:]:
+        reg.add(n, str(ads[n]), "api")  # known and loaded; LRU pushes the oldest out
+    assert reg.resident_count() == 2 and len(reg.list()) == 4
+    eng.start()
+    try:
+        jobs = [(n, _prompt(i, 3), eng.submit(GenRequest(_prompt(i, 3), n, max_tokens=5)))
+                for i, n in enumerate(loras * 2)]
+        for n, pr, h in jobs:
+            assert h.result(60)[0] == offline_greedy(base, ads[n], pr, 5), n
+        assert reg.evictions >= 2 and reg.resident_count() <= 2
+        assert [e.name for e in reg.list()] == sorted(loras)
+    finally:
+        eng.stop()
+
+
+def test_a_corrupt_or_foreign_adapter_leaves_the_served_set_as_it_was(world, tmp_path):
+    base, ads = world
+    reg, eng = _engine(world, ["lora-a", "lora-head"])
+    before = [(e.name, e.resident) for e in reg.list()]
+    lanes = {k: lane.names() for k, lane in reg._lanes.items()}
+    bad = tmp_path / "truncated"
+    shutil.copytree(ads["lora-b"], bad)
+    w = bad / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[: 200])
+    with pytest.raises(AdapterLoadError, match="corrupt or truncated"):
+        reg.add("broken", str(bad))
+    foreign = tmp_path / "foreign"
+    shutil.copytree(ads["lora-a"], foreign)
+    cfg = (foreign / "adapter_config.json").read_text().replace('"r": 4', '"r": 6')
+    (foreign / "adapter_config.json").write_text(cfg)
+    with pytest.raises(AdapterLoadError, match="shape"):
+        reg.add("foreign", str(foreign))
+    with pytest.raises(AdapterLoadError, match="does not exist"):
+        reg.add("missing", str(tmp_path / "nope"))
+    with pytest.raises(AdapterNotFound):
+        reg.remove("never-loaded")
+    assert [(e.name, e.resident) for e in reg.list()] == before
+    assert {k: lane.names() for k, lane in reg._lanes.items()} == lanes
+    eng.start()
+    try:
+        for i, n in enumerate(["lora-a", "lora-head", BASE_ADAPTER]):
+            pr = _prompt(i, 4)
+            assert eng.submit(GenRequest(pr, n, max_tokens=5)).result(30)[0] == offline_greedy(base, ads.get(n), pr, 5)
+    finally:
+        eng.stop()
+
+
+def test_adapters_dir_loads_on_first_use_and_hides_a_broken_folder(world, tmp_path):
+    base, ads = world
+    d = tmp_path / "adapters"
+    shutil.copytree(ads["lora-c"], d / "tenant-c")
+    shutil.copytree(ads["lora-a"], d / "broken")
+    (d / "broken" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    model, _ = load_base(base)
+    reg = Registry(model, "tiny", adapters_dir=str(d))
+    assert [e.name for e in reg.list()] == ["broken", "tenant-c"] and reg.resident_count() == 0
+    eng = Engine(reg, ServeConfig(), [EOS], 0).start()
+    try:
+        pr = _prompt(3, 4)
+        assert eng.submit(GenRequest(pr, "tenant-c", max_tokens=4)).result(30)[0] == offline_greedy(base, ads["lora-c"], pr, 4)
+        with pytest.raises(AdapterLoadError):
+            eng.submit(GenRequest(pr, "broken", max_tokens=4)).result(30)
+        assert [e.name for e in reg.list()] == ["tenant-c"]
+        eng.call(lambda: reg.remove("tenant-c")).result(10)
+        assert reg.list() == [] and reg.get("tenant-c") is None  # unloaded: not rediscovered from the folder
+    finally:
+        eng.stop()
+
+
+def test_unload_while_running_finishes_the_rows_first(world):
+    base, ads = world
+    reg, eng = _engine(world, ["lora-a"])
+    eng.start()
+    try:
+        pr = _prompt(5, 3)
+        h = eng.submit(GenRequest(pr, "lora-a", max_tokens=30))
+        assert h.queue.get(timeout=30)[1].finish is None  # running
+        eng.call(lambda: reg.remove("lora-a")).result(10)
+        assert reg.get("lora-a") is None  # no new request gets it
+        rest, finish = h.result(30)
+        assert finish in ("length", "stop")
+        assert _wait_idle(eng) == 0 and reg.resident_count() == 0 and reg._lanes == {}
+    finally:
+        eng.stop()
+
+
+def test_queue_full_and_timeout(world):
+    reg, eng = _engine(world, [], max_queue=1)
+    eng.submit(GenRequest([1000, 1001], max_tokens=2))  # engine not started: it waits
+    with pytest.raises(QueueFull):
+        eng.submit(GenRequest([1000, 1001], max_tokens=2))
+    reg, eng = _engine(world, [])
+    eng.start()
+    try:
+        assert eng.submit(GenRequest([1000, 1001], max_tokens=50, timeout_s=1e-6)).result(30)[1] == "timeout"
+        assert eng.submit(GenRequest([1000, 1001], max_tokens=3)).result(30)[1] == "length"
+    finally:
+        eng.stop()
+
+
+def test_eos_ends_a_row_unless_ignore_eos(world):
+    base, ads = world
+    pr = _prompt(9, 4)
+    first = offline_greedy(base, None, pr, 1)[0]
+    model, _ = load_base(base)
+    eng = Engine(Registry(model, "tiny"), ServeConfig(), [first], 0).start()  # its first token is "EOS"
+    try:
+        assert eng.submit(GenRequest(pr, max_tokens=6)).result(30) == ([first], "stop")
+        toks, finish = eng.submit(GenRequest(pr, max_tokens=6, ignore_eos=True)).result(30)
+        assert len(toks) == 6 and finish == "length" and toks[0] == first
+    finally:
+        eng.stop()
+
+
+def test_prefix_cache_reuses_shared_prompt_blocks_with_the_same_output(world):
+    """Prompts sharing 40 tokens: later rows reuse the cached blocks of their own adapter (never another's)
+    and still give the offline greedy output; rows with and without hits share one prefill."""
+    base, ads = world
+    reg, eng = _engine(world, ["lora-a", "lora-b", "prompt"], prefix_block=16)
+    shared = _prompt(100, 40)
+    jobs = [(n, shared + _prompt(200 + i, 1 + i % 5)) for i, n in enumerate(["lora-a", "lora-b", BASE_ADAPTER] * 3)]
+    jobs += [("prompt", shared + [1500]), ("lora-a", _prompt(300, 7)), ("lora-a", shared[:33])]
+    eng.start()
+    try:
+        first = [eng.submit(GenRequest(p, n, max_tokens=5)) for n, p in jobs[:3]]
+        for h in first:
+            h.result(30)
+        hits0 = eng.prefix.hit_tokens
+        handles = [eng.submit(GenRequest(p, n, max_tokens=5)) for n, p in jobs]
+        for (n, p), h in zip(jobs, handles):
+            assert h.result(30)[0] == offline_greedy(base, ads.get(n), p, 5), n
+        assert eng.prefix.hit_tokens - hits0 >= 9 * 32  # 2 of the 40 shared tokens' blocks per row
+    finally:
+        eng.stop()
