@@ -133,7 +133,9 @@ class TrainConfig(_Strict):
     warmup_steps: Optional[int] = Field(None, ge=0)  # overrides warmup_ratio
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 autocast on GPU, fp32 on CPU
+    # auto: bf16/fp16 autocast on GPU; on CPU bf16 only where it computes it natively (AVX512-BF16 /
+    # AMX: emulated bf16 measured 1.5x slower than fp32 on AVX2), else fp32 (resources.precision_choice)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     seed: int = 42
     eval_every: Optional[int] = Field(None, ge=1)  # steps; None = at the end of each epoch

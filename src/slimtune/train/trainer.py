@@ -30,7 +30,7 @@ from .data import Prepared, collate
 from .evaluate import Evaluation
 from .interrupt import StopRequest
 from .lm import CausalLMPath
-from .resources import peak_memory_mb, resolve_precision, set_cpu_threads
+from .resources import peak_memory_mb, precision_choice, set_cpu_threads
 from .speed import compile_for_training, enable_gradient_checkpointing, offload_factory
 from .state import Checkpointing
 
@@ -50,8 +50,10 @@ class Trainer(Evaluation, Checkpointing):
         self.tok = tokenizer
         self.out = Path(cfg.output_dir)
         cuda = torch.cuda.is_available()
-        prec = resolve_precision(self.t.precision)
+        prec, why = precision_choice(self.t.precision)
         self.precision = prec
+        if self.t.precision == "auto":
+            log(f"precision: {why}")
         mp = {"fp32": "no"}.get(prec, prec)
         _allow_new_precision(mp)
         self.acc = Accelerator(mixed_precision=mp, cpu=not cuda)
