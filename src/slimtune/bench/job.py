@@ -46,11 +46,20 @@ TASKS: dict[str, dict[str, Any]] = {
 
 # ---- one process per side ---------------------------------------------------------------------------
 
+# Lever ablation (--levers): the job with one of its speed levers off, each against the default job
+LEVERS = ["slimtune:train.packing=off", "slimtune:train.prefix_cache=off", "slimtune:train.chunked_ce=off"]
+
+
+def is_job(side: str) -> bool:
+    """slimtune's sides: `slimtune`, or `slimtune:key=value:...` (the job with those overrides)."""
+    return side == "slimtune" or side.startswith("slimtune:")
+
+
 def side_command(side: str, config: str | None, overrides: list[str], out: Path, threads: int) -> list[str]:
     cfg = [config] if config else []
-    if side == "slimtune":
+    if is_job(side):
         return [sys.executable, "-m", "slimtune.bench.job", "--side", str(out), *cfg, *overrides,
-                f"output_dir={out / 'run'}", f"train.cpu_threads={threads}"]
+                *side.split(":")[1:], f"output_dir={out / 'run'}", f"train.cpu_threads={threads}"]
     return [sys.executable, "-m", "slimtune.bench.job_hf", *cfg, *overrides, "--out", str(out),
             "--threads", str(threads)] + (["--bf16"] if side == "hf-bf16" else [])
 
@@ -117,12 +126,12 @@ def _ratio_stats(xs: list[float]) -> dict[str, float]:
 
 def run_task(name: str, spec: dict, rounds: int, threads: int, work: Path, timeout: float, log=print,
              sides: list[str] | None = None) -> dict[str, Any]:
-    sides = [s for s in spec["sides"] if sides is None or s in sides]
+    sides = list(spec["sides"]) if sides is None else ["slimtune", *[s for s in sides if s != "slimtune"]]
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     ref_batches = None
     for r in range(rounds):
         for side in sides:
-            out = work / f"{name}-{side}-{r}"
+            out = work / f"{name}-{side.replace(':', '+').replace('=', '-')}-{r}"
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
             cmd = side_command(side, spec["config"], spec["overrides"], out, threads)
@@ -130,7 +139,7 @@ def run_task(name: str, spec: dict, rounds: int, threads: int, work: Path, timeo
             if proc["exit"] != 0:
                 tail = (out / "log.txt").read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"{name}/{side} round {r} exited {proc['exit']}: {' '.join(cmd)}\n{tail}")
-            res = slimtune_result(out) if side == "slimtune" else json.loads((out / "result.json").read_text())
+            res = slimtune_result(out) if is_job(side) else json.loads((out / "result.json").read_text())
             batches = json.loads((out / "batches.json").read_text())
             if ref_batches is None:
                 ref_batches = batches
@@ -164,8 +173,8 @@ def _med(runs: list[dict], key: str) -> float:
 
 
 def format_table(res: dict) -> str:
-    lines = ["| task | script | whole process, script ÷ slimtune | step time, script ÷ slimtune | "
-             "peak RSS slimtune / script | held-out after, slimtune / script |", "|---|---|---|---|---|---|"]
+    lines = ["| task | other side | whole process, other ÷ slimtune | step time, other ÷ slimtune | "
+             "peak RSS slimtune / other | held-out after, slimtune / other |", "|---|---|---|---|---|---|"]
     for t in res["tasks"]:
         s = t["runs"]["slimtune"]
         for side, r in t["ratios"].items():
@@ -220,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="slimtune bench --preset job", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="job")
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
-    ap.add_argument("--sides", help="comma list of slimtune,hf-fp32,hf-bf16 (slimtune always runs)")
+    ap.add_argument("--sides", help="comma list of slimtune,hf-fp32,hf-bf16 (slimtune always runs); "
+                    "slimtune:KEY=VALUE is the job with that override")
+    ap.add_argument("--levers", action="store_true",
+                    help="add the job with each speed lever off (" + ", ".join(LEVERS) + ")")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per task")
     ap.add_argument("--threads", type=int, default=None, help="threads for both sides (default: every core)")
     ap.add_argument("--quick", action="store_true", help="a tiny model, one round: runs, and the batches match")
@@ -240,12 +252,15 @@ def main(argv: list[str] | None = None) -> int:
             model, ov = quick_setup(work)
             spec = {"config": None, "overrides": [f"model={model}", *ov], "sides": ["slimtune", "hf-fp32"],
                     "what": "tiny random Llama, 24 instruction rows (a smoke run, not a measurement)"}
-            tasks.append(run_task("quick", spec, 1, threads, work, a.timeout))
+            tasks.append(run_task("quick", spec, 1, threads, work, a.timeout,
+                                  sides=spec["sides"] + LEVERS if a.levers else None))
         else:
             for name in a.tasks.split(","):
                 if name not in TASKS:
                     raise SystemExit(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
                 sides = ["slimtune", *a.sides.split(",")] if a.sides else None
+                if a.levers:
+                    sides = (sides or TASKS[name]["sides"]) + LEVERS
                 tasks.append(run_task(name, TASKS[name], a.rounds, threads, work, a.timeout, sides=sides))
     finally:
         if not a.work:
