@@ -124,8 +124,9 @@ def _ratio_stats(xs: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(xs), 3), "min": round(min(xs), 3), "max": round(max(xs), 3)}
 
 
-def run_task(name: str, spec: dict, rounds: int, threads: int, work: Path, timeout: float, log=print,
+def run_task(name: str, spec: dict, rounds: int, threads: int, work: Path, timeout: float, log=None,
              sides: list[str] | None = None) -> dict[str, Any]:
+    log = log or (lambda m: print(m, flush=True))
     sides = list(spec["sides"]) if sides is None else ["slimtune", *[s for s in sides if s != "slimtune"]]
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     ref_batches = None
@@ -246,7 +247,28 @@ def main(argv: list[str] | None = None) -> int:
     up0 = _uptime()
     print(f"job benchmark, {threads} thread(s) per side; load before: {up0}", flush=True)
     t0 = time.time()
-    tasks = []
+    tasks: list[dict] = []
+    out = a.out if a.out is not None else (None if a.quick else
+                                           os.path.join("benchmarks", "results", f"job-{time.strftime('%Y%m%d-%H%M')}.json"))
+
+    def save(final: bool) -> dict:
+        """The results so far (written after every task, so a run cut short keeps its finished tasks)."""
+        import torch
+        import transformers
+
+        res = {"meta": {"cmd": "slimtune bench " + " ".join(argv), "threads": threads,
+                        "rounds": 1 if a.quick else a.rounds, "load_before": up0, "load_after": _uptime(),
+                        "wall_s": round(time.time() - t0, 1), "complete": final, "cpu": _cpu_name(),
+                        "cores": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+                        "peft": _version("peft"), "when_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        "python": platform.python_version()},
+               "tasks": tasks}
+        if out and out != "-":
+            os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+            Path(out).write_text(json.dumps(res, indent=1))
+            Path(os.path.splitext(out)[0] + ".md").write_text(markdown(res, format_table(res)))
+        return res
+
     try:
         if a.quick:
             model, ov = quick_setup(work)
@@ -262,27 +284,16 @@ def main(argv: list[str] | None = None) -> int:
                 if a.levers:
                     sides = (sides or TASKS[name]["sides"]) + LEVERS
                 tasks.append(run_task(name, TASKS[name], a.rounds, threads, work, a.timeout, sides=sides))
+                if name != a.tasks.split(",")[-1]:
+                    save(False)
+                    print(format_table({"tasks": tasks}), flush=True)
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
-    import torch
-    import transformers
-
-    res = {"meta": {"cmd": "slimtune bench " + " ".join(argv), "threads": threads, "rounds": 1 if a.quick else a.rounds,
-                    "load_before": up0, "load_after": _uptime(), "wall_s": round(time.time() - t0, 1),
-                    "cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-                    "transformers": transformers.__version__, "peft": _version("peft"),
-                    "when_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "python": platform.python_version()},
-           "tasks": tasks}
-    table = format_table(res)
-    print(table)
+    res = save(True)
+    print(format_table(res))
     print(f"load after: {res['meta']['load_after']}; {res['meta']['wall_s']:.0f} s")
-    out = a.out if a.out is not None else (None if a.quick else
-                                           os.path.join("benchmarks", "results", f"job-{time.strftime('%Y%m%d-%H%M')}.json"))
     if out and out != "-":
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        Path(out).write_text(json.dumps(res, indent=1))
-        Path(os.path.splitext(out)[0] + ".md").write_text(markdown(res, table))
         print(f"wrote {out}")
     return 0
 
