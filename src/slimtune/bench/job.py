@@ -287,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
                 if name != a.tasks.split(",")[-1]:
                     save(False)
                     print(format_table({"tasks": tasks}), flush=True)
+    except RuntimeError as e:  # a side failed or did other work: the finished tasks are kept
+        save(False)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
