@@ -160,6 +160,8 @@ def run_task(name: str, spec: dict, rounds: int, threads: int, work: Path, timeo
             "whole_process": _ratio_stats([b["wall_s"] / a["wall_s"] for a, b in pair]),
             "step_time": _ratio_stats([b["step_time_s"] / a["step_time_s"] for a, b in pair]),
             "peak_rss": _ratio_stats([a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in pair]),
+            # user + system CPU seconds of each process: the work done, far less moved by other load than wall time
+            "cpu_time": _ratio_stats([b["cpu_s"] / max(a["cpu_s"], 1e-9) for a, b in pair]),
         }
     return {"task": name, "what": spec["what"], "config": spec["config"], "overrides": spec["overrides"],
             "batches": len(ref_batches or []), "batches_equal": True, "runs": runs, "ratios": ratios}
@@ -175,7 +177,8 @@ def _med(runs: list[dict], key: str) -> float:
 
 def format_table(res: dict) -> str:
     lines = ["| task | other side | whole process, other ÷ slimtune | step time, other ÷ slimtune | "
-             "peak RSS slimtune / other | held-out after, slimtune / other |", "|---|---|---|---|---|---|"]
+             "CPU time, other ÷ slimtune | peak RSS slimtune / other | held-out after, slimtune / other |",
+             "|---|---|---|---|---|---|---|"]
     for t in res["tasks"]:
         s = t["runs"]["slimtune"]
         for side, r in t["ratios"].items():
@@ -186,7 +189,7 @@ def format_table(res: dict) -> str:
             mo = statistics.median(x["after"].get(metric, float("nan")) for x in o)
             lines.append(f"| {t['task']} | {side} | **{w['median']:.2f}** [{w['min']:.2f}–{w['max']:.2f}] "
                          f"({_med(o, 'wall_s'):.0f} s / {_med(s, 'wall_s'):.0f} s) | {st['median']:.2f} "
-                         f"[{st['min']:.2f}–{st['max']:.2f}] | {_med(s, 'peak_rss_mb'):.0f} / {_med(o, 'peak_rss_mb'):.0f} MB "
+                         f"[{st['min']:.2f}–{st['max']:.2f}] | {r['cpu_time']['median']:.2f} | {_med(s, 'peak_rss_mb'):.0f} / {_med(o, 'peak_rss_mb'):.0f} MB "
                          f"| {metric} {ms:.4f} / {mo:.4f} |")
     return "\n".join(lines)
 
