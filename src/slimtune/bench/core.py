@@ -289,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         from .serve import main as serve_main  # the serving benchmark has its own options (bench/serve.py)
 
         return serve_main([x for x in args if x != "--preset=serve"])
+    if "job" in args and ("--preset" in args[: args.index("job")] or "--preset=job" in args):
+        from .job import main as job_main  # the job vs HF Trainer + peft benchmark (bench/job.py)
+
+        return job_main([x for x in args if x != "--preset=job"])
     ap = argparse.ArgumentParser(prog="slimtune bench", description="slimtune vs HF PEFT, side by side")
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     ap.add_argument("--steps", type=int, help="timed steps per round (default: the preset's)")

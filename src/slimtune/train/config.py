@@ -139,7 +139,9 @@ class TrainConfig(_Strict):
     warmup_steps: Optional[int] = Field(None, ge=0)  # overrides warmup_ratio
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 autocast on GPU, fp32 on CPU
+    # auto: bf16/fp16 autocast on GPU; on CPU bf16 only where it computes it natively (AVX512-BF16 /
+    # AMX: emulated bf16 measured 1.5x slower than fp32 on AVX2), else fp32 (resources.precision_choice)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     seed: int = 42
     eval_every: Optional[int] = Field(None, ge=1)  # steps; None = at the end of each epoch
@@ -152,9 +154,20 @@ class TrainConfig(_Strict):
     # Batches that score weights / heads when the method chooses what trains from data (sparse
     # selection: fisher, heads top_k): 8 is enough for stable top-k choices at small cost.
     score_batches: int = Field(8, ge=1)
-    # Causal LMs: loss through the head chunk by chunk, never the (tokens × vocab) logits (kernels/
-    # chunked_ce.py). auto = on CPU where the model allows; on / off force it.
+    # Causal LMs: the decoder, then the head only at labelled positions, chunk by chunk, never the
+    # (tokens × vocab) logits (train/lm.py, kernels/chunked_ce.py). auto = on CPU where the model
+    # allows (measured there); on forces it; off = the model's own forward and loss.
     chunked_ce: Literal["auto", "on", "off"] = "auto"
+    # Padding-free training batches (train/packing.py): rows flattened, attention per row; the
+    # chatterbot example's padded batches are 44% pads. auto = where the model's attention allows;
+    # on = an error where it does not.
+    packing: Literal["auto", "on", "off"] = "auto"
+    # Keep the input of the first adapted block per example (train/prefix_cache.py) when the blocks
+    # below are frozen and deterministic, and start there when an example comes again (later
+    # epochs, later evaluations). Memory: tokens × hidden size × 4 bytes (56 MB for the default job).
+    # on = an error where it cannot apply.
+    prefix_cache: Literal["auto", "on", "off"] = "auto"
+    prefix_cache_mb: float = Field(2048, ge=0)  # more than this goes to a file in the run folder
     # torch.compile every transformer block (compile_blocks.py): fused norms and activations, far
     # fewer kernel launches. Off by default: the first steps pay the compile (tens of seconds).
     # true = inductor's default mode; "reduce-overhead" adds CUDA graphs (GPU; fixed batch shapes
@@ -172,7 +185,7 @@ class TrainConfig(_Strict):
     # enough for an eval or a save on the slowest rank, short enough that nobody waits forever.
     distributed_timeout: int = Field(600, ge=10)
 
-    @field_validator("chunked_ce", mode="before")
+    @field_validator("chunked_ce", "packing", "prefix_cache", mode="before")
     @classmethod
     def _on_off(cls, v: Any) -> Any:  # YAML 1.1 reads a bare on / off as true / false
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v

@@ -23,7 +23,7 @@ from .datafiles import DataError, _missing, read_rows
 from .prompts import (CHATML, IGNORE, _encode_chat, _encode_prompt_answer, _ids, _messages, ensure_chat_template,
                       render_prompt, uses_chat_template)
 
-__all__ = ["IGNORE", "CHATML", "DataError", "Prepared", "read_rows", "detect_format", "prepare", "collate",
+__all__ = ["IGNORE", "CHATML", "DataError", "Prepared", "read_rows", "detect_format", "prepare", "collate", "batch_rows",
            "render_prompt", "ensure_chat_template"]
 
 SAMPLE_ROWS = 16  # chat / text validation rows kept as prompts for the report's generation samples
@@ -36,7 +36,8 @@ class Prepared:
     eval: list[dict[str, Any]]
     labels: list[str] | None = None  # classification / image label names
     answers: list[str] | None = None  # short answer set of an LM task (for generated-answer accuracy)
-    eval_raw: list[dict[str, Any]] = field(default_factory=list)  # prompts + references for generation
+    # prompts + references for generation; "row" is the index of the example in `eval` (or `test`) they begin
+    eval_raw: list[dict[str, Any]] = field(default_factory=list)
     # the held-out test split (data.test / data.test_fraction), tokenised like validation; measured once
     # by compare / search at the end (`held_out()` is the view the evaluation reads), never for selection
     test: list[dict[str, Any]] = field(default_factory=list)
@@ -313,6 +314,7 @@ def _language(cfg, tok, fmt, rows, val_rows, source, val_source, out, lengths, t
                 continue
             dst.append(ex)
             if raws is not None and raw is not None and (fmt == "instruction" or len(raws) < SAMPLE_ROWS):
+                raw["row"] = len(dst) - 1  # its example in `dst`: the prompt ids are that example's first tokens
                 raws.append(raw)
     if n_empty:
         out.stats["dropped_no_answer"] = n_empty
@@ -342,4 +344,19 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if tt is not None:
         out["token_type_ids"] = tt
+    return out
+
+
+def batch_rows(batch: dict[str, torch.Tensor]) -> list[tuple[list[int], list[int]]]:
+    """The examples a causal-LM batch holds, pads removed: (input_ids, labels) per row, whatever the
+    layout (right-padded rows with an attention mask, or flattened rows: packing.py). For checks and
+    benchmarks."""
+    if "cu_seq_lens_q" in batch:
+        from .packing import packed_rows
+
+        return packed_rows(batch)
+    out = []
+    for ids, mask, lab in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+        keep = mask.bool()
+        out.append((ids[keep].tolist(), lab[keep].tolist()))
     return out

@@ -212,7 +212,8 @@ def auto_method(cfg: JobConfig, model: nn.Module, task: str) -> tuple[Any, list[
             first = n_layers - n_layers // 3
             kw["layers_to_transform"] = list(range(first, n_layers))
             why.append(f"layers_to_transform={first}..{n_layers - 1}: on CPU only the top third of the {n_layers} "
-                       "blocks get adapters, so the backward pass stops there (about 2x faster steps); "
+                       "blocks get adapters, so the backward pass stops there (SmolLM2-135M on 2 cores: steps "
+                       "measured 1.44x faster than adapting every block); "
                        "set method.layers_to_transform=null to adapt all")
     try:
         return make_config(spec.name, **kw), why

@@ -24,14 +24,14 @@ from typing import Any, Callable
 
 import torch
 
-from ..kernels.chunked_ce import train_loss_fn
 from .checks import plan
 from .config import JobConfig, JobConfigError
 from .data import Prepared, collate
 from .distributed import Dist
 from .evaluate import Evaluation
 from .interrupt import StopRequest
-from .resources import peak_memory_mb, resolve_precision, set_cpu_threads
+from .lm import CausalLMPath
+from .resources import peak_memory_mb, precision_choice, set_cpu_threads
 from .speed import compile_for_training, enable_gradient_checkpointing, offload_factory
 from .state import Checkpointing
 
@@ -66,8 +66,10 @@ class Trainer(Evaluation, Checkpointing):
         self.tok = tokenizer
         self.out = Path(cfg.output_dir)
         cuda = torch.cuda.is_available()
-        prec = resolve_precision(self.t.precision)
+        prec, why = precision_choice(self.t.precision)
         self.precision = prec
+        if self.t.precision == "auto":
+            log(f"precision: {why}")
         mp = {"fp32": "no"}.get(prec, prec)
         _allow_new_precision(mp)
         self.acc = Accelerator(mixed_precision=mp, cpu=not cuda, **self.dist.accelerator_kwargs())
@@ -101,11 +103,13 @@ class Trainer(Evaluation, Checkpointing):
                                                                self.schedule.warmup)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
         self.model, self.opt = self.dist.prepare(self.acc, self.model, opt)
-        try:  # causal LMs on CPU: the loss without the (tokens × vocab) logits (kernels/chunked_ce.py)
-            self.loss_fn = train_loss_fn(self.model, self.t.chunked_ce if task == "causal_lm" else "off",
-                                         self.device, self.acc.num_processes, log)
-        except ValueError as e:
-            raise JobConfigError(str(e)) from None
+        self.lm: CausalLMPath | None = None
+        if task == "causal_lm":  # the decoder, then the head at labelled positions only (lm.py)
+            try:
+                self.lm = CausalLMPath.build(self.model, self.t, data, self.acc.num_processes, self.device, self.out,
+                                             log, will_reuse=self._reuse())
+            except ValueError as e:
+                raise JobConfigError(str(e)) from None
         self.sched = sched  # stepped once per optimizer step, by hand (not world-size times)
         self.model_unwrapped = self.acc.unwrap_model(self.model)
         compile_for_training(self.model_unwrapped, self.t, cuda and self.is_main, log)
@@ -137,6 +141,8 @@ class Trainer(Evaluation, Checkpointing):
         self.samples_after: list[dict[str, str]] | None = None
         self.stop: StopRequest | None = None
         self._session_train = 0.0
+        self.last_samples: list[dict[str, str]] | None = None  # the generations of the last evaluate(samples=True)
+        self._samples_at: int | None = None
 
     # ---- schedule -----------------------------------------------------------------------------
     def _lr_lambda(self, s: int) -> float:
@@ -148,8 +154,15 @@ class Trainer(Evaluation, Checkpointing):
         frac = min(frac, 1.0)
         return 0.5 * (1 + math.cos(math.pi * frac)) if self.t.scheduler == "cosine" else 1 - frac
 
+    def _reuse(self) -> dict[str, bool]:
+        """Which splits' examples the run meets more than once (what a prefix cache would save)."""
+        eval_every = self.t.eval_every or max(1, self.micro_per_epoch // self.t.grad_accum)
+        evals = int(self.t.eval_before) + math.ceil(self.total_steps / eval_every)
+        return {"train": self.total_steps * self.t.grad_accum > self.micro_per_epoch, "eval": evals > 1}
+
     # ---- data order: a pure function of (seed, micro-batch index) --------------------------------
-    def _batch(self, m: int) -> dict[str, torch.Tensor]:
+    def _examples(self, m: int) -> list[int]:
+        """The training examples (indices) of micro-batch m of the run, on this process."""
         epoch, b = divmod(m, self.micro_per_epoch)
         g = torch.Generator().manual_seed(self.t.seed * 1000 + epoch)
         perm = torch.randperm(len(self.data.train), generator=g).tolist()
@@ -157,9 +170,25 @@ class Trainer(Evaluation, Checkpointing):
         if len(idx) < self.global_bs and self.acc.num_processes > 1:  # every rank needs a batch
             idx += perm[:self.global_bs - len(idx)]
         r = self.acc.process_index
-        mine = idx[r * self.t.batch_size:(r + 1) * self.t.batch_size]
-        batch = collate([self.data.train[i] for i in mine], self.pad_id)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return idx[r * self.t.batch_size:(r + 1) * self.t.batch_size]
+
+    def _batch(self, m: int) -> dict[str, Any]:
+        """Micro-batch m of the run on the device: padding-free when the LM path packs."""
+        ex = [self.data.train[i] for i in self._examples(m)]
+        batch = self.lm.collate(ex, self.pad_id) if self.lm is not None and not self.lm.disabled else \
+            collate(ex, self.pad_id)
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _loss(self, batch: dict[str, Any], ids: list[int]) -> torch.Tensor:
+        if self.lm is not None and not self.lm.disabled:
+            return self.lm.loss(batch, "train", ids, [self.data.train[i] for i in ids], self.pad_id)
+        return self.model(**batch)["loss"]
+
+    @staticmethod
+    def _tokens(batch: dict[str, Any]) -> int:
+        if "attention_mask" in batch:
+            return int(batch["attention_mask"].sum())
+        return batch["input_ids"].numel() if "input_ids" in batch else len(batch["labels"])
 
     def latest_checkpoint(self) -> Path | None:
         from .rundir import checkpoints
@@ -217,8 +246,12 @@ class Trainer(Evaluation, Checkpointing):
                 self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step or None)
             except Exception as e:  # noqa: BLE001 - tensorboard is optional at run time
                 self.log(f"tensorboard logging off ({e})")
-        with StopRequest() as self.stop:
-            return self._loop()
+        try:
+            with StopRequest() as self.stop, (self.lm.attention() if self.lm is not None else _null()):
+                return self._loop()
+        finally:
+            if self.lm is not None:
+                self.lm.close()  # the prefix cache (a file in the run folder when it was large)
 
     def _logged_steps(self) -> int:
         """The last step metrics.jsonl recorded (a killed session may have gone past its checkpoint)."""
@@ -235,7 +268,10 @@ class Trainer(Evaluation, Checkpointing):
 
     def _loop(self) -> dict[str, Any]:
         if self.before is None and self.t.eval_before:
-            self.before = self.evaluate()
+            want = self.samples_before is None and (self.is_main or self.dist.fsdp)  # FSDP: every rank decodes
+            self.before = self.evaluate(samples=want)  # the report's samples from the same pass
+            if want:
+                self.samples_before = self.last_samples
             self._record({"step": 0, **self.before})
             self.log("before training: " + _fmt(self.before))
         if self.samples_before is None and (self.is_main or self.dist.fsdp):  # FSDP: every rank decodes
@@ -262,20 +298,20 @@ class Trainer(Evaluation, Checkpointing):
                     status = "interrupted"
                     break
                 t0 = time.time()
-                step_loss = 0.0
+                step_loss, step_tok = 0.0, 0
                 for micro in range(self.t.grad_accum):
-                    batch = self._batch(self.step * self.t.grad_accum + micro)
-                    ntok = int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
+                    m = self.step * self.t.grad_accum + micro
+                    ids, batch = self._examples(m), self._batch(m)
                     sync = micro == self.t.grad_accum - 1
                     with self.dist.no_sync(self.acc, self.model, sync):
                         with self.acc.autocast(), (self._offload() if self._offload else _null()):
-                            loss = self.loss_fn(batch) if self.loss_fn else self.model(**batch)["loss"]
+                            loss = self._loss(batch, ids)
                         loss, mean = self.dist.global_mean(loss, batch)  # several processes: the global batch's
                         if not torch.isfinite(mean):
                             raise TrainingDiverged(self._nan_message(mean))
                         self.acc.backward(loss / self.t.grad_accum)
                     step_loss += mean.item() / self.t.grad_accum
-                    win_tok += ntok * self.acc.num_processes
+                    step_tok += self._tokens(batch) * self.acc.num_processes
                 gnorm = None
                 if self.t.max_grad_norm:
                     gnorm = self.dist.clip_grad_norm_(self.acc, [p for _, p in self.params], self.t.max_grad_norm)
@@ -287,7 +323,8 @@ class Trainer(Evaluation, Checkpointing):
                 self.step += 1
                 self.train_time += time.time() - t0
                 self._session_train += time.time() - t0
-                self.tokens_seen += win_tok
+                self.tokens_seen += step_tok
+                win_tok += step_tok
                 win_loss += step_loss
                 win_n += 1
                 lr = self.sched.get_last_lr()[0]
@@ -309,7 +346,9 @@ class Trainer(Evaluation, Checkpointing):
                     win_loss, win_n, win_tok, win_t0 = 0.0, 0, 0, time.time()
                 do_eval = self.step % eval_every == 0 or self.step == self.total_steps
                 if do_eval:
-                    res = self.evaluate()
+                    last = self.step == self.total_steps and (self.is_main or self.dist.fsdp)  # the samples after: this pass
+                    res = self.evaluate(samples=last)
+                    self._samples_at = self.step if last else None
                     self._record({"step": self.step, **res})
                     if bar is not None:
                         bar.write(f"step {self.step}: " + _fmt(res))
@@ -340,7 +379,7 @@ class Trainer(Evaluation, Checkpointing):
         if status != "interrupted":
             self.save_adapter(self.out / "adapter")  # the last adapter (FSDP: gathered, rank 0 writes)
             if self.samples_before is not None:
-                self.samples_after = self.sample_generations()
+                self.samples_after = self.last_samples if self._samples_at == self.step else self.sample_generations()
         self._finish_logs()
         return self._result(status, time.time() - t_run)
 
