@@ -71,6 +71,7 @@ def write_compare(summary: dict[str, Any], out: Path) -> None:
     pf, opts = summary["pf"], summary["opts"]
     rows = compare_rows(summary)
     m = pf.metric
+    loss_col = m != "eval_loss"  # the test loss as its own column only when the metric is something else
     with open(out / "compare.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COMPARE_COLS + ["probe"])
         w.writeheader()
@@ -88,17 +89,18 @@ def write_compare(summary: dict[str, Any], out: Path) -> None:
              "best checkpoint were chosen on validation.",
              f"Load average (1, 5, 15 min) at the start: {_load(summary['load_start'])}; at the end: "
              f"{_load(summary['load_end'])}; whole compare {summary['wall_s'] / 60:.1f} min.", "",
-             f"| method | trainable | trainable % | lr (chosen by) | validation {m} (step) | **test {m}** | test eval_loss "
-             "| steps | training s | s/step | peak MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| method | trainable | trainable % | lr (chosen by) | validation {m} (step) | **test {m}** "
+             + ("| test eval_loss " if loss_col else "") + "| steps | training s | s/step | peak MB |",
+             "|---|---|---|---|---|---|" + ("---|" if loss_col else "") + "---|---|---|---|"]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['label']} | — | — | — | {r['status']}: {str(r['error'])[:160].replace('|', '/')} "
-                         "| — | — | — | — | — | — |")
+                         "| — | " + ("— | " if loss_col else "") + "— | — | — | — |")
             continue
         lines.append(f"| {r['label']} | {r['trainable']:,} | {r['trainable_pct']:.3f} | {r['lr']:.3g} ({r['lr_source']}) "
-                     f"| {_f(r['val_metric'])} ({r['val_step']}) | **{_f(r['test_metric'])}** | {_f(r['test_eval_loss'])} "
-                     f"| {r['steps']} | {_f(r['train_time_s'], 0)} | {_f(r['step_time_s'], 2)} | {_f(r['peak_mem_mb'], 0)} |")
+                     f"| {_f(r['val_metric'])} ({r['val_step']}) | **{_f(r['test_metric'])}** "
+                     + (f"| {_f(r['test_eval_loss'])} " if loss_col else "")
+                     + f"| {r['steps']} | {_f(r['train_time_s'], 0)} | {_f(r['step_time_s'], 2)} | {_f(r['peak_mem_mb'], 0)} |")
     probes = [r for r in rows if r["probe"]]
     if probes:
         lines += ["", f"lr probe (validation {m} after {summary['probe_steps']} steps):", ""]
@@ -166,6 +168,7 @@ def trial_rows(study, metric: str) -> list[dict[str, Any]]:
 def write_search(s: dict[str, Any], out: Path) -> None:
     study, pf, best = s["study"], s["pf"], s["best"]
     m = pf.metric
+    loss_col = m != "eval_loss"  # the test loss as its own column only when the metric is something else
     rows = trial_rows(study, m)
     cols = list(rows[0]) if rows else []
     with open(out / "search.csv", "w", newline="") as f:
@@ -201,12 +204,13 @@ def write_search(s: dict[str, Any], out: Path) -> None:
     if best is None:
         lines += ["## Best", "", "No trial finished: every one was pruned, skipped or failed (see the table).", ""]
     lines += [] if best is None else ["## Best" + (" (Pareto front, by validation metric)" if s["pareto"] else ""), "",
-              f"| trial | settings | trainable % | validation {m} | **test {m}** | test eval_loss |", "|---|---|---|---|---|---|"]
+              f"| trial | settings | trainable % | validation {m} | **test {m}** |" + (" test eval_loss |" if loss_col else ""),
+              "|---|---|---|---|---|" + ("---|" if loss_col else "")]
     for t in s["chosen"][:8]:
         te = s["tests"].get(str(t.number)) or {}
         res = t.user_attrs.get("result") or {}
         lines.append(f"| {t.number} | {_settings(t.user_attrs.get('params') or {})} | {_f(res.get('trainable_pct'), 3)} "
-                     f"| {t.values[0]:.4f} | **{_f(te.get(m))}** | {_f(te.get('eval_loss'))} |")
+                     f"| {t.values[0]:.4f} | **{_f(te.get(m))}** |" + (f" {_f(te.get('eval_loss'))} |" if loss_col else ""))
     if best is not None:
         lines += ["", f"`best.yaml` (trial {best.number}) reruns it: `slimtune train {out / 'best.yaml'}` (method block: "
                   f"`{best.user_attrs.get('method_block')}`)."]
