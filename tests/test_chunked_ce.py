@@ -1,5 +1,5 @@
 """Chunked linear cross-entropy (kernels/chunked_ce.py): same loss and gradients as the model's own
-loss, applied only where that holds, and wired into the training job."""
+loss, applied only where that holds (the job's use of it: train/lm.py, tests/test_job_speed.py)."""
 from __future__ import annotations
 
 import pytest
@@ -61,32 +61,6 @@ def test_not_applied_where_it_would_differ(case):
     ok, reason = chunked_ce.chunked_ce_status(pm)
     assert not ok and why in reason
     assert chunked_ce.chunked_causal_lm_loss(pm) is None
-    with pytest.raises(ValueError, match="chunked_ce=on cannot apply"):
-        chunked_ce.train_loss_fn(pm, "on", torch.device("cpu"), 1)
-    assert chunked_ce.train_loss_fn(pm, "auto", torch.device("cpu"), 1) is None
-
-
-def test_job_loss_modes_and_first_batch_check(monkeypatch):
-    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear"))
-    cpu = torch.device("cpu")
-    assert chunked_ce.train_loss_fn(pm, "off", cpu, 1) is None
-    assert chunked_ce.train_loss_fn(pm, "auto", cpu, 2) is None  # distributed: through the DDP wrapper
-    assert chunked_ce.train_loss_fn(pm, "auto", torch.device("meta"), 1) is None  # auto: CPU only
-    logs: list[str] = []
-    fn = chunked_ce.train_loss_fn(pm, "auto", cpu, 1, logs.append)
-    b = _batch()
-    torch.testing.assert_close(fn(b), pm(**b).loss)
-    assert len(logs) == 1 and "= model's own" in logs[0]
-    # a model whose logits are not lm_head(h): "auto" switches back (and says so), "on" refuses
-    real = chunked_ce.chunked_causal_lm_loss
-    monkeypatch.setattr(chunked_ce, "chunked_causal_lm_loss", lambda m: (lambda x: real(m)(x) + 1.0))
-    logs.clear()
-    fn = chunked_ce.train_loss_fn(pm, "auto", cpu, 1, logs.append)
-    torch.testing.assert_close(fn(b), pm(**b).loss)
-    assert "using the model's own loss" in logs[0]
-    fn = chunked_ce.train_loss_fn(pm, "on", cpu, 1, logs.append)
-    with pytest.raises(RuntimeError, match="chunked_ce=off"):
-        fn(b)
 
 
 def test_saves_no_logits():

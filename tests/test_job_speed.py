@@ -214,3 +214,43 @@ def test_job_benchmark_quick(tmp_path):
     assert t["batches_equal"] and t["batches"] > 0
     assert {"whole_process", "step_time", "peak_rss"} <= set(t["ratios"]["hf-fp32"])
     assert "| quick | hf-fp32 |" in p.stdout
+
+
+def test_loss_path_modes_and_first_batch_check(monkeypatch):
+    """train.chunked_ce: off / several processes / auto off CPU give the model's own loss (None);
+    auto on CPU checks the first batch against the model's own loss; a mismatch switches back under
+    auto (and says so) and is an error naming the fix under on."""
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear"))
+    ex, cpu = _examples(), torch.device("cpu")
+    t = TrainConfig(prefix_cache="off")
+    build = lambda mode, procs=1, dev=cpu, log=lambda *_: None: CausalLMPath.build(  # noqa: E731
+        pm, t.model_copy(update={"chunked_ce": mode}), _data(ex), procs, dev, None, log)
+    assert build("off") is None
+    assert build("auto", procs=2) is None  # several processes: the loss runs through the DDP/FSDP wrapper
+    assert build("auto", dev=torch.device("meta")) is None  # auto: CPU only
+    with pytest.raises(ValueError, match="chunked_ce=on cannot apply"):
+        build("on", procs=2)
+    ids = list(range(len(ex)))
+    ref = pm(**collate(ex, 0)).loss
+    # a model whose logits are not lm_head(h): simulated by shifting the path's cross-entropy
+    real = CausalLMPath._ce
+    monkeypatch.setattr(CausalLMPath, "_ce", lambda self, h, tgt, red: real(self, h, tgt, red) + 1.0)
+    logs: list[str] = []
+    lm = build("auto", log=logs.append)
+    with lm.attention():
+        torch.testing.assert_close(lm.loss(lm.collate(ex, 0), "train", ids, ex, 0), ref)
+    assert lm.disabled and any("using the model's own loss" in m for m in logs), logs
+    lm = build("on")
+    with lm.attention(), pytest.raises(ValueError, match="chunked_ce=auto or off"):
+        lm.loss(lm.collate(ex, 0), "train", ids, ex, 0)
+
+
+def test_loss_path_refuses_on_for_a_model_it_cannot_run():
+    from conftest import tiny_gpt2
+
+    pm = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"]))
+    data = _data(_examples())
+    with pytest.raises(ValueError, match="chunked_ce=on cannot apply"):
+        CausalLMPath.build(pm, TrainConfig(chunked_ce="on"), data, 1, torch.device("cpu"), None, lambda *_: None)
+    assert CausalLMPath.build(pm, TrainConfig(chunked_ce="auto"), data, 1, torch.device("cpu"), None,
+                              lambda *_: None) is None
