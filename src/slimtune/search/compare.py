@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..train.config import JobConfig, saved_form
-from ..train.lock import RunLock
 from . import prepare as P
 from .space import METHOD_DEFAULTS, SearchError
 
@@ -91,16 +90,8 @@ def run_compare(cfg: JobConfig, opts: CompareOptions, log: Callable[[str], None]
     unknown = sorted(set(opts.lrs) - set(methods) - {"config"})
     if unknown:
         raise SearchError(f"--lr {unknown[0]}=...: {unknown[0]!r} is not among --methods ({', '.join(methods)})")
-    out = opts.out
-    if out.exists() and not out.is_dir():
-        raise SearchError(f"--out '{out}' is a file; give a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out)
-    lock.acquire()
-    try:
+    with P.owned_folder(opts.out) as out:
         return _compare(cfg, opts, methods, out, log)
-    finally:
-        lock.release()
 
 
 def _compare(cfg: JobConfig, opts: CompareOptions, methods: list[str], out: Path, log) -> dict[str, Any]:

@@ -8,6 +8,7 @@ run will do, and a mistake in the config or the data is one message before any r
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import tempfile
@@ -21,6 +22,7 @@ import torch
 from ..train.config import JobConfig
 from ..train.data import Prepared
 from ..train.evaluate import Evaluation
+from ..train.lock import RunLock
 from . import targets as T
 from .space import SearchError
 
@@ -238,3 +240,18 @@ def check_budget(what: str, budget_s: float, need_s: float, how: str) -> None:
         raise SearchError(f"{what} of {budget_s / 60:.1f} min is too small for one run: {how} takes about "
                           f"{need_s / 60:.1f} min here (measured by a 2-step run just now); raise it, or shorten the runs "
                           "(train.max_steps, data.max_train)")
+
+
+@contextlib.contextmanager
+def owned_folder(out: Path):
+    """compare's / search's output folder, created and locked (train/lock.py) for the whole command,
+    so a second command on the same folder is refused instead of writing into it."""
+    if out.exists() and not out.is_dir():
+        raise SearchError(f"--out '{out}' is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out)
+    lock.acquire()
+    try:
+        yield out
+    finally:
+        lock.release()

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..train.config import JobConfig, saved_form
-from ..train.lock import RunLock
 from . import prepare as P
 from .space import SearchError, Space, build_space, method_block, parse_section
 
@@ -90,20 +89,12 @@ def run_search(cfg: JobConfig, opts: SearchOptions, log: Callable[[str], None] =
         raise SearchError(f"--trials {opts.trials}: a search needs at least 1 trial")
     if opts.pareto_with not in PARETO_WITH:
         raise SearchError(f"--pareto-with {opts.pareto_with!r}: choose {' or '.join(PARETO_WITH)}")
-    out = opts.out
-    if out.exists() and not out.is_dir():
-        raise SearchError(f"--out '{out}' is a file; give a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out)
-    lock.acquire()
-    try:
+    with P.owned_folder(opts.out) as out:
         if opts.overwrite:
             for p in ("study.db", "trials", "search.md", "search.csv", "best.yaml", "pareto", "plots"):
                 q = out / p
                 shutil.rmtree(q, ignore_errors=True) if q.is_dir() else q.unlink(missing_ok=True)
         return _search(optuna, cfg, opts, out, log)
-    finally:
-        lock.release()
 
 
 def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict[str, Any]:
