@@ -363,7 +363,12 @@ def test_accelerate_launch_runs_the_same_job(tiny_llama, lm_data, reference, tmp
 @pytest.mark.slow
 def test_two_nodes_through_c10d_rendezvous(tiny_llama, lm_data, reference, tmp_path):
     """Multi-node as torchrun runs it: two launchers (`--nnodes 2 --nproc_per_node 1`, c10d
-    rendezvous on 127.0.0.1), one process each, FSDP across them: the reference's adapter."""
+    rendezvous on 127.0.0.1), one process each, FSDP across them: the reference's adapter.
+
+    `--local_addr 127.0.0.1`: without it torchrun hands the workers rank 0's `socket.getfqdn()` as
+    MASTER_ADDR, which on a machine whose hostname resolves to an unreachable address (as on CI)
+    hangs the workers' store connection. Each launcher writes to its own file, not a pipe, so
+    neither can block on a full pipe while the test waits on the other."""
     from slimtune.train.launch import free_port
 
     out = tmp_path / "nodes"
@@ -371,17 +376,25 @@ def test_two_nodes_through_c10d_rendezvous(tiny_llama, lm_data, reference, tmp_p
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "test-nodes",
-           "-m", *train_cmd(cfg)]
-    nodes = [subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+           "--local_addr", "127.0.0.1", "-m", *train_cmd(cfg)]
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    files = [log.open("w") for log in logs]
+    nodes = [subprocess.Popen(cmd, env=env(), stdout=f, stderr=subprocess.STDOUT, text=True) for f in files]
+    deadline = time.monotonic() + 240
     try:
-        outs = [n.communicate(timeout=240) for n in nodes]
+        for n in nodes:
+            n.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
     finally:
         for n in nodes:
             if n.poll() is None:
                 n.kill()
-                n.communicate()
-    assert [n.returncode for n in nodes] == [0, 0], [o[1][-3000:] for o in outs]
-    assert sum(o[0].count("done in") for o in outs) == 1  # rank 0, on whichever node it landed
+                n.wait()
+        for f in files:
+            f.close()
+    outs = [log.read_text() for log in logs]
+    assert [n.returncode for n in nodes] == [0, 0], [o[-3000:] for o in outs]
+    assert sum(o.count("done in") for o in outs) == 1  # rank 0, on whichever node it landed
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
     _same_adapter(reference / "adapter", out / "adapter")
