@@ -17,6 +17,7 @@ from conftest_train import sentiment_rows, tiny_bert, write_jsonl  # noqa: F401
 
 optuna = pytest.importorskip("optuna")
 
+from slimtune.search.space import SearchError  # noqa: E402
 from slimtune.search.study import SearchOptions, run_search  # noqa: E402
 from slimtune.train.config import load_config  # noqa: E402
 
@@ -124,11 +125,34 @@ def test_pareto_reports_the_front_and_a_trainable_limit_skips_before_training(ti
     run_search(load_config(str(cfg_path), ["search.targets=[all-linear]"]),
                SearchOptions(out=out2, trials=4, max_trainable_pct=0.5), log=lines.append)
     st2 = _study(out2)
-    skipped = [t for t in st2.trials if t.state.name == "PRUNED"]
-    assert skipped and all("above max_trainable_pct" in t.user_attrs["reason"] for t in skipped)
+    skipped = [t for t in st2.trials if t.user_attrs.get("skipped")]
+    assert skipped and all(t.state.name == "PRUNED" and "above max_trainable_pct" in t.user_attrs["reason"]
+                           for t in skipped)
     assert all(t.params["r"] == 16 for t in skipped)  # r=2 on all linears is ~0.2 %, r=16 ~1.5 %
     assert all(t.user_attrs["result"]["trainable_pct"] <= 0.5 for t in st2.trials if t.state.name == "COMPLETE")
     assert all(not (out2 / "trials" / f"trial-{t.number:04d}").exists() for t in skipped)
+    # a skip trains nothing, so it does not count: --trials 4 trained 4
+    assert len(st2.trials) - len(skipped) == 4
+    assert any("not counted toward --trials" in x for x in lines)
+    md = (out2 / "search.md").read_text()
+    assert f"{len(skipped)} skipped above the trainable limit, not counted) of --trials 4" in md
+    assert "| skipped |" in md
+
+
+def test_a_space_entirely_above_the_trainable_limit_stops_with_the_fix(tiny_bert, tmp_path, monkeypatch):
+    """Every draw above --max-trainable-pct: the search stops after MAX_SKIPS_IN_A_ROW skips (not
+    --trials, which skips do not reach) and says what to change."""
+    from slimtune.search import study as study_mod
+
+    monkeypatch.setattr(study_mod, "MAX_SKIPS_IN_A_ROW", 3)
+    out = tmp_path / "all_over"
+    with pytest.raises(SearchError, match="no trial of the search") as e:
+        run_search(load_config(str(_config(tmp_path, tiny_bert, r=[8, 16]))),
+                   SearchOptions(out=out, trials=2, max_trainable_pct=0.001), log=lambda m: None)
+    st = _study(out)
+    assert len(st.trials) == 3 and all(t.user_attrs.get("skipped") for t in st.trials)
+    assert "3 draws in a row were above max_trainable_pct 0.001%" in (out / "search.md").read_text()
+    assert "search.md" in str(e.value)
 
 
 def _cli(argv, capsys):

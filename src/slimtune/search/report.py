@@ -153,7 +153,7 @@ def trial_rows(study, metric: str) -> list[dict[str, Any]]:
     for t in study.get_trials(deepcopy=False):
         p = t.user_attrs.get("params") or {}
         res = t.user_attrs.get("result") or {}
-        rows.append({"trial": t.number, "state": t.state.name.lower(), "method": p.get("method"), "r": p.get("r"),
+        rows.append({"trial": t.number, "state": "skipped" if t.user_attrs.get("skipped") else t.state.name.lower(), "method": p.get("method"), "r": p.get("r"),
                      "alpha_over_r": p.get("alpha_over_r"), "targets": p.get("targets"),
                      "layers": p.get("layers") if not isinstance(p.get("layers"), list) else ",".join(map(str, p["layers"])),
                      "dropout": p.get("dropout"), "lr": p.get("lr"),
@@ -175,7 +175,7 @@ def write_search(s: dict[str, Any], out: Path) -> None:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    states = {k: sum(1 for r in rows if r["state"] == k) for k in ("complete", "pruned", "fail")}
+    states = {k: sum(1 for r in rows if r["state"] == k) for k in ("complete", "pruned", "fail", "skipped")}
     bc = s["best_config"]
     if bc is not None:
         header = (f"# slimtune search: {bc.model_name()}, {pf.data.source}\n# best trial {best.number} of {out}/study.db: "
@@ -194,8 +194,9 @@ def write_search(s: dict[str, Any], out: Path) -> None:
                                                              "skipped before training" if sec.max_trainable_pct else ""),
              f"Data: {_split_note(pf)}; {pf.total_steps} steps a trial, seed {base.train.seed}, "
              f"{s['threads']} CPU thread(s). TPE sampler (multivariate), storage {out}/study.db.",
-             f"Trials: {len(rows)} ({states['complete']} complete, {states['pruned']} pruned, {states['fail']} failed) of "
-             f"--trials {s['trials_target']}" + (f", --timeout {s['timeout_min']:g} min" if s["timeout_min"] else "")
+             f"Trials: {len(rows)} ({states['complete']} complete, {states['pruned']} pruned, {states['fail']} failed"
+             + (f", {states['skipped']} skipped above the trainable limit, not counted" if states["skipped"] else "")
+             + f") of --trials {s['trials_target']}" + (f", --timeout {s['timeout_min']:g} min" if s["timeout_min"] else "")
              + f"; {s['elapsed_s'] / 60:.1f} min of trials over all sessions; this session stopped: {s['stop_why']}.",
              f"Load average (1, 5, 15 min) at the start of this session: {_load(s['load_start'])}; at the end: "
              f"{_load(s['load_end'])}.", "",

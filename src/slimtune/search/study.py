@@ -38,6 +38,9 @@ from . import prepare as P
 from .space import SearchError, Space, build_space, method_block, parse_section
 
 STUDY_NAME = "slimtune-search"
+# a space where draws keep landing above --max-trainable-pct: stop and say so rather than spin (a skip
+# costs one weightless count, about a second)
+MAX_SKIPS_IN_A_ROW = 50
 
 
 def _trial_errors() -> tuple[type[BaseException], ...]:
@@ -150,10 +153,15 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
         log(f"timing: about {estimate:.0f} s a full trial (set-up {t.setup_s:.0f} s, {t.step_s:.2f} s/step, "
             f"{t.eval_s:.1f} s/evaluation)")
     stop_why = None
+    skips = 0  # draws in a row above max_trainable_pct; they cost no training but must not go on forever
     while True:
         done = _counted(study)
         if done >= opts.trials:
             stop_why = f"{done} trials done"
+            break
+        if skips >= MAX_SKIPS_IN_A_ROW:
+            stop_why = (f"{skips} draws in a row were above max_trainable_pct {section.max_trainable_pct:g}%: lower "
+                        "the ranks or narrow the targets/layers in the search space, or raise --max-trainable-pct")
             break
         spent = elapsed0 + (time.time() - t_session)
         if budget_s is not None:
@@ -162,7 +170,8 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
                 stop_why = (f"time budget: {spent / 60:.1f} of {budget_s / 60:.1f} min spent, a trial takes about "
                             f"{est / 60:.1f} min")
                 break
-        _one_trial(optuna, study, storage, space, pf, base, out, opts, section, done, log)
+        skips = skips + 1 if _one_trial(optuna, study, storage, space, pf, base, out, opts, section, done, log) \
+            else 0
         study.set_user_attr("elapsed_s", elapsed0 + (time.time() - t_session))
     log(f"search stopped: {stop_why}")
     summary = _finish(optuna, study, pf, space, cfg, base, out, opts, pareto, section, every)
@@ -243,12 +252,13 @@ def _after_warmup(optuna):
 
 
 def _counted(study) -> int:
-    """Trials that count toward --trials: finished, pruned, or failed on their own config (not cut off)."""
+    """Trials that count toward --trials: finished, pruned, or failed on their own config (not cut off,
+    not skipped above max_trainable_pct: a skip trains nothing, so `--trials 40` still trains 40)."""
     from optuna.trial import TrialState
 
     n = 0
     for t in study.get_trials(deepcopy=False):
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and not t.user_attrs.get("skipped"):
             n += 1
         elif t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"):
             n += 1
@@ -290,7 +300,8 @@ def _describe(params: dict[str, Any]) -> str:
 
 
 def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: Path, opts: SearchOptions,
-               section, done: int, log) -> None:
+               section, done: int, log) -> bool:
+    """Ask for one trial, run it, tell its result; True when it was skipped (above max_trainable_pct)."""
     from optuna.trial import TrialState
 
     from ..train.interrupt import TrainingInterrupted
@@ -311,9 +322,12 @@ def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: P
         trial.set_user_attr("trainable_pct", counts[2])
         if counts[2] > limit:
             trial.set_user_attr("reason", f"{counts[2]:.3f}% trainable is above max_trainable_pct {limit:g}")
+            trial.set_user_attr("skipped", True)
+            # PRUNED, not FAIL: TPE ranks a pruned point below every finished one and draws away from it
             study.tell(trial, state=TrialState.PRUNED)
-            log(f"{head}: skipped, {counts[2]:.3f}% trainable > {limit:g}%")
-            return
+            log(f"trial {trial.number}: {_describe(params)}: skipped, {counts[2]:.3f}% trainable > {limit:g}% "
+                "(not counted toward --trials)")
+            return True
     pruned: list[str] = []
 
     def on_evaluate(step: int, metrics: dict) -> str | None:
@@ -342,14 +356,14 @@ def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: P
         study.tell(trial, state=TrialState.PRUNED)
         log(f"{head}: diverged ({time.time() - t0:.0f} s)")
         _clean(folder, keep=opts.keep_all)
-        return
+        return False
     except TRIAL_ERRORS as e:  # this trial's config cannot run (a method that fits nothing here): record it, go on
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         trial.set_user_attr("reason", f"error: {msg[:300]}")
         study.tell(trial, state=TrialState.FAIL)
         log(f"{head}: failed: {msg[:200]}")
         _clean(folder, keep=opts.keep_all)
-        return
+        return False
     except BaseException:  # a bug, or the machine: the trial is not left RUNNING for the next session to guess
         study.tell(trial, state=TrialState.FAIL)
         shutil.rmtree(folder, ignore_errors=True)
@@ -361,12 +375,12 @@ def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: P
         study.tell(trial, state=TrialState.PRUNED)
         log(f"{head}: pruned, {pruned[0]} ({took:.0f} s)")
         _clean(folder, keep=opts.keep_all)
-        return
+        return False
     if res["best"] is None:
         trial.set_user_attr("reason", "no evaluation")
         study.tell(trial, state=TrialState.FAIL)
         _clean(folder, keep=opts.keep_all)
-        return
+        return False
     values = [float(res["best"])]
     if pareto:
         values.append(float(res["trainable_pct"]) if opts.pareto_with == "params" else float(res["step_time_s"] or 0))
@@ -376,6 +390,7 @@ def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: P
     best = _best_value(study)
     log(f"{head}: {pf.metric} {res['best']:.4f} at step {res['best_step']}, {res['trainable_pct']:.3f}% trainable, "
         f"{took:.0f} s" + ("" if pareto or best is None else f" (best so far {best:.4f})"))
+    return False
 
 
 def _best_value(study) -> float | None:
