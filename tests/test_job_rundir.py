@@ -1,5 +1,6 @@
 """A run owns its folder: the lock (real processes), refusing another run's folder, --overwrite,
 resume with a changed config, --resume-weights-only, and cleaning up what a killed run left."""
+import contextlib
 import json
 import os
 import signal
@@ -57,6 +58,21 @@ def test_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path):
 
 
 @pytest.mark.slow
+@contextlib.contextmanager
+def _ctrl_c_as_from_a_terminal():
+    """Children started inside this block get Ctrl-C's default disposition, as from a terminal.
+
+    The suite itself may run with SIGINT ignored (`nohup`, or `make test &` in a script: a shell
+    ignores SIGINT for its background jobs), and an ignored SIGINT is inherited, which slimtune
+    deliberately keeps (interrupt.StopRequest). A Python handler is not inherited: exec resets
+    it to SIG_DFL, so installing Python's default one around Popen gives the child a live Ctrl-C."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def test_two_real_processes_one_folder(tiny_llama, tmp_path, capsys):
     """Run A trains in a real process; run B (this process) refuses the folder naming A's pid and the
     fix; Ctrl-C stops A with a checkpoint and its report; the folder then refuses a fresh run."""
@@ -64,8 +80,9 @@ def test_two_real_processes_one_folder(tiny_llama, tmp_path, capsys):
     text = cfg.read_text().replace("max_steps: 4", "max_steps: 100000, warmup_steps: 0").replace("eval_every: 2", "eval_every: 50")
     cfg.write_text(text)
     run = tmp_path / "run"
-    a = subprocess.Popen([sys.executable, "-m", "slimtune", "train", str(cfg), "--no-progress"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with _ctrl_c_as_from_a_terminal():
+        a = subprocess.Popen([sys.executable, "-m", "slimtune", "train", str(cfg), "--no-progress"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (run / "checkpoints").is_dir():  # A is training
