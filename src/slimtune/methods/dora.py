@@ -29,7 +29,52 @@ from .lora import LoraConfig, LoraModel
 from .lora_layers import BASE_ADAPTER, Conv, Embedding, Linear, variant_for
 
 
-class DoraLinear(Linear):
+class _DoraMerge:
+    """merge / unmerge for every DoRA layer: W <- f ⊙ (W + ΔW), f = m / ‖W + ΔW‖ on the weight before
+    this merge (as the forward sees it); unmerge divides f back out and subtracts ΔW. Each layer type
+    says how its norm is taken (`_merge_norm`) and how f lies on its stored weight (`_merge_factor`).
+    A plain-LoRA adapter on the same layer merges through the LoRA layer's own merge."""
+
+    def _merge_norm(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _merge_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self.__dict__.pop("_norm_cache", None)  # W changes through .data here: no version bump to see
+        base = self.get_base_layer()
+        for name in adapter_names if adapter_names is not None else list(self.active_adapters):
+            if name in self.merged_adapters or name not in self.adapter_names():
+                continue
+            if not self._is_dora(name):
+                super().merge([name], safe_merge=safe_merge)
+                continue
+            norm = self._merge_norm(name)
+            delta = self.get_delta_weight(name).to(base.weight.dtype)  # stored layout
+            new = self._merge_factor(name, norm).to(base.weight.dtype) * (base.weight.data + delta)
+            if safe_merge and not torch.isfinite(new).all():
+                raise ValueError(f"merging DoRA adapter '{name}' gives NaN/Inf; the adapter is broken; nothing was merged")
+            base.weight.data.copy_(new)
+            self._dora_norm[name] = norm
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        self.__dict__.pop("_norm_cache", None)
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            delta = self.get_delta_weight(name).to(base.weight.dtype)
+            if self._is_dora(name):
+                f = self._merge_factor(name, self._dora_norm.pop(name)).to(base.weight.dtype)
+                base.weight.data.copy_(base.weight.data / f - delta)
+            else:
+                base.weight.data.sub_(delta)
+
+
+class DoraLinear(_DoraMerge, Linear):
     """LoRA Linear/Conv1D whose adapters listed in `lora_magnitude_vector` are DoRA adapters."""
 
     adapter_layer_names = Linear.adapter_layer_names + ("lora_magnitude_vector",)
@@ -100,45 +145,16 @@ class DoraLinear(Linear):
             out = out + (scale - 1) * plain + scale * lora * s
         return out
 
-    # ---- merging: W <- m/‖W+ΔW‖ · (W+ΔW); unmerge divides the factor back out -----------------
-    def _factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
+    # ---- merging (_DoraMerge): the row norm, f laid on the stored weight ------------------------
+    def _merge_norm(self, name: str) -> torch.Tensor:
+        return self._weight_norm(name).detach()
+
+    def _merge_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
         f = self.lora_magnitude_vector[name].detach() / norm  # (out,)
         return f.view(1, -1) if self.fan_in_fan_out else f.view(-1, 1)  # broadcast on the stored weight
 
-    @torch.no_grad()
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        self.__dict__.pop("_norm_cache", None)  # W changes through .data here: no version bump to see
-        base = self.get_base_layer()
-        for name in adapter_names if adapter_names is not None else list(self.active_adapters):
-            if name in self.merged_adapters or name not in self.adapter_names():
-                continue
-            if not self._is_dora(name):
-                super().merge([name], safe_merge=safe_merge)
-                continue
-            delta = self.get_delta_weight(name).to(base.weight.dtype)  # stored layout
-            norm = self._weight_norm(name).detach()
-            new = self._factor(name, norm).to(base.weight.dtype) * (base.weight.data + delta)
-            if safe_merge and not torch.isfinite(new).all():
-                raise ValueError(f"merging DoRA adapter '{name}' gives NaN/Inf; the adapter is broken; nothing was merged")
-            base.weight.data.copy_(new)
-            self._dora_norm[name] = norm
-            self.merged_adapters.append(name)
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        self.__dict__.pop("_norm_cache", None)
-        base = self.get_base_layer()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            delta = self.get_delta_weight(name).to(base.weight.dtype)
-            if self._is_dora(name):
-                f = self._factor(name, self._dora_norm.pop(name)).to(base.weight.dtype)
-                base.weight.data.copy_(base.weight.data / f - delta)
-            else:
-                base.weight.data.sub_(delta)
-
-
-class _DoraExtra:
+class _DoraExtra(_DoraMerge):
     """DoRA for the other LoRA layer types (PEFT's variants): a magnitude per output feature of the
     adapted weight, found by `_norm` on W + ΔW (detached), applied as f = m/‖W + ΔW‖.
 
@@ -163,35 +179,11 @@ class _DoraExtra:
             with torch.no_grad():
                 self.lora_magnitude_vector[adapter] = nn.Parameter(self._dora_norm_of(adapter))
 
-    @torch.no_grad()
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        base = self.get_base_layer()
-        for name in adapter_names if adapter_names is not None else list(self.active_adapters):
-            if name in self.merged_adapters or name not in self.adapter_names():
-                continue
-            if not self._is_dora(name):
-                super().merge([name], safe_merge=safe_merge)
-                continue
-            norm = self._dora_norm_of(name)  # on the weight before this merge, as the forward sees it
-            f = self._weight_factor(self.lora_magnitude_vector[name] / norm).to(base.weight.dtype)
-            new = f * (base.weight.data + self.get_delta_weight(name).to(base.weight.dtype))
-            if safe_merge and not torch.isfinite(new).all():
-                raise ValueError(f"merging DoRA adapter '{name}' gives NaN/Inf; the adapter is broken; nothing was merged")
-            base.weight.data.copy_(new)
-            self._dora_norm[name] = norm
-            self.merged_adapters.append(name)
+    def _merge_norm(self, name: str) -> torch.Tensor:
+        return self._dora_norm_of(name)
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        base = self.get_base_layer()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            delta = self.get_delta_weight(name).to(base.weight.dtype)
-            if self._is_dora(name):
-                f = self._weight_factor(self.lora_magnitude_vector[name] / self._dora_norm.pop(name))
-                base.weight.data.copy_(base.weight.data / f.to(base.weight.dtype) - delta)
-            else:
-                base.weight.data.sub_(delta)
+    def _merge_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
+        return self._weight_factor(self.lora_magnitude_vector[name].detach() / norm)
 
 
 class DoraEmbedding(_DoraExtra, Embedding):
