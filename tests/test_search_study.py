@@ -139,6 +139,46 @@ def test_pareto_reports_the_front_and_a_trainable_limit_skips_before_training(ti
     assert "| skipped |" in md
 
 
+def test_a_trial_past_the_time_budget_is_cut_at_an_evaluation_and_runs_first_on_resume(tiny_bert, tmp_path,
+                                                                                       monkeypatch):
+    """--timeout: a trial still running at an evaluation past the budget stops there (not at its
+    end), is not counted, and its settings run first when the search resumes. The search's clock is
+    moved an hour on at the trial's first evaluation, so the test does not depend on the machine."""
+    import types
+
+    from slimtune.search import study as study_mod
+
+    skew = [0.0]
+    monkeypatch.setattr(study_mod, "time", types.SimpleNamespace(time=lambda: time.time() + skew[0]))
+    real_run_once = study_mod.P.run_once
+
+    def an_hour_late(cfg, on_evaluate=None, **kw):  # a trial's run (the others pass no callback)
+        def late(step, metrics):
+            skew[0] = 3600.0
+            return on_evaluate(step, metrics)
+        return real_run_once(cfg, on_evaluate=late if on_evaluate is not None else None, **kw)
+
+    monkeypatch.setattr(study_mod.P, "run_once", an_hour_late)
+    cfg_path = _config(tmp_path, tiny_bert)
+    out = tmp_path / "budget"
+    lines: list[str] = []
+    with pytest.raises(SearchError, match="no trial of the search"):
+        run_search(load_config(str(cfg_path)), SearchOptions(out=out, trials=3, timeout_min=10), log=lines.append)
+    st = _study(out)
+    cut = [t for t in st.trials if t.state.name == "FAIL"]
+    assert len(cut) == 1 and cut[0].user_attrs["interrupted"] == "cut by the time budget at step 2"
+    assert [t.state.name for t in st.trials] == ["FAIL", "WAITING"]  # queued with the same settings
+    assert any("cut at step 2 by the time budget" in x for x in lines)
+    assert any("search stopped: time budget" in x for x in lines)
+    assert not (out / "trials" / "trial-0000").exists()
+
+    monkeypatch.undo()
+    run_search(load_config(str(cfg_path)), SearchOptions(out=out, trials=1), log=lambda m: None)
+    st = _study(out)
+    again = st.trials[1]
+    assert again.state.name == "COMPLETE" and again.params == cut[0].params and again.user_attrs["retry_of"] == 0
+
+
 def test_a_space_entirely_above_the_trainable_limit_stops_with_the_fix(tiny_bert, tmp_path, monkeypatch):
     """Every draw above --max-trainable-pct: the search stops after MAX_SKIPS_IN_A_ROW skips (not
     --trials, which skips do not reach) and says what to change."""

@@ -170,8 +170,9 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
                 stop_why = (f"time budget: {spent / 60:.1f} of {budget_s / 60:.1f} min spent, a trial takes about "
                             f"{est / 60:.1f} min")
                 break
-        skips = skips + 1 if _one_trial(optuna, study, storage, space, pf, base, out, opts, section, done, log) \
-            else 0
+        deadline = None if budget_s is None else t_session + (budget_s - elapsed0)
+        skips = skips + 1 if _one_trial(optuna, study, storage, space, pf, base, out, opts, section, done, log,
+                                        deadline) else 0
         study.set_user_attr("elapsed_s", elapsed0 + (time.time() - t_session))
     log(f"search stopped: {stop_why}")
     summary = _finish(optuna, study, pf, space, cfg, base, out, opts, pareto, section, every)
@@ -300,8 +301,12 @@ def _describe(params: dict[str, Any]) -> str:
 
 
 def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: Path, opts: SearchOptions,
-               section, done: int, log) -> bool:
-    """Ask for one trial, run it, tell its result; True when it was skipped (above max_trainable_pct)."""
+               section, done: int, log, deadline: float | None = None) -> bool:
+    """Ask for one trial, run it, tell its result; True when it was skipped (above max_trainable_pct).
+
+    `deadline` (time.time() at which --timeout runs out): a trial still running at an evaluation past
+    it is cut there, as a kill would cut it (failed as interrupted, its settings queued to run first
+    in the next session), so a slow trial overshoots the budget by one evaluation interval at most."""
     from optuna.trial import TrialState
 
     from ..train.interrupt import TrainingInterrupted
@@ -329,8 +334,12 @@ def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: P
                 "(not counted toward --trials)")
             return True
     pruned: list[str] = []
+    cut: list[int] = []
 
     def on_evaluate(step: int, metrics: dict) -> str | None:
+        if deadline is not None and time.time() > deadline and step < pf.total_steps:
+            cut.append(step)
+            return "cut by the search's time budget (--timeout); it runs again first when the search resumes"
         v = metrics.get(pf.metric)
         if v is None or pareto:
             return None
@@ -368,8 +377,16 @@ def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: P
         study.tell(trial, state=TrialState.FAIL)
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    trial.set_user_attr("result", res)
     took = time.time() - t0
+    if cut:
+        storage.set_trial_user_attr(trial._trial_id, "interrupted", f"cut by the time budget at step {cut[0]}")
+        study.tell(trial, state=TrialState.FAIL)
+        study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
+        shutil.rmtree(folder, ignore_errors=True)
+        log(f"{head}: cut at step {cut[0]} by the time budget ({took:.0f} s); not counted, its settings run first "
+            "when the search resumes")
+        return False
+    trial.set_user_attr("result", res)
     if pruned:
         trial.set_user_attr("reason", f"pruned: {pruned[0]}")
         study.tell(trial, state=TrialState.PRUNED)
