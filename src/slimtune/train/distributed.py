@@ -21,6 +21,7 @@ The run folder under several processes and `slimtune train --nproc`: launch.py.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -89,6 +90,7 @@ class Dist:
 
         if not dist.is_initialized():
             PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=self.timeout_s))
+            atexit.register(_leave_process_group)
         if not torch.cuda.is_available() and cpu_threads is None:
             from . import resources
 
@@ -408,3 +410,13 @@ def _items(batch: dict[str, torch.Tensor]) -> int:
     if lab.ndim >= 2:
         return int((lab[:, 1:] != IGNORE).sum())
     return int(lab.numel())
+
+
+def _leave_process_group() -> None:
+    """At exit, leave the process group on every rank. A rank that exits with it still alive can
+    abort in gloo's teardown ("terminate called without an active exception", SIGABRT: seen once
+    in the suite), and the launcher then SIGTERMs the ranks still running."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

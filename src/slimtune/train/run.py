@@ -196,6 +196,7 @@ def _run(cfg: JobConfig, claim: rundir.Claim, log: RunLog, progress: bool, t_sta
         log(msg)
         if res["status"] != "interrupted":
             log(f"wrote {out}/adapter (last), {out}/best, {out}/report.md, {out}/plot.png, {out}/metrics.jsonl")
+    dist.barrier()  # the other ranks stay until rank 0 has written: none exits (or fails) while it writes
     if res["status"] == "interrupted":
         signum = trainer.stop.signum if trainer.stop and trainer.stop.signum else 2
         if res["steps"] and res.get("last_checkpoint"):
