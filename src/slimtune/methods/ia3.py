@@ -244,15 +244,9 @@ class IA3Model(Tuner):
         a trained modules_to_save copy of one source is copied for it."""
         import copy
 
-        from .lora_weighted import _heads_to_copy
+        from .lora_weighted import _heads_to_copy, check_weighted_args
 
-        if len(adapters) != len(weights) or not adapters:
-            raise ValueError("pass one weight per adapter (and at least one adapter)")
-        for a in adapters:
-            self._check(a)
-        if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named '{adapter_name}' already exists")
-        cfgs = [self.peft_config[a] for a in adapters]
+        cfgs = check_weighted_args(self, adapters, weights, adapter_name)
         heads = _heads_to_copy(self, adapters)
         for _, layer in adapter_layers(self.model):
             present = [(a, w) for a, w in zip(adapters, weights) if a in getattr(layer, "ia3_l", {})]

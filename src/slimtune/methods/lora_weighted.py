@@ -42,13 +42,7 @@ def add_weighted_adapter(tuner, adapters: list[str], weights: list[float], name:
                          svd_rank: int | None = None, svd_clamp: float | None = None, svd_full_matrices: bool = True,
                          svd_driver: str | None = None, density: float | None = None,
                          majority_sign_method: str = "total") -> None:
-    if len(adapters) != len(weights) or not adapters:
-        raise ValueError("pass one weight per adapter (and at least one adapter)")
-    for a in adapters:
-        tuner._check(a)
-    if name in tuner.peft_config:
-        raise ValueError(f"an adapter named '{name}' already exists")
-    cfgs = [tuner.peft_config[a] for a in adapters]
+    cfgs = check_weighted_args(tuner, adapters, weights, name)
     if any(getattr(c, "use_dora", False) for c in cfgs):
         raise ValueError("add_weighted_adapter combines plain LoRA adapters; DoRA magnitudes cannot be combined")
     combination_type = "linear" if len(adapters) == 1 else combination_type
@@ -113,6 +107,18 @@ def add_weighted_adapter(tuner, adapters: list[str], weights: list[float], name:
         wrapper.modules_to_save[name] = copy.deepcopy(wrapper.modules_to_save[src])
     tuner.peft_config[name] = new_cfg
     tuner._apply_active()
+
+
+def check_weighted_args(tuner, adapters: list[str], weights: list[float], name: str) -> list:
+    """The checks every add_weighted_adapter makes (LoRA's and IA³'s): one weight per adapter, each
+    adapter known, the new name free. Returns the source adapters' configs."""
+    if len(adapters) != len(weights) or not adapters:
+        raise ValueError("pass one weight per adapter (and at least one adapter)")
+    for a in adapters:
+        tuner._check(a)
+    if name in tuner.peft_config:
+        raise ValueError(f"an adapter named '{name}' already exists")
+    return [tuner.peft_config[a] for a in adapters]
 
 
 def _heads_to_copy(tuner, adapters: list[str]) -> dict[str, str]:
