@@ -1,11 +1,13 @@
 # The two commands the README opens with. Both set up .venv on first use, with the exact versions
-# of requirements-lock.txt (scripts/setup.sh).
+# of requirements-lock.txt (scripts/setup.sh). `make test` first prints the CPU's bf16-relevant flags and
+# what train.precision=auto picks there; `pytest --cpu-bf16=0|1` runs the suite as on the other kind of CPU.
 .PHONY: setup train test bench test-latest lock
 setup:
 	bash scripts/setup.sh
 train: setup
 	.venv/bin/slimtune train
 test: setup
+	@.venv/bin/python -c "from slimtune.train.resources import cpu_summary; print(cpu_summary())"
 	.venv/bin/python -m pytest -n 2 tests
 bench: setup
 	.venv/bin/python -m slimtune.bench --preset cpu

@@ -10,6 +10,24 @@ import pytest
 import torch
 import torch.nn as nn
 
+
+def pytest_addoption(parser):
+    parser.addoption("--cpu-bf16", choices=("0", "1"), default=None,
+                     help="run the suite as on another kind of CPU: 1 = native bf16 (AVX512-BF16 / AMX), 0 = AVX2-only. "
+                          "Sets SLIMTUNE_CPU_BF16 for every test and the processes they start (train/resources.py)")
+
+
+def pytest_configure(config):
+    forced = config.getoption("--cpu-bf16")
+    if forced is not None:  # xdist workers run this too, so every process sees the same CPU kind
+        os.environ["SLIMTUNE_CPU_BF16"] = forced
+
+
+def pytest_report_header(config):
+    from slimtune.train.resources import cpu_summary
+
+    return cpu_summary()
+
 # Tiny models: one thread per pytest worker is fastest (-n 2 runs two workers on two cores).
 torch.set_num_threads(1)
 

@@ -39,17 +39,30 @@ def bnb(quant: str = "nf4", double_quant: bool = True, compute=torch.float32):
                               bnb_4bit_compute_dtype=compute)
 
 
-def load(path: Path, quant: str | None = "nf4", **kw):
-    """The model as from_pretrained returns it (eval mode); quant None: the full-precision model."""
+def load(path: Path, quant: str | None = "nf4", guard: bool = True, **kw):
+    """The model as from_pretrained returns it (eval mode); quant None: the full-precision model.
+
+    guard (default): bitsandbytes' CPU repack turned off at load, as slimtune's own loaders do
+    (job, eval, merge; quant/prepare.py), so a reference forward on this model (ours, or peft's on
+    the same base) multiplies by the checkpoint's weights on every CPU. Without it, on an
+    AVX512-BF16 CPU the first eval forward without gradients repacks every Linear4bit into a bf16
+    inference layout (rounded block scales, another kernel): a different model. guard=False is
+    the raw transformers load, for the tests of that hazard."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if quant is None:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb(quant, **kw))
+        if quant is None:  # (a checkpoint saved quantized still loads quantized: guarded below too)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb(quant, **kw))
+    if guard:
+        from slimtune.quant import guard_cpu_repack
+
+        guard_cpu_repack(model)
+    return model
 
 
 def dense_twin(path: Path, qmodel):

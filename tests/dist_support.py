@@ -2,7 +2,7 @@
 bounded time, and a worker script run by each rank for the cases one `slimtune train` command
 cannot express (every method in one process group; a fault injected into rank 0's save).
 
-    python -m torch.distributed.run ... tests/dist_support.py methods OUT MODEL DATA MODE
+    python -m torch.distributed.run ... tests/dist_support.py methods OUT MODEL BERT DATA CLS_DATA MODE [fp32,bf16]
     python -m torch.distributed.run ... tests/dist_support.py crash-in-save CONFIG
 """
 from __future__ import annotations
@@ -67,24 +67,30 @@ def write_config(cfg, path: Path) -> Path:
 
 # ---- worker modes (run by every rank) -------------------------------------------------------------
 
-def _methods(out: str, llama: str, bert: str, data: str, cls_data: str, mode: str) -> None:
+def _methods(out: str, llama: str, bert: str, data: str, cls_data: str, mode: str, precisions: str = "fp32") -> None:
+    """Every method in every precision of `precisions` (comma-separated), results keyed "method/precision"."""
     from conftest_train import job
 
     from slimtune.train.run import run_train
 
+    from accelerate.state import AcceleratorState
+
     results = {}
-    for name, method in METHODS.items():
-        model, d = (bert, cls_data) if name == "bitfit" else (llama, data)
-        cfg = job(Path(model), Path(out) / name, {"train": d, "max_length": 32}, method=method,
-                  train={"max_steps": 2, "batch_size": 2, "eval_every": 2, "distributed": mode, "score_batches": 1,
-                         "eval_before": False},
-                  eval={"generate": False, "samples": 0, "batch_size": 4})
-        try:
-            res = run_train(cfg, log=lambda m: None, progress=False)
-            results[name] = {"ok": True, "loss": res["history_loss"] if "history_loss" in res else None,
-                             "after": res["after"], "world": res["world_size"]}
-        except Exception as e:  # noqa: BLE001 - recorded for the test to judge
-            results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:600]}
+    for precision in precisions.split(","):
+        # accelerate keeps one mixed-precision setting per process (a job is one process's life); the
+        # next precision needs a fresh AcceleratorState, over the same process group
+        AcceleratorState._reset_state(reset_partial_state=False)
+        for name, method in METHODS.items():
+            model, d = (bert, cls_data) if name == "bitfit" else (llama, data)
+            cfg = job(Path(model), Path(out) / precision / name, {"train": d, "max_length": 32}, method=method,
+                      train={"max_steps": 2, "batch_size": 2, "eval_every": 2, "distributed": mode, "score_batches": 1,
+                             "eval_before": False, "precision": precision},
+                      eval={"generate": False, "samples": 0, "batch_size": 4})
+            try:
+                res = run_train(cfg, log=lambda m: None, progress=False)
+                results[f"{name}/{precision}"] = {"ok": True, "after": res["after"], "world": res["world_size"]}
+            except Exception as e:  # noqa: BLE001 - recorded for the test to judge
+                results[f"{name}/{precision}"] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:600]}
     if os.environ.get("RANK", "0") == "0":
         (Path(out) / "methods.json").write_text(json.dumps(results, indent=1, default=str))
 

@@ -185,7 +185,7 @@ def test_eval_then_train_gradients_equal_train_only(llama_dir):
     x = batch()
 
     def run(eval_first: bool, force: bool, guard: bool = True):
-        q = load(llama_dir)
+        q = load(llama_dir, guard=False)  # the flag as this CPU's bitsandbytes sets it (forced on below)
         if force:
             force_cpu_repack(q)
         if guard:
@@ -211,6 +211,23 @@ def test_eval_then_train_gradients_equal_train_only(llama_dir):
         assert after_eval.keys() == reference.keys() and len(reference) == 28
         for k in reference:
             assert torch.equal(after_eval[k], reference[k]), k
+
+
+def test_raw_load_takes_this_cpus_repack_flag_and_slimtune_loads_clear_it(llama_dir):
+    """bitsandbytes sets each Linear4bit's repack flag from the CPU (has_avx512bf16): true on AVX512-BF16
+    machines, false on AVX2 ones. Whatever it was, the guarded load (slimtune's loaders, the job)
+    leaves none set, so no eval forward repacks."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    raw = load(llama_dir, guard=False)
+    flags = {m.support_avx512bf16_for_cpu for _, m in quantized_linears(raw)}
+    assert flags == {bool(has_avx512bf16())}
+    q = load(llama_dir)
+    assert {m.support_avx512bf16_for_cpu for _, m in quantized_linears(q)} == {False}
+    q.eval()
+    with torch.no_grad():
+        q(batch())
+    assert not any(is_repacked(q))
 
 
 def test_guard_undoes_an_earlier_repack(llama_dir):

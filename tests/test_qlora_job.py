@@ -15,9 +15,11 @@ from slimtune.train.run import run_train
 quiet = dict(log=lambda *_: None, progress=False)
 
 
-def _qjob(tiny_llama, tmp_path, **model):
+def _qjob(tiny_llama, tmp_path, precision="fp32", **model):
+    """precision pinned (fp32 unless asked): `model.compute_dtype: auto` follows it, and the exactness
+    checks below are about the fp32 compute path."""
     write_jsonl(tmp_path / "i.jsonl", instruction_rows(24))
-    cfg = job(tiny_llama, tmp_path / "run", {"train": str(tmp_path / "i.jsonl")}).model_dump()
+    cfg = job(tiny_llama, tmp_path / "run", {"train": str(tmp_path / "i.jsonl")}, train={"precision": precision}).model_dump()
     cfg["model"] = {"name": str(tiny_llama), "quantize": "nf4", **model}
     return JobConfig.model_validate(cfg)
 
@@ -33,11 +35,17 @@ def test_model_keys_and_overrides():
         load_config(None, ["model.quantise=nf4"])
 
 
-def test_qlora_job_trains_and_reports_the_saving(tiny_llama, tmp_path):
+@pytest.mark.parametrize("precision,compute", [("fp32", "float32"), ("bf16", "bfloat16")])
+def test_qlora_job_trains_and_reports_the_saving(tiny_llama, tmp_path, precision, compute):
+    """compute_dtype auto = the job's precision (bf16: what `auto` picks on an AVX512-BF16 CPU, emulated
+    elsewhere), and the report says which; no Linear4bit repacked by bitsandbytes' CPU inference path."""
+    from conftest_qlora import is_repacked
+
     logs: list[str] = []
-    res = run_train(_qjob(tiny_llama, tmp_path), log=logs.append, progress=False)
+    res = run_train(_qjob(tiny_llama, tmp_path, precision), log=logs.append, progress=False)
     assert res["after"]["eval_loss"] < res["before"]["eval_loss"]
-    assert res["quantization"].startswith("quantization: nf4 + double quant, compute float32, 14 linears")
+    assert res["quantization"].startswith(f"quantization: nf4 + double quant, compute {compute}, 14 linears")
+    assert not any(is_repacked(res["trainer"].model))
     assert any(line.startswith("quantization: nf4") for line in logs)  # said at load time too
     report = (tmp_path / "run/report.md").read_text()
     assert "- quantization: nf4" in report and "saved" in report

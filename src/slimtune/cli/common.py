@@ -105,6 +105,10 @@ def load_base(model_name: str | None, adapter: str | None, task: str | None = No
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=n, dtype=torch.float32, **kw, **(load_kwargs or {}))
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **(load_kwargs or {}))
+    if load_kwargs:  # a quantized base: no bitsandbytes CPU repack before the first eval forward (quant/prepare.py)
+        from ..quant import guard_cpu_repack
+
+        guard_cpu_repack(model)
     return model, tok, path, task
 
 

@@ -140,12 +140,23 @@ def quantize_kwargs(cfg: JobConfig, task: str, dtype: torch.dtype) -> dict[str, 
 def upcast_trainable(model: nn.Module) -> int:
     """Trained parameters in fp32 on a half-precision base: AdamW steps of ~1e-4 relative size
     vanish in bf16's 8-bit mantissa. Autocast runs the forward in half precision; the fused LoRA
-    paths cast the adapters per call. Returns how many tensors were cast."""
+    paths cast the adapters per call. Returns how many tensors were cast.
+
+    A module whose parameters are only partly trained (BitFit: a LayerNorm's bias trains, its
+    weight stays frozen) gets its frozen 1-D siblings upcast too: CPU autocast does not cover
+    `layer_norm` / `group_norm`, which take their weight and bias in one dtype (a bf16 weight beside
+    an fp32 bias is "expected scalar type BFloat16 but found Float"), and they accept a bf16 input
+    with fp32 affine parameters. Those siblings are per-channel vectors as small as the trained
+    bias; a frozen matrix (a Linear's weight beside its trained bias) stays half precision, since
+    the ops that use matrices (linear, conv, matmul) are under autocast and cast their arguments."""
     n = 0
-    for p in model.parameters():
-        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
-            p.data = p.data.float()
-            n += 1
+    for m in model.modules():
+        own = [p for p in m._parameters.values() if p is not None]
+        trained = any(p.requires_grad for p in own)
+        for p in own:
+            if p.dtype in (torch.bfloat16, torch.float16) and (p.requires_grad or (trained and p.dim() == 1)):
+                p.data = p.data.float()
+                n += 1
     return n
 
 

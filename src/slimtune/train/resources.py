@@ -14,6 +14,14 @@ import torch
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown CPU")
+    except OSError:
+        return "unknown CPU"
+
+
 def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
@@ -22,12 +30,40 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
+# The one switch over what slimtune detects about the CPU (README, docs/speed.md): "1" acts as on an
+# AVX512-BF16 / AMX machine, "0" as on an AVX2-only one, unset = read /proc/cpuinfo. It exists so
+# that every machine can run both branches of each CPU-dependent decision (the suite's
+# `--cpu-bf16` option sets it for all its processes); bf16 on an AVX2 CPU is emulated, slow but
+# correct.
+CPU_BF16_ENV = "SLIMTUNE_CPU_BF16"
+
+
 def cpu_bf16() -> tuple[bool, str]:
-    """(native, why): whether this CPU computes bf16 natively, by its flags."""
+    """(native, why): whether this CPU computes bf16 natively, by its flags or by the
+    SLIMTUNE_CPU_BF16 override."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced:
+        if forced not in ("0", "1"):
+            raise ValueError(f"{CPU_BF16_ENV}={forced!r}: use 1 (act as a native-bf16 CPU), 0 (as an AVX2-only "
+                             "one), or leave it unset to read the CPU's flags")
+        if forced == "1":
+            return True, f"{CPU_BF16_ENV}=1 forces native bf16"
+        return False, f"{CPU_BF16_ENV}=0 forces no native bf16 (as on an AVX2-only CPU)"
     have = [f for f in CPU_BF16_FLAGS if f in _cpu_flags()]
     if have:
         return True, f"this CPU computes bf16 natively ({', '.join(have)})"
     return False, "this CPU has no native bf16 (no avx512_bf16 / amx_bf16 flag: bf16 would be emulated, slower than fp32)"
+
+
+def cpu_summary() -> str:
+    """One line naming the CPU's bf16-relevant flags and what `train.precision: auto` picks here
+    (printed by .ci/run before the tests, so a red run says which kind of machine it was)."""
+    flags = _cpu_flags()
+    rel = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    prec, why = precision_choice("auto")
+    forced = os.environ.get(CPU_BF16_ENV)
+    return (f"CPU: {_cpu_model()}, {os.cpu_count()} cores; flags: {' '.join(rel) or 'none of avx2/avx512f/avx512_bf16/amx'}"
+            f"{f'; {CPU_BF16_ENV}={forced}' if forced else ''}; train.precision=auto -> {prec} ({why})")
 
 
 def precision_choice(precision: str) -> tuple[str, str]:
