@@ -81,9 +81,13 @@ def link_into_cache(hub_id: str, folder: Path, source: str, log=print) -> Path |
             for f in _files(folder):
                 _link(f, tmp / f.name)
             snap = repo / "snapshots" / rev
-            if snap.exists():
+            if snap.exists() and not is_link_to(snap, folder):
                 shutil.rmtree(snap, ignore_errors=True)
-            os.replace(tmp, snap)
+            try:
+                os.replace(tmp, snap)
+            except OSError:
+                if not is_link_to(snap, folder):  # not a concurrent run that linked the same folder first
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         ref_tmp = repo / "refs" / f".main.{os.getpid()}"
