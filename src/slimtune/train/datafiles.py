@@ -143,11 +143,15 @@ _SEPARATORS = {",": "commas", ";": "semicolons", "\t": "tabs", "|": "'|' charact
 
 def sniff_delimiter(text: str, default: str) -> str:
     """The separator of a .csv/.tsv whose header line does not contain the usual one: Excel writes
-    ';' where the decimal mark is a comma, and a .csv may hold tabs. csv.Sniffer picks among
-    , ; tab | from the first lines; a header that holds the usual separator is read with it."""
+    ';' where the decimal mark is a comma, and a .csv may hold tabs. A header that holds the usual
+    separator is read with it; else the one of , ; tab | it holds; with several, csv.Sniffer picks
+    from the first lines."""
     header = text.lstrip("\ufeff").split("\n", 1)[0]
-    if default in header or not any(c in header for c in _SEPARATORS if c != default):
+    others = [c for c in _SEPARATORS if c != default and c in header]
+    if default in header or not others:
         return default
+    if len(others) == 1:  # text;label: the one separator-like character in the header
+        return others[0]
     sample = text[:65536]
     sample = sample[:sample.rfind("\n") + 1] or sample  # whole lines only
     try:
