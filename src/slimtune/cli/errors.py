@@ -111,7 +111,7 @@ def check_argv_text(argv: list[str]) -> str | None:
             shown = arg.encode("utf-8", "backslashreplace").decode("utf-8")
             code = ord(arg[err.start])
             byte = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"code point U+{code:04X}"
-            return (f"argument {i + 1} ({shown[:60]!r}) is not valid UTF-8 text ({byte} at character "
+            return (f"argument {i + 1} ('{shown[:60]}') is not valid UTF-8 text ({byte} at character "
                     f"{err.start + 1}); pass UTF-8 text: convert it first (e.g. `iconv -f latin1 -t utf-8`), rename a "
                     "file whose name is not UTF-8, or use a UTF-8 locale (LANG=C.UTF-8)")
     return None
