@@ -141,3 +141,6 @@ def test_a_real_download_in_the_cache_is_left_alone(tmp_path, monkeypatch):
     snap = hf_cache.link_into_cache("Other/Model", ours, "test")
     assert hf_cache.snapshot_of("Other/Model") == snap and hf_cache.is_link_to(snap, ours)
     assert hf_cache.link_into_cache("Other/Model", ours, "test") == snap  # idempotent
+    monkeypatch.setenv("SLIMTUNE_HF_CACHE_LINK", "0")
+    assert hf_cache.link_into_cache("Third/Model", ours, "test") is None
+    assert not hf_cache.repo_dir("Third/Model").exists()

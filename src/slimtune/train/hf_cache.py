@@ -12,12 +12,15 @@ own layout:
 
 The revision is derived from the source (the packaged file), so it never equals a Hub commit. A
 cache entry that is not slimtune's (a real download) is left alone: transformers then uses it.
+SLIMTUNE_HF_CACHE_LINK=0 turns the linking off.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -65,6 +68,10 @@ def link_into_cache(hub_id: str, folder: Path, source: str, log=print) -> Path |
     """Make `hub_id` resolve offline to `folder`: the snapshot's path, or None when the cache holds
     another copy of that id (kept) or cannot be written (a warning, never an error: the job itself
     does not need the link)."""
+    if os.environ.get("SLIMTUNE_HF_CACHE_LINK", "1") == "0":
+        return None
+    if log is print:  # a command's stdout may be its output (predict's JSONL): notes go to stderr
+        log = functools.partial(print, file=sys.stderr)
     root = hub_cache_root()
     current = snapshot_of(hub_id, root)
     if is_link_to(current, folder) and all((current / f.name).exists() for f in _files(folder)):
@@ -97,6 +104,8 @@ def link_into_cache(hub_id: str, folder: Path, source: str, log=print) -> Path |
         log(f"warning: could not link {folder} into the Hugging Face cache as {hub_id} ({e.strerror or e}); "
             "transformers and peft will not find that id offline (slimtune itself is unaffected)")
         return None
+    log(f"linked {folder} into the Hugging Face cache as {hub_id} ({repo}), so transformers and peft load "
+        "adapters of it offline (SLIMTUNE_HF_CACHE_LINK=0 turns this off)")
     return repo / "snapshots" / rev
 
 
