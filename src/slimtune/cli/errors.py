@@ -134,7 +134,9 @@ def run_command(fn: Callable[[], int | None], debug: bool = False) -> int:
         if debug:
             traceback.print_exc()
             return 2
-        if isinstance(e, _known_errors()):
+        # CommandError first: _known_errors imports the job's modules (torch), seconds a refusal
+        # made before any of them loaded (a busy port, a bad argument) need not wait for
+        if isinstance(e, CommandError) or isinstance(e, _known_errors()):
             return fail(_safe_text(e))
         if isinstance(e, OSError):
             return fail(os_message(e))

@@ -109,6 +109,9 @@ def check_port(host: str, port: int) -> None:
 
 
 def run(a) -> int:
+    adapters = parse_adapters(a.adapter)
+    routes = parse_routes(a.route)
+    check_port(a.host, a.port)  # first: a busy port fails in a second, not after torch and the model load
     import torch
 
     from ..serve import ServeConfig, ServeError, make_server
@@ -117,14 +120,11 @@ def run(a) -> int:
     from ..serve.tenants import KeysFileError
 
     quiet_hf()
-    adapters = parse_adapters(a.adapter)
-    routes = parse_routes(a.route)
     from ..serve.server import is_loopback
 
     if not a.keys and not a.insecure and not is_loopback(a.host):  # before minutes of model loading
         raise CommandError(f"refusing to listen on {a.host} without --keys: anyone who can reach it could use every "
                            "adapter and the admin endpoints. Pass --keys keys.yaml, or --insecure if that is intended")
-    check_port(a.host, a.port)  # before the model loads: a busy port fails in a second, not after it
     if a.threads:
         torch.set_num_threads(a.threads)
     first = next(iter(adapters.values()), None)
