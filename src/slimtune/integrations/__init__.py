@@ -9,6 +9,8 @@ Trainer keeps the dataset columns it names), the task's label names on the class
 `_hf_peft_config_loaded` (quantized bases pass the Trainer's check). What needs the isinstance
 check is checkpointing, so `PeftTrainerMixin` adds it: checkpoints hold the adapter in PEFT's
 format (not the whole model) and `resume_from_checkpoint` / `load_best_model_at_end` load it back.
+Plain `transformers.Trainer` gets the same three methods for slimtune models the first time one is
+built around a slimtune model (`transformers.patch_trainer`), so changing only the import works.
 """
 from __future__ import annotations
 

@@ -373,6 +373,8 @@ def yaml_error(e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
     what = " ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e).split("\n")[0]
+    if "'\\t'" in str(getattr(e, "problem", "")):  # PyYAML's "found character '\t' that cannot start any token"
+        what = "a tab character: YAML indents with spaces, never tabs; replace the tabs with spaces (e.g. `expand -t 2`)"
     return where + what
 
 

