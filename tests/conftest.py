@@ -5,6 +5,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if "HF_HOME" not in os.environ:  # the suite never writes into the user's Hugging Face cache (train/hf_cache.py
+    import tempfile                # links the packaged models there by their Hub ids)
+
+    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="slimtune-test-hf-home-")
 
 import pytest
 import torch
