@@ -126,7 +126,7 @@ async function refreshStudy() {
   for (const s of d.studies || []) {
     for (const [k, j] of Object.entries(s.figures || {})) {
       if (k === "error") { figs.append(el("p", j)); continue; }
-      const div = el("div", null, "chart"); div.dataset.figure = k; figs.append(div);
+      const div = el("div", null, "chart wide"); div.dataset.figure = k; figs.append(div);
       const f = JSON.parse(j); Plotly.react(div, f.data, f.layout, {displayModeBar: false});
     }
   }
