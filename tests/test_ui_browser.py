@@ -6,38 +6,11 @@ job's own message in the page; a search folder's study plots. Screenshots of eac
 """
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
 import pytest
 from conftest_train import tiny_bert  # noqa: F401
-from ui_support import finished_run, run_yaml, ui_server, wait_for
+from ui_support import DOCS, NO_BROWSER, browser, finished_run, run_yaml, ui_server, wait_for  # noqa: F401
 
-CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-DOCS = Path(__file__).resolve().parents[1] / "docs"
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver "
-                                "(scripts/setup.sh installs them: apt-get install chromium chromium-driver)")
-
-
-@pytest.fixture
-def browser(tmp_path):
-    os.environ.setdefault("SE_OFFLINE", "true")  # selenium-manager must never fetch a browser or driver
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    o = webdriver.ChromeOptions()
-    o.binary_location = CHROMIUM
-    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chrome-profile'}", "--window-size=1400,1000"):
-        o.add_argument(a)
-    d = webdriver.Chrome(options=o, service=Service(DRIVER))
-    d.set_page_load_timeout(30)
-    try:
-        yield d
-    finally:
-        d.quit()
+pytestmark = pytest.mark.skipif(bool(NO_BROWSER), reason=NO_BROWSER)
 
 
 # read and click through JS in one step: the page rebuilds the table every 2 s (no stale elements)

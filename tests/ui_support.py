@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import socket
 import threading
 import time
@@ -10,7 +11,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from conftest_train import sentiment_rows, write_jsonl
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+NO_BROWSER = None if CHROMIUM and DRIVER else ("needs Debian's chromium and chromium-driver (scripts/setup.sh installs "
+                                              "them: apt-get install chromium chromium-driver)")
+DOCS = Path(__file__).resolve().parents[1] / "docs"  # the browser tests' screenshots, shown in the README
 
 
 def run_yaml(model: Path, data: Path, out: str, steps: int = 4, extra: str = "") -> str:
@@ -32,13 +39,13 @@ def finished_run(root: Path, model: Path, name: str = "done") -> Path:
 
 
 @contextlib.contextmanager
-def ui_server(root: Path, token: str | None = None):
+def ui_server(root: Path, token: str | None = None, serve_url: str | None = None):
     """The UI app under uvicorn on 127.0.0.1:<free port>, in a thread; stops (and stops its runs) on exit."""
     import uvicorn
 
     from slimtune.ui.app import build_app
 
-    app = build_app(root, token)
+    app = build_app(root, token, serve_url)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -82,3 +89,63 @@ def wait_for(fn, timeout: float, what: str, every: float = 0.3):
             return v
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def serve_process(tmp: Path):
+    """A real `slimtune serve` on a free loopback port: the tiny Llama base, adapter `lora-a` and an
+    A/B route `ab` over it and the base; yields its URL, stops it with Ctrl-C on exit."""
+    import signal
+    import subprocess
+    import sys
+
+    from serve_support import build
+
+    base, ads = build(tmp, ["lora-a", "lora-b"])
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    proc = subprocess.Popen([sys.executable, "-m", "slimtune", "serve", "--model", str(base), "--adapter",
+                             f"lora-a={ads['lora-a']}", "--adapter", f"lora-b={ads['lora-b']}",
+                             "--route", "ab=lora-a:0.5,lora-b:0.5", "--port", str(port), "--log-level", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                return call(url, "/health")[0] == 200
+            except OSError:
+                return False
+
+        wait_for(up, 90, "slimtune serve to answer")
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def browser(tmp_path, monkeypatch):
+    """Headless Debian chromium under Selenium, a fresh profile, no network of its own."""
+    monkeypatch.setenv("SE_OFFLINE", "true")  # selenium-manager must never fetch a browser or driver
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    o = webdriver.ChromeOptions()
+    o.binary_location = CHROMIUM
+    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chrome-profile'}", "--window-size=1400,1000"):
+        o.add_argument(a)
+    d = webdriver.Chrome(options=o, service=Service(DRIVER))
+    d.set_page_load_timeout(30)
+    try:
+        yield d
+    finally:
+        d.quit()

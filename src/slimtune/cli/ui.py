@@ -19,6 +19,10 @@ def add_parser(sub) -> None:
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; any other needs --token)")
     g.add_argument("--token", default=os.environ.get("SLIMTUNE_UI_TOKEN"),
                    help="a secret every request must carry (default $SLIMTUNE_UI_TOKEN); required beyond loopback")
+    g.add_argument("--serve", metavar="URL", default=os.environ.get("SLIMTUNE_SERVE_URL"),
+                   help="a running `slimtune serve` for the Try it tab, e.g. http://127.0.0.1:8000 (the only address "
+                   "the page's server contacts)")
+    g.add_argument("--serve-key", default=os.environ.get("SLIMTUNE_SERVE_KEY"), help="its API key, if it has --keys")
     g.set_defaults(fn=run)
 
 
@@ -34,12 +38,15 @@ def run(a) -> int:
                            "default --host 127.0.0.1")
     if not 0 <= a.port <= 65535:
         raise CommandError(f"--port {a.port}: give a port from 1 to 65535 (0 = any free port)")
+    if a.serve and not a.serve.startswith(("http://", "https://")):
+        raise CommandError(f"--serve '{a.serve}': give the server's address, like http://127.0.0.1:8000")
     root.mkdir(parents=True, exist_ok=True)
-    serve(root, a.host, a.port, a.token)
+    serve(root, a.host, a.port, a.token, a.serve, a.serve_key)
     return 0
 
 
-def serve(root: Path, host: str, port: int, token: str | None) -> None:
+def serve(root: Path, host: str, port: int, token: str | None, serve_url: str | None = None,
+          serve_key: str | None = None) -> None:
     import socket
 
     import uvicorn
@@ -57,6 +64,6 @@ def serve(root: Path, host: str, port: int, token: str | None) -> None:
     shown = f"[{host}]" if ":" in host else host
     print(f"slimtune ui: http://{shown}:{port}/" + (f"?token={token}" if token else "") + f"  (runs folder {root.resolve()}"
           "; Ctrl-C stops the page, not the runs it started)", flush=True)
-    app = build_app(root, token)
+    app = build_app(root, token, serve_url, serve_key)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     server.run(sockets=[sock])

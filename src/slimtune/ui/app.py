@@ -21,6 +21,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from . import jobs as jobs_mod
 from . import runs, studies
+from .playground import Playground, PlaygroundError
 
 STATIC = Path(__file__).parent / "static"
 SERVED = {".png": "image/png", ".md": "text/plain", ".csv": "text/plain", ".yaml": "text/plain",
@@ -47,10 +48,12 @@ def _err(msg: str, code: int = 400) -> JSONResponse:
     return JSONResponse({"error": msg}, status_code=code)
 
 
-def build_app(root: Path, token: str | None = None) -> FastAPI:
+def build_app(root: Path, token: str | None = None, serve_url: str | None = None,
+              serve_key: str | None = None) -> FastAPI:
     root = root.resolve()
     app = FastAPI(title="slimtune ui", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.jobs = jobs = jobs_mod.Jobs(root)
+    play = Playground(serve_url, serve_key)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -82,6 +85,18 @@ def build_app(root: Path, token: str | None = None) -> FastAPI:
     @app.exception_handler(jobs_mod.FormError)
     async def form_error(request: Request, e: jobs_mod.FormError):
         return _err(str(e), 400)
+
+    @app.exception_handler(PlaygroundError)
+    async def play_error(request: Request, e: PlaygroundError):
+        return _err(str(e), 400)
+
+    @app.get("/api/try/models")
+    def try_models() -> dict[str, Any]:  # sync: runs in the thread pool while the server answers
+        return play.models()
+
+    @app.post("/api/try")
+    def try_it(body: dict[str, Any]) -> dict[str, Any]:
+        return play.ask(body)
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> HTMLResponse:

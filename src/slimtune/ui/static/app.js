@@ -18,8 +18,9 @@ const secs = (s) => s == null ? "" : s < 90 ? `${s.toFixed(1)} s` : `${(s / 60).
 // ---- tabs
 document.querySelectorAll("nav button").forEach((b) => b.onclick = () => {
   document.querySelectorAll("nav button").forEach((x) => x.classList.toggle("on", x === b));
-  for (const t of ["runs", "new", "studies"]) $(`#tab-${t}`).hidden = t !== b.dataset.tab;
+  for (const t of ["runs", "new", "studies", "try"]) $(`#tab-${t}`).hidden = t !== b.dataset.tab;
   if (b.dataset.tab === "new" && !$("#yaml").value) formToYaml();
+  if (b.dataset.tab === "try") loadModels();
 });
 
 // ---- runs
@@ -136,6 +137,34 @@ async function refreshStudy() {
   const rep = $("#study-report");
   if (d.report_html) rep.innerHTML = d.report_html; else rep.textContent = "";
 }
+
+// ---- try it: through the page's server, to the one `slimtune serve` it was given
+let baseModel = null;
+async function loadModels() {
+  const sel = $("#try-model"); let d;
+  try { d = await api("/api/try/models"); } catch (e) { $("#try-server").textContent = e.message; return; }
+  $("#try-server").textContent = d.server ? `server: ${d.server}` : "no server: start `slimtune serve` and give its address to `slimtune ui --serve URL`";
+  sel.replaceChildren(); baseModel = null;
+  for (const m of d.models) {
+    if (m.kind === "base") baseModel = m.id;
+    const o = el("option", `${m.id} (${m.kind})`); o.value = m.id; sel.append(o);
+  }
+  const first = d.models.find((m) => m.kind !== "base"); if (first) sel.value = first.id;
+}
+$("#try-send").onclick = async () => {
+  const out = $("#try-out"); out.replaceChildren(); $("#try-message").textContent = "…";
+  try {
+    const d = await api("/api/try", {model: $("#try-model").value, prompt: $("#try-prompt").value, mode: $("#try-mode").value,
+      max_tokens: $("#try-max").value, user: $("#try-user").value, base: $("#try-base").checked ? baseModel : null});
+    for (const a of d.answers) {
+      const box = el("div", null, "answer"); box.dataset.model = a.model;
+      box.append(el("h3", a.model + (a.route ? ` → ${a.adapter}` : "")), el("pre", a.text),
+                 el("small", a.usage ? `${a.usage.completion_tokens} tokens` : ""));
+      out.append(box);
+    }
+    $("#try-message").textContent = "";
+  } catch (e) { $("#try-message").textContent = e.message; }
+};
 
 refreshRuns();
 setInterval(() => { refreshRuns(); refreshRun(); }, POLL_MS);
