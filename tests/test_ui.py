@@ -162,3 +162,34 @@ def test_cli_refuses_a_public_bind_without_token(tmp_path, capsys):
     assert "--token" in capsys.readouterr().err
     (tmp_path / "f").write_text("")
     assert main(["ui", "--runs", str(tmp_path / "f")]) == 2
+
+
+def test_cli_serves_the_page_as_a_process(tmp_path):
+    """`slimtune ui --port 0` as a real process: it prints its address, answers, stops on Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "slimtune", "ui", "--runs", str(tmp_path / "r"), "--port", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()  # the address, printed once the socket is bound
+        assert line.startswith("slimtune ui: http://127.0.0.1:"), (line, p.stderr.read() if p.poll() else "")
+        url = line.split()[2].rstrip("/")
+        st, d = wait_for(lambda: _try(url), 30, "the page to answer")
+        assert st == 200 and d["runs"] == [] and d["root"] == str((tmp_path / "r").resolve())
+    finally:
+        p.send_signal(signal.SIGINT)
+        try:
+            rc = p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            rc = p.wait()
+    assert rc == 0, p.stderr.read()
+
+
+def _try(url):
+    try:
+        return call(url, "/api/runs")
+    except OSError:
+        return None

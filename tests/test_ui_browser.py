@@ -10,7 +10,7 @@ import pytest
 from conftest_train import tiny_bert  # noqa: F401
 from ui_support import DOCS, NO_BROWSER, browser, finished_run, run_yaml, ui_server, wait_for  # noqa: F401
 
-pytestmark = pytest.mark.skipif(bool(NO_BROWSER), reason=NO_BROWSER)
+pytestmark = pytest.mark.skipif(bool(NO_BROWSER), reason=str(NO_BROWSER))
 
 
 # read and click through JS in one step: the page rebuilds the table every 2 s (no stale elements)

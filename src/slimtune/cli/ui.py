@@ -66,4 +66,8 @@ def serve(root: Path, host: str, port: int, token: str | None, serve_url: str | 
           "; Ctrl-C stops the page, not the runs it started)", flush=True)
     app = build_app(root, token, serve_url, serve_key)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down, then re-raises the Ctrl-C / SIGTERM it caught
+        pass
+    print("slimtune ui stopped (runs it started go on; `slimtune ui` again shows them)", flush=True)
