@@ -1,5 +1,6 @@
-"""slimtune ui: the runs page's API over real run folders, the new-run form's checks, stop / resume of
-a real `slimtune train` process it started, the security rules, and an Optuna study read back."""
+"""slimtune ui: the runs page's API over real run folders, the new-run form's checks, the security
+rules, an Optuna study read back, the command as a process. Starting, watching, stopping and resuming
+a real `slimtune train` from the page: tests/test_ui_browser.py."""
 from __future__ import annotations
 
 import json
@@ -105,36 +106,6 @@ def test_form_validates_with_the_jobs_own_messages(root, tiny_bert):  # noqa: F8
         st, d = call(base, "/api/start", {"yaml": "model: [unclosed"})
         assert st == 400 and "does not parse" in d["error"]
         assert not (root / "x").exists() and not (root / "y").exists()  # checks never start anything
-
-
-def test_start_watch_stop_resume_a_real_process(root, tiny_bert):  # noqa: F811
-    data = root.parent / "d.jsonl"
-    text = run_yaml(tiny_bert, data, "live", steps=400, extra=", save_every: 400, eval_every: 400")
-    with ui_server(root) as (base, app):
-        st, d = call(base, "/api/start", {"yaml": text})
-        assert st == 200 and d["name"] == "live", d
-
-        def row():
-            return {r["name"]: r for r in call(base, "/api/runs")[1]["runs"]}.get("live")
-
-        wait_for(lambda: (row() or {}).get("status") == "running" and (row()["step"] or 0) >= 2, 120, "the run to train")
-        n1 = len(call(base, "/api/run?name=live")[1]["records"])
-        n2 = wait_for(lambda: (n := len(call(base, "/api/run?name=live")[1]["records"])) > n1 and n, 60, "the curve to grow")
-        assert n2 > n1
-        st, d = call(base, "/api/stop", {"name": "live"})
-        assert st == 200 and d["signal"] == "SIGINT"
-        wait_for(lambda: row()["status"] == "interrupted", 60, "the run to stop")
-        r = row()
-        assert r["checkpoints"] == 1 and r["step"] < 400  # Ctrl-C semantics: a checkpoint at the step it stopped
-        assert json.loads((root / "live" / "summary.json").read_text())["status"] == "interrupted"
-        st, d = call(base, "/api/resume", {"name": "live"})
-        assert st == 200, d
-        stopped_at = r["step"]
-        wait_for(lambda: row()["status"] == "running" and (row()["step"] or 0) > stopped_at, 120, "the resumed run")
-        call(base, "/api/stop", {"name": "live"})
-        wait_for(lambda: row()["status"] == "interrupted", 60, "the resumed run to stop")
-        log = (root / "live" / "train.log").read_text()
-        assert "resumed from" in log
 
 
 def test_search_folder_read_through_optuna(root):

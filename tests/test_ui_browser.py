@@ -1,14 +1,15 @@
 """The UI in a real browser: Debian's headless chromium driven by Selenium (no browser download).
 
 The runs page lists a finished run with its loss curve; a run started from the New run form appears,
-its curve grows while it trains, and Stop interrupts it with a checkpoint kept; a bad config shows the
+its curve grows while it trains, Stop interrupts it with a checkpoint kept and Resume continues it
+from there; a bad config shows the
 job's own message in the page; a search folder's study plots. Screenshots of each page go to docs/.
 """
 from __future__ import annotations
 
 import pytest
 from conftest_train import tiny_bert  # noqa: F401
-from ui_support import DOCS, NO_BROWSER, browser, finished_run, run_yaml, ui_server, wait_for  # noqa: F401
+from ui_support import DOCS, NO_BROWSER, browser, call, finished_run, run_yaml, ui_server, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.skipif(bool(NO_BROWSER), reason=str(NO_BROWSER))
 
@@ -22,6 +23,10 @@ def _points(d, chart: str) -> int:
 def _row_status(d, name: str) -> str | None:
     return d.execute_script("const r = document.querySelector(`#runs-table tr[data-name=\"${arguments[0]}\"]`);"
                             " return r && r.dataset.status", name)
+
+
+def _step(base: str, name: str) -> int:
+    return next(r["step"] or 0 for r in call(base, "/api/runs")[1]["runs"] if r["name"] == name)
 
 
 def _click(d, css: str) -> bool:
@@ -72,7 +77,13 @@ def test_runs_form_live_curve_stop_in_chromium(tmp_path, tiny_bert, browser):  #
         assert _click(d, "#stop")
         wait_for(lambda: _row_status(d, "live") == "interrupted", 60, "the run to stop")
         assert (root / "live" / "checkpoints").is_dir() and list((root / "live" / "checkpoints").glob("step-*"))
-        wait_for(lambda: d.find_elements("id", "resume"), 10, "the Resume button")
+        stopped_at = _step(base, "live")
+        wait_for(lambda: _click(d, "#resume"), 10, "the Resume button")
+        wait_for(lambda: _row_status(d, "live") == "running" and _step(base, "live") > stopped_at, 120,
+                 "the resumed run to train past its checkpoint")
+        assert "resumed from" in (root / "live" / "train.log").read_text()
+        assert _click(d, "#stop")
+        wait_for(lambda: _row_status(d, "live") == "interrupted", 60, "the resumed run to stop")
 
         d.find_element("css selector", 'nav button[data-tab="studies"]').click()
         d.find_element("css selector", '#studies-list a[data-name="search-lr"]').click()

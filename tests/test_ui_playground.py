@@ -1,4 +1,4 @@
-"""The Try it tab's API against a real `slimtune serve` process: its models, an adapter's answer beside
+"""The Try it tab's API against a real slimtune server over HTTP (its app under uvicorn on loopback): its models, an adapter's answer beside
 the base's (each equal to what the server itself answers), an A/B route's arm, and the messages when
 no server is given or it cannot be reached."""
 from __future__ import annotations

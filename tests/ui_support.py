@@ -93,41 +93,30 @@ def wait_for(fn, timeout: float, what: str, every: float = 0.3):
 
 @contextlib.contextmanager
 def serve_process(tmp: Path):
-    """A real `slimtune serve` on a free loopback port: the tiny Llama base, adapter `lora-a` and an
-    A/B route `ab` over it and the base; yields its URL, stops it with Ctrl-C on exit."""
-    import signal
-    import subprocess
-    import sys
+    """A real slimtune server (make_server + its FastAPI app under uvicorn, in a thread, on a free
+    loopback port): the tiny Llama base, adapters `lora-a` / `lora-b` and an A/B route `ab` over them;
+    yields its URL. In-process: a second interpreter loading torch costs the suite ~30 s on 2 cores."""
+    import uvicorn
 
-    from serve_support import build
+    from serve_support import build, load_base
+    from slimtune.serve import ServeConfig, build_app, make_server
 
     base, ads = build(tmp, ["lora-a", "lora-b"])
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    proc = subprocess.Popen([sys.executable, "-m", "slimtune", "serve", "--model", str(base), "--adapter",
-                             f"lora-a={ads['lora-a']}", "--adapter", f"lora-b={ads['lora-b']}",
-                             "--route", "ab=lora-a:0.5,lora-b:0.5", "--port", str(port), "--log-level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    model, tok = load_base(base)
+    srv = make_server(model, tok, ServeConfig(), {n: str(p) for n, p in ads.items()},
+                      routes={"ab": {"lora-a": 0.5, "lora-b": 0.5}})
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(build_app(srv), log_level="warning", lifespan="on"))
+    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    t.start()
     try:
-        def up():
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                return call(url, "/health")[0] == 200
-            except OSError:
-                return False
-
-        wait_for(up, 90, "slimtune serve to answer")
-        yield url
+        wait_for(lambda: server.started, 30, "slimtune serve to start")
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.should_exit = True
+        t.join(30)
+        sock.close()
 
 
 @pytest.fixture
