@@ -117,3 +117,32 @@ def test_mlflow_wandb_tensorboard_hold_the_jobs_metrics(tmp_path, tiny_bert, cle
     # TensorBoard as before
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((out / "trackers.json").read_text()).keys() == {"mlflow", "wandb"}
+
+
+def test_search_logs_one_mlflow_run_per_trial(tmp_path, tiny_bert, clean_env):  # noqa: F811
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from slimtune.search.study import SearchOptions, run_search
+
+    data = write_jsonl(tmp_path / "s.jsonl", sentiment_rows(80))
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump({
+        "model": str(tiny_bert), "task": "classification", "method": "lora", "data": {"train": str(data), "max_length": 32},
+        "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "eval_every": 2, "log_every": 2, "cpu_threads": 1,
+                  "precision": "fp32", "report_to": "mlflow"},
+        "output_dir": str(tmp_path / "run"),
+        "search": {"methods": ["lora"], "r": [2, 4], "targets": ["attention"], "layers": ["all"], "dropout": 0.0,
+                   "lr": {"low": 1e-3, "high": 3e-2, "log": True}}}))
+    out = tmp_path / "search"
+    run_search(load_config(str(p)), SearchOptions(out=out, trials=2), log=lambda m: None)
+    [db] = list(out.rglob("mlflow.db"))
+    c = MlflowClient(f"sqlite:///{db}")
+    runs = c.search_runs([c.get_experiment_by_name("slimtune").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["trial-0000", "trial-0001"]
+    for r in runs:
+        folder = Path(r.data.tags["slimtune.output_dir"])
+        recs = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        want = {x["step"]: x["eval_loss"] for x in recs if "eval_loss" in x and x["step"] > 0}
+        got = {m.step: m.value for m in c.get_metric_history(r.info.run_id, "eval_loss") if m.step > 0}
+        assert got == pytest.approx(want) and r.data.params["method.r"] in ("2", "4")
