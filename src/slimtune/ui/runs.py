@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -160,11 +161,18 @@ def row(root: Path, out: Path) -> dict[str, Any]:
     last_loss = next((r["loss"] for r in reversed(recs) if isinstance(r.get("loss"), (int, float))), None)
     peak = s.get("peak_mem_mb") or max((r["peak_mem_mb"] for r in recs if isinstance(r.get("peak_mem_mb"), (int, float))),
                                        default=None)
+    wall = s.get("total_wall_s") or s.get("wall_s")
+    h = holder(out) if st == "running" else None
+    if h is not None:  # a running session: the time since its process took the folder
+        try:
+            wall = time.time() - time.mktime(time.strptime(str(h.get("started")), "%Y-%m-%d %H:%M:%S"))
+        except (ValueError, OverflowError):
+            wall = None
     return {"name": name(root, out), "status": st, "why": why, "step": step, "total_steps": total,
             "metric": s.get("metric"), "best": s.get("best"), "best_step": s.get("best_step"),
             "before": (s.get("before") or {}).get(s.get("metric")) if isinstance(s.get("before"), dict) else None,
             "trainable_pct": s.get("trainable_pct"), "trainable": s.get("trainable"),
-            "method": s.get("method"), "task": s.get("task"), "wall_s": s.get("total_wall_s") or s.get("wall_s"),
+            "method": s.get("method"), "task": s.get("task"), "wall_s": wall,
             "train_time_s": s.get("train_time_s"), "peak_mem_mb": peak, "loss": last_loss,
             "checkpoints": len(checkpoints(out)), "mtime": _mtime(out)}
 
