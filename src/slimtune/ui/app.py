@@ -120,16 +120,15 @@ def build_app(root: Path, token: str | None = None, serve_url: str | None = None
                 r = {"name": runs.name(root, out), "status": "unreadable", "why": f"{type(e).__name__}: {e}"[:300]}
             rows.append(r)
         known = {r["name"] for r in rows}
-        for out in jobs.pending():
+        for out in jobs.pending():  # started from the page, no run files yet: loading, or failed before training
             n = runs.name(root, out)
-            if n not in known:
-                launched = jobs.launched(out) or {}
-                rc = launched.get("returncode")
-                rows.insert(0, {"name": n, "status": "starting" if rc is None else "failed",
-                                "why": "loading the model and data" if rc is None else
-                                (launched.get("output") or "").strip().splitlines()[-1:] or [f"exit code {rc}"]})
-                if rc is not None:
-                    rows[0]["why"] = rows[0]["why"][0]
+            if n in known:
+                continue
+            launched = jobs.launched(out) or {}
+            rc = launched.get("returncode")
+            last = (launched.get("output") or "").strip().splitlines()[-1:]
+            rows.insert(0, {"name": n, "status": "starting" if rc is None else "failed",
+                            "why": "loading the model and data" if rc is None else (last[0] if last else f"exit code {rc}")})
         return {"root": str(root), "runs": rows, "studies": studies.find(root)}
 
     @app.get("/api/run")

@@ -123,7 +123,9 @@ class Jobs:
 
     def start(self, text: str) -> dict[str, Any]:
         _, out, path = check(self.root, text)
-        self.reap()
+        if self._alive(out):  # started a moment ago, before its process took the folder's lock
+            path.unlink(missing_ok=True)
+            raise FormError(f"'{runs.name(self.root, out)}' was just started from this page; it is loading")
         return self._spawn(out, [str(path)])
 
     def resume(self, out: Path) -> dict[str, Any]:
