@@ -114,6 +114,12 @@ def test_mlflow_wandb_tensorboard_hold_the_jobs_metrics(tmp_path, tiny_bert, cle
     assert arts == {"job-adapter": "model", "job-report": "report"}
     assert any(r.WhichOneof("record_type") == "exit" and r.exit.exit_code == 0 for r in records)
 
+    # the UI lists the run, not the copies of its adapter in MLflow's artifact folder beside it
+    from slimtune.ui import runs as ui_runs
+
+    assert (tmp_path / "runs" / "mlartifacts").is_dir()
+    assert [p.name for p in ui_runs.find(tmp_path / "runs")] == ["job"]
+
     # TensorBoard as before
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((out / "trackers.json").read_text()).keys() == {"mlflow", "wandb"}

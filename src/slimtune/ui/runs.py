@@ -19,6 +19,8 @@ from ..train.lock import LOCK_NAME, _alive
 from ..train.rundir import checkpoints, is_run
 
 MAX_DEPTH = 3  # runs/<compare>/<method>/ is as deep as slimtune writes runs
+# trackers' stores next to runs (an MLflow artifact folder holds adapter/ copies: not runs of their own)
+NOT_RUNS = {"mlartifacts", "mlruns", "wandb", "tensorboard"}
 STEP_RE = re.compile(r"step (\d+)/(\d+)")
 
 
@@ -128,7 +130,7 @@ def find(root: Path) -> list[Path]:
         if depth >= MAX_DEPTH:
             return
         try:
-            kids = sorted(c for c in p.iterdir() if c.is_dir() and not c.name.startswith("."))
+            kids = sorted(c for c in p.iterdir() if c.is_dir() and not c.name.startswith(".") and c.name not in NOT_RUNS)
         except OSError:
             return
         for c in kids:
