@@ -36,8 +36,24 @@ def root(tmp_path_factory, tiny_bert):  # noqa: F811
 
 
 def test_runs_page_lists_states_and_survives_corrupt_folders(root):
+    from slimtune.train.lock import RunLock
+
+    busy = root / "busy"
+    busy.mkdir()
+    (busy / "metrics.jsonl").write_text('{"step": 1, "loss": 1.5, "lr": 0.001}\n')
+    (busy / "train.log").write_text("\n=== 2026 slimtune train\nstep 1/50: loss 1.5000, lr 1.00e-03\n")
+    lock = RunLock(busy)  # held by a live process (this one): the run is training
+    lock.acquire()
+    try:
+        with ui_server(root) as (base, _):
+            st, d = call(base, "/api/runs")
+            b = {r["name"]: r for r in d["runs"]}["busy"]
+            assert b["status"] == "running" and (b["step"], b["total_steps"]) == (1, 50) and b["wall_s"] >= 0
+    finally:
+        lock.release()
     with ui_server(root) as (base, _):
         st, d = call(base, "/api/runs")
+        assert {r["name"]: r for r in d["runs"]}["busy"]["status"] == "interrupted"  # lock gone, no summary
         assert st == 200
         rows = {r["name"]: r for r in d["runs"]}
         done = rows["done"]
