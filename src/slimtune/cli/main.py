@@ -22,7 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The commands, in the order `slimtune --help` lists them: each a module of this package with
 # `add_parser(subparsers)` (which sets `fn=run` on its parser) and `run(args) -> int`.
-COMMANDS = ["train", "eval", "predict", "generate", "merge", "inspect", "export", "compare", "search", "serve"]
+COMMANDS = ["train", "eval", "predict", "generate", "merge", "inspect", "export", "compare", "search", "serve", "ui"]
 
 
 def build_parser() -> argparse.ArgumentParser:

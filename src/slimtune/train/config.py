@@ -184,6 +184,16 @@ class TrainConfig(_Strict):
     # Seconds a collective may wait for a peer before the run fails (a hung or stopped rank): long
     # enough for an eval or a save on the slowest rank, short enough that nobody waits forever.
     distributed_timeout: int = Field(600, ge=10)
+    # where metrics go besides metrics.jsonl (HF Trainer's names): tensorboard, mlflow, wandb, none, all (trackers.py)
+    report_to: Union[str, list[str]] = ["tensorboard"]
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, v: Any) -> Any:
+        from .trackers import names
+
+        names(v)  # unknown names and missing packages: one message before anything loads
+        return v
 
     @field_validator("chunked_ce", "packing", "prefix_cache", mode="before")
     @classmethod

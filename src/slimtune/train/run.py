@@ -177,6 +177,10 @@ def _run(cfg: JobConfig, claim: rundir.Claim, log: RunLog, progress: bool, t_sta
         if res is not None and trainer.is_main:
             res.update(info, total_wall_s=time.time() - t_start, error=str(e))
             _write(cfg, trainer, res, out)
+        _end_trackers(trainer, False)
+        raise
+    except BaseException:
+        _end_trackers(trainer, False)
         raise
     if s["tokenizer"] is not None and trainer.is_main and res["status"] != "interrupted":
         s["tokenizer"].save_pretrained(out / "adapter")
@@ -187,6 +191,7 @@ def _run(cfg: JobConfig, claim: rundir.Claim, log: RunLog, progress: bool, t_sta
         log(f"warning: {late}")
     if trainer.is_main:
         _write(cfg, trainer, res, out)
+        _end_trackers(trainer, res["status"] != "interrupted")  # after the report: it goes as an artifact
         m = res["metric"]
         b = (res["before"] or {}).get(m)
         f = (res["after"] or {}).get(m)
@@ -208,6 +213,11 @@ def _run(cfg: JobConfig, claim: rundir.Claim, log: RunLog, progress: bool, t_sta
     res["trainer"] = trainer
     res["peft_model"] = model
     return res
+
+
+def _end_trackers(trainer: Trainer, ok: bool) -> None:
+    if trainer.trackers is not None:
+        trainer.trackers.finish(ok)
 
 
 def _started(out: Path) -> bool:

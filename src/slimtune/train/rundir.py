@@ -32,7 +32,7 @@ from .lock import LOCK_NAME, RunFolderError, RunLock, holder  # noqa: F401 - LOC
 MARKERS = ("config.yaml", "checkpoints", "adapter", "best", "metrics.jsonl", "report.md", "summary.json")
 RUN_FILES = MARKERS + ("metrics.csv", "plot.png", "tensorboard", "train.log")
 # keys a resumed run may change: they do not touch what is trained or how
-RESUME_FREE = {"output_dir", "train.cpu_threads", "train.log_every", "eval.batch_size", *RUN_CONTROL,
+RESUME_FREE = {"output_dir", "train.cpu_threads", "train.log_every", "train.report_to", "eval.batch_size", *RUN_CONTROL,
                "train.distributed", "train.distributed_timeout"}  # how many processes, and how, is free too
 CHECKPOINT_FILES = ("trainer_state.pt", "trainable.safetensors")
 

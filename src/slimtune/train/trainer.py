@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from .checks import plan
-from .config import JobConfig, JobConfigError
+from .config import JobConfig, JobConfigError, saved_form
 from .data import Prepared, collate
 from .distributed import Dist
 from .evaluate import Evaluation
@@ -34,6 +34,7 @@ from .lm import CausalLMPath
 from .resources import peak_memory_mb, precision_choice, set_cpu_threads
 from .speed import compile_for_training, enable_gradient_checkpointing, offload_factory
 from .state import Checkpointing
+from .trackers import Trackers
 
 
 class TrainingDiverged(RuntimeError):
@@ -129,7 +130,7 @@ class Trainer(Evaluation, Checkpointing):
         self.tokens_seen = 0
         self.train_time = 0.0  # seconds inside training steps, over every session of the run
         self.last_ckpt: Path | None = None
-        self.tb = None
+        self.trackers: Trackers | None = None  # train.report_to: tensorboard / mlflow / wandb (trackers.py)
         # sessions: one per process that trained this run (a resume starts a new one), each with its
         # steps and times; elapsed = wall time of the earlier sessions up to their last checkpoint
         self.session_t0 = session_t0 or time.time()
@@ -207,11 +208,8 @@ class Trainer(Evaluation, Checkpointing):
             return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    tag = f"train/{k}" if k in ("loss", "lr", "tokens_per_s", "grad_norm", "peak_mem_mb") else f"eval/{k}"
-                    self.tb.add_scalar(tag, v, rec["step"])
+        if self.trackers is not None:
+            self.trackers.log(rec)
 
     def _write_csv(self) -> None:
         keys: list[str] = []
@@ -240,12 +238,7 @@ class Trainer(Evaluation, Checkpointing):
         elif self.is_main:
             (self.out / "metrics.jsonl").write_text("")
         if self.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step or None)
-            except Exception as e:  # noqa: BLE001 - tensorboard is optional at run time
-                self.log(f"tensorboard logging off ({e})")
+            self.trackers = Trackers.open(self.t.report_to, self.out, saved_form(self.cfg), self.step, self.log)
         try:
             with StopRequest() as self.stop, (self.lm.attention() if self.lm is not None else _null()):
                 return self._loop()
@@ -440,10 +433,8 @@ class Trainer(Evaluation, Checkpointing):
         if not self.is_main:
             return
         self._write_csv()
-        if self.tb is not None:
-            self.tb.flush()
-            self.tb.close()
-            self.tb = None
+        if self.trackers is not None:
+            self.trackers.flush()
 
 
 def _allow_new_precision(mixed_precision: str) -> None:

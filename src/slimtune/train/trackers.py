@@ -1,0 +1,212 @@
+"""Where a run's metrics go besides metrics.jsonl: `train.report_to` (HF Trainer's names and meaning).
+
+    tensorboard   OUTPUT_DIR/tensorboard (train/* and eval/* scalars)              the default
+    mlflow        MLflow through its own client (MlflowClient): $MLFLOW_TRACKING_URI, else a SQLite store
+                  next to the run (sqlite:///<parent of output_dir>/mlflow.db, artifacts in mlartifacts/);
+                  experiment $MLFLOW_EXPERIMENT_NAME or "slimtune"
+    wandb         Weights & Biases, offline unless $WANDB_MODE says otherwise (files in OUTPUT_DIR/wandb;
+                  `wandb sync` uploads them later); project $WANDB_PROJECT or "slimtune"
+    none          only metrics.jsonl / metrics.csv / plot.png
+    all           every one of the above whose package is installed
+
+Each gets the run's config as params, every logged record (loss, lr, eval metrics) at its step, and
+at the end the adapter (best/ when there is one, else adapter/) and the report (report.md, plot.png,
+summary.json) as artifacts. A resumed run continues the same MLflow / W&B run (ids kept in
+OUTPUT_DIR/trackers.json). A tracker whose package is missing is a config error before training.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+IDS = "trackers.json"
+TRAIN_KEYS = ("loss", "lr", "tokens_per_s", "grad_norm", "peak_mem_mb")
+
+
+def names(value: Any) -> list[str]:
+    """report_to as a list of tracker names ('all' = the installed ones, 'none' = none); raises ValueError."""
+    items = [value] if isinstance(value, str) else list(value or [])
+    bad = [x for x in items if x not in (*TRACKERS, "none", "all")]
+    if bad:
+        raise ValueError(f"unknown tracker {bad[0]!r}; choose from {', '.join([*TRACKERS, 'none', 'all'])}")
+    if "all" in items:
+        return [n for n in TRACKERS if importlib.util.find_spec(PACKAGES[n]) is not None]
+    missing = [n for n in items if n in TRACKERS and importlib.util.find_spec(PACKAGES[n]) is None]
+    if missing:
+        pkg = "mlflow-skinny" if missing[0] == "mlflow" else PACKAGES[missing[0]]
+        raise ValueError(f"report_to {missing[0]!r} needs the {pkg} package: pip install 'slimtune[trackers]' "
+                         f"(or remove {missing[0]} from train.report_to)")
+    return [n for n in dict.fromkeys(items) if n in TRACKERS]
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict) and d:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _numbers(rec: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in rec.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _artifacts(out: Path) -> tuple[Path | None, list[Path]]:
+    adapter = next((out / d for d in ("best", "adapter") if (out / d).is_dir()), None)
+    return adapter, [out / f for f in ("report.md", "plot.png", "summary.json") if (out / f).is_file()]
+
+
+class TensorBoard:
+    def __init__(self, out: Path, params: dict[str, Any], step: int, ids: dict[str, Any]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.w = SummaryWriter(str(out / "tensorboard"), purge_step=step or None)
+
+    def log(self, rec: dict[str, Any]) -> None:
+        for k, v in _numbers(rec).items():
+            self.w.add_scalar(f"train/{k}" if k in TRAIN_KEYS else f"eval/{k}", v, rec["step"])
+
+    def flush(self) -> None:
+        self.w.flush()
+
+    def finish(self, out: Path, ok: bool) -> None:
+        self.w.close()
+
+
+class MLflow:
+    def __init__(self, out: Path, params: dict[str, Any], step: int, ids: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out.resolve().parent / 'mlflow.db'}"
+        self.c = MlflowClient(tracking_uri=uri)
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "slimtune")
+        exp = self.c.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp is not None else self.c.create_experiment(
+            name, artifact_location=None if os.environ.get("MLFLOW_TRACKING_URI") else
+            (out.resolve().parent / "mlartifacts").as_uri())
+        self.run_id = ids.get("mlflow") if step else None
+        if self.run_id is None:
+            self.run_id = self.c.create_run(exp_id, run_name=out.name, tags={"slimtune.output_dir": str(out.resolve())}
+                                            ).info.run_id
+            ps = [Param(k, str(v)[:6000]) for k, v in params.items()]
+            for i in range(0, len(ps), 100):  # MLflow takes at most 100 params per batch
+                self.c.log_batch(self.run_id, params=ps[i:i + 100])
+        else:
+            self.c.update_run(self.run_id, status="RUNNING")
+        ids["mlflow"] = self.run_id
+        self.uri = uri
+
+    def log(self, rec: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.c.log_batch(self.run_id, metrics=[Metric(k, v, ts, int(rec["step"])) for k, v in _numbers(rec).items()])
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self, out: Path, ok: bool) -> None:
+        adapter, files = _artifacts(out)
+        if adapter is not None:
+            self.c.log_artifacts(self.run_id, str(adapter), "adapter")
+        for f in files:
+            self.c.log_artifact(self.run_id, str(f), "report")
+        self.c.set_terminated(self.run_id, "FINISHED" if ok else "KILLED")
+
+
+class WandB:
+    def __init__(self, out: Path, params: dict[str, Any], step: int, ids: dict[str, Any]) -> None:
+        import wandb
+
+        rid = ids.get("wandb") if step else None
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "slimtune"), name=out.name, dir=str(out),
+                              mode=os.environ.get("WANDB_MODE", "offline"), config=params, id=rid,
+                              resume="allow" if rid else None, reinit="create_new",
+                              settings=wandb.Settings(silent=True, console="off", x_disable_stats=True,
+                                                      disable_git=True, save_code=False))
+        ids["wandb"] = self.run.id
+
+    def log(self, rec: dict[str, Any]) -> None:
+        self.run.log(_numbers(rec), step=int(rec["step"]))
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self, out: Path, ok: bool) -> None:
+        import wandb
+
+        adapter, files = _artifacts(out)
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", out.name) or "run"
+        if adapter is not None:
+            a = wandb.Artifact(f"{base}-adapter", type="model")
+            a.add_dir(str(adapter))
+            self.run.log_artifact(a)
+        if files:
+            r = wandb.Artifact(f"{base}-report", type="report")
+            for f in files:
+                r.add_file(str(f))
+            self.run.log_artifact(r)
+        self.run.finish(exit_code=0 if ok else 1)
+
+
+TRACKERS: dict[str, type] = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB}
+
+
+class Trackers:
+    """The run's trackers together; one failing is said once and dropped, never the run's end."""
+
+    def __init__(self, items: dict[str, Any], out: Path, log: Callable[[str], None]) -> None:
+        self.items, self.out, self.log_fn = items, out, log
+
+    @classmethod
+    def open(cls, report_to: Any, out: Path, params: dict[str, Any], step: int,
+             log: Callable[[str], None]) -> "Trackers":
+        ids = _read_ids(out) if step else {}
+        items: dict[str, Any] = {}
+        flat = {k: v for k, v in _flat(params).items() if v is not None}
+        for n in names(report_to):
+            try:
+                items[n] = TRACKERS[n](out, flat if n != "wandb" else params, step, ids)
+            except Exception as e:  # noqa: BLE001 - a tracker that cannot start does not stop the training
+                log(f"{n} logging off ({type(e).__name__}: {e})")
+        if ids:
+            (out / IDS).write_text(json.dumps(ids))
+        t = cls(items, out, log)
+        if items and set(items) != {"tensorboard"}:
+            log("reporting to " + ", ".join(items) + (f" (MLflow store {items['mlflow'].uri})" if "mlflow" in items else ""))
+        return t
+
+    def _each(self, what: str, *args) -> None:
+        for n, t in list(self.items.items()):
+            try:
+                getattr(t, what)(*args)
+            except Exception as e:  # noqa: BLE001
+                self.log_fn(f"{n} logging off ({type(e).__name__}: {e})")
+                self.items.pop(n)
+
+    def log(self, rec: dict[str, Any]) -> None:
+        self._each("log", rec)
+
+    def flush(self) -> None:
+        self._each("flush")
+
+    def finish(self, ok: bool) -> None:
+        """The artifacts (after the report is written), then each run's end; only once."""
+        self._each("finish", self.out, ok)
+        self.items = {}
+
+
+def _read_ids(out: Path) -> dict[str, Any]:
+    try:
+        d = json.loads((out / IDS).read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
