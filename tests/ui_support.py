@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
+import tempfile
 import threading
 import time
 import urllib.error
@@ -17,7 +19,11 @@ from conftest_train import sentiment_rows, write_jsonl
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 NO_BROWSER = None if CHROMIUM and DRIVER else ("needs Debian's chromium and chromium-driver (scripts/setup.sh installs "
                                               "them: apt-get install chromium chromium-driver)")
-DOCS = Path(__file__).resolve().parents[1] / "docs"  # the browser tests' screenshots, shown in the README
+# the browser tests' screenshots: a temporary folder, so the suite leaves the work tree as it found it;
+# `SLIMTUNE_SCREENSHOTS=docs pytest tests/test_ui_browser.py tests/test_ui_playground.py` remakes the
+# README's (docs/ui_*.png)
+DOCS = Path(os.environ["SLIMTUNE_SCREENSHOTS"]).resolve() if os.environ.get("SLIMTUNE_SCREENSHOTS") else \
+    Path(tempfile.mkdtemp(prefix="slimtune-ui-shots-"))
 
 
 def run_yaml(model: Path, data: Path, out: str, steps: int = 4, extra: str = "") -> str:
