@@ -20,6 +20,7 @@ import torch
 
 from .config import DataConfig
 from .datafiles import DataError, _missing, read_rows
+from .tasks import get_task
 from .prompts import (CHATML, IGNORE, _encode_chat, _encode_prompt_answer, _ids, _messages, ensure_chat_template,
                       render_prompt, uses_chat_template)
 
@@ -67,6 +68,8 @@ def detect_format(rows: list[dict[str, Any]], cfg: DataConfig, source: str, task
             fmt = "instruction"
         elif "pixels" in keys:
             fmt = "image"
+        elif "image" in keys:
+            fmt = "image_files"
         elif cfg.text_column in keys and cfg.label_column in keys:
             fmt = "classification"
         elif cfg.text_column in keys:
@@ -79,6 +82,9 @@ def detect_format(rows: list[dict[str, Any]], cfg: DataConfig, source: str, task
                             "to classification (text, label), instruction (instruction, input, output), chat "
                             "(messages), sharegpt (conversations) or text (text), or name your columns with "
                             "data.text_column / data.label_column / data.messages_column")
+    if fmt in MEDIA_FORMATS and task != "auto" and fmt not in get_task(task).formats:
+        raise DataError(f"{source}: the rows hold image files (column 'image'), but task is {task}; set task: "
+                        "image_classification with an image model, or give text rows")
     if task == "classification" and fmt not in ("classification", "image"):
         has = sorted(keys)
         raise DataError(f"{source}: task classification needs a label column, but the rows have no "
@@ -178,10 +184,10 @@ def prepare(cfg: DataConfig, tok, task: str, seed: int, log=print) -> Prepared:
             raise DataError(f"{source} is {fmt} data, not classification data; use task: causal_lm (or auto), or a "
                             "classification builtin such as rotten_tomatoes")
     else:
-        rows = read_rows(cfg.train)
+        rows = read_source(cfg.train, cfg)
         source = cfg.train
         fmt = detect_format(rows, cfg, source, task)
-    val_rows, val_source = (read_rows(cfg.validation), cfg.validation) if cfg.validation else (None, source)
+    val_rows, val_source = (read_source(cfg.validation, cfg), cfg.validation) if cfg.validation else (None, source)
     stats: dict[str, Any] = {"max_length": cfg.max_length}
     all_rows = rows if val_rows is None else None  # carved: the label set comes from every row
     rows, test_rows = test_split(rows, cfg, seed, source, stats)
@@ -191,7 +197,7 @@ def prepare(cfg: DataConfig, tok, task: str, seed: int, log=print) -> Prepared:
         stats["rows_test"] = len(test_rows)
     lengths: list[int] = []
     out = Prepared(format=fmt, train=[], eval=[], source=source, stats=stats)
-    if fmt in ("classification", "image"):
+    if fmt in ("classification", "image", "image_files"):
         _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_source, out, lengths, test_rows)
     elif fmt in ("instruction", "chat", "text"):
         _language(cfg, tok, fmt, rows, val_rows, source, val_source, out, lengths, test_rows)
@@ -218,10 +224,30 @@ def prepare(cfg: DataConfig, tok, task: str, seed: int, log=print) -> Prepared:
     return out
 
 
+def read_source(path: str, cfg: DataConfig) -> list[dict[str, Any]]:
+    """A data file's rows, or a folder's: one row per image in a subfolder per class (tasks/media.py)."""
+    from pathlib import Path
+
+    if Path(path).is_dir():
+        from .tasks.media import folder_rows
+
+        return folder_rows(path, label_column=cfg.label_column)
+    return read_rows(path)
+
+
+# the column holding each example's input, per classification format
+INPUT_COLUMN = {"image": "pixels", "image_files": "image"}
+MEDIA_FORMATS = ("image_files",)
+
+
 def _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_source, out, lengths, test_rows=()):
-    cols = [cfg.text_column, cfg.label_column] if fmt == "classification" else ["pixels", cfg.label_column]
+    cols = [INPUT_COLUMN.get(fmt, cfg.text_column), cfg.label_column]
     if fmt == "classification" and cfg.text_pair_column:
         cols.append(cfg.text_pair_column)
+    if fmt == "classification":
+        from .tasks.media import refuse_media_text
+
+        refuse_media_text(rows, cfg.text_column, source)
     _need(rows, cols, source, fmt)
     _need(val_rows, cols, val_source, fmt)
     _need(test_rows, cols, cfg.test or source, fmt)
@@ -243,12 +269,11 @@ def _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_s
                 raise DataError(f"{src}: row {i} has label {lab!r}, which is not in the label set {labels}; "
                                 "fix the row or add the label to data.labels")
             counts[name][lab] = counts[name].get(lab, 0) + 1
-            if fmt == "image":
-                try:
-                    px = torch.tensor(r["pixels"], dtype=torch.float32).unsqueeze(0)
-                except (TypeError, ValueError, RuntimeError) as e:
-                    raise DataError(f"{src}: row {i}: pixels must be a rectangular list of numbers ({e})") from None
-                dst.append({"pixel_values": px, "labels": lid[lab]})
+            if fmt in INPUT_COLUMN:  # pixels: a grid in the row, or an image file (tasks/image_classification.py)
+                from .tasks import image_classification as img
+
+                ex = img.encode_grid(r, src, i) if fmt == "image" else img.encode_file(tok, r, "image", src, i)
+                dst.append({**ex, "labels": lid[lab]})
                 lengths.append(0)
                 continue
             args = (str(r[cfg.text_column]),) + ((str(r[cfg.text_pair_column]),) if cfg.text_pair_column else ())
@@ -258,7 +283,7 @@ def _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_s
                 enc = tok(*args, truncation=True, max_length=cfg.max_length)
             dst.append({"input_ids": enc["input_ids"], "labels": lid[lab],
                         **({"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {})})
-    if fmt == "image" and len({tuple(e["pixel_values"].shape) for e in out.train + out.eval}) > 1:
+    if fmt in INPUT_COLUMN and len({tuple(e["pixel_values"].shape) for e in out.train + out.eval}) > 1:
         raise DataError(f"{source}: the images have different shapes; every 'pixels' grid must be the same size")
     out.stats["class_counts"] = counts
 

@@ -78,7 +78,7 @@ class Trainer(Evaluation, Checkpointing):
             set_cpu_threads(self.t.cpu_threads, log)
         self.is_main = self.acc.is_main_process
         self.progress = progress and self.is_main
-        self.pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0)
+        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0  # an image processor has none
 
         self.model = peft_model
         if self.t.gradient_checkpointing:
@@ -104,7 +104,7 @@ class Trainer(Evaluation, Checkpointing):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
         self.model, self.opt = self.dist.prepare(self.acc, self.model, opt)
         self.lm: CausalLMPath | None = None
-        if task == "causal_lm":  # the decoder, then the head at labelled positions only (lm.py)
+        if self._spec.generates:  # the decoder, then the head at labelled positions only (lm.py)
             try:
                 self.lm = CausalLMPath.build(self.model, self.t, data, self.acc.num_processes, self.device, self.out,
                                              log, will_reuse=self._reuse())
