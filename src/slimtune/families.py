@@ -45,6 +45,9 @@ def model_type(model: nn.Module) -> str | None:
 
 
 def default_lora_targets(model: nn.Module) -> list[str] | None:
+    declared = getattr(model, "lora_targets", None)  # a model class that names its own (train/tasks/cnn.py)
+    if isinstance(declared, list):
+        return list(declared)
     mt = model_type(model)
     if mt not in LORA_TARGETS:
         return None

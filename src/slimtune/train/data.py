@@ -20,7 +20,7 @@ import torch
 
 from .config import DataConfig
 from .datafiles import DataError, _missing, read_rows
-from .tasks import get_task
+from .tasks import all_tasks, get_task
 from .prompts import (CHATML, IGNORE, _encode_chat, _encode_prompt_answer, _ids, _messages, ensure_chat_template,
                       render_prompt, uses_chat_template)
 
@@ -70,6 +70,8 @@ def detect_format(rows: list[dict[str, Any]], cfg: DataConfig, source: str, task
             fmt = "image"
         elif "image" in keys:
             fmt = "image_files"
+        elif "audio" in keys:
+            fmt = "audio_files" if cfg.label_column in keys else "speech"  # a class, or a transcript
         elif cfg.text_column in keys and cfg.label_column in keys:
             fmt = "classification"
         elif cfg.text_column in keys:
@@ -83,8 +85,10 @@ def detect_format(rows: list[dict[str, Any]], cfg: DataConfig, source: str, task
                             "(messages), sharegpt (conversations) or text (text), or name your columns with "
                             "data.text_column / data.label_column / data.messages_column")
     if fmt in MEDIA_FORMATS and task != "auto" and fmt not in get_task(task).formats:
-        raise DataError(f"{source}: the rows hold image files (column 'image'), but task is {task}; set task: "
-                        "image_classification with an image model, or give text rows")
+        media = "image" if fmt == "image_files" else "audio"
+        raise DataError(f"{source}: the rows hold {media} files (column {media!r}), but task is {task}; set task: "
+                        f"{' or '.join(t for t, spec in all_tasks().items() if fmt in spec.formats)} with a model "
+                        "for it, or give rows for this task")
     if task == "classification" and fmt not in ("classification", "image"):
         has = sorted(keys)
         raise DataError(f"{source}: task classification needs a label column, but the rows have no "
@@ -197,7 +201,11 @@ def prepare(cfg: DataConfig, tok, task: str, seed: int, log=print) -> Prepared:
         stats["rows_test"] = len(test_rows)
     lengths: list[int] = []
     out = Prepared(format=fmt, train=[], eval=[], source=source, stats=stats)
-    if fmt in ("classification", "image", "image_files"):
+    if fmt == "speech":
+        from .tasks.speech_recognition import prepare_speech
+
+        prepare_speech(cfg, tok, rows, val_rows, test_rows, source, val_source, out, lengths)
+    elif fmt in ("classification", *INPUT_COLUMN):
         _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_source, out, lengths, test_rows)
     elif fmt in ("instruction", "chat", "text"):
         _language(cfg, tok, fmt, rows, val_rows, source, val_source, out, lengths, test_rows)
@@ -236,8 +244,19 @@ def read_source(path: str, cfg: DataConfig) -> list[dict[str, Any]]:
 
 
 # the column holding each example's input, per classification format
-INPUT_COLUMN = {"image": "pixels", "image_files": "image"}
-MEDIA_FORMATS = ("image_files",)
+INPUT_COLUMN = {"image": "pixels", "image_files": "image", "audio_files": "audio"}
+MEDIA_FORMATS = ("image_files", "audio_files", "speech")
+
+
+def _encode_media(fmt: str, proc, row: dict[str, Any], source: str, i: int) -> dict[str, Any]:
+    """One row of a media format -> its input tensors (the task modules' encoders)."""
+    from .tasks import audio_io
+    from .tasks import image_classification as img
+
+    if fmt == "image":
+        return img.encode_grid(row, source, i)
+    encode = {"image_files": img.encode_file, "audio_files": audio_io.encode_audio}[fmt]
+    return encode(proc, row, INPUT_COLUMN[fmt], source, i)
 
 
 def _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_source, out, lengths, test_rows=()):
@@ -269,11 +288,8 @@ def _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_s
                 raise DataError(f"{src}: row {i} has label {lab!r}, which is not in the label set {labels}; "
                                 "fix the row or add the label to data.labels")
             counts[name][lab] = counts[name].get(lab, 0) + 1
-            if fmt in INPUT_COLUMN:  # pixels: a grid in the row, or an image file (tasks/image_classification.py)
-                from .tasks import image_classification as img
-
-                ex = img.encode_grid(r, src, i) if fmt == "image" else img.encode_file(tok, r, "image", src, i)
-                dst.append({**ex, "labels": lid[lab]})
+            if fmt in INPUT_COLUMN:  # pixels (a grid in the row, an image file) or audio: tasks/
+                dst.append({**_encode_media(fmt, tok, r, src, i), "labels": lid[lab]})
                 lengths.append(0)
                 continue
             args = (str(r[cfg.text_column]),) + ((str(r[cfg.text_pair_column]),) if cfg.text_pair_column else ())
@@ -283,7 +299,7 @@ def _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_s
                 enc = tok(*args, truncation=True, max_length=cfg.max_length)
             dst.append({"input_ids": enc["input_ids"], "labels": lid[lab],
                         **({"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {})})
-    if fmt in INPUT_COLUMN and len({tuple(e["pixel_values"].shape) for e in out.train + out.eval}) > 1:
+    if fmt in ("image", "image_files") and len({tuple(e["pixel_values"].shape) for e in out.train + out.eval}) > 1:
         raise DataError(f"{source}: the images have different shapes; every 'pixels' grid must be the same size")
     out.stats["class_counts"] = counts
 
@@ -348,6 +364,10 @@ def _language(cfg, tok, fmt, rows, val_rows, source, val_source, out, lengths, t
 # ---- batching ------------------------------------------------------------------------------------
 
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    if "input_values" in examples[0] or "input_features" in examples[0]:  # audio (tasks/audio_io.py)
+        from .tasks.audio_io import collate_audio
+
+        return collate_audio(examples)
     if "pixel_values" in examples[0]:
         return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
                 "labels": torch.tensor([e["labels"] for e in examples])}

@@ -170,7 +170,8 @@ def auto_method(cfg: JobConfig, model: nn.Module, task: str) -> tuple[Any, list[
                 why.append(f"target_modules={QKV[mt]}: query/key/value attention projections for generation ({mt})")
             elif families.default_lora_targets(model):
                 kw["target_modules"] = families.default_lora_targets(model)
-                why.append(f"target_modules={kw['target_modules']}: query/value attention (PEFT's default for {mt})")
+                why.append(f"target_modules={kw['target_modules']}: " + (f"query/value attention (PEFT's default for {mt})"
+                           if mt else f"{type(model).__name__}'s own default"))
             else:
                 names = [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d))]
                 kw["target_modules"] = sorted({p.split(".")[-1] for p in names})
@@ -243,13 +244,13 @@ def apply_method(model: nn.Module, adapter_cfg: Any):
 def setup(cfg: JobConfig, log=print) -> dict[str, Any]:
     """Everything the trainer needs, built from the config. The task is the config's, else the model's
     (an image classifier decides it), else the data's format decides it after reading."""
-    path = None if cfg.model_name() == "digits-cnn" else models.resolve(cfg.model_name(), log)
+    path = None if cfg.model_name() in tasks.torch_models() else models.resolve(cfg.model_name(), log)
     pre = tasks.get_task(cfg.task) if cfg.task != "auto" else tasks.task_for_model(cfg.model_name(), path)
     proc = (pre or tasks.get_task("causal_lm")).load_processor(cfg, path)  # text models: the tokenizer
     # the data decides the format (and the label count) before the model is built
     data: Prepared = prepare(cfg.data, proc, pre.name if pre else "auto", cfg.train.seed, log)
     spec = pre or tasks.task_for_format(data.format)
-    if pre is None and getattr(spec, "needs_own_model", False):
+    if pre is None and not spec.accepts_model(cfg.model_name(), tasks.hf_config(path)):
         raise JobConfigError(f"{data.source}: the data is {data.format} data for task {spec.name}, but model "
                              f"'{cfg.model_name()}' is not a model for that task; use a {spec.kind} (a folder saved "
                              "with save_pretrained), or other data for this model")

@@ -119,7 +119,7 @@ class Trainer(Evaluation, Checkpointing):
         if self.metric not in self.measured_metrics():
             raise JobConfigError(f"train.metric '{self.metric}' is not measured for this task and data; choose one "
                                  f"of {self.measured_metrics()}")
-        self.metric_max = not (self.metric.endswith("loss") or self.metric == "perplexity")
+        self.metric_max = not (self.metric.endswith("loss") or self.metric in ("perplexity", "wer", "cer"))
         self.step = 0
         self.best: float | None = None
         self.best_step: int | None = None

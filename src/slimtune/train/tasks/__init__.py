@@ -60,18 +60,30 @@ def task_for_format(fmt: str | None) -> Task:
     return next((t for t in tasks.values() if fmt in t.formats), tasks["causal_lm"])
 
 
+def hf_config(path: str | None):
+    """The model folder's transformers config, or None (no folder, or not a transformers model)."""
+    if not path:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def task_for_model(model_name: str, path: str | None) -> Task | None:
     """The task the model alone decides (an image classifier, the digits CNN), else None: text
     models serve several tasks and the data chooses among them."""
-    hf_cfg = None
-    if path is not None:
-        try:
-            from transformers import AutoConfig
-
-            hf_cfg = AutoConfig.from_pretrained(path)
-        except (OSError, ValueError, KeyError):
-            hf_cfg = None
+    hf_cfg = hf_config(path)
     return next((t for t in all_tasks().values() if t.owns_model(model_name, hf_cfg)), None)
+
+
+def torch_models() -> set[str]:
+    """Model names the tasks build themselves (no transformers folder to resolve)."""
+    from .cnn import CNN_MODELS
+
+    return {"digits-cnn", *CNN_MODELS}
 
 
 def task_for_adapter(task_type: str | None, path: str) -> Task:
@@ -83,4 +95,5 @@ def task_for_adapter(task_type: str | None, path: str) -> Task:
     return task_for_model(path, path) or tasks["causal_lm"]
 
 
-__all__ = ["Task", "load_tokenizer", "register_task", "get_task", "all_tasks", "task_for_format", "task_for_model", "task_for_adapter"]
+__all__ = ["Task", "load_tokenizer", "hf_config", "register_task", "get_task", "all_tasks", "task_for_format", "task_for_model", "task_for_adapter",
+           "torch_models"]

@@ -26,6 +26,11 @@ class Task:
         data chooses between language modelling and classification)."""
         return False
 
+    def accepts_model(self, model_name: str, hf_cfg: Any) -> bool:
+        """Whether this model can do the task when the data picked it (`task: auto`): a text model
+        given image rows cannot."""
+        return True
+
     def load_processor(self, cfg: Any, path: str | None) -> Any:
         """What turns raw inputs into tensors: a tokenizer here (None without a folder)."""
         return load_tokenizer(cfg.model_name(), path)
@@ -78,6 +83,10 @@ class Task:
 
     def default_metric(self, ev: Any) -> str:
         return "accuracy"
+
+    def evaluate(self, ev: Any) -> dict[str, float] | None:
+        """The task's own held-out evaluation, or None for evaluate.py's (loss, classes, LM metrics)."""
+        return None
 
     def class_metrics(self, ranks: list[int], preds: list[int], golds: list[int], n: int) -> dict[str, float]:
         """A classifier's metrics from the gold class's rank (0 = predicted), predictions and golds."""

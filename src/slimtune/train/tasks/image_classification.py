@@ -19,6 +19,7 @@ import torch.nn as nn
 from ..datafiles import DataError
 from . import register_task
 from .base import Task, label_kwargs, saved_labels, saved_num_labels
+from .cnn import CNN_MODELS, cnn_processor, efficientnet_lite0
 from .media import IMAGE_EXT, folder_rows, media_path
 
 # model types whose checkpoints classify images (or are vision towers that AutoModelForImageClassification wraps)
@@ -38,15 +39,16 @@ class ImageClassification(Task):
     kind = "image classifier"
     formats = ("image", "image_files")
     heads = ("classifier",)
-    needs_own_model = True  # picked from image data under task: auto, the model must be an image model
-
     def owns_model(self, model_name: str, hf_cfg: Any) -> bool:
-        if model_name == "digits-cnn":
+        if model_name == "digits-cnn" or model_name in CNN_MODELS:
             return True
         if hf_cfg is None:
             return False
         archs = getattr(hf_cfg, "architectures", None) or []
         return any(a.endswith("ForImageClassification") for a in archs) or hf_cfg.model_type in IMAGE_TYPES
+
+    def accepts_model(self, model_name: str, hf_cfg: Any) -> bool:
+        return self.owns_model(model_name, hf_cfg)
 
     def model_class(self):
         from transformers import AutoModelForImageClassification
@@ -58,6 +60,8 @@ class ImageClassification(Task):
         return {**label_kwargs(num_labels, labels), "ignore_mismatched_sizes": True}
 
     def load_processor(self, cfg: Any, path: str | None) -> Any:
+        if cfg.model_name() in CNN_MODELS:
+            return cnn_processor()
         return None if path is None else image_processor(path)
 
     def load_model(self, cfg, path, num_labels, dtype, kw, labels=None, log=print) -> nn.Module:
@@ -68,6 +72,10 @@ class ImageClassification(Task):
             if cfg.model_options().quantize != "none":
                 raise JobConfigError("model.quantize applies to transformers models; the digits CNN is not one")
             return models.digits_cnn(log)
+        if cfg.model_name() in CNN_MODELS:
+            if cfg.model_options().quantize != "none":
+                raise JobConfigError(f"model.quantize applies to transformers models; {cfg.model_name()} is not one")
+            return efficientnet_lite0(num_classes=num_labels or 2)
         return super().load_model(cfg, path, num_labels, dtype, kw, labels, log)
 
     def skeleton(self, hf_cfg: Any, num_labels: int | None) -> nn.Module:
@@ -78,12 +86,13 @@ class ImageClassification(Task):
         return f"classifier head: {len(data.labels or [])} classes {data.labels} (a new head trains in full with the adapter)"
 
     def adapter_defaults(self, model: nn.Module, kw: dict[str, Any], fields: set[str], why: list[str]) -> None:
-        if getattr(model, "config", None) is None or "modules_to_save" not in fields or "modules_to_save" in kw:
+        heads = getattr(model, "new_heads", None) or (self.heads if getattr(model, "config", None) is not None else ())
+        if not heads or "modules_to_save" not in fields or "modules_to_save" in kw:
             return  # the digits CNN keeps its pretrained head; a user's choice stands
-        found = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n.split(".")[-1] in self.heads})
+        found = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n.split(".")[-1] in heads})
         if found:
             kw["modules_to_save"] = found
-            why.append(f"modules_to_save={found}: the new classifier head trains in full (PEFT's ViT recipe)")
+            why.append(f"modules_to_save={found}: the new classifier head trains in full (as PEFT's image-classification guide)")
 
     def class_metrics(self, ranks: list[int], preds: list[int], golds: list[int], n: int) -> dict[str, float]:
         res = super().class_metrics(ranks, preds, golds, n)

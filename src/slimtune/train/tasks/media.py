@@ -16,9 +16,9 @@ IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 AUDIO_EXT = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".opus")
 
 
-def folder_rows(folder: str, column: str = "image", exts: tuple[str, ...] = IMAGE_EXT,
-                label_column: str = "label") -> list[dict[str, Any]]:
-    """One row per file in a folder holding a subfolder per class (the subfolder's name is the label)."""
+def folder_rows(folder: str, label_column: str = "label") -> list[dict[str, Any]]:
+    """One row per file in a folder holding a subfolder per class (the subfolder's name is the label):
+    images ({"image": path}) or, when the folder holds audio files only, audio ({"audio": path})."""
     root = Path(folder)
     classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
@@ -26,8 +26,11 @@ def folder_rows(folder: str, column: str = "image", exts: tuple[str, ...] = IMAG
 
         raise DataError(f"{folder}: is a folder, not a file; give the data file itself (one of {', '.join(SUFFIXES)}), "
                         "or a folder of images with a subfolder per class (photos/cat/*.jpg, photos/dog/*.jpg)")
-    rows = [{column: str(f.resolve()), label_column: d.name}
-            for d in classes for f in sorted(d.rglob("*")) if f.is_file() and f.suffix.lower() in exts]
+    files = [(d, f) for d in classes for f in sorted(d.rglob("*")) if f.is_file()]
+    audio = any(f.suffix.lower() in AUDIO_EXT for _, f in files) and \
+        not any(f.suffix.lower() in IMAGE_EXT for _, f in files)
+    column, exts = ("audio", AUDIO_EXT) if audio else ("image", IMAGE_EXT)
+    rows = [{column: str(f.resolve()), label_column: d.name} for d, f in files if f.suffix.lower() in exts]
     found = sorted({r[label_column] for r in rows})
     if len(found) < 2:
         what = f"one class folder ({found[0]!r})" if found else "no class folder with files"
