@@ -48,3 +48,38 @@ def test_grouped_subclass_is_refused():
     net = nn.Sequential(Conv2dStaticSamePadding(4, 4, 3, image_size=6, groups=4, bias=False))
     with pytest.raises(ValueError, match="grouped Conv2dStaticSamePadding"):
         get_peft_model(net, LoraConfig(r=4, target_modules=["0"]))
+
+
+def test_efficientnet_lite0_adapter_reloads_to_the_trained_outputs(tmp_path):
+    """The packaged EfficientNet-Lite0 with the job's own method choice (conv LoRA on the 1x1 convs,
+    the new head in full): BatchNorm stays in eval mode while training, so its statistics do not
+    move and the saved adapter alone reproduces the trained model's outputs."""
+    from slimtune.train.config import JobConfig
+    from slimtune.train.job import auto_method
+    from slimtune.train.tasks.cnn import efficientnet_lite0
+
+    torch.manual_seed(0)
+    model = efficientnet_lite0(num_classes=3)
+    cfg = JobConfig.model_validate({"model": "efficientnet-lite0", "method": "lora", "data": {"builtin": "textile_defects"}})
+    ac, why = auto_method(cfg, model, "image_classification")
+    assert ac.target_modules == ["_expand_conv", "_project_conv", "_conv_head"] and ac.modules_to_save == ["_fc"]
+    pm = get_peft_model(model, ac)
+    bn = next(m for m in pm.modules() if isinstance(m, nn.BatchNorm2d))
+    stats = bn.running_mean.clone()
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    pm.train()
+    assert not bn.training  # BN frozen in eval mode (train/tasks/cnn.py)
+    for _ in range(2):
+        opt.zero_grad()
+        pm(pixel_values=x, labels=y)["loss"].backward()
+        opt.step()
+    assert torch.equal(bn.running_mean, stats)
+    pm.eval()
+    with torch.no_grad():
+        trained = pm(pixel_values=x)["logits"]
+    pm.save_pretrained(tmp_path / "a")
+    torch.manual_seed(1)  # another random head: the saved one must replace it
+    again = PeftModel.from_pretrained(efficientnet_lite0(num_classes=3), tmp_path / "a").eval()
+    with torch.no_grad():
+        assert torch.allclose(again(pixel_values=x)["logits"], trained, atol=1e-5)

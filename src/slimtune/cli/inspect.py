@@ -53,7 +53,7 @@ def run(a) -> int:
 
             kw.update(load_kwargs(a.quantize, skip_modules=(["lm_head", *spec.heads]) if spec.heads else None))
         with job.hf_quiet():
-            model = spec.model_class().from_pretrained(path, dtype=torch.float32, **kw)
+            model = spec.model_class(hf_cfg).from_pretrained(path, dtype=torch.float32, **kw)
     from ..quant import quantized_size
     from ..quant.backend import param_count
 

@@ -42,7 +42,7 @@ class AudioClassification(ImageClassification):
     def accepts_model(self, model_name: str, hf_cfg: Any) -> bool:
         return hf_cfg is not None and hf_cfg.model_type in AUDIO_TYPES
 
-    def model_class(self):
+    def model_class(self, hf_cfg: Any = None):
         from transformers import AutoModelForAudioClassification
 
         return AutoModelForAudioClassification

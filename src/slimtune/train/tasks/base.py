@@ -35,7 +35,7 @@ class Task:
         """What turns raw inputs into tensors: a tokenizer here (None without a folder)."""
         return load_tokenizer(cfg.model_name(), path)
 
-    def model_class(self) -> Any:
+    def model_class(self, hf_cfg: Any = None) -> Any:
         raise NotImplementedError
 
     def model_kwargs(self, num_labels: int | None, labels: list[str] | None) -> dict[str, Any]:
@@ -59,7 +59,7 @@ class Task:
     def skeleton(self, hf_cfg: Any, num_labels: int | None) -> nn.Module:
         """The model on the meta device from its config (search counts parameters on it)."""
         with torch.device("meta"):
-            return self.model_class().from_config(hf_cfg)
+            return self.model_class(hf_cfg).from_config(hf_cfg)
 
     def after_data(self, processor: Any, data: Any) -> None:
         """Set-up once the data is read (e.g. a chat template for an LM)."""

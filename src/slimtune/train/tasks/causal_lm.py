@@ -17,7 +17,7 @@ class CausalLM(Task):
     formats = ("instruction", "chat", "text")
     generates = True
 
-    def model_class(self):
+    def model_class(self, hf_cfg: Any = None):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM

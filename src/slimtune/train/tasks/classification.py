@@ -18,7 +18,7 @@ class TextClassification(Task):
     formats = ("classification",)
     heads = ("classifier", "score")
 
-    def model_class(self):
+    def model_class(self, hf_cfg: Any = None):
         from transformers import AutoModelForSequenceClassification
 
         return AutoModelForSequenceClassification

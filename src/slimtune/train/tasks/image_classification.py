@@ -50,7 +50,7 @@ class ImageClassification(Task):
     def accepts_model(self, model_name: str, hf_cfg: Any) -> bool:
         return self.owns_model(model_name, hf_cfg)
 
-    def model_class(self):
+    def model_class(self, hf_cfg: Any = None):
         from transformers import AutoModelForImageClassification
 
         return AutoModelForImageClassification
