@@ -176,3 +176,10 @@ def test_audio_mistakes_are_one_message(tiny_w2v_cls, tiny_whisper, tmp_path, ca
     assert main(["train", f"model={tiny_whisper}", f"data.train={tmp_path / 'l.jsonl'}", f"output_dir={tmp_path / 'o2'}"]) == 2
     err = capsys.readouterr().err
     assert "31.0 s long" in err and "30 s window" in err and "the last 1.0 s would be cut" in err
+
+
+@pytest.mark.parametrize("which, cls", [("ctc", "Wav2Vec2ForCTC"), ("whisper", "WhisperForConditionalGeneration")])
+def test_inspect_detects_speech(which, cls, tiny_w2v_ctc, tiny_whisper, capsys):
+    assert main(["inspect", str(tiny_w2v_ctc if which == "ctc" else tiny_whisper)]) == 0
+    out = capsys.readouterr().out
+    assert f"{cls}, " in out and "task speech_recognition" in out and "target_modules=['q_proj', 'v_proj']" in out

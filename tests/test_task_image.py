@@ -146,3 +146,11 @@ def test_one_class_folder_and_path_text_are_refused(tiny_vit, tiny_bert, tmp_pat
                  f"output_dir={tmp_path / 'o3'}"]) == 2
     err = capsys.readouterr().err
     assert "image files" in err and "not an image model" in err
+
+
+def test_eval_of_the_run_matches_its_best(image_run, capsys):
+    d, res = image_run
+    capsys.readouterr()
+    assert main(["eval", str(d / "run"), "train.precision=fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "top2_accuracy" in out and f"{res['best']:.4f}" in out

@@ -20,7 +20,7 @@ import torch
 
 from .config import DataConfig
 from .datafiles import DataError, _missing, read_rows
-from .tasks import all_tasks, get_task
+from .tasks import get_task
 from .prompts import (CHATML, IGNORE, _encode_chat, _encode_prompt_answer, _ids, _messages, ensure_chat_template,
                       render_prompt, uses_chat_template)
 
@@ -76,28 +76,16 @@ def detect_format(rows: list[dict[str, Any]], cfg: DataConfig, source: str, task
             fmt = "classification"
         elif cfg.text_column in keys:
             fmt = "text"
-        elif task == "classification":
-            raise DataError(f"{source}: task classification needs a text column and a label column; the rows have "
-                            f"{sorted(keys)}: set data.text_column and data.label_column to the right ones")
         else:
-            raise DataError(f"{source}: cannot tell the data format from the columns {sorted(keys)}; set data.format "
-                            "to classification (text, label), instruction (instruction, input, output), chat "
-                            "(messages), sharegpt (conversations) or text (text), or name your columns with "
-                            "data.text_column / data.label_column / data.messages_column")
-    if fmt in MEDIA_FORMATS and task != "auto" and fmt not in get_task(task).formats:
-        media = "image" if fmt == "image_files" else "audio"
-        raise DataError(f"{source}: the rows hold {media} files (column {media!r}), but task is {task}; set task: "
-                        f"{' or '.join(t for t, spec in all_tasks().items() if fmt in spec.formats)} with a model "
-                        "for it, or give rows for this task")
-    if task == "classification" and fmt not in ("classification", "image"):
-        has = sorted(keys)
-        raise DataError(f"{source}: task classification needs a label column, but the rows have no "
-                        f"{cfg.label_column!r} (columns: {has}); set data.label_column to the column that holds the "
-                        f"classes (this data reads as {fmt} data: task causal_lm trains a language model on it)")
-    if task == "causal_lm" and fmt == "classification":
-        raise DataError(f"{source}: task causal_lm, but the rows are classification data ({cfg.text_column} + "
-                        f"{cfg.label_column}); set task: classification, or data.format: text to train a language "
-                        "model on the text column alone")
+            fmt = None
+    spec = get_task(task) if task != "auto" else None
+    if spec is not None:  # the task's own rules for the data it takes (tasks/)
+        spec.check_format(fmt, keys, cfg, source)
+    if fmt is None:
+        raise DataError(f"{source}: cannot tell the data format from the columns {sorted(keys)}; set data.format "
+                        "to classification (text, label), instruction (instruction, input, output), chat "
+                        "(messages), sharegpt (conversations) or text (text), or name your columns with "
+                        "data.text_column / data.label_column / data.messages_column")
     return fmt
 
 
@@ -184,9 +172,8 @@ def prepare(cfg: DataConfig, tok, task: str, seed: int, log=print) -> Prepared:
         source = f"builtin:{cfg.builtin}"
         if cfg.format != "auto" and cfg.format != fmt:
             raise DataError(f"{source} is {fmt} data; remove data.format or set it to {fmt}")
-        if task == "classification" and fmt not in ("classification", "image"):
-            raise DataError(f"{source} is {fmt} data, not classification data; use task: causal_lm (or auto), or a "
-                            "classification builtin such as rotten_tomatoes")
+        if task != "auto":
+            get_task(task).check_builtin(fmt, source)
     else:
         rows = read_source(cfg.train, cfg)
         source = cfg.train
@@ -245,7 +232,6 @@ def read_source(path: str, cfg: DataConfig) -> list[dict[str, Any]]:
 
 # the column holding each example's input, per classification format
 INPUT_COLUMN = {"image": "pixels", "image_files": "image", "audio_files": "audio"}
-MEDIA_FORMATS = ("image_files", "audio_files", "speech")
 
 
 def _encode_media(fmt: str, proc, row: dict[str, Any], source: str, i: int) -> dict[str, Any]:

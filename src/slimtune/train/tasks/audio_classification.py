@@ -34,6 +34,8 @@ class AudioClassification(ImageClassification):
     formats = ("audio_files",)
     heads = ("classifier",)  # Wav2Vec2 / HuBERT: projector + classifier; AST: classifier (a head module)
 
+    data_hint = "audio: a folder with a subfolder per class of audio files, or rows with an 'audio' column of paths and a 'label'"
+
     def owns_model(self, model_name: str, hf_cfg: Any) -> bool:
         archs = getattr(hf_cfg, "architectures", None) or []
         return hf_cfg is not None and any(a.endswith("ForAudioClassification") or (

@@ -61,6 +61,22 @@ class Task:
         with torch.device("meta"):
             return self.model_class(hf_cfg).from_config(hf_cfg)
 
+    def check_format(self, fmt: str | None, keys: set[str], cfg: Any, source: str) -> None:
+        """Refuse data this task cannot train on, with the fix (`fmt` None: the columns told nothing).
+        Here: media rows (image / audio files) for a task that does not read them."""
+        from ..datafiles import DataError
+        from . import all_tasks
+        from .media import MEDIA_FORMATS
+
+        if fmt in MEDIA_FORMATS and fmt not in self.formats:
+            media = "image" if fmt == "image_files" else "audio"
+            raise DataError(f"{source}: the rows hold {media} files (column {media!r}), but task is {self.name}; set "
+                            f"task: {' or '.join(t for t, spec in all_tasks().items() if fmt in spec.formats)} with a "
+                            "model for it, or give rows for this task")
+
+    def check_builtin(self, fmt: str, source: str) -> None:
+        """Refuse a builtin dataset of a format this task cannot train on."""
+
     def after_data(self, processor: Any, data: Any) -> None:
         """Set-up once the data is read (e.g. a chat template for an LM)."""
 

@@ -22,6 +22,15 @@ class CausalLM(Task):
 
         return AutoModelForCausalLM
 
+    def check_format(self, fmt, keys, cfg, source) -> None:
+        from ..datafiles import DataError
+
+        super().check_format(fmt, keys, cfg, source)
+        if fmt == "classification":
+            raise DataError(f"{source}: task causal_lm, but the rows are classification data ({cfg.text_column} + "
+                            f"{cfg.label_column}); set task: classification, or data.format: text to train a language "
+                            "model on the text column alone")
+
     def after_data(self, processor: Any, data: Any) -> None:
         from ..prompts import ensure_chat_template
 

@@ -33,6 +33,26 @@ class TextClassification(Task):
         hf_cfg.num_labels = num_labels or 2
         return super().skeleton(hf_cfg, num_labels)
 
+    def check_format(self, fmt, keys, cfg, source) -> None:
+        from ..datafiles import DataError
+
+        super().check_format(fmt, keys, cfg, source)
+        if fmt is None:
+            raise DataError(f"{source}: task classification needs a text column and a label column; the rows have "
+                            f"{sorted(keys)}: set data.text_column and data.label_column to the right ones")
+        if fmt not in ("classification", "image"):
+            raise DataError(f"{source}: task classification needs a label column, but the rows have no "
+                            f"{cfg.label_column!r} (columns: {sorted(keys)}); set data.label_column to the column that "
+                            f"holds the classes (this data reads as {fmt} data: task causal_lm trains a language model "
+                            "on it)")
+
+    def check_builtin(self, fmt: str, source: str) -> None:
+        from ..datafiles import DataError
+
+        if fmt not in ("classification", "image"):
+            raise DataError(f"{source} is {fmt} data, not classification data; use task: causal_lm (or auto), or a "
+                            "classification builtin such as rotten_tomatoes")
+
     def configure(self, model: nn.Module, processor: Any, data: Any, num_labels: int | None) -> None:
         if getattr(model.config, "pad_token_id", None) is None and processor is not None:
             model.config.pad_token_id = processor.pad_token_id

@@ -39,6 +39,13 @@ class ImageClassification(Task):
     kind = "image classifier"
     formats = ("image", "image_files")
     heads = ("classifier",)
+    data_hint = "images: a folder with a subfolder per class, rows with an 'image' column of paths and a 'label', or 'pixels' grids"
+
+    def check_format(self, fmt, keys, cfg, source) -> None:
+        if fmt not in self.formats:
+            raise DataError(f"{source}: task {self.name} needs {self.data_hint}; the rows have {sorted(keys)}"
+                            + (f" ({fmt} data)" if fmt else ""))
+
     def owns_model(self, model_name: str, hf_cfg: Any) -> bool:
         if model_name == "digits-cnn" or model_name in CNN_MODELS:
             return True

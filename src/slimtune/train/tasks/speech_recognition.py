@@ -39,6 +39,13 @@ class SpeechRecognition(Task):
     kind = "speech recognizer"
     formats = ("speech",)
 
+    data_hint = "rows with an 'audio' column of paths and a 'text' transcript"
+
+    def check_format(self, fmt, keys, cfg, source) -> None:
+        if fmt not in self.formats:
+            raise DataError(f"{source}: task {self.name} needs {self.data_hint}; the rows have {sorted(keys)}"
+                            + (f" ({fmt} data)" if fmt else ""))
+
     def owns_model(self, model_name: str, hf_cfg: Any) -> bool:
         archs = getattr(hf_cfg, "architectures", None) or []
         return hf_cfg is not None and any(a.endswith(("ForCTC", "ForSpeechSeq2Seq")) or a == "WhisperForConditionalGeneration"
