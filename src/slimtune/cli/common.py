@@ -94,6 +94,10 @@ def load_base(model_name: str | None, adapter: str | None, task: str | None = No
     spec = task_for_adapter(task, path)  # the task's model class and processor (train/tasks/)
     model, tok = spec.load_for_adapter(path, adapter, load_kwargs)
     task = task or spec.peft_task_type or spec.name
+    if load_kwargs:  # a quantized base: no bitsandbytes CPU repack before the first eval forward (quant/prepare.py)
+        from ..quant import guard_cpu_repack
+
+        guard_cpu_repack(model)
     return model, tok, path, task
 
 
