@@ -23,7 +23,13 @@ LORA_TARGETS: dict[str, list[str]] = {
     "gpt_neo": ["q_proj", "v_proj"],
     "albert": ["query", "value"],
     "vit": ["query", "value"],
+    **{t: ["query", "value"] for t in ("deit", "dinov2", "data2vec-vision")},
+    **{t: ["q_proj", "v_proj"] for t in ("clip", "clip_vision_model", "siglip", "siglip_vision_model")},
 }
+
+# Names a newer transformers gives the same layers (ViT's query/value became q_proj/v_proj in 5.x):
+# the default is the first set the model has.
+RENAMED: dict[str, list[list[str]]] = {t: [["q_proj", "v_proj"]] for t in ("vit", "deit", "dinov2", "data2vec-vision")}
 
 # task_type -> names of the freshly initialised head that must train in full (PEFT's rule).
 TASK_HEADS: dict[str, list[str]] = {
@@ -39,5 +45,15 @@ def model_type(model: nn.Module) -> str | None:
 
 
 def default_lora_targets(model: nn.Module) -> list[str] | None:
+    declared = getattr(model, "lora_targets", None)  # a model class that names its own (train/tasks/cnn.py)
+    if isinstance(declared, list):
+        return list(declared)
     mt = model_type(model)
-    return list(LORA_TARGETS[mt]) if mt in LORA_TARGETS else None
+    if mt not in LORA_TARGETS:
+        return None
+    if mt in RENAMED:
+        leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        for names in (LORA_TARGETS[mt], *RENAMED[mt]):
+            if set(names) <= leaves:
+                return list(names)
+    return list(LORA_TARGETS[mt])

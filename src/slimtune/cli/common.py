@@ -69,11 +69,8 @@ def load_base(model_name: str | None, adapter: str | None, task: str | None = No
     """(base model, tokenizer, its folder, PEFT task type) for an adapter folder: --model if given,
     else the adapter's base_model_name_or_path when that folder is on this machine. `load_kwargs`
     go to from_pretrained (e.g. a quantization_config, slimtune.quant)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
     from ..train import models
-    from ..train.job import hf_quiet
+    from ..train.tasks import task_for_adapter
 
     cfgj = {}
     if adapter:
@@ -93,18 +90,10 @@ def load_base(model_name: str | None, adapter: str | None, task: str | None = No
         raise CommandError("which base model? pass --model (a builtin name or folder); the adapter's "
                            f"base_model_name_or_path ({cfgj.get('base_model_name_or_path')!r}) is missing or not on "
                            "this machine")
-    tok_dir = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else path
-    with hf_quiet():
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-        task = task or cfgj.get("task_type") or "CAUSAL_LM"
-        if task == "SEQ_CLS":
-            n = num_labels(adapter) if adapter else 2
-            names = labels_of(adapter) if adapter else None
-            kw = {"id2label": dict(enumerate(names)), "label2id": {x: i for i, x in enumerate(names)}} \
-                if names and len(names) == n else {}
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=n, dtype=torch.float32, **kw, **(load_kwargs or {}))
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **(load_kwargs or {}))
+    task = task or cfgj.get("task_type")
+    spec = task_for_adapter(task, path)  # the task's model class and processor (train/tasks/)
+    model, tok = spec.load_for_adapter(path, adapter, load_kwargs)
+    task = task or spec.peft_task_type or spec.name
     if load_kwargs:  # a quantized base: no bitsandbytes CPU repack before the first eval forward (quant/prepare.py)
         from ..quant import guard_cpu_repack
 

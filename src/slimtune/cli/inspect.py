@@ -13,7 +13,9 @@ def add_parser(sub) -> None:
     i.add_argument("model", help="builtin name (smollm2-135m, minilm, digits-cnn) or folder")
     i.add_argument("overrides", nargs="*", help="method.* overrides, e.g. method.r=32")
     i.add_argument("--method", default="lora", help="method name (see the list below)")
-    i.add_argument("--task", default="auto", choices=["auto", "causal_lm", "classification", "image_classification"])
+    i.add_argument("--task", default="auto", choices=["auto", "causal_lm", "classification", "image_classification",
+                                                      "audio_classification", "speech_recognition"],
+                   help="the task (train/tasks/); auto: an image model's own, else classification for an encoder")
     i.add_argument("--num-labels", type=int, default=2)
     i.add_argument("--config", help="take method settings from this YAML")
     i.add_argument("--depth", type=int, default=6, help="tree depth to print")
@@ -31,26 +33,27 @@ def run(a) -> int:
     from ..train.config import load_config
 
     quiet_hf()
+    from ..train.tasks import get_task, task_for_model
+
     task = a.task
     if a.model == "digits-cnn":
         model, task = models.digits_cnn(), "image_classification"
     else:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+        from transformers import AutoConfig
 
         path = models.resolve(a.model)
         hf_cfg = AutoConfig.from_pretrained(path)
         if task == "auto":
-            task = "classification" if any(x.endswith(("Model", "ForMaskedLM")) and "Causal" not in x
-                                           for x in (hf_cfg.architectures or [])) and \
-                not getattr(hf_cfg, "is_decoder", False) and hf_cfg.model_type in job.QKV and \
-                hf_cfg.model_type not in ("llama", "gpt2") else "causal_lm"
-        cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-        kw = {"num_labels": a.num_labels} if task == "classification" else {}
+            owner = task_for_model(a.model, path)  # an image classifier decides its task
+            task = owner.name if owner is not None else _text_task(hf_cfg)
+        spec = get_task(task)
+        kw = spec.model_kwargs(a.num_labels, None)
         if a.quantize != "none":
             from ..quant.config import load_kwargs
 
-            kw.update(load_kwargs(a.quantize, skip_modules=["lm_head", "classifier", "score"] if task == "classification" else None))
-        model = cls.from_pretrained(path, dtype=torch.float32, **kw)
+            kw.update(load_kwargs(a.quantize, skip_modules=(["lm_head", *spec.heads]) if spec.heads else None))
+        with job.hf_quiet():
+            model = spec.model_class(hf_cfg).from_pretrained(path, dtype=torch.float32, **kw)
     from ..quant import quantized_size
     from ..quant.backend import param_count
 
@@ -100,3 +103,12 @@ def run(a) -> int:
     print(f"with {adapter_cfg.method} ({', '.join(f'{k}={v}' for k, v in adapter_cfg.to_dict().items() if k in ('r', 'lora_alpha', 'target_modules', 'task_type') and v is not None)}):")
     print(f"trainable params: {t:,d} || all params: {tot:,d} || trainable%: {100 * t / max(tot, 1):.4f}")
     return 0
+
+
+def _text_task(hf_cfg) -> str:
+    """A text model's likely task: classification for an encoder (BERT-like), else causal LM."""
+    from ..train import job
+
+    enc = any(x.endswith(("Model", "ForMaskedLM")) and "Causal" not in x for x in (hf_cfg.architectures or []))
+    return "classification" if enc and not getattr(hf_cfg, "is_decoder", False) and hf_cfg.model_type in job.QKV and \
+        hf_cfg.model_type not in ("llama", "gpt2") else "causal_lm"

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import adapter_folder, is_run_folder, labels_of, load_base, quiet_hf
+from .common import adapter_folder, is_run_folder, load_base, quiet_hf
 from .errors import CommandError
 
 HELP = "run a trained adapter on new rows: label + probability, or generated text (JSONL/CSV)"
@@ -53,18 +53,38 @@ def run(a) -> int:
 
         raise not_a_run(a.target, "a run folder or an adapter folder")
     adapter = adapter_folder(a.target)
-    rows = predict.read_inputs(a.input)  # read first: a bad file fails before the model loads
+    spec = _task_of(adapter, a.model)
+    rows = spec.read_inputs(a.input)  # read first: a bad file fails before the model loads
     model, tok, path, task = load_base(a.model, adapter)
     model = PeftModel.from_pretrained(model, adapter)
-    if task == "SEQ_CLS":
-        col = a.column or (data_cfg.text_column if data_cfg else "text")
-        out = predict.classify(model, tok, rows, labels_of(adapter), col,
-                               data_cfg.text_pair_column if data_cfg else None, a.batch_size,
-                               data_cfg.max_length if data_cfg else 512)
-    elif task == "CAUSAL_LM":
-        out = predict.generate(model, tok, rows, data_cfg, a.max_new_tokens, a.batch_size, a.temperature, fmt)
-    else:
-        raise CommandError(f"predict handles classifiers (SEQ_CLS) and language models (CAUSAL_LM); {adapter} is {task}")
+    try:
+        out = spec.predict(model, tok, rows, {"adapter": adapter, "data_cfg": data_cfg, "fmt": fmt, "column": a.column,
+                                              "batch_size": a.batch_size, "max_new_tokens": a.max_new_tokens,
+                                              "temperature": a.temperature})
+    except NotImplementedError:
+        raise CommandError(f"predict handles classifiers, image classifiers and language models; {adapter} is {task}") from None
     n = predict.write_outputs(out, a.out, a.format)
     print(f"predicted {n} row(s) with {adapter}" + (f" -> {a.out}" if a.out else ""), file=sys.stderr)
     return 0
+
+
+def _task_of(adapter: str, model: str | None):
+    """The adapter's task (train/tasks/): its PEFT task_type, else what its base model is (read only
+    then: a packaged base is not converted before the inputs are checked)."""
+    from ..train import models
+    from ..train.tasks import all_tasks, task_for_adapter
+
+    cfgj = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    tt = cfgj.get("task_type")
+    if tt:
+        spec = next((t for t in all_tasks().values() if t.peft_task_type == tt), None)
+        if spec is None:
+            raise CommandError(f"predict handles classifiers (SEQ_CLS), image classifiers and language models "
+                               f"(CAUSAL_LM); {adapter} is {tt}")
+        return spec
+    base = model or cfgj.get("base_model_name_or_path") or ""
+    try:
+        path = models.resolve(base) if base else ""
+    except models.ModelNotFound:
+        path = base
+    return task_for_adapter(None, path)

@@ -317,12 +317,31 @@ class Embedding(LoraLayer):
         return out
 
 
+_TORCH_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def torch_conv_class(cls: type) -> type:
+    """The torch convolution class a Conv*d subclass derives from (its own constructor may differ)."""
+    return next(c for c in cls.__mro__ if c in _TORCH_CONVS)
+
+
 class Conv(LoraLayer):
-    """LoRA on nn.Conv1d/2d/3d: A is a conv with the base's kernel, B a 1×1 conv."""
+    """LoRA on nn.Conv1d/2d/3d and their subclasses: A is a conv with the base's kernel, B a 1×1 conv.
+
+    Both are built from the torch class the base derives from: a subclass such as EfficientNet's
+    `Conv2dStaticSamePadding` has another constructor (PEFT builds A with the base's own class and
+    fails there). A subclass that overrides `forward` (padding of its own) computes A through that
+    forward with A's weight in place of the base's, so A sees exactly the input the base convolves.
+    """
 
     def __init__(self, base_layer: nn.Module, adapter: str, **kw) -> None:
         super().__init__(base_layer)
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        conv = torch_conv_class(type(base_layer))
+        self.own_forward = type(base_layer).forward is not conv.forward  # the subclass transforms the input
+        if self.own_forward and base_layer.groups != 1:
+            raise ValueError(f"LoRA on a grouped {type(base_layer).__name__} (groups={base_layer.groups}) with its own "
+                             "forward is not supported; target its ungrouped (e.g. 1x1) convolutions instead")
         self.update_layer(adapter, **kw)
 
     def _create_weights(self, adapter: str, r: int) -> None:
@@ -330,7 +349,7 @@ class Conv(LoraLayer):
         if r % base.groups:
             raise ValueError(f"LoRA on a {type(base).__name__} with groups={base.groups} needs a rank divisible by "
                              f"the groups (B is a grouped 1x1 conv, as PEFT's); got r={r}")
-        conv = type(base)
+        conv = torch_conv_class(type(base))
         self.lora_A[adapter] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
                                     base.dilation, bias=False)
         # grouped base: B is grouped like it (PEFT's layout); the product is then a full conv, not mergeable
@@ -343,6 +362,18 @@ class Conv(LoraLayer):
                                       "channel to every output, which the grouped weight cannot hold; keep it unmerged")
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight  # (r, in, *k), (out, r, 1..)
         return (b.flatten(1) @ a.flatten(1)).view(w.shape) * self.scaling[adapter]
+
+    def _lora_out(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if not self.own_forward:
+            return super()._lora_out(name, x)
+        from torch.func import functional_call
+
+        base, w = self.get_base_layer(), self.lora_A[name].weight
+        xa = x.to(w.dtype) if x.is_floating_point() and x.dtype != w.dtype else x
+        swap = {"weight": w, **({"bias": torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)}
+                                if base.bias is not None else {})}
+        h = functional_call(base, swap, (self.lora_dropout[name](xa),))  # the subclass's padding, A's weight
+        return self.lora_B[name](h).to(x.dtype)
 
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return self._lora_out(name, x) * self.scaling[name]

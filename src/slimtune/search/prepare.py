@@ -23,6 +23,7 @@ from ..train.config import JobConfig
 from ..train.data import Prepared
 from ..train.evaluate import Evaluation
 from ..train.lock import RunLock
+from ..train.tasks import get_task
 from . import targets as T
 from .space import SearchError
 
@@ -97,7 +98,7 @@ class Preflight:
 def preflight(cfg: JobConfig, metric: str | None, log: Callable[[str], None] = print) -> Preflight:
     from ..train import models
     from ..train.checks import plan
-    from ..train.data import ensure_chat_template, prepare
+    from ..train.data import prepare
     from ..train.job import load_tokenizer, resolve_task
 
     if cfg.model_name() == "digits-cnn":
@@ -107,9 +108,8 @@ def preflight(cfg: JobConfig, metric: str | None, log: Callable[[str], None] = p
     tok = load_tokenizer(cfg, path)
     pre_task = cfg.task if cfg.task != "auto" else "auto"
     data = prepare(cfg.data, tok, pre_task, cfg.train.seed, log)
-    task = resolve_task(cfg, data.format)
-    if task == "causal_lm" and tok is not None:
-        ensure_chat_template(tok)
+    task = resolve_task(cfg, data.format, path)
+    get_task(task).after_data(tok, data)
     if not data.test:
         raise SearchError(f"{data.source}: the test split is empty; raise data.test_fraction or give data.test")
     measured = _Metrics(cfg, data, task, tok).measured_metrics()
@@ -128,17 +128,12 @@ def preflight(cfg: JobConfig, metric: str | None, log: Callable[[str], None] = p
 
 
 def skeleton(cfg: JobConfig, path: str | None, task: str, num_labels: int | None):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     from ..train.job import hf_quiet
 
     with hf_quiet():
-        conf = AutoConfig.from_pretrained(path)
-        if task == "classification":
-            conf.num_labels = num_labels or 2
-        with torch.device("meta"):
-            cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-            return cls.from_config(conf)
+        return get_task(task).skeleton(AutoConfig.from_pretrained(path), num_labels)
 
 
 def count_trainable(pf: Preflight, cfg: JobConfig) -> tuple[int, int, float] | None:

@@ -267,7 +267,9 @@ def build_space(section: SearchSection, task: str, blocks: T.Blocks | None = Non
     if given and not lora_like:
         raise SearchError(f"search.{given[0]} applies to {' / '.join(LORA_LIKE)} only, but search.methods is "
                           f"{methods}; add one of them to search.methods or remove search.{given[0]}")
-    gen = task == "causal_lm"
+    from ..train.tasks import get_task
+
+    gen = get_task(task).generates  # a language model: the top-third layer choice too
     lora: dict[str, Dist] = {
         "r": _dist("r", section.r if section.r is not None else [4, 8, 16, 32], "int", _rank),
         "alpha_over_r": _dist("alpha_over_r", section.alpha_over_r if section.alpha_over_r is not None else [1.0, 2.0, 4.0],

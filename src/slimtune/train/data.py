@@ -20,6 +20,7 @@ import torch
 
 from .config import DataConfig
 from .datafiles import DataError, _missing, read_rows
+from .tasks import get_task
 from .prompts import (CHATML, IGNORE, _encode_chat, _encode_prompt_answer, _ids, _messages, ensure_chat_template,
                       render_prompt, uses_chat_template)
 
@@ -67,27 +68,24 @@ def detect_format(rows: list[dict[str, Any]], cfg: DataConfig, source: str, task
             fmt = "instruction"
         elif "pixels" in keys:
             fmt = "image"
+        elif "image" in keys:
+            fmt = "image_files"
+        elif "audio" in keys:
+            fmt = "audio_files" if cfg.label_column in keys else "speech"  # a class, or a transcript
         elif cfg.text_column in keys and cfg.label_column in keys:
             fmt = "classification"
         elif cfg.text_column in keys:
             fmt = "text"
-        elif task == "classification":
-            raise DataError(f"{source}: task classification needs a text column and a label column; the rows have "
-                            f"{sorted(keys)}: set data.text_column and data.label_column to the right ones")
         else:
-            raise DataError(f"{source}: cannot tell the data format from the columns {sorted(keys)}; set data.format "
-                            "to classification (text, label), instruction (instruction, input, output), chat "
-                            "(messages), sharegpt (conversations) or text (text), or name your columns with "
-                            "data.text_column / data.label_column / data.messages_column")
-    if task == "classification" and fmt not in ("classification", "image"):
-        has = sorted(keys)
-        raise DataError(f"{source}: task classification needs a label column, but the rows have no "
-                        f"{cfg.label_column!r} (columns: {has}); set data.label_column to the column that holds the "
-                        f"classes (this data reads as {fmt} data: task causal_lm trains a language model on it)")
-    if task == "causal_lm" and fmt == "classification":
-        raise DataError(f"{source}: task causal_lm, but the rows are classification data ({cfg.text_column} + "
-                        f"{cfg.label_column}); set task: classification, or data.format: text to train a language "
-                        "model on the text column alone")
+            fmt = None
+    spec = get_task(task) if task != "auto" else None
+    if spec is not None:  # the task's own rules for the data it takes (tasks/)
+        spec.check_format(fmt, keys, cfg, source)
+    if fmt is None:
+        raise DataError(f"{source}: cannot tell the data format from the columns {sorted(keys)}; set data.format "
+                        "to classification (text, label), instruction (instruction, input, output), chat "
+                        "(messages), sharegpt (conversations) or text (text), or name your columns with "
+                        "data.text_column / data.label_column / data.messages_column")
     return fmt
 
 
@@ -174,14 +172,13 @@ def prepare(cfg: DataConfig, tok, task: str, seed: int, log=print) -> Prepared:
         source = f"builtin:{cfg.builtin}"
         if cfg.format != "auto" and cfg.format != fmt:
             raise DataError(f"{source} is {fmt} data; remove data.format or set it to {fmt}")
-        if task == "classification" and fmt not in ("classification", "image"):
-            raise DataError(f"{source} is {fmt} data, not classification data; use task: causal_lm (or auto), or a "
-                            "classification builtin such as rotten_tomatoes")
+        if task != "auto":
+            get_task(task).check_builtin(fmt, source)
     else:
-        rows = read_rows(cfg.train)
+        rows = read_source(cfg.train, cfg)
         source = cfg.train
         fmt = detect_format(rows, cfg, source, task)
-    val_rows, val_source = (read_rows(cfg.validation), cfg.validation) if cfg.validation else (None, source)
+    val_rows, val_source = (read_source(cfg.validation, cfg), cfg.validation) if cfg.validation else (None, source)
     stats: dict[str, Any] = {"max_length": cfg.max_length}
     all_rows = rows if val_rows is None else None  # carved: the label set comes from every row
     rows, test_rows = test_split(rows, cfg, seed, source, stats)
@@ -191,7 +188,11 @@ def prepare(cfg: DataConfig, tok, task: str, seed: int, log=print) -> Prepared:
         stats["rows_test"] = len(test_rows)
     lengths: list[int] = []
     out = Prepared(format=fmt, train=[], eval=[], source=source, stats=stats)
-    if fmt in ("classification", "image"):
+    if fmt == "speech":
+        from .tasks.speech_recognition import prepare_speech
+
+        prepare_speech(cfg, tok, rows, val_rows, test_rows, source, val_source, out, lengths)
+    elif fmt in ("classification", *INPUT_COLUMN):
         _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_source, out, lengths, test_rows)
     elif fmt in ("instruction", "chat", "text"):
         _language(cfg, tok, fmt, rows, val_rows, source, val_source, out, lengths, test_rows)
@@ -218,10 +219,40 @@ def prepare(cfg: DataConfig, tok, task: str, seed: int, log=print) -> Prepared:
     return out
 
 
+def read_source(path: str, cfg: DataConfig) -> list[dict[str, Any]]:
+    """A data file's rows, or a folder's: one row per image in a subfolder per class (tasks/media.py)."""
+    from pathlib import Path
+
+    if Path(path).is_dir():
+        from .tasks.media import folder_rows
+
+        return folder_rows(path, label_column=cfg.label_column)
+    return read_rows(path)
+
+
+# the column holding each example's input, per classification format
+INPUT_COLUMN = {"image": "pixels", "image_files": "image", "audio_files": "audio"}
+
+
+def _encode_media(fmt: str, proc, row: dict[str, Any], source: str, i: int) -> dict[str, Any]:
+    """One row of a media format -> its input tensors (the task modules' encoders)."""
+    from .tasks import audio_io
+    from .tasks import image_classification as img
+
+    if fmt == "image":
+        return img.encode_grid(row, source, i)
+    encode = {"image_files": img.encode_file, "audio_files": audio_io.encode_audio}[fmt]
+    return encode(proc, row, INPUT_COLUMN[fmt], source, i)
+
+
 def _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_source, out, lengths, test_rows=()):
-    cols = [cfg.text_column, cfg.label_column] if fmt == "classification" else ["pixels", cfg.label_column]
+    cols = [INPUT_COLUMN.get(fmt, cfg.text_column), cfg.label_column]
     if fmt == "classification" and cfg.text_pair_column:
         cols.append(cfg.text_pair_column)
+    if fmt == "classification":
+        from .tasks.media import refuse_media_text
+
+        refuse_media_text(rows, cfg.text_column, source)
     _need(rows, cols, source, fmt)
     _need(val_rows, cols, val_source, fmt)
     _need(test_rows, cols, cfg.test or source, fmt)
@@ -243,12 +274,8 @@ def _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_s
                 raise DataError(f"{src}: row {i} has label {lab!r}, which is not in the label set {labels}; "
                                 "fix the row or add the label to data.labels")
             counts[name][lab] = counts[name].get(lab, 0) + 1
-            if fmt == "image":
-                try:
-                    px = torch.tensor(r["pixels"], dtype=torch.float32).unsqueeze(0)
-                except (TypeError, ValueError, RuntimeError) as e:
-                    raise DataError(f"{src}: row {i}: pixels must be a rectangular list of numbers ({e})") from None
-                dst.append({"pixel_values": px, "labels": lid[lab]})
+            if fmt in INPUT_COLUMN:  # pixels (a grid in the row, an image file) or audio: tasks/
+                dst.append({**_encode_media(fmt, tok, r, src, i), "labels": lid[lab]})
                 lengths.append(0)
                 continue
             args = (str(r[cfg.text_column]),) + ((str(r[cfg.text_pair_column]),) if cfg.text_pair_column else ())
@@ -258,7 +285,7 @@ def _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_s
                 enc = tok(*args, truncation=True, max_length=cfg.max_length)
             dst.append({"input_ids": enc["input_ids"], "labels": lid[lab],
                         **({"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {})})
-    if fmt == "image" and len({tuple(e["pixel_values"].shape) for e in out.train + out.eval}) > 1:
+    if fmt in ("image", "image_files") and len({tuple(e["pixel_values"].shape) for e in out.train + out.eval}) > 1:
         raise DataError(f"{source}: the images have different shapes; every 'pixels' grid must be the same size")
     out.stats["class_counts"] = counts
 
@@ -323,6 +350,10 @@ def _language(cfg, tok, fmt, rows, val_rows, source, val_source, out, lengths, t
 # ---- batching ------------------------------------------------------------------------------------
 
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    if "input_values" in examples[0] or "input_features" in examples[0]:  # audio (tasks/audio_io.py)
+        from .tasks.audio_io import collate_audio
+
+        return collate_audio(examples)
     if "pixel_values" in examples[0]:
         return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
                 "labels": torch.tensor([e["labels"] for e in examples])}

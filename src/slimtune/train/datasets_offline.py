@@ -110,6 +110,16 @@ def digits_5_9():
     return _digits(range(5, 10))
 
 
+def textile_defects():
+    """Simulated textile images from the conformal-clip-data package (MIT): 2,000 RGB JPEGs, 250x250,
+    classes global (500), local (500), nominal (1,000), as an image folder (tasks/media.py)."""
+    from .models import package_dir
+    from .tasks.media import folder_rows
+
+    root = package_dir("conformal_clip_data", "conformal-clip-data") / "data" / "textile_images" / "simulated"
+    return folder_rows(str(root)), "image_files", {"source": "conformal-clip-data data/textile_images/simulated"}
+
+
 BUILTINS = {
     "rotten_tomatoes": rotten_tomatoes,
     "rotten_tomatoes_lm": rotten_tomatoes_lm,
@@ -118,6 +128,7 @@ BUILTINS = {
     "chatterbot": chatterbot,
     "digits_0_4": digits_0_4,
     "digits_5_9": digits_5_9,
+    "textile_defects": textile_defects,
 }
 
 

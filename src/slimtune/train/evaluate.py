@@ -23,14 +23,18 @@ from ..compat import output_cache
 from ..compile_blocks import eager
 from . import decode
 from .data import IGNORE, collate
-from .metrics import accuracy_f1, answer_matches
+from .metrics import answer_matches
+from .tasks import get_task
 
 
 class Evaluation:
+    @property
+    def _spec(self):
+        """The task (tasks/): what it measures, and whether this is a language model's evaluation."""
+        return get_task(self.task)
+
     def _default_metric(self) -> str:
-        if self.task in ("classification", "image_classification"):
-            return "accuracy"
-        return "gen_accuracy" if self._do_generate() else "eval_loss"
+        return self._spec.default_metric(self)
 
     def _do_generate(self) -> bool:
         g = self.cfg.eval.generate
@@ -55,7 +59,10 @@ class Evaluation:
         was_training = model.training
         model.eval()
         try:
-            if self.task == "causal_lm" and self._lm_path() is not None:
+            own = self._spec.evaluate(self)  # a task with its own metrics (speech: WER / CER)
+            if own is not None:
+                res = own
+            elif self._spec.generates and self._lm_path() is not None:
                 res = self._evaluate_lm(samples)
             else:
                 res = self._evaluate_model()
@@ -72,6 +79,8 @@ class Evaluation:
         tot_loss, tot_n = 0.0, 0
         preds: list[int] = []
         golds: list[int] = []
+        ranks: list[int] = []  # the gold class's rank among the logits (0 = predicted): top-k accuracy
+        lm = self._spec.generates
         bs = self.cfg.eval.batch_size
         ev = self.dist.eval_rows(self.data.eval)  # several processes: this rank's share, sums reduced below
         cand = self._answer_first_tokens()
@@ -81,7 +90,7 @@ class Evaluation:
             with self.acc.autocast():
                 out = model(**batch)
             logits = out["logits"]
-            if self.task == "causal_lm":
+            if lm:
                 # prompt learning prepends virtual tokens: their logits predict nothing we label
                 logits = logits[:, logits.shape[1] - batch["labels"].shape[1]:]
                 lab = batch["labels"][:, 1:]
@@ -101,19 +110,20 @@ class Evaluation:
                 tot_n += len(batch["labels"])
                 preds += logits.argmax(-1).tolist()
                 golds += batch["labels"].tolist()
+                ranks += (logits > logits.gather(1, batch["labels"][:, None])).sum(1).tolist()
         self.dist.eval_tail(len(self.data.eval), bs, lambda: model(**{k: v.to(self.device) for k, v in
                                                           collate(self.data.eval[:1], self.pad_id).items()}))
         tot_loss, tot_n, choice_right, choice_n = self.dist.eval_sum(tot_loss, tot_n, choice_right, choice_n)
-        preds, golds = self.dist.gather(preds), self.dist.gather(golds)
+        preds, golds, ranks = self.dist.gather(preds), self.dist.gather(golds), self.dist.gather(ranks)
         res: dict[str, float] = {"eval_loss": tot_loss / max(tot_n, 1)}
-        if self.task == "causal_lm":
+        if lm:
             res["perplexity"] = math.exp(min(res["eval_loss"], 50))
             if choice_n:
                 res["choice_accuracy"] = choice_right / choice_n
             if self._do_generate():
                 res["gen_accuracy"] = self.generated_accuracy()
         else:
-            res.update(accuracy_f1(preds, golds, len(self.data.labels or []) or (max(golds) + 1)))
+            res.update(self._spec.class_metrics(ranks, preds, golds, len(self.data.labels or []) or (max(golds) + 1)))
         return res
 
     # ---- the job's LM path: one pass per batch -----------------------------------------------------
@@ -226,7 +236,7 @@ class Evaluation:
     def _answer_first_tokens(self) -> list[int] | None:
         """First token id of each answer of a label-set LM task, when
         they are distinct: then the label the model scores highest is measurable in the loss pass."""
-        if self.task != "causal_lm" or not self.data.answers or self.tok is None or len(self.data.answers) > 20:
+        if not self._spec.generates or not self.data.answers or self.tok is None or len(self.data.answers) > 20:
             return None
         firsts = [self.tok(a, add_special_tokens=False)["input_ids"][:1] for a in self.data.answers]
         ids = [f[0] for f in firsts if f]
@@ -236,10 +246,7 @@ class Evaluation:
 
     def measured_metrics(self) -> list[str]:
         """What `evaluate` reports for this task and data (train.metric must be one of them)."""
-        if self.task != "causal_lm":
-            return ["eval_loss", "accuracy", "f1"]
-        return ["eval_loss", "perplexity"] + (["choice_accuracy"] if self._answer_first_tokens() else []) + \
-            (["gen_accuracy"] if self._do_generate() else [])
+        return self._spec.measured_metrics(self)
 
     # ---- generate() --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -284,7 +291,7 @@ class Evaluation:
         """The report's before -> after samples: the first `eval.samples` validation prompts of an LM
         run, with the reference and what the model generates (short-answer tasks: eval.max_new_tokens
         tokens; others 32)."""
-        if self.task != "causal_lm" or not self.data.eval_raw or not self.cfg.eval.samples or self.tok is None:
+        if not self._spec.generates or not self.data.eval_raw or not self.cfg.eval.samples or self.tok is None:
             return None
         rows = self.data.eval_raw[:self.cfg.eval.samples]
         was = self.model.training

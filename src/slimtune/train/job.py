@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .. import families
 from ..registry import get_method, make_config
-from . import models
+from . import models, tasks
 from .config import JobConfig, JobConfigError
 from .data import Prepared, collate, ensure_chat_template, prepare
 
@@ -43,14 +43,13 @@ ALIASES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targe
            "target": "target_modules", "modules": "target_modules"}
 
 
-def resolve_task(cfg: JobConfig, fmt: str | None) -> str:
+def resolve_task(cfg: JobConfig, fmt: str | None, path: str | None = None) -> str:
+    """The task's name: the config's, else the one the model decides (an image classifier), else the
+    one the data format implies (tasks/__init__.py)."""
     if cfg.task != "auto":
         return cfg.task
-    if fmt == "image" or cfg.model_name() == "digits-cnn":
-        return "image_classification"
-    if fmt == "classification":
-        return "classification"
-    return "causal_lm"
+    own = tasks.task_for_model(cfg.model_name(), path)
+    return (own or tasks.task_for_format(fmt)).name
 
 
 @contextlib.contextmanager
@@ -71,45 +70,19 @@ def hf_quiet():
 
 
 def load_tokenizer(cfg: JobConfig, path: str | None):
-    if path is None:
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        with hf_quiet():
-            tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise JobConfigError(f"model '{cfg.model_name()}': no tokenizer could be loaded from {path} ({str(e)[:200]}); the "
-                             "folder needs tokenizer files (save_pretrained of the tokenizer)") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return tok
+    return tasks.load_tokenizer(cfg.model_name(), path)
 
 
-def load_model(cfg: JobConfig, path: str | None, task: str, num_labels: int | None, log=print) -> nn.Module:
-    if cfg.model_name() == "digits-cnn":
-        if cfg.model_options().quantize != "none":
-            raise JobConfigError("model.quantize applies to transformers models; the digits CNN is not one")
-        return models.digits_cnn(log)
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
+def load_model(cfg: JobConfig, path: str | None, task: str, num_labels: int | None, log=print,
+               labels: list[str] | None = None) -> nn.Module:
     from .resources import BASE_DTYPE, resolve_precision
 
+    spec = tasks.get_task(task)
     # The frozen base in the training precision (bf16 halves its memory on GPU); the trained
     # parameters are upcast to fp32 after injection (`upcast_trainable`), as PEFT does.
     dtype = BASE_DTYPE[resolve_precision(cfg.train.precision)]
     kw = quantize_kwargs(cfg, task, dtype)  # model.quantize: bitsandbytes layers on load (slimtune.quant)
-    try:
-        with hf_quiet():
-            if task == "classification":
-                m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype, **kw)
-            else:
-                m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
-    except (OSError, ValueError, KeyError) as e:
-        kind = "sequence classifier" if task == "classification" else "causal LM"
-        raise JobConfigError(f"model '{cfg.model_name()}' cannot be loaded as a {kind} from {path}: {str(e)[:300]}"
-                             + ("; is task right? (a decoder-only model wants task: causal_lm)" if task == "classification"
-                                else "")) from None
+    m = spec.load_model(cfg, path, num_labels, dtype, kw, labels, log)
     if kw:
         from ..quant import guard_cpu_repack, quantized_size
         from ..quant.config import detach_from_checkpoint
@@ -132,7 +105,7 @@ def quantize_kwargs(cfg: JobConfig, task: str, dtype: torch.dtype) -> dict[str, 
 
     refuse_method(get_method(cfg.method_name()).name)  # full / layerwise / ...: refused before loading anything
     compute = dtype if opt.compute_dtype == "auto" else DTYPES[opt.compute_dtype]
-    heads = families.TASK_HEADS.get("SEQ_CLS", []) if task == "classification" else []
+    heads = list(tasks.get_task(task).heads)
     skip = (["lm_head"] + heads) if heads else None  # a trained head must stay dense
     return load_kwargs(opt.quantize, opt.double_quant, compute, skip)
 
@@ -185,16 +158,13 @@ def auto_method(cfg: JobConfig, model: nn.Module, task: str) -> tuple[Any, list[
             hint = f"did you mean 'method.{close}'?" if close else f"valid keys: {', '.join(sorted(fields))}"
             raise JobConfigError(f"method block: unknown key 'method.{k}' for {spec.name}; {hint}")
     check_types(spec, kw)
-    tt = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}.get(task)
-    if "task_type" in fields and "task_type" not in kw and tt:
-        kw["task_type"] = tt
-        if tt == "SEQ_CLS":
-            why.append("task_type=SEQ_CLS: the new classifier head trains in full (modules_to_save)")
+    task_spec = tasks.get_task(task)
+    task_spec.adapter_defaults(model, kw, fields, why)
     if spec.name == "lora":
         n = _count(model)
         big = n > 1_000_000_000
         huge = n > 6_000_000_000
-        gen = task == "causal_lm"
+        gen = task_spec.generates
         r = (64 if huge else 32 if big else 16) if gen else (32 if big else 8)
         size = f"{n / 1e6:.0f}M params"
         if "r" not in kw:
@@ -211,7 +181,8 @@ def auto_method(cfg: JobConfig, model: nn.Module, task: str) -> tuple[Any, list[
                 why.append(f"target_modules={QKV[mt]}: query/key/value attention projections for generation ({mt})")
             elif families.default_lora_targets(model):
                 kw["target_modules"] = families.default_lora_targets(model)
-                why.append(f"target_modules={kw['target_modules']}: query/value attention (PEFT's default for {mt})")
+                why.append(f"target_modules={kw['target_modules']}: " + (f"query/value attention (PEFT's default for {mt})"
+                           if mt else f"{type(model).__name__}'s own default"))
             else:
                 names = [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d))]
                 kw["target_modules"] = sorted({p.split(".")[-1] for p in names})
@@ -282,28 +253,28 @@ def apply_method(model: nn.Module, adapter_cfg: Any):
 
 
 def setup(cfg: JobConfig, log=print) -> dict[str, Any]:
-    """Everything the trainer needs, built from the config."""
-    path = None if cfg.model_name() == "digits-cnn" else models.resolve(cfg.model_name(), log)
-    tok = load_tokenizer(cfg, path)
+    """Everything the trainer needs, built from the config. The task is the config's, else the model's
+    (an image classifier decides it), else the data's format decides it after reading."""
+    path = None if cfg.model_name() in tasks.torch_models() else models.resolve(cfg.model_name(), log)
+    pre = tasks.get_task(cfg.task) if cfg.task != "auto" else tasks.task_for_model(cfg.model_name(), path)
+    proc = (pre or tasks.get_task("causal_lm")).load_processor(cfg, path)  # text models: the tokenizer
     # the data decides the format (and the label count) before the model is built
-    pre_task = cfg.task if cfg.task != "auto" else None
-    data: Prepared = prepare(cfg.data, tok, pre_task or "auto", cfg.train.seed, log)
-    task = resolve_task(cfg, data.format)
-    if task == "causal_lm" and tok is not None:
-        ensure_chat_template(tok)
+    data: Prepared = prepare(cfg.data, proc, pre.name if pre else "auto", cfg.train.seed, log)
+    spec = pre or tasks.task_for_format(data.format)
+    if pre is None and not spec.accepts_model(cfg.model_name(), tasks.hf_config(path)):
+        raise JobConfigError(f"{data.source}: the data is {data.format} data for task {spec.name}, but model "
+                             f"'{cfg.model_name()}' is not a model for that task; use a {spec.kind} (a folder saved "
+                             "with save_pretrained), or other data for this model")
+    task = spec.name
+    spec.after_data(proc, data)
     num_labels = cfg.num_labels or (len(data.labels) if data.labels else None)
     if cfg.num_labels and data.labels and cfg.num_labels < len(data.labels):
         raise JobConfigError(f"num_labels={cfg.num_labels} but the data has {len(data.labels)} classes "
                              f"{data.labels}; remove num_labels (it follows the data) or raise it")
-    model = load_model(cfg, path, task, num_labels, log)
-    if task == "classification":
-        if getattr(model.config, "pad_token_id", None) is None and tok is not None:
-            model.config.pad_token_id = tok.pad_token_id
-        if data.labels and len(data.labels) == num_labels:  # a merged model then names its classes (transformers' pipelines read these)
-            model.config.id2label = dict(enumerate(data.labels))
-            model.config.label2id = {lab: i for i, lab in enumerate(data.labels)}
+    model = load_model(cfg, path, task, num_labels, log, data.labels)
+    spec.configure(model, proc, data, num_labels)
     adapter_cfg, why = auto_method(cfg, model, task)
-    return {"tokenizer": tok, "model": model, "adapter_config": adapter_cfg, "why": why, "data": data,
+    return {"tokenizer": proc, "model": model, "adapter_config": adapter_cfg, "why": why, "data": data,
             "task": task, "model_path": path}
 
 
@@ -312,7 +283,7 @@ def score_for_selection(adapter_cfg: Any, model: nn.Module, data: Prepared, cfg:
     heads `top_k`), measured on the plain model over `train.score_batches` seeded training batches."""
     n = min(len(data.train), cfg.train.score_batches * cfg.train.batch_size)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.train.seed))[:n].tolist()
-    pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+    pad = getattr(tok, "pad_token_id", None) or 0  # an image processor has none
     dev = next(model.parameters()).device
     bs = cfg.train.batch_size
     batches = [{k: v.to(dev) for k, v in collate([data.train[i] for i in order[j:j + bs]], pad).items()}

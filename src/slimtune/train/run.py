@@ -27,6 +27,7 @@ from .launch import claim as claim_folder
 from .interrupt import SetupSignals, TrainingInterrupted
 from .job import apply_method, score_for_selection, setup, upcast_trainable
 from .report import plot, title, write_report
+from .tasks import get_task
 from .trainer import Trainer, TrainingDiverged
 
 __all__ = ["run_train", "plot", "write_report", "trainable_summary"]
@@ -125,8 +126,9 @@ def _run(cfg: JobConfig, claim: rundir.Claim, log: RunLog, progress: bool, t_sta
     data = s["data"]
     log(f"task: {s['task']}  data: {data.source} ({data.format}), {len(data.train)} train / {len(data.eval)} validation"
         + (f"; {data.stats['validation']}" if "validation" in data.stats else ""))
-    if s["task"] == "classification":
-        log(f"classifier head: new, {len(data.labels or [])} classes {data.labels} (trained in full with the adapter)")
+    head = get_task(s["task"]).describe(data)
+    if head:
+        log(head)
     if s["why"]:
         log(f"method {s['adapter_config'].method}: chose " + "; ".join(s["why"]))
     if s["adapter_config"].needs_scores():  # sparse fisher / top-k heads: choose from the data

@@ -79,7 +79,7 @@ class Trainer(Evaluation, Checkpointing):
             set_cpu_threads(self.t.cpu_threads, log)
         self.is_main = self.acc.is_main_process
         self.progress = progress and self.is_main
-        self.pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0)
+        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0  # an image processor has none
 
         self.model = peft_model
         if self.t.gradient_checkpointing:
@@ -105,7 +105,7 @@ class Trainer(Evaluation, Checkpointing):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
         self.model, self.opt = self.dist.prepare(self.acc, self.model, opt)
         self.lm: CausalLMPath | None = None
-        if task == "causal_lm":  # the decoder, then the head at labelled positions only (lm.py)
+        if self._spec.generates:  # the decoder, then the head at labelled positions only (lm.py)
             try:
                 self.lm = CausalLMPath.build(self.model, self.t, data, self.acc.num_processes, self.device, self.out,
                                              log, will_reuse=self._reuse())
@@ -120,7 +120,7 @@ class Trainer(Evaluation, Checkpointing):
         if self.metric not in self.measured_metrics():
             raise JobConfigError(f"train.metric '{self.metric}' is not measured for this task and data; choose one "
                                  f"of {self.measured_metrics()}")
-        self.metric_max = not (self.metric.endswith("loss") or self.metric == "perplexity")
+        self.metric_max = not (self.metric.endswith("loss") or self.metric in ("perplexity", "wer", "cer"))
         self.step = 0
         self.best: float | None = None
         self.best_step: int | None = None
