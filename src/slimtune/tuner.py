@@ -179,6 +179,9 @@ class Tuner(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         self._check(name)
+        if any(name in layer.merged_adapters for _, layer in adapter_layers(self.model)):  # PEFT: ValueError, nothing deleted
+            raise ValueError(f"Cannot delete adapter '{name}' while it is merged into the base weights; "
+                             "call unmerge_adapter() first")
         for _, layer in adapter_layers(self.model):
             layer.delete_adapter(name)
         for _, w in save_wrappers(self.model):
@@ -212,7 +215,17 @@ class Tuner(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Inside: the base model's output (merged adapters are unmerged and restored after)."""
+        """Inside: the base model's output (merged adapters are unmerged and restored after).
+
+        On exit the adapters are enabled again only if they were enabled before, as PEFT: a model
+        switched off with disable_adapter_layers() stays off. A half-switched model (some adapter
+        modules off) warns, and comes out all enabled, PEFT's rule."""
+        flags = {m.disable_adapters for _, m in list(adapter_layers(self.model)) + list(save_wrappers(self.model))}
+        was_off = flags == {True}
+        if len(flags) > 1:
+            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. "
+                          "This is most likely unintentional. After exiting the disable_adapter context, all adapters "
+                          "will be enabled", stacklevel=3)
         merged = {path: list(layer.merged_adapters) for path, layer in adapter_layers(self.model) if layer.merged}
         for path in merged:
             self.model.get_submodule(path).unmerge()
@@ -220,7 +233,7 @@ class Tuner(nn.Module):
         try:
             yield
         finally:
-            self._set_disabled(False)
+            self._set_disabled(was_off)
             for path, names in merged.items():
                 self.model.get_submodule(path).merge(names)
 

@@ -7,6 +7,7 @@ adapters in `lora_weighted.py`.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -69,6 +70,15 @@ class LoraConfig(AdapterConfig):
                               "use target_modules")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern only applies together with layers_to_transform")
+        init = self.init_lora_weights
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and isinstance(init, str) and \
+                (init.startswith("pissa") or init in ("olora", "corda", "lora_ga")):
+            # PEFT's warning, word for word: save_pretrained's conversion to plain LoRA will refuse this config
+            warnings.warn("Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of "
+                          "modified base weights PiSSA/CorDA/OLoRA/LoRA-GA means that you won't be able to pass "
+                          "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial "
+                          "values of the base weights; if you intend to do this, please ensure not to use rslora or "
+                          "rank_pattern/alpha_pattern.", stacklevel=3)
 
     # No for_loading override: a PiSSA/OLoRA config re-runs its decomposition on load (as PEFT), so
     # the file's A, B apply to the residual W − s·B₀A₀ of the original base, reproducing the trained

@@ -1,0 +1,109 @@
+"""The last PEFT behaviours of issue 26, checked side by side with the real `peft` 0.21.2.
+
+Each test runs the same steps in both libraries and asserts the same outputs, exception type,
+warning or file content.
+"""
+import warnings
+
+import peft
+import pytest
+import torch
+import torch.nn as nn
+from conftest import logits, tiny_llama
+
+import slimtune
+from slimtune.inject import adapter_layers
+
+LIBS = {"peft": peft, "slimtune": slimtune}
+
+
+def quiet(fn, *a, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*a, **kw)
+
+
+def lora(L, **kw):
+    return quiet(L.get_peft_model, tiny_llama(), L.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                              init_lora_weights=False, **kw)).eval()
+
+
+class MLP(nn.Module):
+    """A custom model: no `.config`, as in PEFT's own custom-model tests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin0, self.lin1 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+# ---- disable_adapter() restores the state from before ---------------------------------------
+@pytest.mark.parametrize("lib", LIBS)
+def test_disable_adapter_keeps_disabled_layers_disabled(lib, ids):
+    pm = lora(LIBS[lib])
+    with pm.disable_adapter():
+        base = logits(pm, ids)
+    pm.base_model.disable_adapter_layers()
+    with pm.disable_adapter():
+        pass
+    torch.testing.assert_close(logits(pm, ids), base, rtol=0, atol=0)  # still disabled after the block
+    pm.base_model.enable_adapter_layers()
+    assert not torch.equal(logits(pm, ids), base)
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_disable_adapter_on_half_disabled_model_warns_and_enables_all(lib, ids):
+    pm = lora(LIBS[lib])
+    enabled = logits(pm, ids)
+    layers = [m for m in pm.modules() if hasattr(m, "disable_adapters") and hasattr(m, "merged_adapters")]
+    if lib == "peft":
+        layers[0].enable_adapters(False)
+    else:
+        layers[0].disable_adapters = True
+    with pytest.warns(UserWarning, match="some adapter layers that are enabled and others that are disabled"):
+        with pm.disable_adapter():
+            pass
+    torch.testing.assert_close(logits(pm, ids), enabled, rtol=0, atol=0)
+
+
+# ---- model card of a custom model: no base_model -------------------------------------------
+@pytest.mark.parametrize("lib", LIBS)
+def test_model_card_of_custom_model_has_no_base_model(lib, tmp_path):
+    from huggingface_hub import ModelCard
+
+    L = LIBS[lib]
+    cfg = L.LoraConfig(r=2, target_modules=["lin0"], base_model_name_or_path="my/custom-model")
+    pm = quiet(L.get_peft_model, MLP(), cfg)
+    pm.save_pretrained(tmp_path)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "peft"
+    assert card.data.base_model is None
+
+
+# ---- deleting a merged adapter -------------------------------------------------------------
+@pytest.mark.parametrize("lib", LIBS)
+def test_deleting_a_merged_adapter_raises_value_error_and_deletes_nothing(lib, ids):
+    pm = lora(LIBS[lib])
+    pm.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        pm.delete_adapter("default")
+    assert list(pm.peft_config) == ["default"]
+    pm.unmerge_adapter()
+    pm.delete_adapter("default")
+    assert list(pm.peft_config) == []
+
+
+# ---- PiSSA/OLoRA with rsLoRA and rank/alpha patterns ---------------------------------------
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("pattern", ["rank_pattern", "alpha_pattern"])
+@pytest.mark.parametrize("lib", LIBS)
+def test_pissa_olora_with_rslora_and_patterns_warn(lib, init, pattern):
+    L = LIBS[lib]
+    with pytest.warns(UserWarning, match="path_initial_model_for_weight_conversion"):
+        L.LoraConfig(r=4, init_lora_weights=init, use_rslora=True, **{pattern: {"q_proj": 8}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        L.LoraConfig(r=4, init_lora_weights=init, use_rslora=False, **{pattern: {"q_proj": 8}})
