@@ -107,3 +107,57 @@ def test_pissa_olora_with_rslora_and_patterns_warn(lib, init, pattern):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         L.LoraConfig(r=4, init_lora_weights=init, use_rslora=False, **{pattern: {"q_proj": 8}})
+
+
+# ---- save_embedding_layers / ignore_mismatched_sizes ---------------------------------------
+def _resized(L, targets):
+    m = tiny_llama()
+    m.resize_token_embeddings(m.config.vocab_size + 8)
+    with torch.no_grad():
+        m.get_input_embeddings().weight[-8:].normal_(generator=torch.Generator().manual_seed(1))
+    return quiet(L.get_peft_model, m, L.LoraConfig(r=4, target_modules=targets, init_lora_weights=False)).eval()
+
+
+@pytest.mark.parametrize("targets", [["q_proj"], ["q_proj", "embed_tokens"]])
+def test_save_embedding_layers_writes_peft_keys_and_loads_both_ways(targets, tmp_path):
+    from safetensors.torch import load_file
+
+    keys = {}
+    for lib, L in LIBS.items():
+        pm = _resized(L, targets)
+        quiet(pm.save_pretrained, tmp_path / lib, save_embedding_layers=True)
+        keys[lib] = set(load_file(tmp_path / lib / "adapter_model.safetensors"))
+    assert keys["slimtune"] == keys["peft"]
+    assert any(k.endswith("embed_tokens.weight") or k.endswith("embed_tokens.base_layer.weight") for k in keys["peft"])
+    x = torch.tensor([[1, 130, 133, 5]])
+    for src, L in (("peft", slimtune), ("slimtune", peft)):  # each library loads the other's file
+        want = logits(_resized(LIBS[src], targets), x)  # (the saving library's random init, rebuilt)
+        fresh = tiny_llama()
+        fresh.resize_token_embeddings(fresh.config.vocab_size + 8)  # new rows random until the file fills them
+        pm = quiet(L.PeftModel.from_pretrained, fresh, tmp_path / src).eval()
+        torch.testing.assert_close(logits(pm, x), want)
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_save_embedding_layers_auto_and_false(lib, tmp_path):
+    from safetensors.torch import load_file
+
+    pm = _resized(LIBS[lib], ["q_proj", "embed_tokens"])
+    with pytest.warns(UserWarning, match="embedding layers found in `target_modules`"):
+        pm.save_pretrained(tmp_path / "auto")
+    assert any("base_layer" in k for k in load_file(tmp_path / "auto" / "adapter_model.safetensors"))
+    quiet(pm.save_pretrained, tmp_path / "off", save_embedding_layers=False)
+    assert not any("base_layer" in k for k in load_file(tmp_path / "off" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_ignore_mismatched_sizes_leaves_other_shapes_out(lib, ids, tmp_path):
+    L = LIBS[lib]
+    lora(L).save_pretrained(tmp_path)  # r=4
+    base = logits(tiny_llama().eval(), ids)
+    bigger = L.LoraConfig(r=8, target_modules=["q_proj", "v_proj"])  # B starts at zero: the base model's output
+    with pytest.warns(UserWarning, match="ignore_mismatched_sizes=True"):
+        pm = L.PeftModel.from_pretrained(tiny_llama(), tmp_path, config=bigger, ignore_mismatched_sizes=True)
+    torch.testing.assert_close(logits(pm.eval(), ids), base)
+    with pytest.raises((RuntimeError, ValueError)):
+        quiet(L.PeftModel.from_pretrained, tiny_llama(), tmp_path, config=L.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))

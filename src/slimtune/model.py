@@ -264,6 +264,9 @@ class PeftModel(nn.Module):
             if cfg.base_model_name_or_path is None:
                 cfg.base_model_name_or_path = base_model_name(self.get_base_model())
             state = self.get_adapter_state_dict(name)
+            from .save_options import embedding_layers_state
+
+            state.update(embedding_layers_state(self, name, save_embedding_layers))
             if path_initial_model_for_weight_conversion is not None:
                 from .methods.lora_convert import convert_to_plain_lora
 
@@ -306,7 +309,8 @@ class PeftModel(nn.Module):
         task_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(config.task_type or ""), cls) if cls is PeftModel else cls
         self = task_cls(model, config.for_loading(), adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         self.peft_config[adapter_name] = config  # the caller's / the file's config, not the loading variant
-        result = self._load_state(adapter_name, state, path, is_trainable, key_mapping, strict)
+        result = self._load_state(adapter_name, state, path, is_trainable, key_mapping, strict,
+                                  kwargs.get("ignore_mismatched_sizes", False))
         if result.missing_keys:
             warnings.warn(f"Found missing adapter keys while loading the checkpoint: {result.missing_keys}.")
         return self
@@ -334,7 +338,8 @@ class PeftModel(nn.Module):
         if key_mapping is None and not self.peft_config[adapter_name].is_prompt_learning:
             key_mapping = getattr(self.get_base_model(), "_checkpoint_conversion_mapping", None) or None
         try:
-            result = self._load_state(adapter_name, state, path, is_trainable, key_mapping, strict)
+            result = self._load_state(adapter_name, state, path, is_trainable, key_mapping, strict,
+                                      kwargs.get("ignore_mismatched_sizes", False))
         except Exception:
             if new:
                 self.delete_adapter(adapter_name)  # leave the model as it was
@@ -346,10 +351,20 @@ class PeftModel(nn.Module):
         return result
 
     def _load_state(self, adapter: str, state: dict[str, torch.Tensor], path: str, is_trainable: bool,
-                    key_mapping: dict[str, str] | None = None, strict: bool = True):
+                    key_mapping: dict[str, str] | None = None, strict: bool = True,
+                    ignore_mismatched_sizes: bool = False):
+        """`ignore_mismatched_sizes`: PEFT's option, file tensors of another shape are left out (warned)."""
         if key_mapping:
             state = apply_key_mapping(state, key_mapping)
-        result = ckpt.load_into(self._key_map(adapter), state, path, strict=strict, model=self)
+        key_map = self._key_map(adapter)
+        if ignore_mismatched_sizes:
+            from .save_options import drop_mismatched
+
+            full = self.state_dict(keep_vars=True)
+            live, state = drop_mismatched({**{k: full[k] for k in state if k in full}, **key_map}, state,
+                                          type(self).__name__)
+            key_map = {k: v for k, v in key_map.items() if k in live}
+        result = ckpt.load_into(key_map, state, path, strict=strict, model=self)
         if not is_trainable:
             if self.peft_config[adapter].inference_mode:
                 self._untrainable_loaded.add(adapter)
