@@ -161,3 +161,73 @@ def test_ignore_mismatched_sizes_leaves_other_shapes_out(lib, ids, tmp_path):
     torch.testing.assert_close(logits(pm.eval(), ids), base)
     with pytest.raises((RuntimeError, ValueError)):
         quiet(L.PeftModel.from_pretrained, tiny_llama(), tmp_path, config=L.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+
+
+# ---- LoraConfig._register_custom_module ----------------------------------------------------
+class MyLinear(nn.Module):
+    """A layer type neither library knows: y = x Wᵀ + b with its own parameters."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = i, o
+        self.weight = nn.Parameter(torch.randn(o, i) / i ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(o))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+class CustomNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.out = MyLinear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.inner(x)))
+
+
+def _custom_lora_cls(lib):
+    """The user's LoRA class for MyLinear, written against each library's LoRA Linear layer."""
+    if lib == "peft":
+        from peft.tuners.lora.layer import Linear as Base
+
+        class MyLora(Base):
+            def __init__(self, base_layer, adapter_name, config=None, **kw):
+                super().__init__(base_layer, adapter_name, config=config, **kw)
+    else:
+        from slimtune.methods.lora_layers import Linear as Base
+
+        class MyLora(Base):
+            def __init__(self, base_layer, adapter_name, config=None, **kw):
+                super().__init__(base_layer, adapter_name, **kw)
+    return MyLora
+
+
+def _custom(lib):
+    L = LIBS[lib]
+    cfg = L.LoraConfig(r=2, target_modules=["inner"], init_lora_weights=False)
+    cfg._register_custom_module({MyLinear: _custom_lora_cls(lib)})
+    return cfg
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_unknown_layer_type_needs_a_registered_module(lib):
+    L = LIBS[lib]
+    with pytest.raises((ValueError, TypeError)):
+        quiet(L.get_peft_model, CustomNet(), L.LoraConfig(r=2, target_modules=["inner"]))
+    pm = quiet(L.get_peft_model, CustomNet(), _custom(lib))
+    assert isinstance(pm.get_base_model().inner, _custom_lora_cls(lib).__mro__[1])
+
+
+def test_custom_module_files_and_outputs_both_ways(tmp_path):
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    for src, dst in (("peft", "slimtune"), ("slimtune", "peft")):
+        pm = quiet(LIBS[src].get_peft_model, CustomNet(), _custom(src)).eval()
+        want = pm(x)
+        pm.save_pretrained(tmp_path / src)
+        cfg = _custom(dst)
+        cfg.inference_mode = True
+        back = quiet(LIBS[dst].PeftModel.from_pretrained, CustomNet(), tmp_path / src, config=cfg).eval()
+        torch.testing.assert_close(back(x), want)
+        assert not torch.allclose(want, CustomNet()(x))  # the adapter does something

@@ -85,6 +85,16 @@ class LoraConfig(AdapterConfig):
     # model. To load onto an already residual base, save with init_lora_weights=True first (PEFT's
     # advice), or convert to a plain LoRA: save_pretrained(path_initial_model_for_weight_conversion=...).
 
+    def _register_custom_module(self, mapping: dict[type[nn.Module], type[nn.Module]]) -> None:
+        """PEFT's (experimental) dynamic dispatch: LoRA on a layer type slimtune does not know.
+
+        `mapping` is {target layer type: LoRA layer class}; the class (a slimtune `LoraLayer`
+        subclass, e.g. of `methods.lora_layers.Linear`) is built as `cls(base, adapter, config=config,
+        r=, lora_alpha=, lora_dropout=, init_lora_weights=, use_rslora=)`. Not saved in the config file."""
+        custom = dict(getattr(self, "_custom_modules", None) or {})
+        custom.update(mapping)
+        self._custom_modules = custom
+
     def for_module(self, path: str) -> tuple[int, float]:
         """(r, alpha) for one module path, after rank_pattern / alpha_pattern (PEFT's matching)."""
         return (_pattern_value(self.rank_pattern, path, self.r), _pattern_value(self.alpha_pattern, path, self.lora_alpha))
@@ -137,8 +147,11 @@ class LoraModel(Tuner):
                     init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora)
 
     def create_layer(self, base: nn.Module, config: LoraConfig, adapter: str, path: str) -> LoraLayer:
-        cls = lora_layer_for(base)
         kw = self._layer_kwargs(config, path)
+        custom = next((c for t, c in (getattr(config, "_custom_modules", None) or {}).items() if isinstance(base, t)), None)
+        if custom is not None:  # _register_custom_module: the user's layer class, as PEFT's dynamic dispatch
+            return custom(base, adapter, config=config, **kw)
+        cls = lora_layer_for(base)
         if config.use_dora:  # DoRA layers live in methods/dora.py
             from .dora import create_dora_layer
 
@@ -155,7 +168,12 @@ class LoraModel(Tuner):
         layer.update_layer(adapter, **self._layer_kwargs(config, path))
 
     def inject_adapter(self, config: LoraConfig, adapter: str) -> None:
-        super().inject_adapter(config, adapter)
+        custom = tuple(getattr(config, "_custom_modules", None) or ())
+        self.supported_types = SUPPORTED_TYPES + custom  # registered custom layer types can be targeted
+        try:
+            super().inject_adapter(config, adapter)
+        finally:
+            self.supported_types = SUPPORTED_TYPES
         fuse_swiglu_blocks(self.model)  # gate/up/down of a SwiGLU MLP as one node (lora_blocks.py)
 
     def set_adapter(self, name: str | list[str]) -> None:
