@@ -231,3 +231,37 @@ def test_custom_module_files_and_outputs_both_ways(tmp_path):
         back = quiet(LIBS[dst].PeftModel.from_pretrained, CustomNet(), tmp_path / src, config=cfg).eval()
         torch.testing.assert_close(back(x), want)
         assert not torch.allclose(want, CustomNet()(x))  # the adapter does something
+
+
+# ---- low_cpu_mem_usage: adapters on meta, materialised on load -----------------------------
+def _meta_count(model):
+    return sum(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_inject_low_cpu_mem_usage_creates_meta_then_loads(lib, ids):
+    L = LIBS[lib]
+    ref = lora(peft)
+    want, sd = logits(ref, ids), peft.get_peft_model_state_dict(ref)
+    cfg = L.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    model = quiet(L.inject_adapter_in_model, cfg, tiny_llama(), low_cpu_mem_usage=True)
+    assert _meta_count(model) == 2 * 2 * 2  # A and B on q and v of 2 layers
+    res = L.set_peft_model_state_dict(model, sd, low_cpu_mem_usage=True)
+    assert _meta_count(model) == 0 and not res.unexpected_keys
+    torch.testing.assert_close(logits(model.eval(), ids), want)
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_from_pretrained_low_cpu_mem_usage_equals_normal_load(lib, ids, tmp_path):
+    L = LIBS[lib]
+    lora(peft).save_pretrained(tmp_path)
+    want = logits(quiet(L.PeftModel.from_pretrained, tiny_llama(), tmp_path), ids)
+    pm = quiet(L.PeftModel.from_pretrained, tiny_llama(), tmp_path, low_cpu_mem_usage=True)
+    assert _meta_count(pm) == 0
+    torch.testing.assert_close(logits(pm, ids), want)
+    empty = quiet(L.get_peft_model, tiny_llama(), L.LoraConfig(r=4, target_modules=["q_proj"]), low_cpu_mem_usage=True)
+    assert _meta_count(empty) == 4
+    quiet(empty.load_adapter, tmp_path, adapter_name="other", low_cpu_mem_usage=True)
+    assert _meta_count(empty) == 4  # only the loaded adapter leaves meta
+    loaded = quiet(L.get_peft_model_state_dict, empty, adapter_name="other")
+    assert loaded and not any(t.is_meta for t in loaded.values())

@@ -91,6 +91,10 @@ class PeftModel(nn.Module):
         self.base_model = spec.tuner_cls(model, peft_config, adapter_name)
         self._untrainable_loaded: set[str] = set()
         cast_adapter_dtype(self.base_model, adapter_name, autocast_adapter_dtype)
+        if low_cpu_mem_usage:  # PEFT: the adapter's weights on meta until a load fills them
+            from .save_options import adapter_to_meta
+
+            adapter_to_meta(self.base_model.model, adapter_name)
 
     # ---- delegation: a PeftModel behaves like the model it wraps --------------------------
     def __getattr__(self, name: str):
@@ -161,6 +165,10 @@ class PeftModel(nn.Module):
             peft_config.base_model_name_or_path = base_model_name(self.get_base_model())
         self.base_model.inject_adapter(peft_config, adapter_name)
         cast_adapter_dtype(self.base_model, adapter_name, autocast_adapter_dtype)
+        if low_cpu_mem_usage:
+            from .save_options import adapter_to_meta
+
+            adapter_to_meta(self.base_model.model, adapter_name)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate an adapter; it trains unless `inference_mode=True` (PEFT's rule, also for an
@@ -307,7 +315,8 @@ class PeftModel(nn.Module):
             key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
         state = ckpt.read_adapter_weights(path)
         task_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(config.task_type or ""), cls) if cls is PeftModel else cls
-        self = task_cls(model, config.for_loading(), adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        self = task_cls(model, config.for_loading(), adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                        low_cpu_mem_usage=low_cpu_mem_usage)
         self.peft_config[adapter_name] = config  # the caller's / the file's config, not the loading variant
         result = self._load_state(adapter_name, state, path, is_trainable, key_mapping, strict,
                                   kwargs.get("ignore_mismatched_sizes", False))
@@ -331,7 +340,8 @@ class PeftModel(nn.Module):
         if new:
             cfg = AdapterConfig.from_pretrained(path)
             cfg.inference_mode = not is_trainable
-            self.add_adapter(adapter_name, cfg.for_loading(), autocast_adapter_dtype=autocast_adapter_dtype)
+            self.add_adapter(adapter_name, cfg.for_loading(), autocast_adapter_dtype=autocast_adapter_dtype,
+                             low_cpu_mem_usage=low_cpu_mem_usage)
             self.peft_config[adapter_name] = cfg
         elif is_trainable:
             self.peft_config[adapter_name].inference_mode = False
@@ -353,13 +363,15 @@ class PeftModel(nn.Module):
     def _load_state(self, adapter: str, state: dict[str, torch.Tensor], path: str, is_trainable: bool,
                     key_mapping: dict[str, str] | None = None, strict: bool = True,
                     ignore_mismatched_sizes: bool = False):
-        """`ignore_mismatched_sizes`: PEFT's option, file tensors of another shape are left out (warned)."""
+        """`ignore_mismatched_sizes`: PEFT's option, file tensors of another shape are left out (warned).
+        Adapter weights made with `low_cpu_mem_usage=True` (on meta) get memory here, then the file's values."""
+        from .save_options import drop_mismatched, materialise
+
         if key_mapping:
             state = apply_key_mapping(state, key_mapping)
+        materialise(self.base_model.model, adapter)
         key_map = self._key_map(adapter)
         if ignore_mismatched_sizes:
-            from .save_options import drop_mismatched
-
             full = self.state_dict(keep_vars=True)
             live, state = drop_mismatched({**{k: full[k] for k in state if k in full}, **key_map}, state,
                                           type(self).__name__)
@@ -428,7 +440,8 @@ def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: s
     if revision is not None:
         peft_config.revision = revision
     cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(peft_config.task_type or ""), PeftModel)
-    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+               low_cpu_mem_usage=low_cpu_mem_usage)
 
 
 def inject_adapter_in_model(peft_config: AdapterConfig, model: nn.Module, adapter_name: str = "default",
@@ -439,6 +452,10 @@ def inject_adapter_in_model(peft_config: AdapterConfig, model: nn.Module, adapte
         raise ValueError("inject_adapter_in_model does not support prompt learning methods (they wrap the model's "
                          "forward, there are no layers to inject); use get_peft_model")
     tuner = get_method(peft_config.method).tuner_cls(model, peft_config, adapter_name)
+    if low_cpu_mem_usage:  # on meta; set_peft_model_state_dict(..., low_cpu_mem_usage=True) fills them
+        from .save_options import adapter_to_meta
+
+        adapter_to_meta(tuner.model, adapter_name)
     return tuner.model
 
 

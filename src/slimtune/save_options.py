@@ -1,5 +1,5 @@
-"""PEFT's two save/load options that reach past the adapter: `save_embedding_layers` and
-`ignore_mismatched_sizes`.
+"""PEFT's save/load options beyond the adapter tensors themselves: `save_embedding_layers`,
+`ignore_mismatched_sizes` and `low_cpu_mem_usage`.
 
 - `save_pretrained(save_embedding_layers=True)` also writes the model's input and output
   embedding weights (what a resized vocabulary needs to travel with the adapter); `"auto"` (the
@@ -8,6 +8,11 @@
   Keys are PEFT's: `<path>.weight`, or `<path>.base_layer.weight` under an adapter layer.
 - `from_pretrained` / `load_adapter(..., ignore_mismatched_sizes=True)` leave out the file's
   tensors whose shape differs from the model's (they keep their initial values), with PEFT's warning.
+- `low_cpu_mem_usage=True` (get_peft_model, add_adapter, inject_adapter_in_model, from_pretrained,
+  load_adapter) leaves the new adapter's weights on the meta device (no memory, no init); loading a
+  file or state dict materialises them on the base layer's device, as PEFT's `assign=True` load
+  (only the adapter loaded; others stay on meta).
+  An adapter still on meta cannot run: load its weights first.
 """
 from __future__ import annotations
 
@@ -82,3 +87,39 @@ def drop_mismatched(live: dict[str, torch.Tensor], state: dict[str, torch.Tensor
                   f"because you passed `ignore_mismatched_sizes=True`: {lines}.", stacklevel=4)
     drop = {k for k, _, _ in bad}
     return ({k: v for k, v in live.items() if k not in drop}, {k: v for k, v in state.items() if k not in drop})
+
+
+def _holders(layer: AdapterLayer, adapter: str):
+    """(holder, key, item) for each per-adapter entry of `layer` (a sub-module or a parameter)."""
+    for attr in layer.adapter_layer_names:
+        holder = getattr(layer, attr)
+        if adapter in holder:
+            yield holder, adapter, holder[adapter]
+
+
+def adapter_to_meta(model: nn.Module, adapter: str) -> None:
+    """Move adapter `adapter`'s weights (in every adapter layer) to the meta device."""
+    from .inject import adapter_layers
+
+    for _, layer in adapter_layers(model):
+        for holder, key, item in _holders(layer, adapter):
+            if isinstance(item, nn.Parameter):
+                holder[key] = nn.Parameter(torch.empty_like(item, device="meta"), requires_grad=item.requires_grad)
+            else:
+                item.to("meta")
+
+
+def materialise(model: nn.Module, adapter: str) -> None:
+    """Give adapter `adapter`'s weights still on meta real (uninitialised) memory on their base
+    layer's device, so the load that follows copies into them; a no-op when none is on meta.
+    Other adapters stay where they are (as PEFT: only the loaded adapter leaves meta)."""
+    from .inject import adapter_layers
+
+    for _, layer in adapter_layers(model):
+        base_p = next(layer.get_base_layer().parameters(), None)
+        dev = base_p.device if base_p is not None and base_p.device.type != "meta" else torch.device("cpu")
+        for holder, key, item in _holders(layer, adapter):
+            if isinstance(item, nn.Parameter) and item.is_meta:
+                holder[key] = nn.Parameter(torch.empty_like(item, device=dev), requires_grad=item.requires_grad)
+            elif isinstance(item, nn.Module) and any(t.is_meta for t in item.parameters()):
+                item.to_empty(device=dev)
