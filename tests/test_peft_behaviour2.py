@@ -265,3 +265,23 @@ def test_from_pretrained_low_cpu_mem_usage_equals_normal_load(lib, ids, tmp_path
     assert _meta_count(empty) == 4  # only the loaded adapter leaves meta
     loaded = quiet(L.get_peft_model_state_dict, empty, adapter_name="other")
     assert loaded and not any(t.is_meta for t in loaded.values())
+
+
+# ---- DoRA on grouped convolutions ------------------------------------------------------------
+def test_dora_on_grouped_conv_equals_peft_both_ways(tmp_path):
+    from test_peft_configs import GroupedCNN
+
+    x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    made = {}
+    for lib, L in LIBS.items():
+        pm = quiet(L.get_peft_model, GroupedCNN(), L.LoraConfig(r=4, target_modules=["conv"], use_dora=True,
+                                                                init_lora_weights=False)).eval()
+        pm.save_pretrained(tmp_path / lib)
+        made[lib] = pm(x)
+        with pytest.raises(NotImplementedError):  # neither library folds B·A into a grouped weight
+            quiet(pm.merge_adapter)
+    for src, dst in (("peft", slimtune), ("slimtune", peft)):
+        back = quiet(dst.PeftModel.from_pretrained, GroupedCNN(), tmp_path / src).eval()
+        torch.testing.assert_close(back(x), made[src], atol=1e-5, rtol=1e-5)
+    fresh = quiet(slimtune.get_peft_model, GroupedCNN(), slimtune.LoraConfig(r=4, target_modules=["conv"], use_dora=True))
+    torch.testing.assert_close(fresh(x), GroupedCNN()(x), atol=1e-5, rtol=1e-5)  # DoRA starts at the base model
