@@ -6,7 +6,7 @@ import torch
 from conftest import logits, tiny_bert_cls, tiny_gpt2, tiny_llama
 from properties import check_merge_and_round_trip, train_lm_steps
 
-from slimtune import ConfigError, LoraConfig, PeftModel, get_peft_model, make_config
+from slimtune import LoraConfig, PeftModel, get_peft_model, make_config
 from slimtune.inject import adapter_layers
 from slimtune.methods.dora import DoraConfig, DoraLinear
 

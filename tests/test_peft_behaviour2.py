@@ -285,3 +285,21 @@ def test_dora_on_grouped_conv_equals_peft_both_ways(tmp_path):
         torch.testing.assert_close(back(x), made[src], atol=1e-5, rtol=1e-5)
     fresh = quiet(slimtune.get_peft_model, GroupedCNN(), slimtune.LoraConfig(r=4, target_modules=["conv"], use_dora=True))
     torch.testing.assert_close(fresh(x), GroupedCNN()(x), atol=1e-5, rtol=1e-5)  # DoRA starts at the base model
+
+
+# ---- prepare_model_for_gradient_checkpointing ----------------------------------------------
+@pytest.mark.parametrize("lib", LIBS)
+def test_gradient_checkpointing_model_trains_its_adapters(lib, ids):
+    L = LIBS[lib]
+    m = tiny_llama().train()
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    pm = quiet(L.get_peft_model, m, L.LoraConfig(r=4, target_modules=["q_proj"]))
+    assert pm.get_input_embeddings()(ids).requires_grad  # prepared at wrapping time
+    quiet(lambda: pm(input_ids=ids, labels=ids).loss.backward())
+    grads = [p.grad for p in pm.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    plain = tiny_llama()
+    pm2 = quiet(L.get_peft_model, plain, L.LoraConfig(r=4, target_modules=["q_proj"]))
+    assert not pm2.get_input_embeddings()(ids).requires_grad  # not checkpointing: nothing changed
+    pm2.prepare_model_for_gradient_checkpointing(plain)
+    assert pm2.get_input_embeddings()(ids).requires_grad

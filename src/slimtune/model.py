@@ -95,6 +95,8 @@ class PeftModel(nn.Module):
             from .save_options import adapter_to_meta
 
             adapter_to_meta(self.base_model.model, adapter_name)
+        if getattr(model, "is_gradient_checkpointing", True):  # PEFT's test: a custom model counts as True
+            self.prepare_model_for_gradient_checkpointing(model)
 
     # ---- delegation: a PeftModel behaves like the model it wraps --------------------------
     def __getattr__(self, name: str):
@@ -152,6 +154,17 @@ class PeftModel(nn.Module):
                 if name in self._untrainable_loaded:
                     ckpt.warn_zero_trainable(name)
         return super().train(mode)
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """Make the (frozen) input embeddings' output require grad, so checkpointed blocks above them
+        still backpropagate into their adapters; a quantized model is left as is (its preparation does
+        this). PEFT's method, also run at wrapping time when the model checkpoints."""
+        if not any(getattr(model, f, False) for f in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+            elif hasattr(model, "get_input_embeddings"):
+                model.get_input_embeddings().register_forward_hook(_output_requires_grad)
+        return model
 
     # ---- adapters as a set ----------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: AdapterConfig, low_cpu_mem_usage: bool = False,
@@ -384,6 +397,10 @@ class PeftModel(nn.Module):
         else:
             self._untrainable_loaded.discard(adapter)
         return result
+
+
+def _output_requires_grad(module: nn.Module, inputs, output) -> None:
+    output.requires_grad_(True)
 
 
 def _adapter_dir(model_id: str | os.PathLike, subfolder: str | None) -> str:
