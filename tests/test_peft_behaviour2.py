@@ -303,3 +303,60 @@ def test_gradient_checkpointing_model_trains_its_adapters(lib, ids):
     assert not pm2.get_input_embeddings()(ids).requires_grad  # not checkpointing: nothing changed
     pm2.prepare_model_for_gradient_checkpointing(plain)
     assert pm2.get_input_embeddings()(ids).requires_grad
+
+
+# ---- hotswap: fewer modules, larger rank, grouped conv, preparation ------------------------
+def _save(L, make, path, seed, **kw):
+    torch.manual_seed(seed)
+    quiet(L.get_peft_model, make(), L.LoraConfig(init_lora_weights=False, lora_alpha=8, **kw)).save_pretrained(path)
+
+
+def _swap(lib, pm, path, prepare_rank=None):
+    if lib == "peft":
+        from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+    else:
+        from slimtune.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+    if prepare_rank:
+        quiet(prepare_model_for_compiled_hotswap, pm, target_rank=prepare_rank)
+    quiet(hotswap_adapter, pm, str(path), adapter_name="default")
+
+
+@pytest.mark.parametrize("case", ["fewer_modules", "larger_rank"])
+@pytest.mark.parametrize("lib", LIBS)
+def test_hotswap_fewer_modules_and_larger_rank_as_peft(lib, case, ids, tmp_path):
+    L = LIBS[lib]
+    _save(peft, tiny_llama, tmp_path / "a", 1, r=2, target_modules=["q_proj", "v_proj"])
+    b_targets = ["q_proj"] if case == "fewer_modules" else ["q_proj", "v_proj"]
+    _save(peft, tiny_llama, tmp_path / "b", 2, r=2 if case == "fewer_modules" else 6, target_modules=b_targets)
+    want = logits(quiet(L.PeftModel.from_pretrained, tiny_llama(), tmp_path / "b"), ids)
+    pm = quiet(L.PeftModel.from_pretrained, tiny_llama(), tmp_path / "a")
+    _swap(lib, pm, tmp_path / "b")
+    torch.testing.assert_close(logits(pm.eval(), ids), want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_hotswap_on_grouped_conv_keeps_each_groups_rank_block(lib, tmp_path):
+    from test_peft_configs import GroupedCNN
+
+    L = LIBS[lib]
+    x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    _save(peft, GroupedCNN, tmp_path / "a", 1, r=2, target_modules=["conv"])
+    _save(peft, GroupedCNN, tmp_path / "b", 2, r=2, target_modules=["conv"])
+    want = quiet(L.PeftModel.from_pretrained, GroupedCNN(), tmp_path / "b")(x)
+    pm = quiet(L.PeftModel.from_pretrained, GroupedCNN(), tmp_path / "a")
+    _swap(lib, pm, tmp_path / "b", prepare_rank=6)  # padded 2 -> 6: B reads 3 slots per group
+    torch.testing.assert_close(pm(x), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_prepare_compiled_hotswap_refuses_compiled_model_and_updates_config(lib, tmp_path):
+    L = LIBS[lib]
+    prepare = (__import__("peft.utils.hotswap", fromlist=["x"]) if lib == "peft" else
+               __import__("slimtune.hotswap", fromlist=["x"])).prepare_model_for_compiled_hotswap
+    _save(peft, tiny_llama, tmp_path / "a", 1, r=2, target_modules=["q_proj"], rank_pattern={"q_proj": 4})
+    pm = quiet(L.PeftModel.from_pretrained, tiny_llama(), tmp_path / "a")
+    with pytest.raises(ValueError, match="before"):
+        prepare(torch.compile(pm), target_rank=8)
+    quiet(prepare, pm, target_rank=8, config=pm.peft_config)
+    cfg = pm.peft_config["default"]
+    assert cfg.r == 8 and cfg.rank_pattern == {"q_proj": 8}
