@@ -65,9 +65,8 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
         if self.lora_bias:
             raise ConfigError("lora_bias=True (a bias on lora_B) is not supported; use bias='lora_only'")
-        if self.target_parameters:
-            raise ConfigError("target_parameters (LoRA on raw nn.Parameters, MoE experts) is not supported; "
-                              "use target_modules")
+        tp = self.target_parameters
+        self.target_parameters = listify([tp] if isinstance(tp, str) else tp)  # LoRA on parameters: methods/lora_params.py
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern only applies together with layers_to_transform")
         init = self.init_lora_weights
@@ -179,6 +178,12 @@ class LoraModel(Tuner):
     def set_adapter(self, name: str | list[str]) -> None:
         super().set_adapter(name)
         fuse_swiglu_blocks(self.model)  # blocks undecided so far may hold the new adapter
+
+    def inject_other_targets(self, config: LoraConfig, adapter: str) -> None:
+        if config.target_parameters:  # fused MoE experts and other raw parameters (lora_params.py)
+            from .lora_params import inject_parameters
+
+            inject_parameters(self.model, config, adapter, self._layer_kwargs)
 
     def mark_extra_trainable(self, config: LoraConfig) -> None:
         for b in lora_bias_parameters(self.model, config.bias).values():
