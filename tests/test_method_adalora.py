@@ -138,3 +138,12 @@ def tiny_llama_dir(tmp_path_factory):
     from conftest_train import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def test_fsdp_refuses_adalora_ddp_takes_it():
+    from slimtune.train.distributed import Dist, DistributedError
+
+    pm = slimtune.get_peft_model(tiny_llama(), cfg(slimtune))
+    with pytest.raises(DistributedError, match="method 'adalora'.*re-allocates ranks.*distributed=ddp"):
+        Dist("fsdp", world=2).refuse_fsdp(pm)
+    Dist("ddp", world=2).refuse_fsdp(pm)
