@@ -95,7 +95,10 @@ class PeftModel(nn.Module):
             from .save_options import adapter_to_meta
 
             adapter_to_meta(self.base_model.model, adapter_name)
-        if getattr(model, "is_gradient_checkpointing", True):  # PEFT's test: a custom model counts as True
+        from .compat import is_activation_checkpointing
+
+        known = any(n in dir(type(model)) for n in ("is_activation_checkpointing", "is_gradient_checkpointing"))
+        if is_activation_checkpointing(model) or not known:  # PEFT's test: a model that cannot say counts as on
             self.prepare_model_for_gradient_checkpointing(model)
 
     # ---- delegation: a PeftModel behaves like the model it wraps --------------------------
