@@ -134,11 +134,14 @@ class SVDLinear(AdapterLayer):
             raise ValueError("AdaLoRA does not support mixed-adapter batches (as PEFT); run one adapter per batch")
         if self.disable_adapters or self.merged:
             return out
+        shape = out.shape
+        out = out.reshape(-1, shape[-1])
         for name in self.active_adapters:
             a = self.lora_A[name]
-            xa = self.lora_dropout[name](x.to(a.dtype)) @ (a * self.lora_E[name]).t()  # (..., r): never out×in
-            out = out + (xa @ self.lora_B[name].t()).to(out.dtype) * self._scale(name)
-        return out
+            qs = a * (self.lora_E[name] * self._scale(name))  # (r, in): Λ and the scale folded into Q, tiny
+            xa = self.lora_dropout[name](x.to(a.dtype)) @ qs.t()  # (..., r): never an out×in product
+            out = torch.addmm(out, xa.reshape(-1, xa.shape[-1]).to(out.dtype), self.lora_B[name].t().to(out.dtype))
+        return out.view(shape)
 
 
 class RankAllocator:
