@@ -126,3 +126,13 @@ def test_mistakes_are_clear(ids):
     pm = lora("slimtune", "mixtral")
     with pytest.raises(ValueError, match="mixed-adapter"):
         pm(ids, adapter_names=["default", "__base__"])
+
+
+def test_modules_and_parameters_together_equal_peft(ids, tmp_path):
+    L = peft
+    pm = quiet(L.get_peft_model, tiny_moe(), L.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=TARGETS[:1],
+                                                          init_lora_weights=False)).eval()
+    pm.save_pretrained(tmp_path)
+    back = quiet(slimtune.PeftModel.from_pretrained, tiny_moe(), tmp_path)
+    torch.testing.assert_close(back(ids).logits, pm(ids).logits, atol=1e-5, rtol=1e-5)
+    assert back.peft_config["default"].target_parameters == TARGETS[:1]
