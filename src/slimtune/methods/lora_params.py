@@ -148,7 +148,7 @@ def inject_parameters(model: nn.Module, config, adapter: str, layer_kwargs) -> l
     hit_targets: set[str] = set()
     matched: list[str] = []
     for path, module in plain:
-        owner_path = _owner_path(model, path)  # the outermost wrapper standing where `module` was
+        owner_path = _owner_path(path)  # the outermost wrapper standing where `module` was
         for pname, _ in list(module.named_parameters(recurse=False)):
             key = f"{_unwrapped(path)}.{pname}"
             t = next((t for t in targets if key == t or key.endswith("." + t)), None)
@@ -169,7 +169,7 @@ def inject_parameters(model: nn.Module, config, adapter: str, layer_kwargs) -> l
     return matched
 
 
-def _owner_path(model: nn.Module, path: str) -> str:
+def _owner_path(path: str) -> str:
     """`path` of a module, or of the outermost ParamWrapper chain that now holds it."""
     parts = path.split(".")
     while parts and parts[-1] == "base_layer":
