@@ -39,6 +39,7 @@ METHOD_KW = {
     "heads": dict(heads=[0, 1]),
     "singular": dict(target_modules="all-linear"),
     "full": {},
+    "adalora": dict(init_r=12, target_r=8, total_step=1000, target_modules="all-linear"),  # PEFT's ranks
 }
 
 

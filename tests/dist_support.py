@@ -32,6 +32,7 @@ METHODS: dict[str, dict] = {
     "singular": {"name": "singular"},
     "sparse": {"name": "sparse", "density": 0.05},
     "bitfit": {"name": "bitfit"},
+    "adalora": {"name": "adalora", "init_r": 4, "target_r": 2, "total_step": 2},
 }
 
 

@@ -350,6 +350,9 @@ def test_every_method_under_ddp_and_fsdp(tiny_llama, tiny_bert, tmp_path):
         if name in ("prompt", "prefix", "p_tuning"):
             assert not r["ok"] and "outside the transformer" in r["error"] and "distributed=ddp" in r["error"]
             continue
+        if name == "adalora":  # its rank allocation scores whole tensors
+            assert not r["ok"] and "re-allocates ranks" in r["error"] and "distributed=ddp" in r["error"]
+            continue
         assert r["ok"], (key, r)
         tol = 1e-5 if precision == "fp32" else 1e-2
         assert r["after"]["eval_loss"] == pytest.approx(res["ddp"][key]["after"]["eval_loss"], rel=tol), key

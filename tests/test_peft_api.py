@@ -92,8 +92,6 @@ def test_hotswap_adapter_matches_loading_directly(ids, tmp_path):
                                                                  init_lora_weights=False)).save_pretrained(tmp_path / name)
     want = logits(slimtune.PeftModel.from_pretrained(tiny_llama(), tmp_path / "b"), ids)
     pm = slimtune.PeftModel.from_pretrained(tiny_llama(), tmp_path / "a")
-    with pytest.raises(ValueError, match="prepare_model_for_compiled_hotswap"):  # rank 4 into rank 2 needs the padding
-        slimtune.hotswap_adapter(pm, tmp_path / "b", adapter_name="default")
     from slimtune.hotswap import prepare_model_for_compiled_hotswap
 
     before = logits(pm, ids)

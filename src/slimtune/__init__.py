@@ -28,6 +28,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "PrefixTuningConfig": ("methods.prefix", "PrefixTuningConfig"),
     "PromptTuningConfig": ("methods.prompt", "PromptTuningConfig"),
     "PromptEncoderConfig": ("methods.prompt", "PromptEncoderConfig"),
+    "AdaLoraConfig": ("methods.adalora", "AdaLoraConfig"), "AdaLoraModel": ("methods.adalora", "AdaLoraModel"),
     "DoraConfig": ("methods.dora", "DoraConfig"), "BottleneckConfig": ("methods.bottleneck", "BottleneckConfig"),
     "BitFitConfig": ("methods.bitfit", "BitFitConfig"), "LayerwiseConfig": ("methods.layerwise", "LayerwiseConfig"),
     "SparseConfig": ("methods.sparse", "SparseConfig"), "HeadsConfig": ("methods.heads", "HeadsConfig"),

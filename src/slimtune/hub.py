@@ -60,7 +60,7 @@ def write_model_card(pm, directory: str) -> None:
     method = getattr(getattr(cfg, "peft_type", None), "value", None)
     if method == "LORA":
         tags.add("lora")
-    if base_name and not os.path.isabs(str(base_name)):
+    if base_name and not os.path.isabs(str(base_name)) and hasattr(base, "config"):  # PEFT: no config, no base_model
         data.base_model = base_name
         tags.add(f"base_model:adapter:{base_name}")
     data.tags = sorted(tags)

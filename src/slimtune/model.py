@@ -101,6 +101,15 @@ class PeftModel(nn.Module):
             from .integrations.transformers import patch_trainer
 
             patch_trainer()
+        if low_cpu_mem_usage:  # PEFT: the adapter's weights on meta until a load fills them
+            from .save_options import adapter_to_meta
+
+            adapter_to_meta(self.base_model.model, adapter_name)
+        from .compat import is_activation_checkpointing
+
+        known = any(n in dir(type(model)) for n in ("is_activation_checkpointing", "is_gradient_checkpointing"))
+        if is_activation_checkpointing(model) or not known:  # PEFT's test: a model that cannot say counts as on
+            self.prepare_model_for_gradient_checkpointing(model)
 
     # ---- delegation: a PeftModel behaves like the model it wraps --------------------------
     def __getattr__(self, name: str):
@@ -164,6 +173,17 @@ class PeftModel(nn.Module):
                     ckpt.warn_zero_trainable(name)
         return super().train(mode)
 
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """Make the (frozen) input embeddings' output require grad, so checkpointed blocks above them
+        still backpropagate into their adapters; a quantized model is left as is (its preparation does
+        this). PEFT's method, also run at wrapping time when the model checkpoints."""
+        if not any(getattr(model, f, False) for f in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+            elif hasattr(model, "get_input_embeddings"):
+                model.get_input_embeddings().register_forward_hook(_output_requires_grad)
+        return model
+
     # ---- adapters as a set ----------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: AdapterConfig, low_cpu_mem_usage: bool = False,
                     autocast_adapter_dtype: bool | None = AUTOCAST_DEFAULT) -> None:
@@ -176,6 +196,10 @@ class PeftModel(nn.Module):
             peft_config.base_model_name_or_path = base_model_name(self.get_base_model())
         self.base_model.inject_adapter(peft_config, adapter_name)
         cast_adapter_dtype(self.base_model, adapter_name, autocast_adapter_dtype)
+        if low_cpu_mem_usage:
+            from .save_options import adapter_to_meta
+
+            adapter_to_meta(self.base_model.model, adapter_name)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate an adapter; it trains unless `inference_mode=True` (PEFT's rule, also for an
@@ -279,6 +303,9 @@ class PeftModel(nn.Module):
             if cfg.base_model_name_or_path is None:
                 cfg.base_model_name_or_path = base_model_name(self.get_base_model())
             state = self.get_adapter_state_dict(name)
+            from .save_options import embedding_layers_state
+
+            state.update(embedding_layers_state(self, name, save_embedding_layers))
             if path_initial_model_for_weight_conversion is not None:
                 from .methods.lora_convert import convert_to_plain_lora
 
@@ -319,9 +346,11 @@ class PeftModel(nn.Module):
             key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
         state = ckpt.read_adapter_weights(path)
         task_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(config.task_type or ""), cls) if cls is PeftModel else cls
-        self = task_cls(model, config.for_loading(), adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        self = task_cls(model, config.for_loading(), adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                        low_cpu_mem_usage=low_cpu_mem_usage)
         self.peft_config[adapter_name] = config  # the caller's / the file's config, not the loading variant
-        result = self._load_state(adapter_name, state, path, is_trainable, key_mapping, strict)
+        result = self._load_state(adapter_name, state, path, is_trainable, key_mapping, strict,
+                                  kwargs.get("ignore_mismatched_sizes", False))
         if result.missing_keys:
             warnings.warn(f"Found missing adapter keys while loading the checkpoint: {result.missing_keys}.")
         return self
@@ -342,14 +371,16 @@ class PeftModel(nn.Module):
         if new:
             cfg = AdapterConfig.from_pretrained(path)
             cfg.inference_mode = not is_trainable
-            self.add_adapter(adapter_name, cfg.for_loading(), autocast_adapter_dtype=autocast_adapter_dtype)
+            self.add_adapter(adapter_name, cfg.for_loading(), autocast_adapter_dtype=autocast_adapter_dtype,
+                             low_cpu_mem_usage=low_cpu_mem_usage)
             self.peft_config[adapter_name] = cfg
         elif is_trainable:
             self.peft_config[adapter_name].inference_mode = False
         if key_mapping is None and not self.peft_config[adapter_name].is_prompt_learning:
             key_mapping = getattr(self.get_base_model(), "_checkpoint_conversion_mapping", None) or None
         try:
-            result = self._load_state(adapter_name, state, path, is_trainable, key_mapping, strict)
+            result = self._load_state(adapter_name, state, path, is_trainable, key_mapping, strict,
+                                      kwargs.get("ignore_mismatched_sizes", False))
         except Exception:
             if new:
                 self.delete_adapter(adapter_name)  # leave the model as it was
@@ -361,10 +392,22 @@ class PeftModel(nn.Module):
         return result
 
     def _load_state(self, adapter: str, state: dict[str, torch.Tensor], path: str, is_trainable: bool,
-                    key_mapping: dict[str, str] | None = None, strict: bool = True):
+                    key_mapping: dict[str, str] | None = None, strict: bool = True,
+                    ignore_mismatched_sizes: bool = False):
+        """`ignore_mismatched_sizes`: PEFT's option, file tensors of another shape are left out (warned).
+        Adapter weights made with `low_cpu_mem_usage=True` (on meta) get memory here, then the file's values."""
+        from .save_options import drop_mismatched, materialise
+
         if key_mapping:
             state = apply_key_mapping(state, key_mapping)
-        result = ckpt.load_into(self._key_map(adapter), state, path, strict=strict, model=self)
+        materialise(self.base_model.model, adapter)
+        key_map = self._key_map(adapter)
+        if ignore_mismatched_sizes:
+            full = self.state_dict(keep_vars=True)
+            live, state = drop_mismatched({**{k: full[k] for k in state if k in full}, **key_map}, state,
+                                          type(self).__name__)
+            key_map = {k: v for k, v in key_map.items() if k in live}
+        result = ckpt.load_into(key_map, state, path, strict=strict, model=self)
         if not is_trainable:
             if self.peft_config[adapter].inference_mode:
                 self._untrainable_loaded.add(adapter)
@@ -372,6 +415,10 @@ class PeftModel(nn.Module):
         else:
             self._untrainable_loaded.discard(adapter)
         return result
+
+
+def _output_requires_grad(module: nn.Module, inputs, output) -> None:
+    output.requires_grad_(True)
 
 
 def _adapter_dir(model_id: str | os.PathLike, subfolder: str | None) -> str:
@@ -428,7 +475,8 @@ def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: s
     if revision is not None:
         peft_config.revision = revision
     cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(peft_config.task_type or ""), PeftModel)
-    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+               low_cpu_mem_usage=low_cpu_mem_usage)
 
 
 def inject_adapter_in_model(peft_config: AdapterConfig, model: nn.Module, adapter_name: str = "default",
@@ -439,6 +487,10 @@ def inject_adapter_in_model(peft_config: AdapterConfig, model: nn.Module, adapte
         raise ValueError("inject_adapter_in_model does not support prompt learning methods (they wrap the model's "
                          "forward, there are no layers to inject); use get_peft_model")
     tuner = get_method(peft_config.method).tuner_cls(model, peft_config, adapter_name)
+    if low_cpu_mem_usage:  # on meta; set_peft_model_state_dict(..., low_cpu_mem_usage=True) fills them
+        from .save_options import adapter_to_meta
+
+        adapter_to_meta(tuner.model, adapter_name)
     return tuner.model
 
 

@@ -15,6 +15,7 @@ class PeftType(str, enum.Enum):
     P_TUNING = "P_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
     LORA = "LORA"
+    ADALORA = "ADALORA"
     IA3 = "IA3"
     # slimtune's own methods (PEFT has no such type; their files name these)
     DORA = "DORA"  # a registry key only: DoRA files say LORA with use_dora=true, as PEFT's

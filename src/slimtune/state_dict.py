@@ -33,13 +33,23 @@ def get_peft_model_state_dict(model, state_dict: dict | None = None, adapter_nam
 def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str = "default",
                               ignore_mismatched_sizes: bool = False, low_cpu_mem_usage: bool = False) -> _IncompatibleKeys:
     """Load file-layout tensors into the existing adapter `adapter_name`; returns (missing_keys,
-    unexpected_keys), as PEFT's (which loads what fits and reports the rest)."""
-    model.base_model._check(adapter_name)
+    unexpected_keys), as PEFT's (which loads what fits and reports the rest). `model` is a PeftModel, or
+    a model with adapters injected in place (inject_adapter_in_model; keys then without
+    "base_model.model."). Weights made with low_cpu_mem_usage=True (on meta) get memory first."""
+    from .save_options import materialise
+
     state = peft_model_state_dict
-    if ignore_mismatched_sizes:
+    if isinstance(getattr(model, "base_model", None), nn.Module) and hasattr(model.base_model, "_check"):
+        model.base_model._check(adapter_name)
+        materialise(model.base_model.model, adapter_name)
         live = model._key_map(adapter_name)
+    else:
+        materialise(model, adapter_name)
+        live = ckpt.adapter_key_map(model, adapter_name)
+        state = {k.removeprefix(ckpt.PREFIX): v for k, v in state.items()}
+    if ignore_mismatched_sizes:
         state = {k: v for k, v in state.items() if k not in live or tuple(live[k].shape) == tuple(v.shape)}
-    return ckpt.load_into(model._key_map(adapter_name), state, "state dict", strict=False, model=model)
+    return ckpt.load_into(live, state, "state dict", strict=False, model=model)
 
 
 def load_peft_weights(model_id: str | os.PathLike, device: str | None = None, **_) -> dict[str, torch.Tensor]:

@@ -55,6 +55,9 @@ class Tuner(nn.Module):
     def update_layer(self, layer: AdapterLayer, config: AdapterConfig, adapter: str, path: str) -> None:
         raise NotImplementedError
 
+    def inject_other_targets(self, config: AdapterConfig, adapter: str) -> None:
+        """Adapt what is not a module, after the modules (LoRA's `target_parameters`)."""
+
     def mark_extra_trainable(self, config: AdapterConfig) -> None:
         """Unfreeze what a method trains besides its adapter weights (e.g. LoRA's bias modes)."""
 
@@ -72,7 +75,8 @@ class Tuner(nn.Module):
     def inject_adapter(self, config: AdapterConfig, adapter: str) -> None:
         self.check_new_adapter(config, adapter)
         targets = getattr(config, "target_modules", None)
-        if targets is None:
+        params_only = not targets and bool(getattr(config, "target_parameters", None))  # LoRA on parameters alone
+        if targets is None and not params_only:
             targets = self.default_targets(config)
             if targets is None:
                 mt = getattr(getattr(self.model, "config", None), "model_type", type(self.model).__name__)
@@ -82,7 +86,7 @@ class Tuner(nn.Module):
         # Heads trained in full are wrapped first, so no target (e.g. "all-linear") lands inside them.
         try:
             self._setup_modules_to_save(config, adapter)
-            sel = targeting.select(
+            sel = targeting.Selection([]) if params_only else targeting.select(
                 self.model, targets, supported_types=self.supported_types,
                 exclude_modules=getattr(config, "exclude_modules", None),
                 layers_to_transform=getattr(config, "layers_to_transform", None),
@@ -105,6 +109,7 @@ class Tuner(nn.Module):
                                   "the adapter changes this module only; merging it unties the two so the other "
                                   "keeps computing what it did", stacklevel=4)
                 replace_module(self.model, path, self.create_layer(module, config, adapter, path))
+        self.inject_other_targets(config, adapter)
         # Record what was chosen in a form PEFT reads (types and defaults become names).
         if hasattr(config, "target_modules"):
             if config.target_modules is None or (not isinstance(targets, str) and any(isinstance(t, type) for t in targets)):
@@ -179,6 +184,9 @@ class Tuner(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         self._check(name)
+        if any(name in layer.merged_adapters for _, layer in adapter_layers(self.model)):  # PEFT: ValueError, nothing deleted
+            raise ValueError(f"Cannot delete adapter '{name}' while it is merged into the base weights; "
+                             "call unmerge_adapter() first")
         for _, layer in adapter_layers(self.model):
             layer.delete_adapter(name)
         for _, w in save_wrappers(self.model):
@@ -212,7 +220,17 @@ class Tuner(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Inside: the base model's output (merged adapters are unmerged and restored after)."""
+        """Inside: the base model's output (merged adapters are unmerged and restored after).
+
+        On exit the adapters are enabled again only if they were enabled before, as PEFT: a model
+        switched off with disable_adapter_layers() stays off. A half-switched model (some adapter
+        modules off) warns, and comes out all enabled, PEFT's rule."""
+        flags = {m.disable_adapters for _, m in list(adapter_layers(self.model)) + list(save_wrappers(self.model))}
+        was_off = flags == {True}
+        if len(flags) > 1:
+            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. "
+                          "This is most likely unintentional. After exiting the disable_adapter context, all adapters "
+                          "will be enabled", stacklevel=3)
         merged = {path: list(layer.merged_adapters) for path, layer in adapter_layers(self.model) if layer.merged}
         for path in merged:
             self.model.get_submodule(path).unmerge()
@@ -220,7 +238,7 @@ class Tuner(nn.Module):
         try:
             yield
         finally:
-            self._set_disabled(False)
+            self._set_disabled(was_off)
             for path, names in merged.items():
                 self.model.get_submodule(path).merge(names)
 

@@ -224,12 +224,22 @@ class DoraConv(_DoraExtra, Conv):
     adapter_layer_names = Conv.adapter_layer_names + ("lora_magnitude_vector",)
 
     def update_layer(self, adapter: str, *args, use_dora: bool = True, **kw) -> None:
-        if self.get_base_layer().groups != 1:
-            raise ConfigError("use_dora=True on a grouped convolution is not supported (its LoRA cannot be "
-                              "merged into the weight DoRA normalises); use plain LoRA for this module")
         self._init_dora()
         super().update_layer(adapter, *args, **kw)
         self._add_magnitude(adapter, use_dora)
+
+    def _dora_norm_of(self, name: str) -> torch.Tensor:
+        """‖W + s·B·A‖ per output channel. On a grouped conv B·A (a full conv) has no place in the grouped
+        weight; PEFT takes B (out, r/g) and A (r, in·k) as matrices, reshapes their product to W's
+        shape and normalises that, and so does slimtune, so files and outputs agree (merging stays
+        refused, as in PEFT). For groups=1 this is exactly ΔW."""
+        base = self.get_base_layer()
+        if base.groups == 1:
+            return super()._dora_norm_of(name)
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        r = a.shape[0]
+        lw = (b.detach().reshape(-1, r) @ a.detach().reshape(r, -1)).reshape(base.weight.shape) * self.scaling[name]
+        return self._norm(base.weight + lw.to(base.weight.dtype)).detach()
 
     @staticmethod
     def _norm(w: torch.Tensor) -> torch.Tensor:  # w (out, in, *k) -> (1, out, 1, ...)

@@ -7,6 +7,7 @@ adapters in `lora_weighted.py`.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -64,16 +65,34 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
         if self.lora_bias:
             raise ConfigError("lora_bias=True (a bias on lora_B) is not supported; use bias='lora_only'")
-        if self.target_parameters:
-            raise ConfigError("target_parameters (LoRA on raw nn.Parameters, MoE experts) is not supported; "
-                              "use target_modules")
+        tp = self.target_parameters
+        self.target_parameters = listify([tp] if isinstance(tp, str) else tp)  # LoRA on parameters: methods/lora_params.py
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern only applies together with layers_to_transform")
+        init = self.init_lora_weights
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and isinstance(init, str) and \
+                (init.startswith("pissa") or init in ("olora", "corda", "lora_ga")):
+            # PEFT's warning, word for word: save_pretrained's conversion to plain LoRA will refuse this config
+            warnings.warn("Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of "
+                          "modified base weights PiSSA/CorDA/OLoRA/LoRA-GA means that you won't be able to pass "
+                          "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial "
+                          "values of the base weights; if you intend to do this, please ensure not to use rslora or "
+                          "rank_pattern/alpha_pattern.", stacklevel=3)
 
     # No for_loading override: a PiSSA/OLoRA config re-runs its decomposition on load (as PEFT), so
     # the file's A, B apply to the residual W − s·B₀A₀ of the original base, reproducing the trained
     # model. To load onto an already residual base, save with init_lora_weights=True first (PEFT's
     # advice), or convert to a plain LoRA: save_pretrained(path_initial_model_for_weight_conversion=...).
+
+    def _register_custom_module(self, mapping: dict[type[nn.Module], type[nn.Module]]) -> None:
+        """PEFT's (experimental) dynamic dispatch: LoRA on a layer type slimtune does not know.
+
+        `mapping` is {target layer type: LoRA layer class}; the class (a slimtune `LoraLayer`
+        subclass, e.g. of `methods.lora_layers.Linear`) is built as `cls(base, adapter, config=config,
+        r=, lora_alpha=, lora_dropout=, init_lora_weights=, use_rslora=)`. Not saved in the config file."""
+        custom = dict(getattr(self, "_custom_modules", None) or {})
+        custom.update(mapping)
+        self._custom_modules = custom
 
     def for_module(self, path: str) -> tuple[int, float]:
         """(r, alpha) for one module path, after rank_pattern / alpha_pattern (PEFT's matching)."""
@@ -127,8 +146,11 @@ class LoraModel(Tuner):
                     init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora)
 
     def create_layer(self, base: nn.Module, config: LoraConfig, adapter: str, path: str) -> LoraLayer:
-        cls = lora_layer_for(base)
         kw = self._layer_kwargs(config, path)
+        custom = next((c for t, c in (getattr(config, "_custom_modules", None) or {}).items() if isinstance(base, t)), None)
+        if custom is not None:  # _register_custom_module: the user's layer class, as PEFT's dynamic dispatch
+            return custom(base, adapter, config=config, **kw)
+        cls = lora_layer_for(base)
         if config.use_dora:  # DoRA layers live in methods/dora.py
             from .dora import create_dora_layer
 
@@ -145,12 +167,23 @@ class LoraModel(Tuner):
         layer.update_layer(adapter, **self._layer_kwargs(config, path))
 
     def inject_adapter(self, config: LoraConfig, adapter: str) -> None:
-        super().inject_adapter(config, adapter)
+        custom = tuple(getattr(config, "_custom_modules", None) or ())
+        self.supported_types = SUPPORTED_TYPES + custom  # registered custom layer types can be targeted
+        try:
+            super().inject_adapter(config, adapter)
+        finally:
+            self.supported_types = SUPPORTED_TYPES
         fuse_swiglu_blocks(self.model)  # gate/up/down of a SwiGLU MLP as one node (lora_blocks.py)
 
     def set_adapter(self, name: str | list[str]) -> None:
         super().set_adapter(name)
         fuse_swiglu_blocks(self.model)  # blocks undecided so far may hold the new adapter
+
+    def inject_other_targets(self, config: LoraConfig, adapter: str) -> None:
+        if config.target_parameters:  # fused MoE experts and other raw parameters (lora_params.py)
+            from .lora_params import inject_parameters
+
+            inject_parameters(self.model, config, adapter, self._layer_kwargs)
 
     def mark_extra_trainable(self, config: LoraConfig) -> None:
         for b in lora_bias_parameters(self.model, config.bias).values():

@@ -132,6 +132,9 @@ class Dist:
         if outside:
             why = (f"its trained tensors live outside the transformer ('{outside[0]}'), so FSDP's per-block groups "
                    "cannot hold them")
+        elif getattr(getattr(peft_model, "base_model", None), "on_optimizer_step", None) is not None:
+            why = ("it re-allocates ranks between steps from scores over whole tensors (AdaLoRA), which FSDP's "
+                   "shards do not hold")
         elif any(type(p).__module__.startswith("bitsandbytes") for p in base.parameters()):
             why = "a quantized base (model.quantize) has packed weights FSDP cannot split"
         if why:

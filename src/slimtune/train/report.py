@@ -151,6 +151,8 @@ def write_report(cfg: JobConfig, res: dict[str, Any], path: Path) -> None:
     ]
     if res.get("best") is not None:
         lines.append(f"- best {m}: {res['best']:.4f} at step {res['best_step']} (in best/)")
+    if res.get("method_report"):  # e.g. AdaLoRA's final ranks
+        lines += ["", f"## {res['method_report']['title']}", ""] + [f"- {x}" for x in res["method_report"]["lines"]]
     if res.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in res["warnings"]]
     lines += ["", "## Held-out metrics: before -> after", "", "| metric | before | after |", "|---|---|---|"]

@@ -82,6 +82,11 @@ class Trainer(Evaluation, Checkpointing):
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0  # an image processor has none
 
         self.model = peft_model
+        # a method that acts between steps (AdaLoRA's rank allocation) or adds to the loss (its regulariser)
+        tuner = getattr(peft_model, "base_model", None)
+        self._on_step = getattr(tuner, "on_optimizer_step", None)
+        self._extra_loss = getattr(tuner, "extra_loss", None)
+        self._method_report = getattr(tuner, "method_report", None)
         if self.t.gradient_checkpointing:
             enable_gradient_checkpointing(peft_model.get_base_model(), log)
         self.dist.refuse_fsdp(peft_model)
@@ -182,7 +187,8 @@ class Trainer(Evaluation, Checkpointing):
 
     def _loss(self, batch: dict[str, Any], ids: list[int]) -> torch.Tensor:
         if self.lm is not None and not self.lm.disabled:
-            return self.lm.loss(batch, "train", ids, [self.data.train[i] for i in ids], self.pad_id)
+            loss = self.lm.loss(batch, "train", ids, [self.data.train[i] for i in ids], self.pad_id)
+            return loss + self._extra_loss() if self._extra_loss is not None else loss  # (the model's forward adds it)
         return self.model(**batch)["loss"]
 
     @staticmethod
@@ -311,6 +317,8 @@ class Trainer(Evaluation, Checkpointing):
                     if not math.isfinite(gnorm) and self.precision != "fp16":
                         raise TrainingDiverged(self._nan_message(torch.tensor(gnorm), what="gradient norm"))
                 self.opt.step()
+                if self._on_step is not None:  # after the update, while the gradients are still there
+                    self._on_step(self.step)
                 self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
                 self.step += 1
@@ -391,7 +399,8 @@ class Trainer(Evaluation, Checkpointing):
                 "elapsed_before_s": self.elapsed, "last_checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
                 "samples_before": self.samples_before, "samples_after": self.samples_after,
                 "resume_steps": [x["start_step"] for x in sess if x["start_step"]], "lr_curve": self.lr_curve(),
-                "stop_reason": self.stop_reason}
+                "stop_reason": self.stop_reason,
+                "method_report": self._method_report() if self._method_report is not None else None}
 
     def lr_curve(self, points: int = 400) -> list[tuple[int, float]]:
         """The schedule's learning rate after each step (at most `points` of them): for the plot."""
