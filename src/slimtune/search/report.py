@@ -178,7 +178,7 @@ def write_search(s: dict[str, Any], out: Path) -> None:
     states = {k: sum(1 for r in rows if r["state"] == k) for k in ("complete", "pruned", "fail", "skipped")}
     bc = s["best_config"]
     if bc is not None:
-        header = (f"# slimtune search: {bc.model_name()}, {pf.data.source}\n# best trial {best.number} of {out}/study.db: "
+        header = (f"# slimtune search: {bc.model_name()}, {pf.data.source}\n# best trial {best.number} of {s.get('storage_shown') or str(out) + '/study.db'}: "
                   f"validation {m} {best.values[0]:.4f}; test {m} {_f((s['tests'].get(str(best.number)) or {}).get(m))} "
                   f"(measured once)\n#   slimtune train {out / 'best.yaml'}\n")
         (out / "best.yaml").write_text(header + yaml.safe_dump(saved_form(bc), sort_keys=False))
@@ -193,7 +193,7 @@ def write_search(s: dict[str, Any], out: Path) -> None:
              f"Space: {'; '.join(s['space'].describe())}" + (f"; trials above {sec.max_trainable_pct:g}% trainable are "
                                                              "skipped before training" if sec.max_trainable_pct else ""),
              f"Data: {_split_note(pf)}; {pf.total_steps} steps a trial, seed {base.train.seed}, "
-             f"{s['threads']} CPU thread(s). TPE sampler (multivariate), storage {out}/study.db.",
+             f"{s['threads']} CPU thread(s). TPE sampler (multivariate), storage {s.get('storage_shown') or str(out) + '/study.db'}.",
              f"Trials: {len(rows)} ({states['complete']} complete, {states['pruned']} pruned, {states['fail']} failed"
              + (f", {states['skipped']} skipped above the trainable limit, not counted" if states["skipped"] else "")
              + f") of --trials {s['trials_target']}" + (f", --timeout {s['timeout_min']:g} min" if s["timeout_min"] else "")
