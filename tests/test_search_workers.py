@@ -42,6 +42,15 @@ def _pg_bin() -> Path | None:
     return Path(dirs[-1]) if dirs else None
 
 
+class PG(str):
+    """The server's URL, with `ctl("stop" | "start")`."""
+
+    def __new__(cls, url: str, ctl):
+        self = super().__new__(cls, url)
+        self.ctl = ctl
+        return self
+
+
 @pytest.fixture(scope="module")
 def postgres_url():
     """A throwaway PostgreSQL server: initdb in a temp dir, trust auth on 127.0.0.1 only, a free port.
@@ -60,8 +69,13 @@ def postgres_url():
                     "-E", "UTF8"], **run)
     subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(d / "data"), "-l", str(d / "server.log"), "-w",
                     "-t", "60", "-o", f"-p {port} -h 127.0.0.1 -k {d} -c fsync=off", "start"], **run)
+    def ctl(action: str) -> None:  # stop / start the server (a test of a worker losing it)
+        opts = ["-m", "immediate"] if action == "stop" else ["-l", str(d / "server.log"), "-o",
+                                                               f"-p {port} -h 127.0.0.1 -k {d} -c fsync=off"]
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(d / "data"), "-w", "-t", "60", *opts, action], **run)
+
     try:
-        yield f"postgresql://slimtune@127.0.0.1:{port}/postgres"
+        yield PG(f"postgresql://slimtune@127.0.0.1:{port}/postgres", ctl)
     finally:
         subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(d / "data"), "-m", "immediate", "-w", "stop"],
                        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=60)
@@ -201,3 +215,41 @@ def test_a_study_of_another_config_in_a_shared_store_is_refused(tiny_bert, tmp_p
                     "--storage", url], capsys)
     assert rc == 2 and "holds a search of another config" in err and "data.max_length: 24 -> 20" in err, err
     assert "--study NAME" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_worker_losing_the_database_stops_cleanly_and_its_trial_runs_again(tiny_bert, tmp_path, postgres_url):
+    """The server stops (immediate shutdown) while a trial trains: the worker's heartbeat fails, the
+    trial stops at its next evaluation and the search ends with one message, telling nothing. With
+    the server back, the same command finds the trial stale, fails it and runs its parameters again."""
+    import threading
+
+    from slimtune.search.space import SearchError
+
+    cfg_path = _config(tmp_path, tiny_bert, steps=60)
+    out = tmp_path / "lost"
+    opts = SearchOptions(out=out, trials=1, storage=postgres_url, heartbeat_s=1, study="lost-db")
+    marker = out / "trials" / "trial-0000" / "metrics.jsonl"
+
+    def stop_when_training() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not marker.is_file():
+            time.sleep(0.1)
+        postgres_url.ctl("stop")
+
+    th = threading.Thread(target=stop_when_training)
+    th.start()
+    try:
+        with pytest.raises(SearchError, match=r"trial 0 stopped: this worker lost the study storage .* runs again"):
+            run_search(load_config(str(cfg_path)), opts, log=lambda m: None)
+    finally:
+        th.join()
+        postgres_url.ctl("start")
+    assert not (out / "trials" / "trial-0000").exists()
+    storage = postgres_url.replace("postgresql://", "postgresql+psycopg://")
+    assert _states(storage, "lost-db") == ["RUNNING"]  # nothing was told: the store fails it as stale
+    killed = optuna.load_study(study_name="lost-db", storage=storage).trials[0].params
+    run_search(load_config(str(cfg_path)), opts, log=lambda m: None)
+    st = optuna.load_study(study_name="lost-db", storage=storage)
+    assert [t.state.name for t in st.trials] == ["FAIL", "COMPLETE"]
+    assert st.trials[1].user_attrs["retry_of"] == 0 and st.trials[1].params == killed

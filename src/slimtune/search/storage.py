@@ -203,7 +203,7 @@ class Heartbeat:
             try:
                 self.storage.record_heartbeat(self.trial_id)
             except Exception as e:  # noqa: BLE001 - the store is unreachable: say so once and stop beating
-                self.lost = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                self.lost = first_line(e)
                 return
             if self._stop.wait(self.interval):
                 return
@@ -212,6 +212,19 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+
+def errors(optuna, journal: bool = False) -> tuple[type[BaseException], ...]:
+    """What a store that went away raises: Optuna's wrapper, SQLAlchemy's (its driver's inside), and
+    for a journal file on a shared folder that vanished, the OS's."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return (optuna.exceptions.StorageInternalError, SQLAlchemyError) + ((OSError,) if journal else ())
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def fail_stale(optuna, study) -> None:

@@ -187,6 +187,13 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
     try:
         stop_why = _loop(optuna, study, storage, space, pf, base, out, opts, section, log, beat, budget_s, elapsed0,
                          t_session, estimate)
+    except ST.errors(optuna, spec.kind == "journal") as e:
+        if procs:
+            pool.stop(procs)
+        if not spec.shared:
+            raise
+        raise SearchError(f"this worker lost the study storage {spec.shown} ({ST.first_line(e)}); a trial it was running "
+                          "runs again once the store is back: run the same command again then") from None
     except BaseException:
         if procs:
             pool.stop(procs)
@@ -442,8 +449,13 @@ def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: P
         v = metrics.get(pf.metric)
         if v is None or pareto:
             return None
-        trial.report(float(v), step)
-        if trial.should_prune():
+        try:
+            trial.report(float(v), step)
+            stop = trial.should_prune()
+        except ST.errors(optuna) as e:  # the store went away: stop here; the heartbeat stops too
+            hb.lost = hb.lost or ST.first_line(e)
+            return f"lost the study storage ({hb.lost})"
+        if stop:
             pruned.append(f"{pf.metric} {v:.4f} at step {step}")
             return f"pruned by the search ({section.pruner}): {pf.metric} {v:.4f}"
         return None
