@@ -40,7 +40,7 @@ def spawn(cfg: JobConfig, opts, n: int, out: Path) -> list[subprocess.Popen]:
     """Start n worker processes on opts' storage; each logs to OUT/workers/worker-K.log."""
     folder = out / "workers"
     folder.mkdir(parents=True, exist_ok=True)
-    d = dataclasses.asdict(opts)
+    d = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
     d.update(out=str(out), role="worker", workers=1, overwrite=False)
     spec = {"config": saved_form(cfg), "options": d}
     path = folder / "spec.json"
