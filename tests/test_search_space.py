@@ -141,3 +141,24 @@ def test_draws_become_method_blocks_the_job_accepts():
                 assert all(".1." not in n for n in names)
         study.tell(t, 0.0)
     assert seen == {"lora", "dora", "ia3"}
+
+
+def test_the_first_trial_is_the_jobs_own_config_snapped_into_the_space():
+    """warmstart.first_trial: the config's rank / scale / dropout / lr, each snapped to the nearest
+    value the space offers; a method outside the space gives no warm start."""
+    from slimtune.search.space import build_space, parse_section
+    from slimtune.search.warmstart import first_trial
+    from slimtune.train.config import JobConfig
+
+    sp = build_space(parse_section({"methods": ["lora", "ia3"], "r": [4, 16], "alpha_over_r": [1, 4],
+                                    "lr": {"low": 1e-4, "high": 1e-2, "log": True}}), "classification")
+    cfg = JobConfig.model_validate({"model": "m", "data": {"train": "t.jsonl"}, "method": {"name": "lora", "r": 12, "lora_alpha": 24},
+                                    "train": {"lr": 5e-2}})
+    first = first_trial(sp, cfg, "classification")
+    assert first == {"method": "lora", "r": 16, "alpha_over_r": 1.0, "targets": "attention", "layers": "all",
+                     "dropout": 0.0, "lr": 1e-2}
+    # the job's auto choice (r 8 on a small classifier, alpha 2r) when the config names only the method
+    first = first_trial(sp, JobConfig.model_validate({"model": "m", "data": {"train": "t.jsonl"}, "method": "lora", "train": {"lr": 1e-3}}),
+                        "classification")
+    assert first["r"] == 4 and first["alpha_over_r"] == 1.0 and first["lr"] == 1e-3
+    assert first_trial(sp, JobConfig.model_validate({"model": "m", "data": {"train": "t.jsonl"}, "method": "prompt"}), "classification") is None

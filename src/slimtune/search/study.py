@@ -38,6 +38,7 @@ from ..train.config import JobConfig, saved_form
 from . import prepare as P
 from . import storage as ST
 from .space import SearchError, Space, build_space, method_block, parse_section
+from .warmstart import first_trial
 
 STUDY_NAME = "slimtune-search"
 # a space where draws keep landing above --max-trainable-pct: stop and say so rather than spin (a skip
@@ -159,6 +160,10 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
         for k, v in fingerprint.items():
             study.set_user_attr(k, v)
         study.set_user_attr("elapsed_s", 0.0)
+        first = first_trial(space, cfg, pf.task)  # the job's own configuration runs first (warmstart.py)
+        if first is not None:
+            study.enqueue_trial(first, user_attrs={"warm_start": "the configuration slimtune train would run"})
+            log(f"warm start: trial 0 is the config's own choice ({', '.join(f'{k}={v}' for k, v in first.items())})")
     if not spec.shared and main:  # OUT is locked: whatever is RUNNING in OUT/study.db was cut off
         _recover(optuna, study, storage, out, log)
 
