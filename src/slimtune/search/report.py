@@ -156,7 +156,7 @@ def trial_rows(study, metric: str) -> list[dict[str, Any]]:
         rows.append({"trial": t.number, "state": "skipped" if t.user_attrs.get("skipped") else t.state.name.lower(), "method": p.get("method"), "r": p.get("r"),
                      "alpha_over_r": p.get("alpha_over_r"), "targets": p.get("targets"),
                      "layers": p.get("layers") if not isinstance(p.get("layers"), list) else ",".join(map(str, p["layers"])),
-                     "dropout": p.get("dropout"), "lr": p.get("lr"),
+                     "dropout": p.get("dropout"), "rslora": p.get("rslora"), "lr": p.get("lr"),
                      metric: t.values[0] if t.values else None, "best_step": res.get("best_step"),
                      "steps": res.get("steps"), "trainable_pct": res.get("trainable_pct", t.user_attrs.get("trainable_pct")),
                      "step_time_s": res.get("step_time_s"),
@@ -232,7 +232,8 @@ def _settings(p: dict[str, Any]) -> str:
     bits = [str(p["method"])]
     if p.get("r") is not None:
         layers = p["layers"] if isinstance(p["layers"], str) else ",".join(map(str, p["layers"]))
-        bits.append(f"r={p['r']} α/r={p['alpha_over_r']:g} {p['targets']} layers={layers} dropout={p['dropout']:g}")
+        bits.append(f"r={p['r']} α/r={p['alpha_over_r']:g} {p['targets']} layers={layers} dropout={p['dropout']:g}"
+                    + (" rsLoRA" if p.get("rslora") else ""))
     if p.get("lr") is not None:
         bits.append(f"lr={p['lr']:.2e}")
     return " ".join(bits)

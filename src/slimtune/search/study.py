@@ -384,7 +384,7 @@ def _describe(params: dict[str, Any]) -> str:
     if "r" in params:
         bits += [f"r={params['r']}", f"α/r={params['alpha_over_r']:g}", str(params["targets"]),
                  f"layers {params['layers'] if isinstance(params['layers'], str) else ','.join(map(str, params['layers']))}",
-                 f"dropout {params['dropout']:g}"]
+                 f"dropout {params['dropout']:g}"] + (["rsLoRA"] if params.get("rslora") else [])
     bits.append(f"lr {params['lr']:.2e}")
     return " ".join(bits)
 

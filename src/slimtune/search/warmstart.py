@@ -35,14 +35,15 @@ def _nearest(d: Dist, v: Any) -> Any:
 def job_defaults(cfg: JobConfig, task: str) -> dict[str, Any]:
     """The method, rank, scale, targets, layers, dropout and lr `slimtune train` picks for this config
     on a small model (train/job.py: auto_method): the given keys, else r 8 (classification) / 16
-    (generation), alpha 2r, the attention projections, every block, no dropout."""
+    (generation), alpha 2r, the attention projections, every block, no dropout, no rsLoRA."""
     m = cfg.method_name()
     kw = cfg.method_kwargs()
     r = kw.get("r", 16 if task == "causal_lm" else 8)
     return {"method": m, "r": r, "alpha_over_r": float(kw.get("lora_alpha", 2 * r)) / r,
             "targets": "attention" if "target_modules" not in kw else None,
             "layers": "all" if "layers_to_transform" not in kw else None,
-            "dropout": float(kw.get("lora_dropout", 0.0)), "lr": cfg.train.lr}
+            "dropout": float(kw.get("lora_dropout", 0.0)), "rslora": bool(kw.get("use_rslora", False)),
+            "lr": cfg.train.lr}
 
 
 def first_trial(space: Space, cfg: JobConfig, task: str) -> Optional[dict[str, Any]]:
