@@ -129,6 +129,8 @@ def _two_workers_complete_and_resume(cfg_path: Path, out: Path, url: str, storag
     assert "worker stopped: 3 trials done" in worker_log, worker_log
     assert len({t.user_attrs["worker"] for t in st.trials if t.state.name == "COMPLETE"}) == 2, worker_log
     ran = [t.number for t in st.trials if t.state.name == "COMPLETE"]
+    # each process draws its own points (its own sampler seed): no two trials share a learning rate
+    assert len({st.trials[n].params["lr"] for n in ran}) == len(ran)
     assert sorted(p.name for p in (out / "trials").iterdir()) == [f"trial-{n:04d}" for n in sorted(ran)]
     assert s["best"].number in ran and (out / "best.yaml").is_file()
     assert f"storage {url.split('://')[0]}" in (out / "search.md").read_text()  # the shared store, not study.db

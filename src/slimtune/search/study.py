@@ -145,10 +145,14 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
         log(f"--overwrite: deleted the study {opts.study!r} in {spec.shown}")
         existing = []
     n_before = existing[0].n_trials if existing else 0
+    # a resumed session draws new points, not the first session's again; processes sharing a study each
+    # draw their own (the same seed would give every worker the same random start-up points), and TPE's
+    # constant liar keeps a worker from drawing next to the trials the others are running
+    parallel = beat is not None
     sampler = optuna.samplers.TPESampler(
-        seed=cfg.train.seed + n_before,  # a resumed session draws new points, not the first session's again
+        seed=cfg.train.seed + n_before + (os.getpid() if parallel else 0),
         n_startup_trials=section.startup_trials if section.startup_trials is not None else max(3, min(10, opts.trials // 4)),
-        multivariate=True, group=True, constant_liar=False)
+        multivariate=True, group=True, constant_liar=parallel)
     study = optuna.create_study(study_name=opts.study, storage=storage, load_if_exists=True, directions=directions,
                                 sampler=sampler, pruner=_pruner(optuna, section, every, pf.total_steps, pareto))
     where = f"'{out}'" if not spec.shared else f"the study {opts.study!r} in {spec.shown}"
