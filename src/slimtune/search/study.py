@@ -166,7 +166,9 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
         study.set_user_attr("elapsed_s", 0.0)
         first = first_trial(space, cfg, pf.task)  # the job's own configuration runs first (warmstart.py)
         if first is not None:
-            study.enqueue_trial(first, user_attrs={"warm_start": "the configuration slimtune train would run"})
+            # skip_if_exists: two machines creating the study at once queue it once
+            study.enqueue_trial(first, user_attrs={"warm_start": "the configuration slimtune train would run"},
+                                skip_if_exists=True)
             log(f"warm start: trial 0 is the config's own choice ({', '.join(f'{k}={v}' for k, v in first.items())})")
     if not spec.shared and main:  # OUT is locked: whatever is RUNNING in OUT/study.db was cut off
         _recover(optuna, study, storage, out, log)
