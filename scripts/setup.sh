@@ -44,4 +44,14 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     apt_ui || { apt-get update -q && apt_ui; } || echo "setup: chromium not installed; the UI browser test will skip" >&2
   fi
 fi
+# PostgreSQL for `slimtune search --storage postgresql://` (tests/test_search_workers.py starts a
+# throwaway server with initdb / pg_ctl): Debian's package, as root, only where it is missing
+if ! command -v pg_ctl >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+      || echo "setup: could not install postgresql; the PostgreSQL search tests will be skipped" >&2
+  else
+    echo "setup: PostgreSQL is not installed (apt-get install postgresql); its search tests will be skipped" >&2
+  fi
+fi
 touch "$stamp"

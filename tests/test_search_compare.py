@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,30 @@ def test_bad_input_is_one_message_before_any_row(tiny_bert, tmp_path, capsys, ex
     assert rc == 2 and match in err, err
     assert "Traceback" not in err
     assert not (out / "runs").exists()
+
+
+def test_a_probe_that_cannot_separate_the_rates_halves_then_says_so(tiny_bert, tmp_path, capsys):
+    """Two probe steps leave a tiny random classifier's rates tied on validation accuracy: the better
+    half runs again at twice the steps (successive halving, never past the row's steps), and a tie
+    still left is chosen by validation loss and named in compare.md."""
+    cfg = _config(tmp_path, tiny_bert)
+    out = tmp_path / "cmp"
+    rc, stdout, err = _cli(["compare", str(cfg), "train.precision=fp32", "--methods", "lora", "--steps", "8",
+                            "--probe-steps", "2", "--lr-grid", "3", "--no-config-row", "--out", str(out)], capsys)
+    assert rc == 0, err
+    probe = json.loads((out / "runs" / "lora" / "result.json").read_text())["probe"]
+    first = [p for p in probe if p["steps"] == 2 and p["status"] == "ok"]
+    assert len(first) >= 3
+    top = sorted(p["value"] for p in first)
+    later = [p for p in probe if p["steps"] > 2]
+    if top[-1] == top[-2]:  # the first round left the top two level on the metric: halving ran
+        assert later and {p["steps"] for p in later} <= {4, 8}
+        assert len({p["lr"] for p in later if p["steps"] == 4}) == max(2, math.ceil(len(first) / 2))
+    last_steps = max(p["steps"] for p in probe)
+    last = [p for p in probe if p["steps"] == last_steps and p["status"] == "ok"]
+    values = sorted(p["value"] for p in last)
+    md = (out / "compare.md").read_text()
+    if len(last) > 1 and values[-1] == values[-2]:
+        assert all(p.get("undecided") for p in last) and "could not separate the rates" in md
+    else:
+        assert not any(p.get("undecided") for p in probe) and "could not separate" not in md

@@ -90,8 +90,8 @@ def test_a_model_without_blocks_has_no_target_sets():
     ({"layers": ["top"]}, "not a layer choice"),
     ({"dropout": [1.5]}, r"must be in \[0, 1\)"),
     ({"r": [0]}, "whole number >= 1"),
-    ({"methods": "lora", "r": 8, "alpha_over_r": 2, "targets": "attention", "layers": "all", "dropout": 0.0, "lr": 1e-3},
-     "holds one configuration"),
+    ({"methods": "lora", "r": 8, "alpha_over_r": 2, "targets": "attention", "layers": "all", "dropout": 0.0, "lr": 1e-3,
+      "rslora": False}, "holds one configuration"),
     ({"pruner": "median"}, "search.pruner"),
 ])
 def test_bad_spaces_are_one_message(section, match):
@@ -126,7 +126,7 @@ def test_draws_become_method_blocks_the_job_accepts():
     space = build_space(parse_section({"methods": ["lora", "dora", "ia3"], "layers": ["all", [0, 2]]}), "causal_lm",
                         blocks)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    seen = set()
+    seen, rs = set(), set()
     for _ in range(25):
         t = study.ask()
         p = space.sample(t)
@@ -135,9 +135,32 @@ def test_draws_become_method_blocks_the_job_accepts():
         seen.add(p["method"])
         if p["method"] in ("lora", "dora"):
             assert cfg.lora_alpha == pytest.approx(p["alpha_over_r"] * p["r"])
+            assert cfg.use_rslora is p["rslora"]  # rsLoRA is in the default space
+            rs.add((p["method"], p["rslora"]))
             names = _chosen(model, cfg.target_modules)
             assert names
             if p["layers"] == [0, 2]:
                 assert all(".1." not in n for n in names)
         study.tell(t, 0.0)
-    assert seen == {"lora", "dora", "ia3"}
+    assert seen == {"lora", "dora", "ia3"} and {r for _, r in rs} == {False, True}
+
+
+def test_the_first_trial_is_the_jobs_own_config_snapped_into_the_space():
+    """warmstart.first_trial: the config's rank / scale / dropout / lr, each snapped to the nearest
+    value the space offers; a method outside the space gives no warm start."""
+    from slimtune.search.space import build_space, parse_section
+    from slimtune.search.warmstart import first_trial
+    from slimtune.train.config import JobConfig
+
+    sp = build_space(parse_section({"methods": ["lora", "ia3"], "r": [4, 16], "alpha_over_r": [1, 4],
+                                    "lr": {"low": 1e-4, "high": 1e-2, "log": True}}), "classification")
+    cfg = JobConfig.model_validate({"model": "m", "data": {"train": "t.jsonl"}, "method": {"name": "lora", "r": 12, "lora_alpha": 24},
+                                    "train": {"lr": 5e-2}})
+    first = first_trial(sp, cfg, "classification")
+    assert first == {"method": "lora", "r": 16, "alpha_over_r": 1.0, "targets": "attention", "layers": "all",
+                     "dropout": 0.0, "rslora": False, "lr": 1e-2}
+    # the job's auto choice (r 8 on a small classifier, alpha 2r) when the config names only the method
+    first = first_trial(sp, JobConfig.model_validate({"model": "m", "data": {"train": "t.jsonl"}, "method": "lora", "train": {"lr": 1e-3}}),
+                        "classification")
+    assert first["r"] == 4 and first["alpha_over_r"] == 1.0 and first["lr"] == 1e-3
+    assert first_trial(sp, JobConfig.model_validate({"model": "m", "data": {"train": "t.jsonl"}, "method": "prompt"}), "classification") is None

@@ -49,6 +49,9 @@ def test_search_runs_reports_and_best_yaml_reruns_to_the_same_metric(tiny_bert, 
     s = run_search(load_config(str(cfg_path)), SearchOptions(out=out, trials=4), log=lambda m: None)
     st = _study(out)
     assert len(st.trials) == 4
+    # warm start: trial 0 is the config's own choice (lora, lr 1e-2, the job's r 8 snapped to the space's 4)
+    assert st.trials[0].user_attrs["warm_start"] and st.trials[0].params["lr"] == pytest.approx(1e-2)
+    assert st.trials[0].params["r"] == 4 and st.trials[0].params["targets"] == "attention"
     for t in st.trials:
         folder = out / "trials" / f"trial-{t.number:04d}"
         if t.state.name == "COMPLETE":

@@ -29,6 +29,14 @@ def add_parser(sub) -> None:
     s.add_argument("--keep-all", action="store_true", help="keep pruned and failed trials' folders and all checkpoints")
     s.add_argument("--overwrite", action="store_true", help="start over: remove the study and trials in OUT")
     s.add_argument("--out", help="output folder (default: OUTPUT_DIR-search)")
+    s.add_argument("--storage", metavar="URL", help="the study's store, shared by every worker: postgresql://USER:PW@HOST:"
+                   "PORT/DB, journal:PATH (a file in a shared folder) or sqlite:///PATH (default OUT/study.db); workers "
+                   "on other machines run the same command with the same URL")
+    s.add_argument("--workers", type=int, default=1, help="worker processes on this machine, this one included "
+                   "(default 1)")
+    s.add_argument("--study", default="slimtune-search", help="the study's name in --storage (default slimtune-search)")
+    s.add_argument("--heartbeat", type=int, default=10, metavar="S", help="with several workers, each running trial "
+                   "beats every S seconds; one silent for 3 beats is failed and run again (default 10)")
     s.set_defaults(fn=run)
 
 
@@ -41,6 +49,7 @@ def run(a) -> int:
     cfg = load_config(config, overrides)
     opts = SearchOptions(out=Path(a.out or f"{cfg.output_dir}-search"), trials=a.trials, timeout_min=a.timeout,
                          objective=a.objective, pareto_with=a.pareto_with, max_trainable_pct=a.max_trainable_pct,
-                         keep_all=a.keep_all, test_fraction=a.test_fraction, overwrite=a.overwrite)
+                         keep_all=a.keep_all, test_fraction=a.test_fraction, overwrite=a.overwrite,
+                         storage=a.storage, workers=a.workers, study=a.study, heartbeat_s=a.heartbeat)
     run_search(cfg, opts)
     return 0

@@ -105,8 +105,13 @@ def write_compare(summary: dict[str, Any], out: Path) -> None:
     if probes:
         lines += ["", f"lr probe (validation {m} after {summary['probe_steps']} steps):", ""]
         for r in probes:
-            lines.append(f"- {r['name']}: " + ", ".join(f"{p['lr']:g} → {_f(p.get('value')) if p['status'] == 'ok' else p['status']}"
-                                                       for p in r["probe"]))
+            ps = summary["probe_steps"]
+            lines.append(f"- {r['name']}: " + ", ".join(
+                f"{p['lr']:g}" + (f" at {p['steps']} steps" if p.get("steps", ps) != ps else "")
+                + f" → {_f(p.get('value')) if p['status'] == 'ok' else p['status']}" for p in r["probe"])
+                + ("; **could not separate the rates** on validation " + m + ", even with successive halving "
+                   "(the better half again at twice the steps): chosen by validation loss"
+                   if any(p.get("undecided") for p in r["probe"]) else ""))
     lines += ["", "Peak memory is each method's process (its lr probe, run and nothing else): ru_maxrss on CPU, "
               "max allocated on GPU. Training s counts the optimizer steps only (evaluations and set-up are extra).",
               "", "![compare](compare.png)", ""]
@@ -156,7 +161,7 @@ def trial_rows(study, metric: str) -> list[dict[str, Any]]:
         rows.append({"trial": t.number, "state": "skipped" if t.user_attrs.get("skipped") else t.state.name.lower(), "method": p.get("method"), "r": p.get("r"),
                      "alpha_over_r": p.get("alpha_over_r"), "targets": p.get("targets"),
                      "layers": p.get("layers") if not isinstance(p.get("layers"), list) else ",".join(map(str, p["layers"])),
-                     "dropout": p.get("dropout"), "lr": p.get("lr"),
+                     "dropout": p.get("dropout"), "rslora": p.get("rslora"), "lr": p.get("lr"),
                      metric: t.values[0] if t.values else None, "best_step": res.get("best_step"),
                      "steps": res.get("steps"), "trainable_pct": res.get("trainable_pct", t.user_attrs.get("trainable_pct")),
                      "step_time_s": res.get("step_time_s"),
@@ -178,7 +183,7 @@ def write_search(s: dict[str, Any], out: Path) -> None:
     states = {k: sum(1 for r in rows if r["state"] == k) for k in ("complete", "pruned", "fail", "skipped")}
     bc = s["best_config"]
     if bc is not None:
-        header = (f"# slimtune search: {bc.model_name()}, {pf.data.source}\n# best trial {best.number} of {out}/study.db: "
+        header = (f"# slimtune search: {bc.model_name()}, {pf.data.source}\n# best trial {best.number} of {s.get('storage_shown') or str(out) + '/study.db'}: "
                   f"validation {m} {best.values[0]:.4f}; test {m} {_f((s['tests'].get(str(best.number)) or {}).get(m))} "
                   f"(measured once)\n#   slimtune train {out / 'best.yaml'}\n")
         (out / "best.yaml").write_text(header + yaml.safe_dump(saved_form(bc), sort_keys=False))
@@ -193,7 +198,7 @@ def write_search(s: dict[str, Any], out: Path) -> None:
              f"Space: {'; '.join(s['space'].describe())}" + (f"; trials above {sec.max_trainable_pct:g}% trainable are "
                                                              "skipped before training" if sec.max_trainable_pct else ""),
              f"Data: {_split_note(pf)}; {pf.total_steps} steps a trial, seed {base.train.seed}, "
-             f"{s['threads']} CPU thread(s). TPE sampler (multivariate), storage {out}/study.db.",
+             f"{s['threads']} CPU thread(s). TPE sampler (multivariate), storage {s.get('storage_shown') or str(out) + '/study.db'}.",
              f"Trials: {len(rows)} ({states['complete']} complete, {states['pruned']} pruned, {states['fail']} failed"
              + (f", {states['skipped']} skipped above the trainable limit, not counted" if states["skipped"] else "")
              + f") of --trials {s['trials_target']}" + (f", --timeout {s['timeout_min']:g} min" if s["timeout_min"] else "")
@@ -232,7 +237,8 @@ def _settings(p: dict[str, Any]) -> str:
     bits = [str(p["method"])]
     if p.get("r") is not None:
         layers = p["layers"] if isinstance(p["layers"], str) else ",".join(map(str, p["layers"]))
-        bits.append(f"r={p['r']} α/r={p['alpha_over_r']:g} {p['targets']} layers={layers} dropout={p['dropout']:g}")
+        bits.append(f"r={p['r']} α/r={p['alpha_over_r']:g} {p['targets']} layers={layers} dropout={p['dropout']:g}"
+                    + (" rsLoRA" if p.get("rslora") else ""))
     if p.get("lr") is not None:
         bits.append(f"lr={p['lr']:.2e}")
     return " ".join(bits)

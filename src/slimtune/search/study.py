@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import statistics
 import time
 import warnings
@@ -35,7 +36,9 @@ from typing import Any, Callable, Optional
 
 from ..train.config import JobConfig, saved_form
 from . import prepare as P
+from . import storage as ST
 from .space import SearchError, Space, build_space, method_block, parse_section
+from .warmstart import first_trial
 
 STUDY_NAME = "slimtune-search"
 # a space where draws keep landing above --max-trainable-pct: stop and say so rather than spin (a skip
@@ -68,6 +71,11 @@ class SearchOptions:
     keep_all: bool = False  # keep pruned / failed trials' folders and every checkpoint
     test_fraction: Optional[float] = None
     overwrite: bool = False
+    storage: Optional[str] = None  # None: OUT/study.db; postgresql://..., journal:PATH (storage.py)
+    workers: int = 1  # local worker processes on the study, this one included (pool.py)
+    heartbeat_s: int = 10  # with several workers: a trial silent for 3 beats is failed and run again
+    study: str = STUDY_NAME
+    role: str = "main"  # "worker": a process pool.py started: no lock, no settling, no report
 
 
 def _optuna():
@@ -92,6 +100,10 @@ def run_search(cfg: JobConfig, opts: SearchOptions, log: Callable[[str], None] =
         raise SearchError(f"--trials {opts.trials}: a search needs at least 1 trial")
     if opts.pareto_with not in PARETO_WITH:
         raise SearchError(f"--pareto-with {opts.pareto_with!r}: choose {' or '.join(PARETO_WITH)}")
+    if opts.workers < 1:
+        raise SearchError(f"--workers {opts.workers}: give 1 or more worker processes")
+    if opts.role == "worker":
+        return _search(optuna, cfg, opts, opts.out, log)
     with P.owned_folder(opts.out) as out:
         if opts.overwrite:
             for p in ("study.db", "trials", "search.md", "search.csv", "best.yaml", "pareto", "plots"):
@@ -105,6 +117,11 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
 
     t_session = time.time()
     load_start = os.getloadavg()
+    spec = ST.parse(opts.storage, out)
+    # a heartbeat wherever a RUNNING trial may belong to a live process elsewhere
+    beat = opts.heartbeat_s if (spec.shared or opts.workers > 1 or opts.role == "worker") else None
+    storage = ST.open_storage(optuna, spec, beat)
+    main = opts.role == "main"
     section = parse_section(cfg.search, "search")
     if opts.max_trainable_pct is not None:
         section = section.model_copy(update={"max_trainable_pct": opts.max_trainable_pct})
@@ -120,31 +137,50 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
                           "eval": {"samples": 0}})
     log("search space: " + "; ".join(space.describe()))
     directions = ["maximize" if pf.metric_max else "minimize"] + (["minimize"] if pareto else [])
-    storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'study.db').resolve()}",
-                                         engine_kwargs={"connect_args": {"timeout": 60}})
     fingerprint = {"config": _fingerprint(base), "space": space.to_dict(), "metric": pf.metric, "pareto": pareto,
                    "pareto_with": opts.pareto_with if pareto else None, "max_trainable_pct": section.max_trainable_pct}
-    existing = [s for s in optuna.get_all_study_summaries(storage) if s.study_name == STUDY_NAME]
+    existing = [s for s in optuna.get_all_study_summaries(storage) if s.study_name == opts.study]
+    if existing and opts.overwrite and spec.shared and main:
+        optuna.delete_study(study_name=opts.study, storage=storage)
+        log(f"--overwrite: deleted the study {opts.study!r} in {spec.shown}")
+        existing = []
     n_before = existing[0].n_trials if existing else 0
+    # a resumed session draws new points, not the first session's again; processes sharing a study each
+    # draw their own (the same seed would give every worker the same random start-up points), and TPE's
+    # constant liar keeps a worker from drawing next to the trials the others are running
+    parallel = beat is not None
     sampler = optuna.samplers.TPESampler(
-        seed=cfg.train.seed + n_before,  # a resumed session draws new points, not the first session's again
+        seed=cfg.train.seed + n_before + (os.getpid() if parallel else 0),
         n_startup_trials=section.startup_trials if section.startup_trials is not None else max(3, min(10, opts.trials // 4)),
-        multivariate=True, group=True, constant_liar=False)
-    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True, directions=directions,
+        multivariate=True, group=True, constant_liar=parallel)
+    study = optuna.create_study(study_name=opts.study, storage=storage, load_if_exists=True, directions=directions,
                                 sampler=sampler, pruner=_pruner(optuna, section, every, pf.total_steps, pareto))
-    if existing:
-        _same_search(study, fingerprint, out)
-        log(f"resuming the search in {out}: {n_before} trial(s) in study.db")
+    where = f"'{out}'" if not spec.shared else f"the study {opts.study!r} in {spec.shown}"
+    if existing or not main:
+        _same_search(study, fingerprint, where, spec.shared)
+        if main:
+            log(f"resuming the search in {where}: {n_before} trial(s) in the study")
     else:
         for k, v in fingerprint.items():
             study.set_user_attr(k, v)
         study.set_user_attr("elapsed_s", 0.0)
-    _recover(optuna, study, storage, out, log)
+        first = first_trial(space, cfg, pf.task)  # the job's own configuration runs first (warmstart.py)
+        if first is not None:
+            # skip_if_exists: two machines creating the study at once queue it once
+            study.enqueue_trial(first, user_attrs={"warm_start": "the configuration slimtune train would run"},
+                                skip_if_exists=True)
+            log(f"warm start: trial 0 is the config's own choice ({', '.join(f'{k}={v}' for k, v in first.items())})")
+    if not spec.shared and main:  # OUT is locked: whatever is RUNNING in OUT/study.db was cut off
+        _recover(optuna, study, storage, out, log)
 
     done = _counted(study)
+    if main and opts.workers > 1 and opts.workers > opts.trials - done:
+        raise SearchError(f"--workers {opts.workers} is more than the {opts.trials - done} trial(s) left of --trials "
+                          f"{opts.trials} ({done} done): a worker would have nothing to run; use --workers "
+                          f"{max(1, opts.trials - done)} or raise --trials")
     elapsed0 = float(study.user_attrs.get("elapsed_s", 0.0))
     budget_s = opts.timeout_min * 60 if opts.timeout_min else None
-    estimate = _trial_estimate(study)
+    estimate = _trial_estimate(study) or study.user_attrs.get("trial_estimate_s")
     if budget_s is not None and estimate is None and done < opts.trials:
         t = P.time_run(base, out / "timing")
         estimate = t.run_s(pf.total_steps, P.evals_of(pf.total_steps, every, pf.total_steps))
@@ -152,32 +188,37 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
                        f"one trial ({pf.total_steps} steps, an evaluation every {every})")
         log(f"timing: about {estimate:.0f} s a full trial (set-up {t.setup_s:.0f} s, {t.step_s:.2f} s/step, "
             f"{t.eval_s:.1f} s/evaluation)")
-    stop_why = None
-    skips = 0  # draws in a row above max_trainable_pct; they cost no training but must not go on forever
-    while True:
-        done = _counted(study)
-        if done >= opts.trials:
-            stop_why = f"{done} trials done"
-            break
-        if skips >= MAX_SKIPS_IN_A_ROW:
-            stop_why = (f"{skips} draws in a row were above max_trainable_pct {section.max_trainable_pct:g}%: lower "
-                        "the ranks or narrow the targets/layers in the search space, or raise --max-trainable-pct")
-            break
-        spent = elapsed0 + (time.time() - t_session)
-        if budget_s is not None:
-            est = _trial_estimate(study) or estimate or 0.0
-            if spent + est > budget_s:
-                stop_why = (f"time budget: {spent / 60:.1f} of {budget_s / 60:.1f} min spent, a trial takes about "
-                            f"{est / 60:.1f} min")
-                break
-        deadline = None if budget_s is None else t_session + (budget_s - elapsed0)
-        skips = skips + 1 if _one_trial(optuna, study, storage, space, pf, base, out, opts, section, done, log,
-                                        deadline) else 0
-        study.set_user_attr("elapsed_s", elapsed0 + (time.time() - t_session))
-    log(f"search stopped: {stop_why}")
+        study.set_user_attr("trial_estimate_s", estimate)
+    procs = []
+    if main and opts.workers > 1:
+        from . import pool
+
+        procs = pool.spawn(cfg, opts, opts.workers - 1, out)
+        log(f"started {len(procs)} more worker process(es) on {spec.shown} (logs in {out}/workers/)")
+    try:
+        stop_why = _loop(optuna, study, storage, space, pf, base, out, opts, section, log, beat, budget_s, elapsed0,
+                         t_session, estimate)
+    except ST.errors(optuna, spec.kind == "journal") as e:
+        if procs:
+            pool.stop(procs)
+        if not spec.shared:
+            raise
+        raise SearchError(f"this worker lost the study storage {spec.shown} ({ST.first_line(e)}); a trial it was running "
+                          "runs again once the store is back: run the same command again then") from None
+    except BaseException:
+        if procs:
+            pool.stop(procs)
+        raise
+    log(f"{'worker' if not main else 'search'} stopped: {stop_why}")
+    if not main:
+        return {"stop_why": stop_why}
+    if procs:
+        bad = pool.wait(procs, out, log)
+        if bad:
+            log(f"{len(bad)} worker(s) failed; their trials were run again by the others")
     summary = _finish(optuna, study, pf, space, cfg, base, out, opts, pareto, section, every)
     summary.update(load_start=load_start, load_end=os.getloadavg(), session_s=time.time() - t_session,
-                   stop_why=stop_why, threads=threads)
+                   stop_why=stop_why, threads=threads, storage_shown=spec.shown)
     from .report import write_search
 
     write_search(summary, out)
@@ -191,6 +232,57 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
     return summary
 
 
+def _loop(optuna, study, storage, space, pf, base, out, opts, section, log, beat, budget_s, elapsed0, t_session,
+          estimate) -> str:
+    """Ask / run / tell until the count or the budget is reached; why it stopped.
+
+    With several workers: trials RUNNING elsewhere count toward --trials while they run, so the last
+    trials are not started twice over; a worker with nothing left to start waits for them (each
+    ends, or goes stale and is queued again, within its run or three heartbeats) before it stops."""
+    if opts.role == "worker" or opts.workers > 1 or beat is not None:
+        log(f"worker {socket.gethostname()}:{os.getpid()} joined the study ({_counted(study)} of {opts.trials} trials "
+            "done)")
+    skips = 0  # draws in a row above max_trainable_pct; they cost no training but must not go on forever
+    while True:
+        if beat is not None:
+            ST.fail_stale(optuna, study)
+        done = _counted(study)
+        if done >= opts.trials:
+            return f"{done} trials done"
+        if skips >= MAX_SKIPS_IN_A_ROW:
+            return (f"{skips} draws in a row were above max_trainable_pct {section.max_trainable_pct:g}%: lower "
+                    "the ranks or narrow the targets/layers in the search space, or raise --max-trainable-pct")
+        spent = elapsed0 + (time.time() - t_session)
+        if budget_s is not None:
+            est = _trial_estimate(study) or estimate or 0.0
+            if spent + est > budget_s:
+                return (f"time budget: {spent / 60:.1f} of {budget_s / 60:.1f} min spent, a trial takes about "
+                        f"{est / 60:.1f} min")
+        if beat is not None and done + _running(study) >= opts.trials:
+            time.sleep(min(2.0, beat))  # the others' trials finish the count (or go stale and come back)
+            continue
+        deadline = None if budget_s is None else t_session + (budget_s - elapsed0)
+        skips = skips + 1 if _one_trial(optuna, study, storage, space, pf, base, out, opts, section, done, log,
+                                        deadline, beat) else 0
+        prev = float(study.user_attrs.get("elapsed_s", 0.0))
+        study.set_user_attr("elapsed_s", max(prev, elapsed0 + (time.time() - t_session)))
+
+
+def _ahead(study, number: int) -> int:
+    """Trials that count, or run and would count, started before trial `number`."""
+    from optuna.trial import TrialState
+
+    running = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                  if t.number < number and not t.user_attrs.get("skipped"))
+    return _counted(study) + running
+
+
+def _running(study) -> int:
+    from optuna.trial import TrialState
+
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if not t.user_attrs.get("skipped"))
+
+
 def _fingerprint(base: JobConfig) -> dict[str, Any]:
     d = saved_form(base)
     for k in ("output_dir", "method"):  # where it goes, and what each trial draws
@@ -200,7 +292,7 @@ def _fingerprint(base: JobConfig) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str))
 
 
-def _same_search(study, fp: dict[str, Any], out: Path) -> None:
+def _same_search(study, fp: dict[str, Any], where: str, shared: bool = False) -> None:
     from ..train.rundir import config_diff
 
     old = {k: study.user_attrs.get(k) for k in fp}
@@ -212,8 +304,9 @@ def _same_search(study, fp: dict[str, Any], out: Path) -> None:
     for k in fp:
         if k != "config" and old.get(k) != json.loads(json.dumps(fp[k], default=str)):
             diffs.append(f"{k}: {old.get(k)!r} -> {fp[k]!r}")
-    raise SearchError(f"'{out}' holds a search of another config or space ({'; '.join(diffs[:6]) or 'settings differ'}); "
-                      "run the same command to continue it, choose another --out, or add --overwrite to start over")
+    other = "give another --study NAME" if shared else "choose another --out"
+    raise SearchError(f"{where} holds a search of another config or space ({'; '.join(diffs[:6]) or 'settings differ'}); "
+                      f"run the same command to continue it, {other}, or add --overwrite to start over")
 
 
 def _pruner(optuna, section, every: int, total: int, pareto: bool):
@@ -257,11 +350,13 @@ def _counted(study) -> int:
     not skipped above max_trainable_pct: a skip trains nothing, so `--trials 40` still trains 40)."""
     from optuna.trial import TrialState
 
+    trials = study.get_trials(deepcopy=False)
+    retried = ST.retried_numbers(trials)  # a worker stopped beating during these: they ran again
     n = 0
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and not t.user_attrs.get("skipped"):
             n += 1
-        elif t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"):
+        elif t.state == TrialState.FAIL and not t.user_attrs.get("interrupted") and t.number not in retried:
             n += 1
     return n
 
@@ -295,26 +390,45 @@ def _describe(params: dict[str, Any]) -> str:
     if "r" in params:
         bits += [f"r={params['r']}", f"α/r={params['alpha_over_r']:g}", str(params["targets"]),
                  f"layers {params['layers'] if isinstance(params['layers'], str) else ','.join(map(str, params['layers']))}",
-                 f"dropout {params['dropout']:g}"]
+                 f"dropout {params['dropout']:g}"] + (["rsLoRA"] if params.get("rslora") else [])
     bits.append(f"lr {params['lr']:.2e}")
     return " ".join(bits)
 
 
 def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: Path, opts: SearchOptions,
-               section, done: int, log, deadline: float | None = None) -> bool:
+               section, done: int, log, deadline: float | None = None, beat: int | None = None) -> bool:
     """Ask for one trial, run it, tell its result; True when it was skipped (above max_trainable_pct).
 
     `deadline` (time.time() at which --timeout runs out): a trial still running at an evaluation past
     it is cut there, as a kill would cut it (failed as interrupted, its settings queued to run first
-    in the next session), so a slow trial overshoots the budget by one evaluation interval at most."""
+    in the next session), so a slow trial overshoots the budget by one evaluation interval at most.
+
+    `beat` (seconds, several workers): the trial beats while it trains (storage.Heartbeat); a worker
+    that loses the store stops the trial at its next evaluation and exits with a message, telling
+    nothing, so the store fails the trial as stale once it is back and another worker runs it again."""
     from optuna.trial import TrialState
 
     from ..train.interrupt import TrainingInterrupted
     from ..train.trainer import TrainingDiverged
 
-    trial = study.ask()
+    with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize": we beat ourselves
+        warnings.simplefilter("ignore", UserWarning)
+        trial = study.ask()
+    if beat is not None:
+        frozen = storage.get_trial(trial._trial_id)
+        retry_of = frozen.system_attrs.get("failed_trial")
+        queued = bool(frozen.params) or "fixed_params" in frozen.system_attrs
+        if retry_of is not None:  # a worker died during it: its folder (if on this machine) goes, it runs again
+            trial.set_user_attr("retry_of", retry_of)
+            shutil.rmtree(trial_dir(out, retry_of), ignore_errors=True)
+        if not queued and _ahead(study, trial.number) >= opts.trials:  # another worker asked at the same moment
+            storage.set_trial_user_attr(trial._trial_id, "interrupted", "not run: the count was reached by the "
+                                        "trials other workers had started")
+            study.tell(trial, state=TrialState.FAIL)
+            return False
     params = space.sample(trial)
     folder = trial_dir(out, trial.number)
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which process ran it
     block = method_block(params, pf.blocks)
     trial.set_user_attr("params", params)
     trial.set_user_attr("method_block", block)
@@ -335,23 +449,32 @@ def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: P
             return True
     pruned: list[str] = []
     cut: list[int] = []
+    hb = ST.Heartbeat(storage, trial._trial_id, beat)
 
     def on_evaluate(step: int, metrics: dict) -> str | None:
+        if hb.lost:
+            return f"lost the study storage ({hb.lost})"
         if deadline is not None and time.time() > deadline and step < pf.total_steps:
             cut.append(step)
             return "cut by the search's time budget (--timeout); it runs again first when the search resumes"
         v = metrics.get(pf.metric)
         if v is None or pareto:
             return None
-        trial.report(float(v), step)
-        if trial.should_prune():
+        try:
+            trial.report(float(v), step)
+            stop = trial.should_prune()
+        except ST.errors(optuna) as e:  # the store went away: stop here; the heartbeat stops too
+            hb.lost = hb.lost or ST.first_line(e)
+            return f"lost the study storage ({hb.lost})"
+        if stop:
             pruned.append(f"{pf.metric} {v:.4f} at step {step}")
             return f"pruned by the search ({section.pruner}): {pf.metric} {v:.4f}"
         return None
 
     t0 = time.time()
     try:
-        res = P.run_once(tcfg, on_evaluate=on_evaluate)
+        with hb:
+            res = P.run_once(tcfg, on_evaluate=on_evaluate)
     except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM (TrainingInterrupted is one): the trial runs again next time
         storage.set_trial_user_attr(trial._trial_id, "interrupted", "stopped by Ctrl-C / SIGTERM")
         study.tell(trial, state=TrialState.FAIL)
@@ -378,6 +501,10 @@ def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: P
         shutil.rmtree(folder, ignore_errors=True)
         raise
     took = time.time() - t0
+    if hb.lost:  # tell nothing: the store fails the trial as stale and queues it again once it is back
+        shutil.rmtree(folder, ignore_errors=True)
+        raise SearchError(f"trial {trial.number} stopped: this worker lost the study storage ({hb.lost}). The trial "
+                          "runs again once the store is back (another worker, or this command run again)")
     if cut:
         storage.set_trial_user_attr(trial._trial_id, "interrupted", f"cut by the time budget at step {cut[0]}")
         study.tell(trial, state=TrialState.FAIL)
@@ -437,6 +564,8 @@ def _finish(optuna, study, pf, space, cfg: JobConfig, base: JobConfig, out: Path
     for t in chosen[:8]:
         key = str(t.number)
         if key not in tests:  # measured once per reported trial, kept in the study
+            if not (trial_dir(out, t.number) / "best").is_dir():  # run by a worker on another machine: its
+                continue  # adapter is there, and that machine's command measures it when it finishes
             tcfg = _trial_config(base, t, out)
             tests[key] = P.measure_test(tcfg, trial_dir(out, t.number))
             study.set_user_attr("test", tests)

@@ -24,6 +24,9 @@ from ..train.config import JobConfig
 from . import prepare as P
 
 MAX_EXTEND = 2  # grid points added past an edge that keeps winning
+# successive-halving rounds when the probe's winner is not ahead on the metric (a tie: short probes
+# often leave every rate at the majority class); each round keeps the better half at twice the steps
+MAX_HALVINGS = 2
 
 
 def _score(res: dict[str, Any] | None, metric_max: bool) -> tuple:
@@ -35,22 +38,36 @@ def _score(res: dict[str, Any] | None, metric_max: bool) -> tuple:
     return (v if metric_max else -v, -(loss if loss is not None else math.inf))
 
 
+def _separated(tried: dict[float, dict[str, Any]], metric_max: bool) -> bool:
+    """Whether the probe's winner is ahead of the runner-up on the metric itself (not only on loss)."""
+    ok = sorted((x for x in tried if tried[x]["res"] is not None), key=lambda x: _score(tried[x]["res"], metric_max),
+                reverse=True)
+    return len(ok) < 2 or _score(tried[ok[0]]["res"], metric_max)[0] != _score(tried[ok[1]]["res"], metric_max)[0]
+
+
 def probe(cfg: JobConfig, grid: list[float], steps: int, run_dir: Path, log) -> tuple[float, list[dict[str, Any]]]:
+    """The lr whose short run scores best on validation, and a row per probe run. When the winner is
+    not ahead on the metric, successive halving: the better half again at twice the steps (at most
+    MAX_HALVINGS rounds, never past the row's own steps); a tie left after that is chosen by
+    validation loss and marked `undecided` on every row of the last round."""
     from ..train.trainer import TrainingDiverged
 
     metric_max = not (cfg.train.metric.endswith("loss") or cfg.train.metric == "perplexity")
     tried: dict[float, dict[str, Any]] = {}
+    history: list[dict[str, Any]] = []
 
-    def one(lr: float) -> None:
-        c = P.derive(cfg, {"train": {"lr": lr, "max_steps": steps, "eval_every": steps, "eval_before": False,
+    def one(lr: float, n: int = steps) -> None:
+        c = P.derive(cfg, {"train": {"lr": lr, "max_steps": n, "eval_every": n, "eval_before": False,
                                      "save_every": 10**6, "early_stopping_patience": None},
-                           "eval": {"samples": 0}, "output_dir": str(run_dir / "probe" / f"lr-{lr:.3g}")})
+                           "eval": {"samples": 0}, "output_dir": str(run_dir / "probe" / (
+                               f"lr-{lr:.3g}" if n == steps else f"lr-{lr:.3g}-{n}steps"))})
         try:
             res = P.run_once(c, log=log)
             tried[lr] = {"lr": lr, "status": "ok", "value": res["best"], "eval_loss": (res["after"] or {}).get("eval_loss"),
-                         "step_time_s": res["step_time_s"], "res": res}
+                         "step_time_s": res["step_time_s"], "steps": n, "res": res}
         except TrainingDiverged as e:
-            tried[lr] = {"lr": lr, "status": "diverged", "value": None, "error": str(e)[:200], "res": None}
+            tried[lr] = {"lr": lr, "status": "diverged", "value": None, "error": str(e)[:200], "steps": n, "res": None}
+        history.append(tried[lr])
         shutil.rmtree(Path(c.output_dir) / "checkpoints", ignore_errors=True)
         log(f"probe lr {lr:.3g}: " + (f"{cfg.train.metric} {tried[lr]['value']:.4f}" if tried[lr]["value"] is not None
                                       else tried[lr]["status"]))
@@ -64,8 +81,26 @@ def probe(cfg: JobConfig, grid: list[float], steps: int, run_dir: Path, log) -> 
         if tried[best]["res"] is None or best not in (lo, hi):
             break
         one(float(f"{(best * ratio if best == hi else best / ratio):.3g}"))
+    n = steps
+    row_steps = cfg.train.max_steps or 0
+    for _ in range(MAX_HALVINGS):
+        if _separated(tried, metric_max) or 2 * n > row_steps:
+            break
+        ok = sorted((x for x in tried if tried[x]["res"] is not None), key=lambda x: _score(tried[x]["res"], metric_max),
+                    reverse=True)
+        n *= 2
+        keep = ok[:max(2, math.ceil(len(ok) / 2))]
+        log(f"probe: no rate ahead on {cfg.train.metric} after {n // 2} steps; {len(keep)} again at {n} steps")
+        tried = {lr: tried[lr] for lr in keep}
+        for lr in keep:
+            one(lr, n)
     best = max(tried, key=lambda x: _score(tried[x]["res"], metric_max))
-    rows = [{k: v for k, v in tried[lr].items() if k != "res"} for lr in sorted(tried)]
+    undecided = not _separated(tried, metric_max)
+    if undecided:
+        log(f"probe: could not separate the rates on {cfg.train.metric} after {n} steps; chose {best:g} by validation loss")
+    last = {id(v) for v in tried.values()}
+    rows = [{**{k: v for k, v in h.items() if k != "res"}, **({"undecided": True} if undecided and id(h) in last else {})}
+            for h in sorted(history, key=lambda h: (h["steps"], h["lr"]))]
     if tried[best]["res"] is None:
         raise RuntimeError(f"every probe learning rate diverged ({', '.join(f'{x:g}' for x in sorted(tried))})")
     return best, rows
