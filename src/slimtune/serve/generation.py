@@ -151,7 +151,8 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
     prompts = _prompts(srv, body)
     if len(prompts) * body.n > srv.cfg.max_n:
         raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} is {len(prompts) * body.n} choices; this server "
-                       f"allows at most {srv.cfg.max_n} per request (--max-n).", "n", "too_many_choices")
+                       f"allows at most {srv.cfg.max_n} per request (--max-n). Send fewer prompts per request (lm-eval: "
+                       f"--batch_size {max(srv.cfg.max_n // body.n, 1)} or less) or lower n.", "n", "too_many_choices")
     max_new = _limits(srv, body, prompts)
     stops = _stops(srv, body.stop)
     temp = srv.default_temperature if body.temperature is None else body.temperature
@@ -260,6 +261,9 @@ class _Run:
             choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
         obj = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                "created": self.created, "model": self.target.label, "choices": [choice]}
+        opts = self.body.stream_options
+        if opts is not None and opts.continuous_usage_stats:  # vLLM's: usage so far in every chunk
+            obj["usage"] = self._usage()
         return f"data: {json.dumps(obj)}\n\n"
 
     async def sse(self):

@@ -1,15 +1,18 @@
 """OpenAI request bodies (and vLLM's adapter bodies) as pydantic models: FastAPI validates them
 and publishes them in /openapi.json, which the fuzz test generates requests from.
 
-Unknown fields are refused (400, as OpenAI does: "Unrecognized request argument"); OpenAI fields
-slimtune does not implement are accepted at their neutral value and refused otherwise, with a
-message naming the field.
+Unknown fields are refused (400, as OpenAI does: "Unrecognized request argument"). Fields of
+OpenAI's or vLLM's API that slimtune does not act on are declared and accepted at the value where
+they change nothing (fields.py), and refused otherwise with one `unsupported_parameter` 400 that
+names the field.
 """
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from . import fields
 
 Float = Annotated[float, Field(allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]  # what torch.Generator.manual_seed takes
@@ -22,6 +25,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="vLLM's extension: usage so far in every chunk")
 
 
 class _Sampling(_Strict):
@@ -39,9 +43,37 @@ class _Sampling(_Strict):
     frequency_penalty: Float = 0.0
     logit_bias: dict[str, Float] | None = None
     ignore_eos: bool = Field(False, description="vLLM's extension: generate max_tokens tokens, EOS or not (benchmarks)")
+    repetition_penalty: Float = 1.0
+    top_k: int | None = None
+    min_p: Float | None = None
+    # accepted where they change nothing (fields.COMMON)
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
+    use_beam_search: bool | None = None
+    length_penalty: Float | None = None
+    prediction: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        """(field, message) for an OpenAI option set to something slimtune does not do."""
+        """(field, message) for an option set to something slimtune does not do."""
+        bad = fields.first_active(self, fields.COMMON)
+        if bad:
+            return bad
+        if self.repetition_penalty != 1.0:
+            return "repetition_penalty", "repetition_penalty is not supported; leave it at 1"
+        if self.top_k not in (None, 0, -1):
+            return "top_k", "top_k is not supported; leave it out"
+        if self.min_p:
+            return "min_p", "min_p is not supported; leave it out"
         if self.presence_penalty or self.frequency_penalty:
             name = "presence_penalty" if self.presence_penalty else "frequency_penalty"
             return name, f"{name} is not supported; leave it at 0"
@@ -100,8 +132,24 @@ class ChatRequest(_Sampling):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none"] | None = None
     parallel_tool_calls: bool | None = None
+    # accepted where they change nothing (fields.CHAT)
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    echo: bool | None = None
+    add_special_tokens: bool | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def unsupported(self):
+        bad = fields.first_active(self, fields.CHAT)
+        if bad:
+            return bad
         if self.logprobs or self.top_logprobs:
             return "logprobs", "logprobs are not supported; leave it out"
         if self.tools:
