@@ -24,7 +24,7 @@ from .config import ServeConfig
 from .engine import Engine, EngineStopped
 from .errors import APIError, BodyLimit, install, not_found
 from .generation import handle
-from .metrics import CONTENT_TYPE, Metrics
+from .metrics import CONTENT_TYPE, CountResponses, Metrics
 from .registry import AdapterError, AdapterExists, AdapterLoadError, AdapterNotFound, Registry
 from .routes import RouteError, Router
 from .schemas import ChatRequest, CompletionRequest, LoadLoraRequest, RouteBody, UnloadLoraRequest
@@ -92,6 +92,7 @@ def build_app(srv: Server) -> FastAPI:
                   version="0.1.0", lifespan=lifespan)
     install(app)
     app.add_middleware(BodyLimit, limit=srv.cfg.max_body_bytes)
+    app.add_middleware(CountResponses, metrics=srv.metrics, routes=app.routes)  # outermost: sees the 413s too
 
     def auth(authorization: str | None = Header(None, description="Bearer API key (with --keys)")) -> Tenant:
         if srv.tenants is None:

@@ -56,6 +56,8 @@ class _Choice:
     finish: str | None = None
     sent_role: bool = False
     chunks: list[str] = field(default_factory=list)
+    last: float | None = None  # when the latest token arrived
+    gaps: list[float] = field(default_factory=list)  # inter-token latencies (s)
 
 
 def _prompts(srv, body) -> list[list[int]]:
@@ -205,6 +207,11 @@ class _Run:
             if ev.error is not None or ev.finish in ("cancelled", "timeout", "error"):
                 raise _engine_error(ev)
             c.tokens += len(ev.tokens)
+            if ev.tokens:
+                now = time.perf_counter()
+                if c.last is not None:  # several tokens in one event share the wait
+                    c.gaps += [(now - c.last) / len(ev.tokens)] * len(ev.tokens)
+                c.last = now
             delta = c.text.push(ev.tokens)
             if c.text.stopped:
                 c.finish = "stop"
@@ -304,7 +311,7 @@ class _Run:
         self.srv.metrics.request_done(
             self.endpoint, self.target.label, self.status, self._usage()["prompt_tokens"] if ok else 0,
             sum(c.tokens for c in self.choices), time.perf_counter() - self.t0 if ok else None,
-            (min(firsts) - self.t0) if firsts and ok else None)
+            (min(firsts) - self.t0) if firsts and ok else None, [g for c in self.choices for g in c.gaps] if ok else ())
 
 
 async def _disconnected(request: Request) -> None:
