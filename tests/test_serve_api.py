@@ -51,6 +51,7 @@ def _server(world, keys=False, **cfg):
     base, ads, keyfile = world
     model, tok = load_base(base)
     adapters = {"acme-v1": str(ads["lora-a"]), "acme-v2": str(ads["lora-b"]), "globex-x": str(ads["lora-head"])}
+    cfg.setdefault("allow_adapter_paths", (str(base.parent),))  # API loads read the world's folders
     srv = make_server(model, tok, ServeConfig(served_model_name="tiny", **cfg), adapters,
                       keys=str(keyfile) if keys else None)
     return srv, TestClient(build_app(srv))
@@ -293,7 +294,7 @@ def test_load_and_unload_at_run_time(world, keyed, tmp_path):
     srv, c = keyed
     ids = lambda: sorted(m["id"] for m in c.get("/v1/models", headers=ADMIN).json()["data"])  # noqa: E731
     before = ids()
-    bad = tmp_path / "bad"
+    bad = base.parent / "bad"
     shutil.copytree(ads["prompt"], bad)
     (bad / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     r = c.post("/v1/load_lora_adapter", json={"lora_name": "acme-bad", "lora_path": str(bad)}, headers=ADMIN)

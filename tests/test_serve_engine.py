@@ -146,7 +146,7 @@ def test_lru_keeps_max_loaded_resident_and_reloads_on_demand(world):
     loras = ["lora-a", "lora-b", "lora-c", "lora-d"]
     reg, eng = _engine(world, loras[:2], max_loaded=2)
     for n in loras[2:]:
-        reg.add(n, str(ads[n]), "api")  # known and loaded; LRU pushes the oldest out
+        reg.add(n, str(ads[n]))  # known and loaded; LRU pushes the oldest out
     assert reg.resident_count() == 2 and len(reg.list()) == 4
     eng.start()
     try:

@@ -41,6 +41,8 @@ def resolve(srv, tenant, model: str, user: str | None) -> Target:
         return Target(BASE_ADAPTER, model)
     if srv.router.get(model) is not None and tenant.may_use_route(model):
         arm = srv.router.choose(model, user)
+        if not tenant.may_use_model(arm):  # start-up and PUT checks keep this from happening; never serve it
+            raise not_found(model)
         srv.metrics.route_requests.labels(model, arm).inc()
         return Target(BASE_ADAPTER if arm == srv.base_name else arm, arm, model)
     if model != srv.base_name and srv.registry.get(model) is not None and tenant.may_use_model(model):
@@ -64,6 +66,15 @@ def _prompts(srv, body) -> list[list[int]]:
     tok = srv.tokenizer
     try:
         if isinstance(body, ChatRequest):
+            for i, m in enumerate(body.messages):
+                for j, part in enumerate(m.content if isinstance(m.content, list) else ()):
+                    if part.type != "text":
+                        raise APIError(400, f"messages[{i}].content[{j}] is a '{part.type}' part; this model reads text "
+                                       "only: send the content as a string or as parts of type 'text'.",
+                                       f"messages.{i}.content.{j}.type", "unsupported_content")
+                    if part.text is None:
+                        raise APIError(400, f"messages[{i}].content[{j}] is a text part without `text`.",
+                                       f"messages.{i}.content.{j}.text", "invalid_value")
             msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
             out = [chat_prompt(tok, msgs)]
         elif isinstance(body.prompt, str):
