@@ -39,7 +39,7 @@ from .config import ServeConfig
 from .handles import EngineStopped, Event, GenRequest, Handle, QueueFull  # noqa: F401 - re-exported
 from .prefix_cache import PrefixCache, prefix_tensors
 from .registry import AdapterError, Placement, Registry
-from .sampling import next_tokens
+from . import sampling
 
 log = logging.getLogger("slimtune.serve")
 
@@ -63,8 +63,8 @@ class _Batch:
         self.names: list[str] = []  # each row's adapter, for the mixed batch
         self.cache = None  # DynamicCache (B, H, offset + T, D) per layer
         self.mask: torch.Tensor | None = None  # (B, T) attention mask, left-padded
-        # per-row (B,) tensors: the pending token (sampled, not yet in the cache), tokens generated,
-        # max_tokens, temperature, top_p, whether EOS ends the row
+        # per-row tensors: the pending token (sampled, not yet in the cache), tokens generated,
+        # max_tokens, whether EOS ends the row, and the sampling options and state (sampling.py)
         self.t: dict[str, torch.Tensor] = {}
 
     def generators(self) -> list | None:
@@ -318,12 +318,12 @@ class Engine:
             kvcache.check_layout(cache)
             self._checked_layout = True
         dev = self.device
-        t = {"temp": torch.tensor([r.req.temperature for r in rows], device=dev),
-             "top_p": torch.tensor([r.req.top_p for r in rows], device=dev),
-             "n_gen": torch.ones(len(rows), dtype=torch.long, device=dev),
-             "max_new": torch.tensor([r.req.max_tokens for r in rows], device=dev),
-             "eos_ok": torch.tensor([not r.req.ignore_eos for r in rows], device=dev)}
-        tok = next_tokens(logits, t["temp"], t["top_p"], [r.gen for r in rows if r.req.temperature > 0] or None)
+        t = sampling.row_state([r.req for r in rows], logits.shape[-1], dev)
+        t.update({"n_gen": torch.ones(len(rows), dtype=torch.long, device=dev),
+                  "max_new": torch.tensor([r.req.max_tokens for r in rows], device=dev),
+                  "eos_ok": torch.tensor([not r.req.ignore_eos for r in rows], device=dev)})
+        tok = sampling.next_tokens(logits, t, [r.gen for r in rows if r.req.temperature > 0] or None)
+        sampling.record(t, tok)
         t["last"] = tok  # (B2,)
         now = time.perf_counter()
         for r in rows:
@@ -334,7 +334,7 @@ class Engine:
         else:
             pad_old = kvcache.join(b.cache, cache, pl.offset)
             b.mask = torch.cat([F.pad(b.mask, (pad_old, 0)), F.pad(mask, (b.mask.shape[1] + pad_old - mask.shape[1], 0))])
-            b.t = {k: torch.cat([v, t[k]]) for k, v in b.t.items()}
+            b.t = sampling.cat_rows(b.t, t)
         b.rows += rows
         b.names += names
         self._emit(b, len(b.rows) - len(rows))
@@ -347,7 +347,8 @@ class Engine:
         if self.metrics is not None:
             self.metrics.batch_adapters.observe(len(set(b.names)))
         b.mask = mask
-        b.t["last"] = next_tokens(logits, b.t["temp"], b.t["top_p"], b.generators())
+        b.t["last"] = sampling.next_tokens(logits, b.t, b.generators())
+        sampling.record(b.t, b.t["last"])
         b.t["n_gen"] += 1
         self._emit(b, 0)
 

@@ -129,6 +129,19 @@ def _stops(srv, stop) -> list[str]:
     return stops
 
 
+def _logit_bias(srv, bias: dict[str, float] | None) -> dict[int, float] | None:
+    """{"token id": bias} -> {id: bias}, every id a token of this model."""
+    if not bias:
+        return None
+    out = {}
+    for k, v in bias.items():
+        if not (k.isdigit() and int(k) < srv.vocab_size):
+            raise APIError(400, f"logit_bias key '{k}' is not a token id of this model (0 to {srv.vocab_size - 1}).",
+                           "logit_bias", "invalid_value")
+        out[int(k)] = float(v)
+    return out
+
+
 def _engine_error(ev) -> APIError:
     e = ev.error
     if isinstance(e, AdapterNotFound):
@@ -168,6 +181,7 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
                        f"--batch_size {max(srv.cfg.max_n // body.n, 1)} or less) or lower n.", "n", "too_many_choices")
     max_new = _limits(srv, body, prompts)
     stops = _stops(srv, body.stop)
+    bias = _logit_bias(srv, body.logit_bias)
     temp = srv.default_temperature if body.temperature is None else body.temperature
     top_p = srv.default_top_p if body.top_p is None else body.top_p
     loop = asyncio.get_running_loop()
@@ -178,7 +192,9 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
             for j in range(body.n):
                 seed = None if body.seed is None else (body.seed + j) % 2**64
                 req = GenRequest(p, target.adapter, max_new[i], temp, top_p, seed, srv.cfg.request_timeout_s,
-                                 body.ignore_eos)
+                                 body.ignore_eos, top_k=max(body.top_k or 0, 0), min_p=body.min_p or 0.0,
+                                 repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
+                                 presence_penalty=body.presence_penalty, logit_bias=bias)
                 handles.append(srv.engine.submit(req, loop, sink, tag=len(handles)))
                 choices.append(_Choice(TextStream(srv.tokenizer, stops), len(p)))
     except (QueueFull, EngineStopped) as e:

@@ -33,6 +33,12 @@ class GenRequest:
     seed: int | None = None
     timeout_s: float | None = None
     ignore_eos: bool = False  # run to max_tokens (benchmarks compare equal work)
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
 
 
 @dataclass

@@ -39,13 +39,14 @@ class _Sampling(_Strict):
     stop: Stop = None
     seed: Seed | None = None
     user: str | None = Field(None, description="end-user id: A/B routes pick the same arm for the same user")
-    presence_penalty: Float = 0.0
-    frequency_penalty: Float = 0.0
-    logit_bias: dict[str, Float] | None = None
+    presence_penalty: Float = Field(0.0, ge=-2, le=2, description="minus p for every token generated so far")
+    frequency_penalty: Float = Field(0.0, ge=-2, le=2, description="minus f x times each token was generated")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = Field(
+        None, description="token id (as a string) -> added to its logit")
     ignore_eos: bool = Field(False, description="vLLM's extension: generate max_tokens tokens, EOS or not (benchmarks)")
-    repetition_penalty: Float = 1.0
-    top_k: int | None = None
-    min_p: Float | None = None
+    repetition_penalty: Float = Field(1.0, gt=0, le=10, description="vLLM's: seen tokens' logits divided by it (>1)")
+    top_k: int | None = Field(None, ge=-1, description="keep the k most likely tokens (0 or -1: all)")
+    min_p: Float | None = Field(None, ge=0, le=1, description="drop tokens below min_p x the top token's probability")
     # accepted where they change nothing (fields.COMMON)
     store: bool | None = None
     metadata: dict[str, Any] | None = None
@@ -68,17 +69,6 @@ class _Sampling(_Strict):
         bad = fields.first_active(self, fields.COMMON)
         if bad:
             return bad
-        if self.repetition_penalty != 1.0:
-            return "repetition_penalty", "repetition_penalty is not supported; leave it at 1"
-        if self.top_k not in (None, 0, -1):
-            return "top_k", "top_k is not supported; leave it out"
-        if self.min_p:
-            return "min_p", "min_p is not supported; leave it out"
-        if self.presence_penalty or self.frequency_penalty:
-            name = "presence_penalty" if self.presence_penalty else "frequency_penalty"
-            return name, f"{name} is not supported; leave it at 0"
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported; leave it out"
         return None
 
 
@@ -95,8 +85,9 @@ class CompletionRequest(_Sampling):
             return "echo", "echo is not supported; leave it false"
         if self.logprobs:
             return "logprobs", "logprobs are not supported; leave it out"
-        if self.best_of not in (None, 1):
-            return "best_of", "best_of is not supported; use n"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of", (f"best_of={self.best_of} with n={self.n} is not supported (the server does not rank "
+                               f"hidden candidates); send n={self.best_of} and pick on the client, or leave best_of out")
         if self.suffix:
             return "suffix", "suffix (insertion) is not supported; leave it out"
         return super().unsupported()
