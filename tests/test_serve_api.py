@@ -181,7 +181,7 @@ BAD = [
     (b'{"model": "acme-v1", "prompt": "x", "stream": "yes"}', 400, "invalid_value"),
     (b'{"model": "acme-v1", "prompt": "x", "banana": 1}', 400, "unknown_parameter"),
     (b'{"model": "acme-v1", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "too_many_stops"),
-    (b'{"model": "acme-v1", "prompt": "x", "echo": true}', 400, "unsupported_parameter"),
+    (b'{"model": "acme-v1", "prompt": "x", "echo": true, "logprobs": 50}', 400, "invalid_value"),
     (b'{"model": "acme-v1", "prompt": "x", "presence_penalty": 3}', 400, "invalid_value"),
     (b'{"model": "acme-v1", "prompt": "x", "best_of": 3}', 400, "unsupported_parameter"),
     (b'{"model": "acme-v1", "prompt": "x", "logit_bias": {"99999999": 5}}', 400, "invalid_value"),

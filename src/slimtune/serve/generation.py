@@ -20,6 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..methods.lora_layers import BASE_ADAPTER
+from . import logprobs
 from .engine import EngineStopped, GenRequest, QueueFull
 from .errors import APIError, not_found
 from .registry import AdapterLoadError, AdapterNotFound
@@ -60,6 +61,11 @@ class _Choice:
     chunks: list[str] = field(default_factory=list)
     last: float | None = None  # when the latest token arrived
     gaps: list[float] = field(default_factory=list)  # inter-token latencies (s)
+    prompt: list[int] = field(default_factory=list)
+    lps: list = field(default_factory=list)  # log-prob entries of the generated tokens (logprobs.py)
+    plps: list | None = None  # of the prompt tokens (echo)
+    sent: int = 0  # entries already streamed
+    echoed: bool = False  # the prompt's text went out (streamed echo)
 
 
 def _prompts(srv, body) -> list[list[int]]:
@@ -142,6 +148,15 @@ def _logit_bias(srv, bias: dict[str, float] | None) -> dict[int, float] | None:
     return out
 
 
+def _top_k(body) -> int | None:
+    """How many alternatives per token to return (0: the chosen token only), or None: no log-probs."""
+    if isinstance(body, ChatRequest):
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true.", "top_logprobs", "invalid_value")
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
+
+
 def _engine_error(ev) -> APIError:
     e = ev.error
     if isinstance(e, AdapterNotFound):
@@ -182,6 +197,8 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
     max_new = _limits(srv, body, prompts)
     stops = _stops(srv, body.stop)
     bias = _logit_bias(srv, body.logit_bias)
+    k = _top_k(body)
+    echo = bool(getattr(body, "echo", False)) and not chat
     temp = srv.default_temperature if body.temperature is None else body.temperature
     top_p = srv.default_top_p if body.top_p is None else body.top_p
     loop = asyncio.get_running_loop()
@@ -194,9 +211,10 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
                 req = GenRequest(p, target.adapter, max_new[i], temp, top_p, seed, srv.cfg.request_timeout_s,
                                  body.ignore_eos, top_k=max(body.top_k or 0, 0), min_p=body.min_p or 0.0,
                                  repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
-                                 presence_penalty=body.presence_penalty, logit_bias=bias)
+                                 presence_penalty=body.presence_penalty, logit_bias=bias, logprobs=k,
+                                 echo=echo and k is not None)
                 handles.append(srv.engine.submit(req, loop, sink, tag=len(handles)))
-                choices.append(_Choice(TextStream(srv.tokenizer, stops), len(p)))
+                choices.append(_Choice(TextStream(srv.tokenizer, stops), len(p), prompt=p))
     except (QueueFull, EngineStopped) as e:
         for h in handles:
             h.cancel()
@@ -207,7 +225,7 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
     headers = {"X-Slimtune-Adapter": target.label}
     if target.route:
         headers["X-Slimtune-Route"] = target.route
-    run = _Run(srv, endpoint, chat, target, handles, choices, sink, t0, body)
+    run = _Run(srv, endpoint, chat, target, handles, choices, sink, t0, body, k, echo)
     if body.stream:
         return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
     return await run.json(request, headers)
@@ -216,9 +234,10 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
 class _Run:
     """One request's choices in flight."""
 
-    def __init__(self, srv, endpoint, chat, target, handles, choices, sink, t0, body) -> None:
+    def __init__(self, srv, endpoint, chat, target, handles, choices, sink, t0, body, k=None, echo=False) -> None:
         self.srv, self.endpoint, self.chat, self.target = srv, endpoint, chat, target
         self.handles, self.choices, self.sink, self.t0, self.body = handles, choices, sink, t0, body
+        self.k, self.echo = k, echo  # log-probs: top k per token (None: off); echo the prompt (completions)
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.status = 200
@@ -234,6 +253,10 @@ class _Run:
             if ev.error is not None or ev.finish in ("cancelled", "timeout", "error"):
                 raise _engine_error(ev)
             c.tokens += len(ev.tokens)
+            if ev.logprobs:
+                c.lps += ev.logprobs
+            if ev.prompt_logprobs is not None:
+                c.plps = ev.prompt_logprobs
             if ev.tokens:
                 now = time.perf_counter()
                 if c.last is not None:  # several tokens in one event share the wait
@@ -278,21 +301,43 @@ class _Run:
             gone.cancel()
             self._close()
         if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": c.text.text}, "logprobs": None,
-                        "finish_reason": c.finish} for i, c in enumerate(self.choices)]
+            choices = [{"index": i, "message": {"role": "assistant", "content": c.text.text},
+                        "logprobs": self._logprobs(c), "finish_reason": c.finish} for i, c in enumerate(self.choices)]
         else:
-            choices = [{"index": i, "text": c.text.text, "logprobs": None, "finish_reason": c.finish}
-                       for i, c in enumerate(self.choices)]
+            choices = [{"index": i, "text": self._echo(c) + c.text.text, "logprobs": self._logprobs(c),
+                        "finish_reason": c.finish} for i, c in enumerate(self.choices)]
         body = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
                 "model": self.target.label, "choices": choices, "usage": self._usage()}
         return JSONResponse(body, headers=headers)
 
+    def _echo(self, c: _Choice) -> str:
+        """The prompt's text in front of a completion (echo), once."""
+        if not self.echo or c.echoed:
+            return ""
+        c.echoed = True
+        return self.srv.tokenizer.decode(c.prompt, skip_special_tokens=True)
+
+    def _logprobs(self, c: _Choice) -> dict | None:
+        """The entries not yet sent, in the endpoint's shape (all of them for a JSON answer)."""
+        if self.k is None:
+            return None
+        new, c.sent = c.lps[c.sent:], len(c.lps)
+        tok = self.srv.tokenizer
+        if self.chat:
+            return {"content": logprobs.chat_shape(tok, new), "refusal": None}
+        ids = [e[0] for e in new]
+        if c.plps is not None:  # echo: the prompt's entries first (once)
+            new, ids, c.plps = c.plps + new, c.prompt + ids, None
+        return logprobs.completion_shape(tok, new, ids)
+
     def _chunk(self, i: int, text: str | None, finish: str | None, role: bool = False) -> str:
+        c = self.choices[i]
+        lp = None if role else self._logprobs(c)
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
-            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": i, "text": self._echo(c) + (text or ""), "logprobs": lp, "finish_reason": finish}
         obj = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                "created": self.created, "model": self.target.label, "choices": [choice]}
         opts = self.body.stream_options

@@ -39,6 +39,8 @@ class GenRequest:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    logprobs: int | None = None  # log-probs of each chosen token and its top k alternatives (None: off)
+    echo: bool = False  # also the prompt tokens' log-probs (first event)
 
 
 @dataclass
@@ -46,6 +48,8 @@ class Event:
     tokens: list[int]
     finish: str | None = None  # "stop" (EOS), "length", "cancelled", "timeout", "error"
     error: BaseException | None = None
+    logprobs: list | None = None  # per token: (id, logprob, [(id, logprob), ...]) (logprobs.py)
+    prompt_logprobs: list | None = None  # per prompt token (the first: None), with `echo`
 
 
 class Handle:

@@ -75,16 +75,12 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="text, a list of texts, token ids, or a list of token-id lists")
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = Field(False, description="the prompt in front of the text (and its log-probs, with logprobs)")
+    logprobs: int | None = Field(None, ge=0, le=20, description="log-probs of each token and its top N alternatives")
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
 
     def unsupported(self):
-        if self.echo:
-            return "echo", "echo is not supported; leave it false"
-        if self.logprobs:
-            return "logprobs", "logprobs are not supported; leave it out"
         if self.best_of is not None and self.best_of != self.n:
             return "best_of", (f"best_of={self.best_of} with n={self.n} is not supported (the server does not rank "
                                f"hidden candidates); send n={self.best_of} and pick on the client, or leave best_of out")
@@ -144,8 +140,6 @@ class ChatRequest(_Sampling):
         bad = fields.first_active(self, fields.CHAT)
         if bad:
             return bad
-        if self.logprobs or self.top_logprobs:
-            return "logprobs", "logprobs are not supported; leave it out"
         if self.tools:
             return "tools", "tool calls are not supported; leave tools out"
         return super().unsupported()
