@@ -24,6 +24,7 @@ from .config import ServeConfig
 from .engine import Engine, EngineStopped
 from .errors import APIError, BodyLimit, install, not_found
 from .generation import handle
+from .grammar import Grammars
 from .metrics import CONTENT_TYPE, CountResponses, Metrics
 from .registry import AdapterError, AdapterExists, AdapterLoadError, AdapterNotFound, AdapterRefused, Registry
 from .routes import RouteError, Router
@@ -64,6 +65,7 @@ class Server:
         self.default_temperature = float(getattr(gen, "temperature", 1.0) or 1.0) if sample else 0.0
         self.default_top_p = float(getattr(gen, "top_p", 1.0) or 1.0) if sample else 1.0
         pad = getattr(self.tokenizer, "pad_token_id", None)
+        self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)  # response_format (grammar.py)
         self.metrics = Metrics(self.registry)
         self.engine = Engine(self.registry, self.cfg, self.eos_ids, pad if pad is not None else (self.eos_ids or [0])[0],
                              self.metrics)

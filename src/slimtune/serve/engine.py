@@ -39,7 +39,7 @@ from .config import ServeConfig
 from .handles import EngineStopped, Event, GenRequest, Handle, QueueFull  # noqa: F401 - re-exported
 from .prefix_cache import PrefixCache, prefix_tensors
 from .registry import AdapterError, Placement, Registry
-from . import logprobs, sampling
+from . import grammar, logprobs, sampling
 
 log = logging.getLogger("slimtune.serve")
 
@@ -331,7 +331,11 @@ class Engine:
         t.update({"n_gen": torch.ones(len(rows), dtype=torch.long, device=dev),
                   "max_new": torch.tensor([r.req.max_tokens for r in rows], device=dev),
                   "eos_ok": torch.tensor([not r.req.ignore_eos for r in rows], device=dev)})
-        tok = sampling.next_tokens(logits, t, [r.gen for r in rows if r.req.temperature > 0] or None)
+        ms = [r.req.matcher for r in rows]
+        free = all(m is None for m in ms)
+        tok = sampling.next_tokens(logits if free else grammar.constrain(logits, ms), t,
+                                   [r.gen for r in rows if r.req.temperature > 0] or None)
+        forced = None if free else grammar.advance(ms, tok.tolist())
         sampling.record(t, tok)
         t["last"] = tok  # (B2,)
         lps = logprobs.step_entries(logits, tok, [r.req.logprobs for r in rows])
@@ -347,7 +351,7 @@ class Engine:
             b.t = sampling.cat_rows(b.t, t)
         b.rows += rows
         b.names += names
-        self._emit(b, len(b.rows) - len(rows), lps, plps)
+        self._emit(b, len(b.rows) - len(rows), lps, plps, forced)
 
     def _decode(self, b: _Batch) -> None:
         n = len(b.rows)
@@ -357,19 +361,25 @@ class Engine:
         if self.metrics is not None:
             self.metrics.batch_adapters.observe(len(set(b.names)))
         b.mask = mask
-        b.t["last"] = sampling.next_tokens(logits, b.t, b.generators())
+        ms = [r.req.matcher for r in b.rows]
+        free = all(m is None for m in ms)
+        b.t["last"] = sampling.next_tokens(logits if free else grammar.constrain(logits, ms), b.t, b.generators())
+        forced = None if free else grammar.advance(ms, b.t["last"].tolist())
         sampling.record(b.t, b.t["last"])
         b.t["n_gen"] += 1
         ks = [r.req.logprobs for r in b.rows]
         lps = logprobs.step_entries(logits, b.t["last"], ks) if any(k is not None for k in ks) else None
-        self._emit(b, 0, lps)
+        self._emit(b, 0, lps, None, forced)
 
-    def _emit(self, b: _Batch, start: int, lps: list | None = None, plps: list | None = None) -> None:
+    def _emit(self, b: _Batch, start: int, lps: list | None = None, plps: list | None = None,
+              forced: list[bool] | None = None) -> None:
         """Hand rows[start:] their new token (and log-probs, prompt log-probs when asked); rows that
-        hit EOS or max_tokens leave the batch."""
+        hit EOS or max_tokens, or whose grammar is complete (`forced`), leave the batch."""
         t = {k: v[start:] for k, v in b.t.items()}
         tok = t["last"]
         eos = torch.isin(tok, self.eos) & t["eos_ok"]
+        if forced is not None:
+            eos = eos | torch.tensor(forced, device=self.device)
         done = eos | (t["n_gen"] >= t["max_new"])
         toks, dn, es = tok.tolist(), done.tolist(), eos.tolist()
         n = len(toks)

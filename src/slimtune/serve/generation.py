@@ -23,6 +23,7 @@ from ..methods.lora_layers import BASE_ADAPTER
 from . import logprobs
 from .engine import EngineStopped, GenRequest, QueueFull
 from .errors import APIError, not_found
+from .grammar import GrammarError
 from .registry import AdapterLoadError, AdapterNotFound
 from .schemas import ChatRequest, CompletionRequest
 from .text import PromptError, TextStream, chat_prompt, encode
@@ -148,6 +149,20 @@ def _logit_bias(srv, bias: dict[str, float] | None) -> dict[int, float] | None:
     return out
 
 
+def _grammar(srv, body) -> str | None:
+    """The grammar for chat's response_format (grammar.py), or None for free text; a bad schema is a 400."""
+    fmt = getattr(body, "response_format", None)
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.schema_ is None):
+        raise APIError(400, "response_format json_schema needs json_schema: {name, schema}.",
+                       "response_format.json_schema", "missing_required_parameter")
+    try:
+        return srv.grammars.grammar(fmt)
+    except GrammarError as e:
+        raise APIError(400, str(e), "response_format.json_schema.schema", "invalid_value") from None
+
+
 def _top_k(body) -> int | None:
     """How many alternatives per token to return (0: the chosen token only), or None: no log-probs."""
     if isinstance(body, ChatRequest):
@@ -198,6 +213,7 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
     stops = _stops(srv, body.stop)
     bias = _logit_bias(srv, body.logit_bias)
     k = _top_k(body)
+    gram = _grammar(srv, body)
     echo = bool(getattr(body, "echo", False)) and not chat
     temp = srv.default_temperature if body.temperature is None else body.temperature
     top_p = srv.default_top_p if body.top_p is None else body.top_p
@@ -212,7 +228,7 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
                                  body.ignore_eos, top_k=max(body.top_k or 0, 0), min_p=body.min_p or 0.0,
                                  repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
                                  presence_penalty=body.presence_penalty, logit_bias=bias, logprobs=k,
-                                 echo=echo and k is not None)
+                                 echo=echo and k is not None, matcher=srv.grammars.matcher(gram) if gram else None)
                 handles.append(srv.engine.submit(req, loop, sink, tag=len(handles)))
                 choices.append(_Choice(TextStream(srv.tokenizer, stops), len(p), prompt=p))
     except (QueueFull, EngineStopped) as e:

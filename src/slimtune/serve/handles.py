@@ -41,6 +41,7 @@ class GenRequest:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     logprobs: int | None = None  # log-probs of each chosen token and its top k alternatives (None: off)
     echo: bool = False  # also the prompt tokens' log-probs (first event)
+    matcher: Any = None  # an llguidance matcher: structured output (grammar.py), one per choice
 
 
 @dataclass
