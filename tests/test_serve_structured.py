@@ -40,7 +40,7 @@ def _tiny_bpe_model(path):
                                   pad_token="<|endoftext|>")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
@@ -115,3 +115,58 @@ def test_json_object_with_logit_bias_and_a_bad_schema(live):
     assert e.value.body["param"] == "response_format.json_schema.schema"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="a", messages=msgs, max_tokens=4, response_format={"type": "json_schema"})
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                                                          "required": ["city"], "additionalProperties": False}}},
+         {"type": "function", "function": {"name": "add", "parameters": {
+             "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                              "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+             "required": ["a", "b"], "additionalProperties": False}}}]
+
+
+def _valid_call(call):
+    args = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        return args in ({"city": "Paris"}, {"city": "Oslo"})
+    return call.function.name == "add" and set(args) == {"a", "b"} and all(0 <= v <= 9 for v in args.values())
+
+
+def test_tool_calls_required_named_streamed_and_results_back(live):
+    client = _client(live)
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    out = client.chat.completions.create(model="a", messages=msgs, tools=TOOLS, tool_choice="required", max_tokens=80)
+    ch = out.choices[0]
+    assert ch.finish_reason == "tool_calls" and ch.message.content is None
+    assert ch.message.tool_calls and all(_valid_call(c) for c in ch.message.tool_calls)
+    named = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, parallel_tool_calls=False,
+                                           tool_choice={"type": "function", "function": {"name": "add"}}, max_tokens=60)
+    calls = named.choices[0].message.tool_calls
+    assert len(calls) == 1 and calls[0].function.name == "add" and _valid_call(calls[0])
+    parts = list(client.chat.completions.create(model="a", messages=msgs, tools=TOOLS, tool_choice="required",
+                                                max_tokens=80, stream=True))
+    streamed = [c for p in parts if p.choices for c in (p.choices[0].delta.tool_calls or [])]
+    assert streamed and all(_valid_call(c) for c in streamed)
+    assert [p.choices[0].finish_reason for p in parts if p.choices][-1] == "tool_calls"
+    # the call and its result go back to the model through the chat template
+    call = ch.message.tool_calls[0]
+    back = msgs + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                   {"role": "tool", "tool_call_id": call.id, "content": "18 degrees"}]
+    again = client.chat.completions.create(model="a", messages=back, tools=TOOLS, tool_choice="none", max_tokens=5)
+    assert again.choices[0].message.tool_calls is None and again.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="a", messages=msgs, tools=TOOLS, max_tokens=4,
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_auto_tool_calls_are_parsed_from_hermes_blocks():
+    from slimtune.serve.tools import parse
+
+    text = 'Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    content, calls = parse(text, "auto")
+    assert content == "Let me check." and len(calls) == 1
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert parse("no call here", "auto") == ("no call here", [])
+    assert parse('<tool_call>{"name": broken</tool_call>', "auto")[1] == []

@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..methods.lora_layers import BASE_ADAPTER
-from . import logprobs
+from . import logprobs, tools
 from .engine import EngineStopped, GenRequest, QueueFull
 from .errors import APIError, not_found
 from .grammar import GrammarError
@@ -69,7 +69,7 @@ class _Choice:
     echoed: bool = False  # the prompt's text went out (streamed echo)
 
 
-def _prompts(srv, body) -> list[list[int]]:
+def _prompts(srv, body, fns: dict | None = None) -> list[list[int]]:
     tok = srv.tokenizer
     try:
         if isinstance(body, ChatRequest):
@@ -82,8 +82,8 @@ def _prompts(srv, body) -> list[list[int]]:
                     if part.text is None:
                         raise APIError(400, f"messages[{i}].content[{j}] is a text part without `text`.",
                                        f"messages.{i}.content.{j}.text", "invalid_value")
-            msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
-            out = [chat_prompt(tok, msgs)]
+            msgs = [tools.message_in(m) for m in body.messages]
+            out = [tools.render_tools(tok, msgs, fns, chat_prompt) if fns else chat_prompt(tok, msgs)]
         elif isinstance(body.prompt, str):
             out = [encode(tok, body.prompt)] if body.prompt else [[]]
         elif body.prompt and isinstance(body.prompt[0], str):
@@ -149,6 +149,24 @@ def _logit_bias(srv, bias: dict[str, float] | None) -> dict[int, float] | None:
     return out
 
 
+def _tooling(srv, body) -> tuple[dict, str, str | None]:
+    """(tools by name, how calls are made: none / auto / required / named, the grammar of a forced call)."""
+    try:
+        fns = tools.functions(body.tools)
+        how, named = tools.mode(body.tool_choice, fns)
+    except tools.ToolError as e:
+        raise APIError(400, str(e), "tools" if "tools[" in str(e) else "tool_choice", "invalid_value") from None
+    if how not in ("required", "named"):
+        return fns, how, None
+    if body.response_format is not None and body.response_format.type != "text":
+        raise APIError(400, "tool_choice required / a named function and response_format cannot be combined; "
+                       "send one of them.", "response_format", "invalid_value")
+    try:
+        return fns, how, srv.grammars.schema_grammar(tools.call_schema(fns, named, body.parallel_tool_calls is not False))
+    except GrammarError as e:
+        raise APIError(400, f"a tool's parameters: {e}", "tools", "invalid_value") from None
+
+
 def _grammar(srv, body) -> str | None:
     """The grammar for chat's response_format (grammar.py), or None for free text; a bad schema is a 400."""
     fmt = getattr(body, "response_format", None)
@@ -204,7 +222,8 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
     if bad:
         raise APIError(400, bad[1], bad[0], "unsupported_parameter")
     target = resolve(srv, tenant, body.model, body.user)
-    prompts = _prompts(srv, body)
+    fns, how, gram = _tooling(srv, body) if chat else ({}, "none", None)
+    prompts = _prompts(srv, body, fns)
     if len(prompts) * body.n > srv.cfg.max_n:
         raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} is {len(prompts) * body.n} choices; this server "
                        f"allows at most {srv.cfg.max_n} per request (--max-n). Send fewer prompts per request (lm-eval: "
@@ -213,7 +232,7 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
     stops = _stops(srv, body.stop)
     bias = _logit_bias(srv, body.logit_bias)
     k = _top_k(body)
-    gram = _grammar(srv, body)
+    gram = gram or _grammar(srv, body)
     echo = bool(getattr(body, "echo", False)) and not chat
     temp = srv.default_temperature if body.temperature is None else body.temperature
     top_p = srv.default_top_p if body.top_p is None else body.top_p
@@ -241,7 +260,7 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
     headers = {"X-Slimtune-Adapter": target.label}
     if target.route:
         headers["X-Slimtune-Route"] = target.route
-    run = _Run(srv, endpoint, chat, target, handles, choices, sink, t0, body, k, echo)
+    run = _Run(srv, endpoint, chat, target, handles, choices, sink, t0, body, k, echo, how)
     if body.stream:
         return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
     return await run.json(request, headers)
@@ -250,10 +269,12 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
 class _Run:
     """One request's choices in flight."""
 
-    def __init__(self, srv, endpoint, chat, target, handles, choices, sink, t0, body, k=None, echo=False) -> None:
+    def __init__(self, srv, endpoint, chat, target, handles, choices, sink, t0, body, k=None, echo=False,
+                 how="none") -> None:
         self.srv, self.endpoint, self.chat, self.target = srv, endpoint, chat, target
         self.handles, self.choices, self.sink, self.t0, self.body = handles, choices, sink, t0, body
         self.k, self.echo = k, echo  # log-probs: top k per token (None: off); echo the prompt (completions)
+        self.how = how  # tool calls: none / auto / required / named (tools.py)
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.status = 200
@@ -317,14 +338,22 @@ class _Run:
             gone.cancel()
             self._close()
         if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": c.text.text},
-                        "logprobs": self._logprobs(c), "finish_reason": c.finish} for i, c in enumerate(self.choices)]
+            choices = [self._message(i, c) for i, c in enumerate(self.choices)]
         else:
             choices = [{"index": i, "text": self._echo(c) + c.text.text, "logprobs": self._logprobs(c),
                         "finish_reason": c.finish} for i, c in enumerate(self.choices)]
         body = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
                 "model": self.target.label, "choices": choices, "usage": self._usage()}
         return JSONResponse(body, headers=headers)
+
+    def _message(self, i: int, c: _Choice) -> dict:
+        """A chat choice; with tools, calls parsed out of the text into tool_calls."""
+        content, calls = tools.parse(c.text.text, self.how)
+        msg = {"role": "assistant", "content": content}
+        if calls:
+            msg["tool_calls"] = calls
+        return {"index": i, "message": msg, "logprobs": self._logprobs(c),
+                "finish_reason": "tool_calls" if calls else c.finish}
 
     def _echo(self, c: _Choice) -> str:
         """The prompt's text in front of a completion (echo), once."""
@@ -361,12 +390,24 @@ class _Run:
             obj["usage"] = self._usage()
         return f"data: {json.dumps(obj)}\n\n"
 
+    def _tool_chunk(self, i: int) -> str:
+        m = self._message(i, self.choices[i])
+        calls = [{"index": j, **c} for j, c in enumerate(m["message"].get("tool_calls", []))]
+        delta = {"tool_calls": calls} if calls else {"content": m["message"]["content"] or ""}
+        obj = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.target.label,
+               "choices": [{"index": i, "delta": delta, "logprobs": m["logprobs"], "finish_reason": m["finish_reason"]}]}
+        return f"data: {json.dumps(obj)}\n\n"
+
     async def sse(self):
         try:
             if self.chat:
                 for i in range(len(self.choices)):
                     yield self._chunk(i, None, None, role=True)
             async for i, text, finish in self._events():
+                if self.how != "none":  # with tools, the answer is parsed whole: one chunk at the end
+                    if finish is not None:
+                        yield self._tool_chunk(i)
+                    continue
                 if text:
                     yield self._chunk(i, text, None)
                 if finish is not None:

@@ -51,9 +51,13 @@ class Grammars:
         if kind == "text":
             return None
         if kind == "json_object":
-            schema: dict = {"type": "object"}
-        else:
-            schema = response_format.json_schema.schema_ or {}
+            return self.schema_grammar({"type": "object"})
+        return self.schema_grammar(response_format.json_schema.schema_ or {})
+
+    def schema_grammar(self, schema: dict) -> str:
+        """llguidance's grammar for a JSON schema (checked against the tokenizer)."""
+        from llguidance import LLMatcher
+
         try:  # compact JSON: no free whitespace for a weak model to wander in
             grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults={"whitespace_flexible": False})
         except (ValueError, TypeError, RuntimeError) as e:

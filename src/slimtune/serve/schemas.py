@@ -99,9 +99,11 @@ class ContentPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)  # fields of returned messages (refusal, ...) may come back
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls (sent back with the results)
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -129,7 +131,7 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none"] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     # accepted where they change nothing (fields.CHAT)
     modalities: list[str] | None = None
@@ -149,8 +151,6 @@ class ChatRequest(_Sampling):
         bad = fields.first_active(self, fields.CHAT)
         if bad:
             return bad
-        if self.tools:
-            return "tools", "tool calls are not supported; leave tools out"
         return super().unsupported()
 
 
