@@ -227,8 +227,8 @@ class Engine:
         new: dict[tuple, list[_Row]] = {}
         budget, taken = self.cfg.prefill_tokens, 0
         for h in cands:
-            if room <= 0 or (taken and len(h.req.prompt) > budget):
-                break
+            if room <= 0 or (taken and len(h.req.prompt) > budget) or (taken and h.req.echo):
+                break  # (an echo row prefills alone: its forward keeps every position's logits, (S, V))
             try:
                 pl = self.registry.acquire(h.req.adapter)
             except AdapterError as e:
@@ -242,6 +242,8 @@ class Engine:
                 self._waiting.remove(h)
             new.setdefault(pl.key, []).append(_Row(h, pl, self.device))
             room, budget, taken = room - 1, budget - len(h.req.prompt), taken + 1
+            if h.req.echo:
+                break
         for key, rows in new.items():
             b = self._batches.get(key)
             if b is None:
