@@ -170,3 +170,21 @@ def test_auto_tool_calls_are_parsed_from_hermes_blocks():
     assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
     assert parse("no call here", "auto") == ("no call here", [])
     assert parse('<tool_call>{"name": broken</tool_call>', "auto")[1] == []
+
+
+def test_langchain_with_structured_output(live):
+    """LangChain's ChatOpenAI against the server: with_structured_output by json_schema (its default) and
+    by function calling; both come back as validated pydantic objects."""
+    pytest.importorskip("langchain_openai")
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Weather(BaseModel):
+        city: str = Field(json_schema_extra={"enum": ["Paris", "Oslo"]})
+        degrees: int = Field(ge=-40, le=50)
+
+    llm = ChatOpenAI(model="a", base_url=live[0].url, api_key="unused", max_tokens=60, temperature=0, max_retries=0,
+                     timeout=120)
+    for method in ("json_schema", "function_calling"):
+        got = llm.with_structured_output(Weather, method=method, strict=True).invoke("Weather in Oslo?")
+        assert isinstance(got, Weather) and got.city in ("Paris", "Oslo") and -40 <= got.degrees <= 50, method
