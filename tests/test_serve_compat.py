@@ -96,3 +96,30 @@ def test_too_many_prompts_names_the_client_side_fix(client):
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["code"] == "too_many_choices" and "--batch_size 8" in err["message"]
+
+
+def test_a_guidellm_style_run_of_24_concurrent_streams(client):
+    """24 streams at once with guidellm's body over a real socket: all answer, all counted in /metrics."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from test_serve_openai import LiveServer
+
+    srv, _ = client
+    body = {"model": "a", "messages": [{"role": "user", "content": "count to ten"}], "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}, "max_tokens": 6,
+            "max_completion_tokens": 6, "stop": None, "ignore_eos": True}
+    get = srv.metrics.registry.get_sample_value
+    labels = {"route": "/v1/chat/completions", "status": "200", "reason": "ok"}
+    before = get("slimtune_responses_total", labels) or 0
+    with LiveServer(build_app(srv)) as server:
+        def one(i):
+            with httpx.Client(timeout=120) as h:
+                r = h.post(f"{server.url}/chat/completions", json={**body, "user": f"u{i}"})
+                return r.status_code, _sse(r)[-1]["usage"]["completion_tokens"]
+
+        with ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(one, range(24)))
+    assert results == [(200, 6)] * 24
+    assert get("slimtune_responses_total", labels) == before + 24
