@@ -156,3 +156,16 @@ def test_lm_eval_local_completions_equals_its_hf_backend(live, tmp_path):
     got, want = scores(served), scores(hf)
     assert len(got) == sum(len(d["choices"]) for d in DOCS)
     assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-4), (got, want)
+
+
+def test_best_of_answers_the_n_most_likely_of_its_candidates(live):
+    client = _client(live)
+    ask = dict(model="lora-a", prompt="a clumsy, overlong mess", max_tokens=5, temperature=1.0, seed=7)
+    # the same seeds (seed + j for candidate j) give the same candidates: all 4, scored
+    every = client.completions.create(n=4, logprobs=0, **ask).choices
+    total = {c.index: sum(c.logprobs.token_logprobs) for c in every}
+    top2 = sorted(sorted(total, key=total.get, reverse=True)[:2])
+    best = client.completions.create(n=2, best_of=4, **ask)
+    assert [c.text for c in best.choices] == [every[i].text for i in top2]
+    assert best.choices[0].logprobs is None  # not asked for: used for the ranking only
+    assert best.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in every)  # every candidate ran

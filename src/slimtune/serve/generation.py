@@ -103,10 +103,12 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
     target = resolve(srv, tenant, body.model, body.user)
     fns, how, gram = checks.tooling(srv, body) if chat else ({}, "none", None)
     prompts = checks.prompts(srv, body, fns)
-    if len(prompts) * body.n > srv.cfg.max_n:
-        raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} is {len(prompts) * body.n} choices; this server "
+    per = getattr(body, "best_of", None) or body.n  # candidates per prompt: best_of > n ranks them at the end
+    if len(prompts) * per > srv.cfg.max_n:
+        what = f"best_of={per}" if per > body.n else f"n={body.n}"
+        raise APIError(400, f"{len(prompts)} prompt(s) x {what} is {len(prompts) * per} choices; this server "
                        f"allows at most {srv.cfg.max_n} per request (--max-n). Send fewer prompts per request (lm-eval: "
-                       f"--batch_size {max(srv.cfg.max_n // body.n, 1)} or less) or lower n.", "n", "too_many_choices")
+                       f"--batch_size {max(srv.cfg.max_n // per, 1)} or less) or lower n.", "n", "too_many_choices")
     max_new = checks.limits(srv, body, prompts)
     stops = checks.stops(srv, body.stop)
     bias = checks.logit_bias(srv, body.logit_bias)
@@ -120,12 +122,13 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
     handles, choices = [], []
     try:
         for i, p in enumerate(prompts):
-            for j in range(body.n):
+            for j in range(per):
                 seed = None if body.seed is None else (body.seed + j) % 2**64
                 req = GenRequest(p, target.adapter, max_new[i], temp, top_p, seed, srv.cfg.request_timeout_s,
                                  body.ignore_eos, top_k=max(body.top_k or 0, 0), min_p=body.min_p or 0.0,
                                  repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
-                                 presence_penalty=body.presence_penalty, logit_bias=bias, logprobs=k,
+                                 presence_penalty=body.presence_penalty, logit_bias=bias,
+                                 logprobs=k if k is not None or per == body.n else 0,  # best_of ranks by log-prob
                                  echo=echo and k is not None, matcher=srv.grammars.matcher(gram) if gram else None)
                 handles.append(srv.engine.submit(req, loop, sink, tag=len(handles)))
                 choices.append(_Choice(TextStream(srv.tokenizer, stops), len(p), prompt=p))
@@ -139,7 +142,7 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
     headers = {"X-Slimtune-Adapter": target.label}
     if target.route:
         headers["X-Slimtune-Route"] = target.route
-    run = _Run(srv, endpoint, chat, target, handles, choices, sink, t0, body, k, echo, how)
+    run = _Run(srv, endpoint, chat, target, handles, choices, sink, t0, body, k, echo, how, per)
     if body.stream:
         return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
     return await run.json(request, headers)
@@ -149,11 +152,12 @@ class _Run:
     """One request's choices in flight."""
 
     def __init__(self, srv, endpoint, chat, target, handles, choices, sink, t0, body, k=None, echo=False,
-                 how="none") -> None:
+                 how="none", per: int = 1) -> None:
         self.srv, self.endpoint, self.chat, self.target = srv, endpoint, chat, target
         self.handles, self.choices, self.sink, self.t0, self.body = handles, choices, sink, t0, body
         self.k, self.echo = k, echo  # log-probs: top k per token (None: off); echo the prompt (completions)
         self.how = how  # tool calls: none / auto / required / named (tools.py)
+        self.per = per  # choices run per prompt (best_of; n of them are answered)
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.status = 200
@@ -191,7 +195,7 @@ class _Run:
                 yield tag, delta, c.finish
 
     def _usage(self) -> dict:
-        p = sum(c.prompt_tokens for c in self.choices[:: self.body.n])
+        p = sum(c.prompt_tokens for c in self.choices[:: self.per])
         g = sum(c.tokens for c in self.choices)
         return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
 
@@ -220,10 +224,22 @@ class _Run:
             choices = [self._message(i, c) for i, c in enumerate(self.choices)]
         else:
             choices = [{"index": i, "text": self._echo(c) + c.text.text, "logprobs": self._logprobs(c),
-                        "finish_reason": c.finish} for i, c in enumerate(self.choices)]
+                        "finish_reason": c.finish} for i, c in enumerate(self._best())]
         body = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
                 "model": self.target.label, "choices": choices, "usage": self._usage()}
         return JSONResponse(body, headers=headers)
+
+    def _best(self) -> list[_Choice]:
+        """best_of: per prompt, the n candidates with the highest total log-prob (in run order)."""
+        if self.per == self.body.n:
+            return self.choices
+        out = []
+        for g in range(0, len(self.choices), self.per):
+            group = self.choices[g:g + self.per]
+            score = {id(c): sum(e[1] for e in c.lps) for c in group}
+            keep = set(sorted(score, key=score.get, reverse=True)[: self.body.n])
+            out += [c for c in group if id(c) in keep]
+        return out
 
     def _message(self, i: int, c: _Choice) -> dict:
         """A chat choice; with tools, calls parsed out of the text into tool_calls."""

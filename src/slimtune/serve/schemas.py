@@ -81,9 +81,10 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
 
     def unsupported(self):
-        if self.best_of is not None and self.best_of != self.n:
-            return "best_of", (f"best_of={self.best_of} with n={self.n} is not supported (the server does not rank "
-                               f"hidden candidates); send n={self.best_of} and pick on the client, or leave best_of out")
+        if self.best_of is not None and self.best_of < self.n:
+            return "best_of", f"best_of={self.best_of} is below n={self.n}; best_of must be at least n"
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            return "best_of", "best_of > n cannot stream (the best candidates are known only at the end); set stream: false"
         if self.suffix:
             return "suffix", "suffix (insertion) is not supported; leave it out"
         return super().unsupported()
