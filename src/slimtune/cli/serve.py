@@ -114,6 +114,9 @@ def run(a) -> int:
                       prefix_cache_tokens=a.prefix_cache_tokens, allow_adapter_paths=tuple(a.allow_adapter_path))
     if a.adapters_dir and not os.path.isdir(a.adapters_dir):
         raise CommandError(f"--adapters-dir {a.adapters_dir}: no such folder")
+    for root in a.allow_adapter_path:
+        if not os.path.isdir(root):
+            raise CommandError(f"--allow-adapter-path {root}: no such folder")
     try:
         srv = make_server(model.eval(), tok, cfg, adapters, a.adapters_dir, a.keys, routes, base_path=str(path))
     except (ServeError, KeysFileError, AdapterError) as e:
