@@ -39,7 +39,7 @@ from .config import ServeConfig
 from .handles import EngineStopped, Event, GenRequest, Handle, QueueFull  # noqa: F401 - re-exported
 from .prefix_cache import PrefixCache, prefix_tensors
 from .registry import AdapterError, Placement, Registry
-from . import grammar, logprobs, sampling
+from . import logprobs, sampling
 
 log = logging.getLogger("slimtune.serve")
 
@@ -333,14 +333,9 @@ class Engine:
         t.update({"n_gen": torch.ones(len(rows), dtype=torch.long, device=dev),
                   "max_new": torch.tensor([r.req.max_tokens for r in rows], device=dev),
                   "eos_ok": torch.tensor([not r.req.ignore_eos for r in rows], device=dev)})
-        ms = [r.req.matcher for r in rows]
-        free = all(m is None for m in ms)
-        tok = sampling.next_tokens(logits if free else grammar.constrain(logits, ms), t,
-                                   [r.gen for r in rows if r.req.temperature > 0] or None)
-        forced = None if free else grammar.advance(ms, tok.tolist())
-        sampling.record(t, tok)
+        tok, forced, lps = sampling.choose(logits, t, [r.req for r in rows],
+                                           [r.gen for r in rows if r.req.temperature > 0] or None)
         t["last"] = tok  # (B2,)
-        lps = logprobs.step_entries(logits, tok, [r.req.logprobs for r in rows])
         now = time.perf_counter()
         for r in rows:
             r.handle.t_first = now
@@ -363,14 +358,8 @@ class Engine:
         if self.metrics is not None:
             self.metrics.batch_adapters.observe(len(set(b.names)))
         b.mask = mask
-        ms = [r.req.matcher for r in b.rows]
-        free = all(m is None for m in ms)
-        b.t["last"] = sampling.next_tokens(logits if free else grammar.constrain(logits, ms), b.t, b.generators())
-        forced = None if free else grammar.advance(ms, b.t["last"].tolist())
-        sampling.record(b.t, b.t["last"])
+        b.t["last"], forced, lps = sampling.choose(logits, b.t, [r.req for r in b.rows], b.generators())
         b.t["n_gen"] += 1
-        ks = [r.req.logprobs for r in b.rows]
-        lps = logprobs.step_entries(logits, b.t["last"], ks) if any(k is not None for k in ks) else None
         self._emit(b, 0, lps, None, forced)
 
     def _emit(self, b: _Batch, start: int, lps: list | None = None, plps: list | None = None,

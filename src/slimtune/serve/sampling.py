@@ -84,6 +84,24 @@ def adjusted(logits: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
     return lg
 
 
+def choose(logits: torch.Tensor, t: dict[str, torch.Tensor], reqs, generators) -> tuple[torch.Tensor, list | None,
+                                                                                      list | None]:
+    """One step's choice for a batch: (tokens (B,), where each row's grammar is complete (None
+    without constrained rows), log-prob entries (None when no row asked)). Constrained rows
+    (grammar.py) get their masks first; log-probs are of the model's own logits; the penalty
+    state counts the chosen tokens."""
+    from . import grammar, logprobs
+
+    ms = [r.matcher for r in reqs]
+    free = all(m is None for m in ms)
+    tok = next_tokens(logits if free else grammar.constrain(logits, ms), t, generators)
+    forced = None if free else grammar.advance(ms, tok.tolist())
+    record(t, tok)
+    ks = [r.logprobs for r in reqs]
+    lps = logprobs.step_entries(logits, tok, ks) if any(k is not None for k in ks) else None
+    return tok, forced, lps
+
+
 def next_tokens(logits: torch.Tensor, t: dict[str, torch.Tensor],
                 generators: list[torch.Generator | None] | None) -> torch.Tensor:
     """logits (B, V), the rows' tensors `t`, generators: one per sampled row (in row order) or None
