@@ -51,6 +51,7 @@ def _server(world, keys=False, **cfg):
     base, ads, keyfile = world
     model, tok = load_base(base)
     adapters = {"acme-v1": str(ads["lora-a"]), "acme-v2": str(ads["lora-b"]), "globex-x": str(ads["lora-head"])}
+    cfg.setdefault("allow_adapter_paths", (str(base.parent),))  # API loads read the world's folders
     srv = make_server(model, tok, ServeConfig(served_model_name="tiny", **cfg), adapters,
                       keys=str(keyfile) if keys else None)
     return srv, TestClient(build_app(srv))
@@ -180,8 +181,11 @@ BAD = [
     (b'{"model": "acme-v1", "prompt": "x", "stream": "yes"}', 400, "invalid_value"),
     (b'{"model": "acme-v1", "prompt": "x", "banana": 1}', 400, "unknown_parameter"),
     (b'{"model": "acme-v1", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "too_many_stops"),
-    (b'{"model": "acme-v1", "prompt": "x", "echo": true}', 400, "unsupported_parameter"),
-    (b'{"model": "acme-v1", "prompt": "x", "presence_penalty": 1}', 400, "unsupported_parameter"),
+    (b'{"model": "acme-v1", "prompt": "x", "echo": true, "logprobs": 50}', 400, "invalid_value"),
+    (b'{"model": "acme-v1", "prompt": "x", "presence_penalty": 3}', 400, "invalid_value"),
+    (b'{"model": "acme-v1", "prompt": "x", "best_of": 1, "n": 2}', 400, "unsupported_parameter"),
+    (b'{"model": "acme-v1", "prompt": "x", "best_of": 3, "stream": true}', 400, "unsupported_parameter"),
+    (b'{"model": "acme-v1", "prompt": "x", "logit_bias": {"99999999": 5}}', 400, "invalid_value"),
     (b'{"model": "acme-v1", "prompt": [99999999]}', 400, "invalid_token_id"),
     (b'{"model": "acme-v1", "prompt": [-1]}', 400, None),
     (b'{"model": "acme-v1", "prompt": "\\ud800"}', 400, None),
@@ -293,7 +297,7 @@ def test_load_and_unload_at_run_time(world, keyed, tmp_path):
     srv, c = keyed
     ids = lambda: sorted(m["id"] for m in c.get("/v1/models", headers=ADMIN).json()["data"])  # noqa: E731
     before = ids()
-    bad = tmp_path / "bad"
+    bad = base.parent / "bad"
     shutil.copytree(ads["prompt"], bad)
     (bad / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     r = c.post("/v1/load_lora_adapter", json={"lora_name": "acme-bad", "lora_path": str(bad)}, headers=ADMIN)

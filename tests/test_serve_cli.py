@@ -46,7 +46,8 @@ def test_mistakes_are_one_line_and_exit_2(world, tmp_path, capsys):
                         (["--adapter", f"x={ads['lora-a']}", "--adapter", f"x={ads['lora-b']}"], "given twice"),
                         (["--keys", str(bad)], "keys.0.admin"), (["--route", "support=nope"], "--route"),
                         (["--route", "support=ghost:1"], "arm 'ghost' is not a loaded adapter"),
-                        (["--adapters-dir", str(tmp_path / "none")], "no such folder")]:
+                        (["--adapters-dir", str(tmp_path / "none")], "no such folder"),
+                        (["--allow-adapter-path", str(tmp_path / "none")], "--allow-adapter-path")]:
         assert main(["serve", "--model", str(base)] + args) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, (args, err)

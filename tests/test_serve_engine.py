@@ -15,7 +15,7 @@ from slimtune.serve import Engine, GenRequest, Registry, ServeConfig
 from slimtune.serve import kvcache
 from slimtune.serve.engine import QueueFull
 from slimtune.serve.registry import AdapterLoadError, AdapterNotFound
-from slimtune.serve.sampling import next_tokens
+from slimtune.serve.sampling import next_tokens as _next_tokens
 
 ALL = ["lora-a", "lora-b", "lora-c", "lora-d", "lora-head", "dora", "ia3", "prompt", "prefix", "layerwise", "bottleneck"]
 EOS = 102  # the tiny model's eos (MiniLM's [SEP])
@@ -68,6 +68,13 @@ def test_kvcache_rows_join_with_padding_after_the_virtual_tokens():
     assert a.layers[1].values[0, 0, :, 0].tolist() == [-200, -201, 0, 0, -202]
     kvcache.drop_columns(a, 2, 2)
     assert a.layers[0].keys[0, 0, :, 0].tolist() == [200, 201, 202]
+
+
+def next_tokens(logits, temp, top_p, gens):
+    """temperature and top_p only (every other option neutral)."""
+    n = len(temp)
+    t = {"temp": temp, "top_p": top_p, "top_k": torch.zeros(n, dtype=torch.long), "min_p": torch.zeros(n)}
+    return _next_tokens(logits, t, gens)
 
 
 def test_sampling_greedy_top_p_and_seeds():
@@ -146,7 +153,7 @@ def test_lru_keeps_max_loaded_resident_and_reloads_on_demand(world):
     loras = ["lora-a", "lora-b", "lora-c", "lora-d"]
     reg, eng = _engine(world, loras[:2], max_loaded=2)
     for n in loras[2:]:
-        reg.add(n, str(ads[n]), "api")  # known and loaded; LRU pushes the oldest out
+        reg.add(n, str(ads[n]))  # known and loaded; LRU pushes the oldest out
     assert reg.resident_count() == 2 and len(reg.list()) == 4
     eng.start()
     try:

@@ -21,6 +21,8 @@ def add_parser(sub) -> None:
     g.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="an adapter folder served as NAME (loaded at start-up); repeat for several")
     g.add_argument("--adapters-dir", metavar="DIR", help="serve every sub-folder of DIR by its name, loaded on first use")
+    g.add_argument("--allow-adapter-path", action="append", default=[], metavar="ROOT",
+                   help="a folder under which POST /v1/load_lora_adapter may load adapters (besides --adapters-dir)")
     g.add_argument("--host", default=d.host, help="address to bind (default loopback; others need --keys or --insecure)")
     g.add_argument("--port", type=int, default=d.port)
     g.add_argument("--keys", metavar="keys.yaml", help="API keys: tenants' adapters and routes, rate limits, admin")
@@ -141,9 +143,12 @@ def run(a) -> int:
     cfg = ServeConfig(host=a.host, port=a.port, served_model_name=name, max_batch=a.max_batch, max_queue=a.max_queue,
                       max_loaded=a.max_loaded, max_body_bytes=a.max_body_bytes, max_prompt_tokens=a.max_prompt_tokens,
                       max_tokens=a.max_tokens, max_n=a.max_n, request_timeout_s=a.request_timeout, insecure=a.insecure,
-                      prefix_cache_tokens=a.prefix_cache_tokens)
+                      prefix_cache_tokens=a.prefix_cache_tokens, allow_adapter_paths=tuple(a.allow_adapter_path))
     if a.adapters_dir and not os.path.isdir(a.adapters_dir):
         raise CommandError(f"--adapters-dir {a.adapters_dir}: no such folder")
+    for root in a.allow_adapter_path:
+        if not os.path.isdir(root):
+            raise CommandError(f"--allow-adapter-path {root}: no such folder")
     try:
         srv = make_server(model.eval(), tok, cfg, adapters, a.adapters_dir, a.keys, routes, base_path=str(path))
     except (ServeError, KeysFileError, AdapterError) as e:

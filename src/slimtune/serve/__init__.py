@@ -5,7 +5,11 @@
     handles.py   GenRequest in, Handle (events, cancel) out
     kvcache.py   row surgery on the cache (select, join with left padding, trim)
     prefix_cache.py  prompt-prefix KV per adapter, in hashed blocks
-    sampling.py  greedy / temperature / top_p / seeded sampling as tensor ops
+    sampling.py  greedy / temperature / top_p / top_k / min_p / penalties / logit_bias / seeds as tensor ops
+    logprobs.py  log-probs of chosen and top tokens (and echoed prompts), OpenAI's shapes
+    grammar.py   structured output: llguidance masks per row;  tools.py  tool calling
+    fields.py    other clients' fields accepted where they change nothing;  paths.py  where API loads may read
+    checks.py    a generation request's checks (prompts, limits, tools, response_format)
     text.py      prompts (chat template) and streamed text with stop strings
     tenants.py   keys.yaml: hashed keys, adapter/route globs, rate limits, admin
     routes.py    A/B routes, sticky per user

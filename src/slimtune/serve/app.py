@@ -24,8 +24,9 @@ from .config import ServeConfig
 from .engine import Engine, EngineStopped
 from .errors import APIError, BodyLimit, install, not_found
 from .generation import handle
-from .metrics import CONTENT_TYPE, Metrics
-from .registry import AdapterError, AdapterExists, AdapterLoadError, AdapterNotFound, Registry
+from .grammar import Grammars
+from .metrics import CONTENT_TYPE, CountResponses, Metrics
+from .registry import AdapterError, AdapterExists, AdapterLoadError, AdapterNotFound, AdapterRefused, Registry
 from .routes import RouteError, Router
 from .schemas import ChatRequest, CompletionRequest, LoadLoraRequest, RouteBody, UnloadLoraRequest
 from .tenants import OPEN, Tenant, Tenants
@@ -49,6 +50,8 @@ class Server:
         self.vocab_size = int(base.get_input_embeddings().num_embeddings)
         self.context = int(getattr(mcfg, "max_position_embeddings", None) or 2048)
         self.max_prompt_tokens = min(self.cfg.max_prompt_tokens, self.context - 1)
+        # what /v1/models advertises: prompt + completion tokens a request can really have
+        self.max_model_len = min(self.context, self.max_prompt_tokens + self.cfg.max_tokens)
         gen = getattr(base, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None)
         if eos is None:
@@ -62,6 +65,7 @@ class Server:
         self.default_temperature = float(getattr(gen, "temperature", 1.0) or 1.0) if sample else 0.0
         self.default_top_p = float(getattr(gen, "top_p", 1.0) or 1.0) if sample else 1.0
         pad = getattr(self.tokenizer, "pad_token_id", None)
+        self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)  # response_format (grammar.py)
         self.metrics = Metrics(self.registry)
         self.engine = Engine(self.registry, self.cfg, self.eos_ids, pad if pad is not None else (self.eos_ids or [0])[0],
                              self.metrics)
@@ -77,6 +81,14 @@ class Server:
         if missing:
             raise RouteError(f"route '{name}': arm '{missing[0]}' is not a loaded adapter (or the base model "
                              f"'{self.base_name}'); load it first")
+        # a key granted a route must be granted every arm of it: otherwise the route would answer
+        # with an adapter the key's `adapters` globs exclude (checked at start-up and on every PUT)
+        for t in self.tenants.tenants if self.tenants is not None else ():
+            if t.may_use_route(name):
+                out = [a for a in arms if not t.may_use_model(a)]
+                if out:
+                    raise RouteError(f"route '{name}': key '{t.name}' may use the route but not its arm '{out[0]}'; "
+                                     f"add '{out[0]}' to that key's adapters, or take '{name}' out of its routes")
 
 
 def build_app(srv: Server) -> FastAPI:
@@ -92,6 +104,7 @@ def build_app(srv: Server) -> FastAPI:
                   version="0.1.0", lifespan=lifespan)
     install(app)
     app.add_middleware(BodyLimit, limit=srv.cfg.max_body_bytes)
+    app.add_middleware(CountResponses, metrics=srv.metrics, routes=app.routes)  # outermost: sees the 413s too
 
     def auth(authorization: str | None = Header(None, description="Bearer API key (with --keys)")) -> Tenant:
         if srv.tenants is None:
@@ -128,21 +141,24 @@ def build_app(srv: Server) -> FastAPI:
             raise APIError(403, "/metrics needs an admin key (it names every tenant's adapters).", code="admin_required")
         return Response(srv.metrics.render(), media_type=CONTENT_TYPE)
 
+    limits = {"max_model_len": srv.max_model_len, "max_prompt_tokens": srv.max_prompt_tokens,
+              "max_tokens": srv.cfg.max_tokens}
+
     def model_cards(t: Tenant) -> list[dict]:
         cards = []
         if t.may_use_model(srv.base_name):
             cards.append({"id": srv.base_name, "object": "model", "created": srv.started, "owned_by": "slimtune",
                           "root": srv.base_path if t.admin else srv.base_name, "parent": None,
-                          "max_model_len": srv.context})
+                          **limits})
         for e in srv.registry.list():
             if e.name != srv.base_name and t.may_use_model(e.name):
                 cards.append({"id": e.name, "object": "model", "created": e.created, "owned_by": "slimtune",
                               "root": e.path if t.admin else e.name, "parent": srv.base_name,
-                              "max_model_len": srv.context})
+                              **limits})
         for name, arms in sorted(srv.router.all().items()):
             if t.may_use_route(name):
                 card = {"id": name, "object": "model", "created": srv.started, "owned_by": "slimtune",
-                        "root": name, "parent": srv.base_name, "max_model_len": srv.context}
+                        "root": name, "parent": srv.base_name, **limits}
                 if t.admin:
                     card["route"] = arms
                 cards.append(card)
@@ -177,6 +193,8 @@ def build_app(srv: Server) -> FastAPI:
             await on_engine(lambda: srv.registry.add(name, body.lora_path, "api"))
         except AdapterExists as e:
             raise APIError(400, str(e), "lora_name", "adapter_exists") from None
+        except AdapterRefused as e:
+            raise APIError(400, str(e), "lora_path", "adapter_path_refused") from None
         except AdapterLoadError as e:
             raise APIError(400, str(e), "lora_path", "adapter_load_failed") from None
         except AdapterError as e:

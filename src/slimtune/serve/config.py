@@ -22,6 +22,7 @@ class ServeConfig:
     #                                  in fp32; chat prompts share their template and system prompt
     prefix_block: int = 16  # tokens per cached block: a prefix is reused in whole blocks
     max_queue: int = 256  # requests waiting for a batch slot before new ones get 429
+    allow_adapter_paths: tuple[str, ...] = ()  # roots besides --adapters-dir that API loads may read (paths.py)
     max_loaded: int = 16  # adapters resident in memory; the least recently used is evicted beyond it
     #                       (a LoRA r=16 on all linears of a 135M model is ~20 MB)
     # requests

@@ -39,7 +39,7 @@ from .config import ServeConfig
 from .handles import EngineStopped, Event, GenRequest, Handle, QueueFull  # noqa: F401 - re-exported
 from .prefix_cache import PrefixCache, prefix_tensors
 from .registry import AdapterError, Placement, Registry
-from .sampling import next_tokens
+from . import logprobs, sampling
 
 log = logging.getLogger("slimtune.serve")
 
@@ -63,8 +63,8 @@ class _Batch:
         self.names: list[str] = []  # each row's adapter, for the mixed batch
         self.cache = None  # DynamicCache (B, H, offset + T, D) per layer
         self.mask: torch.Tensor | None = None  # (B, T) attention mask, left-padded
-        # per-row (B,) tensors: the pending token (sampled, not yet in the cache), tokens generated,
-        # max_tokens, temperature, top_p, whether EOS ends the row
+        # per-row tensors: the pending token (sampled, not yet in the cache), tokens generated,
+        # max_tokens, whether EOS ends the row, and the sampling options and state (sampling.py)
         self.t: dict[str, torch.Tensor] = {}
 
     def generators(self) -> list | None:
@@ -227,8 +227,8 @@ class Engine:
         new: dict[tuple, list[_Row]] = {}
         budget, taken = self.cfg.prefill_tokens, 0
         for h in cands:
-            if room <= 0 or (taken and len(h.req.prompt) > budget):
-                break
+            if room <= 0 or (taken and len(h.req.prompt) > budget) or (taken and h.req.echo):
+                break  # (an echo row prefills alone: its forward keeps every position's logits, (S, V))
             try:
                 pl = self.registry.acquire(h.req.adapter)
             except AdapterError as e:
@@ -242,6 +242,8 @@ class Engine:
                 self._waiting.remove(h)
             new.setdefault(pl.key, []).append(_Row(h, pl, self.device))
             room, budget, taken = room - 1, budget - len(h.req.prompt), taken + 1
+            if h.req.echo:
+                break
         for key, rows in new.items():
             b = self._batches.get(key)
             if b is None:
@@ -257,14 +259,15 @@ class Engine:
         return taken
 
     # ---- forwards -----------------------------------------------------------------------------
-    def _forward(self, pl: Placement, names: list[str], ids, mask, pos, cache) -> tuple[torch.Tensor, Any]:
-        """One forward of a batch: (B, T) ids -> last-position logits (B, V), and the cache."""
+    def _forward(self, pl: Placement, names: list[str], ids, mask, pos, cache, full: bool = False) -> tuple[torch.Tensor, Any]:
+        """One forward of a batch: (B, T) ids -> last-position logits (B, V) (with `full`: every
+        position's, (B, T', V), virtual tokens in front), and the cache."""
         self._enter(pl, names)
         kw = {pl.cache_name: cache, "use_cache": True}
-        if pl.logits_to_keep:
+        if pl.logits_to_keep and not full:
             kw["logits_to_keep"] = 1
         out = pl.model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw)
-        return out.logits[:, -1], output_cache(out) or cache
+        return out.logits if full else out.logits[:, -1], output_cache(out) or cache
 
     def _enter(self, pl: Placement, names: list[str]) -> None:
         """Put the batch's adapters in place: a mixed batch stays entered across steps while its rows
@@ -294,7 +297,8 @@ class Engine:
         # reuse cached prefix blocks (not with virtual tokens in front: their cache columns differ)
         use_pc = pl.offset == 0 and self.prefix.max_tokens > 0
         owners = [self.registry.owner(r.req.adapter) for r in rows]
-        found = [self.prefix.lookup(o, r.req.prompt) for o, r in zip(owners, rows)] if use_pc else [[] for _ in rows]
+        # an echo row needs logits at every prompt position: it computes its whole prompt
+        found = [self.prefix.lookup(o, r.req.prompt) if use_pc and not r.req.echo else [] for o, r in zip(owners, rows)]
         cached = [len(f) * self.prefix.block for f in found]
         suffixes = [torch.tensor(r.req.prompt[c:], dtype=torch.long) for r, c in zip(rows, cached)]
         ids = _left_pad(suffixes, self.pad_id).to(self.device)  # (B2, S)
@@ -307,7 +311,14 @@ class Engine:
             mask = torch.cat([pmask, mask], dim=1)  # (B2, P + S): holes where a row's prefix is shorter
         pos = (mask.cumsum(-1) - 1).clamp_(min=0)[:, -ids.shape[1]:]  # padding does not shift positions
         names = [r.req.adapter for r in rows]
-        logits, cache = self._forward(pl, names, ids, mask, pos, cache)
+        full = any(r.req.echo for r in rows)
+        logits, cache = self._forward(pl, names, ids, mask, pos, cache, full=full)
+        plps = None
+        if full:  # prompt log-probs of the echo rows: each prompt fills the last len(prompt) columns
+            lg = logits[:, -ids.shape[1]:]
+            plps = [logprobs.prompt_entries(lg[i, lg.shape[1] - len(r.req.prompt):], r.req.prompt, r.req.logprobs or 0)
+                    if r.req.echo else None for i, r in enumerate(rows)]
+            logits = lg[:, -1]
         if use_pc:
             width = mask.shape[1]
             for i, (o, r, c) in enumerate(zip(owners, rows, cached)):
@@ -318,12 +329,12 @@ class Engine:
             kvcache.check_layout(cache)
             self._checked_layout = True
         dev = self.device
-        t = {"temp": torch.tensor([r.req.temperature for r in rows], device=dev),
-             "top_p": torch.tensor([r.req.top_p for r in rows], device=dev),
-             "n_gen": torch.ones(len(rows), dtype=torch.long, device=dev),
-             "max_new": torch.tensor([r.req.max_tokens for r in rows], device=dev),
-             "eos_ok": torch.tensor([not r.req.ignore_eos for r in rows], device=dev)}
-        tok = next_tokens(logits, t["temp"], t["top_p"], [r.gen for r in rows if r.req.temperature > 0] or None)
+        t = sampling.row_state([r.req for r in rows], logits.shape[-1], dev)
+        t.update({"n_gen": torch.ones(len(rows), dtype=torch.long, device=dev),
+                  "max_new": torch.tensor([r.req.max_tokens for r in rows], device=dev),
+                  "eos_ok": torch.tensor([not r.req.ignore_eos for r in rows], device=dev)})
+        tok, forced, lps = sampling.choose(logits, t, [r.req for r in rows],
+                                           [r.gen for r in rows if r.req.temperature > 0] or None)
         t["last"] = tok  # (B2,)
         now = time.perf_counter()
         for r in rows:
@@ -334,10 +345,10 @@ class Engine:
         else:
             pad_old = kvcache.join(b.cache, cache, pl.offset)
             b.mask = torch.cat([F.pad(b.mask, (pad_old, 0)), F.pad(mask, (b.mask.shape[1] + pad_old - mask.shape[1], 0))])
-            b.t = {k: torch.cat([v, t[k]]) for k, v in b.t.items()}
+            b.t = sampling.cat_rows(b.t, t)
         b.rows += rows
         b.names += names
-        self._emit(b, len(b.rows) - len(rows))
+        self._emit(b, len(b.rows) - len(rows), lps, plps, forced)
 
     def _decode(self, b: _Batch) -> None:
         n = len(b.rows)
@@ -347,22 +358,30 @@ class Engine:
         if self.metrics is not None:
             self.metrics.batch_adapters.observe(len(set(b.names)))
         b.mask = mask
-        b.t["last"] = next_tokens(logits, b.t["temp"], b.t["top_p"], b.generators())
+        b.t["last"], forced, lps = sampling.choose(logits, b.t, [r.req for r in b.rows], b.generators())
         b.t["n_gen"] += 1
-        self._emit(b, 0)
+        self._emit(b, 0, lps, None, forced)
 
-    def _emit(self, b: _Batch, start: int) -> None:
-        """Hand rows[start:] their new token; rows that hit EOS or max_tokens leave the batch."""
+    def _emit(self, b: _Batch, start: int, lps: list | None = None, plps: list | None = None,
+              forced: list[bool] | None = None) -> None:
+        """Hand rows[start:] their new token (and log-probs, prompt log-probs when asked); rows that
+        hit EOS or max_tokens, or whose grammar is complete (`forced`), leave the batch."""
         t = {k: v[start:] for k, v in b.t.items()}
         tok = t["last"]
         eos = torch.isin(tok, self.eos) & t["eos_ok"]
+        if forced is not None:
+            eos = eos | torch.tensor(forced, device=self.device)
         done = eos | (t["n_gen"] >= t["max_new"])
         toks, dn, es = tok.tolist(), done.tolist(), eos.tolist()
-        for r, tk, d, e in zip(b.rows[start:], toks, dn, es):
+        n = len(toks)
+        for j, (r, tk, d, e) in enumerate(zip(b.rows[start:], toks, dn, es)):
+            ev = Event([tk], ("stop" if e else "length") if d else None,
+                       logprobs=[lps[j]] if lps is not None and lps[j] is not None else None,
+                       prompt_logprobs=plps[j] if plps is not None and j < n else None)
             if d:
-                self._finish(r, Event([tk], "stop" if e else "length"))
+                self._finish(r, ev)
             else:
-                self._out.append((r.handle, Event([tk])))
+                self._out.append((r.handle, ev))
         if any(dn):
             keep = torch.cat([torch.ones(start, dtype=torch.bool, device=self.device), ~done])
             self._keep(b, keep)

@@ -1,11 +1,12 @@
 """/v1/completions and /v1/chat/completions: check the request, turn it into engine rows (one per
 choice), and answer as one JSON body or as server-sent events.
 
-    body ─► model -> adapter (route arm, tenant's globs) ─► prompts -> token ids ─► limits
+    body ─► model -> adapter (route arm, tenant's globs) ─► prompts -> token ids ─► limits (checks.py)
          ─► engine.submit per choice (429 when the queue is full)
          ─► tokens -> TextStream per choice (stop strings cancel the row) ─► JSON / SSE
 
-A client that disconnects (or whose stream is closed) cancels its rows: they leave the batch at
+Log-probs (logprobs.py), tool calls (tools.py) and structured output (grammar.py) ride on the
+same rows. A client that disconnects (or whose stream is closed) cancels its rows: they leave the batch at
 the engine's next step.
 """
 from __future__ import annotations
@@ -20,11 +21,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..methods.lora_layers import BASE_ADAPTER
+from . import checks, logprobs, tools
 from .engine import EngineStopped, GenRequest, QueueFull
 from .errors import APIError, not_found
 from .registry import AdapterLoadError, AdapterNotFound
-from .schemas import ChatRequest, CompletionRequest
-from .text import PromptError, TextStream, chat_prompt, encode
+from .schemas import ChatRequest
+from .text import TextStream
 
 
 @dataclass
@@ -41,6 +43,8 @@ def resolve(srv, tenant, model: str, user: str | None) -> Target:
         return Target(BASE_ADAPTER, model)
     if srv.router.get(model) is not None and tenant.may_use_route(model):
         arm = srv.router.choose(model, user)
+        if not tenant.may_use_model(arm):  # start-up and PUT checks keep this from happening; never serve it
+            raise not_found(model)
         srv.metrics.route_requests.labels(model, arm).inc()
         return Target(BASE_ADAPTER if arm == srv.base_name else arm, arm, model)
     if model != srv.base_name and srv.registry.get(model) is not None and tenant.may_use_model(model):
@@ -56,64 +60,13 @@ class _Choice:
     finish: str | None = None
     sent_role: bool = False
     chunks: list[str] = field(default_factory=list)
-
-
-def _prompts(srv, body) -> list[list[int]]:
-    tok = srv.tokenizer
-    try:
-        if isinstance(body, ChatRequest):
-            msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
-            out = [chat_prompt(tok, msgs)]
-        elif isinstance(body.prompt, str):
-            out = [encode(tok, body.prompt)] if body.prompt else [[]]
-        elif body.prompt and isinstance(body.prompt[0], str):
-            out = [encode(tok, p) if p else [] for p in body.prompt]
-        elif body.prompt and isinstance(body.prompt[0], list):
-            out = [list(p) for p in body.prompt]
-        else:
-            out = [list(body.prompt)]
-    except PromptError as e:
-        raise APIError(400, str(e), "messages" if isinstance(body, ChatRequest) else "prompt", "invalid_prompt") from None
-    if not out:
-        raise APIError(400, "The prompt list is empty; send at least one prompt.", "prompt", "empty_prompt")
-    for p in out:
-        if not p:
-            raise APIError(400, "The prompt is empty; send at least one token of text.", "prompt", "empty_prompt")
-        if min(p) < 0 or max(p) >= srv.vocab_size:
-            raise APIError(400, f"Token ids must be in [0, {srv.vocab_size}).", "prompt", "invalid_token_id")
-    return out
-
-
-def _limits(srv, body, prompts: list[list[int]]) -> list[int]:
-    cfg = srv.cfg
-    asked = body.max_tokens
-    if isinstance(body, ChatRequest) and body.max_completion_tokens is not None:
-        asked = body.max_completion_tokens
-    if asked is not None and asked > cfg.max_tokens:
-        raise APIError(400, f"max_tokens is {asked}; this server allows at most {cfg.max_tokens} (--max-tokens).",
-                       "max_tokens", "max_tokens_too_large")
-    out = []
-    for p in prompts:
-        if len(p) > srv.max_prompt_tokens:
-            raise APIError(400, f"The prompt has {len(p)} tokens; this server takes at most {srv.max_prompt_tokens} "
-                           "(--max-prompt-tokens, and the model's context). Shorten the prompt.",
-                           "messages" if isinstance(body, ChatRequest) else "prompt", "context_length_exceeded")
-        room = srv.context - len(p)
-        default = cfg.default_completion_tokens if isinstance(body, CompletionRequest) else cfg.max_tokens
-        n = asked if asked is not None else max(min(default, room), 1)
-        if n > room:
-            raise APIError(400, f"This model's maximum context length is {srv.context} tokens; the prompt has {len(p)} "
-                           f"and max_tokens asks for {n}. Lower max_tokens or shorten the prompt.", "max_tokens",
-                           "context_length_exceeded")
-        out.append(n)
-    return out
-
-
-def _stops(srv, stop) -> list[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > srv.cfg.max_stop:
-        raise APIError(400, f"At most {srv.cfg.max_stop} stop sequences are allowed.", "stop", "too_many_stops")
-    return stops
+    last: float | None = None  # when the latest token arrived
+    gaps: list[float] = field(default_factory=list)  # inter-token latencies (s)
+    prompt: list[int] = field(default_factory=list)
+    lps: list = field(default_factory=list)  # log-prob entries of the generated tokens (logprobs.py)
+    plps: list | None = None  # of the prompt tokens (echo)
+    sent: int = 0  # entries already streamed
+    echoed: bool = False  # the prompt's text went out (streamed echo)
 
 
 def _engine_error(ev) -> APIError:
@@ -148,12 +101,20 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
     if bad:
         raise APIError(400, bad[1], bad[0], "unsupported_parameter")
     target = resolve(srv, tenant, body.model, body.user)
-    prompts = _prompts(srv, body)
-    if len(prompts) * body.n > srv.cfg.max_n:
-        raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} is {len(prompts) * body.n} choices; this server "
-                       f"allows at most {srv.cfg.max_n} per request (--max-n).", "n", "too_many_choices")
-    max_new = _limits(srv, body, prompts)
-    stops = _stops(srv, body.stop)
+    fns, how, gram = checks.tooling(srv, body) if chat else ({}, "none", None)
+    prompts = checks.prompts(srv, body, fns)
+    per = getattr(body, "best_of", None) or body.n  # candidates per prompt: best_of > n ranks them at the end
+    if len(prompts) * per > srv.cfg.max_n:
+        what = f"best_of={per}" if per > body.n else f"n={body.n}"
+        raise APIError(400, f"{len(prompts)} prompt(s) x {what} is {len(prompts) * per} choices; this server "
+                       f"allows at most {srv.cfg.max_n} per request (--max-n). Send fewer prompts per request (lm-eval: "
+                       f"--batch_size {max(srv.cfg.max_n // per, 1)} or less) or lower n.", "n", "too_many_choices")
+    max_new = checks.limits(srv, body, prompts)
+    stops = checks.stops(srv, body.stop)
+    bias = checks.logit_bias(srv, body.logit_bias)
+    k = checks.top_k(body)
+    gram = gram or checks.grammar(srv, body)
+    echo = bool(getattr(body, "echo", False)) and not chat
     temp = srv.default_temperature if body.temperature is None else body.temperature
     top_p = srv.default_top_p if body.top_p is None else body.top_p
     loop = asyncio.get_running_loop()
@@ -161,12 +122,16 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
     handles, choices = [], []
     try:
         for i, p in enumerate(prompts):
-            for j in range(body.n):
+            for j in range(per):
                 seed = None if body.seed is None else (body.seed + j) % 2**64
                 req = GenRequest(p, target.adapter, max_new[i], temp, top_p, seed, srv.cfg.request_timeout_s,
-                                 body.ignore_eos)
+                                 body.ignore_eos, top_k=max(body.top_k or 0, 0), min_p=body.min_p or 0.0,
+                                 repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
+                                 presence_penalty=body.presence_penalty, logit_bias=bias,
+                                 logprobs=k if k is not None or per == body.n else 0,  # best_of ranks by log-prob
+                                 echo=echo and k is not None, matcher=srv.grammars.matcher(gram) if gram else None)
                 handles.append(srv.engine.submit(req, loop, sink, tag=len(handles)))
-                choices.append(_Choice(TextStream(srv.tokenizer, stops), len(p)))
+                choices.append(_Choice(TextStream(srv.tokenizer, stops), len(p), prompt=p))
     except (QueueFull, EngineStopped) as e:
         for h in handles:
             h.cancel()
@@ -177,7 +142,7 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
     headers = {"X-Slimtune-Adapter": target.label}
     if target.route:
         headers["X-Slimtune-Route"] = target.route
-    run = _Run(srv, endpoint, chat, target, handles, choices, sink, t0, body)
+    run = _Run(srv, endpoint, chat, target, handles, choices, sink, t0, body, k, echo, how, per)
     if body.stream:
         return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
     return await run.json(request, headers)
@@ -186,9 +151,13 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
 class _Run:
     """One request's choices in flight."""
 
-    def __init__(self, srv, endpoint, chat, target, handles, choices, sink, t0, body) -> None:
+    def __init__(self, srv, endpoint, chat, target, handles, choices, sink, t0, body, k=None, echo=False,
+                 how="none", per: int = 1) -> None:
         self.srv, self.endpoint, self.chat, self.target = srv, endpoint, chat, target
         self.handles, self.choices, self.sink, self.t0, self.body = handles, choices, sink, t0, body
+        self.k, self.echo = k, echo  # log-probs: top k per token (None: off); echo the prompt (completions)
+        self.how = how  # tool calls: none / auto / required / named (tools.py)
+        self.per = per  # choices run per prompt (best_of; n of them are answered)
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.status = 200
@@ -204,6 +173,15 @@ class _Run:
             if ev.error is not None or ev.finish in ("cancelled", "timeout", "error"):
                 raise _engine_error(ev)
             c.tokens += len(ev.tokens)
+            if ev.logprobs:
+                c.lps += ev.logprobs
+            if ev.prompt_logprobs is not None:
+                c.plps = ev.prompt_logprobs
+            if ev.tokens:
+                now = time.perf_counter()
+                if c.last is not None:  # several tokens in one event share the wait
+                    c.gaps += [(now - c.last) / len(ev.tokens)] * len(ev.tokens)
+                c.last = now
             delta = c.text.push(ev.tokens)
             if c.text.stopped:
                 c.finish = "stop"
@@ -217,7 +195,7 @@ class _Run:
                 yield tag, delta, c.finish
 
     def _usage(self) -> dict:
-        p = sum(c.prompt_tokens for c in self.choices[:: self.body.n])
+        p = sum(c.prompt_tokens for c in self.choices[:: self.per])
         g = sum(c.tokens for c in self.choices)
         return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
 
@@ -243,23 +221,76 @@ class _Run:
             gone.cancel()
             self._close()
         if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": c.text.text}, "logprobs": None,
-                        "finish_reason": c.finish} for i, c in enumerate(self.choices)]
+            choices = [self._message(i, c) for i, c in enumerate(self.choices)]
         else:
-            choices = [{"index": i, "text": c.text.text, "logprobs": None, "finish_reason": c.finish}
-                       for i, c in enumerate(self.choices)]
+            choices = [{"index": i, "text": self._echo(c) + c.text.text, "logprobs": self._logprobs(c),
+                        "finish_reason": c.finish} for i, c in enumerate(self._best())]
         body = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
                 "model": self.target.label, "choices": choices, "usage": self._usage()}
         return JSONResponse(body, headers=headers)
 
+    def _best(self) -> list[_Choice]:
+        """best_of: per prompt, the n candidates with the highest total log-prob (in run order)."""
+        if self.per == self.body.n:
+            return self.choices
+        out = []
+        for g in range(0, len(self.choices), self.per):
+            group = self.choices[g:g + self.per]
+            score = {id(c): sum(e[1] for e in c.lps) for c in group}
+            keep = set(sorted(score, key=score.get, reverse=True)[: self.body.n])
+            out += [c for c in group if id(c) in keep]
+        return out
+
+    def _message(self, i: int, c: _Choice) -> dict:
+        """A chat choice; with tools, calls parsed out of the text into tool_calls."""
+        content, calls = tools.parse(c.text.text, self.how)
+        msg = {"role": "assistant", "content": content}
+        if calls:
+            msg["tool_calls"] = calls
+        return {"index": i, "message": msg, "logprobs": self._logprobs(c),
+                "finish_reason": "tool_calls" if calls else c.finish}
+
+    def _echo(self, c: _Choice) -> str:
+        """The prompt's text in front of a completion (echo), once."""
+        if not self.echo or c.echoed:
+            return ""
+        c.echoed = True
+        return self.srv.tokenizer.decode(c.prompt, skip_special_tokens=True)
+
+    def _logprobs(self, c: _Choice) -> dict | None:
+        """The entries not yet sent, in the endpoint's shape (all of them for a JSON answer)."""
+        if self.k is None:
+            return None
+        new, c.sent = c.lps[c.sent:], len(c.lps)
+        tok = self.srv.tokenizer
+        if self.chat:
+            return {"content": logprobs.chat_shape(tok, new), "refusal": None}
+        ids = [e[0] for e in new]
+        if c.plps is not None:  # echo: the prompt's entries first (once)
+            new, ids, c.plps = c.plps + new, c.prompt + ids, None
+        return logprobs.completion_shape(tok, new, ids)
+
     def _chunk(self, i: int, text: str | None, finish: str | None, role: bool = False) -> str:
+        c = self.choices[i]
+        lp = None if role else self._logprobs(c)
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
-            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": i, "text": self._echo(c) + (text or ""), "logprobs": lp, "finish_reason": finish}
         obj = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                "created": self.created, "model": self.target.label, "choices": [choice]}
+        opts = self.body.stream_options
+        if opts is not None and opts.continuous_usage_stats:  # vLLM's: usage so far in every chunk
+            obj["usage"] = self._usage()
+        return f"data: {json.dumps(obj)}\n\n"
+
+    def _tool_chunk(self, i: int) -> str:
+        m = self._message(i, self.choices[i])
+        calls = [{"index": j, **c} for j, c in enumerate(m["message"].get("tool_calls", []))]
+        delta = {"tool_calls": calls} if calls else {"content": m["message"]["content"] or ""}
+        obj = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.target.label,
+               "choices": [{"index": i, "delta": delta, "logprobs": m["logprobs"], "finish_reason": m["finish_reason"]}]}
         return f"data: {json.dumps(obj)}\n\n"
 
     async def sse(self):
@@ -268,6 +299,10 @@ class _Run:
                 for i in range(len(self.choices)):
                     yield self._chunk(i, None, None, role=True)
             async for i, text, finish in self._events():
+                if self.how != "none":  # with tools, the answer is parsed whole: one chunk at the end
+                    if finish is not None:
+                        yield self._tool_chunk(i)
+                    continue
                 if text:
                     yield self._chunk(i, text, None)
                 if finish is not None:
@@ -300,7 +335,7 @@ class _Run:
         self.srv.metrics.request_done(
             self.endpoint, self.target.label, self.status, self._usage()["prompt_tokens"] if ok else 0,
             sum(c.tokens for c in self.choices), time.perf_counter() - self.t0 if ok else None,
-            (min(firsts) - self.t0) if firsts and ok else None)
+            (min(firsts) - self.t0) if firsts and ok else None, [g for c in self.choices for g in c.gaps] if ok else ())
 
 
 async def _disconnected(request: Request) -> None:

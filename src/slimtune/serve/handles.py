@@ -33,6 +33,15 @@ class GenRequest:
     seed: int | None = None
     timeout_s: float | None = None
     ignore_eos: bool = False  # run to max_tokens (benchmarks compare equal work)
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    logprobs: int | None = None  # log-probs of each chosen token and its top k alternatives (None: off)
+    echo: bool = False  # also the prompt tokens' log-probs (first event)
+    matcher: Any = None  # an llguidance matcher: structured output (grammar.py), one per choice
 
 
 @dataclass
@@ -40,6 +49,8 @@ class Event:
     tokens: list[int]
     finish: str | None = None  # "stop" (EOS), "length", "cancelled", "timeout", "error"
     error: BaseException | None = None
+    logprobs: list | None = None  # per token: (id, logprob, [(id, logprob), ...]) (logprobs.py)
+    prompt_logprobs: list | None = None  # per prompt token (the first: None), with `echo`
 
 
 class Handle:

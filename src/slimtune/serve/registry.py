@@ -35,6 +35,7 @@ import torch.nn as nn
 from ..compat import cache_arg
 from ..config import AdapterConfig
 from ..methods.lora_layers import BASE_ADAPTER
+from .paths import AdapterPathRefused, AdapterRoots
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 
@@ -49,6 +50,10 @@ class AdapterNotFound(AdapterError):
 
 class AdapterExists(AdapterError):
     pass
+
+
+class AdapterRefused(AdapterError):
+    """An API load from a path outside the allowed roots, or one that is not there (the same message)."""
 
 
 class AdapterLoadError(AdapterError):
@@ -121,13 +126,16 @@ class Entry:
 
 
 class Registry:
-    def __init__(self, base: nn.Module, base_name: str, max_loaded: int = 16, adapters_dir: str | None = None) -> None:
+    def __init__(self, base: nn.Module, base_name: str, max_loaded: int = 16, adapters_dir: str | None = None,
+                 allow_paths: list[str] | tuple[str, ...] = ()) -> None:
         if max_loaded < 1:
             raise ValueError(f"max_loaded={max_loaded}: at least one adapter must fit in memory")
         self.base = base.eval()
         self.base_name = base_name
         self.max_loaded = max_loaded
         self.adapters_dir = adapters_dir
+        # what API loads may read (symlinks resolved): --adapters-dir, then each --allow-adapter-path
+        self.roots = AdapterRoots([adapters_dir or "", *allow_paths])
         self._entries: dict[str, Entry] = {}
         self._hidden: set[str] = set()  # --adapters-dir folders unloaded through the API
         self._broken: dict[str, float] = {}  # dir folder -> mtime of a config that failed to load
@@ -170,13 +178,19 @@ class Registry:
             return sum(e.resident for e in self._entries.values())
 
     # ---- engine thread ------------------------------------------------------------------------
-    def add(self, name: str, path: str, source: str = "api") -> Entry:
-        """Register and load now (so a bad folder is an error here, not at the first request)."""
+    def add(self, name: str, path: str, source: str = "cli") -> Entry:
+        """Register and load now (so a bad folder is an error here, not at the first request). A path
+        from the API must lie inside the allowed roots (paths.py); the operator's --adapter need not."""
         self.check_name(name)
         with self._lock:
             if self.get(name) is not None:
                 raise AdapterExists(f"an adapter named '{name}' is already loaded; unload it first or pick another name")
-            if not os.path.isdir(path):
+            if source == "api":
+                try:
+                    path = self.roots.resolve(path)
+                except AdapterPathRefused as e:
+                    raise AdapterRefused(str(e)) from None
+            elif not os.path.isdir(path):
                 raise AdapterLoadError(f"adapter folder '{path}' does not exist on the server")
             e = Entry(name, os.path.abspath(path), source)
             self._load(e)  # raises: nothing registered, the served set is as it was

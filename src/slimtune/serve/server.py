@@ -43,7 +43,7 @@ def make_server(model, tokenizer, cfg: ServeConfig, adapters: dict[str, str] | N
         check_model(model)
     except CacheLayoutError as e:
         raise ServeError(str(e)) from None
-    registry = Registry(model, cfg.served_model_name, cfg.max_loaded, adapters_dir)
+    registry = Registry(model, cfg.served_model_name, cfg.max_loaded, adapters_dir, cfg.allow_adapter_paths)
     if len(adapters or {}) > cfg.max_loaded:
         raise ServeError(f"{len(adapters)} --adapter flags but --max-loaded {cfg.max_loaded}: raise --max-loaded or "
                          "serve them from --adapters-dir (loaded on first use)")

@@ -19,12 +19,13 @@ class PromptError(ValueError):
     """A prompt the tokenizer or chat template cannot take; the message says why."""
 
 
-def chat_prompt(tok, messages: list[dict[str, Any]]) -> list[int]:
+def chat_prompt(tok, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
     from ..train.data import ensure_chat_template
 
     ensure_chat_template(tok)
     try:
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        kw = {"tools": tools} if tools else {}
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kw)
     except Exception as e:  # noqa: BLE001 - jinja raises its own types (e.g. "roles must alternate")
         raise PromptError(f"the chat template rejected these messages: {e}") from None
     return encode(tok, text, special=False)

@@ -1,0 +1,190 @@
+"""Structured output (`response_format` json_schema / json_object, grammar.py with llguidance) through the
+real `openai` client against a real uvicorn server on 127.0.0.1: constrained and free rows of
+different adapters at once in one mixed batch, every constrained answer parses and meets its schema.
+
+llguidance needs a byte-level tokenizer (the other serve tests' MiniLM WordPiece is not one): the
+tiny model here gets a byte-level BPE trained in the test on a few lines (well under a second)."""
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import torch
+
+from serve_support import make_adapter
+from slimtune.serve import ServeConfig, build_app, make_server
+from test_serve_openai import LiveServer
+
+pytest.importorskip("llguidance")
+
+CORPUS = ['{"answer": "yes", "n": 12, "ok": true}', '{"tags": ["red", "green"]}', "the quick brown fox",
+          "Is this a review? A clumsy, overlong mess.", '[1, 2, 3] {"a": null, "b": false}', "0123456789 {}[],:"]
+SCHEMA_A = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
+                                              "n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                              "ok": {"type": "boolean"}},
+            "required": ["answer", "n", "ok"], "additionalProperties": False}
+SCHEMA_B = {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]},
+                                                       "minItems": 1, "maxItems": 3}},
+            "required": ["tags"], "additionalProperties": False}
+
+
+def _tiny_bpe_model(path):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS * 4, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    from slimtune import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = tmp_path_factory.mktemp("serve_structured")
+    base = _tiny_bpe_model(tmp / "base")
+    ad = make_adapter(base, tmp / "a", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=1)
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    srv = make_server(model, AutoTokenizer.from_pretrained(base), ServeConfig(served_model_name="tiny"), {"a": str(ad)})
+    with LiveServer(build_app(srv)) as server:
+        yield server, srv
+
+
+def _client(live):
+    return openai.OpenAI(base_url=live[0].url, api_key="unused", max_retries=0, timeout=120)
+
+
+def _meets_a(v):
+    return (set(v) == {"answer", "n", "ok"} and v["answer"] in ("yes", "no") and isinstance(v["n"], int)
+            and 0 <= v["n"] <= 99 and isinstance(v["ok"], bool))
+
+
+def _meets_b(v):
+    return set(v) == {"tags"} and 1 <= len(v["tags"]) <= 3 and set(v["tags"]) <= {"red", "green", "blue"}
+
+
+def test_constrained_and_free_rows_in_one_batch(live):
+    msgs = [{"role": "user", "content": "Is this a review? A clumsy, overlong mess."}]
+    fmt = lambda s: {"type": "json_schema", "json_schema": {"name": "x", "schema": s, "strict": True}}  # noqa: E731
+    jobs = [("a", fmt(SCHEMA_A), _meets_a, 0.0, None), ("tiny", fmt(SCHEMA_B), _meets_b, 0.0, None),
+            ("a", fmt(SCHEMA_B), _meets_b, 1.0, 3), ("tiny", fmt(SCHEMA_A), _meets_a, 1.0, 4),
+            ("a", None, None, 0.0, None), ("tiny", None, None, 1.0, 5)]
+
+    def ask(job):
+        model, rf, _, temp, seed = job
+        extra = {"response_format": rf} if rf else {}
+        return _client(live).chat.completions.create(model=model, messages=msgs, max_tokens=80, temperature=temp,
+                                                     seed=seed, **extra)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        outs = list(pool.map(ask, jobs))
+    for (model, rf, meets, _, _), out in zip(jobs, outs):
+        ch = out.choices[0]
+        if rf is None:
+            assert ch.finish_reason in ("stop", "length")
+            continue
+        assert ch.finish_reason == "stop", ch
+        assert meets(json.loads(ch.message.content)), ch.message.content
+
+
+def test_json_object_with_logit_bias_and_a_bad_schema(live):
+    server, srv = live
+    client = _client(live)
+    msgs = [{"role": "user", "content": "hi"}]
+    tok = srv.tokenizer
+    # the bias: "}" up, every merged token that opens an object and goes on ('{"', ...) down
+    bias = {str(i): -100 for i in range(len(tok)) if tok.decode([i]).startswith("{") and tok.decode([i]) != "{"}
+    bias[str(tok.convert_tokens_to_ids("}"))] = 100
+    out = client.chat.completions.create(model="a", messages=msgs, max_tokens=40, response_format={"type": "json_object"},
+                                         logit_bias=bias)
+    assert json.loads(out.choices[0].message.content) == {}  # the grammar forces "{", then the bias picks "}"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="a", messages=msgs, max_tokens=4, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}})
+    assert e.value.body["param"] == "response_format.json_schema.schema"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="a", messages=msgs, max_tokens=4, response_format={"type": "json_schema"})
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                                                          "required": ["city"], "additionalProperties": False}}},
+         {"type": "function", "function": {"name": "add", "parameters": {
+             "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                              "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+             "required": ["a", "b"], "additionalProperties": False}}}]
+
+
+def _valid_call(call):
+    args = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        return args in ({"city": "Paris"}, {"city": "Oslo"})
+    return call.function.name == "add" and set(args) == {"a", "b"} and all(0 <= v <= 9 for v in args.values())
+
+
+def test_tool_calls_required_named_streamed_and_results_back(live):
+    client = _client(live)
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    out = client.chat.completions.create(model="a", messages=msgs, tools=TOOLS, tool_choice="required", max_tokens=80)
+    ch = out.choices[0]
+    assert ch.finish_reason == "tool_calls" and ch.message.content is None
+    assert ch.message.tool_calls and all(_valid_call(c) for c in ch.message.tool_calls)
+    named = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, parallel_tool_calls=False,
+                                           tool_choice={"type": "function", "function": {"name": "add"}}, max_tokens=60)
+    calls = named.choices[0].message.tool_calls
+    assert len(calls) == 1 and calls[0].function.name == "add" and _valid_call(calls[0])
+    parts = list(client.chat.completions.create(model="a", messages=msgs, tools=TOOLS, tool_choice="required",
+                                                max_tokens=80, stream=True))
+    streamed = [c for p in parts if p.choices for c in (p.choices[0].delta.tool_calls or [])]
+    assert streamed and all(_valid_call(c) for c in streamed)
+    assert [p.choices[0].finish_reason for p in parts if p.choices][-1] == "tool_calls"
+    # the call and its result go back to the model through the chat template
+    call = ch.message.tool_calls[0]
+    back = msgs + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                   {"role": "tool", "tool_call_id": call.id, "content": "18 degrees"}]
+    again = client.chat.completions.create(model="a", messages=back, tools=TOOLS, tool_choice="none", max_tokens=5)
+    assert again.choices[0].message.tool_calls is None and again.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="a", messages=msgs, tools=TOOLS, max_tokens=4,
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_auto_tool_calls_are_parsed_from_hermes_blocks():
+    from slimtune.serve.tools import parse
+
+    text = 'Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    content, calls = parse(text, "auto")
+    assert content == "Let me check." and len(calls) == 1
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert parse("no call here", "auto") == ("no call here", [])
+    assert parse('<tool_call>{"name": broken</tool_call>', "auto")[1] == []
+
+
+def test_langchain_with_structured_output(live):
+    """LangChain's ChatOpenAI against the server: with_structured_output by json_schema (its default) and
+    by function calling; both come back as validated pydantic objects."""
+    pytest.importorskip("langchain_openai")
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Weather(BaseModel):
+        city: str = Field(json_schema_extra={"enum": ["Paris", "Oslo"]})
+        degrees: int = Field(ge=-40, le=50)
+
+    llm = ChatOpenAI(model="a", base_url=live[0].url, api_key="unused", max_tokens=60, temperature=0, max_retries=0,
+                     timeout=120)
+    for method in ("json_schema", "function_calling"):
+        got = llm.with_structured_output(Weather, method=method, strict=True).invoke("Weather in Oslo?")
+        assert isinstance(got, Weather) and got.city in ("Paris", "Oslo") and -40 <= got.degrees <= 50, method
