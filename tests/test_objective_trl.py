@@ -164,3 +164,134 @@ def test_dpo_ipo_equal_trl_dpo_trainer(tmp_path, objective, loss_type, resumed):
                          ("logps_rejected", "logps/rejected")])
     assert ours[0]["rewards_chosen"] != 0.0 or resumed  # step 1 already measures a policy unlike its reference
     assert ours[-1]["loss"] < ours[0]["loss"]  # and it learns
+
+
+def test_kto_equals_trl_kto_trainer(tmp_path):
+    """KTO against KTOTrainer: loss, the KL estimate from rotated completions, rewards and log-probs."""
+    tok = tokenizer()
+    rng = random.Random(3)
+    rows = [{"prompt": words(rng, 2, 5), "completion": " " + words(rng, 1, 4), "label": i % 3 != 0} for i in range(6)]
+    args = trl_args(trl.KTOConfig, tmp_path / "trl", len(rows), beta=0.1, max_length=None, desirable_weight=1.0,
+                    undesirable_weight=1.5)
+    tr, sm = trl_trainer(trl.KTOTrainer, args, rows, tok, tmp_path / "adapter", resumed=False)
+    cfg = job_cfg(tmp_path, objective="kto", beta=0.1, undesirable_weight=1.5)
+    ex = encode_unpaired(rows, Encoder(cfg, tok), "rows")
+    prep = tr.train_dataset
+    for k in ("prompt_ids", "completion_ids"):
+        assert [e[k] for e in ex] == prep[k]
+    theirs = train_trl(tr)
+    obj = OBJECTIVES["kto"](cfg.train)
+    ours = steps(obj, sm, obj.collate(ex, tok.pad_token_id))  # rows in TRL's (sequential) order
+    close(ours, theirs, [("loss", "loss"), ("kl", "kl"), ("rewards_chosen", "rewards/chosen"),
+                         ("rewards_rejected", "rewards/rejected"), ("logps_chosen", "logps/chosen"),
+                         ("logps_rejected", "logps/rejected")])
+    assert ours[-1]["loss"] < ours[0]["loss"]
+
+
+@pytest.mark.parametrize("objective", ["orpo", "simpo"])
+def test_orpo_simpo_equal_trl_losses(tmp_path, objective):
+    """ORPO / SimPO against TRL's ORPOTrainer.odds_ratio_loss and CPOTrainer.cpo_loss (loss_type simpo),
+    with TRL's get_batch_logps, on the logits of the same model at each of several training steps."""
+    from types import SimpleNamespace
+
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    tok = tokenizer()
+    rows = pair_rows(4, seed=5)
+    torch.manual_seed(1)
+    model = slimtune.get_peft_model(llama(), slimtune.LoraConfig(**LORA))
+    randomize(model)
+    cfg = job_cfg(tmp_path, objective=objective, beta=0.2 if objective == "orpo" else 2.0, simpo_gamma=0.5,
+                  label_smoothing=0.1 if objective == "simpo" else 0.0)
+    ex = encode_pairs(rows, Encoder(cfg, tok), "rows")
+    obj = OBJECTIVES[objective](cfg.train)
+    batch = obj.collate(ex, tok.pad_token_id)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    me = SimpleNamespace(beta=obj.beta, accelerator=SimpleNamespace(device=torch.device("cpu")), alpha=0.0,
+                         loss_type="simpo", simpo_gamma=cfg.train.simpo_gamma, label_smoothing=cfg.train.label_smoothing)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR)
+    for step in range(STEPS):
+        loss, st = obj.loss(model, batch)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            lp = ORPOTrainer.get_batch_logps(logits, labels, average_log_prob=True)
+            c, r = lp.chunk(2)
+            if objective == "orpo":
+                losses, cr, rr, ratio, _ = ORPOTrainer.odds_ratio_loss(me, c, r)
+                c_tok = (labels[:4, 1:] != -100)
+                nll = torch.nn.functional.cross_entropy(logits[:4, :-1].reshape(-1, VOCAB), labels[:4, 1:].reshape(-1))
+                want = nll - losses.mean()
+                assert abs(float(ratio) - float(st["log_odds"].detach().sigmoid().log().mean())) < 1e-4
+                assert c_tok.any()
+            else:
+                losses, cr, rr = CPOTrainer.cpo_loss(me, c, r)
+                want = losses.mean()
+        assert abs(float(loss) - float(want)) < 1e-4, f"step {step + 1}: {float(loss)} vs TRL {float(want)}"
+        for ours_k, t in (("rewards_chosen", cr), ("rewards_rejected", rr), ("logps_chosen", c), ("logps_rejected", r)):
+            assert torch.allclose(st[ours_k], t, atol=1e-4), (step, ours_k)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_grpo_advantages_and_loss_equal_trl(tmp_path, beta):
+    """GRPO given the same completions and rewards: TRL GRPOTrainer's advantages (its own
+    _generate_and_score_completions, generation replaced by fixed completions) and its loss
+    (_compute_loss, KL to the adapter-off reference when beta > 0) against slimtune's."""
+    from datasets import Dataset
+
+    from slimtune.train.objectives.base import completion_logps, reference
+    from slimtune.train.objectives.grpo import group_advantages, policy_loss
+
+    tok = tokenizer()
+    G = 4
+    rng = random.Random(7)
+    prompts = [words(rng, 2, 5) for _ in range(2)]
+    comps = [[tok.convert_tokens_to_ids(rng.choice(WORDS[:30])) for _ in range(rng.randint(1, 5))] + [1]
+             for _ in range(2 * G)]
+    comps[3] = comps[3][:-1]  # one completion cut at the length limit (no EOS)
+    rewards = [float(rng.randint(0, 3)) for _ in range(2 * G)]
+    rewards[G:] = [1.0, 1.0, 1.0, 2.0]
+
+    def reward(completions, **kw):  # the fixed reward of each fixed completion, by position
+        return [rewards[comps_text.index(c)] for c in completions]
+
+    comps_text = [f"c{i}" for i in range(2 * G)]
+    args = trl_args(trl.GRPOConfig, tmp_path / "trl", 2 * G, beta=beta, num_generations=G, max_completion_length=8,
+                    loss_type="dapo")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr = trl.GRPOTrainer(model=llama(), reward_funcs=reward, args=args, processing_class=tok,
+                             train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+                             peft_config=peft.LoraConfig(**LORA))
+    randomize(tr.model)
+    tr.model.save_pretrained(tmp_path / "adapter", selected_adapters=["default"])
+    sm = slimtune.PeftModel.from_pretrained(llama(), tmp_path / "adapter", is_trainable=True)
+    p_ids = [tok(p)["input_ids"] for p in prompts]
+    tr._generate = lambda ps: ([p_ids[i // G] for i in range(2 * G)], comps, None, comps_text, None, {}, None, None)
+    inputs = [{"prompt": p} for p in prompts for _ in range(G)]
+    tr.model.train()
+    out = tr._generate_and_score_completions(inputs)
+    ours_adv = group_advantages(torch.tensor(rewards), G)
+    assert torch.allclose(ours_adv, out["advantages"], atol=1e-5)
+    tr.current_gradient_accumulation_steps = 1  # set by Trainer.train; one micro-batch here
+    want = tr._compute_loss(tr.model, out)
+
+    C = out["completion_ids"].shape[1]
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    att = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    full = torch.cat([torch.zeros_like(out["prompt_mask"]), out["completion_mask"]], 1)
+    sm.train()
+    logps = completion_logps(sm, ids, att, full)[:, -C:]
+    ref = None
+    if beta:
+        with reference(sm):
+            ref = completion_logps(sm, ids, att, full)[:, -C:]
+        assert torch.allclose(ref, out["ref_per_token_logps"] * out["completion_mask"], atol=1e-5)
+    loss, kl = policy_loss(logps, logps.detach(), ours_adv, out["completion_mask"], beta, ref)
+    assert abs(float(loss) - float(want)) < 1e-4, (float(loss), float(want))
+    loss.backward()  # and it trains: the gradient reaches the adapter
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in sm.parameters() if p.requires_grad)
