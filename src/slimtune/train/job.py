@@ -276,7 +276,9 @@ def setup(cfg: JobConfig, log=print) -> dict[str, Any]:
     tok = load_tokenizer(cfg, path)
     # the data decides the format (and the label count) before the model is built
     pre_task = cfg.task if cfg.task != "auto" else None
-    data: Prepared = prepare(cfg.data, tok, pre_task or "auto", cfg.train.seed, log)
+    from .objectives.hooks import prepare_data  # dpo / kto / grpo ...: TRL's formats; None for sft
+
+    data: Prepared = prepare_data(cfg, tok, log) or prepare(cfg.data, tok, pre_task or "auto", cfg.train.seed, log)
     task = resolve_task(cfg, data.format)
     if task == "causal_lm" and tok is not None:
         ensure_chat_template(tok)
