@@ -18,7 +18,7 @@ from typing import Any
 
 from ..config import JobConfig
 from ..datafiles import DataError, _missing
-from ..prompts import uses_chat_template
+from ..prompts import ensure_chat_template, uses_chat_template
 
 ROLES = {"system", "user", "assistant"}
 
@@ -67,6 +67,7 @@ class Encoder:
         conv = isinstance(prompt, list) or isinstance(completion, list)
         if not conv and not self.chat:
             return prompt, completion, False
+        ensure_chat_template(self.tok)  # conversational rows on a template-less tokenizer: ChatML, as SFT's chat data
         if isinstance(prompt, str):
             prompt = ([{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt is not None
                       else []) + [{"role": "user", "content": prompt}]
