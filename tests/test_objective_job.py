@@ -59,6 +59,8 @@ def test_preference_objective_trains_from_one_config(tmp_path, tiny_llama, objec
     # the held-out margin grows: the adapter moves the chosen answers above the rejected ones
     assert evals[-1]["reward_margin"] > evals[0]["reward_margin"]
     assert (out / "best" / "adapter_model.safetensors").is_file()
+    if objective != "kto":  # one-word chosen answers: generated-answer accuracy is measured too, as for SFT
+        assert all(0.0 <= r["gen_accuracy"] <= 1.0 for r in evals)
 
 
 def test_dpo_precompute_ref_equals_adapter_off_reference_on_a_fresh_adapter(tmp_path, tiny_llama):

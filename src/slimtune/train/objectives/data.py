@@ -136,7 +136,8 @@ def encode_pairs(rows: list[dict[str, Any]], enc: Encoder, src: str) -> list[dic
             raise DataError(f"{where}: chosen and rejected are the same ({str(chosen)[:60]!r}): the pair teaches "
                             "nothing; fix the rejected answer or drop the row")
         p, (c, r) = enc.encode(prompt, [chosen, rejected], where)
-        out.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
+        ref = chosen if isinstance(chosen, str) else chosen[-1]["content"]
+        out.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "reference": ref.strip()})
     return out
 
 
@@ -207,6 +208,13 @@ def prepare(cfg: JobConfig, tok, kind: str, log=print):
     stats["truncated"] = enc.truncated
     if enc.truncated:
         log(f"data: {enc.truncated} completions cut at data.max_length={d.max_length} tokens")
-    raw = ev if kind == "prompts" else []
-    return Prepared(format=kind, train=train, eval=ev, eval_raw=raw, test=test, test_raw=test if kind == "prompts" else [],
+    # prompts + references for generation: GRPO's prompts; the chosen answers of pairs, so a short-answer
+    # task also measures generated-answer accuracy (gen_accuracy) as its SFT run does
+    raw = [{"prompt_ids": e["prompt_ids"], "reference": e["reference"], "row": i} for i, e in enumerate(ev)] \
+        if kind in ("prompts", "pairs") else []
+    refs = sorted({r["reference"] for r in raw})
+    answers = refs if kind == "pairs" and refs and len(refs) <= 20 and all(len(x.split()) == 1 for x in refs) else None
+    test_raw = [{"prompt_ids": e["prompt_ids"], "reference": e["reference"], "row": i} for i, e in enumerate(test)] \
+        if kind in ("prompts", "pairs") else []
+    return Prepared(format=kind, train=train, eval=ev, eval_raw=raw, test=test, test_raw=test_raw, answers=answers,
                     stats=stats, source=d.train)

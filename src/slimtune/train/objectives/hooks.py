@@ -89,12 +89,16 @@ class ObjectiveSteps:
         if self.objective is None:
             return super().evaluate(samples)
         res = self._objective_evaluate()
+        if self._do_generate():  # a short-answer task: the generated answers too (as its SFT run measures)
+            res["gen_accuracy"] = self.generated_accuracy()
         if samples:
             self.last_samples = self.sample_generations()
         return res
 
     def measured_metrics(self) -> list[str]:
-        return self.objective.metrics() if self.objective is not None else super().measured_metrics()
+        if self.objective is None:
+            return super().measured_metrics()
+        return self.objective.metrics() + (["gen_accuracy"] if self._do_generate() else [])
 
     def _default_metric(self) -> str:
         return self.objective.metric if self.objective is not None else super()._default_metric()
