@@ -131,3 +131,14 @@ def test_bad_input_is_one_message(tmp_path, tiny_llama, capsys, monkeypatch, nam
     assert rc == 2, err
     assert expect in err, err
     assert "Traceback" not in err
+
+
+def test_dpo_on_a_quantized_base(tmp_path, tiny_llama):
+    """QLoRA + DPO: the nf4 base with its adapters disabled is the reference (no second copy)."""
+    pytest.importorskip("bitsandbytes")
+    data = write_jsonl(tmp_path / "d.jsonl", pairs())
+    out = tmp_path / "run"
+    assert main(args(tiny_llama, data, out, "dpo", "model.quantize=nf4")) == 0
+    evals = [r for r in metrics(out) if "reward_accuracy" in r]
+    assert evals[0]["reward_margin"] == 0.0 and evals[-1]["reward_margin"] > 0.0
+    assert "nf4" in json.loads((out / "summary.json").read_text())["quantization"]
