@@ -295,3 +295,28 @@ def test_grpo_advantages_and_loss_equal_trl(tmp_path, beta):
     assert abs(float(loss) - float(want)) < 1e-4, (float(loss), float(want))
     loss.backward()  # and it trains: the gradient reaches the adapter
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in sm.parameters() if p.requires_grad)
+
+
+def test_completion_logps_runs_the_head_only_where_completions_are():
+    """logits_to_keep at completion positions gives the log-probs of the full log-softmax, and a
+    prompt-learning model (virtual positions in front) takes the whole-output path to the same."""
+    from slimtune.train.objectives.base import completion_logps
+
+    torch.manual_seed(0)
+    model = llama().eval()
+    ids = torch.randint(3, VOCAB, (3, 9))
+    att = torch.ones_like(ids)
+    att[2, 7:] = 0
+    comp = torch.zeros_like(ids)
+    comp[0, 5:] = 1
+    comp[1, 3:6] = 1
+    comp[2, 6:7] = 1
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits[:, :-1].float(), -1)
+        want = full.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * comp[:, 1:]
+        assert torch.allclose(completion_logps(model, ids, att, comp), want, atol=1e-5)
+        pm = slimtune.get_peft_model(llama(), slimtune.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+        got = completion_logps(pm, ids, att, comp)
+        logits = pm(input_ids=ids, attention_mask=att).logits[:, -9:-1].float()
+        want = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * comp[:, 1:]
+        assert torch.allclose(got, want, atol=1e-5)

@@ -25,15 +25,32 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
                      completion_mask: torch.Tensor) -> torch.Tensor:
     """(B, T-1) log-probability of each next token, zero outside completions.
 
-    Prompt-learning methods (prefix / prompt tuning) prepend virtual positions to the output: only the
-    last T positions are the real tokens. The log-softmax is taken as gather - logsumexp, so no second
-    (B, T, V) tensor is allocated beside the logits."""
-    T = input_ids.shape[1]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    logits = logits[:, -T:-1].float()  # (B, T-1, V): position t predicts token t+1
+    The LM head runs only at the positions that predict a completion token in some row
+    (transformers' `logits_to_keep` as an index tensor): with short answers that is a few positions of
+    a long prompt, so the (B, T, V) logits (1 GB for 50 rows of 100 tokens over a 49k vocabulary) are
+    never built. Prompt-learning methods (prefix / prompt tuning) prepend virtual positions to the
+    output; for them the whole output is computed and its last T positions are the real tokens. The
+    log-softmax is gather - logsumexp, so no second vocabulary-sized tensor is allocated."""
+    B, T = input_ids.shape
     target = input_ids[:, 1:]
-    tok = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return tok * completion_mask[:, 1:].to(tok.dtype)
+    mask = completion_mask[:, 1:]
+    cfg = getattr(model, "active_peft_config", None)
+    keep = mask.any(0).nonzero().squeeze(1)  # (K,) positions t whose next token is a completion token
+    try:
+        if getattr(cfg, "is_prompt_learning", False):
+            raise TypeError("virtual positions: logits_to_keep indices would be shifted")
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep).logits
+    except TypeError:  # prompt learning, or a model whose forward has no logits_to_keep: the whole output
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = logits[:, -T:-1].float()  # (B, T-1, V): position t predicts token t+1
+        tok = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        return tok * mask.to(tok.dtype)
+    logits = logits.float()  # (B, K, V)
+    tgt = target[:, keep]
+    part = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (B, K)
+    out = part.new_zeros(B, T - 1)
+    out[:, keep] = part
+    return out * mask.to(out.dtype)
 
 
 @contextlib.contextmanager
