@@ -142,3 +142,28 @@ def test_dpo_on_a_quantized_base(tmp_path, tiny_llama):
     evals = [r for r in metrics(out) if "reward_accuracy" in r]
     assert evals[0]["reward_margin"] == 0.0 and evals[-1]["reward_margin"] > 0.0
     assert "nf4" in json.loads((out / "summary.json").read_text())["quantization"]
+
+
+def test_compare_accepts_a_preference_objective(tmp_path, tiny_llama, capsys):
+    """`slimtune compare` on DPO pairs: the objective's metric (held-out reward accuracy) is the
+    comparison's, and the test split is measured with it."""
+    import csv
+
+    import yaml
+
+    data = write_jsonl(tmp_path / "d.jsonl", pairs(60))
+    cfg = {"model": str(tiny_llama), "method": "lora", "data": {"train": str(data), "max_length": 48,
+                                                                  "test_fraction": 0.2},
+           "train": {"objective": "dpo", "precision": "fp32", "max_steps": 4, "batch_size": 4, "lr": 1e-2,
+                     "eval_every": 2, "cpu_threads": 1}, "eval": {"batch_size": 8, "samples": 0},
+           "output_dir": str(tmp_path / "run")}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "cmp"
+    rc = main(["compare", str(tmp_path / "cfg.yaml"), "--methods", "lora", "--steps", "4", "--lr", "lora=1e-2",
+               "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    res = json.loads((out / "runs" / "lora" / "result.json").read_text())
+    assert res["test"]["n_test"] == 12 and 0.0 <= res["test"]["reward_accuracy"] <= 1.0
+    rows = {r["name"]: r for r in csv.DictReader(open(out / "compare.csv"))}
+    assert float(rows["lora"]["test_metric"]) == res["test"]["reward_accuracy"]
