@@ -60,7 +60,8 @@ def main() -> int:
                        f"data.validation={OUT / 'sft_validation.jsonl'}", f"output_dir={OUT / 'sft'}",
                        "train.metric=gen_accuracy"] + extra)
     results["sft"] = run_train(sft, progress=False)
-    print("\nheld-out (100 validation rows), generated-answer accuracy, before -> after; train time")
+    n = min(dpo.eval.max_examples, N_VAL)
+    print(f"\nheld-out ({n} validation rows), generated-answer accuracy, before -> after; train time")
     for name, r in results.items():
         b, a = (r["before"] or {}).get("gen_accuracy"), (r["after"] or {}).get("gen_accuracy")
         line = f"  {name:4s} {b:.2f} -> {a:.2f}  ({r['steps']} steps, {r['train_time_s']:.0f} s training)"
