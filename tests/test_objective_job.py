@@ -167,3 +167,31 @@ def test_compare_accepts_a_preference_objective(tmp_path, tiny_llama, capsys):
     assert res["test"]["n_test"] == 12 and 0.0 <= res["test"]["reward_accuracy"] <= 1.0
     rows = {r["name"]: r for r in csv.DictReader(open(out / "compare.csv"))}
     assert float(rows["lora"]["test_metric"]) == res["test"]["reward_accuracy"]
+
+
+def test_a_reward_that_raises_mid_run_keeps_a_checkpoint_and_resumes(tmp_path, tiny_llama, capsys, monkeypatch):
+    """The user's reward breaks at step 3: a checkpoint of step 2 is written, the message names the
+    function and the resume command; after the fix, --resume finishes the run from there."""
+    (tmp_path / "flaky.py").write_text(
+        "import os\n"
+        "calls = 0\n"
+        "def reward(prompts, completions, **kw):\n"
+        "    global calls\n"
+        "    calls += 1\n"
+        "    if calls == 3 and os.environ.get('FLAKY'):\n"
+        "        raise RuntimeError('service down')\n"
+        "    return [float(len(c) % 3) for c in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLAKY", "1")
+    data = write_jsonl(tmp_path / "d.jsonl", prompts())
+    out = tmp_path / "run"
+    argv = args(tiny_llama, data, out, "grpo", "train.rewards=['flaky:reward']", "train.max_completion_length=4",
+                "train.eval_before=false", "train.save_every=100", "train.eval_every=4")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "reward 'flaky:reward' raised RuntimeError: service down" in err and "--resume" in err, err
+    assert (out / "checkpoints" / "step-000002").is_dir()
+    monkeypatch.delenv("FLAKY")
+    assert main(argv + ["--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
