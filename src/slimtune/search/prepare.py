@@ -24,6 +24,7 @@ from ..train.data import Prepared
 from ..train.evaluate import Evaluation
 from ..train.lock import RunLock
 from ..train.tasks import get_task
+from ..train.objectives.hooks import ObjectiveSteps
 from . import targets as T
 from .space import SearchError
 
@@ -68,11 +69,12 @@ def with_test_split(cfg: JobConfig, fraction: float | None, log: Callable[[str],
     return derive(cfg, {"data": upd})
 
 
-class _Metrics(Evaluation):
-    """The trainer's metric rules without a model: which metrics this task and data produce."""
+class _Metrics(ObjectiveSteps, Evaluation):
+    """The trainer's metric rules without a model: which metrics this task, objective and data produce."""
 
     def __init__(self, cfg: JobConfig, data: Prepared, task: str, tok) -> None:
-        self.cfg, self.data, self.task, self.tok = cfg, data, task, tok
+        self.cfg, self.data, self.task, self.tok, self.t = cfg, data, task, tok, cfg.train
+        self._start_objective()  # preference / reward objectives: reward_accuracy, reward, ...
 
 
 @dataclass
@@ -107,7 +109,9 @@ def preflight(cfg: JobConfig, metric: str | None, log: Callable[[str], None] = p
     path = models.resolve(cfg.model_name(), log)
     tok = load_tokenizer(cfg, path)
     pre_task = cfg.task if cfg.task != "auto" else "auto"
-    data = prepare(cfg.data, tok, pre_task, cfg.train.seed, log)
+    from ..train.objectives.hooks import prepare_data  # train.objective dpo / kto / grpo ...: TRL's formats
+
+    data = prepare_data(cfg, tok, log) or prepare(cfg.data, tok, pre_task, cfg.train.seed, log)
     task = resolve_task(cfg, data.format, path)
     get_task(task).after_data(tok, data)
     if not data.test:

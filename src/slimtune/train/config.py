@@ -184,6 +184,41 @@ class TrainConfig(_Strict):
     # Seconds a collective may wait for a peer before the run fails (a hung or stopped rank): long
     # enough for an eval or a save on the slowest rank, short enough that nobody waits forever.
     distributed_timeout: int = Field(600, ge=10)
+    # ---- the objective (train/objectives/; docs/objectives.md) ----
+    # sft: next-token loss on answers (or the classifier's); dpo / ipo / orpo / simpo: preference
+    # pairs (prompt, chosen, rejected); kto: unpaired rows (prompt, completion, label); grpo: prompts
+    # and reward functions. DPO / IPO / KTO's reference is the model with its adapters off.
+    objective: Literal["sft", "dpo", "ipo", "orpo", "simpo", "kto", "grpo"] = "sft"
+    # None: the objective's paper default (objectives/*.DEFAULT_BETA): DPO / KTO 0.1 (the papers'
+    # value; larger keeps closer to the reference), IPO 0.1 (TRL's, its tau), ORPO 0.1 (the paper's
+    # lambda), SimPO 2.0 (the paper's range 2.0-2.5 for its length-averaged rewards), GRPO 0.0 (no KL
+    # term: DAPO / Dr GRPO found it unneeded, and it saves the reference forward)
+    beta: Optional[float] = Field(None, ge=0)
+    # conservative DPO / SimPO (cDPO): the probability a pair's labels are flipped; 0 trusts the labels
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    # DPO's pairwise loss: sigmoid (the DPO paper), hinge (SLiC), ipo (the IPO paper; `objective: ipo`)
+    loss_type: Optional[Literal["sigmoid", "hinge", "ipo"]] = None
+    # log-probs averaged over completion tokens instead of summed. None: the method's own choice (DPO /
+    # KTO sum as their papers; IPO, ORPO and SimPO average, which removes their bias to long answers)
+    length_normalize: Optional[bool] = None
+    simpo_gamma: float = Field(0.5, ge=0)  # SimPO's target margin gamma (TRL's default; gamma/beta 0.25 of the paper)
+    # KTO: weights of desirable / undesirable rows; the paper keeps weight*count of the two in 1 to 4/3
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float = Field(1.0, gt=0)
+    # Reference log-probs computed once before training (the adapter loaded from a checkpoint, or any
+    # start whose adapter-off model is not the reference): one pass over the data, no reference forward per step
+    precompute_ref: bool = False
+    max_prompt_length: Optional[int] = Field(None, ge=1)  # a longer prompt is an error naming the row; None: data.max_length - 1
+    # GRPO: completions sampled per prompt (the group), how long they may be, the sampling temperature,
+    # the PPO clip range (epsilon: DeepSeekMath's 0.2), and the reward functions (built-ins
+    # exact_match / regex / length, or the user's module:function), weighted by reward_weights
+    num_generations: int = Field(4, ge=2)
+    max_completion_length: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    clip_epsilon: float = Field(0.2, gt=0)
+    rewards: list[Union[str, dict[str, Any]]] = Field(default_factory=lambda: ["exact_match"])
+    reward_weights: Optional[list[float]] = None
+
     # where metrics go besides metrics.jsonl (HF Trainer's names): tensorboard, mlflow, wandb, none, all (trackers.py)
     report_to: Union[str, list[str]] = ["tensorboard"]
 

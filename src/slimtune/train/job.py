@@ -259,7 +259,10 @@ def setup(cfg: JobConfig, log=print) -> dict[str, Any]:
     pre = tasks.get_task(cfg.task) if cfg.task != "auto" else tasks.task_for_model(cfg.model_name(), path)
     proc = (pre or tasks.get_task("causal_lm")).load_processor(cfg, path)  # text models: the tokenizer
     # the data decides the format (and the label count) before the model is built
-    data: Prepared = prepare(cfg.data, proc, pre.name if pre else "auto", cfg.train.seed, log)
+    from .objectives.hooks import prepare_data  # dpo / kto / grpo ...: TRL's formats; None for sft
+
+    data: Prepared = prepare_data(cfg, proc, log) or prepare(cfg.data, proc, pre.name if pre else "auto",
+                                                             cfg.train.seed, log)
     spec = pre or tasks.task_for_format(data.format)
     if pre is None and not spec.accepts_model(cfg.model_name(), tasks.hf_config(path)):
         raise JobConfigError(f"{data.source}: the data is {data.format} data for task {spec.name}, but model "

@@ -31,6 +31,7 @@ from .distributed import Dist
 from .evaluate import Evaluation
 from .interrupt import StopRequest
 from .lm import CausalLMPath
+from .objectives.hooks import ObjectiveSteps
 from .resources import peak_memory_mb, precision_choice, set_cpu_threads
 from .speed import compile_for_training, enable_gradient_checkpointing, offload_factory
 from .state import Checkpointing
@@ -48,7 +49,7 @@ class TrainingDiverged(RuntimeError):
 EvalCallback = Callable[[int, dict], "str | None"]
 
 
-class Trainer(Evaluation, Checkpointing):
+class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
     def __init__(self, cfg: JobConfig, peft_model, tokenizer, data: Prepared, task: str,
                  log: Callable[[str], None] = print, progress: bool = True, session_t0: float | None = None,
                  dist: Dist | None = None, on_evaluate: EvalCallback | None = None) -> None:
@@ -110,7 +111,8 @@ class Trainer(Evaluation, Checkpointing):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
         self.model, self.opt = self.dist.prepare(self.acc, self.model, opt)
         self.lm: CausalLMPath | None = None
-        if self._spec.generates:  # the decoder, then the head at labelled positions only (lm.py)
+        self._start_objective()  # train.objective (objectives/): None = sft, the pipeline's own loss
+        if self._spec.generates and self.objective is None:  # the decoder, then the head at labelled positions only (lm.py)
             try:
                 self.lm = CausalLMPath.build(self.model, self.t, data, self.acc.num_processes, self.device, self.out,
                                              log, will_reuse=self._reuse())
@@ -118,6 +120,7 @@ class Trainer(Evaluation, Checkpointing):
                 raise JobConfigError(str(e)) from None
         self.sched = sched  # stepped once per optimizer step, by hand (not world-size times)
         self.model_unwrapped = self.acc.unwrap_model(self.model)
+        self._bind_objective(tokenizer)
         compile_for_training(self.model_unwrapped, self.t, cuda and self.is_main, log)
         self._offload = offload_factory(self.t, self.device)
 
@@ -181,11 +184,14 @@ class Trainer(Evaluation, Checkpointing):
     def _batch(self, m: int) -> dict[str, Any]:
         """Micro-batch m of the run on the device: padding-free when the LM path packs."""
         ex = [self.data.train[i] for i in self._examples(m)]
-        batch = self.lm.collate(ex, self.pad_id) if self.lm is not None and not self.lm.disabled else \
+        batch = self.objective.collate(ex, self.pad_id) if self.objective is not None else \
+            self.lm.collate(ex, self.pad_id) if self.lm is not None and not self.lm.disabled else \
             collate(ex, self.pad_id)
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def _loss(self, batch: dict[str, Any], ids: list[int]) -> torch.Tensor:
+        if self.objective is not None:
+            return self._objective_loss(batch)
         if self.lm is not None and not self.lm.disabled:
             loss = self.lm.loss(batch, "train", ids, [self.data.train[i] for i in ids], self.pad_id)
             return loss + self._extra_loss() if self._extra_loss is not None else loss  # (the model's forward adds it)
@@ -243,6 +249,7 @@ class Trainer(Evaluation, Checkpointing):
                     f.writelines(json.dumps(r) + "\n" for r in self.history)
         elif self.is_main:
             (self.out / "metrics.jsonl").write_text("")
+        self._objective_precompute()  # train.precompute_ref: before the first step changes the model
         if self.is_main:
             self.trackers = Trackers.open(self.t.report_to, self.out, saved_form(self.cfg), self.step, self.log)
         try:
@@ -340,6 +347,7 @@ class Trainer(Evaluation, Checkpointing):
                            "peak_mem_mb": peak_memory_mb()}
                     if gnorm is not None:
                         rec["grad_norm"] = gnorm
+                    rec.update(self._objective_log())  # rewards, margins, accuracy, KL (objectives only)
                     self._record(rec)
                     if bar is None:  # no progress bar: the log carries the training loss
                         self.log(f"step {self.step}/{self.total_steps}: loss {rec['loss']:.4f}, lr {lr:.2e}, "
@@ -434,7 +442,7 @@ class Trainer(Evaluation, Checkpointing):
 
     def history_last_eval(self) -> dict[str, float] | None:
         for r in reversed(self.history):
-            if "eval_loss" in r and r["step"] > 0:
+            if ("eval_loss" in r or self.metric in r) and r["step"] > 0:
                 return {k: v for k, v in r.items() if k != "step"}
         return None
 

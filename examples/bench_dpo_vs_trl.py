@@ -1,0 +1,142 @@
+"""slimtune's DPO job against TRL's DPOTrainer + peft, as two real processes on the same data, model,
+LoRA and batches (issue 24): whole-process time, step time, peak memory (the child's max RSS) and
+both sides' held-out reward accuracy.
+
+Same batches, asserted: TRL reads the pairs in the order slimtune's trainer draws them (its seeded
+permutation per epoch, `train_sampling_strategy="sequential"`), both sides train fp32 with AdamW at a
+constant lr and clip 1.0, and the per-step chosen / rejected log-probs both sides log must agree
+(they are the same model on the same rows; only float rounding differs).
+
+    python examples/bench_dpo_vs_trl.py [--steps 10] [--batch 4] [--rows 80] [--eval 40]
+
+The pairs are the ones examples/dpo_plot_review.py writes (run it first, or this writes them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PAIRS = HERE.parent / "runs" / "dpo_plot_review"
+TARGETS = ["q_proj", "k_proj", "v_proj"]
+
+TRL_SIDE = r'''
+import json, sys, time, torch, warnings
+warnings.simplefilter("ignore")
+t0 = time.time()
+import peft, trl
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+a = json.loads(sys.argv[1])
+tok = AutoTokenizer.from_pretrained(a["model"])
+model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
+rows = [json.loads(l) for l in open(a["train"])]
+ev = [json.loads(l) for l in open(a["eval"])]
+conv = lambda r: {"prompt": [{"role": "system", "content": ""}, {"role": "user", "content": r["prompt"]}],
+                  "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                  "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+train = Dataset.from_list([conv(rows[i]) for i in a["order"]])
+args = trl.DPOConfig(output_dir=a["out"], max_steps=a["steps"], per_device_train_batch_size=a["batch"],
+                     per_device_eval_batch_size=a["batch"], learning_rate=a["lr"], lr_scheduler_type="constant",
+                     warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, report_to=[], use_cpu=True,
+                     bf16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True, save_strategy="no", beta=a["beta"],
+                     max_length=a["max_length"], train_sampling_strategy="sequential", optim="adamw_torch")
+lora = peft.LoraConfig(r=a["r"], lora_alpha=2 * a["r"], target_modules=a["targets"], lora_dropout=0.0)
+tr = trl.DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=Dataset.from_list([conv(r) for r in ev]),
+                    processing_class=tok, peft_config=lora)
+tr.train()
+steps = [h for h in tr.state.log_history if "loss" in h and "train_runtime" not in h]
+run = next(h for h in tr.state.log_history if "train_runtime" in h)
+res = tr.evaluate()
+json.dump({"steps": steps, "train_s": run["train_runtime"], "eval": res, "wall_in_s": time.time() - t0},
+          open(a["result"], "w"))
+'''
+
+
+def order(n: int, steps: int, batch: int, seed: int) -> list[int]:
+    """The rows slimtune's trainer draws, in order (trainer._examples: a seeded permutation per epoch)."""
+    import torch
+
+    out: list[int] = []
+    epoch = 0
+    while len(out) < steps * batch:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        per_epoch = n // batch  # full batches of an epoch (checks.plan drops none when n % batch == 0)
+        out += perm[:per_epoch * batch]
+        epoch += 1
+    return out[:steps * batch]
+
+
+def run(cmd: list[str], log: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of a child process."""
+    t0 = time.time()
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        _, status, ru = os.wait4(p.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{cmd[:3]} failed: see {log}")
+    return time.time() - t0, ru.ru_maxrss / 1024
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--rows", type=int, default=80)
+    ap.add_argument("--eval", type=int, default=40)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    a = ap.parse_args()
+    if not (PAIRS / "pairs_train.jsonl").is_file():
+        subprocess.run([sys.executable, str(HERE / "dpo_plot_review.py"), "train.max_steps=1"], check=True)
+    from slimtune.train import models
+
+    model = models.resolve("smollm2-135m", print)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
+    train_rows = (PAIRS / "pairs_train.jsonl").read_text().splitlines()[:a.rows]
+    eval_rows = (PAIRS / "pairs_validation.jsonl").read_text().splitlines()[:a.eval]
+    (tmp / "train.jsonl").write_text("\n".join(train_rows) + "\n")
+    (tmp / "eval.jsonl").write_text("\n".join(eval_rows) + "\n")
+    r, seed, max_len = 16, 42, 128
+    ours = [sys.executable, "-m", "slimtune", "train", f"model={model}", f"data.train={tmp / 'train.jsonl'}",
+            f"data.validation={tmp / 'eval.jsonl'}", f"data.max_length={max_len}", "data.system_prompt=''",
+            "method=lora", f"method.r={r}", f"method.lora_alpha={2 * r}", f"method.target_modules=[{','.join(TARGETS)}]",
+            f"method.layers_to_transform=[{','.join(map(str, range(30)))}]", "train.objective=dpo", "train.beta=0.1", "train.precision=fp32",
+            f"train.max_steps={a.steps}", f"train.batch_size={a.batch}", f"train.lr={a.lr}", "train.scheduler=constant",
+            "train.warmup_steps=0", "train.log_every=1", f"train.eval_every={a.steps}", "train.eval_before=false",
+            f"train.seed={seed}", f"eval.batch_size={a.batch}", f"eval.max_examples={a.eval}", "eval.generate=false",
+            "eval.samples=0", f"output_dir={tmp / 'slimtune'}", "--no-progress"]
+    w_ours, m_ours = run(ours, tmp / "slimtune.log")
+    spec = dict(model=model, train=str(tmp / "train.jsonl"), eval=str(tmp / "eval.jsonl"), out=str(tmp / "trl"),
+                steps=a.steps, batch=a.batch, lr=a.lr, beta=0.1, r=r, targets=TARGETS, max_length=max_len,
+                order=order(len(train_rows), a.steps, a.batch, seed), result=str(tmp / "trl.json"))
+    w_trl, m_trl = run([sys.executable, "-c", TRL_SIDE, json.dumps(spec)], tmp / "trl.log")
+
+    summary = json.loads((tmp / "slimtune" / "summary.json").read_text())
+    ms = [json.loads(x) for x in (tmp / "slimtune" / "metrics.jsonl").read_text().splitlines()]
+    steps_ours = [x for x in ms if "loss" in x]
+    t = json.loads((tmp / "trl.json").read_text())
+    for s, (x, y) in enumerate(zip(steps_ours, t["steps"]), 1):  # same rows and math: the same log-probs
+        for ko, kt in (("train_logps_chosen", "logps/chosen"), ("train_logps_rejected", "logps/rejected")):
+            assert abs(x[ko] - y[kt]) < 1e-2 * max(1.0, abs(y[kt])), f"step {s}: {ko} {x[ko]} vs TRL {y[kt]}"
+    step_ours = summary["train_time_s"] / summary["steps"]
+    step_trl = t["train_s"] / len(t["steps"])
+    acc_ours, acc_trl = summary["after"]["reward_accuracy"], t["eval"]["eval_rewards/accuracies"]
+    print(f"\nDPO, SmolLM2-135M, LoRA r={r} on {TARGETS} (all 30 blocks), fp32, {a.steps} steps of {a.batch} pairs, "
+          f"{a.eval} held-out pairs; same batches (per-step log-probs agree)")
+    print(f"{'':12s} {'slimtune':>10s} {'TRL+peft':>10s} {'TRL/slimtune':>13s}")
+    print(f"{'process s':12s} {w_ours:10.1f} {w_trl:10.1f} {w_trl / w_ours:13.2f}")
+    print(f"{'step s':12s} {step_ours:10.2f} {step_trl:10.2f} {step_trl / step_ours:13.2f}")
+    print(f"{'peak MiB':12s} {m_ours:10.0f} {m_trl:10.0f} {m_trl / m_ours:13.2f}")
+    print(f"{'reward acc':12s} {acc_ours:10.2f} {acc_trl:10.2f}")
+    print(f"(folder {tmp})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

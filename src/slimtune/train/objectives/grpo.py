@@ -1,0 +1,152 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath): per prompt, a group of completions sampled with the adapter
+(`generate` with the KV cache, the whole batch of prompts x num_generations in one call), scored by
+the reward functions (rewards.py), and each completion's advantage is its reward against its group's:
+
+    A_i      = (r_i - mean(r_group)) / (std(r_group) + 1e-4)          (std unbiased, as TRL)
+    ratio    = pi(tok) / pi_old(tok)      (one update per sample: pi_old = pi detached, ratio 1, gradient A)
+    loss_tok = -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) + beta * KL_tok
+    KL_tok   = e^(ref - logp) - (ref - logp) - 1                      (k3 estimator; beta 0: no reference forward)
+    loss     = sum over completion tokens / completion tokens in the batch   (TRL's default `dapo`)
+
+The completion ends at its first EOS (kept, later tokens masked). `policy_loss` and
+`group_advantages` equal TRL GRPOTrainer's given the same completions and rewards
+(tests/test_objective_trl.py).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Objective, completion_logps, reference
+from . import rewards as R
+
+
+def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
+    """(N,) rewards of N/group prompts x group completions -> group-normalised advantages."""
+    g = rewards.view(-1, group)
+    mean = g.mean(1, keepdim=True)
+    std = g.std(1, keepdim=True)  # unbiased, as TRL's nanstd
+    return ((g - mean) / (std + 1e-4)).reshape(-1)
+
+
+def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                beta: float = 0.0, ref_logps: torch.Tensor | None = None, eps_low: float = 0.2,
+                eps_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, mean KL per completion token): the clipped surrogate over (N, C) completion tokens."""
+    eps_high = eps_low if eps_high is None else eps_high
+    coef1 = torch.exp(logps - old_logps)
+    coef2 = torch.clamp(coef1, 1 - eps_low, 1 + eps_high)
+    a = advantages.unsqueeze(1)
+    per_tok = -torch.min(coef1 * a, coef2 * a)
+    m = mask.to(logps.dtype)
+    kl = logps.new_zeros(())
+    if beta != 0.0:
+        d = ref_logps - logps
+        per_kl = torch.exp(d) - d - 1
+        per_tok = per_tok + beta * per_kl
+        kl = ((per_kl * m).sum() / m.sum().clamp(min=1.0)).detach()
+    return (per_tok * m).sum() / m.sum().clamp(min=1.0), kl
+
+
+class GRPO(Objective):
+    name = "grpo"
+    data = "prompts"
+    default_beta = 0.0  # TRL's default: no KL term (DAPO, Dr GRPO), so no reference forward
+    metric = "reward"
+
+    def __init__(self, t) -> None:
+        super().__init__(t)
+        self.funcs = R.build(t.rewards)
+        w = t.reward_weights
+        if w is not None and len(w) != len(self.funcs):
+            from ..config import JobConfigError
+
+            raise JobConfigError(f"train.reward_weights has {len(w)} weights for {len(self.funcs)} rewards; give one "
+                                 "per reward (or leave it out: all 1)")
+        self.weights = torch.tensor(w if w is not None else [1.0] * len(self.funcs))
+        self.tok = None  # set by the trainer
+        self.needs_reference = self.beta != 0.0
+
+    def metrics(self) -> list[str]:
+        return ["reward"] + [f"reward_{n}" for n, _ in self.funcs] + ["completion_length"]
+
+    def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+        n = max(len(e["prompt_ids"]) for e in examples)
+        ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), n), dtype=torch.long)
+        for j, e in enumerate(examples):  # left-padded: generation continues every row at the same column
+            L = len(e["prompt_ids"])
+            ids[j, n - L:] = torch.tensor(e["prompt_ids"])
+            mask[j, n - L:] = 1
+        return {"input_ids": ids, "attention_mask": mask, "rows": examples}
+
+    @torch.no_grad()
+    def sample(self, model, batch: dict[str, Any], group: int, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(completion ids, completion mask), (N*group, C): sampled with the adapter and the KV cache."""
+        was = model.training
+        model.eval()
+        try:
+            kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=self.t.temperature, top_k=0,
+                                                             top_p=1.0)
+            out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 max_new_tokens=self.t.max_completion_length, num_return_sequences=group,
+                                 pad_token_id=self.tok.pad_token_id, use_cache=True, **kw)
+        finally:
+            if was:
+                model.train()
+        comp = out[:, batch["input_ids"].shape[1]:]
+        eos = self.tok.eos_token_id
+        is_eos = comp == eos if eos is not None else torch.zeros_like(comp, dtype=torch.bool)
+        first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(comp[:, 0], comp.shape[1]))
+        mask = (torch.arange(comp.shape[1], device=comp.device).unsqueeze(0) <= first.unsqueeze(1)).long()
+        return comp, mask
+
+    def score(self, rows: list[dict[str, Any]], comp: torch.Tensor, mask: torch.Tensor, group: int) -> torch.Tensor:
+        """(N*group, F) rewards of the decoded completions."""
+        texts = self.tok.batch_decode(comp * mask + self.tok.pad_token_id * (1 - mask), skip_special_tokens=True)
+        reps = [r for r in rows for _ in range(group)]
+        keys = sorted({k for r in reps for k in r["columns"]})
+        cols = {k: [r["columns"].get(k) for r in reps] for k in keys}
+        return R.score(self.funcs, [r["prompt"] for r in reps], texts, cols)
+
+    def loss(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        G = self.t.num_generations
+        gen_model = self.reference_model(model)
+        comp, cmask = self.sample(gen_model, batch, G)
+        per_fn = self.score(batch["rows"], comp, cmask, G).to(comp.device)
+        rewards = per_fn @ self.weights.to(per_fn.device)
+        adv = group_advantages(rewards, G)
+        p_ids = batch["input_ids"].repeat_interleave(G, 0)
+        p_mask = batch["attention_mask"].repeat_interleave(G, 0)
+        ids, att = torch.cat([p_ids, comp], 1), torch.cat([p_mask, cmask], 1)
+        full_mask = torch.cat([torch.zeros_like(p_mask), cmask], 1)
+        C = comp.shape[1]
+        logps = completion_logps(model, ids, att, full_mask)[:, -C:]
+        ref = None
+        if self.beta != 0.0:
+            with reference(gen_model):
+                ref = completion_logps(gen_model, ids, att, full_mask)[:, -C:]
+        loss, kl = policy_loss(logps, logps.detach(), adv, cmask, self.beta, ref, self.t.clip_epsilon)
+        stats = {"reward": rewards, "completion_length": cmask.sum(1).float(), "kl": kl.reshape(1)}
+        stats.update({f"reward_{n}": per_fn[:, i] for i, (n, _) in enumerate(self.funcs)})
+        return loss, stats
+
+    @torch.no_grad()
+    def evaluate(self, model, examples: list[dict[str, Any]], pad_id: int, batch_size: int,
+                 device: torch.device) -> dict[str, float]:
+        """The held-out reward: one greedy completion per validation prompt, scored by the same functions."""
+        from .base import to_device
+
+        per, lens = [], []
+        gen_model = self.reference_model(model)
+        for i in range(0, len(examples), batch_size):
+            b = to_device(self.collate(examples[i:i + batch_size], pad_id), device)
+            comp, mask = self.sample(gen_model, b, 1, greedy=True)
+            per.append(self.score(b["rows"], comp, mask, 1))
+            lens.append(mask.sum(1).float().cpu())
+        s = torch.cat(per)
+        res = {"reward": float((s @ self.weights).mean())}
+        res.update({f"reward_{n}": float(s[:, i].mean()) for i, (n, _) in enumerate(self.funcs)})
+        res["completion_length"] = float(torch.cat(lens).mean())
+        return res

@@ -1,0 +1,117 @@
+"""Where the job meets the objectives: the data step of set-up (`prepare_data`) and the trainer's
+mixin (`ObjectiveSteps`) that hands batches, loss, logging and evaluation to the objective when
+`train.objective` is not sft. The trainer keeps its loop, schedule, checkpoints and report.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from ..config import JobConfig, JobConfigError
+from . import OBJECTIVES, build
+from .rewards import RewardError
+
+
+def prepare_data(cfg: JobConfig, tok, log=print):
+    """The objective's data (TRL's formats) as a `Prepared`, or None when the pipeline's own data
+    reading applies (sft)."""
+    cls = OBJECTIVES[cfg.train.objective]
+    if getattr(cls, "pipeline", False):
+        return None
+    if cfg.task not in ("auto", "causal_lm"):
+        raise JobConfigError(f"train.objective={cfg.train.objective} trains a causal LM; task={cfg.task} is not one "
+                             "(set task: causal_lm or leave it auto)")
+    if tok is None:
+        raise JobConfigError(f"train.objective={cfg.train.objective} needs a tokenizer: give a transformers model")
+    from .data import prepare
+
+    build(cfg.train)  # the objective's own checks (loss_type, rewards importable, ...) before any data is read
+    return prepare(cfg, tok, cls.data, log)
+
+
+class ObjectiveSteps:
+    """Trainer mixin. `self.objective` is None for sft: every method then defers to the pipeline."""
+
+    objective = None
+
+    def _start_objective(self) -> None:
+        self.objective = build(self.t)
+        self._obj_sums: dict[str, list[float]] = {}
+
+    def _bind_objective(self, tokenizer) -> None:
+        if self.objective is not None:
+            self.objective.ref_model = self.model_unwrapped  # the adapters are switched off on this one
+            self.objective.tok = tokenizer
+
+    def _objective_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        try:
+            loss, stats = self.objective.loss(self.model, batch)
+        except RewardError as e:  # the user's reward broke mid-run: keep what was trained, then say which
+            ck = self.save_checkpoint()
+            raise RewardError(f"{e}. Training stopped at step {self.step}; checkpoint {ck} keeps the run: fix the "
+                              f"function and `slimtune train {self.out} --resume` continues") from None
+        for k, v in stats.items():
+            s = self._obj_sums.setdefault(k, [0.0, 0.0])
+            s[0] += float(v.detach().float().sum())
+            s[1] += v.numel()
+        return loss
+
+    def _objective_log(self) -> dict[str, float]:
+        """The objective's statistics averaged since the last log line (rewards, margins, accuracy, KL)."""
+        out = {f"train_{k}": s[0] / s[1] for k, s in self._obj_sums.items() if s[1]}
+        self._obj_sums = {}
+        return out
+
+    def _objective_precompute(self) -> None:
+        """train.precompute_ref: the starting model's log-probs of every pair, once; kept in the run
+        folder so a resumed run uses the same reference."""
+        if self.objective is None or not self.t.precompute_ref:
+            return
+        path = self.out / "ref_logps.json"
+        splits = {"train": self.data.train, "eval": self.data.eval}
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            for name, rows in splits.items():
+                for e, r in zip(rows, saved[name]):
+                    e["ref_logps"] = tuple(r)
+            self.log(f"reference log-probs: read from {path}")
+            return
+        for rows in splits.values():
+            self.objective.precompute(self.model_unwrapped, rows, self.pad_id, self.cfg.eval.batch_size, self.device)
+        if self.is_main:
+            path.write_text(json.dumps({n: [e["ref_logps"] for e in rows] for n, rows in splits.items()}))
+        self.log(f"reference log-probs: computed once for {len(self.data.train)} + {len(self.data.eval)} pairs "
+                 "(train.precompute_ref)")
+
+    def evaluate(self, samples: bool = False) -> dict[str, float]:
+        if self.objective is None:
+            return super().evaluate(samples)
+        res = self._objective_evaluate()
+        if self._do_generate():  # a short-answer task: the generated answers too (as its SFT run measures)
+            res["gen_accuracy"] = self.generated_accuracy()
+        if samples:
+            self.last_samples = self.sample_generations()
+        return res
+
+    def measured_metrics(self) -> list[str]:
+        if self.objective is None:
+            return super().measured_metrics()
+        return self.objective.metrics() + (["gen_accuracy"] if self._do_generate() else [])
+
+    def _default_metric(self) -> str:
+        return self.objective.metric if self.objective is not None else super()._default_metric()
+
+    @torch.no_grad()
+    def _objective_evaluate(self) -> dict[str, float]:
+        model = self._eval_model()
+        was = model.training
+        model.eval()
+        try:
+            rows = self.data.eval[:self.cfg.eval.max_examples]
+            with self.acc.autocast():
+                return self.objective.evaluate(model, rows, self.pad_id, self.cfg.eval.batch_size, self.device)
+        finally:
+            if was:
+                model.train()

@@ -1,0 +1,78 @@
+"""KTO (Ethayarajh et al. 2024): unpaired rows, each completion desirable or not.
+
+    logratio = log pi(y|x) - log pi_ref(y|x)                 summed over completion tokens
+    z        = max(0, mean over the batch of logratio(x_i, y_{i-1}))   (detached)
+               the KL estimate from mismatched pairs: completions rotated by one within the batch,
+               as TRL's KTOTrainer builds them
+    desirable:    w_d * (1 - s(beta * (logratio - z)))
+    undesirable:  w_u * (1 - s(beta * (z - logratio)))
+    loss     = mean over rows; rewards = beta * logratio
+
+Equal to TRL KTOTrainer's `kto` loss (tests/test_objective_trl.py).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Objective, completion_logps, pad_right, reference
+
+
+def _seqs(prompts: list[list[int]], comps: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    seqs = [p + c for p, c in zip(prompts, comps)]
+    return {"input_ids": pad_right(seqs, pad_id), "attention_mask": pad_right([[1] * len(s) for s in seqs], 0),
+            "completion_mask": pad_right([[0] * len(p) + [1] * len(c) for p, c in zip(prompts, comps)], 0)}
+
+
+class KTO(Objective):
+    name = "kto"
+    data = "unpaired"
+    default_beta = 0.1  # the KTO paper's value
+    needs_reference = True
+
+    def metrics(self) -> list[str]:
+        return ["eval_loss", "reward_accuracy", "reward_margin", "kl"]
+
+    def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+        if len(examples) < 2:
+            from ..config import JobConfigError
+
+            raise JobConfigError("KTO's KL estimate pairs each prompt with another row's completion: train.batch_size "
+                                 "and eval.batch_size must be at least 2")
+        prompts = [e["prompt_ids"] for e in examples]
+        comps = [e["completion_ids"] for e in examples]
+        batch = _seqs(prompts, comps, pad_id)
+        kl = _seqs(prompts, comps[-1:] + comps[:-1], pad_id)  # (x_i, y_{i-1})
+        batch.update({f"kl_{k}": v for k, v in kl.items()})
+        batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.bool)
+        return batch
+
+    @staticmethod
+    def _logps(model, batch: dict[str, Any], prefix: str = "") -> torch.Tensor:
+        return completion_logps(model, batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
+                                batch[prefix + "completion_mask"]).sum(1)
+
+    def loss(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logps = self._logps(model, batch)
+        ref_model = self.reference_model(model)
+        with torch.no_grad():
+            kl_logps = self._logps(model, batch, "kl_")
+        with reference(ref_model):
+            ref = self._logps(ref_model, batch)
+            ref_kl = self._logps(ref_model, batch, "kl_")
+        z = (kl_logps - ref_kl).mean().detach().clamp(min=0)
+        ratio = logps - ref
+        lab = batch["label"]
+        b = self.beta
+        desirable = 1 - torch.sigmoid(b * (ratio - z))
+        undesirable = 1 - torch.sigmoid(b * (z - ratio))
+        per = torch.where(lab, self.t.desirable_weight * desirable, self.t.undesirable_weight * undesirable)
+        rewards = b * ratio.detach()
+        ch, rj = rewards[lab], rewards[~lab]
+        zero = rewards.new_zeros(())
+        stats = {"reward_accuracy": ((rewards > 0) == lab).float(),
+                 "reward_margin": ((ch.mean() if ch.numel() else zero) - (rj.mean() if rj.numel() else zero)).reshape(1),
+                 "rewards_chosen": ch, "rewards_rejected": rj, "kl": z.reshape(1),
+                 "logps_chosen": logps.detach()[lab], "logps_rejected": logps.detach()[~lab]}
+        return per.mean(), stats
