@@ -215,3 +215,26 @@ def test_qwen2_lora_keeps_hf_row_order(tmp_path):
     layer = pm.base_model.model.model.layers[1].self_attn.k_proj
     a, b = t["blk.1.attn_k.weight.lora_a"], t["blk.1.attn_k.weight.lora_b"]
     torch.testing.assert_close(meta["adapter.lora.alpha"] / 4 * (b @ a), layer.get_delta_weight("default"))  # no permutation
+
+
+def test_the_base_embedding_copy_peft_saves_is_left_out_unless_resized(tmp_path):
+    """save_embedding_layers="auto" (PEFT's meaning) writes the frozen base embedding beside a targeted
+    embed_tokens' LoRA: left out of the GGUF LoRA (llama.cpp's base has it), named in the log; a
+    resized vocabulary is an error naming the fix."""
+    from slimtune.checkpoint import read_adapter_weights
+    from slimtune.config import AdapterConfig
+    from slimtune.export.gguf import GGUFExportError, lora_tensors
+
+    pm = slimtune.get_peft_model(tiny_llama(), slimtune.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    pm.save_pretrained(tmp_path / "a")
+    state = read_adapter_weights(tmp_path / "a")
+    copy = [k for k in state if k.endswith("embed_tokens.base_layer.weight")]
+    assert copy, "PEFT's auto mode saves the targeted embedding's base weight"
+    cfg, hf = AdapterConfig.from_pretrained(tmp_path / "a"), pm.get_base_model().config
+    said: list[str] = []
+    pairs = lora_tensors(cfg, state, hf, said.append)
+    assert set(pairs) == {"model.embed_tokens", "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+    assert any("left out" in m for m in said)
+    state[copy[0]] = torch.cat([state[copy[0]], state[copy[0]][:2]])  # two new tokens
+    with pytest.raises(GGUFExportError, match="vocabulary was resized"):
+        lora_tensors(cfg, state, hf, said.append)

@@ -116,13 +116,29 @@ def _write(writer) -> None:
 
 
 # ---- the LoRA adapter --------------------------------------------------------------------------
-def lora_tensors(cfg, state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{module path: (A, B, scale)} from a LoRA file (A (r, in) / B (out, r); embeddings as PEFT stores them)."""
+def lora_tensors(cfg, state: dict[str, torch.Tensor], hf_config=None,
+                 log=print) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{module path: (A, B, scale)} from a LoRA file (A (r, in) / B (out, r); embeddings as PEFT stores them).
+
+    A targeted embedding's `base_layer.weight` is PEFT's `save_embedding_layers` copy of the frozen base
+    embedding (written under "auto" when embed_tokens is a target, for resized vocabularies). At the base's
+    vocabulary size it is the base's own frozen tensor, which llama.cpp already has: left out, said in the
+    log. At another size the vocabulary was resized, which a GGUF LoRA cannot express: an error."""
     from ..checkpoint import PREFIX
 
     out: dict[str, list] = {}
+    vocab = getattr(hf_config, "vocab_size", None)
+    paths = {k[len(PREFIX):] if k.startswith(PREFIX) else k for k in state}
     for k, v in state.items():
         path = k[len(PREFIX):] if k.startswith(PREFIX) else k
+        if path.endswith(".base_layer.weight") and f"{path[:-len('.base_layer.weight')]}.lora_embedding_A" in paths:
+            if vocab is not None and v.shape[0] != vocab:
+                raise GGUFExportError(f"the adapter holds a {v.shape[0]}-row embedding '{k}' but the base has {vocab} "
+                                      "tokens: the vocabulary was resized, which a GGUF LoRA cannot carry; export the "
+                                      "merged model (--merged) instead")
+            log(f"gguf: '{k}' is the frozen base embedding PEFT's save_embedding_layers copies into the adapter; "
+                "llama.cpp has it in the base GGUF, so it is left out")
+            continue
         for suffix, slot in ((".lora_A.weight", 0), (".lora_B.weight", 1), (".lora_embedding_A", 0), (".lora_embedding_B", 1)):
             if path.endswith(suffix):
                 out.setdefault(path[: -len(suffix)], [None, None])[slot] = v
@@ -152,7 +168,7 @@ def export_lora(adapter_dir: str, out: str, hf_config, outtype: str = "f32", log
         raise GGUFExportError(f"llama.cpp's GGUF adapters are LoRA; this is a "
                               f"{'DoRA' if getattr(cfg, 'use_dora', False) else cfg.method} adapter: export the "
                               "merged model (--merged) instead")
-    pairs = lora_tensors(cfg, read_adapter_weights(adapter_dir))
+    pairs = lora_tensors(cfg, read_adapter_weights(adapter_dir), hf_config, log)
     name_map, arch = _name_map(hf_config)
     _, permute = _arch(hf_config)
     alpha = float(cfg.lora_alpha)
