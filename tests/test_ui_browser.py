@@ -62,7 +62,8 @@ def test_runs_form_live_curve_stop_in_chromium(tmp_path, tiny_bert, browser):  #
         msg = d.find_element("id", "message")
         wait_for(lambda: "train.lr" in msg.text, 10, "the job's message for a bad lr")
         assert msg.get_attribute("class") == "err"
-        good = run_yaml(tiny_bert, data, "live", steps=400, extra=", save_every: 400, eval_every: 400")
+        good = run_yaml(tiny_bert, data, "live", steps=200000,  # minutes at ~250 steps/s: never finishes before Stop
+                        extra=", save_every: 200000, eval_every: 200000, warmup_steps: 1")
         d.execute_script("arguments[0].value = arguments[1]", yaml_box, good)
         d.find_element("id", "validate").click()
         wait_for(lambda: msg.text.startswith("ok:"), 10, "the config to pass the checks")
@@ -74,7 +75,7 @@ def test_runs_form_live_curve_stop_in_chromium(tmp_path, tiny_bert, browser):  #
         n1 = _points(d, "#chart-loss")
         wait_for(lambda: _points(d, "#chart-loss") > n1 + 2, 60, "its curve to grow")
         d.save_screenshot(str(DOCS / "ui_live_run.png"))
-        assert _click(d, "#stop")
+        wait_for(lambda: _click(d, "#stop"), 10, "the Stop button")
         wait_for(lambda: _row_status(d, "live") == "interrupted", 60, "the run to stop")
         assert (root / "live" / "checkpoints").is_dir() and list((root / "live" / "checkpoints").glob("step-*"))
         stopped_at = _step(base, "live")
@@ -82,7 +83,7 @@ def test_runs_form_live_curve_stop_in_chromium(tmp_path, tiny_bert, browser):  #
         wait_for(lambda: _row_status(d, "live") == "running" and _step(base, "live") > stopped_at, 120,
                  "the resumed run to train past its checkpoint")
         assert "resumed from" in (root / "live" / "train.log").read_text()
-        assert _click(d, "#stop")
+        wait_for(lambda: _click(d, "#stop"), 10, "the Stop button")
         wait_for(lambda: _row_status(d, "live") == "interrupted", 60, "the resumed run to stop")
 
         d.find_element("css selector", 'nav button[data-tab="studies"]').click()
