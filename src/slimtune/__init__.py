@@ -25,6 +25,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "PeftType": ("peft_types", "PeftType"), "TaskType": ("peft_types", "TaskType"),
     "LoraConfig": ("methods.lora", "LoraConfig"), "LoraModel": ("methods.lora", "LoraModel"),
     "IA3Config": ("methods.ia3", "IA3Config"), "IA3Model": ("methods.ia3", "IA3Model"),
+    "LoHaConfig": ("methods.loha", "LoHaConfig"), "LoHaModel": ("methods.loha", "LoHaModel"),
     "PrefixTuningConfig": ("methods.prefix", "PrefixTuningConfig"),
     "PromptTuningConfig": ("methods.prompt", "PromptTuningConfig"),
     "PromptEncoderConfig": ("methods.prompt", "PromptEncoderConfig"),
