@@ -151,8 +151,9 @@ def test_slimtune_saved_loads_in_peft(case, ids, pics, tmp_path):
         torch.testing.assert_close(logits(theirs, x), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_trains_from_the_job(tmp_path):
-    """`method: {name: loha, ...}` in the job's YAML trains, and the saved adapter reloads (PEFT's files)."""
+def job_trains(tmp_path, method: dict) -> dict:
+    """Run the job on a tiny Llama with `method` (the YAML `method:` block); check it learnt and saved
+    PEFT's files; return the saved adapter_config.json. Shared by the LoKr/VeRA/OFT tests."""
     import json
 
     from conftest_train import chat_rows, job, make_tiny_llama, write_jsonl
@@ -162,8 +163,17 @@ def test_trains_from_the_job(tmp_path):
     model = make_tiny_llama(tmp_path / "base")
     write_jsonl(tmp_path / "d.jsonl", chat_rows())
     cfg = job(model, tmp_path / "run", {"train": str(tmp_path / "d.jsonl"), "max_length": 32},
-              method={"name": "loha", "r": 4}, train={"precision": "fp32"})
+              method=method, train={"precision": "fp32"})
     res = run_train(cfg, log=lambda *_: None, progress=False)
     assert res["trainable"] > 0 and res["after"]["eval_loss"] < res["before"]["eval_loss"]
-    saved = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), tmp_path / "run/adapter")
+    assert loaded.get_nb_trainable_parameters()[1] > loaded.get_nb_trainable_parameters()[0] == 0
+    return json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
+
+
+def test_trains_from_the_job(tmp_path):
+    """`method: {name: loha, r: 4}` in the job's YAML trains, and the saved adapter reloads (PEFT's files)."""
+    saved = job_trains(tmp_path, {"name": "loha", "r": 4})
     assert saved["peft_type"] == "LOHA" and saved["r"] == 4

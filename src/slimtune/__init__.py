@@ -26,6 +26,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "LoraConfig": ("methods.lora", "LoraConfig"), "LoraModel": ("methods.lora", "LoraModel"),
     "IA3Config": ("methods.ia3", "IA3Config"), "IA3Model": ("methods.ia3", "IA3Model"),
     "LoHaConfig": ("methods.loha", "LoHaConfig"), "LoHaModel": ("methods.loha", "LoHaModel"),
+    "LoKrConfig": ("methods.lokr", "LoKrConfig"), "LoKrModel": ("methods.lokr", "LoKrModel"),
     "PrefixTuningConfig": ("methods.prefix", "PrefixTuningConfig"),
     "PromptTuningConfig": ("methods.prompt", "PromptTuningConfig"),
     "PromptEncoderConfig": ("methods.prompt", "PromptEncoderConfig"),
