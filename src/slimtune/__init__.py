@@ -27,6 +27,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "IA3Config": ("methods.ia3", "IA3Config"), "IA3Model": ("methods.ia3", "IA3Model"),
     "LoHaConfig": ("methods.loha", "LoHaConfig"), "LoHaModel": ("methods.loha", "LoHaModel"),
     "LoKrConfig": ("methods.lokr", "LoKrConfig"), "LoKrModel": ("methods.lokr", "LoKrModel"),
+    "VeraConfig": ("methods.vera", "VeraConfig"), "VeraModel": ("methods.vera", "VeraModel"),
     "PrefixTuningConfig": ("methods.prefix", "PrefixTuningConfig"),
     "PromptTuningConfig": ("methods.prompt", "PromptTuningConfig"),
     "PromptEncoderConfig": ("methods.prompt", "PromptEncoderConfig"),
