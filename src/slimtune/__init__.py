@@ -28,6 +28,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "LoHaConfig": ("methods.loha", "LoHaConfig"), "LoHaModel": ("methods.loha", "LoHaModel"),
     "LoKrConfig": ("methods.lokr", "LoKrConfig"), "LoKrModel": ("methods.lokr", "LoKrModel"),
     "VeraConfig": ("methods.vera", "VeraConfig"), "VeraModel": ("methods.vera", "VeraModel"),
+    "OFTConfig": ("methods.oft", "OFTConfig"), "OFTModel": ("methods.oft", "OFTModel"),
     "PrefixTuningConfig": ("methods.prefix", "PrefixTuningConfig"),
     "PromptTuningConfig": ("methods.prompt", "PromptTuningConfig"),
     "PromptEncoderConfig": ("methods.prompt", "PromptEncoderConfig"),
