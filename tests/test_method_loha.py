@@ -177,3 +177,28 @@ def test_trains_from_the_job(tmp_path):
     """`method: {name: loha, r: 4}` in the job's YAML trains, and the saved adapter reloads (PEFT's files)."""
     saved = job_trains(tmp_path, {"name": "loha", "r": 4})
     assert saved["peft_type"] == "LOHA" and saved["r"] == 4
+
+
+def grads_match_peft(peft_cfg, ours_cls, ids, tmp_path):
+    """Same adapter in both libraries (PEFT's file loaded here, trainable): the same loss and the same
+    gradient for every adapter tensor (slimtune's backward rebuilds ΔW instead of keeping it)."""
+    pp = peft.get_peft_model(tiny_llama(), peft_cfg)
+    pp.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    losses, grads = [], []
+    for m in (pp, ours):
+        m.train()
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({k.replace(".default", ""): p.grad for k, p in m.named_parameters() if p.requires_grad})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for k, g in grads[0].items():
+        torch.testing.assert_close(grads[1][k], g, atol=1e-6, rtol=1e-4, msg=k)
+    assert all(isinstance(l, ours_cls) for _, l in adapter_layers(ours))
+
+
+def test_gradients_match_peft(ids, tmp_path):
+    grads_match_peft(peft.LoHaConfig(r=4, init_weights=False, target_modules=["q_proj", "v_proj", "down_proj"]),
+                     LoHaLayer, ids, tmp_path)

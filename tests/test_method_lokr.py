@@ -137,3 +137,10 @@ def test_lycoris_init_starts_at_base(ids):
 def test_trains_from_the_job(tmp_path):
     saved = job_trains(tmp_path, {"name": "lokr", "r": 2, "decompose_both": True})
     assert saved["peft_type"] == "LOKR" and saved["decompose_both"] is True
+
+
+def test_gradients_match_peft(ids, tmp_path):
+    from test_method_loha import grads_match_peft
+
+    grads_match_peft(peft.LoKrConfig(r=1, decompose_both=True, init_weights=False, target_modules="all-linear"),
+                     LoKrLayer, ids, tmp_path)

@@ -132,3 +132,10 @@ def test_slimtune_saved_loads_in_peft(case, ids, tmp_path):
         torch.testing.assert_close(logits(theirs, ids), ref, atol=1e-5, rtol=1e-5)
         theirs.merge_adapter()
         torch.testing.assert_close(logits(theirs, ids), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_match_peft(ids, tmp_path):
+    from test_method_loha import grads_match_peft
+
+    grads_match_peft(peft.OFTConfig(oft_block_size=8, init_weights=False, target_modules=["q_proj", "down_proj"]),
+                     OFTLinear, ids, tmp_path)

@@ -116,3 +116,10 @@ def _nothing():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def test_gradients_match_peft(ids, tmp_path):
+    from test_method_loha import grads_match_peft
+
+    grads_match_peft(peft.VeraConfig(r=8, init_weights=False, target_modules=["q_proj", "down_proj"]),
+                     VeraLinear, ids, tmp_path)

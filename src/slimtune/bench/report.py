@@ -34,6 +34,13 @@ def _ratios(rows: list[Row]) -> dict:
         put(f"train_{s}_vs_floor", ("train", s), ("train", "frozen"))
         put(f"mem_{s}_vs_floor", ("train", s), ("train", "frozen"), "mem_mib")
     put("train_slimtune_vs_peft", ("train", "slimtune"), ("train", "peft"))
+    from .methods import METHODS  # LoHa / LoKr / VeRA / OFT rows (bench/methods.py)
+
+    for m in METHODS:
+        for lib in ("peft", "slimtune"):
+            put(f"train_{lib}_{m}_vs_floor", ("train", f"{lib}_{m}"), ("train", "frozen"))
+            put(f"mem_{lib}_{m}_vs_floor", ("train", f"{lib}_{m}"), ("train", "frozen"), "mem_mib")
+        put(f"train_slimtune_{m}_vs_peft", ("train", f"slimtune_{m}"), ("train", f"peft_{m}"))
     put("train_slimtune_compile_vs_compiled_floor", ("train", "slimtune_compile"), ("train", "frozen_compile"))
     put("train_slimtune_compile_graphs_vs_compiled_floor", ("train", "slimtune_compile_graphs"), ("train", "frozen_compile_graphs"))
     put("train_slimtune_compile_vs_peft_bf16_compile", ("train", "slimtune_compile"), ("train", "peft_bf16_compile"))

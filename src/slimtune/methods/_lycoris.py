@@ -8,10 +8,12 @@ Each method (loha.py, lokr.py) only says which factor tensors it has and how the
 (`_create`, `_reset`, `_delta`); the forward, dropouts, merge/unmerge and the tuner are here.
 Names and semantics are HF PEFT's (`LycorisConfig`, `LycorisLayer`), so files move both ways.
 
-Speed: with one active adapter on an fp32 base (no dropouts), the forward runs one GEMM with
-W + ΔW instead of base GEMM + delta GEMM (the same value up to fp32 rounding; backward then needs
-one GEMM for dx and one for the gradient of ΔW). On bf16/fp16 it keeps PEFT's two-GEMM form, so a
-small ΔW is never rounded away against W's larger entries.
+Speed and memory: on an fp32 base the forward runs one GEMM with W + ΔW instead of base GEMM +
+delta GEMM (the same value up to fp32 rounding; backward then needs one GEMM for dx and one for the
+gradient of ΔW). On bf16/fp16 it keeps PEFT's two-GEMM form, so a small ΔW is never rounded away
+against W's larger entries. When training a Linear, `_DeltaLinear` rebuilds ΔW in backward rather
+than keeping it, so activation memory stays the frozen layer's (rank dropout uses the plain graph:
+its random mask must be the same in forward and backward).
 """
 from __future__ import annotations
 
@@ -159,16 +161,59 @@ class DeltaLayer(AdapterLayer):
         if not active:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
+        merged = x.dtype == base.weight.dtype == torch.float32  # one GEMM with W + ΔW (module docstring)
+        plain = type(self.base_layer) is type(base)  # not a wrapped (e.g. quantized) base
+        factors = [p for n in active for _, p in self.adapter_parameters(n) if p.requires_grad]
+        dropping = self.training and any(self.rank_dropout[n] > 0 for n in active)
+        if plain and isinstance(base, nn.Linear) and factors and torch.is_grad_enabled() and not dropping:
+            build = lambda: sum(self.get_delta_weight(n) for n in active)  # noqa: E731
+            return _DeltaLinear.apply(x, base.weight, base.bias, build, merged, *factors)
         deltas = [self.get_delta_weight(n, rank_dropout=self.training).to(x.dtype) for n in active]
-        if x.dtype == torch.float32 and base.weight.dtype == torch.float32 and type(self.base_layer) is type(base):
+        if merged and plain:
             w = base.weight
             for d in deltas:
                 w = w + d
-            return self._op(x, w, base.bias)  # one GEMM with W + ΔW (module docstring)
+            return self._op(x, w, base.bias)
         out = self.base_layer(x, *args, **kwargs)
         for d in deltas:
             out = out + self._op(x, d, None)
         return out
+
+
+class _DeltaLinear(torch.autograd.Function):
+    """y = x·(W + ΔW)ᵀ + b, where backward rebuilds ΔW from its factors instead of keeping it:
+    autograd saves x only (plus the small factors), as for the frozen layer, where the plain graph
+    would keep ΔW, W + ΔW and LoHa's two products (three out×in matrices per layer). The factor
+    gradients come from autograd through `build` with dΔW = dyᵀ·x, so any method's ΔW works.
+    `merged`: one GEMM with W + ΔW (fp32); otherwise W and ΔW apart (bf16/fp16 keep ΔW's precision)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, build, merged, *factors):
+        with torch.no_grad():
+            delta = build().to(weight.dtype)
+        ctx.build, ctx.merged, ctx.factors, ctx.has_bias = build, merged, factors, bias is not None
+        ctx.save_for_backward(x, weight)
+        if merged:
+            return F.linear(x, weight + delta, bias)
+        return F.linear(x, weight, bias) + F.linear(x, delta)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            delta = ctx.build()
+        d = delta.detach().to(weight.dtype)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = dy @ (weight + d) if ctx.merged else dy @ weight + dy @ d
+        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        full = dy2.t() @ x2  # (out, in): the gradient of W + ΔW
+        grads = torch.autograd.grad(delta, ctx.factors, full.to(delta.dtype), allow_unused=True)
+        if ctx.needs_input_grad[1]:
+            dw = full
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+        return (dx, dw, db, None, None, *grads)
 
 
 class LycorisTuner(Tuner):
