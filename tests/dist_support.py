@@ -32,6 +32,8 @@ METHODS: dict[str, dict] = {
     "singular": {"name": "singular"},
     "sparse": {"name": "sparse", "density": 0.05},
     "bitfit": {"name": "bitfit"},
+    "loha": {"name": "loha", "r": 2}, "lokr": {"name": "lokr", "r": 2}, "vera": {"name": "vera", "r": 16},
+    "oft": {"name": "oft", "oft_block_size": 8},
 }
 
 
