@@ -139,3 +139,28 @@ def test_gradients_match_peft(ids, tmp_path):
 
     grads_match_peft(peft.OFTConfig(oft_block_size=8, init_weights=False, target_modules=["q_proj", "down_proj"]),
                      OFTLinear, ids, tmp_path)
+
+
+def test_search_and_compare_take_the_new_methods():
+    """`search.methods` and `compare --methods` name LoHa/LoKr/VeRA/OFT like any registered method: a
+    trial's draw is a method block that injects into the model (the lr is searched per method)."""
+    optuna = pytest.importorskip("optuna")
+    from slimtune.search import targets as T
+    from slimtune.search.compare import resolve_methods
+    from slimtune.search.space import build_space, method_block, parse_section
+
+    new = ["loha", "lokr", "vera", "oft"]
+    assert resolve_methods(["lora"] + new) == ["lora"] + new
+    model = tiny_llama()
+    space = build_space(parse_section({"methods": new}), "causal_lm", T.find_blocks(model))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(16):
+        t = study.ask()
+        p = space.sample(t)
+        block = method_block(p, None)
+        pm = get_peft_model(tiny_llama(), make_config(block.pop("name"), **block))
+        assert pm.get_nb_trainable_parameters()[0] > 0 and p["lr"] > 0
+        seen.add(p["method"])
+        study.tell(t, 0.0)
+    assert seen == set(new)
