@@ -39,6 +39,10 @@ METHOD_KW = {
     "heads": dict(heads=[0, 1]),
     "singular": dict(target_modules="all-linear"),
     "full": {},
+    "loha": dict(r=16, alpha=32, target_modules="all-linear"),
+    "lokr": dict(r=16, alpha=32, target_modules="all-linear"),
+    "vera": dict(r=256, target_modules="all-linear"),
+    "oft": dict(oft_block_size=32, target_modules="all-linear"),
 }
 
 
