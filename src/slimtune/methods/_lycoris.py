@@ -57,7 +57,8 @@ class LycorisConfig(AdapterConfig):
             v = getattr(self, k)
             setattr(self, k, sorted(v) if isinstance(v, set) else listify(v))
         self.modules_to_save = listify(self.modules_to_save)
-        if not isinstance(self.r, int) or self.r <= 0:
+        whole_numbers(self, "r")
+        if self.r <= 0:
             raise ConfigError(f"r={self.r!r}: the rank must be a positive integer")
         for k in ("rank_dropout", "module_dropout"):
             if not 0 <= getattr(self, k) < 1:
@@ -68,6 +69,16 @@ class LycorisConfig(AdapterConfig):
     def for_module(self, path: str) -> tuple[int, float]:
         """(r, alpha) for one module path after rank_pattern / alpha_pattern (PEFT's get_pattern_key)."""
         return _pattern(self.rank_pattern, path, self.r), _pattern(self.alpha_pattern, path, self.alpha)
+
+
+def whole_numbers(config: AdapterConfig, *names: str) -> None:
+    """Integer fields given as integral floats (YAML `16.0`) become ints; anything else is one ConfigError."""
+    for k in names:
+        v = getattr(config, k)
+        if isinstance(v, float) and v.is_integer():
+            setattr(config, k, int(v))
+        elif isinstance(v, bool) or not isinstance(getattr(config, k), int):
+            raise ConfigError(f"{k}={v!r}: must be a whole number")
 
 
 def _pattern(patterns: dict, path: str, default: Any) -> Any:

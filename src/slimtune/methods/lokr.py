@@ -22,7 +22,7 @@ import torch.nn as nn
 from ..config import ConfigError
 from ..peft_types import PeftType
 from ..registry import register_method
-from ._lycoris import DeltaLayer, LycorisConfig, LycorisTuner
+from ._lycoris import DeltaLayer, LycorisConfig, LycorisTuner, whole_numbers
 
 
 @dataclass
@@ -36,6 +36,7 @@ class LoKrConfig(LycorisConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        whole_numbers(self, "decompose_factor")
         if self.init_weights not in (True, False, "lycoris"):
             raise ConfigError(f"init_weights={self.init_weights!r}: use True (W1 = 0), 'lycoris' (W2 = 0) or "
                               "False (random, tests only)")

@@ -29,6 +29,7 @@ from ..inject import AdapterLayer
 from ..peft_types import PeftType
 from ..registry import register_method
 from ..tuner import Tuner
+from ._lycoris import whole_numbers
 
 
 @dataclass
@@ -58,6 +59,7 @@ class OFTConfig(AdapterConfig):
             v = getattr(self, k)
             setattr(self, k, sorted(v) if isinstance(v, set) else listify(v))
         self.modules_to_save = listify(self.modules_to_save)
+        whole_numbers(self, "r", "oft_block_size", "num_cayley_neumann_terms")
         if (self.r != 0) == (self.oft_block_size != 0):
             raise ConfigError(f"r={self.r}, oft_block_size={self.oft_block_size}: give exactly one of them (the other "
                               "follows, r · oft_block_size = in_features): r=0 with a block size, or oft_block_size=0 with r")

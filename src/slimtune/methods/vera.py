@@ -29,6 +29,7 @@ from ..peft_types import PeftType
 from ..registry import register_method
 from ..targeting import LINEAR_TYPES, Conv1D
 from ..tuner import Tuner
+from ._lycoris import whole_numbers
 
 
 @dataclass
@@ -53,7 +54,8 @@ class VeraConfig(AdapterConfig):
         self.target_modules = sorted(self.target_modules) if isinstance(self.target_modules, set) \
             else listify(self.target_modules)
         self.modules_to_save = listify(self.modules_to_save)
-        if not isinstance(self.r, int) or self.r <= 0:
+        whole_numbers(self, "r", "projection_prng_key")
+        if self.r <= 0:
             raise ConfigError(f"r={self.r!r}: the rank must be a positive integer")
         if not 0 <= self.vera_dropout < 1:
             raise ConfigError(f"vera_dropout={self.vera_dropout}: must be in [0, 1)")
