@@ -124,9 +124,12 @@ class VeraLinear(AdapterLayer):
             self.active_adapters = [adapter]
 
     def _ab(self, adapter: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's slices: A (r, in), B (out, r)."""
+        """This layer's slices: A (r, in), B (out, r), on the vectors' device (as PEFT: after
+        inject_adapter_in_model no tuner holds the projections, so `model.to()` does not move them)."""
         a, b = self._shared
-        return a[adapter][:, : self.in_features].to(dtype), b[adapter][: self.out_features].to(dtype)
+        dev = self.vera_lambda_b[adapter].device
+        return (a[adapter][:, : self.in_features].to(device=dev, dtype=dtype),
+                b[adapter][: self.out_features].to(device=dev, dtype=dtype))
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         lb, ld = self.vera_lambda_b[adapter], self.vera_lambda_d[adapter]
