@@ -164,3 +164,20 @@ def test_search_and_compare_take_the_new_methods():
         seen.add(p["method"])
         study.tell(t, 0.0)
     assert seen == set(new)
+
+
+def test_bench_runs_the_four_methods_in_both_libraries():
+    """`slimtune bench --scenarios frozen,peft_loha,slimtune_loha,...` (bench/methods.py) on the tiny
+    preset: a row per library and method, and each slimtune row compared with PEFT's same method."""
+    from slimtune.bench import format_table, run_benchmark
+
+    names = ["frozen"] + [f"{lib}_{m}" for m in ("loha", "lokr", "vera", "oft") for lib in ("peft", "slimtune")]
+    res = run_benchmark("tiny", scenarios=names, warmup=0)
+    assert [r["scenario"] for r in res["rows"]] == names
+    assert all(r["trainable"] > 0 for r in res["rows"][1:])
+    for m in ("loha", "lokr", "vera", "oft"):
+        assert res["ratios"][f"train_slimtune_{m}_vs_peft"] > 0 and res["ratios"][f"mem_slimtune_{m}_vs_floor"] > 0
+    # same method, same settings, same trainable count in both libraries
+    by = {r["scenario"]: r["trainable"] for r in res["rows"]}
+    assert all(by[f"peft_{m}"] == by[f"slimtune_{m}"] for m in ("loha", "lokr", "vera", "oft"))
+    assert "| train | slimtune_oft |" in format_table(res)
