@@ -40,6 +40,10 @@ METHOD_KW = {
     "singular": dict(target_modules="all-linear"),
     "full": {},
     "adalora": dict(init_r=12, target_r=8, total_step=1000, target_modules="all-linear"),  # PEFT's ranks
+    "loha": dict(r=16, alpha=32, target_modules="all-linear"),
+    "lokr": dict(r=16, alpha=32, target_modules="all-linear"),
+    "vera": dict(r=256, target_modules="all-linear"),
+    "oft": dict(oft_block_size=32, target_modules="all-linear"),
 }
 
 

@@ -33,6 +33,8 @@ METHODS: dict[str, dict] = {
     "sparse": {"name": "sparse", "density": 0.05},
     "bitfit": {"name": "bitfit"},
     "adalora": {"name": "adalora", "init_r": 4, "target_r": 2, "total_step": 2},
+    "loha": {"name": "loha", "r": 2}, "lokr": {"name": "lokr", "r": 2}, "vera": {"name": "vera", "r": 16},
+    "oft": {"name": "oft", "oft_block_size": 8},
 }
 
 

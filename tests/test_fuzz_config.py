@@ -128,7 +128,7 @@ def _fitting(hint):
 
 
 METHODS = ["lora", "dora", "ia3", "prefix", "prompt", "bitfit", "sparse", "heads", "layerwise", "full", "bottleneck",
-           "singular", "p_tuning", "lroa"]
+           "singular", "p_tuning", "loha", "lokr", "vera", "oft", "lroa"]
 
 
 @FUZZ

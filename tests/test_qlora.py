@@ -288,7 +288,8 @@ def test_dora_and_ia3_on_a_quantized_base(llama_dir, method):
 
 
 @pytest.mark.parametrize("method,kw", [("full", {}), ("layerwise", {"last_n": 1}), ("sparse", {}),
-                                       ("heads", {"heads": [0]}), ("singular", {})])
+                                       ("heads", {"heads": [0]}), ("singular", {}), ("loha", {}), ("lokr", {}),
+                                       ("vera", {"r": 4}), ("oft", {})])
 def test_methods_that_cannot_work_refuse_before_changing_anything(llama_dir, method, kw):
     q = load(llama_dir)
     before = [type(m) for m in q.modules()]

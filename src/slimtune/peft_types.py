@@ -17,6 +17,10 @@ class PeftType(str, enum.Enum):
     LORA = "LORA"
     ADALORA = "ADALORA"
     IA3 = "IA3"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    VERA = "VERA"
+    OFT = "OFT"
     # slimtune's own methods (PEFT has no such type; their files name these)
     DORA = "DORA"  # a registry key only: DoRA files say LORA with use_dora=true, as PEFT's
     BOTTLENECK = "BOTTLENECK"

@@ -184,7 +184,7 @@ def run_benchmark(preset: str | Preset = "cpu", scenarios: list[str] | None = No
     if wanted:
         extra = ["slimtune_shared", "slimtune_function", "slimtune_perlayer", "frozen_chunked_ce", "frozen_compile",
                  "slimtune_compile", "peft_bf16_compile", "slimtune_compile_graphs", "slimtune_compile_perlayer", "frozen_compile_graphs", "slimtune_offload"]
-        train = [s for s in dict.fromkeys(train + extra) if s in wanted]
+        train = [s for s in dict.fromkeys(train + extra + list(TRAIN_SETUPS)) if s in wanted]
 
     from torch._dynamo import config as dynamo_config
 
@@ -303,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, help="step pairs of the paired estimate (--scenarios paired)")
     ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=None, help="include full fine-tuning")
     ap.add_argument("--scenarios", help="comma list to run a subset: frozen,peft,peft_bf16,slimtune,full,infer,mixed,"
-                    "paired,paired_peft,paired_infer,paired_infer_peft (paired estimates, bench/paired.py)")
+                    "paired,paired_peft,paired_infer,paired_infer_peft (paired estimates, bench/paired.py), "
+                    "peft_loha,slimtune_loha (and lokr, vera, oft: bench/methods.py)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/<preset>.json; '-' for none)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -34,6 +34,13 @@ def _ratios(rows: list[Row]) -> dict:
         put(f"train_{s}_vs_floor", ("train", s), ("train", "frozen"))
         put(f"mem_{s}_vs_floor", ("train", s), ("train", "frozen"), "mem_mib")
     put("train_slimtune_vs_peft", ("train", "slimtune"), ("train", "peft"))
+    from .methods import METHODS  # LoHa / LoKr / VeRA / OFT rows (bench/methods.py)
+
+    for m in METHODS:
+        for lib in ("peft", "slimtune"):
+            put(f"train_{lib}_{m}_vs_floor", ("train", f"{lib}_{m}"), ("train", "frozen"))
+            put(f"mem_{lib}_{m}_vs_floor", ("train", f"{lib}_{m}"), ("train", "frozen"), "mem_mib")
+        put(f"train_slimtune_{m}_vs_peft", ("train", f"slimtune_{m}"), ("train", f"peft_{m}"))
     put("train_slimtune_compile_vs_compiled_floor", ("train", "slimtune_compile"), ("train", "frozen_compile"))
     put("train_slimtune_compile_graphs_vs_compiled_floor", ("train", "slimtune_compile_graphs"), ("train", "frozen_compile_graphs"))
     put("train_slimtune_compile_vs_peft_bf16_compile", ("train", "slimtune_compile"), ("train", "peft_bf16_compile"))
@@ -76,6 +83,8 @@ def _meta(p: Preset, seconds: float) -> dict:
 
 
 def format_table(result: dict) -> str:
+    from .methods import METHODS
+
     rows, ratios = result["rows"], result["ratios"]
     by = {(r["group"], r["scenario"]): r for r in rows}
     base = {"train": by.get(("train", "frozen")), "infer": by.get(("infer", "base")), "mixed": by.get(("mixed", "base"))}
@@ -92,6 +101,9 @@ def format_table(result: dict) -> str:
             b, pr = paired_floor, None
         else:
             b, pr = base[r["group"]], peft_ref[r["group"]]
+            method = r["scenario"].split("_", 1)[-1]
+            if r["group"] == "train" and method in METHODS:  # slimtune_loha against peft_loha, not PEFT's LoRA
+                pr = by.get(("train", f"peft_{method}")) if r["scenario"] == f"slimtune_{method}" else None
         vs_peft = pr and r["scenario"] not in ("frozen", "base", "base_compile", "full", "frozen+liger", "frozen_chunked_ce", "frozen_compile", "frozen_compile_graphs")
         t_ratio = f"{r['ms'] / b['ms']:.3f}" if b else ""
         m_ratio = f"{r['mem_mib'] / b['mem_mib']:.3f}" if b and r["mem_mib"] and b["mem_mib"] else ""

@@ -174,3 +174,6 @@ TRAIN_SETUPS: dict[str, Callable] = {
     "slimtune_compile_perlayer": _compiled(setup_slimtune_perlayer),  # no fused SwiGLU node (ablation)
     "slimtune_offload": setup_slimtune_offload,  # GPU: activations in pinned CPU memory
 }
+from .methods import METHOD_SETUPS  # noqa: E402  (peft_/slimtune_ LoHa, LoKr, VeRA, OFT: bench/methods.py)
+
+TRAIN_SETUPS.update(METHOD_SETUPS)

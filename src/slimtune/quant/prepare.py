@@ -32,6 +32,9 @@ REFUSED: dict[str, str] = {
               "hold exactly",
     "heads": "head tuning trains slices of the attention weights in place, which 4-bit/8-bit weights cannot take",
     "singular": "singular-value tuning needs each weight's dense SVD factors, which would upcast the whole base",
+    # issue 26's methods: their layers compute with the dense base weight (no 4-/8-bit variant yet)
+    **{m: f"{m}'s layers compute with the dense base weight, which a 4-bit/8-bit layer does not hold (no quantized "
+          f"{m} layer yet)" for m in ("loha", "lokr", "vera", "oft")},
 }
 FIX = ("use lora (QLoRA), dora or ia3 on the quantized base, or load the model without quantization "
        "(drop quantization_config / model.quantize)")
