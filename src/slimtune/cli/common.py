@@ -99,27 +99,3 @@ def load_base(model_name: str | None, adapter: str | None, task: str | None = No
 
         guard_cpu_repack(model)
     return model, tok, path, task
-
-
-def labels_of(adapter: str) -> list[str] | None:
-    """The class names a classifier adapter was trained with (labels.json, written by `train`)."""
-    p = Path(adapter) / "labels.json"
-    if p.is_file():
-        try:
-            labels = json.loads(p.read_text())
-            return [str(x) for x in labels] if isinstance(labels, list) else None
-        except ValueError:
-            return None
-    return None
-
-
-def num_labels(adapter: str) -> int:
-    """The classifier size saved with an adapter (its modules_to_save head), else 2."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(adapter) / "adapter_model.safetensors"), "pt") as f:
-        for k in f.keys():
-            if k.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
-                return f.get_slice(k).get_shape()[0]
-    labels = labels_of(adapter)
-    return len(labels) if labels else 2
