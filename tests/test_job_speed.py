@@ -177,7 +177,9 @@ def test_on_off_values_from_yaml(tiny_llama_dir, tmp_path):
 
 
 def test_precision_auto_on_cpu(monkeypatch):
+    """The flags' branch of the decision (the SLIMTUNE_CPU_BF16 override is test_precision.py's)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv(resources.CPU_BF16_ENV, raising=False)
     monkeypatch.setattr(resources, "_cpu_flags", lambda: {"avx2", "fma"})
     p, why = resources.precision_choice("auto")
     assert p == "fp32" and "no native bf16" in why
