@@ -36,7 +36,7 @@ for _t in ("roberta", "xlm-roberta", "electra", "albert"):
 _NAMES = Union[str, list[str]]
 SHAPES = {"target_modules": _NAMES, "exclude_modules": _NAMES, "modules_to_save": Optional[list[str]],
           "feedforward_modules": _NAMES, "attention_modules": _NAMES, "layers_pattern": _NAMES,
-          "layers_to_transform": Union[int, list[int]], "layers": list[int], "blocks": list[int],
+          "layers_to_transform": Optional[Union[int, list[int]]], "layers": list[int], "blocks": list[int],
           "heads": Union[list[int], dict[str, list[int]]], "init_lora_weights": Union[bool, str]}
 
 ALIASES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
