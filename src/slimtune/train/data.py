@@ -62,7 +62,9 @@ def detect_format(rows: list[dict[str, Any]], cfg: DataConfig, source: str, task
     fmt = "chat" if cfg.format == "sharegpt" else cfg.format
     keys = set(rows[0])
     if fmt == "auto":
-        if cfg.chat_column() in keys or "conversations" in keys:
+        if "images" in keys and cfg.chat_column() in keys:
+            fmt = "vision_chat"  # chat rows with images (tasks/vlm_io.py)
+        elif cfg.chat_column() in keys or "conversations" in keys:
             fmt = "chat"
         elif cfg.output_column in keys and ("instruction" in keys or cfg.prompt_template):
             fmt = "instruction"
@@ -192,6 +194,10 @@ def prepare(cfg: DataConfig, tok, task: str, seed: int, log=print) -> Prepared:
         from .tasks.speech_recognition import prepare_speech
 
         prepare_speech(cfg, tok, rows, val_rows, test_rows, source, val_source, out, lengths)
+    elif fmt == "vision_chat":
+        from .tasks.vlm_io import prepare_vision_chat
+
+        prepare_vision_chat(cfg, tok, rows, val_rows, test_rows, source, val_source, out, lengths)
     elif fmt in ("classification", *INPUT_COLUMN):
         _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_source, out, lengths, test_rows)
     elif fmt in ("instruction", "chat", "text"):
@@ -354,6 +360,10 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
         from .tasks.audio_io import collate_audio
 
         return collate_audio(examples)
+    if "media" in examples[0]:  # chat rows with images (tasks/vlm_io.py)
+        from .tasks.vlm_io import collate_vlm
+
+        return collate_vlm(examples, pad_id)
     if "pixel_values" in examples[0]:
         return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
                 "labels": torch.tensor([e["labels"] for e in examples])}

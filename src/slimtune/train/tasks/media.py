@@ -12,7 +12,7 @@ from typing import Any
 
 from ..datafiles import DataError
 
-MEDIA_FORMATS = ("image_files", "audio_files", "speech")  # data formats whose rows name files (data.py)
+MEDIA_FORMATS = ("image_files", "audio_files", "speech", "vision_chat")  # data formats whose rows name files (data.py)
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 AUDIO_EXT = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".opus")
 
