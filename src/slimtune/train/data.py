@@ -182,6 +182,7 @@ def prepare(cfg: DataConfig, tok, task: str, seed: int, log=print) -> Prepared:
         fmt = detect_format(rows, cfg, source, task)
     val_rows, val_source = (read_source(cfg.validation, cfg), cfg.validation) if cfg.validation else (None, source)
     stats: dict[str, Any] = {"max_length": cfg.max_length}
+    number_media_rows(fmt, rows, val_rows)
     all_rows = rows if val_rows is None else None  # carved: the label set comes from every row
     rows, test_rows = test_split(rows, cfg, seed, source, stats)
     rows, val_rows = split(rows, val_rows, cfg, seed, source, stats)
@@ -236,6 +237,21 @@ def read_source(path: str, cfg: DataConfig) -> list[dict[str, Any]]:
     return read_rows(path)
 
 
+ROW = "_row"  # a media row's number in its file, kept through the splits so a bad file's message names it
+
+
+def number_media_rows(fmt: str, rows: list[dict], val_rows: list[dict] | None) -> None:
+    """Stamp each media row (image / audio files) with its row number in the file (1-based) before the
+    seeded splits reorder them: a corrupt file or a bad row is then named by its place in the file."""
+    from .tasks.media import MEDIA_FORMATS
+
+    if fmt in MEDIA_FORMATS:
+        for part in (rows, val_rows or []):
+            for n, r in enumerate(part, 1):
+                if isinstance(r, dict):
+                    r.setdefault(ROW, n)
+
+
 # the column holding each example's input, per classification format
 INPUT_COLUMN = {"image": "pixels", "image_files": "image", "audio_files": "audio"}
 
@@ -281,7 +297,7 @@ def _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_s
                                 "fix the row or add the label to data.labels")
             counts[name][lab] = counts[name].get(lab, 0) + 1
             if fmt in INPUT_COLUMN:  # pixels (a grid in the row, an image file) or audio: tasks/
-                dst.append({**_encode_media(fmt, tok, r, src, i), "labels": lid[lab]})
+                dst.append({**_encode_media(fmt, tok, r, src, r.get(ROW, i)), "labels": lid[lab]})
                 lengths.append(0)
                 continue
             args = (str(r[cfg.text_column]),) + ((str(r[cfg.text_pair_column]),) if cfg.text_pair_column else ())

@@ -220,6 +220,6 @@ def prepare_vision_chat(cfg, proc, rows, val_rows, test_rows, source, val_source
     for split_rows, src, dst in ((rows, source, out.train), (val_rows, val_source, out.eval),
                                  (list(test_rows), cfg.test or source, out.test)):
         for i, r in enumerate(split_rows, 1):
-            ex = encode_row(proc, r, col, src, i, cfg.max_length)
+            ex = encode_row(proc, r, col, src, r.get("_row", i), cfg.max_length)  # _row: its place in the file (data.py)
             lengths.append(len(ex["input_ids"]))
             dst.append(ex)
