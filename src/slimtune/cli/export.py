@@ -56,12 +56,25 @@ def _base_config(model: str | None, adapter: str):
     return AutoConfig.from_pretrained(path)
 
 
+def _refuse_other_tasks(adapter: str, model: str | None) -> None:
+    """GGUF (llama.cpp) holds causal language models: an image / audio / vision-language / classifier
+    adapter is refused before any loading, with the export that fits it."""
+    from .predict import _task_of
+
+    spec = _task_of(adapter, model)
+    if spec.name != "causal_lm":
+        raise CommandError(f"GGUF export (llama.cpp) is for causal language models; {adapter} is an adapter of task "
+                           f"{spec.name} ({spec.kind}): `slimtune merge --adapter {adapter} --out DIR` writes the merged model as a "
+                           "folder its own library loads")
+
+
 def run(a) -> int:
     from ..export.gguf import GGUFExportError, export_lora, export_model
     from ..train import models
 
     quiet_hf()
     adapter = _adapter_folder(a.adapter)
+    _refuse_other_tasks(adapter, a.model)
     try:
         if not a.merged:  # the adapter needs only the base's config (architecture, head counts)
             export_lora(adapter, a.gguf, _base_config(a.model, adapter), a.outtype or "f32")

@@ -33,11 +33,13 @@ def run(a) -> int:
     from ..train.config import load_config
 
     quiet_hf()
-    from ..train.tasks import get_task, task_for_model
+    from ..train.tasks import get_task, task_for_model, torch_models
 
     task = a.task
-    if a.model == "digits-cnn":
-        model, task = models.digits_cnn(), "image_classification"
+    if a.model in torch_models():  # a CNN the image task builds by name
+        from ..train.tasks.image_classification import torch_model
+
+        model, task = torch_model(a.model, a.num_labels), "image_classification"
     else:
         from transformers import AutoConfig
 

@@ -141,6 +141,13 @@ class Task:
     def adapter_model_kwargs(self, adapter: str | None) -> dict[str, Any]:
         return {}
 
+    def save_merged(self, merged: nn.Module, processor: Any, out: Any, base: str) -> str:
+        """Write a merged model (and its processor) to the folder `out`; returns how to load it."""
+        merged.save_pretrained(out)
+        if processor is not None:
+            processor.save_pretrained(out)
+        return f"transformers.{type(merged).__name__}.from_pretrained('{{out}}')"
+
 
 def _has(folder: str, name: str) -> bool:
     from pathlib import Path
