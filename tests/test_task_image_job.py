@@ -1,0 +1,122 @@
+"""The rest of the job on image classification: compare and search on a tiny ViT folder, export
+refused with the merge that fits, and the CNN path (the digits CNN: its adapter records its base by
+name, predict on pixel rows equals the adapter by hand, merge writes a state dict equal to the
+adapter, inspect of EfficientNet-Lite0 shows its conv targets and head). The family defaults for
+vit / clip / siglip and the CNN are the ones the job picks."""
+import json
+
+import pytest
+import torch
+
+from conftest_train import write_jsonl
+from slimtune.cli.main import main
+from test_task_image import make_images, tiny_vit  # noqa: F401 - the module fixture
+
+
+def _yaml(path, model, photos, out):
+    path.write_text(f"model: {model}\nmethod: lora\ndata:\n  train: {photos}\n  val_fraction: 0.3\n"
+                    f"train:\n  max_steps: 6\n  lr: 2.0e-2\n  precision: fp32\n  eval_every: 3\n  cpu_threads: 1\n"
+                    f"output_dir: {out}\n")
+    return path
+
+
+def test_compare_and_search_on_a_vit(tiny_vit, tmp_path, capsys):  # noqa: F811
+    make_images(tmp_path / "photos", n=10)
+    cfg = _yaml(tmp_path / "c.yaml", tiny_vit, tmp_path / "photos", tmp_path / "run")
+    assert main(["compare", str(cfg), "--methods", "lora", "--steps", "6", "--no-probe", "--lr", "lora=2e-2",
+                 "--no-config-row", "--test-fraction", "0.2", "--out", str(tmp_path / "cmp")]) == 0
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "cmp/compare.csv").open()))
+    assert len(rows) == 1 and rows[0]["status"] == "ok" and 0 <= float(rows[0]["test_metric"]) <= 1
+    assert "(image_files, image_classification); objective accuracy" in capsys.readouterr().out
+    assert main(["search", str(cfg), "--trials", "1", "--test-fraction", "0.2", "--out", str(tmp_path / "srch")]) == 0
+    assert "test accuracy" in capsys.readouterr().out and (tmp_path / "srch/best.yaml").is_file()
+
+
+def test_export_refuses_an_image_adapter(tiny_vit, tmp_path, capsys):  # noqa: F811
+    make_images(tmp_path / "photos", n=6)
+    assert main(["train", f"model={tiny_vit}", f"data.train={tmp_path / 'photos'}", "train.max_steps=2",
+                 "train.precision=fp32", f"output_dir={tmp_path / 'run'}"]) == 0
+    capsys.readouterr()
+    for extra in ([], ["--merged"]):
+        assert main(["export", str(tmp_path / "run"), "--gguf", str(tmp_path / "x.gguf"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "image_classification" in err and "slimtune merge --adapter" in err and "Traceback" not in err
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def cnn_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cnn")
+    assert main(["train", "examples/digits_cnn_lora.yaml", "train.max_steps=4", "train.eval_every=4",
+                 "train.cpu_threads=1", f"output_dir={d / 'run'}"]) == 0
+    return d
+
+
+def _digit_rows(n=6):
+    from slimtune.train.datasets_offline import digits_5_9
+
+    rows, _, _ = digits_5_9()
+    return [{"pixels": r["pixels"]} for r in rows[:n]]
+
+
+def _cnn_by_hand(adapter, rows):
+    from slimtune import PeftModel
+    from slimtune.train.tasks.image_classification import torch_model
+
+    pm = PeftModel.from_pretrained(torch_model("digits-cnn"), str(adapter)).eval()
+    x = torch.tensor([r["pixels"] for r in rows], dtype=torch.float32).unsqueeze(1)
+    with torch.no_grad():
+        return x, pm(pixel_values=x)["logits"].softmax(-1)
+
+
+def test_cnn_predict_equals_the_adapter(cnn_run, tmp_path):
+    ac = json.loads((cnn_run / "run/best/adapter_config.json").read_text())
+    assert ac["base_model_name_or_path"] == "digits-cnn"
+    rows = _digit_rows()
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    assert main(["predict", str(cnn_run / "run"), str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "p.jsonl")]) == 0
+    out = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    _, prob = _cnn_by_hand(cnn_run / "run/best", rows)
+    names = json.loads((cnn_run / "run/best/labels.json").read_text())
+    assert [r["label"] for r in out] == [names[i] for i in prob.argmax(-1).tolist()]
+    assert torch.allclose(torch.tensor([r["probability"] for r in out]), prob.max(-1).values, atol=1e-5)
+
+
+def test_cnn_merge_equals_the_adapter(cnn_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from slimtune.train.tasks.image_classification import torch_model
+
+    assert main(["merge", "--adapter", str(cnn_run / "run"), "--out", str(tmp_path / "m")]) == 0
+    assert "load_state_dict" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "m/slimtune_model.json").read_text())
+    assert meta == {"model": "digits-cnn", "num_labels": 5}
+    merged = torch_model("digits-cnn")
+    merged.load_state_dict(load_file(str(tmp_path / "m/model.safetensors")))
+    x, prob = _cnn_by_hand(cnn_run / "run/best", _digit_rows())
+    with torch.no_grad():
+        assert torch.allclose(merged.eval()(pixel_values=x)["logits"].softmax(-1), prob, atol=1e-5)
+
+
+def test_inspect_efficientnet_and_the_family_defaults(capsys):
+    assert main(["inspect", "efficientnet-lite0"]) == 0
+    out = capsys.readouterr().out
+    assert "task image_classification" in out and "modules_to_save=['_fc']" in out
+    assert "target_modules=['_expand_conv', '_project_conv', '_conv_head']" in out
+    from transformers import CLIPConfig, SiglipConfig, ViTConfig
+
+    from slimtune.train.config import JobConfig
+    from slimtune.train.job import auto_method
+    from slimtune.train.tasks import get_task
+
+    spec = get_task("image_classification")
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
+    vis = dict(small, image_size=16, patch_size=8)
+    for conf in (ViTConfig(**vis, num_labels=3), CLIPConfig(vision_config=vis, text_config=small, num_labels=3),
+                 SiglipConfig(vision_config=vis, text_config=small, num_labels=3)):
+        model = spec.model_class().from_config(conf)
+        cfg = JobConfig.model_validate({"model": "x", "method": "lora", "data": {"train": "x.jsonl"}})
+        ac, _ = auto_method(cfg, model, "image_classification")
+        assert ac.target_modules == ["q_proj", "v_proj"] and ac.modules_to_save == ["classifier"], conf.model_type
