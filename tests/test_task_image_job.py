@@ -120,3 +120,21 @@ def test_inspect_efficientnet_and_the_family_defaults(capsys):
         cfg = JobConfig.model_validate({"model": "x", "method": "lora", "data": {"train": "x.jsonl"}})
         ac, _ = auto_method(cfg, model, "image_classification")
         assert ac.target_modules == ["q_proj", "v_proj"] and ac.modules_to_save == ["classifier"], conf.model_type
+
+
+def test_bad_image_rows_are_one_message_naming_the_row(tiny_vit, tmp_path, capsys):  # noqa: F811
+    """An image path where the class should be, and a corrupt file named by its row in the file
+    (the seeded splits reorder rows; the message counts them as the file does)."""
+    make_images(tmp_path / "img", n=4)
+    rows = [{"image": f"img/{c}/{i}.png", "label": c} for c in ("red", "green", "blue") for i in range(4)]
+    write_jsonl(tmp_path / "swapped.jsonl", [{"image": r["label"], "label": r["image"]} for r in rows])
+    assert main(["train", f"model={tiny_vit}", f"data.train={tmp_path / 'swapped.jsonl'}",
+                 f"output_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert "the label column 'label' holds image file paths" in err and "not class names" in err
+    write_jsonl(tmp_path / "ok.jsonl", rows)
+    (tmp_path / "img/green/2.png").write_bytes(b"\x89PNG broken")
+    assert main(["train", f"model={tiny_vit}", f"data.train={tmp_path / 'ok.jsonl'}", "data.val_fraction=0.5",
+                 f"output_dir={tmp_path / 'o2'}"]) == 2
+    err = capsys.readouterr().err
+    assert "row 7: image file" in err and "green/2.png" in err and "cannot be read" in err and "Traceback" not in err

@@ -154,3 +154,15 @@ def test_placeholder_mismatch_names_the_row(vlm_root, tmp_path, capsys):
     assert main(["train", "task=causal_lm", f"model={vlm_root / 'llava'}", f"data.train={tmp_path / 'text.jsonl'}",
                  f"output_dir={tmp_path / 'o2'}"]) == 2
     assert "task: image_text_to_text" in capsys.readouterr().err
+
+
+def test_a_corrupt_image_names_its_file_and_row(vlm_root, tmp_path, capsys):
+    rows = [json.loads(x) for x in (vlm_root / "data/train.jsonl").read_text().splitlines()][:6]
+    for k, r in enumerate(rows):
+        r["images"] = [str(tmp_path / f"{k}.png") if k == 4 else str(vlm_root / "data" / p) for p in r["images"]]
+    (tmp_path / "4.png").write_bytes(b"not an image")
+    write_jsonl(tmp_path / "bad.jsonl", rows)
+    assert main(["train", f"model={vlm_root / 'llava'}", f"data.train={tmp_path / 'bad.jsonl'}",
+                 f"output_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert "row 5: image file" in err and "4.png" in err and "cannot be read" in err and "Traceback" not in err

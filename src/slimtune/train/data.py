@@ -271,11 +271,12 @@ def _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_s
     cols = [INPUT_COLUMN.get(fmt, cfg.text_column), cfg.label_column]
     if fmt == "classification" and cfg.text_pair_column:
         cols.append(cfg.text_pair_column)
-    if fmt == "classification":
-        from .tasks.media import refuse_media_text
+    from .tasks.media import refuse_media_labels, refuse_media_text
 
+    if fmt == "classification":
         refuse_media_text(rows, cfg.text_column, source)
     _need(rows, cols, source, fmt)
+    refuse_media_labels(rows, cfg.label_column, source)
     _need(val_rows, cols, val_source, fmt)
     _need(test_rows, cols, cfg.test or source, fmt)
     seen = all_rows if all_rows is not None else rows
