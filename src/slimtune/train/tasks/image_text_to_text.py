@@ -93,6 +93,9 @@ class ImageTextToText(Task):
         (popped here: they are the task's, not the method's) add the vision tower or drop the LM."""
         from ..config import JobConfigError
 
+        if "r" in fields and "r" not in kw:
+            kw["r"] = 16
+            why.append("r=16: a vision-language model generates (unsloth's vision default)")
         vision = kw.pop("finetune_vision_layers", False)
         language = kw.pop("finetune_language_layers", True)
         if "target_modules" in kw or "target_modules" not in fields:
