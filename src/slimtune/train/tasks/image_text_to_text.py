@@ -6,9 +6,9 @@ Adapter placement (families): LoRA on the language model's attention and MLP pro
 default; `method.finetune_vision_layers: true` adds the vision tower's (and the projector's),
 `finetune_language_layers: false` leaves the language model out — unsloth's two switches.
 
-Held-out metrics: the loss on the answers, and greedy answers to the held-out prompts against the
-references (exact match and token F1 of the normalised text); the default selection metric is
-exact_match. `predict` answers chat rows with images (the last assistant turn is generated), or
+Held-out metrics: the loss on the answers, and greedy answers to (at most eval.max_examples of) the
+held-out prompts against the references (exact match and token F1 of the normalised text); the
+default selection metric is exact_match. `predict` answers chat rows with images (the last assistant turn is generated), or
 an image / a folder of images with `--prompt`; `generate --image` answers one image.
 """
 from __future__ import annotations
@@ -138,7 +138,7 @@ class ImageTextToText(Task):
             tot += float(out["loss"]) * k
             n += k
         base = ev.model_unwrapped.get_base_model()
-        rows = ev.data.eval
+        rows = ev.data.eval[:ev.cfg.eval.max_examples]  # the generated answers: at most eval.max_examples of them
         hyps = generate_answers(base, ev.tok, [e["prompt"] for e in rows],
                                 [load_images(e["images"], ev.data.source, j) for j, e in enumerate(rows, 1)],
                                 ev.cfg.eval.max_new_tokens, bs)
