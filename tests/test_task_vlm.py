@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest_train import job, write_jsonl
+from conftest_train import job, tiny_llama, write_jsonl  # noqa: F401 - a module fixture
 from slimtune.cli.main import main
 from slimtune.train.run import run_train
 
@@ -166,3 +166,20 @@ def test_a_corrupt_image_names_its_file_and_row(vlm_root, tmp_path, capsys):
                  f"output_dir={tmp_path / 'o'}"]) == 2
     err = capsys.readouterr().err
     assert "row 5: image file" in err and "4.png" in err and "cannot be read" in err and "Traceback" not in err
+
+
+def test_rows_a_vlm_cannot_learn_from(vlm_root, tiny_llama, tmp_path, capsys):  # noqa: F811
+    rows = [json.loads(x) for x in (vlm_root / "data/train.jsonl").read_text().splitlines()][:6]
+    for r in rows:
+        r["images"] = [str(vlm_root / "data" / p) for p in r["images"]]
+    rows[2]["messages"] = rows[2]["messages"][:1]  # no answer to learn
+    write_jsonl(tmp_path / "q.jsonl", rows)
+    assert main(["train", f"model={vlm_root / 'llava'}", f"data.train={tmp_path / 'q.jsonl'}",
+                 f"output_dir={tmp_path / 'o'}"]) == 2
+    assert "row 3 does not end with an assistant message" in capsys.readouterr().err
+    rows[2]["messages"].append({"role": "assistant", "content": "red"})
+    write_jsonl(tmp_path / "ok.jsonl", rows)
+    assert main(["train", f"model={tiny_llama}", f"data.train={tmp_path / 'ok.jsonl'}",
+                 f"output_dir={tmp_path / 'o2'}"]) == 2
+    err = capsys.readouterr().err
+    assert "not a vision-language model" in err and "Traceback" not in err

@@ -216,6 +216,10 @@ def answer_metrics(hyps: list[str], refs: list[str]) -> dict[str, float]:
 
 def prepare_vision_chat(cfg, proc, rows, val_rows, test_rows, source, val_source, out, lengths) -> None:
     """Chat rows with images -> examples (encode_row) in out.train / out.eval / out.test."""
+    if not hasattr(proc, "image_processor") or not hasattr(proc, "tokenizer"):
+        raise DataError(f"{source}: the rows are chats with images (column 'images'), but the model is not a "
+                        "vision-language model; use one (LLaVA, Idefics3 / SmolVLM, ...: a folder with its "
+                        "AutoProcessor) with task: image_text_to_text, or drop the images for a text model")
     col = cfg.chat_column()
     for split_rows, src, dst in ((rows, source, out.train), (val_rows, val_source, out.eval),
                                  (list(test_rows), cfg.test or source, out.test)):
