@@ -138,3 +138,45 @@ def test_bad_image_rows_are_one_message_naming_the_row(tiny_vit, tmp_path, capsy
                  f"output_dir={tmp_path / 'o2'}"]) == 2
     err = capsys.readouterr().err
     assert "row 7: image file" in err and "green/2.png" in err and "cannot be read" in err and "Traceback" not in err
+
+
+def test_cnn_eval_matches_its_best(cnn_run, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(cnn_run / "run")]) == 0
+    best = json.loads((cnn_run / "run/best/best.json").read_text())
+    assert f"accuracy {best['accuracy']:.4f}" in capsys.readouterr().out
+
+
+def test_efficientnet_predict_on_a_folder_equals_the_adapter(tmp_path):
+    """An EfficientNet-Lite0 adapter (the job's method choice: conv LoRA + `_fc` in full) predicts on a
+    folder of images through `slimtune predict --model efficientnet-lite0`, as the adapter by hand."""
+    from PIL import Image
+
+    from slimtune import PeftModel, get_peft_model
+    from slimtune.train.config import JobConfig
+    from slimtune.train.job import auto_method
+    from slimtune.train.tasks.cnn import cnn_processor
+    from slimtune.train.tasks.image_classification import pixels, torch_model
+
+    torch.manual_seed(0)
+    model = torch_model("efficientnet-lite0", 3)
+    cfg = JobConfig.model_validate({"model": "efficientnet-lite0", "method": "lora", "data": {"builtin": "textile_defects"}})
+    ac, _ = auto_method(cfg, model, "image_classification")
+    pm = get_peft_model(model, ac)
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)  # a trained-looking adapter
+    pm.save_pretrained(tmp_path / "a")
+    assert json.loads((tmp_path / "a/adapter_config.json").read_text())["base_model_name_or_path"] == "efficientnet-lite0"
+    (tmp_path / "a/labels.json").write_text(json.dumps(["global", "local", "nominal"]))
+    (tmp_path / "imgs").mkdir()
+    for i, rgb in enumerate([(200, 40, 40), (40, 200, 40), (90, 90, 90)]):
+        Image.new("RGB", (40, 30), rgb).save(tmp_path / "imgs" / f"{i}.png")
+    assert main(["predict", str(tmp_path / "a"), str(tmp_path / "imgs"), "--out", str(tmp_path / "p.jsonl")]) == 0
+    out = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    again = PeftModel.from_pretrained(torch_model("efficientnet-lite0", 3), str(tmp_path / "a")).eval()
+    x = pixels(cnn_processor(), [Image.open(tmp_path / "imgs" / f"{i}.png").convert("RGB") for i in range(3)])
+    with torch.no_grad():
+        prob = again(pixel_values=x)["logits"].softmax(-1)
+    assert [r["label"] for r in out] == [["global", "local", "nominal"][i] for i in prob.argmax(-1).tolist()]
+    assert torch.allclose(torch.tensor([r["probability"] for r in out]), prob.max(-1).values, atol=1e-5)
