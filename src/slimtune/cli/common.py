@@ -70,7 +70,7 @@ def load_base(model_name: str | None, adapter: str | None, task: str | None = No
     else the adapter's base_model_name_or_path when that folder is on this machine. `load_kwargs`
     go to from_pretrained (e.g. a quantization_config, slimtune.quant)."""
     from ..train import models
-    from ..train.tasks import task_for_adapter
+    from ..train.tasks import task_for_adapter, torch_models
 
     cfgj = {}
     if adapter:
@@ -80,7 +80,9 @@ def load_base(model_name: str | None, adapter: str | None, task: str | None = No
         except ValueError as e:
             raise CommandError(f"{adapter}/adapter_config.json is not valid JSON ({e})") from None
     base = cfgj.get("base_model_name_or_path")
-    if model_name:
+    if (model_name or base) in torch_models():  # a CNN the image task builds by name (train/tasks/cnn.py)
+        path = model_name or base
+    elif model_name:
         path = models.resolve(model_name)
     elif base and base in models.HUB_IDS.values():  # a packaged model, named by its Hub id
         path = models.resolve(base)

@@ -2,6 +2,9 @@
 GGUF for llama.cpp / ollama."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from .common import load_base, quiet_hf
 from .errors import CommandError
 
@@ -56,12 +59,36 @@ def _base_config(model: str | None, adapter: str):
     return AutoConfig.from_pretrained(path)
 
 
+def _refuse_other_tasks(adapter: str, model: str | None) -> None:
+    """GGUF (llama.cpp) holds causal language models: an image / audio / vision-language / classifier
+    adapter is refused before any loading, with the export that fits it."""
+    from ..train import models
+    from ..train.tasks import all_tasks, task_for_adapter
+
+    cfgj = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    tt = cfgj.get("task_type")
+    spec = next((t for t in all_tasks().values() if tt and t.peft_task_type == tt), None)
+    if spec is None and not tt:  # no PEFT task type: what its base model is (an image model decides)
+        base = model or cfgj.get("base_model_name_or_path") or ""
+        try:
+            path = models.resolve(base) if base else ""
+        except models.ModelNotFound:
+            path = base
+        spec = task_for_adapter(None, path)
+    if spec is None or spec.name != "causal_lm":
+        what = f"task {spec.name} ({spec.kind})" if spec is not None else f"task_type {tt}"
+        raise CommandError(f"GGUF export (llama.cpp) is for causal language models; {adapter} is an adapter of {what}: "
+                           f"`slimtune merge --adapter {adapter} --out DIR` writes the merged model as a folder its own "
+                           "library loads")
+
+
 def run(a) -> int:
     from ..export.gguf import GGUFExportError, export_lora, export_model
     from ..train import models
 
     quiet_hf()
     adapter = _adapter_folder(a.adapter)
+    _refuse_other_tasks(adapter, a.model)
     try:
         if not a.merged:  # the adapter needs only the base's config (architecture, head counts)
             export_lora(adapter, a.gguf, _base_config(a.model, adapter), a.outtype or "f32")

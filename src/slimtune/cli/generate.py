@@ -22,6 +22,7 @@ def add_parser(sub) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--compare-base", action="store_true", help="also print the base model's answer")
+    g.add_argument("--image", help="vision-language models: an image file the prompt asks about")
     g.set_defaults(fn=run)
 
 
@@ -33,6 +34,8 @@ def run(a) -> int:
     quiet_hf()
     adapters = [adapter_folder(x) for x in a.adapter or []]  # a run folder means its best adapter
     model, tok, path, task = load_base(a.model, adapters[0] if adapters else None)
+    if a.image or task == "image_text_to_text":
+        return _with_image(a, model, tok, path, adapters)
     if task != "CAUSAL_LM":
         raise CommandError(f"generate needs a causal LM adapter; {adapters[0]} is {task}: `slimtune predict RUN FILE` "
                            "labels new texts with a classifier, `slimtune eval RUN` scores its held-out split")
@@ -75,3 +78,45 @@ def run(a) -> int:
         text = tok.decode(out[0, n_in:], skip_special_tokens=True).strip()
         print(f"[{label}]\n{text}\n" if len(runs) > 1 else text)
     return 0
+
+
+def _with_image(a, model, tok, path: str, adapters: list[str]) -> int:
+    """A vision-language model's answer about --image, per adapter (and the base's with --compare-base)."""
+    from .. import PeftModel
+    from ..train.datafiles import DataError
+    from ..train.tasks import task_for_adapter
+
+    spec = task_for_adapter(None, path)
+    if spec.name != "image_text_to_text":
+        raise CommandError(f"--image needs a vision-language model (LLaVA, Idefics3 / SmolVLM, ...); {path} is a "
+                           f"{spec.kind}")
+    if not a.image:
+        raise CommandError("a vision-language model answers about an image: pass --image FILE")
+    runs = [("base model", None)] if (a.compare_base or not adapters) else []
+    runs += [(f"adapter {ad}", ad) for ad in adapters]
+    base = model
+    for label, ad in runs:
+        m = PeftModel.from_pretrained(base, ad) if ad else base
+        try:
+            rows = spec.predict(m if ad else _Plain(m), tok, [{"image": a.image}],
+                                {"prompt": a.prompt, "max_new_tokens": a.max_new_tokens, "batch_size": 1})
+        except DataError as e:
+            raise CommandError(str(e)) from None
+        print(f"[{label}]\n{rows[0]['answer']}\n" if len(runs) > 1 else rows[0]["answer"])
+        if ad:
+            base = m.unload()
+    return 0
+
+
+class _Plain:
+    """The base model where `predict` expects a PeftModel (get_base_model / eval)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def get_base_model(self):
+        return self.model
+
+    def eval(self):
+        self.model.eval()
+        return self

@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     i.add_argument("overrides", nargs="*", help="method.* overrides, e.g. method.r=32")
     i.add_argument("--method", default="lora", help="method name (see the list below)")
     i.add_argument("--task", default="auto", choices=["auto", "causal_lm", "classification", "image_classification",
-                                                      "audio_classification", "speech_recognition"],
+                                                      "audio_classification", "speech_recognition", "image_text_to_text"],
                    help="the task (train/tasks/); auto: an image model's own, else classification for an encoder")
     i.add_argument("--num-labels", type=int, default=2)
     i.add_argument("--config", help="take method settings from this YAML")
@@ -33,11 +33,13 @@ def run(a) -> int:
     from ..train.config import load_config
 
     quiet_hf()
-    from ..train.tasks import get_task, task_for_model
+    from ..train.tasks import get_task, task_for_model, torch_models
 
     task = a.task
-    if a.model == "digits-cnn":
-        model, task = models.digits_cnn(), "image_classification"
+    if a.model in torch_models():  # a CNN the image task builds by name
+        from ..train.tasks.image_classification import torch_model
+
+        model, task = torch_model(a.model, a.num_labels), "image_classification"
     else:
         from transformers import AutoConfig
 

@@ -74,8 +74,9 @@ def run(a) -> int:
         if a.dtype != "float32" or next(merged.parameters()).dtype != torch.float32:
             merged = merged.to(getattr(torch, a.dtype))
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    merged.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    from ..train.tasks import task_for_adapter
+
+    how = task_for_adapter(task, path).save_merged(merged, tok, tmp, path)
     aside = out.with_name(f".{out.name}.old{os.getpid()}")
     if out.exists():  # aside first, so there is never a moment without a model folder
         os.replace(out, aside)
@@ -85,6 +86,5 @@ def run(a) -> int:
 
         shutil.rmtree(aside)
     what = "re-quantized" if a.requantize else a.dtype
-    print(f"merged {adapter} into {path} -> {out} ({what}); load it with "
-          f"transformers.{type(merged).__name__}.from_pretrained('{out}')")
+    print(f"merged {adapter} into {path} -> {out} ({what}); load it with {how.format(out=out)}")
     return 0

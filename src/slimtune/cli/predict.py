@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64, help="language models: tokens to generate per row")
     p.add_argument("--temperature", type=float, default=0.0, help="language models: 0 = greedy")
+    p.add_argument("--prompt", help="vision-language models: the question asked about each image (INPUT an image or "
+                   "a folder of images)")
     p.set_defaults(fn=run)
 
 
@@ -60,7 +62,7 @@ def run(a) -> int:
     try:
         out = spec.predict(model, tok, rows, {"adapter": adapter, "data_cfg": data_cfg, "fmt": fmt, "column": a.column,
                                               "batch_size": a.batch_size, "max_new_tokens": a.max_new_tokens,
-                                              "temperature": a.temperature})
+                                              "temperature": a.temperature, "prompt": a.prompt})
     except NotImplementedError:
         raise CommandError(f"predict handles classifiers, image classifiers and language models; {adapter} is {task}") from None
     n = predict.write_outputs(out, a.out, a.format)

@@ -101,13 +101,15 @@ def preflight(cfg: JobConfig, metric: str | None, log: Callable[[str], None] = p
     from ..train import models
     from ..train.checks import plan
     from ..train.data import prepare
-    from ..train.job import load_tokenizer, resolve_task
+    from ..train.job import resolve_task
+    from ..train.tasks import task_for_model, torch_models
 
-    if cfg.model_name() == "digits-cnn":
-        raise SearchError("compare / search run transformers models (the digits CNN example has no blocks to search "
-                          "over); use slimtune train for it")
+    if cfg.model_name() in torch_models():
+        raise SearchError(f"compare / search run transformers models ({cfg.model_name()} is a CNN with no transformer "
+                          "blocks to search over); use slimtune train for it")
     path = models.resolve(cfg.model_name(), log)
-    tok = load_tokenizer(cfg, path)
+    own = get_task(cfg.task) if cfg.task != "auto" else task_for_model(cfg.model_name(), path)
+    tok = (own or get_task("causal_lm")).load_processor(cfg, path)  # as the job: an image model's processor
     pre_task = cfg.task if cfg.task != "auto" else "auto"
     from ..train.objectives.hooks import prepare_data  # train.objective dpo / kto / grpo ...: TRL's formats
 

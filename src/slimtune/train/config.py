@@ -1,7 +1,7 @@
 """The job's config: a pydantic schema, YAML in, dotted key=value overrides, one clear error.
 
     model: smollm2-135m            # builtin name or local HF folder
-    task: auto                     # auto | causal_lm | classification | image_classification | audio_classification | speech_recognition
+    task: auto                     # auto | causal_lm | classification | image_classification | audio_classification | speech_recognition | image_text_to_text
     method: lora                   # or {name: lora, r: 16, target_modules: [q_proj, v_proj]}
     data: {builtin: rotten_tomatoes_lm}   # or {train: a.jsonl, validation: b.jsonl, format: instruction}
     train: {lr: 2e-4, epochs: 1, batch_size: 8}
@@ -256,7 +256,7 @@ class ModelConfig(_Strict):
 class JobConfig(_Strict):
     model: Union[str, ModelConfig] = "smollm2-135m"  # a name, or {name, quantize, double_quant, compute_dtype}
     task: Literal["auto", "causal_lm", "classification", "image_classification", "audio_classification",
-                  "speech_recognition"] = "auto"  # train/tasks/
+                  "speech_recognition", "image_text_to_text"] = "auto"  # train/tasks/
     method: Union[str, dict[str, Any]] = "lora"
     data: DataConfig
     train: TrainConfig = TrainConfig()

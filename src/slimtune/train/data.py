@@ -62,7 +62,9 @@ def detect_format(rows: list[dict[str, Any]], cfg: DataConfig, source: str, task
     fmt = "chat" if cfg.format == "sharegpt" else cfg.format
     keys = set(rows[0])
     if fmt == "auto":
-        if cfg.chat_column() in keys or "conversations" in keys:
+        if "images" in keys and cfg.chat_column() in keys:
+            fmt = "vision_chat"  # chat rows with images (tasks/vlm_io.py)
+        elif cfg.chat_column() in keys or "conversations" in keys:
             fmt = "chat"
         elif cfg.output_column in keys and ("instruction" in keys or cfg.prompt_template):
             fmt = "instruction"
@@ -180,6 +182,7 @@ def prepare(cfg: DataConfig, tok, task: str, seed: int, log=print) -> Prepared:
         fmt = detect_format(rows, cfg, source, task)
     val_rows, val_source = (read_source(cfg.validation, cfg), cfg.validation) if cfg.validation else (None, source)
     stats: dict[str, Any] = {"max_length": cfg.max_length}
+    number_media_rows(fmt, rows, val_rows)
     all_rows = rows if val_rows is None else None  # carved: the label set comes from every row
     rows, test_rows = test_split(rows, cfg, seed, source, stats)
     rows, val_rows = split(rows, val_rows, cfg, seed, source, stats)
@@ -192,6 +195,10 @@ def prepare(cfg: DataConfig, tok, task: str, seed: int, log=print) -> Prepared:
         from .tasks.speech_recognition import prepare_speech
 
         prepare_speech(cfg, tok, rows, val_rows, test_rows, source, val_source, out, lengths)
+    elif fmt == "vision_chat":
+        from .tasks.vlm_io import prepare_vision_chat
+
+        prepare_vision_chat(cfg, tok, rows, val_rows, test_rows, source, val_source, out, lengths)
     elif fmt in ("classification", *INPUT_COLUMN):
         _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_source, out, lengths, test_rows)
     elif fmt in ("instruction", "chat", "text"):
@@ -230,6 +237,21 @@ def read_source(path: str, cfg: DataConfig) -> list[dict[str, Any]]:
     return read_rows(path)
 
 
+ROW = "_row"  # a media row's number in its file, kept through the splits so a bad file's message names it
+
+
+def number_media_rows(fmt: str, rows: list[dict], val_rows: list[dict] | None) -> None:
+    """Stamp each media row (image / audio files) with its row number in the file (1-based) before the
+    seeded splits reorder them: a corrupt file or a bad row is then named by its place in the file."""
+    from .tasks.media import MEDIA_FORMATS
+
+    if fmt in MEDIA_FORMATS:
+        for part in (rows, val_rows or []):
+            for n, r in enumerate(part, 1):
+                if isinstance(r, dict):
+                    r.setdefault(ROW, n)
+
+
 # the column holding each example's input, per classification format
 INPUT_COLUMN = {"image": "pixels", "image_files": "image", "audio_files": "audio"}
 
@@ -249,11 +271,12 @@ def _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_s
     cols = [INPUT_COLUMN.get(fmt, cfg.text_column), cfg.label_column]
     if fmt == "classification" and cfg.text_pair_column:
         cols.append(cfg.text_pair_column)
-    if fmt == "classification":
-        from .tasks.media import refuse_media_text
+    from .tasks.media import refuse_media_labels, refuse_media_text
 
+    if fmt == "classification":
         refuse_media_text(rows, cfg.text_column, source)
     _need(rows, cols, source, fmt)
+    refuse_media_labels(rows, cfg.label_column, source)
     _need(val_rows, cols, val_source, fmt)
     _need(test_rows, cols, cfg.test or source, fmt)
     seen = all_rows if all_rows is not None else rows
@@ -275,7 +298,7 @@ def _classification(cfg, tok, fmt, info, rows, val_rows, all_rows, source, val_s
                                 "fix the row or add the label to data.labels")
             counts[name][lab] = counts[name].get(lab, 0) + 1
             if fmt in INPUT_COLUMN:  # pixels (a grid in the row, an image file) or audio: tasks/
-                dst.append({**_encode_media(fmt, tok, r, src, i), "labels": lid[lab]})
+                dst.append({**_encode_media(fmt, tok, r, src, r.get(ROW, i)), "labels": lid[lab]})
                 lengths.append(0)
                 continue
             args = (str(r[cfg.text_column]),) + ((str(r[cfg.text_pair_column]),) if cfg.text_pair_column else ())
@@ -354,6 +377,10 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
         from .tasks.audio_io import collate_audio
 
         return collate_audio(examples)
+    if "media" in examples[0]:  # chat rows with images (tasks/vlm_io.py)
+        from .tasks.vlm_io import collate_vlm
+
+        return collate_vlm(examples, pad_id)
     if "pixel_values" in examples[0]:
         return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
                 "labels": torch.tensor([e["labels"] for e in examples])}

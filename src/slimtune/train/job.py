@@ -149,8 +149,9 @@ def auto_method(cfg: JobConfig, model: nn.Module, task: str) -> tuple[Any, list[
     kw = dict(cfg.method_kwargs())
     fields = {f.name for f in dataclasses.fields(spec.config_cls)}
     why: list[str] = []
+    task_spec = tasks.get_task(task)
     for k in kw:  # the YAML-facing check: name the closest key (and common aliases) before the registry
-        if k not in fields:
+        if k not in fields and k not in task_spec.task_keys:  # task_keys: the task's own switches
             import difflib
 
             close = ALIASES.get(k) if ALIASES.get(k) in fields else None
@@ -158,7 +159,6 @@ def auto_method(cfg: JobConfig, model: nn.Module, task: str) -> tuple[Any, list[
             hint = f"did you mean 'method.{close}'?" if close else f"valid keys: {', '.join(sorted(fields))}"
             raise JobConfigError(f"method block: unknown key 'method.{k}' for {spec.name}; {hint}")
     check_types(spec, kw)
-    task_spec = tasks.get_task(task)
     task_spec.adapter_defaults(model, kw, fields, why)
     if spec.name == "lora":
         n = _count(model)

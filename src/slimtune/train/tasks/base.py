@@ -19,6 +19,7 @@ class Task:
     formats: tuple[str, ...] = ()  # data formats (data.py) that make `task: auto` pick this task
     generates: bool = False  # a language model: per-token loss, perplexity, generations, a larger LoRA rank
     heads: tuple[str, ...] = ()  # names of a freshly initialised head: trains in full, stays dense when quantized
+    task_keys: tuple[str, ...] = ()  # method-block keys this task reads (and adapter_defaults pops), e.g. a VLM's layer switches
 
     # ---- the model ---------------------------------------------------------------------------------
     def owns_model(self, model_name: str, hf_cfg: Any) -> bool:
@@ -69,8 +70,9 @@ class Task:
         from .media import MEDIA_FORMATS
 
         if fmt in MEDIA_FORMATS and fmt not in self.formats:
-            media = "image" if fmt == "image_files" else "audio"
-            raise DataError(f"{source}: the rows hold {media} files (column {media!r}), but task is {self.name}; set "
+            media = "image" if fmt in ("image_files", "vision_chat") else "audio"
+            column = "images" if fmt == "vision_chat" else media
+            raise DataError(f"{source}: the rows hold {media} files (column {column!r}), but task is {self.name}; set "
                             f"task: {' or '.join(t for t, spec in all_tasks().items() if fmt in spec.formats)} with a "
                             "model for it, or give rows for this task")
 
@@ -138,6 +140,13 @@ class Task:
 
     def adapter_model_kwargs(self, adapter: str | None) -> dict[str, Any]:
         return {}
+
+    def save_merged(self, merged: nn.Module, processor: Any, out: Any, base: str) -> str:
+        """Write a merged model (and its processor) to the folder `out`; returns how to load it."""
+        merged.save_pretrained(out)
+        if processor is not None:
+            processor.save_pretrained(out)
+        return f"transformers.{type(merged).__name__}.from_pretrained('{{out}}')"
 
 
 def _has(folder: str, name: str) -> bool:

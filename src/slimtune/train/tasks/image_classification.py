@@ -47,7 +47,7 @@ class ImageClassification(Task):
                             + (f" ({fmt} data)" if fmt else ""))
 
     def owns_model(self, model_name: str, hf_cfg: Any) -> bool:
-        if model_name == "digits-cnn" or model_name in CNN_MODELS:
+        if model_name in TORCH_MODELS:
             return True
         if hf_cfg is None:
             return False
@@ -72,17 +72,12 @@ class ImageClassification(Task):
         return None if path is None else image_processor(path)
 
     def load_model(self, cfg, path, num_labels, dtype, kw, labels=None, log=print) -> nn.Module:
-        from .. import models
         from ..config import JobConfigError
 
-        if cfg.model_name() == "digits-cnn":
-            if cfg.model_options().quantize != "none":
-                raise JobConfigError("model.quantize applies to transformers models; the digits CNN is not one")
-            return models.digits_cnn(log)
-        if cfg.model_name() in CNN_MODELS:
+        if cfg.model_name() in TORCH_MODELS:
             if cfg.model_options().quantize != "none":
                 raise JobConfigError(f"model.quantize applies to transformers models; {cfg.model_name()} is not one")
-            return efficientnet_lite0(num_classes=num_labels or 2)
+            return torch_model(cfg.model_name(), num_labels, log)
         return super().load_model(cfg, path, num_labels, dtype, kw, labels, log)
 
     def skeleton(self, hf_cfg: Any, num_labels: int | None) -> nn.Module:
@@ -121,6 +116,9 @@ class ImageClassification(Task):
     def load_for_adapter(self, path: str, adapter: str | None, load_kwargs: dict | None) -> tuple[nn.Module, Any]:
         from ..job import hf_quiet
 
+        if path in TORCH_MODELS:  # a CNN by name: its head sized as the adapter's
+            return torch_model(path, saved_num_labels(adapter)), (cnn_processor() if path in CNN_MODELS else None)
+
         proc_dir = adapter if adapter and (Path(adapter) / "preprocessor_config.json").is_file() else path
         with hf_quiet():
             model = self.model_class().from_pretrained(path, dtype=torch.float32, **self.adapter_model_kwargs(adapter),
@@ -129,6 +127,35 @@ class ImageClassification(Task):
 
     def adapter_model_kwargs(self, adapter: str | None) -> dict[str, Any]:
         return {**label_kwargs(saved_num_labels(adapter), saved_labels(adapter)), "ignore_mismatched_sizes": True}
+
+    def save_merged(self, merged: nn.Module, processor: Any, out: Any, base: str) -> str:
+        """A transformers classifier as its own folder; a CNN (no save_pretrained) as model.safetensors
+        + slimtune_model.json naming the model and its class count."""
+        if base not in TORCH_MODELS:
+            return super().save_merged(merged, processor, out, base)
+        import json
+
+        from safetensors.torch import save_file
+
+        Path(out).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, str(Path(out) / "model.safetensors"))
+        n = merged.state_dict()[next(k for k in merged.state_dict() if k.endswith(("_fc.weight", "fc2.weight")))].shape[0]
+        (Path(out) / "slimtune_model.json").write_text(json.dumps({"model": base, "num_labels": n}) + "\n")
+        return (f"slimtune.train.tasks.image_classification.torch_model('{base}', {n}).load_state_dict("
+                "safetensors.torch.load_file('{out}/model.safetensors'))")
+
+
+TORCH_MODELS = ("digits-cnn", *CNN_MODELS)  # CNNs built by name (no transformers folder)
+
+
+def torch_model(name: str, num_labels: int | None = None, log=print) -> nn.Module:
+    """A CNN by name: the digits CNN (its pretrained 5-way head) or EfficientNet-Lite0 with a new head of
+    `num_labels`; `name_or_path` is its name, so a saved adapter records its base."""
+    from .. import models
+
+    model = models.digits_cnn(log) if name == "digits-cnn" else efficientnet_lite0(num_classes=num_labels or 2)
+    model.name_or_path = name
+    return model
 
 
 # ---- pixels ----------------------------------------------------------------------------------------
@@ -219,6 +246,8 @@ def read_image_inputs(source: str) -> list[dict[str, Any]]:
     from ..datafiles import read_rows
 
     rows = read_rows(source)
+    if "pixels" in rows[0]:  # grids of numbers (the digits CNN's rows)
+        return rows
     if "image" not in rows[0]:
         raise DataError(f"{source}: an image classifier predicts on image files: pass an image, a folder of images, "
                         f"or a data file with an 'image' column (this one has {sorted(map(str, rows[0]))})")
@@ -235,8 +264,11 @@ def classify_images(model, proc, rows: list[dict[str, Any]], labels: list[str] |
     out = []
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
-        imgs = [open_image(Path(r["image"]), f"input row {s + j + 1}", mode) for j, r in enumerate(chunk)]
-        logits = model(pixel_values=pixels(proc, imgs).to(dev))["logits"].float()
+        if "pixels" in chunk[0]:
+            x = torch.stack([encode_grid(r, "input", s + j + 1)["pixel_values"] for j, r in enumerate(chunk)])
+        else:
+            x = pixels(proc, [open_image(Path(r["image"]), f"input row {s + j + 1}", mode) for j, r in enumerate(chunk)])
+        logits = model(pixel_values=x.to(dev))["logits"].float()
         p, idx = logits.softmax(-1).max(-1)
         for r, i, q in zip(chunk, idx.tolist(), p.tolist()):
             out.append({**r, "label": labels[i] if labels and i < len(labels) else str(i), "probability": round(q, 6)})

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..datafiles import DataError
 
-MEDIA_FORMATS = ("image_files", "audio_files", "speech")  # data formats whose rows name files (data.py)
+MEDIA_FORMATS = ("image_files", "audio_files", "speech", "vision_chat")  # data formats whose rows name files (data.py)
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 AUDIO_EXT = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".opus")
 
@@ -65,3 +65,14 @@ def refuse_media_text(rows: list[dict[str, Any]], column: str, source: str) -> N
             raise DataError(f"{source}: the text column {column!r} holds {what} file paths (e.g. {str(vals[0])!r}), "
                             f"so a text model would learn from the file names; rename the column to {col!r} and "
                             f"train an {what} model (task: {task}), or point data.text_column at real text")
+
+
+def refuse_media_labels(rows: list[dict[str, Any]], column: str, source: str) -> None:
+    """A label column of image / audio file names (columns swapped, or the path put where the class
+    goes) would make every file its own class: refused, with the fix."""
+    vals = [r.get(column) for r in rows]
+    for exts, what in ((IMAGE_EXT, "image"), (AUDIO_EXT, "audio")):
+        if looks_like_paths(vals, exts):
+            raise DataError(f"{source}: the label column {column!r} holds {what} file paths (e.g. {str(vals[0])!r}), "
+                            f"not class names; put the file paths in an {what!r} column and each file's class in "
+                            f"{column!r} (or set data.label_column to the column with the classes)")
