@@ -125,6 +125,95 @@ def test_mlflow_wandb_tensorboard_hold_the_jobs_metrics(tmp_path, tiny_bert, cle
     assert json.loads((out / "trackers.json").read_text()).keys() == {"mlflow", "wandb"}
 
 
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """`mlflow server` (the full mlflow package) as a process on 127.0.0.1:<free port>: a SQLite backend
+    and served artifacts (--artifacts-destination) in tmp_path; killed with its workers at the end."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("mlflow.server", reason="the full mlflow package (the test extra) runs `mlflow server`")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "mlflow-server.log", "w")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey job runner beside it
+    env.pop("MLFLOW_TRACKING_URI", None)
+    p = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                          "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                          "--artifacts-destination", str(tmp_path / "server-artifacts")],
+                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                         start_new_session=True)  # its own process group: uvicorn's worker goes with it
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180  # migrations + imports: ~40 s on a loaded 2-core machine
+        while True:
+            if p.poll() is not None:
+                raise AssertionError(f"mlflow server exited ({p.returncode}): "
+                                     f"{(tmp_path / 'mlflow-server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise AssertionError("mlflow server not answering /health after 180 s: "
+                                     f"{(tmp_path / 'mlflow-server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+def test_mlflow_tracking_server_holds_params_metrics_artifacts(tmp_path, tiny_bert, clean_env, mlflow_server,  # noqa: F811
+                                                               monkeypatch):
+    """A job with report_to: [mlflow] against a real tracking server ($MLFLOW_TRACKING_URI, HF's
+    variable): its params, every step's metrics and the adapter and report read back through
+    MlflowClient over HTTP; the artifacts went through the server into its artifact store."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "slimtune-served")
+    lines = []
+    res = run_train(load_config(str(_cfg(tmp_path, tiny_bert, "[mlflow]"))), log=lines.append, progress=False)
+    out = tmp_path / "runs" / "job"
+    assert res["status"] == "finished" and not any("logging off" in x for x in lines), lines
+    assert f"MLflow store {mlflow_server}" in "\n".join(lines)
+    assert not (tmp_path / "runs" / "mlflow.db").exists()  # nothing local: the server holds it
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    c = MlflowClient(mlflow_server)
+    [run] = c.search_runs([c.get_experiment_by_name("slimtune-served").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "job"
+    assert run.data.params["train.max_steps"] == "4" and run.data.params["train.report_to"] == "['mlflow']"
+    for key in ("loss", "lr", "eval_loss", "accuracy"):
+        want = {r["step"]: r[key] for r in recs if key in r}
+        assert want and {m.step: m.value for m in c.get_metric_history(run.info.run_id, key)} == pytest.approx(want), key
+    assert {a.path for a in c.list_artifacts(run.info.run_id)} == {"adapter", "report"}
+    got = Path(c.download_artifacts(run.info.run_id, "report/report.md", str(tmp_path / "dl")))
+    assert got.read_bytes() == (out / "report.md").read_bytes()
+    ad = Path(c.download_artifacts(run.info.run_id, "adapter", str(tmp_path / "dl")))
+    local = next(out / d for d in ("best", "adapter") if (out / d).is_dir())
+    assert (ad / "adapter_model.safetensors").read_bytes() == (local / "adapter_model.safetensors").read_bytes()
+    # uploaded through the server (mlflow-artifacts:), stored under its --artifacts-destination
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert list((tmp_path / "server-artifacts").rglob("report.md"))
+
+
 def _wandb_runs(folder: Path) -> dict[str, object]:
     """name -> the run record of every W&B offline run file under folder."""
     out = {}
