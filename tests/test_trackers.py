@@ -272,8 +272,7 @@ def test_search_logs_one_nested_run_per_trial(tmp_path, tiny_bert, clean_env):  
 
 def test_compare_logs_one_nested_run_per_row(tmp_path, tiny_bert, clean_env, capsys):  # noqa: F811
     """Each compare row (its own worker process) a child run named after the row, its lr probes none;
-    the same command again keeps the rows and the parent. (W&B's group: the search test; a W&B run in
-    each worker process would add its service's start-up to every row.)"""
+    the same command again keeps the rows and the parent; W&B offline: each row a run in the group."""
     import yaml
     from mlflow.tracking import MlflowClient
 
@@ -284,7 +283,7 @@ def test_compare_logs_one_nested_run_per_row(tmp_path, tiny_bert, clean_env, cap
     p.write_text(yaml.safe_dump({
         "model": str(tiny_bert), "task": "classification", "method": "lora", "data": {"train": str(data), "max_length": 32},
         "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "eval_every": 2, "log_every": 2, "cpu_threads": 1,
-                  "precision": "fp32", "report_to": "mlflow"},
+                  "precision": "fp32", "report_to": ["mlflow", "wandb"]},
         "eval": {"samples": 0}, "output_dir": str(tmp_path / "run")}))
     out = tmp_path / "cmp"
     argv = ["compare", str(p), "--methods", "ia3", "--steps", "4", "--probe-steps", "2", "--lr-grid", "2",
@@ -306,6 +305,9 @@ def test_compare_logs_one_nested_run_per_row(tmp_path, tiny_bert, clean_env, cap
         assert {m.step: m.value for m in c.get_metric_history(r.info.run_id, "loss")} == pytest.approx(want)
         assert r.info.status == "FINISHED" and "adapter" in {a.path for a in c.list_artifacts(r.info.run_id)}
     assert runs["ia3"].data.params["method.name"] == "ia3"
+    wb = _wandb_runs(out / "runs")  # the probes' folders hold none
+    assert sorted(wb) == ["config", "ia3"]
+    assert {(x.run_group, x.job_type) for x in wb.values()} == {(ids["wandb_group"], "compare")}
     # the same command again: the rows are kept, the parent continues (no second parent, no new rows)
     capsys.readouterr()
     assert main(argv) == 0 and capsys.readouterr().out.count("kept from an earlier session") == 2
