@@ -93,6 +93,32 @@ def test_no_file_outside_the_runs_folder(root, path):
         assert st == 404
 
 
+def test_folder_links_out_of_the_runs_folder_are_not_followed(tmp_path):
+    """A link in the runs folder to a run elsewhere (or to a folder above) lists nothing outside, and the
+    page still answers (it once failed whole with a 500)."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    out = tmp_path / "outside" / "run1"
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.99}\n')
+    (out / "config.yaml").write_text("model: secret-model\n")
+    (out / "train.log").write_text("=== x\n")
+    inside = root / "mine"
+    inside.mkdir()
+    (inside / "metrics.jsonl").write_text('{"step": 1, "loss": 1.5}\n')
+    os.symlink(tmp_path / "outside", root / "outlink")
+    os.symlink(out, root / "direct")
+    os.symlink(tmp_path, root / "up")  # above the runs folder: leads back to runs/ and to outside/
+    os.symlink(inside, root / "again")  # a second name for a run inside: listed once
+    with ui_server(root) as (base, _):
+        st, d = call(base, "/api/runs")
+        assert st == 200 and [r["name"] for r in d["runs"]] == ["mine"], d
+        for q in ("/api/run?name=direct", "/api/run?name=outlink/run1", "/api/run?name=up/outside/run1",
+                  "/api/file?path=direct/config.yaml"):
+            st, d = call(base, q)
+            assert st == 404 and "secret-model" not in json.dumps(d), q
+
+
 def test_posts_need_json_from_the_same_origin_and_token_guards_everything(root):
     with ui_server(root) as (base, _):
         st, d = call(base, "/api/stop", {"name": "done"}, headers={"Origin": "http://evil.example"})

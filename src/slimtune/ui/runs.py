@@ -120,10 +120,20 @@ def progress(out: Path, recs: list[dict[str, Any]], summary: Any) -> tuple[int |
 
 def find(root: Path) -> list[Path]:
     """Run folders under root (root itself included), newest first; a run's own sub-folders
-    (checkpoints, best, previous) are not runs of their own."""
+    (checkpoints, best, previous) are not runs of their own. A folder link that leads out of root
+    is not followed (nothing outside the runs folder is listed), nor one back to a folder seen."""
     found: list[Path] = []
+    top = root.resolve()
+    seen: set[Path] = set()
 
     def walk(p: Path, depth: int) -> None:
+        try:
+            real = p.resolve()
+        except OSError:  # a link loop
+            return
+        if not real.is_relative_to(top) or real in seen:
+            return
+        seen.add(real)
         if is_run(p):
             found.append(p)
             return
