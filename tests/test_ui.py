@@ -103,6 +103,8 @@ def test_folder_links_out_of_the_runs_folder_are_not_followed(tmp_path):
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.99}\n')
     (out / "config.yaml").write_text("model: secret-model\n")
     (out / "train.log").write_text("=== x\n")
+    (tmp_path / "outside" / "study.db").write_bytes(b"")  # a search folder elsewhere
+    (tmp_path / "outside" / "compare.md").write_text("secret-model")
     inside = root / "mine"
     inside.mkdir()
     (inside / "metrics.jsonl").write_text('{"step": 1, "loss": 1.5}\n')
@@ -112,7 +114,7 @@ def test_folder_links_out_of_the_runs_folder_are_not_followed(tmp_path):
     os.symlink(inside, root / "again")  # a second name for a run inside: listed once
     with ui_server(root) as (base, _):
         st, d = call(base, "/api/runs")
-        assert st == 200 and [r["name"] for r in d["runs"]] == ["mine"], d
+        assert st == 200 and [r["name"] for r in d["runs"]] == ["mine"] and d["studies"] == [], d
         for q in ("/api/run?name=direct", "/api/run?name=outlink/run1", "/api/run?name=up/outside/run1",
                   "/api/file?path=direct/config.yaml"):
             st, d = call(base, q)
