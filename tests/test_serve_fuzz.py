@@ -12,9 +12,10 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 
 from serve_support import build, load_base
+from test_task_audio import tiny_whisper  # noqa: F401 - fixture
 from slimtune.serve import ServeConfig, build_app, make_server
 
-EXAMPLES = {"positive": 20, "negative": 8}  # per operation: 11 operations -> ~300 requests in all
+EXAMPLES = {"positive": 20, "negative": 8}  # per operation: 12 operations -> ~340 requests in all
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_no_input_makes_a_5xx(fuzz_server, mode):
     # attribute that pytest 9 no longer has (`Function._nodeid`)
     schema = schemathesis.openapi.from_asgi("/openapi.json", build_app(fuzz_server))
     ops = [r.ok() for r in schema.get_all_operations()]
-    assert len(ops) == 11  # every route of app.py
+    assert len(ops) == 12  # every route of app.py
     seen: dict[str, set[int]] = {}
 
     for op in ops:
@@ -66,3 +67,37 @@ def test_no_input_makes_a_5xx(fuzz_server, mode):
     assert len(seen) >= (len(ops) if mode == "positive" else 5)  # negative: the operations with a body
     assert all(code < 500 for codes in seen.values() for code in codes)
     print({k: sorted(v) for k, v in seen.items()})
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_transcriptions_form_never_makes_a_5xx(tiny_whisper, tmp_path, mode):  # noqa: F811
+    """The multipart operation of a speech base (its schema: transcriptions.OPENAPI), fuzzed the same way:
+    random bytes as audio, odd languages, formats and temperatures are 4xx with OpenAI's error body."""
+    from slimtune.train.tasks import get_task
+
+    model, proc = get_task("speech_recognition").load_for_adapter(str(tiny_whisper), None, None)
+    srv = make_server(model.eval(), proc, ServeConfig(served_model_name="tiny-asr", request_timeout_s=30,
+                                                      max_audio_bytes=32 << 10))
+    srv.engine.start()
+    try:
+        schema = schemathesis.openapi.from_asgi("/openapi.json", build_app(srv))
+        op = next(r.ok() for r in schema.get_all_operations() if r.ok().path == "/v1/audio/transcriptions")
+        seen: set[int] = set()
+
+        @given(case=op.as_strategy(generation_mode=schemathesis.GenerationMode(mode)))
+        @settings(max_examples=25, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def one(case):
+            if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
+                case.body["model"] = ["tiny-asr", case.body["model"]][len(case.body["model"]) % 2]
+            response = case.call()
+            seen.add(response.status_code)
+            case.validate_response(response, checks=[not_a_server_error])
+            assert response.status_code in (200, 400, 404, 413)
+            if response.status_code >= 400:
+                assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+        one()
+    finally:
+        srv.engine.stop()
+    assert 400 in seen and all(code < 500 for code in seen)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from conftest_train import sentiment_rows, tiny_bert, write_jsonl  # noqa: F401
@@ -30,7 +31,7 @@ def root(tmp_path_factory, tiny_bert):  # noqa: F811
     (failed / "config.yaml").write_text("model: x\n")
     (failed / "train.log").write_text("\n=== 2026 slimtune train\nerror: Traceback (most recent call last):\n"
                                       "  File x\nValueError: the data file has no rows\n")
-    (base / "secret.md").write_text("outside")
+    (base / "secret.md").write_text("the secret 7f3a9c")
     os.symlink(base / "secret.md", root / "done" / "link.md")
     return root
 
@@ -74,13 +75,50 @@ def test_runs_page_lists_states_and_survives_corrupt_folders(root):
 
 
 @pytest.mark.parametrize("path", ["../secret.md", "/etc/passwd", "done/link.md", "done/.slimtune.lock",
-                                  "done/../../secret.md", "done/adapter/adapter_model.safetensors"])
+                                  "done/../../secret.md", "done/adapter/adapter_model.safetensors",
+                                  "outlink/secret.md", "..%2Fsecret.md", "done/%00/../../secret.md",
+                                  ".ui/logs/x.log"])
 def test_no_file_outside_the_runs_folder(root, path):
+    if not (root / "outlink").is_symlink():
+        os.symlink(root.parent, root / "outlink")  # a folder link that leads out of the runs folder
     with ui_server(root) as (base, _):
         st, d = call(base, f"/api/file?path={path}")
         assert st == 404 and "error" in d
-        st, d = call(base, "/api/run?name=../")
+        assert b"7f3a9c" not in call(base, f"/api/file?path={path}", raw=True)[1]  # secret.md's content
+        for q in ("/api/run?name=../", "/api/run?name=outlink", "/api/study?name=..", "/api/study?name=/etc",
+                  "/static/..%2F..%2Fui%2Fapp.py", "/static/index.html"):
+            st, d = call(base, q)
+            assert st == 404, q
+        st, d = call(base, "/api/resume", {"name": "../"})
         assert st == 404
+
+
+def test_folder_links_out_of_the_runs_folder_are_not_followed(tmp_path):
+    """A link in the runs folder to a run elsewhere (or to a folder above) lists nothing outside, and the
+    page still answers (it once failed whole with a 500)."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    out = tmp_path / "outside" / "run1"
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.99}\n')
+    (out / "config.yaml").write_text("model: secret-model\n")
+    (out / "train.log").write_text("=== x\n")
+    (tmp_path / "outside" / "study.db").write_bytes(b"")  # a search folder elsewhere
+    (tmp_path / "outside" / "compare.md").write_text("secret-model")
+    inside = root / "mine"
+    inside.mkdir()
+    (inside / "metrics.jsonl").write_text('{"step": 1, "loss": 1.5}\n')
+    os.symlink(tmp_path / "outside", root / "outlink")
+    os.symlink(out, root / "direct")
+    os.symlink(tmp_path, root / "up")  # above the runs folder: leads back to runs/ and to outside/
+    os.symlink(inside, root / "again")  # a second name for a run inside: listed once
+    with ui_server(root) as (base, _):
+        st, d = call(base, "/api/runs")
+        assert st == 200 and [r["name"] for r in d["runs"]] == ["mine"] and d["studies"] == [], d
+        for q in ("/api/run?name=direct", "/api/run?name=outlink/run1", "/api/run?name=up/outside/run1",
+                  "/api/file?path=direct/config.yaml"):
+            st, d = call(base, q)
+            assert st == 404 and "secret-model" not in json.dumps(d), q
 
 
 def test_posts_need_json_from_the_same_origin_and_token_guards_everything(root):
@@ -180,3 +218,60 @@ def _try(url):
         return call(url, "/api/runs")
     except OSError:
         return None
+
+
+def test_form_input_never_reaches_a_shell(tmp_path, tiny_bert, monkeypatch):  # noqa: F811
+    """Shell syntax in every field the page sends is only text: the job starts as an argument list
+    (never shell=True), runs with the literal folder name, and nothing the syntax asks for happens."""
+    import sys
+
+    from slimtune.ui import jobs as jobs_mod
+
+    monkeypatch.chdir(tmp_path)  # where a shell would `touch` (the job's working folder too)
+    root = tmp_path / "runs"
+    root.mkdir()
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(40))
+    seen = []
+    real = jobs_mod.subprocess.Popen
+
+    def spy(args, **kw):
+        seen.append((args, kw))
+        return real(args, **kw)
+
+    monkeypatch.setattr(jobs_mod.subprocess, "Popen", spy)
+    evil = "r;touch PWNED1 && $(touch PWNED2) `touch PWNED3` | touch PWNED4 > PWNED8"
+    runs_of = lambda base: {r["name"]: r for r in call(base, "/api/runs")[1]["runs"]}  # noqa: E731
+    with ui_server(root) as (base, _):
+        st, d = call(base, "/api/form", {"model": f"{tiny_bert}; touch PWNED5", "data": f"$(touch PWNED6){data}",
+                                         "method": "lora", "train.max_steps": "2", "output_dir": evil + "-form"})
+        assert st == 200 and "touch PWNED5" in d["yaml"]
+        st, started = call(base, "/api/start", {"yaml": d["yaml"]})  # loads nothing: that model path does not exist
+        assert st == 200 and started["name"] == evil + "-form", started
+        st, d = call(base, "/api/start", {"yaml": run_yaml(tiny_bert, data, evil, steps=2)})
+        assert st == 200 and d["name"] == evil, d
+        wait_for(lambda: all(runs_of(base).get(n, {}).get("status") in ("finished", "failed")
+                             for n in (evil, evil + "-form")), 180, "both started runs to end")
+        rows = runs_of(base)
+    form_row, row = rows[evil + "-form"], rows[evil]
+    assert form_row["status"] == "failed" and "touch PWNED5" in form_row["why"], form_row  # the text, as a path
+    assert row["status"] == "finished", row
+    assert len(seen) == 2
+    for args, kw in seen:
+        assert isinstance(args, list) and not kw.get("shell") and args[:4] == [sys.executable, "-m", "slimtune", "train"]
+        assert Path(args[4]).is_file() and Path(args[4]).is_relative_to(root) and args[5:] == ["--no-progress"]
+    assert (root / evil / "summary.json").is_file()
+    assert not [p for p in tmp_path.rglob("PWNED*")] and not list(Path.cwd().glob("PWNED*"))
+
+
+def test_readme_shows_every_page_the_browser_tests_capture():
+    """Each screenshot a browser test saves is in docs/ and in the README (the tests remake them with
+    SLIMTUNE_SCREENSHOTS=docs)."""
+    import re
+
+    here = Path(__file__).parent
+    shots = {m for f in here.glob("test_ui*.py") for m in re.findall(r'DOCS / "(ui_[a-z_]+\.png)"', f.read_text())}
+    readme = (here.parent / "README.md").read_text()
+    assert {"ui_runs.png", "ui_new_run.png", "ui_live_run.png", "ui_search.png", "ui_try.png", "ui_try_audio.png"} <= shots
+    for s in sorted(shots):
+        assert (here.parent / "docs" / s).stat().st_size > 10_000, s
+        assert f"(docs/{s})" in readme, s

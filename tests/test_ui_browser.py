@@ -39,6 +39,17 @@ def test_runs_form_live_curve_stop_in_chromium(tmp_path, tiny_bert, browser):  #
     root = tmp_path / "runs"
     root.mkdir()
     finished_run(root, tiny_bert)
+    # folders being written or corrupt: a cut metrics line, half a summary, a junk lock; binary garbage
+    bad = root / "broken"
+    bad.mkdir()
+    (bad / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo')
+    (bad / "summary.json").write_text('{"status": "fini')
+    (bad / ".slimtune.lock").write_text("not json")
+    junk = root / "junk"
+    junk.mkdir()
+    (junk / "metrics.jsonl").write_bytes(b"\xff\xfe\x00garbage\n" * 50)
+    (junk / "config.yaml").write_bytes(b"model: [\xff\n")
+    (junk / "report.md").write_bytes(b"\xff<script>document.title='owned'</script>")
     (root / "search-lr").mkdir()
     s = optuna.create_study(storage=f"sqlite:///{root / 'search-lr' / 'study.db'}", study_name="lr", direction="maximize")
     s.optimize(lambda t: -(t.suggest_float("lr", 1e-4, 1e-2, log=True) - 3e-3) ** 2, n_trials=5)
@@ -46,6 +57,14 @@ def test_runs_form_live_curve_stop_in_chromium(tmp_path, tiny_bert, browser):  #
     with ui_server(root) as (base, app):
         d.get(base + "/")
         wait_for(lambda: _row_status(d, "done") == "finished", 20, "the finished run in the table")
+        # the corrupt folders are rows like any other, and opening them shows what they hold
+        assert _row_status(d, "broken") == "interrupted" and _row_status(d, "junk") in ("interrupted", "unreadable")
+        assert _click(d, '#runs-table tr[data-name="broken"]')
+        wait_for(lambda: _points(d, "#chart-loss") == 1 and d.find_element("id", "run-name").text == "broken", 20,
+                 "the broken run's one readable loss point")
+        assert _click(d, '#runs-table tr[data-name="junk"]')
+        wait_for(lambda: d.find_element("id", "run-name").text == "junk", 20, "the junk folder's page")
+        assert d.title == "slimtune ui" and "<script>" in d.find_element("id", "run-report").text  # shown, not run
         assert _click(d, '#runs-table tr[data-name="done"]')
         wait_for(lambda: _points(d, "#chart-loss") >= 6, 20, "its loss curve (4 train + 2 eval points)")
         assert _points(d, "#chart-lr") == 4

@@ -20,7 +20,7 @@ CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 NO_BROWSER = None if CHROMIUM and DRIVER else ("needs Debian's chromium and chromium-driver (scripts/setup.sh installs "
                                               "them: apt-get install chromium chromium-driver)")
 # the browser tests' screenshots: a temporary folder, so the suite leaves the work tree as it found it;
-# `SLIMTUNE_SCREENSHOTS=docs pytest tests/test_ui_browser.py tests/test_ui_playground.py` remakes the
+# `SLIMTUNE_SCREENSHOTS=docs pytest tests/test_ui_browser.py tests/test_ui_playground.py tests/test_ui_audio.py` remakes the
 # README's (docs/ui_*.png)
 DOCS = Path(os.environ["SLIMTUNE_SCREENSHOTS"]).resolve() if os.environ.get("SLIMTUNE_SCREENSHOTS") else \
     Path(tempfile.mkdtemp(prefix="slimtune-ui-shots-"))

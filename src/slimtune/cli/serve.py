@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
 
     d = ServeConfig()
     g = sub.add_parser("serve", help=HELP, description="One base model, many adapters, OpenAI-compatible "
-                       "(/v1/models, /v1/completions, /v1/chat/completions, streaming), continuous batching across "
+                       "(/v1/models, /v1/completions, /v1/chat/completions, streaming; a speech base: "
+                       "/v1/audio/transcriptions), continuous batching across "
                        "adapters, run-time load/unload, tenants with hashed keys, A/B routes, /metrics. "
                        "See docs/serving.md.")
     g.add_argument("--model", help="base model (builtin name or folder); default: the first adapter's base")
@@ -35,6 +36,10 @@ def add_parser(sub) -> None:
     g.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 429")
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     g.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    g.add_argument("--max-audio-bytes", type=int, default=d.max_audio_bytes,
+                   help="largest upload to /v1/audio/transcriptions (a speech base)")
+    g.add_argument("--max-audio-seconds", type=float, default=d.max_audio_seconds,
+                   help="longest clip transcribed (Whisper: also its 30 s window)")
     g.add_argument("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens a request may ask")
     g.add_argument("--max-n", type=int, default=d.max_n, help="choices per request")
     g.add_argument("--request-timeout", type=float, default=d.request_timeout_s, help="seconds; then 408")
@@ -135,14 +140,19 @@ def run(a) -> int:
         model = model.to(device=torch.device(a.device), dtype=getattr(torch, a.dtype))
     except (RuntimeError, AssertionError) as e:
         raise CommandError(f"--device {a.device}: {e}") from None
-    if task != "CAUSAL_LM":
-        raise CommandError(f"serve generates text: the base must be a causal LM, and {first} is a {task} adapter")
+    from ..serve.speech import is_speech_base
+
+    if task != "CAUSAL_LM" and not is_speech_base(model):
+        raise CommandError(f"serve generates text or transcribes speech: the base must be a causal LM or a speech "
+                           f"recognizer (Whisper, Wav2Vec2 / HuBERT CTC), and {first or a.model} is a {task} model")
     # the API's name for the base: --served-model-name, a builtin name as given, else the folder's name
     name = a.served_model_name or (a.model if a.model and not os.path.isdir(a.model) else
                                    os.path.basename(os.path.normpath(a.model or str(path))))
     cfg = ServeConfig(host=a.host, port=a.port, served_model_name=name, max_batch=a.max_batch, max_queue=a.max_queue,
                       max_loaded=a.max_loaded, max_body_bytes=a.max_body_bytes, max_prompt_tokens=a.max_prompt_tokens,
-                      max_tokens=a.max_tokens, max_n=a.max_n, request_timeout_s=a.request_timeout, insecure=a.insecure,
+                      max_tokens=a.max_tokens, max_audio_bytes=a.max_audio_bytes,
+                      max_audio_seconds=a.max_audio_seconds, max_n=a.max_n, request_timeout_s=a.request_timeout,
+                      insecure=a.insecure,
                       prefix_cache_tokens=a.prefix_cache_tokens, allow_adapter_paths=tuple(a.allow_adapter_path))
     if a.adapters_dir and not os.path.isdir(a.adapters_dir):
         raise CommandError(f"--adapters-dir {a.adapters_dir}: no such folder")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..train.config import JobConfig, saved_form
+from ..train.trackers import NAME_ENV as TRACKERS_RUN_NAME
 from . import prepare as P
 from .space import METHOD_DEFAULTS, SearchError
 
@@ -90,7 +91,9 @@ def run_compare(cfg: JobConfig, opts: CompareOptions, log: Callable[[str], None]
     unknown = sorted(set(opts.lrs) - set(methods) - {"config"})
     if unknown:
         raise SearchError(f"--lr {unknown[0]}=...: {unknown[0]!r} is not among --methods ({', '.join(methods)})")
-    with P.owned_folder(opts.out) as out:
+    from .tracking import parent_runs
+
+    with P.owned_folder(opts.out) as out, parent_runs(cfg.train.report_to, out, "compare", saved_form(cfg), log):
         return _compare(cfg, opts, methods, out, log)
 
 
@@ -206,7 +209,8 @@ def _run_row(spec: dict[str, Any], out: Path, i: int, n: int, rerun: bool, log) 
     with open(run_dir / "worker.log", "w") as f:
         try:
             p = subprocess.run([sys.executable, "-m", "slimtune.search.worker", str(spec_path)], stdout=f,
-                               stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, env=dict(os.environ))
+                               stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                               env={**os.environ, TRACKERS_RUN_NAME: spec["name"]})  # the row's tracker run
         except KeyboardInterrupt:
             from ..train.interrupt import TrainingInterrupted
 

@@ -220,7 +220,7 @@ def time_run(cfg: JobConfig, out: Path, steps: int = 2) -> Timing:
     import shutil
 
     c = derive(cfg, {"train": {"max_steps": steps, "eval_every": steps, "eval_before": False, "save_every": 10**6,
-                               "warmup_steps": 0, "early_stopping_patience": None},
+                               "warmup_steps": 0, "early_stopping_patience": None, "report_to": "none"},
                      "eval": {"samples": 0}, "output_dir": str(out), "overwrite": True, "resume": False})
     t0 = time.time()
     res = run_once(c)

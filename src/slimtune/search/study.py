@@ -104,12 +104,15 @@ def run_search(cfg: JobConfig, opts: SearchOptions, log: Callable[[str], None] =
         raise SearchError(f"--workers {opts.workers}: give 1 or more worker processes")
     if opts.role == "worker":
         return _search(optuna, cfg, opts, opts.out, log)
+    from .tracking import parent_runs
+
     with P.owned_folder(opts.out) as out:
         if opts.overwrite:
-            for p in ("study.db", "trials", "search.md", "search.csv", "best.yaml", "pareto", "plots"):
+            for p in ("study.db", "trials", "search.md", "search.csv", "best.yaml", "pareto", "plots", "trackers.json"):
                 q = out / p
                 shutil.rmtree(q, ignore_errors=True) if q.is_dir() else q.unlink(missing_ok=True)
-        return _search(optuna, cfg, opts, out, log)
+        with parent_runs(cfg.train.report_to, out, "search", saved_form(cfg), log):  # one tracker run per trial
+            return _search(optuna, cfg, opts, out, log)
 
 
 def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict[str, Any]:

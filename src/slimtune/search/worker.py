@@ -58,7 +58,8 @@ def probe(cfg: JobConfig, grid: list[float], steps: int, run_dir: Path, log) -> 
 
     def one(lr: float, n: int = steps) -> None:
         c = P.derive(cfg, {"train": {"lr": lr, "max_steps": n, "eval_every": n, "eval_before": False,
-                                     "save_every": 10**6, "early_stopping_patience": None},
+                                     "save_every": 10**6, "early_stopping_patience": None,
+                                     "report_to": "none"},  # a probe is not a row: no tracker run of its own
                            "eval": {"samples": 0}, "output_dir": str(run_dir / "probe" / (
                                f"lr-{lr:.3g}" if n == steps else f"lr-{lr:.3g}-{n}steps"))})
         try:

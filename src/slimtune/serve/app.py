@@ -3,7 +3,8 @@
     GET  /health                      no key needed
     GET  /metrics                     Prometheus text (an admin key when --keys is set)
     GET  /v1/models, /v1/models/{id}  the base, adapters and routes this key may use
-    POST /v1/completions, /v1/chat/completions         (generation.py)
+    POST /v1/completions, /v1/chat/completions         (generation.py; a text base)
+    POST /v1/audio/transcriptions                      (transcriptions.py; a speech base)
     POST /v1/load_lora_adapter, /v1/unload_lora_adapter (vLLM's names and bodies; admin)
     GET  /v1/routes, PUT|DELETE /v1/routes/{name}      A/B routes (admin)
 
@@ -28,8 +29,11 @@ from .grammar import Grammars
 from .metrics import CONTENT_TYPE, CountResponses, Metrics
 from .registry import AdapterError, AdapterExists, AdapterLoadError, AdapterNotFound, AdapterRefused, Registry
 from .routes import RouteError, Router
+from .speech import Transcriber, is_speech_base
 from .schemas import ChatRequest, CompletionRequest, LoadLoraRequest, RouteBody, UnloadLoraRequest
 from .tenants import OPEN, Tenant, Tenants
+from .transcriptions import OPENAPI as TRANSCRIPTION_FORM
+from .transcriptions import transcribe
 
 
 @dataclass
@@ -46,8 +50,11 @@ class Server:
     def __post_init__(self) -> None:
         base = self.registry.base
         self.base_name = self.registry.base_name
+        # a speech base answers /v1/audio/transcriptions (speech.py), a text base the generation endpoints
+        self.speech = (Transcriber(self.registry, self.tokenizer, self.cfg.max_tokens, self.cfg.max_audio_seconds)
+                       if is_speech_base(base) else None)
         mcfg = getattr(base, "config", None)
-        self.vocab_size = int(base.get_input_embeddings().num_embeddings)
+        self.vocab_size = int(base.get_input_embeddings().num_embeddings) if self.speech is None else 0
         self.context = int(getattr(mcfg, "max_position_embeddings", None) or 2048)
         self.max_prompt_tokens = min(self.cfg.max_prompt_tokens, self.context - 1)
         # what /v1/models advertises: prompt + completion tokens a request can really have
@@ -103,7 +110,8 @@ def build_app(srv: Server) -> FastAPI:
     app = FastAPI(title="slimtune serve", description="One base model, many adapters, OpenAI-compatible.",
                   version="0.1.0", lifespan=lifespan)
     install(app)
-    app.add_middleware(BodyLimit, limit=srv.cfg.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=srv.cfg.max_body_bytes,
+                       paths={"/v1/audio/transcriptions": (srv.cfg.max_audio_bytes, "--max-audio-bytes")})
     app.add_middleware(CountResponses, metrics=srv.metrics, routes=app.routes)  # outermost: sees the 413s too
 
     def auth(authorization: str | None = Header(None, description="Bearer API key (with --keys)")) -> Tenant:
@@ -141,8 +149,10 @@ def build_app(srv: Server) -> FastAPI:
             raise APIError(403, "/metrics needs an admin key (it names every tenant's adapters).", code="admin_required")
         return Response(srv.metrics.render(), media_type=CONTENT_TYPE)
 
-    limits = {"max_model_len": srv.max_model_len, "max_prompt_tokens": srv.max_prompt_tokens,
-              "max_tokens": srv.cfg.max_tokens}
+    limits = ({"max_model_len": srv.max_model_len, "max_prompt_tokens": srv.max_prompt_tokens,
+               "max_tokens": srv.cfg.max_tokens} if srv.speech is None else
+              {"max_audio_seconds": srv.speech.max_seconds, "max_audio_bytes": srv.cfg.max_audio_bytes,
+               "sampling_rate": srv.speech.rate})
 
     def model_cards(t: Tenant) -> list[dict]:
         cards = []
@@ -182,6 +192,11 @@ def build_app(srv: Server) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request, t: Tenant = Depends(auth)):
         return await handle(srv, request, body, t)
+
+    @app.post("/v1/audio/transcriptions", openapi_extra=TRANSCRIPTION_FORM,
+              responses={200: {"description": "json / verbose_json: {text, ...}; text: the transcript"}})
+    async def audio_transcriptions(request: Request, t: Tenant = Depends(auth)):
+        return await transcribe(srv, request, t)
 
     @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
     async def load_lora_adapter(body: LoadLoraRequest, t: Tenant = Depends(admin)):

@@ -11,6 +11,13 @@ from .schemas import ChatRequest, CompletionRequest
 from .text import PromptError, chat_prompt, encode
 
 
+# what to do instead, per non-text content part
+FIXES = {"image_url": " (images need a vision-language base: train one with task image_text_to_text and serve it)",
+         "input_audio": " (to turn speech into text, POST the audio file to /v1/audio/transcriptions on a server "
+                        "whose base is a speech recognizer, e.g. Whisper)",
+         "file": " (paste the file's text into a text part)"}
+
+
 def prompts(srv, body, fns: dict | None = None) -> list[list[int]]:
     tok = srv.tokenizer
     try:
@@ -19,8 +26,9 @@ def prompts(srv, body, fns: dict | None = None) -> list[list[int]]:
                 for j, part in enumerate(m.content if isinstance(m.content, list) else ()):
                     if part.type != "text":
                         raise APIError(400, f"messages[{i}].content[{j}] is a '{part.type}' part; this model reads text "
-                                       "only: send the content as a string or as parts of type 'text'.",
-                                       f"messages.{i}.content.{j}.type", "unsupported_content")
+                                       "only: send the content as a string or as parts of type 'text'"
+                                       + FIXES.get(part.type, "") + ".", f"messages.{i}.content.{j}.type",
+                                       "unsupported_content")
                     if part.text is None:
                         raise APIError(400, f"messages[{i}].content[{j}] is a text part without `text`.",
                                        f"messages.{i}.content.{j}.text", "invalid_value")

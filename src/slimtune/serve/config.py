@@ -28,6 +28,9 @@ class ServeConfig:
     # requests
     max_body_bytes: int = 1 << 20  # 1 MiB of JSON holds a ~250k-token prompt: far past any limit below
     max_prompt_tokens: int = 4096  # also capped by the model's context length
+    max_audio_bytes: int = 25 << 20  # /v1/audio/transcriptions uploads: OpenAI's limit (25 MB)
+    max_audio_seconds: float = 120.0  # a clip's length (a Whisper base: also its 30 s window); CTC attention
+    #                                   is quadratic in it, ~6,000 frames for 120 s
     max_tokens: int = 1024  # the largest `max_tokens` a request may ask for
     default_completion_tokens: int = 16  # OpenAI's default for /v1/completions without max_tokens
     max_n: int = 8  # choices per request (`n` x prompts): each is a row in the batch

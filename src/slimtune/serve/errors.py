@@ -85,17 +85,19 @@ def install(app: FastAPI) -> None:
 
 
 class BodyLimit:
-    """ASGI middleware: read the body up front (at most `limit` bytes), 413 past it, then replay it.
+    """ASGI middleware: read the body up front (at most `limit` bytes, or a path's own limit: audio
+    uploads), 413 past it, then replay it.
 
     Reading first means the app never sees part of an oversized body, and nothing inside the app
     has to raise (an exception there would reach Starlette's 500 handler first)."""
 
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, paths: dict[str, tuple[int, str]] | None = None) -> None:
+        self.app, self.limit, self.paths = app, limit, paths or {}  # path -> (its own limit, the flag naming it)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
             return await self.app(scope, receive, send)
+        limit, flag = self.paths.get(scope.get("path", ""), (self.limit, "--max-body-bytes"))
         headers = dict(scope.get("headers") or [])
         cl = headers.get(b"content-length")
         if cl is not None:
@@ -103,16 +105,16 @@ class BodyLimit:
                 declared = int(cl)
             except ValueError:
                 return await _send_error(send, APIError(400, "Content-Length is not a number.", code="invalid_header"))
-            if declared > self.limit:
-                return await _send_error(send, _too_large(self.limit))
+            if declared > limit:
+                return await _send_error(send, _too_large(limit, flag))
         body, more = b"", True
         while more:
             msg = await receive()
             if msg["type"] == "http.disconnect":
                 return None
             body += msg.get("body", b"")
-            if len(body) > self.limit:
-                return await _send_error(send, _too_large(self.limit))
+            if len(body) > limit:
+                return await _send_error(send, _too_large(limit, flag))
             more = msg.get("more_body", False)
         sent = False
 
@@ -126,9 +128,9 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
-def _too_large(limit: int) -> APIError:
-    return APIError(413, f"The request body is larger than the server's limit of {limit} bytes (--max-body-bytes).",
-                    code="request_too_large")
+def _too_large(limit: int, flag: str) -> APIError:
+    return APIError(413, f"The request body is larger than the server's limit of {limit} bytes ({flag}); send less "
+                    "(a shorter clip, a compressed file) or raise the limit.", code="request_too_large")
 
 
 async def _send_error(send, e: APIError) -> None:

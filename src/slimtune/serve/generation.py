@@ -97,6 +97,10 @@ async def handle(srv, request: Request, body, tenant) -> Response:
 async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Response:
     t0 = time.perf_counter()
     chat = endpoint == "chat"
+    if srv.speech is not None:
+        raise APIError(400, f"This server's base model '{srv.base_name}' is a speech recognizer: it answers POST "
+                       "/v1/audio/transcriptions (multipart `file` + `model`), not text generation. Serve a causal LM "
+                       "base for completions and chat.", "model", "not_a_text_model")
     bad = body.unsupported()
     if bad:
         raise APIError(400, bad[1], bad[0], "unsupported_parameter")

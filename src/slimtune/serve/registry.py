@@ -127,13 +127,16 @@ class Entry:
 
 class Registry:
     def __init__(self, base: nn.Module, base_name: str, max_loaded: int = 16, adapters_dir: str | None = None,
-                 allow_paths: list[str] | tuple[str, ...] = ()) -> None:
+                 allow_paths: list[str] | tuple[str, ...] = (), text: bool = True) -> None:
         if max_loaded < 1:
             raise ValueError(f"max_loaded={max_loaded}: at least one adapter must fit in memory")
         self.base = base.eval()
         self.base_name = base_name
         self.max_loaded = max_loaded
         self.adapters_dir = adapters_dir
+        # a text base: CAUSAL_LM adapters, rows mixed in a batch when the probe passes; a speech base
+        # (speech.py): its task's adapters (no PEFT task_type), one adapter per forward
+        self.text = text
         # what API loads may read (symlinks resolved): --adapters-dir, then each --allow-adapter-path
         self.roots = AdapterRoots([adapters_dir or "", *allow_paths])
         self._entries: dict[str, Entry] = {}
@@ -308,9 +311,10 @@ class Registry:
         try:
             cfg = AdapterConfig.from_pretrained(e.path)
             spec = get_method(cfg.method)
-            if cfg.task_type not in (None, "CAUSAL_LM"):
-                raise AdapterLoadError(f"adapter '{e.name}' is a {cfg.task_type} adapter; the server generates text "
-                                       "and serves CAUSAL_LM adapters only")
+            if cfg.task_type not in ((None, "CAUSAL_LM") if self.text else (None,)):
+                raise AdapterLoadError(f"adapter '{e.name}' is a {cfg.task_type} adapter; this server "
+                                       + ("generates text and serves CAUSAL_LM adapters only" if self.text else
+                                          "transcribes speech and serves its speech base's adapters only"))
             inplace = issubclass(spec.tuner_cls, InPlaceTuner)
             # a layer holds either DoRA or plain LoRA adapters (dora.py), so DoRA gets a lane of its own
             variant = "dora" if getattr(cfg, "use_dora", False) else ""
@@ -336,7 +340,7 @@ class Registry:
         self._lanes[key] = lane
         e.method, e.lane, e.resident = spec.name, lane, True
         e.offset = cfg.total_virtual_tokens if isinstance(cfg, PromptLearningConfig) else 0
-        e.mixable = key[0] == "mix" and probe_mixable(lane, e.name)
+        e.mixable = self.text and key[0] == "mix" and probe_mixable(lane, e.name)
         e.solo = _placement(("solo", id(lane), e.name), lane.hf, lane, e.name, e.offset)
         e.uid = next(self._uids)
         self.loads += 1

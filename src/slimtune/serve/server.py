@@ -39,11 +39,15 @@ def make_server(model, tokenizer, cfg: ServeConfig, adapters: dict[str, str] | N
     if not keys and not cfg.insecure and not is_loopback(cfg.host):
         raise ServeError(f"refusing to listen on {cfg.host} without --keys: anyone who can reach it could use every "
                          "adapter and the admin endpoints. Pass --keys keys.yaml, or --insecure if that is intended")
-    try:
-        check_model(model)
-    except CacheLayoutError as e:
-        raise ServeError(str(e)) from None
-    registry = Registry(model, cfg.served_model_name, cfg.max_loaded, adapters_dir, cfg.allow_adapter_paths)
+    from .speech import SpeechBaseError, is_speech_base
+
+    text = not is_speech_base(model)  # a speech base transcribes (speech.py): no KV cache of its own to check
+    if text:
+        try:
+            check_model(model)
+        except CacheLayoutError as e:
+            raise ServeError(str(e)) from None
+    registry = Registry(model, cfg.served_model_name, cfg.max_loaded, adapters_dir, cfg.allow_adapter_paths, text)
     if len(adapters or {}) > cfg.max_loaded:
         raise ServeError(f"{len(adapters)} --adapter flags but --max-loaded {cfg.max_loaded}: raise --max-loaded or "
                          "serve them from --adapters-dir (loaded on first use)")
@@ -58,7 +62,7 @@ def make_server(model, tokenizer, cfg: ServeConfig, adapters: dict[str, str] | N
             raise ServeError(str(e)) from None
     try:
         return Server(registry, tokenizer, cfg, tenants, router, base_path)
-    except RouteError as e:
+    except (RouteError, SpeechBaseError) as e:
         raise ServeError(str(e)) from None
 
 

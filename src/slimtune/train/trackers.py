@@ -13,6 +13,11 @@ Each gets the run's config as params, every logged record (loss, lr, eval metric
 at the end the adapter (best/ when there is one, else adapter/) and the report (report.md, plot.png,
 summary.json) as artifacts. A resumed run continues the same MLflow / W&B run (ids kept in
 OUTPUT_DIR/trackers.json). A tracker whose package is missing is a config error before training.
+
+Inside `slimtune compare` / `slimtune search` each row's / trial's run joins the parent the command
+opened (search/tracking.py, passed down in $SLIMTUNE_TRACKERS_PARENT so worker processes inherit it):
+an MLflow child run (tag mlflow.parentRunId, in the parent's store and experiment) and a W&B run in
+the command's group; $SLIMTUNE_TRACKERS_RUN_NAME names a compare row's run (its folder is ROW/main).
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ from typing import Any, Callable
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 IDS = "trackers.json"
+PARENT_ENV = "SLIMTUNE_TRACKERS_PARENT"
+NAME_ENV = "SLIMTUNE_TRACKERS_RUN_NAME"
 TRAIN_KEYS = ("loss", "lr", "tokens_per_s", "grad_norm", "peak_mem_mb")
 
 
@@ -58,6 +65,35 @@ def _numbers(rec: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in rec.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def parent() -> dict[str, Any]:
+    """The compare / search this run belongs to ({} for a run of its own): {"mlflow": {uri, experiment_id,
+    run_id}, "wandb": {group, job_type}}."""
+    try:
+        d = json.loads(os.environ.get(PARENT_ENV) or "{}")
+    except ValueError:
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def run_name(out: Path) -> str:
+    return os.environ.get(NAME_ENV) or out.name
+
+
+def mlflow_store(folder: Path) -> tuple[str, str | None]:
+    """(tracking URI, artifact location for a new experiment): $MLFLOW_TRACKING_URI (the server's or
+    store's own artifact root), else a SQLite store in folder with artifacts in folder/mlartifacts."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], None
+    folder = folder.resolve()
+    return f"sqlite:///{folder / 'mlflow.db'}", (folder / "mlartifacts").as_uri()
+
+
+def mlflow_experiment(c: Any, location: str | None) -> str:
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "slimtune")
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else c.create_experiment(name, artifact_location=location)
+
+
 def _artifacts(out: Path) -> tuple[Path | None, list[Path]]:
     adapter = next((out / d for d in ("best", "adapter") if (out / d).is_dir()), None)
     return adapter, [out / f for f in ("report.md", "plot.png", "summary.json") if (out / f).is_file()]
@@ -85,17 +121,20 @@ class MLflow:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out.resolve().parent / 'mlflow.db'}"
-        self.c = MlflowClient(tracking_uri=uri)
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "slimtune")
-        exp = self.c.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp is not None else self.c.create_experiment(
-            name, artifact_location=None if os.environ.get("MLFLOW_TRACKING_URI") else
-            (out.resolve().parent / "mlartifacts").as_uri())
+        up = parent().get("mlflow")
+        if up:  # a compare row / search trial: a child run in its parent's store and experiment
+            uri, exp_id = up["uri"], up["experiment_id"]
+            self.c = MlflowClient(tracking_uri=uri)
+        else:
+            uri, location = mlflow_store(out.parent)
+            self.c = MlflowClient(tracking_uri=uri)
+            exp_id = mlflow_experiment(self.c, location)
         self.run_id = ids.get("mlflow") if step else None
         if self.run_id is None:
-            self.run_id = self.c.create_run(exp_id, run_name=out.name, tags={"slimtune.output_dir": str(out.resolve())}
-                                            ).info.run_id
+            tags = {"slimtune.output_dir": str(out.resolve())}
+            if up:
+                tags["mlflow.parentRunId"] = up["run_id"]  # what mlflow.start_run(nested=True) sets
+            self.run_id = self.c.create_run(exp_id, run_name=run_name(out), tags=tags).info.run_id
             ps = [Param(k, str(v)[:6000]) for k, v in params.items()]
             for i in range(0, len(ps), 100):  # MLflow takes at most 100 params per batch
                 self.c.log_batch(self.run_id, params=ps[i:i + 100])
@@ -127,7 +166,9 @@ class WandB:
         import wandb
 
         rid = ids.get("wandb") if step else None
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "slimtune"), name=out.name, dir=str(out),
+        up = parent().get("wandb") or {}  # a compare row / search trial: one run in the command's group
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "slimtune"), name=run_name(out), dir=str(out),
+                              group=up.get("group"), job_type=up.get("job_type"),
                               mode=os.environ.get("WANDB_MODE", "offline"), config=params, id=rid,
                               resume="allow" if rid else None, reinit="create_new",
                               settings=wandb.Settings(silent=True, console="off", x_disable_stats=True,

@@ -98,6 +98,10 @@ def build_app(root: Path, token: str | None = None, serve_url: str | None = None
     def try_it(body: dict[str, Any]) -> dict[str, Any]:
         return play.ask(body)
 
+    @app.post("/api/try/audio")
+    def try_audio(body: dict[str, Any]) -> dict[str, Any]:  # a speech server: the clip's transcript(s)
+        return play.transcribe(body)
+
     @app.get("/", response_class=HTMLResponse)
     def index() -> HTMLResponse:
         return HTMLResponse((STATIC / "index.html").read_text())

@@ -10,6 +10,7 @@ the form is ever interpreted as a command. Stop = SIGINT to the process holding 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -31,6 +32,12 @@ SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 class FormError(ValueError):
     """A new-run config that cannot start; the message is the job's own (or says which key to change)."""
+
+
+def slug(name: str) -> str:
+    """A file name for a run's name: readable, and distinct for distinct names (a hash of the whole
+    name: two names alike in their first 60 characters, or differing only in symbols, get two files)."""
+    return f"{SAFE.sub('_', name)[:60]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def form_yaml(form: dict[str, Any]) -> str:
@@ -85,7 +92,7 @@ def check(root: Path, text: str) -> tuple[JobConfig, Path, Path]:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     cfg_dir = root / UI_DIR / "configs"
     cfg_dir.mkdir(parents=True, exist_ok=True)
-    path = cfg_dir / f"{SAFE.sub('_', rel)[:60]}-{stamp}-{os.getpid()}.yaml"
+    path = cfg_dir / f"{slug(rel)}-{stamp}-{os.getpid()}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     try:
         cfg = load_config(str(path))  # the job's own checks: the same messages as `slimtune train`
@@ -112,7 +119,7 @@ class Jobs:
     def _spawn(self, out: Path, args: list[str]) -> dict[str, Any]:
         logs = self.root / UI_DIR / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        log = logs / f"{SAFE.sub('_', runs.name(self.root, out))[:60]}.log"
+        log = logs / f"{slug(runs.name(self.root, out))}.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(log, "ab") as f:  # the child keeps its own copy of the descriptor
             p = subprocess.Popen([sys.executable, "-m", "slimtune", "train", *args, "--no-progress"],

@@ -4,9 +4,16 @@ The page never talks to the server itself (another origin): it asks this module,
 the one server `slimtune ui --serve URL` named (no address comes from the page, so the UI cannot be
 used to reach anything else), with `--serve-key` as its bearer key. Greedy decoding (temperature 0),
 so the same prompt gives the same answer as `slimtune generate --adapter`.
+
+A speech server (a base whose model cards carry `max_audio_seconds`) takes audio instead: the page
+reads the chosen file and sends it here as base64 in its JSON POST (the page's POSTs stay JSON, same
+origin), and this module posts it to the server's `/v1/audio/transcriptions` as OpenAI's multipart
+form (`file`, `model`; httpx encodes it), temperature 0, the adapter's transcript beside the base's.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import urllib.error
 import urllib.request
@@ -15,6 +22,7 @@ from typing import Any
 
 MAX_TOKENS = 256
 TIMEOUT_S = 120
+MAX_AUDIO_BYTES = 25 << 20  # OpenAI's upload limit (the server has its own, --max-audio-bytes)
 
 
 class PlaygroundError(ValueError):
@@ -48,6 +56,27 @@ class Playground:
             raise PlaygroundError(f"cannot reach the server at {self.url} ({getattr(e, 'reason', e)}); is "
                                   "`slimtune serve` running there?") from None
 
+    def _form(self, path: str, fields: dict[str, str], name: str, data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
+        """A multipart POST (one `file` part and the form fields) to the server; (JSON, headers)."""
+        import httpx
+
+        h = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        try:
+            r = httpx.post(self.url + path, data=fields, files={"file": (name, data)}, headers=h, timeout=TIMEOUT_S)
+        except httpx.HTTPError as e:
+            raise PlaygroundError(f"cannot reach the server at {self.url} ({e}); is `slimtune serve` running "
+                                  "there?") from None
+        if r.status_code >= 400:
+            try:
+                msg = r.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                msg = r.reason_phrase
+            raise PlaygroundError(f"the server at {self.url} answered {r.status_code}: {msg}")
+        try:
+            return r.json(), dict(r.headers)
+        except ValueError:
+            raise PlaygroundError(f"the server at {self.url} answered {path} with something that is not JSON") from None
+
     def models(self) -> dict[str, Any]:
         """The base, adapters and routes the server offers (from /v1/models)."""
         if self.url is None:
@@ -57,7 +86,8 @@ class Playground:
         for c in cards.get("data", []):
             # a route's card carries its arms (for an admin key, or with no keys at all)
             kind = "base" if c.get("parent") is None else "route" if "route" in c else "adapter"
-            out.append({"id": c["id"], "kind": kind, "parent": c.get("parent")})
+            # a speech base's cards carry its audio limits: it takes audio, not prompts
+            out.append({"id": c["id"], "kind": kind, "parent": c.get("parent"), "audio": "max_audio_seconds" in c})
         return {"server": self.url, "models": out}
 
     def _one(self, model: str, prompt: str, mode: str, max_tokens: int, user: str | None) -> dict[str, Any]:
@@ -97,4 +127,33 @@ class Playground:
             names.append(str(base))
         with ThreadPoolExecutor(len(names)) as ex:  # the server batches them together
             answers = list(ex.map(lambda m: self._one(m, prompt, mode, n, user), names))
+        return {"answers": answers}
+
+    def _heard(self, model: str, name: str, data: bytes) -> dict[str, Any]:
+        if self.url is None:
+            self._call("/v1/models")  # raises the no-server message
+        d, h = self._form("/v1/audio/transcriptions", {"model": model, "response_format": "json", "temperature": "0"},
+                          name, data)
+        hl = {k.lower(): v for k, v in h.items()}
+        return {"model": model, "text": d.get("text"), "adapter": hl.get("x-slimtune-adapter"),
+                "route": hl.get("x-slimtune-route")}
+
+    def transcribe(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The chosen speech model's transcript of the uploaded clip, and the base's beside it when asked."""
+        model = str(body.get("model") or "")
+        name = str(body.get("name") or "audio.wav")[-200:]
+        if not model or not body.get("audio"):
+            raise PlaygroundError("choose a model and an audio file (WAV, FLAC, OGG or MP3)")
+        if len(str(body["audio"])) > MAX_AUDIO_BYTES * 4 // 3 + 4:
+            raise PlaygroundError(f"the file is larger than {MAX_AUDIO_BYTES >> 20} MB; send a shorter clip")
+        try:
+            data = base64.b64decode(str(body["audio"]), validate=True)
+        except (binascii.Error, ValueError):
+            raise PlaygroundError("the audio did not arrive as base64 (the page sends the file that way)") from None
+        names = [model]
+        base = body.get("base")
+        if base and base != model:
+            names.append(str(base))
+        with ThreadPoolExecutor(len(names)) as ex:
+            answers = list(ex.map(lambda m: self._heard(m, name, data), names))
         return {"answers": answers}

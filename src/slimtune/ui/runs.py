@@ -118,12 +118,29 @@ def progress(out: Path, recs: list[dict[str, Any]], summary: Any) -> tuple[int |
     return (int(recs[-1]["step"]) if recs else None), None
 
 
+def first_visit(root: Path, p: Path, seen: set[Path]) -> bool:
+    """Whether a folder walk should enter p: inside root once links are followed, and not seen before
+    under another name (folder links out of the runs folder, or back up into it, are not walked)."""
+    try:
+        real = p.resolve()
+    except OSError:  # a link loop
+        return False
+    if not real.is_relative_to(root.resolve()) or real in seen:
+        return False
+    seen.add(real)
+    return True
+
+
 def find(root: Path) -> list[Path]:
     """Run folders under root (root itself included), newest first; a run's own sub-folders
-    (checkpoints, best, previous) are not runs of their own."""
+    (checkpoints, best, previous) are not runs of their own. A folder link that leads out of root
+    is not followed (nothing outside the runs folder is listed), nor one back to a folder seen."""
     found: list[Path] = []
+    seen: set[Path] = set()
 
     def walk(p: Path, depth: int) -> None:
+        if not first_visit(root, p, seen):
+            return
         if is_run(p):
             found.append(p)
             return

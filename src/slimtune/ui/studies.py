@@ -18,8 +18,11 @@ MARKS = {"compare": "compare.csv", "search": "study.db"}
 
 def find(root: Path) -> list[dict[str, Any]]:
     found = []
+    seen: set[Path] = set()
 
     def walk(p: Path, depth: int) -> None:
+        if not runs.first_visit(root, p, seen):  # nothing outside the runs folder (links not followed out)
+            return
         kinds = [k for k, f in MARKS.items() if (p / f).is_file()]
         if kinds:
             found.append({"name": runs.name(root, p), "kind": kinds[0]})

@@ -139,23 +139,30 @@ async function refreshStudy() {
 }
 
 // ---- try it: through the page's server, to the one `slimtune serve` it was given
-let baseModel = null;
+let baseModel = null, speechModels = new Set();
+function showInputs() {  // a speech model takes a file, a text model a prompt
+  const speech = speechModels.has($("#try-model").value);
+  $("#try-speech").hidden = !speech; $("#try-text").hidden = speech;
+  for (const id of ["#try-mode", "#try-max", "#try-user"]) $(id).closest("label").hidden = speech;
+}
+$("#try-model").onchange = showInputs;
 async function loadModels() {
   const sel = $("#try-model"); let d;
   try { d = await api("/api/try/models"); } catch (e) { $("#try-server").textContent = e.message; return; }
   $("#try-server").textContent = d.server ? `server: ${d.server}` : "no server: start `slimtune serve` and give its address to `slimtune ui --serve URL`";
-  sel.replaceChildren(); baseModel = null;
+  sel.replaceChildren(); baseModel = null; speechModels = new Set();
   for (const m of d.models) {
     if (m.kind === "base") baseModel = m.id;
+    if (m.audio) speechModels.add(m.id);
     const o = el("option", `${m.id} (${m.kind})`); o.value = m.id; sel.append(o);
   }
   const first = d.models.find((m) => m.kind !== "base"); if (first) sel.value = first.id;
+  showInputs();
 }
-$("#try-send").onclick = async () => {
+async function ask(path, body) {  // answers side by side (text or transcripts)
   const out = $("#try-out"); out.replaceChildren(); $("#try-message").textContent = "…";
   try {
-    const d = await api("/api/try", {model: $("#try-model").value, prompt: $("#try-prompt").value, mode: $("#try-mode").value,
-      max_tokens: $("#try-max").value, user: $("#try-user").value, base: $("#try-base").checked ? baseModel : null});
+    const d = await api(path, {...body, model: $("#try-model").value, base: $("#try-base").checked ? baseModel : null});
     for (const a of d.answers) {
       const box = el("div", null, "answer"); box.dataset.model = a.model;
       box.append(el("h3", a.model + (a.route ? ` → ${a.adapter}` : "")), el("pre", a.text),
@@ -164,6 +171,16 @@ $("#try-send").onclick = async () => {
     }
     $("#try-message").textContent = "";
   } catch (e) { $("#try-message").textContent = e.message; }
+}
+$("#try-send").onclick = () => ask("/api/try", {prompt: $("#try-prompt").value, mode: $("#try-mode").value,
+  max_tokens: $("#try-max").value, user: $("#try-user").value});
+$("#try-transcribe").onclick = () => {
+  const f = $("#try-audio").files[0];
+  if (!f) { $("#try-message").textContent = "choose an audio file first"; return; }
+  const r = new FileReader();  // the page's POSTs are JSON: the file goes as base64
+  r.onload = () => ask("/api/try/audio", {name: f.name, audio: String(r.result).split(",", 2)[1] || ""});
+  r.onerror = () => { $("#try-message").textContent = `could not read ${f.name}`; };
+  r.readAsDataURL(f);
 };
 
 refreshRuns();
