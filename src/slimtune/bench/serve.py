@@ -284,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _closed_loop([[(n, QUESTION + PROMPTS[0])] for n in names + ["base"]],
                          lambda m, t: srv.chat(m, t, 4))  # warm-up: every adapter once, together
+            for k in a.extra:  # and each extra scenario once (JSON: llguidance's tokenizer is built on first use)
+                srv.chat(names[0], QUESTION + PROMPTS[0], 4, **EXTRA[k][1])
             # the server's scenarios alternate A B C D D C B A ...: a load that drifts during the run
             # costs them alike
             kinds = ["serve", "base"] + [k for k in EXTRA if k in a.extra]
