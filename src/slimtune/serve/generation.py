@@ -67,6 +67,7 @@ class _Choice:
     plps: list | None = None  # of the prompt tokens (echo)
     sent: int = 0  # entries already streamed
     echoed: bool = False  # the prompt's text went out (streamed echo)
+    tools: tools.ToolStream | None = None  # streamed tool calls (tools.py)
 
 
 def _engine_error(ev) -> APIError:
@@ -289,12 +290,24 @@ class _Run:
             obj["usage"] = self._usage()
         return f"data: {json.dumps(obj)}\n\n"
 
-    def _tool_chunk(self, i: int) -> str:
-        m = self._message(i, self.choices[i])
-        calls = [{"index": j, **c} for j, c in enumerate(m["message"].get("tool_calls", []))]
-        delta = {"tool_calls": calls} if calls else {"content": m["message"]["content"] or ""}
+    def _tool_chunk(self, i: int, text: str, finish: str | None) -> str | None:
+        """With tools: content and `delta.tool_calls` pieces as the text grows (tools.ToolStream);
+        the last chunk's finish_reason is "tool_calls" when the whole answer parses into calls."""
+        c = self.choices[i]
+        if c.tools is None:
+            c.tools = tools.ToolStream(self.how)
+        content, pieces = c.tools.push(text) if text else ("", [])
+        if finish is not None:
+            content += c.tools.finish()
+            finish = "tool_calls" if tools.parse(c.text.text, self.how)[1] else finish
+        if not (content or pieces or finish):
+            return None
+        delta = ({"content": content} if content else {}) | ({"tool_calls": pieces} if pieces else {})
         obj = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.target.label,
-               "choices": [{"index": i, "delta": delta, "logprobs": m["logprobs"], "finish_reason": m["finish_reason"]}]}
+               "choices": [{"index": i, "delta": delta, "logprobs": self._logprobs(c), "finish_reason": finish}]}
+        opts = self.body.stream_options
+        if opts is not None and opts.continuous_usage_stats:
+            obj["usage"] = self._usage()
         return f"data: {json.dumps(obj)}\n\n"
 
     async def sse(self):
@@ -303,9 +316,10 @@ class _Run:
                 for i in range(len(self.choices)):
                     yield self._chunk(i, None, None, role=True)
             async for i, text, finish in self._events():
-                if self.how != "none":  # with tools, the answer is parsed whole: one chunk at the end
-                    if finish is not None:
-                        yield self._tool_chunk(i)
+                if self.how != "none":  # with tools: calls stream as delta.tool_calls pieces
+                    chunk = self._tool_chunk(i, text, finish)
+                    if chunk:
+                        yield chunk
                     continue
                 if text:
                     yield self._chunk(i, text, None)

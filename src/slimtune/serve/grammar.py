@@ -86,15 +86,16 @@ def constrain(logits: torch.Tensor, matchers: list) -> torch.Tensor:
         return logits
     vocab = logits.shape[-1]
     mask = allocate_token_bitmask(len(rows), vocab)  # (R, ceil(V / 32)) int32, bit t of word w = token 32w + t
-    for j, i in enumerate(rows):  # one Rust call per constrained row
-        fill_next_token_bitmask(matchers[i], mask, j)
+    for j, i in enumerate(rows):  # one Rust call per constrained row (llguidance's thread-pool variant,
+        fill_next_token_bitmask(matchers[i], mask, j)  # fill_next_token_bitmask_par, was no faster on 2 cores)
     # unpack in tensor ops (llguidance's own apply goes through torch.compile: seconds on the first call)
     bits = torch.arange(32, dtype=torch.int32)
     allowed = ((mask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab].to(logits.device)  # (R, V)
-    idx = torch.tensor(rows, device=logits.device)
-    out = logits.float().clone()
-    out[idx] = out.index_select(0, idx).masked_fill(~allowed, float("-inf"))
-    return out
+    if len(rows) < logits.shape[0]:  # free rows: everything allowed
+        full = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+        full[torch.tensor(rows, device=logits.device)] = allowed
+        allowed = full
+    return logits.float().masked_fill(~allowed, float("-inf"))  # one pass, a new tensor (log-probs read the old)
 
 
 def advance(matchers: list, tokens: list[int]) -> list[bool]:

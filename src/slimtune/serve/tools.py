@@ -103,8 +103,8 @@ def parse(text: str, how: str) -> tuple[str | None, list[dict]]:
             except ValueError:
                 continue
         if calls:
-            rest = TOOL_CALL.sub("", text).strip()
-            return rest or None, calls
+            rest = TOOL_CALL.sub("", text)
+            return (rest.rstrip() if rest.strip() else None), calls
     return text, []
 
 
@@ -128,3 +128,126 @@ def _args(a):
         except ValueError:
             return a
     return a
+
+
+# ---- streaming: delta.tool_calls pieces while the text grows -----------------------------------------
+
+OPEN = "<tool_call>"
+
+
+def scan_calls(text: str) -> list[list]:
+    """The calls in a (partial) JSON answer: a call object `{"name", "arguments": {...}}`, or an array
+    of them. Per call, what is there so far: [name or None, where its `arguments` object starts or
+    None, where it ends or None (still open)]. One pass with a container stack; strings are skipped
+    whole (a string still open ends the scan)."""
+    calls: list[list] = []
+    depth = 0
+    call_depth = None  # 1: one call object; 2: an array of calls
+    key, want_key = None, False  # at the call's depth: the key just read / a key comes next
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == '"':
+            j, esc = i + 1, False
+            while j < n and (esc or text[j] != '"'):
+                esc = not esc and text[j] == "\\"
+                j += 1
+            if j >= n:
+                break
+            if depth == call_depth and calls:
+                if want_key:
+                    key, want_key = text[i + 1:j], False
+                elif key == "name" and calls[-1][0] is None:
+                    try:
+                        calls[-1][0] = json.loads(text[i:j + 1])
+                    except ValueError:
+                        calls[-1][0] = text[i + 1:j]
+            i = j + 1
+            continue
+        if ch in "{[":
+            if call_depth is None and ch == "{":
+                call_depth = depth + 1
+            if ch == "{" and depth + 1 == call_depth:
+                calls.append([None, None, None])
+                key, want_key = None, True
+            elif depth == call_depth and key == "arguments" and calls and calls[-1][1] is None:
+                calls[-1][1] = i
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == call_depth and key == "arguments" and calls and calls[-1][1] is not None:
+                calls[-1][2] = i + 1
+                key = None
+        elif ch == "," and depth == call_depth:
+            key, want_key = None, True
+        i += 1
+    return calls
+
+
+class ToolStream:
+    """One choice's tool calls as OpenAI streams them: per call a first piece with its index, id,
+    type and function name, then pieces of `function.arguments` (the raw JSON text of the arguments
+    object, so the pieces join into a parseable string) as the model writes them.
+
+    required / named: the whole answer is the JSON of the call(s) (the grammar makes it so).
+    auto: text before the first `<tool_call>` block streams as content (trailing spaces and what
+    may be the start of the tag are held back); each block's JSON streams as a call; text after the
+    first block is sent at the end, so that the content joins into exactly what the non-streamed
+    answer gives (tools.parse)."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.text = ""
+        self.ids: list[str] = []
+        self.sent: list[int] = []  # argument characters sent, per call
+        self.upto = 0  # auto: content sent up to here
+        self.blocks = False  # auto: a block has started
+
+    def push(self, delta: str) -> tuple[str, list[dict]]:
+        """(content to send, tool-call pieces to send) after `delta` more text."""
+        self.text += delta
+        if self.how != "auto":
+            return "", self._pieces([(c, self.text) for c in scan_calls(self.text)])
+        content = ""
+        start = self.text.find(OPEN)
+        if not self.blocks:
+            end = start if start >= 0 else len(self.text) - next(
+                (k for k in range(min(len(OPEN), len(self.text)), 0, -1) if OPEN.startswith(self.text[-k:])), 0)
+            end = len(self.text[:end].rstrip())  # trailing spaces wait: they may come before a block
+            if end > self.upto and self.text[:end].strip():  # so does an answer of spaces only
+                content, self.upto = self.text[self.upto:end], end
+            if start < 0:
+                return content, []
+            self.blocks = True
+        found = []
+        for m in re.finditer(re.escape(OPEN) + r"(.*?)(?:</tool_call>|$)", self.text, re.S):
+            calls = scan_calls(m.group(1))
+            if calls:
+                found.append((calls[0], m.group(1)))
+        return content, self._pieces(found)
+
+    def _pieces(self, found: list[tuple[list, str]]) -> list[dict]:
+        out = []
+        for j, ((name, start, end), text) in enumerate(found):
+            if name is None:
+                continue
+            if j >= len(self.ids):
+                self.ids.append("call_" + uuid.uuid4().hex[:24])
+                self.sent.append(0)
+                out.append({"index": j, "id": self.ids[j], "type": "function",
+                            "function": {"name": name, "arguments": ""}})
+            if start is not None:
+                args = text[start:end if end is not None else len(text)]
+                if len(args) > self.sent[j]:
+                    out.append({"index": j, "function": {"arguments": args[self.sent[j]:]}})
+                    self.sent[j] = len(args)
+        return out
+
+    def finish(self) -> str:
+        """auto: the content not yet sent (what was held back; text outside the blocks after the first)."""
+        if self.how != "auto":
+            return ""
+        if not self.blocks:
+            return self.text[self.upto:]
+        rest = TOOL_CALL.sub("", self.text[self.upto:]).rstrip()
+        return rest if self.upto or rest.strip() else ""
