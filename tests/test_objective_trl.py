@@ -155,6 +155,7 @@ def test_dpo_ipo_equal_trl_dpo_trainer(tmp_path, objective, loss_type, resumed):
         assert [e[k] for e in ex] == prep[k]
     theirs = train_trl(tr)
     obj = OBJECTIVES[objective](cfg.train)
+    assert obj.use_shared_prompt(sm)[0]  # the job's layout: one row per pair, the prompt once (shared.py)
     if resumed:
         obj.precompute(sm, ex, tok.pad_token_id, 8, torch.device("cpu"))
     ours = steps(obj, sm, obj.collate(ex, tok.pad_token_id))
@@ -206,8 +207,11 @@ def test_orpo_simpo_equal_trl_losses(tmp_path, objective):
                   label_smoothing=0.1 if objective == "simpo" else 0.0)
     ex = encode_pairs(rows, Encoder(cfg, tok), "rows")
     obj = OBJECTIVES[objective](cfg.train)
-    batch = obj.collate(ex, tok.pad_token_id)
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    padded = obj.collate(ex, tok.pad_token_id)  # TRL's layout: [prompt + chosen; prompt + rejected]
+    assert obj.use_shared_prompt(model)[0]
+    batch = obj.collate(ex, tok.pad_token_id)  # ours: one row per pair (shared.py)
+    assert "pair_mask" in batch and "pair_mask" not in padded
+    labels = padded["input_ids"].masked_fill(padded["completion_mask"] == 0, -100)
     me = SimpleNamespace(beta=obj.beta, accelerator=SimpleNamespace(device=torch.device("cpu")), alpha=0.0,
                          loss_type="simpo", simpo_gamma=cfg.train.simpo_gamma, label_smoothing=cfg.train.label_smoothing)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -215,7 +219,7 @@ def test_orpo_simpo_equal_trl_losses(tmp_path, objective):
     for step in range(STEPS):
         loss, st = obj.loss(model, batch)
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
             lp = ORPOTrainer.get_batch_logps(logits, labels, average_log_prob=True)
             c, r = lp.chunk(2)
             if objective == "orpo":

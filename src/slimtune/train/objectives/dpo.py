@@ -34,7 +34,7 @@ class DPO(PairObjective):
         self.normalize = bool(t.length_normalize) if t.length_normalize is not None else self.loss_type == "ipo"
 
     def loss(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logps = self.token_logps(model, batch).sum(1)
+        logps = self.seq_logps(model, batch)
         ref = self.ref_logps(model, batch)
         n = self.lengths(batch)
         ratio = logps - ref
