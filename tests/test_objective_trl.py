@@ -140,15 +140,17 @@ def close(ours, theirs, keys):
             assert abs(a[ko] - b[kt]) < 1e-4, f"step {s + 1}: {ko} {a[ko]:.6f} vs TRL {kt} {b[kt]:.6f}"
 
 
-@pytest.mark.parametrize("objective,loss_type,resumed", [("dpo", "sigmoid", False), ("ipo", "ipo", False),
-                                                         ("dpo", "sigmoid", True)])
-def test_dpo_ipo_equal_trl_dpo_trainer(tmp_path, objective, loss_type, resumed):
-    """DPO / IPO against DPOTrainer; resumed: a trained adapter is its own reference (precompute_ref)."""
+@pytest.mark.parametrize("objective,loss_type,resumed,sft", [("dpo", "sigmoid", False, 0.0), ("ipo", "ipo", False, 0.0),
+                                                             ("dpo", "sigmoid", True, 0.0), ("dpo", "sigmoid", False, 0.7)])
+def test_dpo_ipo_equal_trl_dpo_trainer(tmp_path, objective, loss_type, resumed, sft):
+    """DPO / IPO against DPOTrainer; resumed: a trained adapter is its own reference (precompute_ref);
+    sft: train.sft_weight = TRL's loss_type [sigmoid, sft] with loss_weights [1, sft] (RPO)."""
     tok = tokenizer()
     rows = pair_rows(4)
-    args = trl_args(trl.DPOConfig, tmp_path / "trl", len(rows), beta=0.1, loss_type=[loss_type], max_length=None)
+    kw = dict(loss_type=[loss_type, "sft"], loss_weights=[1.0, sft]) if sft else dict(loss_type=[loss_type])
+    args = trl_args(trl.DPOConfig, tmp_path / "trl", len(rows), beta=0.1, max_length=None, **kw)
     tr, sm = trl_trainer(trl.DPOTrainer, args, rows, tok, tmp_path / "adapter", resumed)
-    cfg = job_cfg(tmp_path, objective=objective, beta=0.1, precompute_ref=resumed)
+    cfg = job_cfg(tmp_path, objective=objective, beta=0.1, precompute_ref=resumed, sft_weight=sft)
     ex = encode_pairs(rows, Encoder(cfg, tok), "rows")
     prep = tr.train_dataset  # the same tokens TRL trains on (its dataset after _prepare_dataset)
     for k in ("prompt_ids", "chosen_ids", "rejected_ids"):
