@@ -4,8 +4,10 @@ both sides' held-out reward accuracy.
 
 Same batches, asserted: TRL reads the pairs in the order slimtune's trainer draws them (its seeded
 permutation per epoch, `train_sampling_strategy="sequential"`), both sides train fp32 with AdamW at a
-constant lr and clip 1.0, and the per-step chosen / rejected log-probs both sides log must agree
-(they are the same model on the same rows; only float rounding differs).
+constant lr and clip 1.0. Step 1's chosen / rejected log-probs must agree to 0.1% (the same base on
+the same rows; LoRA B starts at 0, so the adapter changes nothing yet); later steps to 5%: the two
+libraries draw LoRA A's random start differently, so the trajectories drift apart a little (run 1:
+at most 1.9% over 10 steps), while another batch's log-probs differ by far more.
 
     flock /tmp/slimtune-bench.lock python examples/bench_dpo_vs_trl.py [--steps 10] [--batch 4] [--rows 80]
         [--eval 40] [--threads N] [--save benchmarks/results/dpo-vs-trl-cpu]
@@ -127,9 +129,13 @@ def main() -> int:
     ms = [json.loads(x) for x in (tmp / "slimtune" / "metrics.jsonl").read_text().splitlines()]
     steps_ours = [x for x in ms if "loss" in x]
     t = json.loads((tmp / "trl.json").read_text())
-    for s, (x, y) in enumerate(zip(steps_ours, t["steps"]), 1):  # same rows and math: the same log-probs
+    assert len(steps_ours) == len(t["steps"]) == a.steps
+    drift = 0.0
+    for s, (x, y) in enumerate(zip(steps_ours, t["steps"]), 1):  # the same rows: the same log-probs
         for ko, kt in (("train_logps_chosen", "logps/chosen"), ("train_logps_rejected", "logps/rejected")):
-            assert abs(x[ko] - y[kt]) < 1e-2 * max(1.0, abs(y[kt])), f"step {s}: {ko} {x[ko]} vs TRL {y[kt]}"
+            rel = abs(x[ko] - y[kt]) / max(1.0, abs(y[kt]))
+            assert rel < (1e-3 if s == 1 else 5e-2), f"step {s}: {ko} {x[ko]} vs TRL {y[kt]}: not the same batch"
+            drift = max(drift, rel)
     step_ours = summary["train_time_s"] / summary["steps"]
     step_trl = t["train_s"] / len(t["steps"])
     acc_ours, acc_trl = summary["after"]["reward_accuracy"], t["eval"]["eval_rewards/accuracies"]
@@ -138,7 +144,8 @@ def main() -> int:
     import torch
 
     head = (f"DPO, SmolLM2-135M, LoRA r={r} on {TARGETS} (all 30 blocks), fp32, {a.steps} steps of {a.batch} pairs, "
-            f"{a.eval} held-out pairs, {a.threads} CPU thread(s) each; same batches (per-step log-probs agree)")
+            f"{a.eval} held-out pairs, {a.threads} CPU thread(s) each; same batches (step 1's log-probs agree, later "
+            f"steps within {100 * drift:.1f}%)")
     table = [f"| | slimtune | TRL + peft | TRL / slimtune |", "|---|---|---|---|",
              f"| whole process, s | {w_ours:.1f} | {w_trl:.1f} | {w_trl / w_ours:.2f} |",
              f"| step, s | {step_ours:.2f} | {step_trl:.2f} | {step_trl / step_ours:.2f} |",

@@ -117,6 +117,11 @@ BAD = [
     ("rejected missing", "dpo", [{"prompt": "a b", "chosen": "yes"}] * 4, "no 'rejected'; a preference row needs"),
     ("prompt too long", "dpo", [{"prompt": "word " * 80, "chosen": "yes", "rejected": "no"}] * 4,
      "the prompt is 8"),
+    ("kto completion missing", "kto", [{"prompt": "a", "label": True}] * 4,
+     "row 0: no 'completion'; an unpaired (KTO) row needs prompt, completion and label"),
+    ("grpo prompt missing", "grpo", [{"answer": "paris"}] * 4, "row 0: no 'prompt'; a GRPO row needs a prompt"),
+    ("grpo prompt too long", "grpo", [{"prompt": "word " * 80, "answer": "yes"}] * 4, "the prompt is 8"),
+    ("sft_weight on simpo", "simpo", pairs(8), "train.sft_weight adds the chosen answers' NLL to DPO / IPO"),
     ("kto label not boolean", "kto", [{"prompt": "a", "completion": "b", "label": "maybe"}] * 4,
      "label 'maybe' is not true / false"),
     ("kto one label", "kto", [{"prompt": "a", "completion": "b", "label": True}] * 4,
@@ -129,7 +134,7 @@ BAD = [
 EXTRA = {"grpo reward not importable": ["train.rewards=['nosuchmod:f']"],
          "grpo reward raises": ["train.rewards=['badrewards:boom']"],
          "grpo reward not a number": ["train.rewards=['badrewards:text']"],
-         "loss_type on orpo": ["train.loss_type=hinge"]}
+         "loss_type on orpo": ["train.loss_type=hinge"], "sft_weight on simpo": ["train.sft_weight=1.0"]}
 
 
 @pytest.mark.parametrize("name,objective,rows,expect", BAD, ids=[b[0] for b in BAD])
