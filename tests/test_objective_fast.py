@@ -98,3 +98,53 @@ def test_kept_reference_equals_the_adapter_off_model(objective):
     assert torch.allclose(b2["ref_logps"], want, atol=1e-5)
     l2, _ = obj.loss(pm, b2)
     assert torch.allclose(l1, l2, atol=1e-6)
+
+
+def test_frozen_prefix_once_for_policy_and_reference():
+    """Adapters on the top block only: DPO's reference runs every block and keeps block 1's input,
+    the policy starts there; loss, log-probs and gradients equal running every block twice."""
+    def top_only():
+        pm = slimtune.get_peft_model(llama(), slimtune.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                  layers_to_transform=[1]))
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in pm.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        return pm
+
+    ex = examples(5, 11)
+    out = []
+    for share in (True, False):
+        pm = top_only()
+        obj = OBJECTIVES["dpo"](TrainConfig(objective="dpo"))
+        obj.use_shared_prompt(pm)
+        assert obj.prefix.on and obj.prefix.k == 1
+        if not share:
+            obj.prefix.k = 0
+        loss, st = obj.loss(pm, obj.collate(ex, 0))
+        loss.backward()
+        grads = [p.grad.clone() for p in pm.parameters() if p.requires_grad]
+        out.append((loss.detach(), st["logps_chosen"], st["rewards_rejected"], grads))
+    (l1, c1, r1, g1), (l2, c2, r2, g2) = out
+    assert torch.allclose(l1, l2, atol=1e-6) and torch.allclose(c1, c2, atol=1e-5) and torch.allclose(r1, r2, atol=1e-5)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_frozen_prefix_that_disagrees_turns_itself_off():
+    """A decoder whose block input is not what the cut forward gives (checked once) runs every block."""
+    pm = slimtune.get_peft_model(llama(), slimtune.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                              layers_to_transform=[1]))
+    for p in pm.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    msgs = []
+    obj = OBJECTIVES["dpo"](TrainConfig(objective="dpo"))
+    obj.use_shared_prompt(pm, msgs.append)
+    batch = obj.collate(examples(3, 2), 0)
+    with torch.no_grad(), pm.disable_adapter():
+        _, h = obj.prefix.reference_with_input(pm, batch)
+    got = obj.prefix.policy_from(pm, batch, h * 2)  # a wrong block input, as a rescaling model would give
+    assert obj.prefix.k == 0 and "runs every block" in msgs[0]
+    assert torch.allclose(got, PairObjective.seq_logps(pm, batch), atol=1e-5)

@@ -35,8 +35,7 @@ class DPO(PairObjective):
         self.normalize = bool(t.length_normalize) if t.length_normalize is not None else self.loss_type == "ipo"
 
     def loss(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logps = self.seq_logps(model, batch)
-        ref = self.ref_logps(model, batch)
+        logps, ref = self.policy_and_ref(model, batch)
         n = self.lengths(batch)
         ratio = logps - ref
         c_ratio, r_ratio = ratio.chunk(2)

@@ -53,7 +53,7 @@ class ObjectiveSteps:
             elif self.acc.num_processes > 1:
                 on, why = False, "distributed training: the loss runs through the DDP/FSDP wrapper's forward"
             else:
-                on, why = self.objective.use_shared_prompt(self.model_unwrapped)
+                on, why = self.objective.use_shared_prompt(self.model_unwrapped, self.log)
             if not on and self.t.chunked_ce == "on":
                 raise JobConfigError(f"train.chunked_ce=on cannot apply to the pairs: {why}; set train.chunked_ce=auto "
                                      "or off")

@@ -25,11 +25,29 @@ class PairObjective(Objective):
     data = "pairs"
     shared = False  # one row per pair (shared.py); the trainer turns it on where the model allows
     cache_ref = False  # keep each row's reference log-probs once computed (the adapter-off reference)
+    prefix = None  # shared.Prefix: blocks below the first adapted one once for policy and reference
 
-    def use_shared_prompt(self, model) -> tuple[bool, str]:
-        """Turn on the one-row-per-pair layout where `model` allows it; (on, why) for the log."""
+    def use_shared_prompt(self, model, log=print) -> tuple[bool, str]:
+        """Turn on the one-row-per-pair layout where `model` allows it (and, for an objective with
+        a reference, the frozen prefix once per step); (on, why) for the log."""
         self.shared, why = shared.status(model)
+        if self.shared and self.needs_reference:
+            self.prefix = shared.Prefix(model, log)
+            why += (f"; blocks 0..{self.prefix.k - 1} once for policy and reference ({self.prefix.why})"
+                    if self.prefix.on else f"; every block for policy and reference ({self.prefix.why})")
         return self.shared, why
+
+    def policy_and_ref(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(2B,) policy and reference log-probs. A reference not yet known runs first when the frozen
+        prefix is shared, so the policy starts from its block-k input."""
+        if "ref_logps" in batch or "pair_mask" not in batch or self.prefix is None or not self.prefix.on:
+            return self.seq_logps(model, batch), self.ref_logps(model, batch)
+        ref_model = self.reference_model(model)
+        with reference(ref_model):
+            ref, h = self.prefix.reference_with_input(ref_model, batch)
+        ref = ref.float()
+        self._keep(batch, ref)
+        return self.prefix.policy_from(model, batch, h), ref
 
     def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         batch = shared.collate(examples, pad_id) if self.shared else self._padded(examples, pad_id)
@@ -70,12 +88,17 @@ class PairObjective(Objective):
         ref_model = self.reference_model(model)
         with reference(ref_model):
             out = self.seq_logps(ref_model, batch).float()
+        self._keep(batch, out)
+        return out
+
+    @staticmethod
+    def _keep(batch: dict[str, Any], ref: torch.Tensor) -> None:
+        """cache_ref: each row keeps its reference log-probs (the batch carries its rows)."""
         rows = batch.get("rows")
         if rows is not None:
-            c, r = out.detach().cpu().chunk(2)
+            c, r = ref.detach().cpu().chunk(2)
             for e, x, y in zip(rows, c.tolist(), r.tolist()):
                 e["ref_logps"] = (x, y)
-        return out
 
     @torch.no_grad()
     def precompute(self, model, examples: list[dict[str, Any]], pad_id: int, batch_size: int, device) -> None:

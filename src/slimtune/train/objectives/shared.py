@@ -16,6 +16,13 @@ runs the LM head only at the P-1 + C + R - 1 positions that predict a completion
 job's SFT path does (lm.py): `F.linear_cross_entropy` per token in fp32, chunks of the logits
 recomputed in backward under autocast, so no (tokens x vocab) tensor is kept.
 
+The frozen prefix once per step: when the adapters start at block k (the job's CPU default adapts
+the top third) and nothing below block k trains or draws random numbers, block k's input is the same
+for the policy and the adapter-off reference. DPO / IPO then run the reference's full forward
+(no_grad), keep block k's input from it, and run the policy from block k (`Prefix`); checked once
+against the full forward, and off with a logged message where they disagree (a model that rescales
+its input embeddings inside the forward).
+
 It applies where the job's fast loss applies (kernels/chunked_ce.chunked_ce_status: a plain
 lm_head(hidden), no hooks on the forward, so not prompt / prefix tuning) and the attention takes a
 custom 4D mask (sdpa or eager); elsewhere the objective runs the padded layout, and the job's log
@@ -82,6 +89,67 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
             "tgt_seq": torch.tensor(ts, dtype=torch.long), "n_tokens": n.clamp(min=1).float()}
 
 
+def _decoder(model: nn.Module) -> nn.Module:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.get_decoder()
+
+
+class Prefix:
+    """Blocks 0..k-1 once per step for the policy and the reference (see the module's docstring)."""
+
+    def __init__(self, model: nn.Module, log=print) -> None:
+        from ..prefix_cache import block_list, first_trained_block
+
+        self.decoder = _decoder(model)
+        self.k, self.why = first_trained_block(model, self.decoder)
+        found = block_list(self.decoder)
+        self.name, self.blocks = found if found is not None else (None, None)
+        if self.blocks is None:
+            self.k = 0
+        self.checked = False
+        self.log = log
+
+    @property
+    def on(self) -> bool:
+        return self.k > 0
+
+    def reference_with_input(self, ref_model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(2B,) reference log-probs (the caller switches the adapters off) and block k's input."""
+        kept: list[torch.Tensor] = []
+
+        def hook(module, args, kwargs):
+            kept.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+        handle = self.blocks[self.k].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            ref = seq_logps(ref_model, batch)
+        finally:
+            handle.remove()
+        return ref, kept[0]
+
+    def policy_from(self, model: nn.Module, batch: dict[str, Any], h: torch.Tensor) -> torch.Tensor:
+        """(2B,) policy log-probs running blocks k.. from block k's input `h`; the first call is
+        checked against the full forward (a mismatch turns the share off, logged)."""
+        if not self.checked:
+            self.checked = True
+            with torch.no_grad():
+                full, cut = seq_logps(model, batch), self._run(model, batch, h)
+            if not torch.allclose(full.float(), cut.float(), rtol=1e-3, atol=1e-3):
+                k, self.k = self.k, 0
+                self.log(f"loss: starting the policy at block {k} gave log-probs {float((full - cut).abs().max()):.2e} "
+                         "away from the full forward (this model computes its blocks' input differently); the policy "
+                         "runs every block")
+                return seq_logps(model, batch)
+        return self._run(model, batch, h)
+
+    def _run(self, model: nn.Module, batch: dict[str, Any], h: torch.Tensor) -> torch.Tensor:
+        setattr(self.decoder, self.name, self.blocks[self.k:])
+        try:
+            return seq_logps(model, batch, inputs_embeds=h)
+        finally:
+            setattr(self.decoder, self.name, self.blocks)
+
+
 def _mask(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
     """The mask as the attention reads it: bool for sdpa, additive for eager."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -91,12 +159,14 @@ def _mask(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
         ~allowed, torch.finfo(torch.float32).min)
 
 
-def token_logps(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """(K,) log-probability of each completion token (batch['tgt_ids']) given what precedes it."""
+def token_logps(model: nn.Module, batch: dict[str, Any], inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """(K,) log-probability of each completion token (batch['tgt_ids']) given what precedes it
+    (`inputs_embeds`: the input of the decoder's first block, when the caller has cut its blocks)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = inner.get_decoder(), inner.get_output_embeddings()
-    h = decoder(input_ids=batch["input_ids"], attention_mask=_mask(model, batch["pair_mask"]),
-                position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    ids = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch["input_ids"]}
+    h = decoder(**ids, attention_mask=_mask(model, batch["pair_mask"]), position_ids=batch["position_ids"],
+                use_cache=False).last_hidden_state
     hs = h.reshape(-1, h.shape[-1]).index_select(0, batch["tgt_pos"])
     tgt = batch["tgt_ids"]
     w, b = head.weight, head.bias
@@ -113,8 +183,8 @@ def token_logps(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     return torch.cat(parts) if parts else hs.new_zeros(0, dtype=torch.float32)
 
 
-def seq_logps(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+def seq_logps(model: nn.Module, batch: dict[str, Any], inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """(2B,) summed completion log-probs: chosen rows, then rejected rows."""
-    tok = token_logps(model, batch)
+    tok = token_logps(model, batch, inputs_embeds)
     n = len(batch["n_tokens"])
     return torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, batch["tgt_seq"], tok)
