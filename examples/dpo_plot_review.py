@@ -3,10 +3,13 @@
 The packaged default task (Rotten Tomatoes: is this text a movie's plot summary or a critic's
 review? answer "plot" / "review") becomes preference pairs: chosen = the right one-word answer,
 rejected = the other one. The same 240 training / 100 validation rows (texts cut to 32 words) train
-  - DPO  (examples/dpo_plot_review.yaml: train.objective dpo, reference = adapter off), and
+  - DPO + SFT term (examples/dpo_plot_review.yaml: train.objective dpo, reference = adapter off,
+    train.sft_weight 1: RPO, TRL's loss_type [sigmoid, sft]),
+  - plain DPO (the same, sft_weight 0), and
   - SFT  (the same prompts and right answers as instruction rows),
-each 30 steps of batch 8 with the same LoRA, and the script prints the held-out generated-answer
-accuracy (greedy, the metric of the default run) before -> after for both.
+each 30 steps of batch 8 with the same LoRA. The script prints, before -> after, the held-out reward
+accuracy and margin (DPO's own metric: does the policy rank the right answer above the wrong one,
+against the reference) and the generated-answer accuracy (greedy, the metric of the default run).
 
     python examples/dpo_plot_review.py            # ~ minutes on 2 CPU cores
 """
@@ -53,22 +56,25 @@ def main() -> int:
     write(OUT / "sft_validation.jsonl", val)
     extra = sys.argv[1:]  # key=value overrides for both runs (e.g. train.max_steps=10)
     results = {}
-    dpo = load_config(str(HERE / "dpo_plot_review.yaml"), ["overwrite=true", "train.metric=gen_accuracy"] + extra)
-    results["dpo"] = run_train(dpo, progress=False)
+    dpo = load_config(str(HERE / "dpo_plot_review.yaml"), ["overwrite=true"] + extra)
+    results["dpo+sft"] = run_train(dpo, progress=False)
+    plain = load_config(str(HERE / "dpo_plot_review.yaml"),
+                        ["overwrite=true", "train.sft_weight=0", f"output_dir={OUT / 'dpo_plain'}"] + extra)
+    results["dpo"] = run_train(plain, progress=False)
     sft = load_config(str(HERE / "dpo_plot_review.yaml"),
                       ["overwrite=true", "train.objective=sft", f"data.train={OUT / 'sft_train.jsonl'}",
                        f"data.validation={OUT / 'sft_validation.jsonl'}", f"output_dir={OUT / 'sft'}",
                        "train.metric=gen_accuracy"] + extra)
     results["sft"] = run_train(sft, progress=False)
     n = min(dpo.eval.max_examples, N_VAL)
-    print(f"\nheld-out ({n} validation rows), generated-answer accuracy, before -> after; train time")
+    print(f"\nheld-out ({n} validation rows), before -> after; train time")
     for name, r in results.items():
-        b, a = (r["before"] or {}).get("gen_accuracy"), (r["after"] or {}).get("gen_accuracy")
-        line = f"  {name:4s} {b:.2f} -> {a:.2f}  ({r['steps']} steps, {r['train_time_s']:.0f} s training)"
-        if name == "dpo":
-            line += (f"; reward accuracy {(r['before'] or {}).get('reward_accuracy', 0):.2f} -> "
-                     f"{(r['after'] or {}).get('reward_accuracy', 0):.2f}")
-        print(line)
+        b, a = r["before"] or {}, r["after"] or {}
+        line = f"  {name:8s} generated-answer accuracy {b['gen_accuracy']:.2f} -> {a['gen_accuracy']:.2f}"
+        if "reward_accuracy" in a:
+            line += (f", reward accuracy {b['reward_accuracy']:.2f} -> {a['reward_accuracy']:.2f}, "
+                     f"reward margin {b['reward_margin']:+.2f} -> {a['reward_margin']:+.2f}")
+        print(line + f"  ({r['steps']} steps, {r['train_time_s']:.0f} s training)")
     return 0
 
 

@@ -59,6 +59,18 @@ def test_preference_objective_trains_from_one_config(tmp_path, tiny_llama, objec
     # the held-out margin grows: the adapter moves the chosen answers above the rejected ones
     assert evals[-1]["reward_margin"] > evals[0]["reward_margin"]
     assert (out / "best" / "adapter_model.safetensors").is_file()
+    # the report: margins and accuracy at each evaluation, training and held out (the plot has the same panel)
+    report = (out / "report.md").read_text()
+    table = report.split("## Reward margin and accuracy over steps")[1].split("\n## ")[0]
+    assert "| step | train reward_margin | train reward_accuracy | held-out reward_margin |" in table
+    assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "step" not in line] \
+        == ["0", "2", "4"]
+    assert f"| 4 | {steps[-1]['train_reward_margin']:.4f} |" in table
+    from slimtune.train.report import _objective_series
+
+    pref = _objective_series(m)
+    assert pref["title"] == "reward margin and accuracy" and len(pref["series"]["held-out reward_accuracy"]) == 3
+    assert (out / "plot.png").stat().st_size > 0
     if objective != "kto":  # one-word chosen answers: generated-answer accuracy is measured too, as for SFT
         assert all(0.0 <= r["gen_accuracy"] <= 1.0 for r in evals)
 
@@ -95,6 +107,7 @@ def test_grpo_trains_with_builtin_and_user_rewards(tmp_path, tiny_llama, monkeyp
     evals = [r for r in m if "reward" in r and "loss" not in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 6
     assert evals[-1]["reward"] > evals[0]["reward"]  # held-out reward (greedy completions) improves
+    assert "## Mean reward and KL over steps" in (out / "report.md").read_text()
     assert "myrewards" in sys.modules
 
 
@@ -104,6 +117,11 @@ BAD = [
     ("rejected missing", "dpo", [{"prompt": "a b", "chosen": "yes"}] * 4, "no 'rejected'; a preference row needs"),
     ("prompt too long", "dpo", [{"prompt": "word " * 80, "chosen": "yes", "rejected": "no"}] * 4,
      "the prompt is 8"),
+    ("kto completion missing", "kto", [{"prompt": "a", "label": True}] * 4,
+     "row 0: no 'completion'; an unpaired (KTO) row needs prompt, completion and label"),
+    ("grpo prompt missing", "grpo", [{"answer": "paris"}] * 4, "row 0: no 'prompt'; a GRPO row needs a prompt"),
+    ("grpo prompt too long", "grpo", [{"prompt": "word " * 80, "answer": "yes"}] * 4, "the prompt is 8"),
+    ("sft_weight on simpo", "simpo", pairs(8), "train.sft_weight adds the chosen answers' NLL to DPO / IPO"),
     ("kto label not boolean", "kto", [{"prompt": "a", "completion": "b", "label": "maybe"}] * 4,
      "label 'maybe' is not true / false"),
     ("kto one label", "kto", [{"prompt": "a", "completion": "b", "label": True}] * 4,
@@ -116,7 +134,7 @@ BAD = [
 EXTRA = {"grpo reward not importable": ["train.rewards=['nosuchmod:f']"],
          "grpo reward raises": ["train.rewards=['badrewards:boom']"],
          "grpo reward not a number": ["train.rewards=['badrewards:text']"],
-         "loss_type on orpo": ["train.loss_type=hinge"]}
+         "loss_type on orpo": ["train.loss_type=hinge"], "sft_weight on simpo": ["train.sft_weight=1.0"]}
 
 
 @pytest.mark.parametrize("name,objective,rows,expect", BAD, ids=[b[0] for b in BAD])
@@ -195,3 +213,33 @@ def test_a_reward_that_raises_mid_run_keeps_a_checkpoint_and_resumes(tmp_path, t
     monkeypatch.delenv("FLAKY")
     assert main(argv + ["--resume"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+@pytest.mark.parametrize("objective,rows,metric", [("dpo", pairs, "reward_accuracy"), ("grpo", prompts, "reward")])
+def test_search_accepts_a_preference_or_reward_objective(tmp_path, tiny_llama, objective, rows, metric):
+    """`slimtune search` on DPO pairs / GRPO prompts: the trials optimise the objective's held-out
+    metric (reward accuracy, mean reward), and the test split is measured with it."""
+    pytest.importorskip("optuna")
+    import yaml
+
+    from slimtune.search.study import SearchOptions, run_search
+    from slimtune.train.config import load_config
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows(60 if objective == "dpo" else 30))
+    cfg = {"model": str(tiny_llama), "method": "lora", "data": {"train": str(data), "max_length": 48, "test_fraction": 0.2},
+           "train": {"objective": objective, "precision": "fp32", "max_steps": 4, "batch_size": 4, "lr": 1e-2,
+                     "eval_every": 2, "cpu_threads": 1, "max_completion_length": 4},
+           "eval": {"batch_size": 8, "max_examples": 8, "samples": 0}, "output_dir": str(tmp_path / "run"),
+           "search": {"methods": ["lora"], "r": [2, 4], "targets": ["attention"], "layers": ["all"], "dropout": 0.0,
+                      "lr": {"low": 5e-3, "high": 2e-2, "log": True}}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    s = run_search(load_config(str(tmp_path / "cfg.yaml")), SearchOptions(out=tmp_path / "search", trials=2),
+                   log=lambda m: None)
+    assert s["pf"].metric == metric and s["pf"].metric_max
+    done = [t for t in s["study"].trials if t.state.name == "COMPLETE"]
+    assert done and s["best"] is not None
+    best = s["best"]
+    assert best.user_attrs["result"]["metric"] == metric
+    assert best.value == pytest.approx(best.user_attrs["result"]["best"])
+    test = s["tests"][str(best.number)]
+    assert 0.0 <= test[metric] <= 1.0 and test["n_test"] > 0

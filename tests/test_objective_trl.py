@@ -140,21 +140,24 @@ def close(ours, theirs, keys):
             assert abs(a[ko] - b[kt]) < 1e-4, f"step {s + 1}: {ko} {a[ko]:.6f} vs TRL {kt} {b[kt]:.6f}"
 
 
-@pytest.mark.parametrize("objective,loss_type,resumed", [("dpo", "sigmoid", False), ("ipo", "ipo", False),
-                                                         ("dpo", "sigmoid", True)])
-def test_dpo_ipo_equal_trl_dpo_trainer(tmp_path, objective, loss_type, resumed):
-    """DPO / IPO against DPOTrainer; resumed: a trained adapter is its own reference (precompute_ref)."""
+@pytest.mark.parametrize("objective,loss_type,resumed,sft", [("dpo", "sigmoid", False, 0.0), ("ipo", "ipo", False, 0.0),
+                                                             ("dpo", "sigmoid", True, 0.0), ("dpo", "sigmoid", False, 0.7)])
+def test_dpo_ipo_equal_trl_dpo_trainer(tmp_path, objective, loss_type, resumed, sft):
+    """DPO / IPO against DPOTrainer; resumed: a trained adapter is its own reference (precompute_ref);
+    sft: train.sft_weight = TRL's loss_type [sigmoid, sft] with loss_weights [1, sft] (RPO)."""
     tok = tokenizer()
     rows = pair_rows(4)
-    args = trl_args(trl.DPOConfig, tmp_path / "trl", len(rows), beta=0.1, loss_type=[loss_type], max_length=None)
+    kw = dict(loss_type=[loss_type, "sft"], loss_weights=[1.0, sft]) if sft else dict(loss_type=[loss_type])
+    args = trl_args(trl.DPOConfig, tmp_path / "trl", len(rows), beta=0.1, max_length=None, **kw)
     tr, sm = trl_trainer(trl.DPOTrainer, args, rows, tok, tmp_path / "adapter", resumed)
-    cfg = job_cfg(tmp_path, objective=objective, beta=0.1, precompute_ref=resumed)
+    cfg = job_cfg(tmp_path, objective=objective, beta=0.1, precompute_ref=resumed, sft_weight=sft)
     ex = encode_pairs(rows, Encoder(cfg, tok), "rows")
     prep = tr.train_dataset  # the same tokens TRL trains on (its dataset after _prepare_dataset)
     for k in ("prompt_ids", "chosen_ids", "rejected_ids"):
         assert [e[k] for e in ex] == prep[k]
     theirs = train_trl(tr)
     obj = OBJECTIVES[objective](cfg.train)
+    assert obj.use_shared_prompt(sm)[0]  # the job's layout: one row per pair, the prompt once (shared.py)
     if resumed:
         obj.precompute(sm, ex, tok.pad_token_id, 8, torch.device("cpu"))
     ours = steps(obj, sm, obj.collate(ex, tok.pad_token_id))
@@ -206,8 +209,11 @@ def test_orpo_simpo_equal_trl_losses(tmp_path, objective):
                   label_smoothing=0.1 if objective == "simpo" else 0.0)
     ex = encode_pairs(rows, Encoder(cfg, tok), "rows")
     obj = OBJECTIVES[objective](cfg.train)
-    batch = obj.collate(ex, tok.pad_token_id)
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    padded = obj.collate(ex, tok.pad_token_id)  # TRL's layout: [prompt + chosen; prompt + rejected]
+    assert obj.use_shared_prompt(model)[0]
+    batch = obj.collate(ex, tok.pad_token_id)  # ours: one row per pair (shared.py)
+    assert "pair_mask" in batch and "pair_mask" not in padded
+    labels = padded["input_ids"].masked_fill(padded["completion_mask"] == 0, -100)
     me = SimpleNamespace(beta=obj.beta, accelerator=SimpleNamespace(device=torch.device("cpu")), alpha=0.0,
                          loss_type="simpo", simpo_gamma=cfg.train.simpo_gamma, label_smoothing=cfg.train.label_smoothing)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -215,7 +221,7 @@ def test_orpo_simpo_equal_trl_losses(tmp_path, objective):
     for step in range(STEPS):
         loss, st = obj.loss(model, batch)
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
             lp = ORPOTrainer.get_batch_logps(logits, labels, average_log_prob=True)
             c, r = lp.chunk(2)
             if objective == "orpo":

@@ -201,6 +201,10 @@ class TrainConfig(_Strict):
     # log-probs averaged over completion tokens instead of summed. None: the method's own choice (DPO /
     # KTO sum as their papers; IPO, ORPO and SimPO average, which removes their bias to long answers)
     length_normalize: Optional[bool] = None
+    # DPO / IPO + this weight x the NLL of the chosen completions (RPO, Pang et al. 2024; TRL's loss_type
+    # [sigmoid, sft] with loss_weights [1, w]): 0 is plain DPO; 1 keeps the chosen answers likely, which DPO
+    # alone lets fall while it widens the margin (both log-probs can drop)
+    sft_weight: float = Field(0.0, ge=0)
     simpo_gamma: float = Field(0.5, ge=0)  # SimPO's target margin gamma (TRL's default; gamma/beta 0.25 of the paper)
     # KTO: weights of desirable / undesirable rows; the paper keeps weight*count of the two in 1 to 4/3
     desirable_weight: float = Field(1.0, gt=0)

@@ -42,7 +42,9 @@ def figure(history: list[dict], metric: str, res: dict[str, Any] | None = None, 
     lr = [tuple(x) for x in res.get("lr_curve") or []] or [(r["step"], r["lr"]) for r in history if "lr" in r]
     ev = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
     mt = [(r["step"], r[metric]) for r in history if metric in r and metric != "eval_loss"]
-    fig, axes = plt.subplots(1, 2 if mt else 1, figsize=(12 if mt else 7, 4.2), squeeze=False)
+    pref = _objective_series(history)
+    n = 1 + bool(mt) + bool(pref)
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n + 1, 4.2), squeeze=False)
     ax = axes[0][0]
     if tr:
         ax.plot(*zip(*tr), label="train loss")
@@ -60,6 +62,8 @@ def figure(history: list[dict], metric: str, res: dict[str, Any] | None = None, 
         handles.append(h)
         labels.append("learning rate")
     panels = [ax] + ([axes[0][1]] if mt else [])
+    if pref:
+        panels.append(_objective_panel(axes[0][n - 1], pref))
     if mt:
         ax2 = axes[0][1]
         ax2.plot(*zip(*mt), "o-", color="C2")
@@ -82,6 +86,70 @@ def figure(history: list[dict], metric: str, res: dict[str, Any] | None = None, 
     fig.suptitle(name or "slimtune run", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+# What a preference / reward objective logs (objectives/): (left-axis keys, right-axis keys, title)
+OBJECTIVE_PANELS = [(("reward_margin",), ("reward_accuracy",), "reward margin and accuracy"),
+                    (("reward",), ("kl",), "mean reward and KL")]
+
+
+def _objective_series(history: list[dict]) -> dict[str, Any] | None:
+    """The training (logged per step, `train_` keys) and held-out series of the objective's
+    statistics over steps, or None for a run that logs none (sft)."""
+    for left, right, name in OBJECTIVE_PANELS:
+        keys = left + right
+        if not any(f"train_{k}" in r for r in history for k in keys):
+            continue
+        series = {}
+        for k in keys:
+            series[f"train {k}"] = [(r["step"], r[f"train_{k}"]) for r in history if f"train_{k}" in r]
+            series[f"held-out {k}"] = [(r["step"], r[k]) for r in history if k in r and "loss" not in r]
+        return {"left": left, "right": right, "title": name, "series": {k: v for k, v in series.items() if v}}
+    return None
+
+
+def _objective_panel(ax, pref: dict[str, Any]):
+    """Margin / reward (left axis) and accuracy / KL (right axis) over steps, training and held out."""
+    handles = []
+    for i, k in enumerate(pref["left"]):
+        for style, split in (("-", "train"), ("o-", "held-out")):
+            pts = pref["series"].get(f"{split} {k}")
+            if pts:
+                handles += ax.plot(*zip(*pts), style, color=f"C{i}", alpha=0.6 if split == "train" else 1.0,
+                                   label=f"{split} {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(" / ".join(pref["left"]))
+    ax.grid(alpha=0.3)
+    ax_r = ax.twinx()
+    for i, k in enumerate(pref["right"]):
+        for style, split in (("-", "train"), ("s--", "held-out")):
+            pts = pref["series"].get(f"{split} {k}")
+            if pts:
+                handles += ax_r.plot(*zip(*pts), style, color=f"C{3 + i}", alpha=0.6 if split == "train" else 1.0,
+                                     label=f"{split} {k}")
+    ax_r.set_ylabel(" / ".join(pref["right"]))
+    ax.set_title(pref["title"])
+    ax.legend(handles=handles, fontsize=7, loc="best")
+    return ax
+
+
+def objective_table(history: list[dict]) -> list[str]:
+    """The report's table of the objective's statistics at each evaluation (training values: the
+    mean since the last log line), so margins and accuracy over steps read without the plot."""
+    pref = _objective_series(history)
+    if pref is None:
+        return []
+    keys = pref["left"] + pref["right"]
+    tr = {r["step"]: r for r in history if any(f"train_{k}" in r for k in keys)}
+    ev = {r["step"]: r for r in history if any(k in r for k in keys) and "loss" not in r}
+    cols = [f"train {k}" for k in keys] + [f"held-out {k}" for k in keys]
+    lines = ["", f"## {pref['title'][0].upper() + pref['title'][1:]} over steps", "", "| step | " + " | ".join(cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for s in sorted(ev):
+        cells = [f"{tr[s]['train_' + k]:.4f}" if s in tr and f"train_{k}" in tr[s] else "-" for k in keys]
+        cells += [f"{ev[s][k]:.4f}" if k in ev[s] else "-" for k in keys]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _status(cfg: JobConfig, res: dict[str, Any]) -> str:
@@ -129,7 +197,7 @@ def _cell(s: Any, n: int = 80, tail: bool = False) -> str:
     return s.replace("|", "\\|") or "(empty)"
 
 
-def write_report(cfg: JobConfig, res: dict[str, Any], path: Path) -> None:
+def write_report(cfg: JobConfig, res: dict[str, Any], path: Path, history: list[dict] | None = None) -> None:
     m = res["metric"]
     b, a = res.get("before") or {}, res.get("after") or {}
     st = res.get("data_stats", {})
@@ -160,6 +228,7 @@ def write_report(cfg: JobConfig, res: dict[str, Any], path: Path) -> None:
         fb = f"{b[k]:.4f}" if k in b else "-"
         fa = f"{a[k]:.4f}" if k in a else "-"
         lines.append(f"| {k}{' (selection metric)' if k == m else ''} | {fb} | {fa} |")
+    lines += objective_table(history or [])
     sb, sa = res.get("samples_before") or [], res.get("samples_after") or []
     if sb:
         lines += ["", "## Generations: before -> after training", "",

@@ -229,7 +229,7 @@ def _started(out: Path) -> bool:
 
 def _write(cfg: JobConfig, trainer: Trainer, res: dict[str, Any], out: Path) -> None:
     plot(trainer.history, trainer.metric, out / "plot.png", res, title(cfg, res))
-    write_report(cfg, res, out / "report.md")
+    write_report(cfg, res, out / "report.md", trainer.history)
     tmp = out / ".summary.json.tmp"
     tmp.write_text(json.dumps({k: v for k, v in res.items() if k != "lr_curve"}, indent=2, default=str))
     tmp.replace(out / "summary.json")

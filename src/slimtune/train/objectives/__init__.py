@@ -38,6 +38,12 @@ def build(t: TrainConfig) -> Objective | None:
 
         raise JobConfigError(f"train.loss_type={t.loss_type} is DPO's (sigmoid / hinge / ipo); {t.objective} has one "
                              "loss: remove loss_type")
+    if t.sft_weight and cls not in (DPO, IPO):
+        from ..config import JobConfigError
+
+        raise JobConfigError(f"train.sft_weight adds the chosen answers' NLL to DPO / IPO; {t.objective} "
+                             + ("has its own (beta weighs its odds-ratio term)" if cls is ORPO else "has none")
+                             + ": remove sft_weight")
     return cls(t)
 
 

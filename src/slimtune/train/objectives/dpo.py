@@ -7,6 +7,7 @@
     ipo:      (delta / n - 1/(2 beta))^2, delta per completion token (TRL's normalisation, which the
               IPO authors confirmed)
     rewards   = beta * logratio (summed), as TRL logs them
+    + sft_weight * NLL of the chosen completion tokens (RPO; TRL's loss_type [.., "sft"])
 
 With label_smoothing 0 these are TRL DPOTrainer's `sigmoid`, `hinge` and `ipo` losses
 (tests/test_objective_trl.py checks the steps against it).
@@ -34,8 +35,7 @@ class DPO(PairObjective):
         self.normalize = bool(t.length_normalize) if t.length_normalize is not None else self.loss_type == "ipo"
 
     def loss(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logps = self.token_logps(model, batch).sum(1)
-        ref = self.ref_logps(model, batch)
+        logps, ref = self.policy_and_ref(model, batch)
         n = self.lengths(batch)
         ratio = logps - ref
         c_ratio, r_ratio = ratio.chunk(2)
@@ -52,7 +52,10 @@ class DPO(PairObjective):
         else:  # ipo
             per = (delta - 1 / (2 * b)) ** 2
         c_logps, r_logps = logps.chunk(2)
-        return per.mean(), self.pair_stats(b * c_ratio.detach(), b * r_ratio.detach(), c_logps, r_logps)
+        loss = per.mean()
+        if self.t.sft_weight:  # RPO: the mean NLL over every chosen completion token of the batch
+            loss = loss - self.t.sft_weight * c_logps.sum() / c_n.sum()
+        return loss, self.pair_stats(b * c_ratio.detach(), b * r_ratio.detach(), c_logps, r_logps)
 
 
 class IPO(DPO):

@@ -115,7 +115,7 @@ class GRPO(Objective):
         gen_model = self.reference_model(model)
         comp, cmask = self.sample(gen_model, batch, G)
         per_fn = self.score(batch["rows"], comp, cmask, G).to(comp.device)
-        rewards = per_fn @ self.weights.to(per_fn.device)
+        rewards = (per_fn * self.weights.to(per_fn.device)).sum(1)  # not a matmul: autocast would round it to bf16
         adv = group_advantages(rewards, G)
         p_ids = batch["input_ids"].repeat_interleave(G, 0)
         p_mask = batch["attention_mask"].repeat_interleave(G, 0)
@@ -146,7 +146,7 @@ class GRPO(Objective):
             per.append(self.score(b["rows"], comp, mask, 1))
             lens.append(mask.sum(1).float().cpu())
         s = torch.cat(per)
-        res = {"reward": float((s @ self.weights).mean())}
+        res = {"reward": float((s * self.weights).sum(1).mean())}  # fp32 (a matmul would autocast)
         res.update({f"reward_{n}": float(s[:, i].mean()) for i, (n, _) in enumerate(self.funcs)})
         res["completion_length"] = float(torch.cat(lens).mean())
         return res

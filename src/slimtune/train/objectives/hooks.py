@@ -41,9 +41,23 @@ class ObjectiveSteps:
         self._obj_sums: dict[str, list[float]] = {}
 
     def _bind_objective(self, tokenizer) -> None:
-        if self.objective is not None:
-            self.objective.ref_model = self.model_unwrapped  # the adapters are switched off on this one
-            self.objective.tok = tokenizer
+        if self.objective is None:
+            return
+        self.objective.ref_model = self.model_unwrapped  # the adapters are switched off on this one
+        self.objective.tok = tokenizer
+        if hasattr(self.objective, "use_shared_prompt"):  # preference pairs: the job's fast path (shared.py)
+            # the adapter-off reference is the frozen base: a row's reference log-probs never change
+            self.objective.cache_ref = True
+            if self.t.chunked_ce == "off":
+                on, why = False, "train.chunked_ce=off: the model's own forward"
+            elif self.acc.num_processes > 1:
+                on, why = False, "distributed training: the loss runs through the DDP/FSDP wrapper's forward"
+            else:
+                on, why = self.objective.use_shared_prompt(self.model_unwrapped, self.log)
+            if not on and self.t.chunked_ce == "on":
+                raise JobConfigError(f"train.chunked_ce=on cannot apply to the pairs: {why}; set train.chunked_ce=auto "
+                                     "or off")
+            self.log(f"loss: {why}" if on else f"loss: pairs as two padded rows each ({why})")
 
     def _objective_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         try:

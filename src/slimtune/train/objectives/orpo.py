@@ -30,13 +30,13 @@ class ORPO(PairObjective):
     default_beta = 0.1  # the paper's lambda: the odds-ratio term's weight beside the SFT loss
 
     def loss(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        tok = self.token_logps(model, batch)
+        total = self.seq_logps(model, batch)
         n = self.lengths(batch)
-        mean = tok.sum(1) / n
+        mean = total / n
         c, r = mean.chunk(2)
-        c_tok, _ = tok.chunk(2)
+        c_sum, _ = total.chunk(2)
         c_n, _ = n.chunk(2)
-        nll = -c_tok.sum() / c_n.sum()
+        nll = -c_sum.sum() / c_n.sum()
         log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
         ratio = F.logsigmoid(log_odds)
         stats = self.pair_stats(self.beta * c.detach(), self.beta * r.detach(), c, r)

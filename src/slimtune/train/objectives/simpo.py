@@ -23,8 +23,7 @@ class SimPO(PairObjective):
 
     def loss(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         normalize = self.t.length_normalize is not False  # averaging is what SimPO is; false sums (ablation)
-        tok = self.token_logps(model, batch)
-        logp = tok.sum(1) / (self.lengths(batch) if normalize else 1.0)
+        logp = self.seq_logps(model, batch) / (self.lengths(batch) if normalize else 1.0)
         c, r = logp.chunk(2)
         logits = self.beta * (c - r) - self.t.simpo_gamma
         eps = self.t.label_smoothing
