@@ -173,13 +173,19 @@ def test_a_trial_past_the_time_budget_is_cut_at_an_evaluation_and_runs_first_on_
     assert [t.state.name for t in st.trials] == ["FAIL", "WAITING"]  # queued with the same settings
     assert any("cut at step 2 by the time budget" in x for x in lines)
     assert any("search stopped: time budget" in x for x in lines)
-    assert not (out / "trials" / "trial-0000").exists()
+    assert (out / "trials" / "trial-0000" / "checkpoints" / "step-000002").is_dir()  # kept for the retry
 
     monkeypatch.undo()
     run_search(load_config(str(cfg_path)), SearchOptions(out=out, trials=1), log=lambda m: None)
     st = _study(out)
     again = st.trials[1]
     assert again.state.name == "COMPLETE" and again.params == cut[0].params and again.user_attrs["retry_of"] == 0
+    # continued from the cut, not trained again: the run resumed at step 2 and trained the 4 steps left,
+    # and the pruner saw the whole curve (step 2's value reported again from the cut trial)
+    res = again.user_attrs["result"]
+    assert again.user_attrs["continued_at"] == 2 and res["resumed_at"] == 2 and res["session_steps"] == 4
+    assert sorted(again.intermediate_values) == [2, 4, 6] and again.intermediate_values[2] == cut[0].intermediate_values[2]
+    assert not (out / "trials" / "trial-0000").exists() and (out / "trials" / "trial-0001" / "best").is_dir()
 
 
 def test_a_space_entirely_above_the_trainable_limit_stops_with_the_fix(tiny_bert, tmp_path, monkeypatch):
@@ -229,17 +235,19 @@ def test_bad_input_is_one_message_before_any_trial(tiny_bert, tmp_path, capsys, 
 @pytest.mark.slow
 def test_a_killed_search_continues_where_it_stopped(tiny_bert, tmp_path):
     """A real `slimtune search` process, SIGKILLed during its second trial: the next run marks that
-    trial interrupted, removes its folder, runs its settings again first, and finishes the count."""
+    trial interrupted, runs its settings again first, continuing its run from the checkpoint the kill
+    left (not from step 0), and finishes the count."""
     cfg_path = _config(tmp_path, tiny_bert, steps=40, lr=1e-2, r=[2, 4, 8], pruner="none")
     out = tmp_path / "search"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     p = subprocess.Popen([sys.executable, "-m", "slimtune", "search", str(cfg_path), "--out", str(out), "--trials", "3"],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     marker = out / "trials" / "trial-0001" / "metrics.jsonl"
+    ckpts = out / "trials" / "trial-0001" / "checkpoints"
     deadline = time.time() + 180
     try:
         while time.time() < deadline and p.poll() is None:
-            if marker.is_file() and marker.read_text().count("\n") >= 2:  # trial 1 is training
+            if ckpts.is_dir() and any(c.name.startswith("step-") for c in ckpts.iterdir()):  # trial 1 has a checkpoint
                 break
             time.sleep(0.2)
         assert p.poll() is None, "the search ended before it could be killed"
@@ -264,3 +272,6 @@ def test_a_killed_search_continues_where_it_stopped(tiny_bert, tmp_path):
     assert sum(s in ("COMPLETE", "PRUNED") for s in states) == 3
     assert not (out / "trials" / "trial-0001").exists()
     assert any("cut off" in x for x in lines)
+    at = retry.user_attrs["continued_at"]
+    assert at >= 2 and retry.user_attrs["result"]["resumed_at"] == at
+    assert retry.user_attrs["result"]["session_steps"] == 40 - at

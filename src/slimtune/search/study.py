@@ -13,7 +13,11 @@ process's peak memory is not a per-trial figure, so search tables report step ti
 
 Resuming: the study lives in OUT/study.db. OUT is locked for the life of a search (train/lock.py),
 so a trial still RUNNING in the storage when a search starts was cut off by a kill: it is marked
-failed ("interrupted"), its run folder removed, and its parameters queued to run first. Completed
+failed ("interrupted") and its parameters queued to run first; that retry continues the run from its
+last checkpoint (a trial cut by --timeout, or whose worker lost the store, too), so promising trials
+are continued, never trained again from step 0. Within a session no trial is restarted either: the
+pruner (successive halving / Hyperband, asynchronous) decides at each evaluation rung whether the
+running trial goes on, so a promoted trial simply keeps training. Completed
 and pruned trials stay; the count and the time budget continue where they were. A resumed search
 whose config or space differs from the stored one is refused, naming the differences.
 
@@ -75,6 +79,8 @@ class SearchOptions:
     workers: int = 1  # local worker processes on the study, this one included (pool.py)
     heartbeat_s: int = 10  # with several workers: a trial silent for 3 beats is failed and run again
     study: str = STUDY_NAME
+    seeds: int = 3  # training seeds each of the `top` best configs runs under (seeds.py); 1: no spread
+    top: int = 3
     role: str = "main"  # "worker": a process pool.py started: no lock, no settling, no report
 
 
@@ -102,6 +108,8 @@ def run_search(cfg: JobConfig, opts: SearchOptions, log: Callable[[str], None] =
         raise SearchError(f"--pareto-with {opts.pareto_with!r}: choose {' or '.join(PARETO_WITH)}")
     if opts.workers < 1:
         raise SearchError(f"--workers {opts.workers}: give 1 or more worker processes")
+    if opts.seeds < 1 or opts.top < 1:
+        raise SearchError(f"--seeds {opts.seeds} --seed-top {opts.top}: give 1 or more (--seeds 1: no spread over seeds)")
     if opts.role == "worker":
         return _search(optuna, cfg, opts, opts.out, log)
     with P.owned_folder(opts.out) as out:
@@ -184,8 +192,10 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
     if budget_s is not None and estimate is None and done < opts.trials:
         t = P.time_run(base, out / "timing")
         estimate = t.run_s(pf.total_steps, P.evals_of(pf.total_steps, every, pf.total_steps))
-        P.check_budget("--timeout", budget_s - elapsed0, estimate,
-                       f"one trial ({pf.total_steps} steps, an evaluation every {every})")
+        extra = _seed_runs(opts, pareto)
+        P.check_budget("--timeout", budget_s - elapsed0, estimate * (1 + extra),
+                       f"one trial ({pf.total_steps} steps, an evaluation every {every})"
+                       + (f" and the {extra} seed-spread runs after it (--seeds 1: none)" if extra else ""))
         log(f"timing: about {estimate:.0f} s a full trial (set-up {t.setup_s:.0f} s, {t.step_s:.2f} s/step, "
             f"{t.eval_s:.1f} s/evaluation)")
         study.set_user_attr("trial_estimate_s", estimate)
@@ -216,7 +226,7 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
         bad = pool.wait(procs, out, log)
         if bad:
             log(f"{len(bad)} worker(s) failed; their trials were run again by the others")
-    summary = _finish(optuna, study, pf, space, cfg, base, out, opts, pareto, section, every)
+    summary = _finish(optuna, study, pf, space, cfg, base, out, opts, pareto, section, every, log)
     summary.update(load_start=load_start, load_end=os.getloadavg(), session_s=time.time() - t_session,
                    stop_why=stop_why, threads=threads, storage_shown=spec.shown)
     from .report import write_search
@@ -255,9 +265,10 @@ def _loop(optuna, study, storage, space, pf, base, out, opts, section, log, beat
         spent = elapsed0 + (time.time() - t_session)
         if budget_s is not None:
             est = _trial_estimate(study) or estimate or 0.0
-            if spent + est > budget_s:
+            reserve = _seed_runs(opts, len(study.directions) > 1) * est  # the seed spread after the trials
+            if spent + est + reserve > budget_s:
                 return (f"time budget: {spent / 60:.1f} of {budget_s / 60:.1f} min spent, a trial takes about "
-                        f"{est / 60:.1f} min")
+                        f"{est / 60:.1f} min" + (f", {reserve / 60:.1f} min kept for the seed spread" if reserve else ""))
         if beat is not None and done + _running(study) >= opts.trials:
             time.sleep(min(2.0, beat))  # the others' trials finish the count (or go stale and come back)
             continue
@@ -266,6 +277,11 @@ def _loop(optuna, study, storage, space, pf, base, out, opts, section, log, beat
                                         deadline, beat) else 0
         prev = float(study.user_attrs.get("elapsed_s", 0.0))
         study.set_user_attr("elapsed_s", max(prev, elapsed0 + (time.time() - t_session)))
+
+
+def _seed_runs(opts: SearchOptions, pareto: bool) -> int:
+    """Runs the seed spread adds after the trials (seeds.py): (seeds - 1) for each of the top configs."""
+    return 0 if pareto or opts.role != "main" else (opts.seeds - 1) * opts.top
 
 
 def _ahead(study, number: int) -> int:
@@ -377,11 +393,46 @@ def _recover(optuna, study, storage, out: Path, log) -> None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_user_attr(t._trial_id, "interrupted", "the search process was stopped during this trial")
         study.tell(t.number, state=TrialState.FAIL)
-        shutil.rmtree(trial_dir(out, t.number), ignore_errors=True)
+        kept = _checkpoint_of(trial_dir(out, t.number))
+        if kept is None:
+            shutil.rmtree(trial_dir(out, t.number), ignore_errors=True)
         study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
-        log(f"trial {t.number} was cut off by the end of the last session: its folder is removed and it runs again "
-            "first")
+        log(f"trial {t.number} was cut off by the end of the last session: it runs again first, "
+            + (f"continued from its checkpoint at step {kept[1]}" if kept else "from step 0 (no checkpoint was written)"))
     shutil.rmtree(out / "timing", ignore_errors=True)
+
+
+def _checkpoint_of(folder: Path) -> tuple[Path, int] | None:
+    """The latest complete checkpoint of a trial's run folder and its step, or None."""
+    from ..train.rundir import checkpoints
+
+    cks = checkpoints(folder) if folder.is_dir() else []
+    return (cks[-1], int(cks[-1].name.rsplit("-", 1)[-1])) if cks else None
+
+
+def _continue_from(study, trial, out: Path, folder: Path, pareto: bool) -> int | None:
+    """A retried trial (`retry_of`: cut by --timeout, killed, or its worker lost) takes over the earlier
+    trial's folder when it has a checkpoint: the run resumes there (same parameters, so the same run
+    config), and the earlier trial's rung values up to that step are reported again, so the pruner sees
+    this trial's whole curve. The step it continues from, or None (a run from step 0)."""
+    prior = trial.user_attrs.get("retry_of")
+    if prior is None:
+        return None
+    old = trial_dir(out, int(prior))
+    kept = _checkpoint_of(old)
+    if kept is None:
+        shutil.rmtree(old, ignore_errors=True)
+        return None
+    if old != folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        old.rename(folder)
+    at = kept[1]
+    if not pareto:
+        before = next((t for t in study.get_trials(deepcopy=False) if t.number == int(prior)), None)
+        for step, v in sorted((before.intermediate_values if before is not None else {}).items()):
+            if step <= at:
+                trial.report(float(v), step)
+    return at
 
 
 def _describe(params: dict[str, Any]) -> str:
@@ -418,9 +469,8 @@ def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: P
         frozen = storage.get_trial(trial._trial_id)
         retry_of = frozen.system_attrs.get("failed_trial")
         queued = bool(frozen.params) or "fixed_params" in frozen.system_attrs
-        if retry_of is not None:  # a worker died during it: its folder (if on this machine) goes, it runs again
+        if retry_of is not None:  # a worker died during it: it runs again, from its checkpoint if on this machine
             trial.set_user_attr("retry_of", retry_of)
-            shutil.rmtree(trial_dir(out, retry_of), ignore_errors=True)
         if not queued and _ahead(study, trial.number) >= opts.trials:  # another worker asked at the same moment
             storage.set_trial_user_attr(trial._trial_id, "interrupted", "not run: the count was reached by the "
                                         "trials other workers had started")
@@ -435,6 +485,11 @@ def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: P
     tcfg = P.derive(base, {"method": block, "train": {"lr": float(params["lr"])}, "output_dir": str(folder)})
     head = f"trial {trial.number} ({done + 1}/{opts.trials}): {_describe(params)}"
     pareto = len(study.directions) > 1
+    at = _continue_from(study, trial, out, folder, pareto)
+    if at is not None:  # the retry of a trial that was cut, killed or lost: its run goes on, not from step 0
+        tcfg = P.derive(tcfg, {"resume": True, "overwrite": False})
+        trial.set_user_attr("continued_at", at)
+        log(f"{head}: continues trial {trial.user_attrs['retry_of']}'s run from its checkpoint at step {at}")
     limit = section.max_trainable_pct
     counts = P.count_trainable(pf, tcfg) if limit is not None else None
     if counts is not None:
@@ -454,15 +509,14 @@ def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: P
     def on_evaluate(step: int, metrics: dict) -> str | None:
         if hb.lost:
             return f"lost the study storage ({hb.lost})"
-        if deadline is not None and time.time() > deadline and step < pf.total_steps:
-            cut.append(step)
-            return "cut by the search's time budget (--timeout); it runs again first when the search resumes"
         v = metrics.get(pf.metric)
-        if v is None or pareto:
-            return None
-        try:
-            trial.report(float(v), step)
-            stop = trial.should_prune()
+        try:  # the value first: a retry that continues this run reports it again (_continue_from)
+            if v is not None and not pareto:
+                trial.report(float(v), step)
+            if deadline is not None and time.time() > deadline and step < pf.total_steps:
+                cut.append(step)
+                return "cut by the search's time budget (--timeout); it continues first when the search resumes"
+            stop = v is not None and not pareto and trial.should_prune()
         except ST.errors(optuna) as e:  # the store went away: stop here; the heartbeat stops too
             hb.lost = hb.lost or ST.first_line(e)
             return f"lost the study storage ({hb.lost})"
@@ -479,7 +533,8 @@ def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: P
         storage.set_trial_user_attr(trial._trial_id, "interrupted", "stopped by Ctrl-C / SIGTERM")
         study.tell(trial, state=TrialState.FAIL)
         study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
-        shutil.rmtree(folder, ignore_errors=True)
+        if _checkpoint_of(folder) is None:  # with one, the retry continues it (_continue_from)
+            shutil.rmtree(folder, ignore_errors=True)
         raise TrainingInterrupted(f"search interrupted during trial {trial.number}: {done} trial(s) done are kept in "
                                   f"{out}/study.db; run the same command again to continue (trial {trial.number}'s "
                                   "settings run first)", getattr(e, "signum", 2)) from None
@@ -501,17 +556,16 @@ def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: P
         shutil.rmtree(folder, ignore_errors=True)
         raise
     took = time.time() - t0
-    if hb.lost:  # tell nothing: the store fails the trial as stale and queues it again once it is back
-        shutil.rmtree(folder, ignore_errors=True)
+    if hb.lost:  # tell nothing: the store fails the trial as stale and queues it again once it is back; its
+        # folder stays, with the checkpoint of the evaluation it stopped at, for the retry to continue
         raise SearchError(f"trial {trial.number} stopped: this worker lost the study storage ({hb.lost}). The trial "
                           "runs again once the store is back (another worker, or this command run again)")
     if cut:
         storage.set_trial_user_attr(trial._trial_id, "interrupted", f"cut by the time budget at step {cut[0]}")
         study.tell(trial, state=TrialState.FAIL)
         study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
-        shutil.rmtree(folder, ignore_errors=True)
-        log(f"{head}: cut at step {cut[0]} by the time budget ({took:.0f} s); not counted, its settings run first "
-            "when the search resumes")
+        log(f"{head}: cut at step {cut[0]} by the time budget ({took:.0f} s); not counted, it continues from its "
+            "checkpoint there first when the search resumes")
         return False
     trial.set_user_attr("result", res)
     if pruned:
@@ -551,15 +605,30 @@ def _clean(folder: Path, keep: bool) -> None:
 
 
 def _finish(optuna, study, pf, space, cfg: JobConfig, base: JobConfig, out: Path, opts: SearchOptions, pareto: bool,
-            section, every: int) -> dict[str, Any]:
+            section, every: int, log=print) -> dict[str, Any]:
     from optuna.trial import TrialState
 
     common = {"study": study, "pf": pf, "space": space, "pareto": pareto, "pareto_with": opts.pareto_with,
               "section": section, "every": every, "trials_target": opts.trials, "timeout_min": opts.timeout_min,
               "base": base, "elapsed_s": float(study.user_attrs.get("elapsed_s", 0.0))}
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        return {**common, "best": None, "chosen": [], "tests": {}, "best_config": None}
+        return {**common, "best": None, "chosen": [], "tests": {}, "best_config": None, "spread": [], "seed_tests": {}}
     chosen = sorted(study.best_trials, key=lambda t: t.values[0], reverse=pf.metric_max) if pareto else [study.best_trial]
+    spread, seed_tests = [], {}
+    if not pareto and opts.seeds > 1:
+        from . import seeds as SD
+
+        done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.values[0],
+                      reverse=pf.metric_max)
+        top = [t for t in done if (trial_dir(out, t.number) / "best").is_dir()][:opts.top]
+        if top:
+            def folder(n: int) -> Path:
+                return trial_dir(out, n)
+
+            spread, pick = SD.spread(study, top, opts.seeds, lambda t: _trial_config(base, t, out), folder,
+                                     pf.metric_max, log)
+            chosen = [pick]
+            seed_tests = SD.measure_pick(study, pick, opts.seeds, lambda t: _trial_config(base, t, out), folder)
     tests = dict(study.user_attrs.get("test") or {})
     for t in chosen[:8]:
         key = str(t.number)
@@ -574,7 +643,8 @@ def _finish(optuna, study, pf, space, cfg: JobConfig, base: JobConfig, out: Path
     best_yaml = P.derive(best_cfg, {"output_dir": str(out / "best-run"),
                                     "train": {"eval_before": cfg.train.eval_before},
                                     "eval": {"samples": cfg.eval.samples}})
-    return {**common, "best": best, "chosen": chosen, "tests": tests, "best_config": best_yaml}
+    return {**common, "best": best, "chosen": chosen, "tests": tests, "best_config": best_yaml, "spread": spread,
+            "seed_tests": seed_tests}
 
 
 def _trial_config(base: JobConfig, t, out: Path) -> JobConfig:
