@@ -118,7 +118,7 @@ def _two_workers_complete_and_resume(cfg_path: Path, out: Path, url: str, storag
     monkeypatch.setattr(S, "_one_trial", after_the_worker_joined)
     lines: list[str] = []
     t0 = time.time()
-    s = run_search(load_config(str(cfg_path)), SearchOptions(out=out, trials=3, workers=2, storage=url,
+    s = run_search(load_config(str(cfg_path)), SearchOptions(seeds=1, out=out, trials=3, workers=2, storage=url,
                                                               heartbeat_s=2), log=lines.append)
     print(f"2 workers, 3 trials: {time.time() - t0:.0f} s")
     st = optuna.load_study(study_name="slimtune-search", storage=storage)
@@ -135,7 +135,7 @@ def _two_workers_complete_and_resume(cfg_path: Path, out: Path, url: str, storag
     assert s["best"].number in ran and (out / "best.yaml").is_file()
     assert f"storage {url.split('://')[0]}" in (out / "search.md").read_text()  # the shared store, not study.db
     # resume: the same command with a higher count continues the study
-    run_search(load_config(str(cfg_path)), SearchOptions(out=out, trials=5, workers=2, storage=url, heartbeat_s=2),
+    run_search(load_config(str(cfg_path)), SearchOptions(seeds=1, out=out, trials=5, workers=2, storage=url, heartbeat_s=2),
                log=lines.append)
     states = _states(storage)
     assert states.count("COMPLETE") == 5 and "RUNNING" not in states and "WAITING" not in states, states
@@ -176,7 +176,7 @@ def test_two_workers_on_a_journal_file_and_a_killed_workers_trial_runs_again(tin
     assert _states(storage) == ["RUNNING"]
     killed = optuna.load_study(study_name="slimtune-search", storage=storage).trials[0].params
     out = tmp_path / "here"
-    run_search(load_config(str(cfg_path)), SearchOptions(out=out, trials=2, workers=2, storage=url, heartbeat_s=1),
+    run_search(load_config(str(cfg_path)), SearchOptions(seeds=1, out=out, trials=2, workers=2, storage=url, heartbeat_s=1),
                log=lambda m: None)
     st = optuna.load_study(study_name="slimtune-search", storage=storage)
     states = [t.state.name for t in st.trials]
@@ -212,7 +212,7 @@ def test_bad_storage_input_is_one_message(tiny_bert, tmp_path, capsys):
 def test_a_study_of_another_config_in_a_shared_store_is_refused(tiny_bert, tmp_path, capsys):
     cfg_path = _config(tmp_path, tiny_bert, steps=3)
     url = f"journal:{tmp_path / 'j.log'}"
-    run_search(load_config(str(cfg_path)), SearchOptions(out=tmp_path / "a", trials=1, storage=url), log=lambda m: None)
+    run_search(load_config(str(cfg_path)), SearchOptions(seeds=1, out=tmp_path / "a", trials=1, storage=url), log=lambda m: None)
     rc, err = _cli(["search", str(cfg_path), "data.max_length=20", "--out", str(tmp_path / "b"), "--trials", "2",
                     "--storage", url], capsys)
     assert rc == 2 and "holds a search of another config" in err and "data.max_length: 24 -> 20" in err, err
@@ -230,7 +230,7 @@ def test_a_worker_losing_the_database_stops_cleanly_and_its_trial_runs_again(tin
 
     cfg_path = _config(tmp_path, tiny_bert, steps=60)
     out = tmp_path / "lost"
-    opts = SearchOptions(out=out, trials=1, storage=str(postgres_url), heartbeat_s=1, study="lost-db")
+    opts = SearchOptions(seeds=1, out=out, trials=1, storage=str(postgres_url), heartbeat_s=1, study="lost-db")
     marker = out / "trials" / "trial-0000" / "metrics.jsonl"
 
     def stop_when_training() -> None:

@@ -217,6 +217,7 @@ def write_search(s: dict[str, Any], out: Path) -> None:
         res = t.user_attrs.get("result") or {}
         lines.append(f"| {t.number} | {_settings(t.user_attrs.get('params') or {})} | {_f(res.get('trainable_pct'), 3)} "
                      f"| {t.values[0]:.4f} | **{_f(te.get(m))}** |" + (f" {_f(te.get('eval_loss'))} |" if loss_col else ""))
+    lines += _spread_lines(s, m)
     if best is not None:
         lines += ["", f"`best.yaml` (trial {best.number}) reruns it: `slimtune train {out / 'best.yaml'}` (method block: "
                   f"`{best.user_attrs.get('method_block')}`)."]
@@ -229,6 +230,36 @@ def write_search(s: dict[str, Any], out: Path) -> None:
     plots = _plot_search(study, m, out / "plots", s["pareto"], s["pareto_with"])
     lines += [""] + [f"![{name}](plots/{name}.png)" for name in plots] + [""]
     (out / "search.md").write_text("\n".join(lines))
+
+
+def _spread_lines(s: dict[str, Any], m: str) -> list[str]:
+    """How sure the best is (seeds.py): the top configs over training seeds, the pick's test per seed."""
+    rows = s.get("spread") or []
+    if not rows:
+        return []
+    study = s["study"]
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    seeds = list(rows[0]["values"])
+    out = ["", f"## How sure: the top {len(rows)} configs under {len(seeds)} training seeds "
+               f"({', '.join(map(str, seeds))}; the same validation and test examples)", "",
+           "The pick is the best mean validation value over the seeds (not the best single trial); the spread is "
+           "the sample standard deviation and the range over seeds.", "",
+           f"| trial | settings | validation {m} per seed | mean ± sd | min – max |", "|---|---|---|---|---|"]
+    for r in rows:
+        t = by_number.get(r["trial"])
+        out.append(f"| {r['trial']} | {_settings((t.user_attrs.get('params') if t else None) or {})} | "
+                   f"{' / '.join(f'{v:.4f}' for v in r['values'].values())} | {r['mean']:.4f} ± {r['std']:.4f} | "
+                   f"{r['min']:.4f} – {r['max']:.4f} |")
+    tests = s.get("seed_tests") or {}
+    vals = [te.get(m) for te in tests.values() if te.get(m) is not None]
+    if vals:
+        import statistics
+
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out += ["", f"**The pick (trial {rows[0]['trial']}) on the test split**, measured once per seed run after the "
+                f"choice: {' / '.join(f'{v:.4f}' for v in vals)} (seeds {', '.join(tests)}); mean **{statistics.fmean(vals):.4f}"
+                f" ± {sd:.4f}**, range {min(vals):.4f} – {max(vals):.4f}."]
+    return out
 
 
 def _settings(p: dict[str, Any]) -> str:
