@@ -130,6 +130,8 @@ def _compare(cfg: JobConfig, opts: CompareOptions, methods: list[str], out: Path
     results = []
     for i, (name, method) in enumerate(rows, 1):
         block = _block(method, base, dora_like)
+        if method == "adalora" and isinstance(block, dict):  # its rank schedule runs over the row's steps
+            block = {**block, "total_step": pf.total_steps}
         lr = cfg.train.lr if method is None else opts.lrs.get(name)
         grid = None if lr is not None or not opts.probe else lr_grid(_center(method), opts.grid)
         if lr is None and grid is None:

@@ -479,7 +479,7 @@ def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: P
     params = space.sample(trial)
     folder = trial_dir(out, trial.number)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which process ran it
-    block = method_block(params, pf.blocks)
+    block = method_block(params, pf.blocks, pf.total_steps)
     trial.set_user_attr("params", params)
     trial.set_user_attr("method_block", block)
     tcfg = P.derive(base, {"method": block, "train": {"lr": float(params["lr"])}, "output_dir": str(folder)})

@@ -144,6 +144,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         if cfg.train.eval_every and cfg.train.eval_every > steps:
             upd["eval_every"] = steps
         cfg = P.derive(cfg, {"train": upd})
+        if isinstance(cfg.method, dict) and "total_step" in cfg.method:  # AdaLoRA: its schedule spans the row
+            cfg = P.derive(cfg, {"method": {**cfg.method, "total_step": steps}})
         log(f"budget {spec['budget_s']:.0f} s at {t.step_s:.2f} s/step: {steps} steps")
     main_dir = run_dir / "main"
     resume = False
