@@ -166,3 +166,29 @@ def test_the_winning_probe_is_continued_as_the_rows_run_not_trained_again(tiny_b
     row, fresh = losses(out / "runs" / "lora" / "main"), losses(tmp_path / "scratch")
     assert sorted(row) == sorted(fresh) and max(row) == 8
     assert all(math.isclose(row[s], fresh[s], rel_tol=1e-5, abs_tol=1e-6) for s in row), (row, fresh)
+
+
+def test_seeds_give_each_row_a_spread_and_methods_none_runs_the_config_row_alone(tiny_bert, tmp_path, capsys):
+    """--seeds 2: the row's chosen config trained again under train.seed 43 (same splits), each run on
+    the test split; the table gives mean ± sd. --methods none: the config row alone (a search's best.yaml
+    under the same budget as the other rows)."""
+    import statistics
+
+    cfg = _config(tmp_path, tiny_bert)
+    out = tmp_path / "cmp"
+    rc, stdout, err = _cli(["compare", str(cfg), "--methods", "none", "--steps", "4", "--seeds", "2",
+                            "--out", str(out)], capsys)
+    assert rc == 0, err
+    (row,) = list(csv.DictReader(open(out / "compare.csv")))
+    assert row["name"] == "config" and row["seeds"] == "2"
+    res = json.loads((out / "runs" / "config" / "result.json").read_text())
+    runs = res["seed_runs"]
+    assert [r["seed"] for r in runs] == [42, 43] and runs[0]["test"] == res["test"]
+    assert (out / "runs" / "config" / "seed-43" / "best").is_dir()
+    tests = [r["test"]["accuracy"] for r in runs]
+    assert float(row["test_mean"]) == pytest.approx(statistics.fmean(tests))
+    assert float(row["test_sd"]) == pytest.approx(statistics.stdev(tests))
+    assert "Spread over training seeds" in (out / "compare.md").read_text()
+    rc, _, err = _cli(["compare", str(cfg), "--methods", "none", "--no-config-row", "--out", str(tmp_path / "x")],
+                      capsys)
+    assert rc == 2 and "leaves no row" in err

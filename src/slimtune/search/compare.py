@@ -55,6 +55,7 @@ class CompareOptions:
     test_fraction: Optional[float] = None
     as_given: bool = True  # the config's own method and lr as the first row
     rerun: bool = False  # run every row again, even one finished with the same settings
+    seeds: int = 1  # each row's chosen config trained under this many training seeds (worker.seed_runs)
 
 
 def resolve_methods(names: list[str]) -> list[str]:
@@ -64,6 +65,8 @@ def resolve_methods(names: list[str]) -> list[str]:
 
     known = all_methods()
     out: list[str] = []
+    if names == ["none"]:
+        return []  # the config row alone
     for n in names:
         if n == "all":
             out += sorted(known)
@@ -90,6 +93,10 @@ def run_compare(cfg: JobConfig, opts: CompareOptions, log: Callable[[str], None]
     if opts.grid < 2:
         raise SearchError(f"--lr-grid {opts.grid}: the probe needs at least 2 learning rates (or --no-probe)")
     methods = resolve_methods(opts.methods)
+    if not methods and not opts.as_given:
+        raise SearchError("--methods none with --no-config-row leaves no row to run; drop one of them")
+    if opts.seeds < 1:
+        raise SearchError(f"--seeds {opts.seeds}: give 1 or more training seeds per row")
     unknown = sorted(set(opts.lrs) - set(methods) - {"config"})
     if unknown:
         raise SearchError(f"--lr {unknown[0]}=...: {unknown[0]!r} is not among --methods ({', '.join(methods)})")
@@ -138,7 +145,7 @@ def _compare(cfg: JobConfig, opts: CompareOptions, methods: list[str], out: Path
             lr = _center(method)
         run_cfg = P.derive(base, {"method": block, "output_dir": str(out / "runs" / name)})
         spec = {"name": name, "label": _label(name, block, cfg), "config": saved_form(run_cfg), "lr": lr, "grid": grid,
-                "probe_steps": probe_steps if grid else None, "budget_s": budget_s, "lr_source": "config" if method is None else
+                "probe_steps": probe_steps if grid else None, "budget_s": budget_s, "seeds": opts.seeds, "lr_source": "config" if method is None else
                 "given" if name in opts.lrs else "probe" if grid else "default"}
         results.append(_run_row(spec, out, i, len(rows), opts.rerun, log))
     summary = {"rows": results, "pf": pf, "cfg": cfg, "base": base, "opts": opts, "probe_steps": probe_steps,

@@ -48,7 +48,17 @@ def _split_note(pf) -> str:
 # ---- compare ------------------------------------------------------------------------------------
 
 COMPARE_COLS = ["name", "label", "status", "trainable", "trainable_pct", "lr", "lr_source", "val_metric", "val_step",
-                "test_metric", "test_eval_loss", "steps", "train_time_s", "step_time_s", "peak_mem_mb", "error"]
+                "test_metric", "test_eval_loss", "steps", "train_time_s", "step_time_s", "peak_mem_mb", "error",
+                "seeds", "val_mean", "val_sd", "test_mean", "test_sd", "test_min", "test_max"]
+
+
+def _spread(values: list) -> dict[str, Any]:
+    import statistics
+
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return {"mean": None, "sd": None, "min": None, "max": None}
+    return {"mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1 else 0.0, "min": min(v), "max": max(v)}
 
 
 def compare_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -62,6 +72,11 @@ def compare_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                      "test_eval_loss": test.get("eval_loss"), "steps": run.get("steps"),
                      "train_time_s": run.get("train_time_s"), "step_time_s": run.get("step_time_s"),
                      "peak_mem_mb": run.get("peak_mem_mb"), "error": r.get("error"), "probe": r.get("probe")})
+        sr = r.get("seed_runs") or []
+        if sr:
+            vs, ts = _spread([x["val"] for x in sr]), _spread([(x["test"] or {}).get(pf.metric) for x in sr])
+            rows[-1].update(seeds=len(sr), val_mean=vs["mean"], val_sd=vs["sd"], test_mean=ts["mean"], test_sd=ts["sd"],
+                            test_min=ts["min"], test_max=ts["max"])
     ok = [x for x in rows if x["status"] == "ok" and x["test_metric"] is not None]
     ok.sort(key=lambda x: x["test_metric"], reverse=pf.metric_max)
     return ok + [x for x in rows if x not in ok]
@@ -101,6 +116,15 @@ def write_compare(summary: dict[str, Any], out: Path) -> None:
                      f"| {_f(r['val_metric'])} ({r['val_step']}) | **{_f(r['test_metric'])}** "
                      + (f"| {_f(r['test_eval_loss'])} " if loss_col else "")
                      + f"| {r['steps']} | {_f(r['train_time_s'], 0)} | {_f(r['step_time_s'], 2)} | {_f(r['peak_mem_mb'], 0)} |")
+    seeded = [r for r in rows if r.get("seeds")]
+    if seeded:
+        lines += ["", f"Spread over training seeds (each row's chosen lr and steps trained again from step 0 under "
+                  f"{seeded[0]['seeds']} seeds, same splits; every run measured once on the test split):", "",
+                  f"| method | seeds | validation {m} mean ± sd | **test {m} mean ± sd** | test min – max |",
+                  "|---|---|---|---|---|"]
+        for r in seeded:
+            lines.append(f"| {r['label']} | {r['seeds']} | {_f(r['val_mean'])} ± {_f(r['val_sd'])} | "
+                         f"**{_f(r['test_mean'])} ± {_f(r['test_sd'])}** | {_f(r['test_min'])} – {_f(r['test_max'])} |")
     probes = [r for r in rows if r["probe"]]
     if probes:
         lines += ["", f"lr probe (validation {m} after {summary['probe_steps']} steps):", ""]

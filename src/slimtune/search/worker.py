@@ -160,8 +160,29 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     out["run"] = P.run_once(main, log=log)
     P.strip_checkpoints(Path(main.output_dir))
     out["test"] = P.measure_test(main, Path(main.output_dir))
+    if (spec.get("seeds") or 1) > 1:
+        out["seed_runs"] = seed_runs(main, out, spec["seeds"], run_dir, log)
     out["status"] = "ok"
     return out
+
+
+def seed_runs(main: JobConfig, out: dict[str, Any], n: int, run_dir: Path, log) -> list[dict[str, Any]]:
+    """The row's chosen config (its lr and steps) trained again from step 0 under train.seed + 1 ..
+    + (n - 1), on the same splits (data.split_seed pinned), each measured once on the test split: the
+    spread says how much of a row's lead is training noise. The row's own run is the first seed."""
+    from .seeds import pinned
+
+    cfg = pinned(P.derive(main, {"resume": False, "overwrite": True}))
+    rows = [{"seed": main.train.seed, "val": out["run"]["best"], "test": out["test"]}]
+    for k in range(1, n):
+        sd = main.train.seed + k
+        folder = run_dir / f"seed-{sd}"
+        c = P.derive(cfg, {"train": {"seed": sd}, "output_dir": str(folder)})
+        res = P.run_once(c, log=log)
+        P.strip_checkpoints(folder)
+        rows.append({"seed": sd, "val": res["best"], "test": P.measure_test(c, folder)})
+        log(f"seed {sd}: validation {res['best']}, test {rows[-1]['test'].get(main.train.metric)}")
+    return rows
 
 
 def main(argv: list[str]) -> int:
