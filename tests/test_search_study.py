@@ -150,9 +150,12 @@ def test_a_trial_past_the_time_budget_is_cut_at_an_evaluation_and_runs_first_on_
     import types
 
     from slimtune.search import study as study_mod
+    from slimtune.search import trial as trial_mod
 
     skew = [0.0]
-    monkeypatch.setattr(study_mod, "time", types.SimpleNamespace(time=lambda: time.time() + skew[0]))
+    late_clock = types.SimpleNamespace(time=lambda: time.time() + skew[0])
+    monkeypatch.setattr(study_mod, "time", late_clock)  # the loop's budget check
+    monkeypatch.setattr(trial_mod, "time", late_clock)  # the trial's cut at an evaluation
     real_run_once = study_mod.P.run_once
 
     def an_hour_late(cfg, on_evaluate=None, **kw):  # a trial's run (the others pass no callback)
@@ -214,7 +217,7 @@ def _cli(argv, capsys):
 @pytest.mark.parametrize("extra, match", [
     (["--objective", "gen_accuracy"], "metric 'gen_accuracy' is not produced by this task"),
     (["search.methods=[]"], "search.methods is an empty list"),
-    (["search.methods=[ia3]"], "search.r applies to lora / dora only"),
+    (["search.methods=[ia3]"], "search.r applies to lora / dora / loha / lokr only"),
     (["search.pruner=median"], "search.pruner"),
     (["--timeout", "0.001"], "too small for one run"),
     (["--trials", "0"], "at least 1 trial"),

@@ -101,9 +101,9 @@ def _states(storage, name: str = "slimtune-search") -> list[str]:
 
 
 def _two_workers_complete_and_resume(cfg_path: Path, out: Path, url: str, storage, monkeypatch) -> None:
-    import slimtune.search.study as S
+    import slimtune.search.trial as S
 
-    one_trial, waited = S._one_trial, []
+    one_trial, waited = S.one_trial, []
 
     def after_the_worker_joined(*a, **kw):
         """This process starts its first trial once the worker it started has joined (its start-up,
@@ -115,7 +115,7 @@ def _two_workers_complete_and_resume(cfg_path: Path, out: Path, url: str, storag
         waited.append(True)
         return one_trial(*a, **kw)
 
-    monkeypatch.setattr(S, "_one_trial", after_the_worker_joined)
+    monkeypatch.setattr(S, "one_trial", after_the_worker_joined)
     lines: list[str] = []
     t0 = time.time()
     s = run_search(load_config(str(cfg_path)), SearchOptions(seeds=1, out=out, trials=3, workers=2, storage=url,
@@ -223,7 +223,8 @@ def test_a_study_of_another_config_in_a_shared_store_is_refused(tiny_bert, tmp_p
 def test_a_worker_losing_the_database_stops_cleanly_and_its_trial_runs_again(tiny_bert, tmp_path, postgres_url):
     """The server stops (immediate shutdown) while a trial trains: the worker's heartbeat fails, the
     trial stops at its next evaluation and the search ends with one message, telling nothing. With
-    the server back, the same command finds the trial stale, fails it and runs its parameters again."""
+    the server back, the same command finds the trial stale, fails it and runs its parameters again,
+    continuing the run from the checkpoint it stopped at."""
     import threading
 
     from slimtune.search.space import SearchError
@@ -247,7 +248,10 @@ def test_a_worker_losing_the_database_stops_cleanly_and_its_trial_runs_again(tin
     finally:
         th.join()
         postgres_url.ctl("start")
-    assert not (out / "trials" / "trial-0000").exists()
+    # the folder stays, with the checkpoint of the evaluation where the trial stopped, for the retry
+    kept = sorted((out / "trials" / "trial-0000" / "checkpoints").glob("step-*"))
+    assert kept
+    at = int(kept[-1].name.split("-")[1])
     storage = postgres_url.replace("postgresql://", "postgresql+psycopg://")
     assert _states(storage, "lost-db") == ["RUNNING"]  # nothing was told: the store fails it as stale
     killed = optuna.load_study(study_name="lost-db", storage=storage).trials[0].params
@@ -255,3 +259,6 @@ def test_a_worker_losing_the_database_stops_cleanly_and_its_trial_runs_again(tin
     st = optuna.load_study(study_name="lost-db", storage=storage)
     assert [t.state.name for t in st.trials] == ["FAIL", "COMPLETE"]
     assert st.trials[1].user_attrs["retry_of"] == 0 and st.trials[1].params == killed
+    # continued from that checkpoint, not trained again from step 0
+    assert st.trials[1].user_attrs["continued_at"] == at and st.trials[1].user_attrs["result"]["resumed_at"] == at
+    assert not (out / "trials" / "trial-0000").exists()

@@ -185,7 +185,7 @@ def trial_rows(study, metric: str) -> list[dict[str, Any]]:
         rows.append({"trial": t.number, "state": "skipped" if t.user_attrs.get("skipped") else t.state.name.lower(), "method": p.get("method"), "r": p.get("r"),
                      "alpha_over_r": p.get("alpha_over_r"), "targets": p.get("targets"),
                      "layers": p.get("layers") if not isinstance(p.get("layers"), list) else ",".join(map(str, p["layers"])),
-                     "dropout": p.get("dropout"), "rslora": p.get("rslora"), "lr": p.get("lr"),
+                     "dropout": p.get("dropout"), "rslora": p.get("rslora"), "mlp_r_factor": p.get("mlp_r_factor"), "lr": p.get("lr"),
                      metric: t.values[0] if t.values else None, "best_step": res.get("best_step"),
                      "steps": res.get("steps"), "trainable_pct": res.get("trainable_pct", t.user_attrs.get("trainable_pct")),
                      "step_time_s": res.get("step_time_s"),
@@ -291,9 +291,16 @@ def _settings(p: dict[str, Any]) -> str:
         return "—"
     bits = [str(p["method"])]
     if p.get("r") is not None:
+        bits.append(f"r={p['r']} α/r={p['alpha_over_r']:g}")
+    if p.get("targets") is not None:
         layers = p["layers"] if isinstance(p["layers"], str) else ",".join(map(str, p["layers"]))
-        bits.append(f"r={p['r']} α/r={p['alpha_over_r']:g} {p['targets']} layers={layers} dropout={p['dropout']:g}"
-                    + (" rsLoRA" if p.get("rslora") else ""))
+        bits.append(f"{p['targets']} layers={layers}")
+    if p.get("dropout") is not None:
+        bits.append(f"dropout={p['dropout']:g}")
+    if p.get("rslora"):
+        bits.append("rsLoRA")
+    if p.get("mlp_r_factor") not in (None, 1.0):
+        bits.append(f"MLP r×{p['mlp_r_factor']:g}")
     if p.get("lr") is not None:
         bits.append(f"lr={p['lr']:.2e}")
     return " ".join(bits)

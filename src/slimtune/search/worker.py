@@ -186,7 +186,7 @@ def seed_runs(main: JobConfig, out: dict[str, Any], n: int, run_dir: Path, log) 
 
 
 def main(argv: list[str]) -> int:
-    from .study import TRIAL_ERRORS
+    from .trial import TRIAL_ERRORS
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     spec_path = Path(argv[0])
