@@ -25,5 +25,5 @@ one() {  # name config budget_min probe_steps trials timeout_min overrides...
   $ST compare "$o/search/best.yaml" --methods none --budget-minutes "$b" --seeds 3 --out "$o/best" train.cpu_threads=1
   echo "== $name: done $(date -u +%T)"
 }
-one minilm_rt examples/minilm_rotten_tomatoes.yaml 1 6 8 14 data.max_eval=200
-one smollm2_chatterbot examples/smollm2_chatterbot.yaml 1 2 6 14
+one minilm_rt examples/minilm_rotten_tomatoes.yaml 1 6 6 9 data.max_eval=200
+one smollm2_chatterbot examples/smollm2_chatterbot.yaml 1.25 2 4 10
