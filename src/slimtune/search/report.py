@@ -134,7 +134,7 @@ def write_compare(summary: dict[str, Any], out: Path) -> None:
                 f"{p['lr']:g}" + (f" at {p['steps']} steps" if p.get("steps", ps) != ps else "")
                 + f" → {_f(p.get('value')) if p['status'] == 'ok' else p['status']}" for p in r["probe"])
                 + ("; **could not separate the rates** on validation " + m + ", even with successive halving "
-                   "(the better half again at twice the steps): chosen by validation loss"
+                   "(the better half continued to twice the steps): chosen by validation loss"
                    if any(p.get("undecided") for p in r["probe"]) else ""))
     lines += ["", "Peak memory is each method's process (its lr probe, run and nothing else): ru_maxrss on CPU, "
               "max allocated on GPU. Training s counts the optimizer steps only (evaluations and set-up are extra).",
