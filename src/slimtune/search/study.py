@@ -180,7 +180,7 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
     if budget_s is not None and estimate is None and done < opts.trials:
         t = P.time_run(base, out / "timing")
         estimate = t.run_s(pf.total_steps, P.evals_of(pf.total_steps, every, pf.total_steps))
-        extra = _seed_runs(opts, pareto)
+        extra = _seed_runs(opts, pareto, 1)
         P.check_budget("--timeout", budget_s - elapsed0, estimate * (1 + extra),
                        f"one trial ({pf.total_steps} steps, an evaluation every {every})"
                        + (f" and the {extra} seed-spread runs after it (--seeds 1: none)" if extra else ""))
@@ -253,7 +253,8 @@ def _loop(optuna, study, storage, space, pf, base, out, opts, section, log, beat
         spent = elapsed0 + (time.time() - t_session)
         if budget_s is not None:
             est = _trial_estimate(study) or estimate or 0.0
-            reserve = _seed_runs(opts, len(study.directions) > 1) * est  # the seed spread after the trials
+            # the seed spread after the trials: for the configs there will be once this trial is done
+            reserve = _seed_runs(opts, len(study.directions) > 1, _complete(study) + 1) * est
             if spent + est + reserve > budget_s:
                 return (f"time budget: {spent / 60:.1f} of {budget_s / 60:.1f} min spent, a trial takes about "
                         f"{est / 60:.1f} min" + (f", {reserve / 60:.1f} min kept for the seed spread" if reserve else ""))
@@ -267,9 +268,16 @@ def _loop(optuna, study, storage, space, pf, base, out, opts, section, log, beat
         study.set_user_attr("elapsed_s", max(prev, elapsed0 + (time.time() - t_session)))
 
 
-def _seed_runs(opts: SearchOptions, pareto: bool) -> int:
-    """Runs the seed spread adds after the trials (seeds.py): (seeds - 1) for each of the top configs."""
-    return 0 if pareto or opts.role != "main" else (opts.seeds - 1) * opts.top
+def _seed_runs(opts: SearchOptions, pareto: bool, configs: int) -> int:
+    """Runs the seed spread adds after the trials (seeds.py): (seeds - 1) for each of the top configs,
+    of which there are at most `configs` (the completed trials)."""
+    return 0 if pareto or opts.role != "main" else (opts.seeds - 1) * min(opts.top, configs)
+
+
+def _complete(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
 def _fingerprint(base: JobConfig) -> dict[str, Any]:
