@@ -152,13 +152,14 @@ def test_search_and_compare_take_the_new_methods():
     new = ["loha", "lokr", "vera", "oft"]
     assert resolve_methods(["lora"] + new) == ["lora"] + new
     model = tiny_llama()
-    space = build_space(parse_section({"methods": new}), "causal_lm", T.find_blocks(model))
+    blocks = T.find_blocks(model)  # the four take the space's target sets and layers (search/space.py METHOD_KEYS)
+    space = build_space(parse_section({"methods": new}), "causal_lm", blocks)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(16):
         t = study.ask()
         p = space.sample(t)
-        block = method_block(p, None)
+        block = method_block(p, blocks)
         pm = get_peft_model(tiny_llama(), make_config(block.pop("name"), **block))
         assert pm.get_nb_trainable_parameters()[0] > 0 and p["lr"] > 0
         seen.add(p["method"])

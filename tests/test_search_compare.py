@@ -49,7 +49,7 @@ def test_compare_runs_every_row_alike_and_a_rerun_keeps_them(tiny_bert, tmp_path
     res = json.loads((out / "runs" / "lora" / "result.json").read_text())
     probed = [p["lr"] for p in res["probe"]]
     assert rows["lora"]["lr_source"] == "probe" and len(probed) >= 2 and res["lr"] in probed
-    assert all((out / "runs" / "lora" / "probe" / f"lr-{lr:.3g}").is_dir() for lr in probed)
+    assert all((out / "runs" / "lora" / "probe" / f"lr-{lr:.3g}").is_dir() for lr in probed if lr != res["lr"])
     # the held-out number: the test split, 12 of 120 rows carved before validation, measured once
     assert res["test"]["n_test"] == 12 and 0 <= res["test"]["accuracy"] <= 1
     assert float(rows["lora"]["test_metric"]) == res["test"]["accuracy"]
@@ -126,3 +126,69 @@ def test_a_probe_that_cannot_separate_the_rates_halves_then_says_so(tiny_bert, t
         assert all(p.get("undecided") for p in last) and "could not separate the rates" in md
     else:
         assert not any(p.get("undecided") for p in probe) and "could not separate" not in md
+
+
+def test_the_winning_probe_is_continued_as_the_rows_run_not_trained_again(tiny_bert, tmp_path, capsys):
+    """A probe is the row's own run stopped at an evaluation; the winner's checkpoint is where the row's
+    run continues. So the row trains each step once: its run resumed at the probe's step, trained only the
+    rest, and its loss curve is step for step the curve of the same lr trained from step 0 in one go."""
+    from slimtune.train.config import JobConfig
+    from slimtune.train.run import run_train
+
+    cfg = _config(tmp_path, tiny_bert)
+    out = tmp_path / "cmp"
+    rc, stdout, err = _cli(["compare", str(cfg), "train.precision=fp32", "--methods", "lora", "--steps", "8",
+                            "--probe-steps", "2", "--lr-grid", "2", "--no-config-row", "--out", str(out)], capsys)
+    assert rc == 0, err
+    res = json.loads((out / "runs" / "lora" / "result.json").read_text())
+    won = [p for p in res["probe"] if p.get("continued")]
+    assert len(won) == 1 and won[0]["lr"] == res["lr"]
+    reached = won[0]["steps"]  # 2, or 4 / 8 when successive halving continued it
+    assert 2 <= reached <= 8
+    assert res["run"]["resumed_at"] == reached and res["run"]["session_steps"] == 8 - reached
+    assert res["run"]["steps"] == 8 and not (out / "runs" / "lora" / "probe" / f"lr-{res['lr']:.3g}").exists()
+    # the winner's 8 steps were each trained once: its probe rungs plus the row's own session
+    assert sum(p["trained"] for p in res["probe"] if p["lr"] == res["lr"]) + res["run"]["session_steps"] == 8
+    # every probe rung that was promoted continued too: its steps count only what it added
+    for p in res["probe"]:
+        if p["status"] == "ok" and p["steps"] > 2:
+            assert p["trained"] == p["steps"] - max(q["steps"] for q in res["probe"]
+                                                    if q["lr"] == p["lr"] and q["steps"] < p["steps"])
+    spec = json.loads((out / "runs" / "lora" / "spec.json").read_text())
+    scratch = JobConfig.model_validate({**spec["config"], "output_dir": str(tmp_path / "scratch"),
+                                        "train": {**spec["config"]["train"], "lr": res["lr"], "max_steps": 8}})
+    run_train(scratch, log=lambda m: None, progress=False)
+
+    def losses(folder):
+        recs = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+    row, fresh = losses(out / "runs" / "lora" / "main"), losses(tmp_path / "scratch")
+    assert sorted(row) == sorted(fresh) and max(row) == 8
+    assert all(math.isclose(row[s], fresh[s], rel_tol=1e-5, abs_tol=1e-6) for s in row), (row, fresh)
+
+
+def test_seeds_give_each_row_a_spread_and_methods_none_runs_the_config_row_alone(tiny_bert, tmp_path, capsys):
+    """--seeds 2: the row's chosen config trained again under train.seed 43 (same splits), each run on
+    the test split; the table gives mean ± sd. --methods none: the config row alone (a search's best.yaml
+    under the same budget as the other rows)."""
+    import statistics
+
+    cfg = _config(tmp_path, tiny_bert)
+    out = tmp_path / "cmp"
+    rc, stdout, err = _cli(["compare", str(cfg), "--methods", "none", "--steps", "4", "--seeds", "2",
+                            "--out", str(out)], capsys)
+    assert rc == 0, err
+    (row,) = list(csv.DictReader(open(out / "compare.csv")))
+    assert row["name"] == "config" and row["seeds"] == "2"
+    res = json.loads((out / "runs" / "config" / "result.json").read_text())
+    runs = res["seed_runs"]
+    assert [r["seed"] for r in runs] == [42, 43] and runs[0]["test"] == res["test"]
+    assert (out / "runs" / "config" / "seed-43" / "best").is_dir()
+    tests = [r["test"]["accuracy"] for r in runs]
+    assert float(row["test_mean"]) == pytest.approx(statistics.fmean(tests))
+    assert float(row["test_sd"]) == pytest.approx(statistics.stdev(tests))
+    assert "Spread over training seeds" in (out / "compare.md").read_text()
+    rc, _, err = _cli(["compare", str(cfg), "--methods", "none", "--no-config-row", "--out", str(tmp_path / "x")],
+                      capsys)
+    assert rc == 2 and "leaves no row" in err

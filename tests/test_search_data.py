@@ -51,12 +51,29 @@ def test_no_test_split_leaves_the_splits_as_they_were(tmp_path):
     rows = _rows(50)
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     cfg = JobConfig.model_validate({"data": {"train": str(path), "max_length": 32}}).data
-    d = prepare(cfg, tok, "classification", seed=3)
-    _, val = carve(rows, 5, 3)
+    d = prepare(cfg, tok, "classification", seed=42)  # train.seed's default: data.split_seed's default
+    _, val = carve(rows, 5, 42)
     assert _texts(d.eval, tok) == sorted(r["text"] for r in val)
     assert d.test == [] and "test" not in d.stats
     with pytest.raises(DataError, match="no test split"):
         d.held_out()
+
+
+def test_the_split_seed_moves_the_splits_and_train_seed_does_not(tmp_path):
+    """data.split_seed carves validation and test; train.seed (the seed spread of compare / search)
+    leaves them where they are; split_seed null follows train.seed, as before the key existed."""
+    tok = _tok()
+    path = write_jsonl(tmp_path / "d.jsonl", _rows(60))
+
+    def splits(train_seed, **data):
+        cfg = JobConfig.model_validate({"data": {"train": str(path), "test_fraction": 0.2, "max_length": 32, **data}}).data
+        d = prepare(cfg, tok, "classification", seed=train_seed)
+        return _texts(d.eval, tok), _texts(d.test, tok), d.stats["test"]
+
+    assert splits(1) == splits(2) == splits(3, split_seed=42)
+    assert "split seed 42" in splits(1)[2]
+    assert splits(1, split_seed=7)[1] != splits(1)[1] and splits(1, split_seed=7) == splits(2, split_seed=7)
+    assert splits(7, split_seed=None) == splits(1, split_seed=7) and splits(8, split_seed=None) != splits(7, split_seed=None)
 
 
 def test_test_file_max_test_and_contradictions(tmp_path):

@@ -84,7 +84,7 @@ def test_a_model_without_blocks_has_no_target_sets():
     ({"r": []}, "search.r is an empty list"),
     ({"lr": {"low": 1e-2, "high": 1e-4}}, "low 0.01 is above high 0.0001"),
     ({"lr": {"low": 0, "high": 1e-2, "log": True}}, "log range needs low > 0"),
-    ({"methods": ["ia3"], "r": [4, 8]}, r"search.r applies to lora / dora only"),
+    ({"methods": ["ia3"], "r": [4, 8]}, r"search.r applies to lora / dora / loha / lokr only"),
     ({"methods": ["lorra"]}, "did you mean 'lora'"),
     ({"targets": ["attn"]}, "not a target set"),
     ({"layers": ["top"]}, "not a layer choice"),
@@ -164,3 +164,49 @@ def test_the_first_trial_is_the_jobs_own_config_snapped_into_the_space():
                         "classification")
     assert first["r"] == 4 and first["alpha_over_r"] == 1.0 and first["lr"] == 1e-3
     assert first_trial(sp, JobConfig.model_validate({"model": "m", "data": {"train": "t.jsonl"}, "method": "prompt"}), "classification") is None
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "loha", "lokr", "vera", "oft", "adalora"])
+def test_new_methods_and_rank_patterns_are_in_the_space_and_build(method):
+    """LoHa, LoKr, VeRA, OFT and AdaLoRA are options of the space with the target sets and layers; the
+    rank pattern (all-linear targets: MLP rank r * mlp_r_factor, attention r, the same alpha/r) reaches
+    PEFT's rank_pattern / alpha_pattern and the injected layers have those ranks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slimtune import get_peft_model
+    from slimtune.registry import make_config
+
+    def llama():  # hidden 64: OFT's 32-wide rotation blocks divide every linear's input
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1))
+
+    blocks = T.find_blocks(llama())
+    space = build_space(parse_section({"methods": [method], "targets": ["all-linear", "attention"],
+                                       "layers": ["all", "top_half"], "r": [2, 4], "mlp_r_factor": [2.0, 1.0]}
+                                      if method in ("lora", "dora", "loha", "lokr") else
+                                      {"methods": [method], "targets": ["all-linear", "attention"],
+                                       "layers": ["all", "top_half"]}), "causal_lm", blocks)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    patterned = 0
+    for _ in range(8):
+        t = study.ask()
+        p = space.sample(t)
+        assert ("mlp_r_factor" in p) == (method in ("lora", "dora", "loha", "lokr") and p["targets"] == "all-linear")
+        block = method_block(p, blocks, total_steps=20)
+        name = block.pop("name")
+        pm = get_peft_model(llama(), make_config(name, **block))
+        trained = [n for n, q in pm.named_parameters() if q.requires_grad]
+        assert trained and all(".layers.1." in n for n in trained) if p["layers"] == "top_half" else trained
+        if p["targets"] == "attention":
+            assert not any(".mlp." in n for n in trained)
+        if p.get("mlp_r_factor") == 2.0:
+            patterned += 1
+            r, alpha = p["r"], p["alpha_over_r"] * p["r"]
+            assert list(block["rank_pattern"].values()) == [2 * r]
+            assert list(block["alpha_pattern"].values()) == [pytest.approx(2 * alpha)]
+            ranks = {n: (m.r["default"] if isinstance(m.r, dict) else m.r) for n, m in pm.named_modules()
+                     if hasattr(m, "r") and n.endswith(("_proj",))}
+            assert ranks and all(v == (2 * r if ".mlp." in n else r) for n, v in ranks.items()), ranks
+        study.tell(t, 0.0)
+    if method in ("lora", "dora", "loha", "lokr"):
+        assert patterned

@@ -101,9 +101,9 @@ def _states(storage, name: str = "slimtune-search") -> list[str]:
 
 
 def _two_workers_complete_and_resume(cfg_path: Path, out: Path, url: str, storage, monkeypatch) -> None:
-    import slimtune.search.study as S
+    import slimtune.search.trial as S
 
-    one_trial, waited = S._one_trial, []
+    one_trial, waited = S.one_trial, []
 
     def after_the_worker_joined(*a, **kw):
         """This process starts its first trial once the worker it started has joined (its start-up,
@@ -115,10 +115,10 @@ def _two_workers_complete_and_resume(cfg_path: Path, out: Path, url: str, storag
         waited.append(True)
         return one_trial(*a, **kw)
 
-    monkeypatch.setattr(S, "_one_trial", after_the_worker_joined)
+    monkeypatch.setattr(S, "one_trial", after_the_worker_joined)
     lines: list[str] = []
     t0 = time.time()
-    s = run_search(load_config(str(cfg_path)), SearchOptions(out=out, trials=3, workers=2, storage=url,
+    s = run_search(load_config(str(cfg_path)), SearchOptions(seeds=1, out=out, trials=3, workers=2, storage=url,
                                                               heartbeat_s=2), log=lines.append)
     print(f"2 workers, 3 trials: {time.time() - t0:.0f} s")
     st = optuna.load_study(study_name="slimtune-search", storage=storage)
@@ -135,7 +135,7 @@ def _two_workers_complete_and_resume(cfg_path: Path, out: Path, url: str, storag
     assert s["best"].number in ran and (out / "best.yaml").is_file()
     assert f"storage {url.split('://')[0]}" in (out / "search.md").read_text()  # the shared store, not study.db
     # resume: the same command with a higher count continues the study
-    run_search(load_config(str(cfg_path)), SearchOptions(out=out, trials=5, workers=2, storage=url, heartbeat_s=2),
+    run_search(load_config(str(cfg_path)), SearchOptions(seeds=1, out=out, trials=5, workers=2, storage=url, heartbeat_s=2),
                log=lines.append)
     states = _states(storage)
     assert states.count("COMPLETE") == 5 and "RUNNING" not in states and "WAITING" not in states, states
@@ -176,7 +176,7 @@ def test_two_workers_on_a_journal_file_and_a_killed_workers_trial_runs_again(tin
     assert _states(storage) == ["RUNNING"]
     killed = optuna.load_study(study_name="slimtune-search", storage=storage).trials[0].params
     out = tmp_path / "here"
-    run_search(load_config(str(cfg_path)), SearchOptions(out=out, trials=2, workers=2, storage=url, heartbeat_s=1),
+    run_search(load_config(str(cfg_path)), SearchOptions(seeds=1, out=out, trials=2, workers=2, storage=url, heartbeat_s=1),
                log=lambda m: None)
     st = optuna.load_study(study_name="slimtune-search", storage=storage)
     states = [t.state.name for t in st.trials]
@@ -212,7 +212,7 @@ def test_bad_storage_input_is_one_message(tiny_bert, tmp_path, capsys):
 def test_a_study_of_another_config_in_a_shared_store_is_refused(tiny_bert, tmp_path, capsys):
     cfg_path = _config(tmp_path, tiny_bert, steps=3)
     url = f"journal:{tmp_path / 'j.log'}"
-    run_search(load_config(str(cfg_path)), SearchOptions(out=tmp_path / "a", trials=1, storage=url), log=lambda m: None)
+    run_search(load_config(str(cfg_path)), SearchOptions(seeds=1, out=tmp_path / "a", trials=1, storage=url), log=lambda m: None)
     rc, err = _cli(["search", str(cfg_path), "data.max_length=20", "--out", str(tmp_path / "b"), "--trials", "2",
                     "--storage", url], capsys)
     assert rc == 2 and "holds a search of another config" in err and "data.max_length: 24 -> 20" in err, err
@@ -223,14 +223,15 @@ def test_a_study_of_another_config_in_a_shared_store_is_refused(tiny_bert, tmp_p
 def test_a_worker_losing_the_database_stops_cleanly_and_its_trial_runs_again(tiny_bert, tmp_path, postgres_url):
     """The server stops (immediate shutdown) while a trial trains: the worker's heartbeat fails, the
     trial stops at its next evaluation and the search ends with one message, telling nothing. With
-    the server back, the same command finds the trial stale, fails it and runs its parameters again."""
+    the server back, the same command finds the trial stale, fails it and runs its parameters again,
+    continuing the run from the checkpoint it stopped at."""
     import threading
 
     from slimtune.search.space import SearchError
 
     cfg_path = _config(tmp_path, tiny_bert, steps=60)
     out = tmp_path / "lost"
-    opts = SearchOptions(out=out, trials=1, storage=str(postgres_url), heartbeat_s=1, study="lost-db")
+    opts = SearchOptions(seeds=1, out=out, trials=1, storage=str(postgres_url), heartbeat_s=1, study="lost-db")
     marker = out / "trials" / "trial-0000" / "metrics.jsonl"
 
     def stop_when_training() -> None:
@@ -247,7 +248,10 @@ def test_a_worker_losing_the_database_stops_cleanly_and_its_trial_runs_again(tin
     finally:
         th.join()
         postgres_url.ctl("start")
-    assert not (out / "trials" / "trial-0000").exists()
+    # the folder stays, with the checkpoint of the evaluation where the trial stopped, for the retry
+    kept = sorted((out / "trials" / "trial-0000" / "checkpoints").glob("step-*"))
+    assert kept
+    at = int(kept[-1].name.split("-")[1])
     storage = postgres_url.replace("postgresql://", "postgresql+psycopg://")
     assert _states(storage, "lost-db") == ["RUNNING"]  # nothing was told: the store fails it as stale
     killed = optuna.load_study(study_name="lost-db", storage=storage).trials[0].params
@@ -255,3 +259,6 @@ def test_a_worker_losing_the_database_stops_cleanly_and_its_trial_runs_again(tin
     st = optuna.load_study(study_name="lost-db", storage=storage)
     assert [t.state.name for t in st.trials] == ["FAIL", "COMPLETE"]
     assert st.trials[1].user_attrs["retry_of"] == 0 and st.trials[1].params == killed
+    # continued from that checkpoint, not trained again from step 0
+    assert st.trials[1].user_attrs["continued_at"] == at and st.trials[1].user_attrs["result"]["resumed_at"] == at
+    assert not (out / "trials" / "trial-0000").exists()

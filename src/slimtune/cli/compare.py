@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
                        "Running the same command again keeps the finished rows (docs/search.md).")
     c.add_argument("config", nargs="?", help="YAML config (none: the shipped default run)")
     c.add_argument("overrides", nargs="*", help="key=value overrides (dotted paths)")
-    c.add_argument("--methods", default="all", help="comma-separated methods, or all (default)")
+    c.add_argument("--methods", default="all", help="comma-separated methods, or all (default), or none (the config "
+                   "row alone: e.g. a search's best.yaml under the same budget)")
     g = c.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, help="train.max_steps for every method (default: the config's schedule)")
     g.add_argument("--budget-minutes", type=float, help="training time per method instead of a step count")
@@ -27,6 +28,8 @@ def add_parser(sub) -> None:
     c.add_argument("--probe-steps", type=int, help="steps of each probe run (default: a quarter of the run, at least 10)")
     c.add_argument("--test-fraction", type=float, help="the test split to carve when the config has none (default 0.1)")
     c.add_argument("--no-config-row", action="store_true", help="leave out the row of the config as given")
+    c.add_argument("--seeds", type=int, default=1, help="train each row's chosen config under this many training "
+                   "seeds (same splits) and give the test mean and spread (default 1)")
     c.add_argument("--rerun", action="store_true", help="run every row again, even those finished in OUT")
     c.add_argument("--out", help="output folder (default: OUTPUT_DIR-compare)")
     c.set_defaults(fn=run)
@@ -69,6 +72,6 @@ def run(a) -> int:
                                                                                   if m.strip()],
                           steps=a.steps, budget_min=a.budget_minutes, lrs=parse_lrs(a.lr), probe=not a.no_probe,
                           grid=a.lr_grid, probe_steps=a.probe_steps, test_fraction=a.test_fraction,
-                          as_given=not a.no_config_row, rerun=a.rerun)
+                          as_given=not a.no_config_row, rerun=a.rerun, seeds=a.seeds)
     run_compare(cfg, opts)
     return 0

@@ -34,6 +34,11 @@ def add_parser(sub) -> None:
                    "on other machines run the same command with the same URL")
     s.add_argument("--workers", type=int, default=1, help="worker processes on this machine, this one included "
                    "(default 1)")
+    s.add_argument("--seeds", type=int, default=3, help="how sure the best is: the top configs run again under this "
+                   "many training seeds (same splits), the pick is the best mean, its test split measured per seed "
+                   "(default 3; 1: no spread)")
+    s.add_argument("--seed-top", type=int, default=3, metavar="K", help="how many of the best configs --seeds reruns "
+                   "(default 3)")
     s.add_argument("--study", default="slimtune-search", help="the study's name in --storage (default slimtune-search)")
     s.add_argument("--heartbeat", type=int, default=10, metavar="S", help="with several workers, each running trial "
                    "beats every S seconds; one silent for 3 beats is failed and run again (default 10)")
@@ -50,6 +55,7 @@ def run(a) -> int:
     opts = SearchOptions(out=Path(a.out or f"{cfg.output_dir}-search"), trials=a.trials, timeout_min=a.timeout,
                          objective=a.objective, pareto_with=a.pareto_with, max_trainable_pct=a.max_trainable_pct,
                          keep_all=a.keep_all, test_fraction=a.test_fraction, overwrite=a.overwrite,
-                         storage=a.storage, workers=a.workers, study=a.study, heartbeat_s=a.heartbeat)
+                         storage=a.storage, workers=a.workers, study=a.study, heartbeat_s=a.heartbeat,
+                         seeds=a.seeds, top=a.seed_top)
     run_search(cfg, opts)
     return 0

@@ -9,10 +9,12 @@ keys of `space.METHOD_DEFAULTS`; DoRA takes the rank, alpha and targets the job 
 the two differ only by DoRA's magnitude. A method whose config cannot run on this model (BitFit on a
 model without biases) is a row with its message.
 
-The lr probe: a few short runs (a quarter of the steps) on a log grid of half decades around the
-method's `space.METHOD_LR`, the best validation metric wins (ties: the lower validation loss); when
-the best sits on an edge of the grid the grid grows that way (at most twice). `--lr method=value`
-skips the probe for that method.
+The lr probe: a few short runs (a quarter of the steps, on the rows' evaluation grid) on a log grid
+of half decades around the method's `space.METHOD_LR`, the best validation metric wins (ties: the
+lower validation loss); when the best sits on an edge of the grid the grid grows that way (at most
+twice); when the winner is not ahead on the metric the better half is continued to twice the steps
+(successive halving). Each probe is the row's own run stopped early, so the winner's run is the row's
+start (worker.py): the row trains its steps once. `--lr method=value` skips the probe for that method.
 
 Why a process per row: the table reports each method's peak memory, which is a per-process figure
 on CPU (ru_maxrss never goes down), and a method that crashes or leaks cannot touch the next one.
@@ -23,6 +25,7 @@ the rest: a stopped compare continues.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -53,6 +56,7 @@ class CompareOptions:
     test_fraction: Optional[float] = None
     as_given: bool = True  # the config's own method and lr as the first row
     rerun: bool = False  # run every row again, even one finished with the same settings
+    seeds: int = 1  # each row's chosen config trained under this many training seeds (worker.seed_runs)
 
 
 def resolve_methods(names: list[str]) -> list[str]:
@@ -62,6 +66,8 @@ def resolve_methods(names: list[str]) -> list[str]:
 
     known = all_methods()
     out: list[str] = []
+    if names == ["none"]:
+        return []  # the config row alone
     for n in names:
         if n == "all":
             out += sorted(known)
@@ -88,6 +94,10 @@ def run_compare(cfg: JobConfig, opts: CompareOptions, log: Callable[[str], None]
     if opts.grid < 2:
         raise SearchError(f"--lr-grid {opts.grid}: the probe needs at least 2 learning rates (or --no-probe)")
     methods = resolve_methods(opts.methods)
+    if not methods and not opts.as_given:
+        raise SearchError("--methods none with --no-config-row leaves no row to run; drop one of them")
+    if opts.seeds < 1:
+        raise SearchError(f"--seeds {opts.seeds}: give 1 or more training seeds per row")
     unknown = sorted(set(opts.lrs) - set(methods) - {"config"})
     if unknown:
         raise SearchError(f"--lr {unknown[0]}=...: {unknown[0]!r} is not among --methods ({', '.join(methods)})")
@@ -108,28 +118,37 @@ def _compare(cfg: JobConfig, opts: CompareOptions, methods: list[str], out: Path
     pf = P.preflight(cfg, None, log)
     threads = set_cpu_threads(cfg.train.cpu_threads, P.quiet)
     base = P.derive(cfg, {"search": None, "resume": False, "overwrite": True, "resume_weights_only": False,
-                          "train": {"metric": pf.metric, "cpu_threads": threads}})
+                          "train": {"metric": pf.metric, "cpu_threads": threads},
+                          "eval": {"samples": 0}})  # generated samples are not in the tables; they cost each probe
     budget_s = opts.budget_min * 60 if opts.budget_min is not None else None
     if budget_s is not None:
         t = P.time_run(base, out / "timing")
         P.check_budget("--budget-minutes", budget_s, MIN_BUDGET_STEPS * t.step_s,
                        f"{MIN_BUDGET_STEPS} training steps of the config as given ({t.step_s:.2f} s/step)")
         log(f"budget: {opts.budget_min:g} min of training per method (measured {t.step_s:.2f} s/step for the config "
-            "as given); each method's steps come from its own step time in the lr probe")
-    # a quarter of the run, at least 10 steps (fewer barely move a fresh classifier head off the majority class)
+            "as given); each row's steps come from its own step time (a 2-step timing run before its probe)")
+    # a quarter of the run, at least 10 steps (fewer barely move a fresh classifier head off the majority class),
+    # on the rows' evaluation grid: a probe is the row's own run stopped at an evaluation, continued later
     probe_steps = opts.probe_steps or min(pf.total_steps, max(10, round(pf.total_steps / 4)))
+    every = base.train.eval_every
+    if opts.probe and (every is None or every > probe_steps):
+        every = probe_steps
+        base = P.derive(base, {"train": {"eval_every": every}})
+    probe_steps = min(pf.total_steps, math.ceil(probe_steps / every) * every)
     rows = ([("config", None)] if opts.as_given else []) + [(m, m) for m in methods]
     dora_like = _lora_choice(pf, base)
     results = []
     for i, (name, method) in enumerate(rows, 1):
         block = _block(method, base, dora_like)
+        if method == "adalora" and isinstance(block, dict):  # its rank schedule runs over the row's steps
+            block = {**block, "total_step": pf.total_steps}
         lr = cfg.train.lr if method is None else opts.lrs.get(name)
         grid = None if lr is not None or not opts.probe else lr_grid(_center(method), opts.grid)
         if lr is None and grid is None:
             lr = _center(method)
         run_cfg = P.derive(base, {"method": block, "output_dir": str(out / "runs" / name)})
         spec = {"name": name, "label": _label(name, block, cfg), "config": saved_form(run_cfg), "lr": lr, "grid": grid,
-                "probe_steps": probe_steps if grid else None, "budget_s": budget_s, "lr_source": "config" if method is None else
+                "probe_steps": probe_steps if grid else None, "budget_s": budget_s, "seeds": opts.seeds, "lr_source": "config" if method is None else
                 "given" if name in opts.lrs else "probe" if grid else "default"}
         results.append(_run_row(spec, out, i, len(rows), opts.rerun, log))
     summary = {"rows": results, "pf": pf, "cfg": cfg, "base": base, "opts": opts, "probe_steps": probe_steps,

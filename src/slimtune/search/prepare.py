@@ -173,7 +173,8 @@ def run_once(cfg: JobConfig, on_evaluate=None, log: Callable[[str], None] = quie
 
 KEEP_KEYS = ("status", "steps", "total_steps", "best", "best_step", "metric", "before", "after", "trainable",
              "total_params", "trainable_pct", "train_time_s", "wall_s", "total_wall_s", "step_time_s",
-             "tokens_per_s", "peak_mem_mb", "stop_reason", "method", "n_train", "n_eval", "warnings")
+             "tokens_per_s", "peak_mem_mb", "stop_reason", "method", "n_train", "n_eval", "warnings", "session_steps",
+             "resumed_at")
 
 
 def compact(res: dict[str, Any]) -> dict[str, Any]:

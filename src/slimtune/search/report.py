@@ -48,7 +48,17 @@ def _split_note(pf) -> str:
 # ---- compare ------------------------------------------------------------------------------------
 
 COMPARE_COLS = ["name", "label", "status", "trainable", "trainable_pct", "lr", "lr_source", "val_metric", "val_step",
-                "test_metric", "test_eval_loss", "steps", "train_time_s", "step_time_s", "peak_mem_mb", "error"]
+                "test_metric", "test_eval_loss", "steps", "train_time_s", "step_time_s", "peak_mem_mb", "error",
+                "seeds", "val_mean", "val_sd", "test_mean", "test_sd", "test_min", "test_max"]
+
+
+def _spread(values: list) -> dict[str, Any]:
+    import statistics
+
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return {"mean": None, "sd": None, "min": None, "max": None}
+    return {"mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1 else 0.0, "min": min(v), "max": max(v)}
 
 
 def compare_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -62,6 +72,11 @@ def compare_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                      "test_eval_loss": test.get("eval_loss"), "steps": run.get("steps"),
                      "train_time_s": run.get("train_time_s"), "step_time_s": run.get("step_time_s"),
                      "peak_mem_mb": run.get("peak_mem_mb"), "error": r.get("error"), "probe": r.get("probe")})
+        sr = r.get("seed_runs") or []
+        if sr:
+            vs, ts = _spread([x["val"] for x in sr]), _spread([(x["test"] or {}).get(pf.metric) for x in sr])
+            rows[-1].update(seeds=len(sr), val_mean=vs["mean"], val_sd=vs["sd"], test_mean=ts["mean"], test_sd=ts["sd"],
+                            test_min=ts["min"], test_max=ts["max"])
     ok = [x for x in rows if x["status"] == "ok" and x["test_metric"] is not None]
     ok.sort(key=lambda x: x["test_metric"], reverse=pf.metric_max)
     return ok + [x for x in rows if x not in ok]
@@ -101,6 +116,15 @@ def write_compare(summary: dict[str, Any], out: Path) -> None:
                      f"| {_f(r['val_metric'])} ({r['val_step']}) | **{_f(r['test_metric'])}** "
                      + (f"| {_f(r['test_eval_loss'])} " if loss_col else "")
                      + f"| {r['steps']} | {_f(r['train_time_s'], 0)} | {_f(r['step_time_s'], 2)} | {_f(r['peak_mem_mb'], 0)} |")
+    seeded = [r for r in rows if r.get("seeds")]
+    if seeded:
+        lines += ["", f"Spread over training seeds (each row's chosen lr and steps trained again from step 0 under "
+                  f"{seeded[0]['seeds']} seeds, same splits; every run measured once on the test split):", "",
+                  f"| method | seeds | validation {m} mean ± sd | **test {m} mean ± sd** | test min – max |",
+                  "|---|---|---|---|---|"]
+        for r in seeded:
+            lines.append(f"| {r['label']} | {r['seeds']} | {_f(r['val_mean'])} ± {_f(r['val_sd'])} | "
+                         f"**{_f(r['test_mean'])} ± {_f(r['test_sd'])}** | {_f(r['test_min'])} – {_f(r['test_max'])} |")
     probes = [r for r in rows if r["probe"]]
     if probes:
         lines += ["", f"lr probe (validation {m} after {summary['probe_steps']} steps):", ""]
@@ -110,7 +134,7 @@ def write_compare(summary: dict[str, Any], out: Path) -> None:
                 f"{p['lr']:g}" + (f" at {p['steps']} steps" if p.get("steps", ps) != ps else "")
                 + f" → {_f(p.get('value')) if p['status'] == 'ok' else p['status']}" for p in r["probe"])
                 + ("; **could not separate the rates** on validation " + m + ", even with successive halving "
-                   "(the better half again at twice the steps): chosen by validation loss"
+                   "(the better half continued to twice the steps): chosen by validation loss"
                    if any(p.get("undecided") for p in r["probe"]) else ""))
     lines += ["", "Peak memory is each method's process (its lr probe, run and nothing else): ru_maxrss on CPU, "
               "max allocated on GPU. Training s counts the optimizer steps only (evaluations and set-up are extra).",
@@ -161,7 +185,7 @@ def trial_rows(study, metric: str) -> list[dict[str, Any]]:
         rows.append({"trial": t.number, "state": "skipped" if t.user_attrs.get("skipped") else t.state.name.lower(), "method": p.get("method"), "r": p.get("r"),
                      "alpha_over_r": p.get("alpha_over_r"), "targets": p.get("targets"),
                      "layers": p.get("layers") if not isinstance(p.get("layers"), list) else ",".join(map(str, p["layers"])),
-                     "dropout": p.get("dropout"), "rslora": p.get("rslora"), "lr": p.get("lr"),
+                     "dropout": p.get("dropout"), "rslora": p.get("rslora"), "mlp_r_factor": p.get("mlp_r_factor"), "lr": p.get("lr"),
                      metric: t.values[0] if t.values else None, "best_step": res.get("best_step"),
                      "steps": res.get("steps"), "trainable_pct": res.get("trainable_pct", t.user_attrs.get("trainable_pct")),
                      "step_time_s": res.get("step_time_s"),
@@ -217,6 +241,7 @@ def write_search(s: dict[str, Any], out: Path) -> None:
         res = t.user_attrs.get("result") or {}
         lines.append(f"| {t.number} | {_settings(t.user_attrs.get('params') or {})} | {_f(res.get('trainable_pct'), 3)} "
                      f"| {t.values[0]:.4f} | **{_f(te.get(m))}** |" + (f" {_f(te.get('eval_loss'))} |" if loss_col else ""))
+    lines += _spread_lines(s, m)
     if best is not None:
         lines += ["", f"`best.yaml` (trial {best.number}) reruns it: `slimtune train {out / 'best.yaml'}` (method block: "
                   f"`{best.user_attrs.get('method_block')}`)."]
@@ -231,14 +256,51 @@ def write_search(s: dict[str, Any], out: Path) -> None:
     (out / "search.md").write_text("\n".join(lines))
 
 
+def _spread_lines(s: dict[str, Any], m: str) -> list[str]:
+    """How sure the best is (seeds.py): the top configs over training seeds, the pick's test per seed."""
+    rows = s.get("spread") or []
+    if not rows:
+        return []
+    study = s["study"]
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    seeds = list(rows[0]["values"])
+    out = ["", f"## How sure: the top {len(rows)} configs under {len(seeds)} training seeds "
+               f"({', '.join(map(str, seeds))}; the same validation and test examples)", "",
+           "The pick is the best mean validation value over the seeds (not the best single trial); the spread is "
+           "the sample standard deviation and the range over seeds.", "",
+           f"| trial | settings | validation {m} per seed | mean ± sd | min – max |", "|---|---|---|---|---|"]
+    for r in rows:
+        t = by_number.get(r["trial"])
+        out.append(f"| {r['trial']} | {_settings((t.user_attrs.get('params') if t else None) or {})} | "
+                   f"{' / '.join(f'{v:.4f}' for v in r['values'].values())} | {r['mean']:.4f} ± {r['std']:.4f} | "
+                   f"{r['min']:.4f} – {r['max']:.4f} |")
+    tests = s.get("seed_tests") or {}
+    vals = [te.get(m) for te in tests.values() if te.get(m) is not None]
+    if vals:
+        import statistics
+
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out += ["", f"**The pick (trial {rows[0]['trial']}) on the test split**, measured once per seed run after the "
+                f"choice: {' / '.join(f'{v:.4f}' for v in vals)} (seeds {', '.join(tests)}); mean **{statistics.fmean(vals):.4f}"
+                f" ± {sd:.4f}**, range {min(vals):.4f} – {max(vals):.4f}."]
+    return out
+
+
 def _settings(p: dict[str, Any]) -> str:
     if not p.get("method"):
         return "—"
     bits = [str(p["method"])]
     if p.get("r") is not None:
+        bits.append(f"r={p['r']} α/r={p['alpha_over_r']:g}")
+    if p.get("targets") is not None:
         layers = p["layers"] if isinstance(p["layers"], str) else ",".join(map(str, p["layers"]))
-        bits.append(f"r={p['r']} α/r={p['alpha_over_r']:g} {p['targets']} layers={layers} dropout={p['dropout']:g}"
-                    + (" rsLoRA" if p.get("rslora") else ""))
+        bits.append(f"{p['targets']} layers={layers}")
+    if p.get("dropout") is not None:
+        bits.append(f"dropout={p['dropout']:g}")
+    if p.get("rslora"):
+        bits.append("rsLoRA")
+    if p.get("mlp_r_factor") not in (None, 1.0):
+        bits.append(f"MLP r×{p['mlp_r_factor']:g}")
     if p.get("lr") is not None:
         bits.append(f"lr={p['lr']:.2e}")
     return " ".join(bits)

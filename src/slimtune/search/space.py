@@ -9,6 +9,8 @@ draws one configuration from it.
       targets: [attention, mlp, all-linear]        # by role, found in each block (targets.py)
       layers: [all, top_half]        # or top_third, bottom_half, a list of block indices
       dropout: [0.0, 0.1]
+      rslora: [false, true]          # LoRA / DoRA: scale alpha/sqrt(r)
+      mlp_r_factor: [1, 0.5, 2]      # rank pattern: the MLP linears' rank is r * this, attention's r
       # how the search runs
       metric: accuracy               # the objective (default: train.metric, else the task's own)
       max_trainable_pct: 1.0         # trials above it are pruned before they train
@@ -17,8 +19,14 @@ draws one configuration from it.
       warmup_trials: 2               # trials that must reach a rung before any is pruned there
       startup_trials: 4              # random trials before TPE models the results
 
-r, alpha_over_r, targets, layers and dropout belong to LoRA-style methods (lora, dora); other methods
-train with their `METHOD_DEFAULTS` and a searched learning rate. Every mistake (a key that does not
+Each method takes the keys `METHOD_KEYS` lists: LoRA / DoRA all of them; LoHa / LoKr the rank, scale,
+targets, layers and rank pattern; VeRA, OFT and AdaLoRA the targets and layers (their own sizes from
+`METHOD_DEFAULTS`); every other method its `METHOD_DEFAULTS` and a searched learning rate.
+
+The rank pattern (PEFT's `rank_pattern` / `alpha_pattern`): with targets all-linear, the MLP linears
+get rank round(r * mlp_r_factor) and the attention linears r, at the same alpha/r, so the search can
+give the wider MLP matrices more (or less) of the parameter budget. It is drawn only for trials whose
+targets hold both roles (all-linear); other trials do not draw it. Every mistake (a key that does not
 exist, an empty choice, low > high, a key no listed method uses, a space of one point) is one
 `SearchError` naming the key, before any trial runs.
 """
@@ -48,7 +56,11 @@ class SearchError(JobConfigError):
 # layerwise 1e-3 / 2e-4, prompt 3e-2 / 1e-2, LoRA 5e-3 / 5e-4 on MiniLM / SmolLM2).
 METHOD_LR = {"lora": 1e-3, "dora": 1e-3, "ia3": 3e-3, "bottleneck": 1e-3, "prefix": 1e-2, "prompt": 1e-2,
              "p_tuning": 1e-2, "bitfit": 1e-3, "layerwise": 2e-4, "sparse": 1e-3, "heads": 2e-4,
-             "singular": 3e-3, "full": 3e-5}
+             "singular": 3e-3, "full": 3e-5,
+             # LoHa / LoKr: LyCORIS's usual 1e-3 range for its low-rank factors; VeRA trains only scaling
+             # vectors over frozen random projections (its paper: 1e-2 and up); OFT's rotations start at
+             # the identity and take LoRA-sized steps; AdaLoRA is LoRA with SVD triplets
+             "loha": 1e-3, "lokr": 1e-3, "vera": 1e-2, "oft": 1e-3, "adalora": 1e-3}
 DEFAULT_LR = 1e-3  # a method not in the table (a plug-in)
 
 # What each method trains with when compare / search do not set its keys: the usual choice for each,
@@ -60,10 +72,21 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "prefix": {"num_virtual_tokens": 20, "init_weights": "zero"},
     "prompt": {"num_virtual_tokens": 20},
     "p_tuning": {"num_virtual_tokens": 20},
+    "vera": {"r": 256},  # shared frozen projections: a large rank costs no trained parameters
+    "oft": {"oft_block_size": 32},
+    "adalora": {"init_r": 12, "target_r": 8},  # PEFT's defaults; total_step is the run's (method_block)
 }
 
 LORA_LIKE = ("lora", "dora")  # methods with r, alpha, targets, layers, dropout
-LORA_KEYS = ("r", "alpha_over_r", "targets", "layers", "dropout", "rslora")
+LORA_KEYS = ("r", "alpha_over_r", "targets", "layers", "dropout", "rslora", "mlp_r_factor")
+# the searched keys of each method that takes targets; the others train with METHOD_DEFAULTS
+METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "lora": LORA_KEYS, "dora": LORA_KEYS,
+    "loha": ("r", "alpha_over_r", "targets", "layers", "mlp_r_factor"),
+    "lokr": ("r", "alpha_over_r", "targets", "layers", "mlp_r_factor"),
+    "vera": ("targets", "layers"), "oft": ("targets", "layers"), "adalora": ("targets", "layers"),
+}
+BOTH_ROLES = T.ALL_LINEAR  # the target set with attention and MLP linears: where a rank pattern applies
 
 
 # ---- the YAML section -----------------------------------------------------------------------------
@@ -87,6 +110,7 @@ class SearchSection(_Strict):
     layers: Optional[Union[str, list[Union[str, list[int]]]]] = None
     dropout: Optional[Union[float, list[float], Range]] = None
     rslora: Optional[Union[bool, list[bool]]] = None  # LoRA's scale alpha/sqrt(r) instead of alpha/r
+    mlp_r_factor: Optional[Union[float, list[float], Range]] = None  # rank pattern: MLP rank = r * this
     metric: Optional[str] = None
     max_trainable_pct: Optional[float] = Field(None, gt=0, le=100)
     pruner: Literal["sha", "hyperband", "none"] = "sha"
@@ -211,7 +235,15 @@ class Space:
     section: SearchSection
 
     def size(self) -> float:
-        return sum(math.prod(d.size() for d in dists.values()) for dists in self.per_method.values())
+        """Distinct configurations; the rank pattern counts only under the targets that hold both roles."""
+        total = 0.0
+        for dists in self.per_method.values():
+            rest = math.prod(d.size() for k, d in dists.items() if k not in ("targets", "mlp_r_factor"))
+            t = dists.get("targets")
+            sets = t.values if t is not None else ()
+            pattern = dists["mlp_r_factor"].size() if "mlp_r_factor" in dists else 1
+            total += rest * (sum(pattern if v == BOTH_ROLES else 1 for v in sets) if sets else 1)
+        return total
 
     def describe(self) -> list[str]:
         lines = [f"methods: {', '.join(self.methods)}"]
@@ -234,6 +266,8 @@ class Space:
         params: dict[str, Any] = {"method": m}
         for key, d in self.per_method[m].items():
             name = self.names[(m, key)]
+            if key == "mlp_r_factor" and params.get("targets") != BOTH_ROLES:
+                continue  # one role targeted: no pattern to draw (define-by-run keeps TPE's model clean)
             if d.kind == "fixed":
                 v = d.values[0]
             elif d.kind == "choice":
@@ -267,11 +301,11 @@ def build_space(section: SearchSection, task: str, blocks: T.Blocks | None = Non
             raise SearchError(f"search.methods: unknown method {m!r}" + (f"; did you mean {close[0]!r}?" if close else "")
                               + f" (methods: {', '.join(sorted(known))})")
     methods = list(dict.fromkeys(methods))
-    lora_like = [m for m in methods if m in LORA_LIKE]
-    given = [k for k in LORA_KEYS if getattr(section, k) is not None]
-    if given and not lora_like:
-        raise SearchError(f"search.{given[0]} applies to {' / '.join(LORA_LIKE)} only, but search.methods is "
-                          f"{methods}; add one of them to search.methods or remove search.{given[0]}")
+    for k in LORA_KEYS:
+        if getattr(section, k) is not None and not any(k in METHOD_KEYS.get(m, ()) for m in methods):
+            users = [m for m, ks in METHOD_KEYS.items() if k in ks]
+            raise SearchError(f"search.{k} applies to {' / '.join(users)} only, but search.methods is "
+                              f"{methods}; add one of them to search.methods or remove search.{k}")
     from ..train.tasks import get_task
 
     gen = get_task(task).generates  # a language model: the top-third layer choice too
@@ -288,6 +322,11 @@ def build_space(section: SearchSection, task: str, blocks: T.Blocks | None = Non
         # rsLoRA (Kalajdzievski 2023): at high rank alpha/r shrinks the update; PEFT's MetaMathQA table has
         # rsLoRA r=64 at 51.3% vs LoRA r=32 47.8%
         "rslora": _dist("rslora", section.rslora if section.rslora is not None else [False, True], "bool", _bool),
+        # AdaLoRA's lesson (Zhang et al. 2023): the MLP matrices (wider) repay more rank than attention's; the
+        # pattern lets the search find that without AdaLoRA's allocation, at the same alpha/r. 1 first: the
+        # plain config is the warm start's
+        "mlp_r_factor": _dist("mlp_r_factor", section.mlp_r_factor if section.mlp_r_factor is not None
+                              else [1.0, 0.5, 2.0], "float", _positive),
     }
     if blocks is not None:
         for ts in lora["targets"].values:
@@ -301,7 +340,7 @@ def build_space(section: SearchSection, task: str, blocks: T.Blocks | None = Non
         c = METHOD_LR.get(m, DEFAULT_LR)
         lr = _dist("lr", section.lr, "float", _positive) if section.lr is not None else \
             Dist("float", low=c / 10, high=c * 10, log=True)
-        per_method[m] = {**(lora if m in LORA_LIKE else {}), "lr": lr}
+        per_method[m] = {**{k: lora[k] for k in METHOD_KEYS.get(m, ())}, "lr": lr}
     names: dict[tuple[str, str], str] = {}
     for m in methods:
         for k, d in per_method[m].items():
@@ -315,15 +354,32 @@ def build_space(section: SearchSection, task: str, blocks: T.Blocks | None = Non
     return space
 
 
-def method_block(params: dict[str, Any], blocks: T.Blocks | None) -> dict[str, Any]:
-    """A trial's params -> the job's `method:` block."""
+def method_block(params: dict[str, Any], blocks: T.Blocks | None, total_steps: int | None = None) -> dict[str, Any]:
+    """A trial's params -> the job's `method:` block (`total_steps`: the run's, for AdaLoRA's schedule)."""
     m = params["method"]
-    if m not in LORA_LIKE:
+    if m not in METHOD_KEYS:
         return {"name": m, **METHOD_DEFAULTS.get(m, {})}
     layers = params["layers"]
     if blocks is None:
         raise SearchError("target sets need the model's block structure")
+    out: dict[str, Any] = {"name": m, **METHOD_DEFAULTS.get(m, {}),
+                           "target_modules": T.target_modules(blocks, params["targets"], layers)}
+    if m == "adalora":
+        if total_steps is None:
+            raise SearchError("adalora's rank schedule needs the run's total steps")
+        out["total_step"] = int(total_steps)
+    if "r" not in params:
+        return out
     r = int(params["r"])
-    return {"name": m, "r": r, "lora_alpha": float(params["alpha_over_r"]) * r, "lora_dropout": float(params["dropout"]),
-            "use_rslora": bool(params.get("rslora", False)),
-            "target_modules": T.target_modules(blocks, params["targets"], layers)}
+    a = float(params["alpha_over_r"])
+    out["r"] = r
+    out["lora_alpha" if m in LORA_LIKE else "alpha"] = a * r
+    if m in LORA_LIKE:
+        out.update(lora_dropout=float(params["dropout"]), use_rslora=bool(params.get("rslora", False)))
+    f = float(params.get("mlp_r_factor", 1.0))
+    if f != 1.0 and params["targets"] == BOTH_ROLES:
+        r_mlp = max(1, round(r * f))
+        key = f"(?:{T.target_modules(blocks, 'mlp', layers)})"  # exact paths: never matches an attention linear
+        out["rank_pattern"] = {key: r_mlp}
+        out["alpha_pattern"] = {key: a * r_mlp}
+    return out

@@ -2,7 +2,8 @@
 
     lock OUT -> preflight (data, metric, space, budget) -> open OUT/study.db (Optuna RDB storage)
     -> settle what a killed earlier session left -> ask / run / tell until N trials or the time
-    budget -> the best trial (or the Pareto front) measured once on the test split -> report.py
+    budget (trial.py: one trial) -> the seed spread of the top configs (seeds.py) -> the pick (or the
+    Pareto front) measured once on the test split -> report.py
 
 Why trials run in this process (not one subprocess each): pruning is a callback into the trainer's
 own evaluations (`run_train(on_evaluate=...)` reports the metric at each rung and stops the run when
@@ -13,7 +14,11 @@ process's peak memory is not a per-trial figure, so search tables report step ti
 
 Resuming: the study lives in OUT/study.db. OUT is locked for the life of a search (train/lock.py),
 so a trial still RUNNING in the storage when a search starts was cut off by a kill: it is marked
-failed ("interrupted"), its run folder removed, and its parameters queued to run first. Completed
+failed ("interrupted") and its parameters queued to run first; that retry continues the run from its
+last checkpoint (a trial cut by --timeout, or whose worker lost the store, too), so promising trials
+are continued, never trained again from step 0. Within a session no trial is restarted either: the
+pruner (successive halving / Hyperband, asynchronous) decides at each evaluation rung whether the
+running trial goes on, so a promoted trial simply keeps training. Completed
 and pruned trials stay; the count and the time budget continue where they were. A resumed search
 whose config or space differs from the stored one is refused, naming the differences.
 
@@ -37,7 +42,9 @@ from typing import Any, Callable, Optional
 from ..train.config import JobConfig, saved_form
 from . import prepare as P
 from . import storage as ST
-from .space import SearchError, Space, build_space, method_block, parse_section
+from . import trial as TR
+from .space import SearchError, build_space, parse_section
+from .trial import TRIAL_ERRORS, trial_dir  # noqa: F401 - the names callers import from here
 from .warmstart import first_trial
 
 STUDY_NAME = "slimtune-search"
@@ -46,17 +53,6 @@ STUDY_NAME = "slimtune-search"
 MAX_SKIPS_IN_A_ROW = 50
 
 
-def _trial_errors() -> tuple[type[BaseException], ...]:
-    from ..checkpoint import CheckpointError
-    from ..config import ConfigError
-    from ..targeting import TargetError
-    from ..train.config import JobConfigError
-    from ..train.datafiles import DataError
-
-    return (JobConfigError, DataError, ConfigError, TargetError, CheckpointError)
-
-
-TRIAL_ERRORS = _trial_errors()
 PARETO_WITH = ("params", "step_time")
 
 
@@ -75,6 +71,8 @@ class SearchOptions:
     workers: int = 1  # local worker processes on the study, this one included (pool.py)
     heartbeat_s: int = 10  # with several workers: a trial silent for 3 beats is failed and run again
     study: str = STUDY_NAME
+    seeds: int = 3  # training seeds each of the `top` best configs runs under (seeds.py); 1: no spread
+    top: int = 3
     role: str = "main"  # "worker": a process pool.py started: no lock, no settling, no report
 
 
@@ -89,10 +87,6 @@ def _optuna():
     return optuna
 
 
-def trial_dir(out: Path, number: int) -> Path:
-    return out / "trials" / f"trial-{number:04d}"
-
-
 def run_search(cfg: JobConfig, opts: SearchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or continue) the search in opts.out; returns the summary report.py writes."""
     optuna = _optuna()
@@ -102,6 +96,8 @@ def run_search(cfg: JobConfig, opts: SearchOptions, log: Callable[[str], None] =
         raise SearchError(f"--pareto-with {opts.pareto_with!r}: choose {' or '.join(PARETO_WITH)}")
     if opts.workers < 1:
         raise SearchError(f"--workers {opts.workers}: give 1 or more worker processes")
+    if opts.seeds < 1 or opts.top < 1:
+        raise SearchError(f"--seeds {opts.seeds} --seed-top {opts.top}: give 1 or more (--seeds 1: no spread over seeds)")
     if opts.role == "worker":
         return _search(optuna, cfg, opts, opts.out, log)
     from .tracking import parent_runs
@@ -176,7 +172,7 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
     if not spec.shared and main:  # OUT is locked: whatever is RUNNING in OUT/study.db was cut off
         _recover(optuna, study, storage, out, log)
 
-    done = _counted(study)
+    done = TR.counted(study)
     if main and opts.workers > 1 and opts.workers > opts.trials - done:
         raise SearchError(f"--workers {opts.workers} is more than the {opts.trials - done} trial(s) left of --trials "
                           f"{opts.trials} ({done} done): a worker would have nothing to run; use --workers "
@@ -187,8 +183,10 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
     if budget_s is not None and estimate is None and done < opts.trials:
         t = P.time_run(base, out / "timing")
         estimate = t.run_s(pf.total_steps, P.evals_of(pf.total_steps, every, pf.total_steps))
-        P.check_budget("--timeout", budget_s - elapsed0, estimate,
-                       f"one trial ({pf.total_steps} steps, an evaluation every {every})")
+        extra = _seed_runs(opts, pareto, 1)
+        P.check_budget("--timeout", budget_s - elapsed0, estimate * (1 + extra),
+                       f"one trial ({pf.total_steps} steps, an evaluation every {every})"
+                       + (f" and the {extra} seed-spread runs after it (--seeds 1: none)" if extra else ""))
         log(f"timing: about {estimate:.0f} s a full trial (set-up {t.setup_s:.0f} s, {t.step_s:.2f} s/step, "
             f"{t.eval_s:.1f} s/evaluation)")
         study.set_user_attr("trial_estimate_s", estimate)
@@ -219,7 +217,7 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
         bad = pool.wait(procs, out, log)
         if bad:
             log(f"{len(bad)} worker(s) failed; their trials were run again by the others")
-    summary = _finish(optuna, study, pf, space, cfg, base, out, opts, pareto, section, every)
+    summary = _finish(optuna, study, pf, space, cfg, base, out, opts, pareto, section, every, log)
     summary.update(load_start=load_start, load_end=os.getloadavg(), session_s=time.time() - t_session,
                    stop_why=stop_why, threads=threads, storage_shown=spec.shown)
     from .report import write_search
@@ -243,13 +241,13 @@ def _loop(optuna, study, storage, space, pf, base, out, opts, section, log, beat
     trials are not started twice over; a worker with nothing left to start waits for them (each
     ends, or goes stale and is queued again, within its run or three heartbeats) before it stops."""
     if opts.role == "worker" or opts.workers > 1 or beat is not None:
-        log(f"worker {socket.gethostname()}:{os.getpid()} joined the study ({_counted(study)} of {opts.trials} trials "
+        log(f"worker {socket.gethostname()}:{os.getpid()} joined the study ({TR.counted(study)} of {opts.trials} trials "
             "done)")
     skips = 0  # draws in a row above max_trainable_pct; they cost no training but must not go on forever
     while True:
         if beat is not None:
             ST.fail_stale(optuna, study)
-        done = _counted(study)
+        done = TR.counted(study)
         if done >= opts.trials:
             return f"{done} trials done"
         if skips >= MAX_SKIPS_IN_A_ROW:
@@ -258,32 +256,31 @@ def _loop(optuna, study, storage, space, pf, base, out, opts, section, log, beat
         spent = elapsed0 + (time.time() - t_session)
         if budget_s is not None:
             est = _trial_estimate(study) or estimate or 0.0
-            if spent + est > budget_s:
+            # the seed spread after the trials: for the configs there will be once this trial is done
+            reserve = _seed_runs(opts, len(study.directions) > 1, _complete(study) + 1) * est
+            if spent + est + reserve > budget_s:
                 return (f"time budget: {spent / 60:.1f} of {budget_s / 60:.1f} min spent, a trial takes about "
-                        f"{est / 60:.1f} min")
-        if beat is not None and done + _running(study) >= opts.trials:
+                        f"{est / 60:.1f} min" + (f", {reserve / 60:.1f} min kept for the seed spread" if reserve else ""))
+        if beat is not None and done + TR.running(study) >= opts.trials:
             time.sleep(min(2.0, beat))  # the others' trials finish the count (or go stale and come back)
             continue
         deadline = None if budget_s is None else t_session + (budget_s - elapsed0)
-        skips = skips + 1 if _one_trial(optuna, study, storage, space, pf, base, out, opts, section, done, log,
+        skips = skips + 1 if TR.one_trial(optuna, study, storage, space, pf, base, out, opts, section, done, log,
                                         deadline, beat) else 0
         prev = float(study.user_attrs.get("elapsed_s", 0.0))
         study.set_user_attr("elapsed_s", max(prev, elapsed0 + (time.time() - t_session)))
 
 
-def _ahead(study, number: int) -> int:
-    """Trials that count, or run and would count, started before trial `number`."""
+def _seed_runs(opts: SearchOptions, pareto: bool, configs: int) -> int:
+    """Runs the seed spread adds after the trials (seeds.py): (seeds - 1) for each of the top configs,
+    of which there are at most `configs` (the completed trials)."""
+    return 0 if pareto or opts.role != "main" else (opts.seeds - 1) * min(opts.top, configs)
+
+
+def _complete(study) -> int:
     from optuna.trial import TrialState
 
-    running = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                  if t.number < number and not t.user_attrs.get("skipped"))
-    return _counted(study) + running
-
-
-def _running(study) -> int:
-    from optuna.trial import TrialState
-
-    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if not t.user_attrs.get("skipped"))
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
 def _fingerprint(base: JobConfig) -> dict[str, Any]:
@@ -348,22 +345,6 @@ def _after_warmup(optuna):
     return AfterWarmup
 
 
-def _counted(study) -> int:
-    """Trials that count toward --trials: finished, pruned, or failed on their own config (not cut off,
-    not skipped above max_trainable_pct: a skip trains nothing, so `--trials 40` still trains 40)."""
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False)
-    retried = ST.retried_numbers(trials)  # a worker stopped beating during these: they ran again
-    n = 0
-    for t in trials:
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and not t.user_attrs.get("skipped"):
-            n += 1
-        elif t.state == TrialState.FAIL and not t.user_attrs.get("interrupted") and t.number not in retried:
-            n += 1
-    return n
-
-
 def _trial_estimate(study) -> float | None:
     """Seconds a full trial takes: the median of the completed trials of this study."""
     from optuna.trial import TrialState
@@ -380,206 +361,53 @@ def _recover(optuna, study, storage, out: Path, log) -> None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_user_attr(t._trial_id, "interrupted", "the search process was stopped during this trial")
         study.tell(t.number, state=TrialState.FAIL)
-        shutil.rmtree(trial_dir(out, t.number), ignore_errors=True)
+        kept = TR.checkpoint_of(TR.trial_dir(out, t.number))
+        if kept is None:
+            shutil.rmtree(TR.trial_dir(out, t.number), ignore_errors=True)
         study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
-        log(f"trial {t.number} was cut off by the end of the last session: its folder is removed and it runs again "
-            "first")
+        log(f"trial {t.number} was cut off by the end of the last session: it runs again first, "
+            + (f"continued from its checkpoint at step {kept[1]}" if kept else "from step 0 (no checkpoint was written)"))
     shutil.rmtree(out / "timing", ignore_errors=True)
 
 
-def _describe(params: dict[str, Any]) -> str:
-    m = params["method"]
-    bits = [m]
-    if "r" in params:
-        bits += [f"r={params['r']}", f"α/r={params['alpha_over_r']:g}", str(params["targets"]),
-                 f"layers {params['layers'] if isinstance(params['layers'], str) else ','.join(map(str, params['layers']))}",
-                 f"dropout {params['dropout']:g}"] + (["rsLoRA"] if params.get("rslora") else [])
-    bits.append(f"lr {params['lr']:.2e}")
-    return " ".join(bits)
-
-
-def _one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: Path, opts: SearchOptions,
-               section, done: int, log, deadline: float | None = None, beat: int | None = None) -> bool:
-    """Ask for one trial, run it, tell its result; True when it was skipped (above max_trainable_pct).
-
-    `deadline` (time.time() at which --timeout runs out): a trial still running at an evaluation past
-    it is cut there, as a kill would cut it (failed as interrupted, its settings queued to run first
-    in the next session), so a slow trial overshoots the budget by one evaluation interval at most.
-
-    `beat` (seconds, several workers): the trial beats while it trains (storage.Heartbeat); a worker
-    that loses the store stops the trial at its next evaluation and exits with a message, telling
-    nothing, so the store fails the trial as stale once it is back and another worker runs it again."""
-    from optuna.trial import TrialState
-
-    from ..train.interrupt import TrainingInterrupted
-    from ..train.trainer import TrainingDiverged
-
-    with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize": we beat ourselves
-        warnings.simplefilter("ignore", UserWarning)
-        trial = study.ask()
-    if beat is not None:
-        frozen = storage.get_trial(trial._trial_id)
-        retry_of = frozen.system_attrs.get("failed_trial")
-        queued = bool(frozen.params) or "fixed_params" in frozen.system_attrs
-        if retry_of is not None:  # a worker died during it: its folder (if on this machine) goes, it runs again
-            trial.set_user_attr("retry_of", retry_of)
-            shutil.rmtree(trial_dir(out, retry_of), ignore_errors=True)
-        if not queued and _ahead(study, trial.number) >= opts.trials:  # another worker asked at the same moment
-            storage.set_trial_user_attr(trial._trial_id, "interrupted", "not run: the count was reached by the "
-                                        "trials other workers had started")
-            study.tell(trial, state=TrialState.FAIL)
-            return False
-    params = space.sample(trial)
-    folder = trial_dir(out, trial.number)
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which process ran it
-    block = method_block(params, pf.blocks)
-    trial.set_user_attr("params", params)
-    trial.set_user_attr("method_block", block)
-    tcfg = P.derive(base, {"method": block, "train": {"lr": float(params["lr"])}, "output_dir": str(folder)})
-    head = f"trial {trial.number} ({done + 1}/{opts.trials}): {_describe(params)}"
-    pareto = len(study.directions) > 1
-    limit = section.max_trainable_pct
-    counts = P.count_trainable(pf, tcfg) if limit is not None else None
-    if counts is not None:
-        trial.set_user_attr("trainable_pct", counts[2])
-        if counts[2] > limit:
-            trial.set_user_attr("reason", f"{counts[2]:.3f}% trainable is above max_trainable_pct {limit:g}")
-            trial.set_user_attr("skipped", True)
-            # PRUNED, not FAIL: TPE ranks a pruned point below every finished one and draws away from it
-            study.tell(trial, state=TrialState.PRUNED)
-            log(f"trial {trial.number}: {_describe(params)}: skipped, {counts[2]:.3f}% trainable > {limit:g}% "
-                "(not counted toward --trials)")
-            return True
-    pruned: list[str] = []
-    cut: list[int] = []
-    hb = ST.Heartbeat(storage, trial._trial_id, beat)
-
-    def on_evaluate(step: int, metrics: dict) -> str | None:
-        if hb.lost:
-            return f"lost the study storage ({hb.lost})"
-        if deadline is not None and time.time() > deadline and step < pf.total_steps:
-            cut.append(step)
-            return "cut by the search's time budget (--timeout); it runs again first when the search resumes"
-        v = metrics.get(pf.metric)
-        if v is None or pareto:
-            return None
-        try:
-            trial.report(float(v), step)
-            stop = trial.should_prune()
-        except ST.errors(optuna) as e:  # the store went away: stop here; the heartbeat stops too
-            hb.lost = hb.lost or ST.first_line(e)
-            return f"lost the study storage ({hb.lost})"
-        if stop:
-            pruned.append(f"{pf.metric} {v:.4f} at step {step}")
-            return f"pruned by the search ({section.pruner}): {pf.metric} {v:.4f}"
-        return None
-
-    t0 = time.time()
-    try:
-        with hb:
-            res = P.run_once(tcfg, on_evaluate=on_evaluate)
-    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM (TrainingInterrupted is one): the trial runs again next time
-        storage.set_trial_user_attr(trial._trial_id, "interrupted", "stopped by Ctrl-C / SIGTERM")
-        study.tell(trial, state=TrialState.FAIL)
-        study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
-        shutil.rmtree(folder, ignore_errors=True)
-        raise TrainingInterrupted(f"search interrupted during trial {trial.number}: {done} trial(s) done are kept in "
-                                  f"{out}/study.db; run the same command again to continue (trial {trial.number}'s "
-                                  "settings run first)", getattr(e, "signum", 2)) from None
-    except TrainingDiverged as e:  # a learning rate too high: a bad result the sampler should learn from
-        trial.set_user_attr("reason", f"diverged: {str(e)[:200]}")
-        study.tell(trial, state=TrialState.PRUNED)
-        log(f"{head}: diverged ({time.time() - t0:.0f} s)")
-        _clean(folder, keep=opts.keep_all)
-        return False
-    except TRIAL_ERRORS as e:  # this trial's config cannot run (a method that fits nothing here): record it, go on
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        trial.set_user_attr("reason", f"error: {msg[:300]}")
-        study.tell(trial, state=TrialState.FAIL)
-        log(f"{head}: failed: {msg[:200]}")
-        _clean(folder, keep=opts.keep_all)
-        return False
-    except BaseException:  # a bug, or the machine: the trial is not left RUNNING for the next session to guess
-        study.tell(trial, state=TrialState.FAIL)
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    took = time.time() - t0
-    if hb.lost:  # tell nothing: the store fails the trial as stale and queues it again once it is back
-        shutil.rmtree(folder, ignore_errors=True)
-        raise SearchError(f"trial {trial.number} stopped: this worker lost the study storage ({hb.lost}). The trial "
-                          "runs again once the store is back (another worker, or this command run again)")
-    if cut:
-        storage.set_trial_user_attr(trial._trial_id, "interrupted", f"cut by the time budget at step {cut[0]}")
-        study.tell(trial, state=TrialState.FAIL)
-        study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
-        shutil.rmtree(folder, ignore_errors=True)
-        log(f"{head}: cut at step {cut[0]} by the time budget ({took:.0f} s); not counted, its settings run first "
-            "when the search resumes")
-        return False
-    trial.set_user_attr("result", res)
-    if pruned:
-        trial.set_user_attr("reason", f"pruned: {pruned[0]}")
-        study.tell(trial, state=TrialState.PRUNED)
-        log(f"{head}: pruned, {pruned[0]} ({took:.0f} s)")
-        _clean(folder, keep=opts.keep_all)
-        return False
-    if res["best"] is None:
-        trial.set_user_attr("reason", "no evaluation")
-        study.tell(trial, state=TrialState.FAIL)
-        _clean(folder, keep=opts.keep_all)
-        return False
-    values = [float(res["best"])]
-    if pareto:
-        values.append(float(res["trainable_pct"]) if opts.pareto_with == "params" else float(res["step_time_s"] or 0))
-    study.tell(trial, values=values)
-    if not opts.keep_all:
-        P.strip_checkpoints(folder)
-    best = _best_value(study)
-    log(f"{head}: {pf.metric} {res['best']:.4f} at step {res['best_step']}, {res['trainable_pct']:.3f}% trainable, "
-        f"{took:.0f} s" + ("" if pareto or best is None else f" (best so far {best:.4f})"))
-    return False
-
-
-def _best_value(study) -> float | None:
-    try:
-        return study.best_value if len(study.directions) == 1 else None
-    except ValueError:
-        return None
-
-
-def _clean(folder: Path, keep: bool) -> None:
-    """A pruned or failed trial's folder goes whole (its curve and reason stay in study.db)."""
-    if not keep:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def _finish(optuna, study, pf, space, cfg: JobConfig, base: JobConfig, out: Path, opts: SearchOptions, pareto: bool,
-            section, every: int) -> dict[str, Any]:
+            section, every: int, log=print) -> dict[str, Any]:
     from optuna.trial import TrialState
 
     common = {"study": study, "pf": pf, "space": space, "pareto": pareto, "pareto_with": opts.pareto_with,
               "section": section, "every": every, "trials_target": opts.trials, "timeout_min": opts.timeout_min,
               "base": base, "elapsed_s": float(study.user_attrs.get("elapsed_s", 0.0))}
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        return {**common, "best": None, "chosen": [], "tests": {}, "best_config": None}
+        return {**common, "best": None, "chosen": [], "tests": {}, "best_config": None, "spread": [], "seed_tests": {}}
     chosen = sorted(study.best_trials, key=lambda t: t.values[0], reverse=pf.metric_max) if pareto else [study.best_trial]
+    spread, seed_tests = [], {}
+    if not pareto and opts.seeds > 1:
+        from . import seeds as SD
+
+        done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.values[0],
+                      reverse=pf.metric_max)
+        top = [t for t in done if (TR.trial_dir(out, t.number) / "best").is_dir()][:opts.top]
+        if top:
+            def folder(n: int) -> Path:
+                return TR.trial_dir(out, n)
+
+            spread, pick = SD.spread(study, top, opts.seeds, lambda t: TR.trial_config(base, t, out), folder,
+                                     pf.metric_max, log)
+            chosen = [pick]
+            seed_tests = SD.measure_pick(study, pick, opts.seeds, lambda t: TR.trial_config(base, t, out), folder)
     tests = dict(study.user_attrs.get("test") or {})
     for t in chosen[:8]:
         key = str(t.number)
         if key not in tests:  # measured once per reported trial, kept in the study
-            if not (trial_dir(out, t.number) / "best").is_dir():  # run by a worker on another machine: its
+            if not (TR.trial_dir(out, t.number) / "best").is_dir():  # run by a worker on another machine: its
                 continue  # adapter is there, and that machine's command measures it when it finishes
-            tcfg = _trial_config(base, t, out)
-            tests[key] = P.measure_test(tcfg, trial_dir(out, t.number))
+            tcfg = TR.trial_config(base, t, out)
+            tests[key] = P.measure_test(tcfg, TR.trial_dir(out, t.number))
             study.set_user_attr("test", tests)
     best = chosen[0]
-    best_cfg = _trial_config(base, best, out).model_copy(deep=True)
+    best_cfg = TR.trial_config(base, best, out).model_copy(deep=True)
     best_yaml = P.derive(best_cfg, {"output_dir": str(out / "best-run"),
                                     "train": {"eval_before": cfg.train.eval_before},
                                     "eval": {"samples": cfg.eval.samples}})
-    return {**common, "best": best, "chosen": chosen, "tests": tests, "best_config": best_yaml}
-
-
-def _trial_config(base: JobConfig, t, out: Path) -> JobConfig:
-    return P.derive(base, {"method": t.user_attrs["method_block"], "train": {"lr": float(t.user_attrs["params"]["lr"])},
-                           "output_dir": str(trial_dir(out, t.number))})
+    return {**common, "best": best, "chosen": chosen, "tests": tests, "best_config": best_yaml, "spread": spread,
+            "seed_tests": seed_tests}

@@ -3,10 +3,13 @@
     the lr probe (when the spec has a grid) -> the run -> the run's best adapter on the test split
     -> RUN_DIR/result.json (written whole or not at all)
 
-The probe's runs are the row's config with `probe_steps` steps, one evaluation at the end and no
-checkpoints kept (RUN_DIR/probe/lr-*); the main run is RUN_DIR/main. With a training-time budget the
-main run's steps are the budget over the step time the probe measured (its median), so every method
-trains for about the same time and its schedule still ends where it should.
+Each probe is the row's own run at one lr (RUN_DIR/probe/lr-*: the row's config, schedule and
+evaluations), stopped at the evaluation that reaches `probe_steps` with its checkpoint kept; a rate
+promoted by successive halving continues from that checkpoint, and the winner's folder becomes
+RUN_DIR/main, where the row's run continues it to the end: no probe step is trained twice, and the
+row's steps (and training time) include the winner's probe steps. With a training-time budget the
+steps are fixed first (the budget over the step time of a 2-step timing run of the row), so the probes
+already run the schedule the row ends on.
 """
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import sys
 import traceback
 from pathlib import Path
@@ -29,81 +31,102 @@ MAX_EXTEND = 2  # grid points added past an edge that keeps winning
 MAX_HALVINGS = 2
 
 
-def _score(res: dict[str, Any] | None, metric_max: bool) -> tuple:
-    """Sort key, higher is better: the probe's validation metric, then its validation loss."""
-    if res is None or res.get("best") is None:
+def _score(res: dict[str, Any] | None, metric: str, metric_max: bool) -> tuple:
+    """Sort key, higher is better: the probe's validation metric at its last evaluation (the rung it
+    reached), then its validation loss there."""
+    last = (res or {}).get("after") or {}
+    if res is None or last.get(metric) is None:
         return (-math.inf, -math.inf)
-    v = float(res["best"])
-    loss = ((res.get("after") or {}).get("eval_loss"))
+    v = float(last[metric])
+    loss = last.get("eval_loss")
     return (v if metric_max else -v, -(loss if loss is not None else math.inf))
 
 
-def _separated(tried: dict[float, dict[str, Any]], metric_max: bool) -> bool:
+def _separated(tried: dict[float, dict[str, Any]], metric: str, metric_max: bool) -> bool:
     """Whether the probe's winner is ahead of the runner-up on the metric itself (not only on loss)."""
-    ok = sorted((x for x in tried if tried[x]["res"] is not None), key=lambda x: _score(tried[x]["res"], metric_max),
+    ok = sorted((x for x in tried if tried[x]["res"] is not None), key=lambda x: _score(tried[x]["res"], metric, metric_max),
                 reverse=True)
-    return len(ok) < 2 or _score(tried[ok[0]]["res"], metric_max)[0] != _score(tried[ok[1]]["res"], metric_max)[0]
+    return len(ok) < 2 or (_score(tried[ok[0]]["res"], metric, metric_max)[0]
+                           != _score(tried[ok[1]]["res"], metric, metric_max)[0])
+
+
+def probe_folder(run_dir: Path, lr: float) -> Path:
+    return run_dir / "probe" / f"lr-{lr:.3g}"
 
 
 def probe(cfg: JobConfig, grid: list[float], steps: int, run_dir: Path, log) -> tuple[float, list[dict[str, Any]]]:
-    """The lr whose short run scores best on validation, and a row per probe run. When the winner is
-    not ahead on the metric, successive halving: the better half again at twice the steps (at most
-    MAX_HALVINGS rounds, never past the row's own steps); a tie left after that is chosen by
-    validation loss and marked `undecided` on every row of the last round."""
+    """The lr whose short run scores best on validation, and a row per probe rung.
+
+    Each probe is the row's own run (its config, schedule and evaluations; only the lr differs),
+    stopped at the first evaluation at or past `steps` with its checkpoint kept. When the winner is
+    not ahead on the metric, successive halving: the better half is *continued* from its checkpoint to
+    twice the steps (at most MAX_HALVINGS rounds, never past the row's own steps), not trained again
+    from step 0; a tie left after that is chosen by validation loss and marked `undecided` on every
+    row of the last round. The winner's folder (probe_folder) is where the row's run continues."""
     from ..train.trainer import TrainingDiverged
 
-    metric_max = not (cfg.train.metric.endswith("loss") or cfg.train.metric == "perplexity")
+    metric = cfg.train.metric
+    metric_max = not (metric.endswith("loss") or metric == "perplexity")
+    total = cfg.train.max_steps or 0
     tried: dict[float, dict[str, Any]] = {}
     history: list[dict[str, Any]] = []
 
     def one(lr: float, n: int = steps) -> None:
-        c = P.derive(cfg, {"train": {"lr": lr, "max_steps": n, "eval_every": n, "eval_before": False,
-                                     "save_every": 10**6, "early_stopping_patience": None,
-                                     "report_to": "none"},  # a probe is not a row: no tracker run of its own
-                           "eval": {"samples": 0}, "output_dir": str(run_dir / "probe" / (
-                               f"lr-{lr:.3g}" if n == steps else f"lr-{lr:.3g}-{n}steps"))})
+        again = lr in tried  # a promoted rate: its run continues from the checkpoint at the rung it reached
+        c = P.derive(cfg, {"train": {"lr": lr, "report_to": "none"},  # a probe is not a row: no tracker run
+                           "output_dir": str(probe_folder(run_dir, lr)),
+                           "resume": again, "overwrite": not again})
+
+        def rung(step: int, _metrics: dict) -> str | None:
+            return f"probe rung: {step} steps (lr {lr:.3g})" if step >= n and step < total else None
+
         try:
-            res = P.run_once(c, log=log)
-            tried[lr] = {"lr": lr, "status": "ok", "value": res["best"], "eval_loss": (res["after"] or {}).get("eval_loss"),
-                         "step_time_s": res["step_time_s"], "steps": n, "res": res}
+            res = P.run_once(c, on_evaluate=rung, log=log)
+            last = res["after"] or {}
+            tried[lr] = {"lr": lr, "status": "ok", "value": last.get(metric), "eval_loss": last.get("eval_loss"),
+                         "step_time_s": res["step_time_s"], "steps": res["steps"], "trained": res["session_steps"],
+                         "res": res}
         except TrainingDiverged as e:
-            tried[lr] = {"lr": lr, "status": "diverged", "value": None, "error": str(e)[:200], "steps": n, "res": None}
+            tried[lr] = {"lr": lr, "status": "diverged", "value": None, "error": str(e)[:200], "steps": n,
+                         "trained": None, "res": None}
         history.append(tried[lr])
-        shutil.rmtree(Path(c.output_dir) / "checkpoints", ignore_errors=True)
-        log(f"probe lr {lr:.3g}: " + (f"{cfg.train.metric} {tried[lr]['value']:.4f}" if tried[lr]["value"] is not None
-                                      else tried[lr]["status"]))
+        log(f"probe lr {lr:.3g}: " + (f"{metric} {tried[lr]['value']:.4f} at step {tried[lr]['steps']}"
+                                      + (f" ({tried[lr]['trained']} more steps from its checkpoint)" if again else "")
+                                      if tried[lr]["value"] is not None else tried[lr]["status"]))
 
     for lr in grid:
         one(lr)
     ratio = grid[1] / grid[0]
     for _ in range(MAX_EXTEND):
-        best = max(tried, key=lambda x: _score(tried[x]["res"], metric_max))
+        best = max(tried, key=lambda x: _score(tried[x]["res"], metric, metric_max))
         lo, hi = min(tried), max(tried)
         if tried[best]["res"] is None or best not in (lo, hi):
             break
         one(float(f"{(best * ratio if best == hi else best / ratio):.3g}"))
     n = steps
-    row_steps = cfg.train.max_steps or 0
     for _ in range(MAX_HALVINGS):
-        if _separated(tried, metric_max) or 2 * n > row_steps:
+        if _separated(tried, metric, metric_max) or 2 * n > total:
             break
-        ok = sorted((x for x in tried if tried[x]["res"] is not None), key=lambda x: _score(tried[x]["res"], metric_max),
-                    reverse=True)
+        ok = sorted((x for x in tried if tried[x]["res"] is not None),
+                    key=lambda x: _score(tried[x]["res"], metric, metric_max), reverse=True)
         n *= 2
         keep = ok[:max(2, math.ceil(len(ok) / 2))]
-        log(f"probe: no rate ahead on {cfg.train.metric} after {n // 2} steps; {len(keep)} again at {n} steps")
+        log(f"probe: no rate ahead on {metric} after {n // 2} steps; {len(keep)} continued to {n} steps")
         tried = {lr: tried[lr] for lr in keep}
         for lr in keep:
             one(lr, n)
-    best = max(tried, key=lambda x: _score(tried[x]["res"], metric_max))
-    undecided = not _separated(tried, metric_max)
+    best = max(tried, key=lambda x: _score(tried[x]["res"], metric, metric_max))
+    undecided = not _separated(tried, metric, metric_max)
     if undecided:
-        log(f"probe: could not separate the rates on {cfg.train.metric} after {n} steps; chose {best:g} by validation loss")
+        log(f"probe: could not separate the rates on {metric} after {n} steps; chose {best:g} by validation loss")
     last = {id(v) for v in tried.values()}
-    rows = [{**{k: v for k, v in h.items() if k != "res"}, **({"undecided": True} if undecided and id(h) in last else {})}
+    rows = [{**{k: v for k, v in h.items() if k != "res"}, **({"undecided": True} if undecided and id(h) in last else {}),
+             **({"continued": True} if h is tried[best] else {})}
             for h in sorted(history, key=lambda h: (h["steps"], h["lr"]))]
     if tried[best]["res"] is None:
         raise RuntimeError(f"every probe learning rate diverged ({', '.join(f'{x:g}' for x in sorted(tried))})")
+    for lr in {h["lr"] for h in history} - {best}:  # the losers' checkpoints are no longer needed
+        P.strip_checkpoints(probe_folder(run_dir, lr))
     return best, rows
 
 
@@ -113,32 +136,58 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     log = print
     out: dict[str, Any] = {"spec": spec, "name": spec["name"], "label": spec["label"], "lr_source": spec["lr_source"]}
     lr = spec["lr"]
+    if spec.get("budget_s"):  # the steps first: every probe is the row's own schedule, so it can be continued
+        t = P.time_run(P.derive(cfg, {"train": {"lr": lr or spec["grid"][len(spec["grid"]) // 2]}}),
+                       run_dir / "timing")
+        steps = max(1, int(spec["budget_s"] // t.step_s))
+        out["budget_steps"], out["budget_step_s"] = steps, t.step_s
+        upd: dict[str, Any] = {"max_steps": steps}
+        if cfg.train.eval_every and cfg.train.eval_every > steps:
+            upd["eval_every"] = steps
+        cfg = P.derive(cfg, {"train": upd})
+        if isinstance(cfg.method, dict) and "total_step" in cfg.method:  # AdaLoRA: its schedule spans the row
+            cfg = P.derive(cfg, {"method": {**cfg.method, "total_step": steps}})
+        log(f"budget {spec['budget_s']:.0f} s at {t.step_s:.2f} s/step: {steps} steps")
+    main_dir = run_dir / "main"
+    resume = False
     if spec["grid"]:
         lr, out["probe"] = probe(cfg, spec["grid"], spec["probe_steps"], run_dir, log)
+        shutil.rmtree(main_dir, ignore_errors=True)
+        probe_folder(run_dir, lr).rename(main_dir)  # the winner's run is the row's start: continued, not redone
+        resume = True
+        log(f"the row's run continues the winning probe (lr {lr:.3g}) from its checkpoint")
     out["lr"] = lr
-    upd: dict[str, Any] = {"train": {"lr": lr}, "output_dir": str(run_dir / "main")}
-    if spec.get("budget_s"):
-        times = [p["step_time_s"] for p in out.get("probe", []) if p.get("step_time_s")]
-        if not times:
-            t = P.time_run(P.derive(cfg, {"train": {"lr": lr}}), run_dir / "timing")
-            times = [t.step_s]
-        step_s = statistics.median(times)
-        steps = max(1, int(spec["budget_s"] // step_s))
-        out["budget_steps"], out["budget_step_s"] = steps, step_s
-        upd["train"]["max_steps"] = steps
-        if cfg.train.eval_every and cfg.train.eval_every > steps:
-            upd["train"]["eval_every"] = steps
-        log(f"budget {spec['budget_s']:.0f} s at {step_s:.2f} s/step: {steps} steps")
-    main = P.derive(cfg, upd)
+    main = P.derive(cfg, {"train": {"lr": lr}, "output_dir": str(main_dir), "resume": resume, "overwrite": not resume})
     out["run"] = P.run_once(main, log=log)
     P.strip_checkpoints(Path(main.output_dir))
     out["test"] = P.measure_test(main, Path(main.output_dir))
+    if (spec.get("seeds") or 1) > 1:
+        out["seed_runs"] = seed_runs(main, out, spec["seeds"], run_dir, log)
     out["status"] = "ok"
     return out
 
 
+def seed_runs(main: JobConfig, out: dict[str, Any], n: int, run_dir: Path, log) -> list[dict[str, Any]]:
+    """The row's chosen config (its lr and steps) trained again from step 0 under train.seed + 1 ..
+    + (n - 1), on the same splits (data.split_seed pinned), each measured once on the test split: the
+    spread says how much of a row's lead is training noise. The row's own run is the first seed."""
+    from .seeds import pinned
+
+    cfg = pinned(P.derive(main, {"resume": False, "overwrite": True}))
+    rows = [{"seed": main.train.seed, "val": out["run"]["best"], "test": out["test"]}]
+    for k in range(1, n):
+        sd = main.train.seed + k
+        folder = run_dir / f"seed-{sd}"
+        c = P.derive(cfg, {"train": {"seed": sd}, "output_dir": str(folder)})
+        res = P.run_once(c, log=log)
+        P.strip_checkpoints(folder)
+        rows.append({"seed": sd, "val": res["best"], "test": P.measure_test(c, folder)})
+        log(f"seed {sd}: validation {res['best']}, test {rows[-1]['test'].get(main.train.metric)}")
+    return rows
+
+
 def main(argv: list[str]) -> int:
-    from .study import TRIAL_ERRORS
+    from .trial import TRIAL_ERRORS
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     spec_path = Path(argv[0])

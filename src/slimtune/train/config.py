@@ -98,6 +98,11 @@ class DataConfig(_Strict):
     test: Optional[str] = None
     test_fraction: float = Field(0.0, ge=0, lt=1)
     max_test: Optional[int] = Field(None, ge=1)
+    # The seed of the carved validation and test splits, apart from train.seed: runs that differ only
+    # in train.seed (a spread over seeds in `slimtune search` / `compare`) are measured on the same
+    # validation and test examples, so the spread is the training's alone. 42 is train.seed's default,
+    # so a config that leaves both alone splits exactly as before this key; null follows train.seed.
+    split_seed: Optional[int] = 42
     max_length: int = Field(256, ge=8)
     max_train: Optional[int] = Field(None, ge=1)  # cap example counts (quick runs)
     max_eval: Optional[int] = Field(None, ge=1)

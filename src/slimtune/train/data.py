@@ -107,6 +107,11 @@ def _col_key(c):
 
 # ---- splits ----------------------------------------------------------------------------------------
 
+def split_seed(cfg: DataConfig, train_seed: int) -> int:
+    """The seed the validation and test splits are carved with: data.split_seed (null: train.seed)."""
+    return train_seed if cfg.split_seed is None else cfg.split_seed
+
+
 def carve(rows: list, n: int, seed: int) -> tuple[list, list]:
     """(rest, carved): `n` rows chosen by a seeded shuffle (through `datasets`, so the split equals
     the one earlier versions made). A held-out test split (separate from the validation split that
@@ -131,7 +136,7 @@ def test_split(rows: list, cfg: DataConfig, seed: int, source: str, stats: dict)
             raise DataError(f"{source}: {len(rows)} examples are too few to carve a test split from; add examples, "
                             "give data.test, or set data.test_fraction=0")
         rows, test = carve(rows, n, seed)
-        stats["test"] = f"carved {len(test)} of {len(rows) + len(test)} examples (seed {seed}) before validation"
+        stats["test"] = f"carved {len(test)} of {len(rows) + len(test)} examples (split seed {seed}) before validation"
         return rows, test
     else:
         return rows, []
@@ -150,7 +155,7 @@ def split(rows: list, val_rows: list | None, cfg: DataConfig, seed: int, source:
             n_val = min(n_val, cfg.max_eval)
         n_val = min(n_val, len(rows) - 1)
         rows, val_rows = carve(rows, n_val, seed)
-        stats["validation"] = f"carved {len(val_rows)} of {len(rows) + len(val_rows)} examples (seed {seed})"
+        stats["validation"] = f"carved {len(val_rows)} of {len(rows) + len(val_rows)} examples (split seed {seed})"
     else:
         stats["validation"] = f"{len(val_rows)} examples from data.validation"
     if cfg.max_train:
@@ -184,6 +189,7 @@ def prepare(cfg: DataConfig, tok, task: str, seed: int, log=print) -> Prepared:
     stats: dict[str, Any] = {"max_length": cfg.max_length}
     number_media_rows(fmt, rows, val_rows)
     all_rows = rows if val_rows is None else None  # carved: the label set comes from every row
+    seed = split_seed(cfg, seed)
     rows, test_rows = test_split(rows, cfg, seed, source, stats)
     rows, val_rows = split(rows, val_rows, cfg, seed, source, stats)
     stats["rows_train"], stats["rows_validation"] = len(rows), len(val_rows)

@@ -188,7 +188,7 @@ ENCODERS = {"pairs": encode_pairs, "unpaired": encode_unpaired, "prompts": encod
 
 def prepare(cfg: JobConfig, tok, kind: str, log=print):
     """The job's data for an objective reading `kind` rows: a `Prepared` (train / validation examples)."""
-    from ..data import Prepared, split, test_split
+    from ..data import Prepared, split, split_seed, test_split
     from ..datafiles import read_rows
 
     d = cfg.data
@@ -197,9 +197,10 @@ def prepare(cfg: JobConfig, tok, kind: str, log=print):
                         "JSONL of TRL-format rows; docs/objectives.md); builtin data sets are SFT data")
     stats: dict[str, Any] = {}
     rows = read_rows(d.train)
-    rows, test_rows = test_split(rows, d, cfg.train.seed, d.train, stats)
+    seed = split_seed(d, cfg.train.seed)
+    rows, test_rows = test_split(rows, d, seed, d.train, stats)
     val = read_rows(d.validation) if d.validation else None
-    rows, val = split(rows, val, d, cfg.train.seed, d.train, stats)
+    rows, val = split(rows, val, d, seed, d.train, stats)
     enc = Encoder(cfg, tok)
     fn = ENCODERS[kind]
     train = fn(rows, enc, d.train)
