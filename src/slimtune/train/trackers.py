@@ -209,15 +209,24 @@ class Trackers:
 
     @classmethod
     def open(cls, report_to: Any, out: Path, params: dict[str, Any], step: int,
-             log: Callable[[str], None]) -> "Trackers":
+             log: Callable[[str], None], history: list[dict[str, Any]] = ()) -> "Trackers":
+        """Each tracker's run: resumed where the folder's earlier session had one, else new. A new run
+        that starts after step 0 (a run continued from a folder that reported nowhere, such as a
+        compare row continuing its winning lr probe) gets the earlier steps' records (`history`)
+        first, so the tracker holds the whole curve, as metrics.jsonl does."""
         ids = _read_ids(out) if step else {}
+        had = set(ids) | ({"tensorboard"} if (out / "tensorboard").exists() else set())
         items: dict[str, Any] = {}
         flat = {k: v for k, v in _flat(params).items() if v is not None}
         for n in names(report_to):
             try:
                 items[n] = TRACKERS[n](out, flat if n != "wandb" else params, step, ids)
+                if step and n not in had:
+                    for rec in history:
+                        items[n].log(rec)
             except Exception as e:  # noqa: BLE001 - a tracker that cannot start does not stop the training
                 log(f"{n} logging off ({type(e).__name__}: {e})")
+                items.pop(n, None)
         if ids:
             (out / IDS).write_text(json.dumps(ids))
         t = cls(items, out, log)

@@ -251,7 +251,8 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
             (self.out / "metrics.jsonl").write_text("")
         self._objective_precompute()  # train.precompute_ref: before the first step changes the model
         if self.is_main:
-            self.trackers = Trackers.open(self.t.report_to, self.out, saved_form(self.cfg), self.step, self.log)
+            self.trackers = Trackers.open(self.t.report_to, self.out, saved_form(self.cfg), self.step, self.log,
+                                          self.history)
         try:
             with StopRequest() as self.stop, (self.lm.attention() if self.lm is not None else _null()):
                 return self._loop()
