@@ -137,10 +137,11 @@ class Rotation(nn.Module):
         return r.expand(self.n_blocks, -1, -1) if self.block_share else r
 
     def rotate(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """x (..., n·b) → x·diag(R_i): one batched matmul over the blocks."""
-        shape = x.shape
-        xb = x.reshape(-1, self.n_blocks, self.block).transpose(0, 1)  # (n, N, b)
-        return torch.bmm(xb, r).transpose(0, 1).reshape(shape)
+        """x (..., n·b) → x·diag(R_i): one einsum over the blocks (PEFT's form; torch runs it as one
+        batched matmul). A CPU microbenchmark on the shared VM put it at 1.4-1.5× the base GEMM's time
+        against 2.0× for an explicit transpose-bmm-transpose (512-2048 tokens, 576 features; noisy)."""
+        xb = x.reshape(*x.shape[:-1], self.n_blocks, self.block)
+        return torch.einsum("...nb,nbc->...nc", xb, r).reshape(x.shape)
 
     def dense(self) -> torch.Tensor:
         """diag(R_1, ..., R_n) as an (in, in) matrix, for merging."""
