@@ -126,3 +126,21 @@ def test_a_probe_that_cannot_separate_the_rates_halves_then_says_so(tiny_bert, t
         assert all(p.get("undecided") for p in last) and "could not separate the rates" in md
     else:
         assert not any(p.get("undecided") for p in probe) and "could not separate" not in md
+
+
+def test_adalora_total_step_follows_each_runs_steps(tiny_bert, tmp_path, capsys):
+    """AdaLoRA's rank budget needs total_step: compare leaves it out of the method block and each run
+    gets its own optimizer steps from the job (probes of 2 steps, `lr-X-4steps` halving rounds and the
+    main run of 4), so every schedule ends with its run."""
+    cfg = _config(tmp_path, tiny_bert)
+    out = tmp_path / "cmp"
+    rc, stdout, err = _cli(["compare", str(cfg), "--methods", "adalora", "--no-config-row", "--steps", "4",
+                            "--probe-steps", "2", "--lr-grid", "2", "--out", str(out)], capsys)
+    assert rc == 0, err
+    row = next(csv.DictReader(open(out / "compare.csv")))
+    assert row["status"] == "ok" and row["steps"] == "4"
+    runs = {p.parent.parent: json.loads(p.read_text()) for p in (out / "runs" / "adalora").rglob("adapter_config.json")}
+    assert any(d.name == "main" for d in runs) and any(d.parent.name == "probe" for d in runs)
+    for d, c in runs.items():
+        steps = 4 if d.name == "main" else int(d.name.split("-")[-1].removesuffix("steps")) if "steps" in d.name else 2
+        assert c["peft_type"] == "ADALORA" and c["total_step"] == steps, d
