@@ -232,3 +232,16 @@ def test_conv2d_equals_peft_merged_both_ways(tmp_path):
     with pytest.raises(ValueError, match="groups=1"):
         get_peft_model(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2)), OFTConfig(oft_block_size=6,
                                                                                           target_modules=["0"]))
+
+
+def test_no_grad_folded_weight_equals_input_rotation():
+    """No-grad calls with more tokens than output features rotate the weight instead of the input
+    (cheaper there): the same outputs as the training form, block sharing included."""
+    torch.manual_seed(4)
+    x = torch.randint(0, 50, (8, 16))  # 128 tokens > every layer's out features (≤ 64)
+    for kw in (dict(oft_block_size=8), dict(oft_block_size=16, block_share=True, target_modules="all-linear")):
+        pm = get_peft_model(tiny_llama(), OFTConfig(init_weights=False, **kw)).eval()
+        with torch.no_grad():
+            folded = logits(pm, x)
+        rotated = logits(pm, x).detach()  # grad enabled: the input rotation
+        torch.testing.assert_close(folded, rotated, atol=1e-5, rtol=1e-5)
