@@ -15,7 +15,7 @@ after each row, so a stopped run keeps what it measured. `--methods a,b` / `--mo
 subset (their rows replace those in --out); `--resume` skips rows --out already holds without error.
 Mergeable adapter methods also time inference after `merge_adapter()` (`merged_ratio`).
 
-    python scripts/methods_table.py --methods adalora,loha,lokr,vera,oft --row-timeout 900
+    python scripts/methods_table.py --methods adalora,loha,lokr,vera,oft --merged-for oft --row-timeout 600
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def load_model(name: str):
     return enc, "SEQ_CLS", torch.randint(0, enc.config.vocab_size, (32, 64))
 
 
-def measure_row(mname: str, name: str) -> dict:
+def measure_row(mname: str, name: str, merged: bool = True) -> dict:
     """One row: trainable count, unmerged (and for mergeable adapters merged) inference vs the base."""
     torch.set_num_threads(2)
     base, task, x = load_model(mname)
@@ -107,7 +107,7 @@ def measure_row(mname: str, name: str) -> dict:
         row.update(trainable=trainable, trainable_pct=100 * trainable / total,
                    infer_ms=round(ms, 1), base_ms=round(base_ms, 1), infer_ratio=round(ms / base_ms, 3),
                    cpu_ratio=round(cpu / base_cpu, 3))
-        if spec.mergeable and name not in IN_PLACE:
+        if merged and spec.mergeable and name not in IN_PLACE:
             pm.merge_adapter()
             with torch.no_grad():
                 mb, mm, _, _ = paired_ms(lambda: base(input_ids=x), lambda: pm(input_ids=x))
@@ -117,9 +117,9 @@ def measure_row(mname: str, name: str) -> dict:
     return row
 
 
-def run_row(mname: str, name: str, timeout: float) -> dict:
+def run_row(mname: str, name: str, timeout: float, merged: bool = True) -> dict:
     """measure_row in a child process, bounded by `timeout` seconds."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", mname, name]
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", mname, name] + ([] if merged else ["--no-merged"])
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -150,10 +150,13 @@ def main() -> None:
     ap.add_argument("--models", default=None, help=f"comma-separated subset of {', '.join(MODELS)}")
     ap.add_argument("--row-timeout", type=float, default=900, help="seconds one row may take (its own process)")
     ap.add_argument("--resume", action="store_true", help="skip rows --out already holds without an error")
+    ap.add_argument("--merged-for", default=None, help="comma list: time merged inference for these methods only "
+                    "(default: every mergeable adapter method)")
+    ap.add_argument("--no-merged", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(measure_row(*args.one)), flush=True)
+        print(json.dumps(measure_row(*args.one, merged=not args.no_merged)), flush=True)
         return
     wanted = args.methods.split(",") if args.methods else list(all_methods())
     models = args.models.split(",") if args.models else list(MODELS)
@@ -166,7 +169,8 @@ def main() -> None:
         for name in wanted:
             if args.resume and "error" not in rows.get((mname, name), {"error": 1}):
                 continue
-            row = run_row(mname, name, args.row_timeout)
+            merged = args.merged_for is None or name in args.merged_for.split(",")
+            row = run_row(mname, name, args.row_timeout, merged)
             if "timed out" in row.get("error", "") and "error" not in rows.get((mname, name), {"error": 1}):
                 print(json.dumps(row), "(kept the earlier measurement)", flush=True)
                 continue
