@@ -39,8 +39,8 @@ def _convertible(layer: AdapterLayer) -> bool:
 
     if isinstance(layer, DeltaLayer):
         return type(layer.base_layer) is nn.Linear
-    if isinstance(layer, Linear):
-        return not isinstance(layer, DoraLinear) and type(layer).__name__ == "Linear"
+    if isinstance(layer, Linear):  # plain LoRA on a plain Linear / Conv1D (not DoRA, not a quantized base)
+        return not isinstance(layer, DoraLinear) and type(layer.base_layer) in (nn.Linear, Conv1D)
     return isinstance(layer, VeraLinear)
 
 
