@@ -80,6 +80,9 @@ def test_refusals_name_the_problem(tmp_path):
     oft = slimtune.get_peft_model(tiny_llama(), slimtune.OFTConfig(oft_block_size=4, target_modules=["q_proj"]))
     with pytest.raises(TypeError, match="OFTLinear"):
         convert_to_lora(oft, 2)
+    dora = slimtune.get_peft_model(tiny_llama(), slimtune.LoraConfig(r=2, use_dora=True, target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="DoraLinear"):  # its magnitude is not part of B·A
+        convert_to_lora(dora, 2)
     _, ours = _both("loha", tmp_path)
     for bad in (0, 1.5, -1):
         with pytest.raises(ValueError, match="rank"):
