@@ -119,9 +119,69 @@ def _crash_in_save(config: str) -> None:
     sys.exit(main(["train", config, "--no-progress"]))
 
 
+def mha_model():
+    """A tiny model around nn.MultiheadAttention with LoRA on it (random A and B, so it acts)."""
+    import torch
+    import torch.nn as nn
+
+    import slimtune
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(50, 16)
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = self.emb(x)
+            return self.head(self.attn(h, h, h)[0])
+
+    pm = slimtune.get_peft_model(Tiny(), slimtune.LoraConfig(r=2, lora_alpha=4, target_modules=["attn"],
+                                                            init_lora_weights=False))
+    return pm
+
+
+def mha_steps(model, x, steps: int = 2) -> list:
+    """Outputs before and after each of `steps` SGD steps on a fixed loss (the same in every process)."""
+    import torch
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    outs = []
+    for _ in range(steps):
+        y = model(x)
+        outs.append(y.detach().clone())
+        y.pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        outs.append(model(x).clone())
+    return outs
+
+
+def _mha_fsdp(out: str) -> None:
+    """Every rank: the LoRA-on-MultiheadAttention model inside FSDP(use_orig_params=True) (gloo, CPU),
+    the same input on each rank; rank 0 saves its outputs for the test to compare with one process."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    dist.init_process_group("gloo")
+    model = FSDP(mha_model(), use_orig_params=True, device_id=torch.device("cpu"))
+    torch.manual_seed(1)
+    x = torch.randint(0, 50, (3, 5))
+    outs = mha_steps(model, x)
+    if dist.get_rank() == 0:
+        torch.save(outs, out)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     what, rest = sys.argv[1], sys.argv[2:]
-    if what == "methods":
+    if what == "mha-fsdp":
+        _mha_fsdp(*rest)
+    elif what == "methods":
         _methods(*rest)
     elif what == "crash-in-save":
         _crash_in_save(*rest)

@@ -413,3 +413,19 @@ def test_two_nodes_through_c10d_rendezvous(tiny_llama, lm_data, reference, tmp_p
     assert sum(o.count("done in") for o in outs) == 1  # rank 0, on whichever node it landed
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
     _same_adapter(reference / "adapter", out / "adapter")
+
+
+def test_lora_on_multihead_attention_under_fsdp_use_orig_params(tmp_path):
+    """LoRA on nn.MultiheadAttention inside FSDP(use_orig_params=True), 2 gloo processes: the outputs
+    before and after two SGD steps equal one process's (PEFT's suite checks the same on GPUs)."""
+    from dist_support import mha_model, mha_steps
+
+    p = torchrun([str(HERE / "dist_support.py"), "mha-fsdp", str(tmp_path / "outs.pt")], module=False, timeout=180)
+    _ok(p)
+    torch.manual_seed(1)
+    x = torch.randint(0, 50, (3, 5))
+    want = mha_steps(mha_model(), x)
+    got = torch.load(tmp_path / "outs.pt", weights_only=True)
+    assert len(got) == len(want) == 3 and not torch.equal(want[0], want[-1])  # the steps moved the outputs
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

@@ -139,8 +139,9 @@ def test_trains_from_the_job(tmp_path):
     assert saved["peft_type"] == "LOKR" and saved["decompose_both"] is True
 
 
-def test_gradients_match_peft(ids, tmp_path):
+@pytest.mark.parametrize("kw", [dict(r=1, decompose_both=True), dict(r=16, alpha=32)])  # W2 low-rank / full
+def test_gradients_match_peft(kw, ids, tmp_path):
+    """Training on a Linear runs the factored W1·X·W2ᵀ (ΔW never built): PEFT's loss and gradients."""
     from test_method_loha import grads_match_peft
 
-    grads_match_peft(peft.LoKrConfig(r=1, decompose_both=True, init_weights=False, target_modules="all-linear"),
-                     LoKrLayer, ids, tmp_path)
+    grads_match_peft(peft.LoKrConfig(init_weights=False, target_modules="all-linear", **kw), LoKrLayer, ids, tmp_path)

@@ -182,3 +182,67 @@ def test_bench_runs_the_four_methods_in_both_libraries():
     by = {r["scenario"]: r["trainable"] for r in res["rows"]}
     assert all(by[f"peft_{m}"] == by[f"slimtune_{m}"] for m in ("loha", "lokr", "vera", "oft"))
     assert "| train | slimtune_oft |" in format_table(res)
+
+
+class _ConvNet(torch.nn.Module):
+    """3×3 and 1×1 Conv2d (groups 1, square kernels: what OFT on convs takes) and a Linear head."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(2, 8, 3, padding=1)
+        self.point = torch.nn.Conv2d(8, 4, 1)
+        self.head = torch.nn.Linear(4 * 16, 3)
+
+    def forward(self, x):  # (B, 2, 4, 4)
+        return self.head(torch.relu(self.point(torch.relu(self.conv(x)))).flatten(1))
+
+
+def test_conv2d_equals_peft_merged_both_ways(tmp_path):
+    """OFT on Conv2d: the rotation of the flattened kernel applied to the weight. PEFT's file loads
+    here and gives PEFT's merged outputs unmerged and merged; ours loads in PEFT, and PEFT's merge of
+    it gives ours; merge/unmerge and the round trip hold; training moves only oft_R."""
+    import peft
+
+    from slimtune.methods.oft import OFTConv2d
+
+    torch.manual_seed(3)
+    x = torch.randn(3, 2, 4, 4)
+    cfg = dict(oft_block_size=6, target_modules=["conv", "point"], init_weights=False)  # conv: 2·3·3 = 18 = 3 × 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_ConvNet(), peft.OFTConfig(**cfg))
+        theirs.save_pretrained(tmp_path / "p")
+        with torch.no_grad():
+            want = theirs.merge_and_unload()(x)
+    ours = PeftModel.from_pretrained(_ConvNet(), tmp_path / "p")
+    assert {type(l) for _, l in adapter_layers(ours)} == {OFTConv2d}
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(want, _ConvNet()(x), atol=1e-3)  # the rotations act
+    check_merge_and_round_trip(ours, _ConvNet, x, tmp_path / "ours", load_atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(_ConvNet(), tmp_path / "ours")
+        with torch.no_grad():
+            torch.testing.assert_close(back.merge_and_unload()(x), want, atol=1e-5, rtol=1e-5)
+    train = get_peft_model(_ConvNet(), OFTConfig(oft_block_size=6, target_modules=["conv"]))
+    train(x).pow(2).mean().backward()
+    grads = {k for k, p in train.named_parameters() if p.grad is not None}
+    assert grads and all("oft_R" in k for k in grads)
+    with pytest.raises(ValueError, match="groups=1"):
+        get_peft_model(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2)), OFTConfig(oft_block_size=6,
+                                                                                          target_modules=["0"]))
+
+
+def test_no_grad_folded_weight_equals_input_rotation():
+    """No-grad calls with more tokens than output features rotate the weight instead of the input
+    (cheaper there): the same outputs as the training form, block sharing included."""
+    torch.manual_seed(4)
+    x = torch.randint(0, 50, (8, 16))  # 128 tokens > every layer's out features (≤ 64)
+    for kw in (dict(oft_block_size=8), dict(oft_block_size=16, block_share=True, target_modules="all-linear")):
+        pm = get_peft_model(tiny_llama(), OFTConfig(init_weights=False, **kw)).eval()
+        with torch.no_grad():
+            folded = logits(pm, x)
+        rotated = logits(pm, x).detach()  # grad enabled: the input rotation
+        torch.testing.assert_close(folded, rotated, atol=1e-5, rtol=1e-5)

@@ -123,3 +123,18 @@ def test_gradients_match_peft(ids, tmp_path):
 
     grads_match_peft(peft.VeraConfig(r=8, init_weights=False, target_modules=["q_proj", "down_proj"]),
                      VeraLinear, ids, tmp_path)
+
+
+@pytest.mark.parametrize("make", ["llama", "gpt2"])
+def test_no_grad_folded_weight_equals_projections(make):
+    """No-grad calls with many tokens run one GEMM with W + ΔW (cheaper there): the same outputs as
+    the training form's two rank-r projections, on Linear and on GPT-2's Conv1D."""
+    model = {"llama": tiny_llama, "gpt2": tiny_gpt2}[make]
+    targets = ["q_proj", "v_proj", "down_proj"] if make == "llama" else ["c_attn", "c_proj"]
+    torch.manual_seed(4)
+    x = torch.randint(0, 50, (8, 16))  # 128 tokens: past out·in/(in + out) for every targeted layer
+    pm = get_peft_model(model(), VeraConfig(r=8, init_weights=False, target_modules=targets)).eval()
+    with torch.no_grad():
+        folded = logits(pm, x)
+    projected = logits(pm, x).detach()
+    torch.testing.assert_close(folded, projected, atol=1e-5, rtol=1e-5)

@@ -192,3 +192,20 @@ def test_seeds_give_each_row_a_spread_and_methods_none_runs_the_config_row_alone
     rc, _, err = _cli(["compare", str(cfg), "--methods", "none", "--no-config-row", "--out", str(tmp_path / "x")],
                       capsys)
     assert rc == 2 and "leaves no row" in err
+
+
+def test_adalora_total_step_follows_each_runs_steps(tiny_bert, tmp_path, capsys):
+    """AdaLoRA's rank budget needs total_step: compare leaves it out of the method block and the job
+    fills it with the run's optimizer steps. A probe is the row's own run stopped early (and the winner
+    continued as the row), so every probe and the main run share the row's schedule of 4 steps."""
+    cfg = _config(tmp_path, tiny_bert)
+    out = tmp_path / "cmp"
+    rc, stdout, err = _cli(["compare", str(cfg), "--methods", "adalora", "--no-config-row", "--steps", "4",
+                            "--probe-steps", "2", "--lr-grid", "2", "--out", str(out)], capsys)
+    assert rc == 0, err
+    row = next(csv.DictReader(open(out / "compare.csv")))
+    assert row["status"] == "ok" and row["steps"] == "4"
+    runs = {p.parent.parent: json.loads(p.read_text()) for p in (out / "runs" / "adalora").rglob("adapter_config.json")}
+    assert any(d.name == "main" for d in runs) and any(d.parent.name == "probe" for d in runs)
+    for d, c in runs.items():
+        assert c["peft_type"] == "ADALORA" and c["total_step"] == 4, d

@@ -66,6 +66,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "all_methods": ("registry", "all_methods"), "get_method": ("registry", "get_method"),
     "make_config": ("registry", "make_config"),
     "prepare_model_for_kbit_training": ("quant", "prepare_model_for_kbit_training"),
+    "convert_to_lora": ("methods.to_lora", "convert_to_lora"), "save_as_lora": ("methods.to_lora", "save_as_lora"),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -11,9 +11,11 @@ Names and semantics are HF PEFT's (`LycorisConfig`, `LycorisLayer`), so files mo
 Speed and memory: on an fp32 base the forward runs one GEMM with W + ΔW instead of base GEMM +
 delta GEMM (the same value up to fp32 rounding; backward then needs one GEMM for dx and one for the
 gradient of ΔW). On bf16/fp16 it keeps PEFT's two-GEMM form, so a small ΔW is never rounded away
-against W's larger entries. When training a Linear, `_DeltaLinear` rebuilds ΔW in backward rather
-than keeping it, so activation memory stays the frozen layer's (rank dropout uses the plain graph:
-its random mask must be the same in forward and backward).
+against W's larger entries. When training a Linear, a method whose ΔW·x has a cheap factored form
+(`_delta_output`: LoKr, (W1 ⊗ W2)·x = W1·X·W2ᵀ per token) runs base(x) plus that form and never
+builds ΔW; otherwise `_DeltaLinear` rebuilds ΔW in backward rather than keeping it, so activation
+memory stays the frozen layer's (rank dropout uses the plain graph: its random mask must be the
+same in forward and backward).
 """
 from __future__ import annotations
 
@@ -149,6 +151,11 @@ class DeltaLayer(AdapterLayer):
             delta = delta * self._rank_keep_scale(adapter, keep).view(-1, *([1] * (delta.dim() - 1)))
         return delta
 
+    def _delta_output(self, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
+        """ΔW·x from the factors without building ΔW, where the method's structure makes that cheaper
+        (LoKr's Kronecker product on a Linear); None: build ΔW."""
+        return None
+
     def _rank_keep_scale(self, adapter: str, keep: torch.Tensor) -> torch.Tensor:
         """LoHa rescales the kept rows by 1/mean (LoKr only with rank_dropout_scale)."""
         return keep / keep.mean().clamp_min(1e-12)
@@ -177,6 +184,12 @@ class DeltaLayer(AdapterLayer):
         factors = [p for n in active for _, p in self.adapter_parameters(n) if p.requires_grad]
         dropping = self.training and any(self.rank_dropout[n] > 0 for n in active)
         if plain and isinstance(base, nn.Linear) and factors and torch.is_grad_enabled() and not dropping:
+            outs = [self._delta_output(n, x) for n in active]
+            if all(o is not None for o in outs):  # factored: a few small GEMMs, ΔW never built
+                out = self.base_layer(x, *args, **kwargs)
+                for o in outs:
+                    out = out + o.to(out.dtype)
+                return out
             build = lambda: sum(self.get_delta_weight(n) for n in active)  # noqa: E731
             return _DeltaLinear.apply(x, base.weight, base.bias, build, merged, *factors)
         deltas = [self.get_delta_weight(n, rank_dropout=self.training).to(x.dtype) for n in active]

@@ -8,9 +8,13 @@ torch's MultiheadAttention never calls its projections as modules: it reads `in_
 `out_proj.weight` and runs one fused function. So the forward calls the base module through
 `torch.func.functional_call` with W + ΔW in place of those two weights: one extra (3E×E) add per
 call, gradients reach A and B through it, and the base module and its weights are never modified.
-Only `_qkv_same_embed_dim=True` (one packed in_proj_weight) is supported, as in PEFT.
+Inside FSDP(use_orig_params=True) the unsharded weights live as plain attributes during forward,
+and are swapped there too (`_instance_attributes`). Only `_qkv_same_embed_dim=True` (one packed
+in_proj_weight) is supported, as in PEFT.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -92,5 +96,26 @@ class MultiheadAttention(LoraLayer):
         for a in out_active:
             w_out = w_out + out.get_delta_weight(a).to(w_out.dtype)
         # MultiheadAttention.forward reads out_proj.weight, which the LoRA Linear forwards to its base layer
-        return functional_call(base, {"in_proj_weight": w_in, "out_proj.base_layer.weight": w_out},
-                               (query,) + args, kwargs, strict=False)
+        weights = {"in_proj_weight": w_in, "out_proj.base_layer.weight": w_out}
+        with _instance_attributes(base, weights):
+            return functional_call(base, weights, (query,) + args, kwargs, strict=False)
+
+
+@contextmanager
+def _instance_attributes(module: nn.Module, values: dict[str, torch.Tensor]):
+    """Also swap weights held as plain instance attributes: FSDP(use_orig_params=True) sets each
+    parameter's unsharded view in the module's `__dict__` during forward, where attribute lookup
+    finds it before `_parameters` (which functional_call swaps), so without this the forward would
+    run the base weights and LoRA would silently do nothing."""
+    saved = []
+    for path, value in values.items():
+        owner_path, _, name = path.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        if name in owner.__dict__:
+            saved.append((owner, name, owner.__dict__[name]))
+            owner.__dict__[name] = value
+    try:
+        yield
+    finally:
+        for owner, name, old in reversed(saved):
+            owner.__dict__[name] = old

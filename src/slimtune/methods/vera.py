@@ -141,8 +141,14 @@ class VeraLinear(AdapterLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._mixed is not None and not self.disable_adapters and not self.merged:
             raise ValueError("mixed-adapter batches are not supported for VeRA (nor in PEFT); run one adapter per batch")
+        active = [] if (self.disable_adapters or self.merged) else [n for n in self.active_adapters if n in self.r]
+        tokens = x.numel() // self.in_features
+        if active and not torch.is_grad_enabled() and type(self.base_layer) in (nn.Linear, Conv1D) and \
+                self.base_layer.weight.dtype == torch.float32 and \
+                tokens * (self.in_features + self.out_features) > self.in_features * self.out_features:
+            return self._folded(x, active)
         out = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters or self.merged:
+        if not active:
             return out
         for name in self.active_adapters:
             if name not in self.r:
@@ -152,6 +158,22 @@ class VeraLinear(AdapterLayer):
             xa = F.linear(self.vera_dropout[name](x.to(lb.dtype)), a)  # (..., r)
             out = out + (lb * F.linear(ld * xa, b)).to(out.dtype)
         return out
+
+
+    def _folded(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
+        """No-grad calls with many tokens: one GEMM with W + ΔW, ΔW = (λ_b ⊙ B)(λ_d ⊙ A) built per call.
+        Building costs out·in·r flops against tokens·r·(in + out) for the two rank-r projections, so
+        this runs when tokens > out·in/(in + out) (288 tokens on a 576×576 layer), on an fp32 weight
+        (a bf16 W + ΔW would round the small ΔW away); the same value up to rounding. Training keeps
+        the projections (the vectors' gradients need them)."""
+        base = self.get_base_layer()
+        w = base.weight
+        for name in active:
+            w = w + self.get_delta_weight(name).to(w.dtype)
+        if not self.fan_in_fan_out:
+            return F.linear(x, w.to(x.dtype), base.bias)
+        out = x @ w.to(x.dtype)  # Conv1D stores W as (in, out)
+        return out if base.bias is None else out + base.bias.to(x.dtype)
 
 
 @register_method(VeraConfig, mergeable=True, description="VeRA: shared frozen random projections, two trained vectors per layer")

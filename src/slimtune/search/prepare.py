@@ -148,7 +148,7 @@ def count_trainable(pf: Preflight, cfg: JobConfig) -> tuple[int, int, float] | N
     from ..train.job import apply_method, auto_method
 
     model = pf.skeleton()
-    adapter_cfg, _ = auto_method(cfg, model, pf.task)
+    adapter_cfg, _ = auto_method(cfg, model, pf.task, pf.total_steps)
     if adapter_cfg.needs_scores():
         return None
     with torch.device("meta"):  # the adapter's own tensors on the meta device too: shapes only

@@ -139,8 +139,10 @@ def _count(model: nn.Module) -> int:
     return sum(param_count(p) for p in model.parameters())
 
 
-def auto_method(cfg: JobConfig, model: nn.Module, task: str) -> tuple[Any, list[str]]:
-    """The adapter config, and a line per choice made for the user (what and why)."""
+def auto_method(cfg: JobConfig, model: nn.Module, task: str, steps: int | None = None) -> tuple[Any, list[str]]:
+    """The adapter config, and a line per choice made for the user (what and why). `steps`: the run's
+    optimizer steps, which fill a method's `total_step` (AdaLoRA's rank budget schedule) left unset,
+    so the schedule ends with the run whatever its length (compare's probes, a search's trials)."""
     name = cfg.method_name()
     try:
         spec = get_method(name)  # unknown method -> KeyError naming the closest
@@ -197,6 +199,9 @@ def auto_method(cfg: JobConfig, model: nn.Module, task: str) -> tuple[Any, list[
                        "blocks get adapters, so the backward pass stops there (SmolLM2-135M on 2 cores: steps "
                        "measured 1.44x faster than adapting every block); "
                        "set method.layers_to_transform=null to adapt all")
+    if steps is not None and "total_step" in fields and kw.get("total_step") is None:
+        kw["total_step"] = steps
+        why.append(f"total_step={steps}: the run's optimizer steps (the rank budget schedule ends with the run)")
     try:
         return make_config(spec.name, **kw), why
     except (TypeError, ValueError, KeyError, AttributeError) as e:
@@ -276,7 +281,11 @@ def setup(cfg: JobConfig, log=print) -> dict[str, Any]:
                              f"{data.labels}; remove num_labels (it follows the data) or raise it")
     model = load_model(cfg, path, task, num_labels, log, data.labels)
     spec.configure(model, proc, data, num_labels)
-    adapter_cfg, why = auto_method(cfg, model, task)
+    from .checks import plan
+    from .distributed import _env_int
+
+    steps = plan(cfg.train, len(data.train), _env_int("WORLD_SIZE", 1)).total_steps
+    adapter_cfg, why = auto_method(cfg, model, task, steps)
     return {"tokenizer": proc, "model": model, "adapter_config": adapter_cfg, "why": why, "data": data,
             "task": task, "model_path": path}
 
