@@ -42,7 +42,8 @@ def read_audio(path: Path, rate: int, where: str, max_seconds: float | None = No
     if max_seconds is not None and len(wave) > max_seconds * rate:
         secs = len(wave) / rate
         raise DataError(f"{where}: audio file {str(path)!r} is {secs:.1f} s long, past the model's {max_seconds:g} s "
-                        f"window: the last {secs - max_seconds:.1f} s would be cut; split the clip or drop the row")
+                        f"window: the last {secs - max_seconds:.1f} s would be cut; split the clip or drop the row (a Whisper "
+                       "window set shorter than 30 s by data.audio_window_s can be raised)")
     return wave
 
 
