@@ -81,6 +81,20 @@ def test_window_mistakes_are_one_message(tiny_whisper, tiny_w2v_ctc, tmp_path, c
     assert "no fixed audio window" in err and "remove data.audio_window_s" in err and "Traceback" not in err
 
 
+def test_empty_audio_file_is_one_message(tiny_whisper, tmp_path, capsys):  # noqa: F811
+    import soundfile as sf
+
+    rows = speech_rows(tmp_path, n=4)
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    rows[1]["audio"] = "empty.wav"
+    write_jsonl(tmp_path / "e.jsonl", rows[:3])
+    write_jsonl(tmp_path / "v.jsonl", rows[3:])  # a validation file: train rows keep the file's numbering
+    assert main(["train", f"model={tiny_whisper}", f"data.train={tmp_path / 'e.jsonl'}",
+                 f"data.validation={tmp_path / 'v.jsonl'}", f"output_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert "row 2" in err and "empty.wav" in err and "holds no samples" in err and "Traceback" not in err
+
+
 def test_spoken_digit_clips_are_split_by_voice():
     import soundfile as sf
 

@@ -36,6 +36,9 @@ def read_audio(path: Path, rate: int, where: str, max_seconds: float | None = No
         raise DataError(f"{where}: audio file {str(path)!r} has a sample rate of {sr} Hz, below {MIN_RATE} Hz that "
                         f"speech needs (the model takes {rate} Hz); re-export it at {rate} Hz (sox in.wav -r {rate} "
                         "out.wav)")
+    if len(wave) == 0:
+        raise DataError(f"{where}: audio file {str(path)!r} holds no samples (0 s of audio); replace the file or "
+                        "drop the row")
     wave = wave.mean(1)  # (T,) mono
     if sr != rate:
         wave = soxr.resample(wave, sr, rate).astype(np.float32)
