@@ -61,6 +61,10 @@ def test_window_trains_and_travels_with_the_adapter(tiny_whisper, tmp_path):  # 
 
     model, proc = get_task("speech_recognition").load_for_adapter(str(tiny_whisper), str(tmp_path / "run/best"), None)
     assert model.config.max_source_positions == 100 and proc.feature_extractor.n_samples == 32000
+    # merged: the model and its processor keep the window together
+    assert main(["merge", "--adapter", str(tmp_path / "run/best"), "--out", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m/config.json").read_text())["max_source_positions"] == 100
+    assert json.loads((tmp_path / "m/processor_config.json").read_text())["feature_extractor"]["chunk_length"] == 2
 
 
 def test_window_mistakes_are_one_message(tiny_whisper, tiny_w2v_ctc, tmp_path, capsys):  # noqa: F811
