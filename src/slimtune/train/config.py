@@ -107,6 +107,11 @@ class DataConfig(_Strict):
     max_train: Optional[int] = Field(None, ge=1)  # cap example counts (quick runs)
     max_eval: Optional[int] = Field(None, ge=1)
     system_prompt: Optional[str] = None  # for instruction data rendered through a chat template
+    # Whisper (speech_recognition): pad clips to this many seconds instead of the model's 30 s window,
+    # keeping the encoder's first 50/s positional embeddings. Why: the encoder's cost grows with the
+    # window, and short clips (spoken words) need a few seconds; the digits example measures the
+    # held-out WER at 2 s against 30 s (docs/speech.md). Longer clips are refused, not cut. None: 30 s.
+    audio_window_s: Optional[int] = Field(None, ge=1, le=30)
 
     @field_validator("format")
     @classmethod

