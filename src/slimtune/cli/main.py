@@ -52,9 +52,27 @@ def _term_as_interrupt():
     return None
 
 
+ANSWER_CTRL_C_ENV = "SLIMTUNE_ANSWER_CTRL_C"
+
+
+def answer_ctrl_c() -> None:
+    """A process started by a controller whose Stop is this process's Ctrl-C (`slimtune ui` starting a
+    run: env SLIMTUNE_ANSWER_CTRL_C=1) takes SIGINT even where it inherited it ignored: a UI started
+    under nohup or as a script's `&` job passes SIG_IGN on through exec, and the job deliberately keeps
+    an ignored SIGINT, so Stop would do nothing. Read once, then dropped from the environment so the
+    run's own children (torchrun workers, compare rows) keep the usual rule."""
+    import signal
+    import threading
+
+    if os.environ.pop(ANSWER_CTRL_C_ENV, None) == "1" and threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
 
+    answer_ctrl_c()
     old = _term_as_interrupt()
     try:
         return _main(argv)

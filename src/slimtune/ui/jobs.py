@@ -120,7 +120,9 @@ class Jobs:
         logs = self.root / UI_DIR / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log = logs / f"{slug(runs.name(self.root, out))}.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # Stop is this run's Ctrl-C even when the page itself ignores SIGINT (nohup, a script's & job),
+        # which the child would inherit through exec (cli/main.answer_ctrl_c)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", SLIMTUNE_ANSWER_CTRL_C="1")
         with open(log, "ab") as f:  # the child keeps its own copy of the descriptor
             p = subprocess.Popen([sys.executable, "-m", "slimtune", "train", *args, "--no-progress"],
                                  stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env,
