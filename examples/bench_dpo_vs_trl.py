@@ -24,8 +24,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from slimtune.bench.job import run_child as run, trainer_order as order
 
 HERE = Path(__file__).resolve().parent
 PAIRS = HERE.parent / "runs" / "dpo_plot_review"
@@ -63,31 +64,6 @@ res = tr.evaluate()
 json.dump({"steps": steps, "train_s": run["train_runtime"], "eval": res, "wall_in_s": time.time() - t0},
           open(a["result"], "w"))
 '''
-
-
-def order(n: int, steps: int, batch: int, seed: int) -> list[int]:
-    """The rows slimtune's trainer draws, in order (trainer._examples: a seeded permutation per epoch)."""
-    import torch
-
-    out: list[int] = []
-    epoch = 0
-    while len(out) < steps * batch:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-        per_epoch = n // batch  # full batches of an epoch (checks.plan drops none when n % batch == 0)
-        out += perm[:per_epoch * batch]
-        epoch += 1
-    return out[:steps * batch]
-
-
-def run(cmd: list[str], log: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of a child process."""
-    t0 = time.time()
-    with open(log, "w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        _, status, ru = os.wait4(p.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{cmd[:3]} failed: see {log}")
-    return time.time() - t0, ru.ru_maxrss / 1024
 
 
 def main() -> int:

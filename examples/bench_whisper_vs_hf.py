@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from slimtune.bench.job import run_child as run, trainer_order as order
 
 HERE = Path(__file__).resolve().parent
 DIGITS = HERE / "data" / "spoken_digits"
@@ -103,30 +102,6 @@ json.dump({"steps": steps, "train_s": run["train_runtime"], "wer": jiwer.wer(r, 
            "exact_match": sum(x == y for x, y in zip(h, r)) / len(r), "hyps": hyps[:10],
            "wall_in_s": time.time() - t0}, open(a["result"], "w"))
 '''
-
-
-def order(n: int, steps: int, batch: int, seed: int) -> list[int]:
-    """The rows slimtune's trainer draws, in order (trainer._examples: a seeded permutation per epoch)."""
-    import torch
-
-    out: list[int] = []
-    epoch = 0
-    while len(out) < steps * batch:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-        out += perm[:(n // batch) * batch]  # full batches of an epoch (80 clips, batch 8: none dropped)
-        epoch += 1
-    return out[:steps * batch]
-
-
-def run(cmd: list[str], log: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of a child process."""
-    t0 = time.time()
-    with open(log, "w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        _, status, ru = os.wait4(p.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{cmd[:3]} failed: see {log}")
-    return time.time() - t0, ru.ru_maxrss / 1024
 
 
 def main() -> int:

@@ -86,6 +86,29 @@ def run_side(cmd: list[str], log_path: Path, timeout: float) -> dict[str, Any]:
     return {"wall_s": wall, "peak_rss_mb": ru.ru_maxrss / 1024, "cpu_s": ru.ru_utime + ru.ru_stime, "exit": code}
 
 
+def run_child(cmd: list[str], log_path: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of a child run to its end; a failed child stops the benchmark
+    naming its log (the examples' side-by-side scripts)."""
+    r = run_side(cmd, log_path, timeout=float("inf"))
+    if r["exit"] != 0:
+        raise SystemExit(f"{cmd[:3]} failed: see {log_path}")
+    return r["wall_s"], r["peak_rss_mb"]
+
+
+def trainer_order(n: int, steps: int, batch: int, seed: int) -> list[int]:
+    """The rows slimtune's trainer draws in one process for `steps` steps of `batch` (the full batches
+    of each epoch's permutation, trainer.epoch_permutation), in order: what a side-by-side script feeds
+    the other library's trainer so both see the same batches."""
+    from slimtune.train.trainer import epoch_permutation
+
+    out: list[int] = []
+    epoch = 0
+    while len(out) < steps * batch:
+        out += epoch_permutation(n, seed, epoch)[:(n // batch) * batch]
+        epoch += 1
+    return out[:steps * batch]
+
+
 def slimtune_side(argv: list[str]) -> int:
     """`python -m slimtune.bench.job --side OUT [CONFIG] key=value ...`: `slimtune train` as the CLI
     runs it, plus a recorder of the rows each training step holds (OUT/batches.json)."""

@@ -12,6 +12,7 @@ Anything else is passed to transformers' from_pretrained (a local folder; the hu
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -67,6 +68,27 @@ class GGUFUnreadable(ModelNotFound):
     """A .gguf file given as the model that transformers cannot dequantize."""
 
 
+@contextlib.contextmanager
+def atomic_folder(out: Path, prefix: str):
+    """A cache folder written whole or not at all: the caller fills the yielded temp folder beside
+    `out`; on success it gets a `.complete` marker and is renamed onto `out` (a half-written or stale
+    folder there is replaced; losing the race to a concurrent run that finished first is fine)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+    try:
+        yield tmp
+        (tmp / ".complete").write_text("ok\n")
+        if out.exists():
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / ".complete").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def convert_gguf(gguf: Path, out: Path, log=print, what: str = "GGUF") -> Path:
     """A GGUF file dequantized to an fp32 HF folder at `out`, written atomically (temp dir + rename)."""
     import torch
@@ -74,9 +96,7 @@ def convert_gguf(gguf: Path, out: Path, log=print, what: str = "GGUF") -> Path:
 
     t0 = time.time()
     log(f"converting {gguf.name} ({what}) to an fp32 HF folder in {out} (once, ~20-40 s for 135M parameters)...")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=out.parent))
-    try:
+    with atomic_folder(out, ".gguf-") as tmp:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -94,16 +114,6 @@ def convert_gguf(gguf: Path, out: Path, log=print, what: str = "GGUF") -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / ".complete").write_text("ok\n")
-        if out.exists():  # a half-written or stale folder from another run
-            shutil.rmtree(out, ignore_errors=True)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if not (out / ".complete").is_file():  # lost a race to a concurrent run: theirs is fine
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"converted in {time.time() - t0:.1f} s")
     return out
 

