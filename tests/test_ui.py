@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest_train import sentiment_rows, tiny_bert, write_jsonl  # noqa: F401
-from ui_support import call, finished_run, run_yaml, ui_server, wait_for
+from ui_support import broken_run, call, finished_run, run_yaml, ui_server, wait_for
 
 from slimtune.cli.main import main
 
@@ -21,11 +21,7 @@ def root(tmp_path_factory, tiny_bert):  # noqa: F811
     root.mkdir()
     finished_run(root, tiny_bert)
     # a folder being written / corrupt: a cut metrics line, half a summary, a lock of a dead process
-    bad = root / "broken"
-    bad.mkdir()
-    (bad / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo')
-    (bad / "summary.json").write_text('{"status": "fini')
-    (bad / ".slimtune.lock").write_text("not json")
+    broken_run(root)
     failed = root / "failed"
     failed.mkdir()
     (failed / "config.yaml").write_text("model: x\n")

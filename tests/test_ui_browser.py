@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 from conftest_train import tiny_bert  # noqa: F401
-from ui_support import DOCS, NO_BROWSER, browser, call, finished_run, run_yaml, ui_server, wait_for  # noqa: F401
+from ui_support import DOCS, NO_BROWSER, broken_run, browser, call, finished_run, run_yaml, ui_server, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.skipif(bool(NO_BROWSER), reason=str(NO_BROWSER))
 
@@ -51,11 +51,7 @@ def test_runs_form_live_curve_stop_in_chromium(tmp_path, tiny_bert, browser):  #
     root.mkdir()
     finished_run(root, tiny_bert)
     # folders being written or corrupt: a cut metrics line, half a summary, a junk lock; binary garbage
-    bad = root / "broken"
-    bad.mkdir()
-    (bad / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo')
-    (bad / "summary.json").write_text('{"status": "fini')
-    (bad / ".slimtune.lock").write_text("not json")
+    broken_run(root)
     junk = root / "junk"
     junk.mkdir()
     (junk / "metrics.jsonl").write_bytes(b"\xff\xfe\x00garbage\n" * 50)

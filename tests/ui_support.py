@@ -33,6 +33,16 @@ def run_yaml(model: Path, data: Path, out: str, steps: int = 4, extra: str = "")
             f"precision: fp32{extra}}}\neval: {{max_examples: 8}}\noutput_dir: {out}\n")
 
 
+def broken_run(root: Path) -> Path:
+    """A run folder caught being written or corrupt: a cut metrics line, half a summary, a junk lock."""
+    bad = root / "broken"
+    bad.mkdir()
+    (bad / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo')
+    (bad / "summary.json").write_text('{"status": "fini')
+    (bad / ".slimtune.lock").write_text("not json")
+    return bad
+
+
 def finished_run(root: Path, model: Path, name: str = "done") -> Path:
     from slimtune.train.config import load_config
     from slimtune.train.run import run_train

@@ -108,25 +108,25 @@ def _objective_series(history: list[dict]) -> dict[str, Any] | None:
     return None
 
 
-def _objective_panel(ax, pref: dict[str, Any]):
-    """Margin / reward (left axis) and accuracy / KL (right axis) over steps, training and held out."""
+def _series(axis, pref: dict[str, Any], side: str, colour0: int, held_style: str) -> list:
+    """One axis's curves: each key of pref[side] as a training line and a held-out line in one colour."""
     handles = []
-    for i, k in enumerate(pref["left"]):
-        for style, split in (("-", "train"), ("o-", "held-out")):
+    for i, k in enumerate(pref[side]):
+        for style, split in (("-", "train"), (held_style, "held-out")):
             pts = pref["series"].get(f"{split} {k}")
             if pts:
-                handles += ax.plot(*zip(*pts), style, color=f"C{i}", alpha=0.6 if split == "train" else 1.0,
-                                   label=f"{split} {k}")
+                handles += axis.plot(*zip(*pts), style, color=f"C{colour0 + i}", alpha=0.6 if split == "train" else 1.0,
+                                     label=f"{split} {k}")
+    return handles
+
+
+def _objective_panel(ax, pref: dict[str, Any]):
+    """Margin / reward (left axis) and accuracy / KL (right axis) over steps, training and held out."""
+    ax_r = ax.twinx()
+    handles = _series(ax, pref, "left", 0, "o-") + _series(ax_r, pref, "right", 3, "s--")
     ax.set_xlabel("step")
     ax.set_ylabel(" / ".join(pref["left"]))
     ax.grid(alpha=0.3)
-    ax_r = ax.twinx()
-    for i, k in enumerate(pref["right"]):
-        for style, split in (("-", "train"), ("s--", "held-out")):
-            pts = pref["series"].get(f"{split} {k}")
-            if pts:
-                handles += ax_r.plot(*zip(*pts), style, color=f"C{3 + i}", alpha=0.6 if split == "train" else 1.0,
-                                     label=f"{split} {k}")
     ax_r.set_ylabel(" / ".join(pref["right"]))
     ax.set_title(pref["title"])
     ax.legend(handles=handles, fontsize=7, loc="best")
