@@ -57,7 +57,8 @@ class ObjectiveSteps:
             if not on and self.t.chunked_ce == "on":
                 raise JobConfigError(f"train.chunked_ce=on cannot apply to the pairs: {why}; set train.chunked_ce=auto "
                                      "or off")
-            self.log(f"loss: {why}" if on else f"loss: pairs as two padded rows each ({why})")
+            plain = "G padded rows per prompt" if self.objective.data == "prompts" else "pairs as two padded rows each"
+            self.log(f"loss: {why}" if on else f"loss: {plain} ({why})")
 
     def _objective_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         try:
