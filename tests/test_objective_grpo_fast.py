@@ -108,3 +108,29 @@ def test_one_row_per_group_under_bf16_autocast():
         b, _ = objective(4, 0.0, True).logps(pm, pm, batch, comp, cmask)
     assert a.dtype == b.dtype == torch.float32
     assert torch.allclose(a * cmask, b, rtol=2e-2, atol=0.1), (a, b)
+
+
+class GenTok(Tok):
+    eos_token_id = 2
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_prompts_prefilled_once_sample_what_generate_samples(seed):
+    """sample(): the prompts' KV cache computed once and repeated per completion gives the tokens
+    generate gives running every prompt G times (greedy: deterministic)."""
+    pm = peft_model().eval()
+    batch, _, _ = group_batch(3, 1, 1, seed)
+    obj = objective(4, 0.0, True)
+    obj.tok = GenTok()
+    obj.t.max_completion_length = 6
+    seen = []  # the token counts the embedding sees: the prompts once, then one token per step
+    hook = pm.get_base_model().get_input_embeddings().register_forward_hook(lambda m, a, o: seen.append(a[0].shape))
+    comp, mask = obj.sample(pm, batch, 4, greedy=True)
+    hook.remove()
+    P = batch["input_ids"].shape[1]
+    assert seen[0] == (3, P - 1) and all(s == (12, 1) for s in seen[1:]), seen
+    with torch.no_grad():
+        ref = pm.generate(input_ids=batch["input_ids"].repeat_interleave(4, 0), max_new_tokens=6, do_sample=False,
+                          attention_mask=batch["attention_mask"].repeat_interleave(4, 0), pad_token_id=0)
+    assert comp.shape == (12, 6)
+    assert torch.equal(comp, ref[:, batch["input_ids"].shape[1]:])

@@ -94,9 +94,14 @@ class GRPO(Objective):
         try:
             kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=self.t.temperature, top_k=0,
                                                              top_p=1.0)
-            out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 max_new_tokens=self.t.max_completion_length, num_return_sequences=group,
-                                 pad_token_id=self.tok.pad_token_id, use_cache=True, **kw)
+            kw.update(max_new_tokens=self.t.max_completion_length, pad_token_id=self.tok.pad_token_id, use_cache=True)
+            ids, att = batch["input_ids"], batch["attention_mask"]
+            cache = self._prefill(model, ids, att, group) if group > 1 and ids.shape[1] > 1 else None
+            if cache is not None:  # the prompts' cache once, copied per completion: generate runs the last token on
+                out = model.generate(input_ids=ids.repeat_interleave(group, 0),
+                                     attention_mask=att.repeat_interleave(group, 0), cache=cache, **kw)
+            else:
+                out = model.generate(input_ids=ids, attention_mask=att, num_return_sequences=group, **kw)
         finally:
             if was:
                 model.train()
@@ -106,6 +111,19 @@ class GRPO(Objective):
         first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(comp[:, 0], comp.shape[1]))
         mask = (torch.arange(comp.shape[1], device=comp.device).unsqueeze(0) <= first.unsqueeze(1)).long()
         return comp, mask
+
+    @staticmethod
+    def _prefill(model, ids: torch.Tensor, att: torch.Tensor, group: int):
+        """The KV cache of the N prompts but their last token, run once and repeated per completion
+        (`generate(num_return_sequences=G)` would run every prompt G times); None for prompt learning
+        (its virtual tokens go in front of the cache: generate builds that cache itself)."""
+        cfg = getattr(model, "active_peft_config", None)
+        if getattr(cfg, "is_prompt_learning", False):
+            return None
+        pos = (att.cumsum(1) - 1).clamp(min=0)  # the positions generate gives left-padded rows
+        out = model(input_ids=ids[:, :-1], attention_mask=att[:, :-1], position_ids=pos[:, :-1], use_cache=True)
+        out.cache.batch_repeat_interleave(group)
+        return out.cache
 
     def score(self, rows: list[dict[str, Any]], comp: torch.Tensor, mask: torch.Tensor, group: int) -> torch.Tensor:
         """(N*group, F) rewards of the decoded completions."""
