@@ -11,6 +11,14 @@ the reward functions (rewards.py), and each completion's advantage is its reward
 The completion ends at its first EOS (kept, later tokens masked). `policy_loss` and
 `group_advantages` equal TRL GRPOTrainer's given the same completions and rewards
 (tests/test_objective_trl.py).
+
+The fast path, where the model allows it (shared.status: a plain LM head, a 4-D mask; the trainer
+turns it on, `train.chunked_ce=off` turns it off): sampling runs the N prompts' KV cache once and
+repeats it per completion instead of `generate(num_return_sequences=G)` running each prompt G
+times, and the loss puts a prompt and its G completions in one row (shared.group_collate), so the
+prompt goes through the model once, not G times; both equal the plain path
+(tests/test_objective_grpo_fast.py). The held-out evaluation adds `top_share` and
+`reward_balanced` (collapse_metrics): what a model that answers every prompt alike cannot fake.
 """
 from __future__ import annotations
 
@@ -96,7 +104,7 @@ class GRPO(Objective):
                                                              top_p=1.0)
             kw.update(max_new_tokens=self.t.max_completion_length, pad_token_id=self.tok.pad_token_id, use_cache=True)
             ids, att = batch["input_ids"], batch["attention_mask"]
-            cache = self._prefill(model, ids, att, group) if group > 1 and ids.shape[1] > 1 else None
+            cache = self._prefill(model, ids, att, group) if self.shared and group > 1 and ids.shape[1] > 1 else None
             if cache is not None:  # the prompts' cache once, copied per completion: generate runs the last token on
                 out = model.generate(input_ids=ids.repeat_interleave(group, 0),
                                      attention_mask=att.repeat_interleave(group, 0), cache=cache, **kw)
@@ -147,7 +155,8 @@ class GRPO(Objective):
         return loss, stats
 
     def use_shared_prompt(self, model, log=print) -> tuple[bool, str]:
-        """Turn on the one-row-per-group layout (shared.group_collate) where `model` allows it; (on, why)."""
+        """Turn on the one-row-per-group layout (shared.group_collate) and the prompts' KV cache once
+        per group when sampling, where `model` allows it; (on, why)."""
         self.shared, why = shared.status(model)
         return self.shared, why.replace("per pair, chosen and rejected beside it", "per group, its completions "
                                         "beside it") if self.shared else why
