@@ -14,12 +14,12 @@ review? answer plot / review) as GRPO prompts with an `answer` column; the rewar
      `--resume-weights-only`: fresh optimizer and schedule).
   3. SFT for K + M steps from the base (the same number of optimizer steps as 1 + 2).
 
-Each final adapter then answers the held-out prompts greedily through `slimtune predict` (a real
-process), and the script prints accuracy, balanced accuracy (the mean of the per-class recalls:
+Each run's final adapter then answers the held-out prompts greedily through `slimtune predict` (a
+real process), and the script prints accuracy, balanced accuracy (the mean of the per-class recalls:
 always naming one class scores 0.5 however skewed the split), each class's recall, and the share
 of the most common answer (1.0 = a collapse to one answer).
 
-    python examples/grpo_plot_review.py [K M]      # default 8 and 12; ~ minutes on 2 CPU cores
+    python examples/grpo_plot_review.py [K M] [key=value ...]   # K, M: below; overrides: the GRPO stage
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ sys.path.insert(0, str(HERE))
 from dpo_plot_review import N_TRAIN, N_VAL, shorten, write  # noqa: E402  the same rows as the DPO example
 
 OUT = HERE.parent / "runs" / "grpo_plot_review"
+K, M = 8, 12  # SFT steps, then GRPO steps (the same-steps SFT baseline runs K + M)
 
 
 def balanced(rows: list[dict]) -> list[dict]:
@@ -50,10 +51,12 @@ def balanced(rows: list[dict]) -> list[dict]:
     return [by[a][i] for i in range(n) for a in by]
 
 
-def scores(adapter: Path, val: Path) -> dict[str, float]:
-    """Held-out metrics of `adapter`'s greedy answers (`slimtune predict`, a separate process)."""
-    preds = OUT / f"pred_{adapter.parent.name}.jsonl"
-    subprocess.run([sys.executable, "-m", "slimtune", "predict", str(adapter), str(val), "--out", str(preds),
+def scores(run: Path, val: Path) -> dict[str, float]:
+    """Held-out metrics of the greedy answers of `run`'s adapter (`slimtune predict RUN`, a separate
+    process: the run's own data settings, so the prompts are the training ones; each run evaluates
+    once, at its last step, so its best/ adapter is its final one)."""
+    preds = OUT / f"pred_{run.name}.jsonl"
+    subprocess.run([sys.executable, "-m", "slimtune", "predict", str(run), str(val), "--out", str(preds),
                     "--max-new-tokens", "4", "--batch-size", "50"], check=True)
     rows = [json.loads(x) for x in preds.read_text().splitlines()]
     answers = [r["answer"] for r in rows]
@@ -65,7 +68,9 @@ def scores(adapter: Path, val: Path) -> dict[str, float]:
 
 
 def main() -> int:
-    k, m = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (8, 12)
+    nums = [a for a in sys.argv[1:] if a.isdigit()]
+    k, m = (int(nums[0]), int(nums[1])) if len(nums) == 2 else (K, M)
+    extra = [a for a in sys.argv[1:] if not a.isdigit()]  # key=value overrides for the GRPO stage
     OUT.mkdir(parents=True, exist_ok=True)
     rows, _, _ = load_builtin("rotten_tomatoes_plot")
     rows = [shorten(r) for r in rows[:N_TRAIN + N_VAL]]
@@ -80,7 +85,7 @@ def main() -> int:
     runs[f"SFT {k} steps"] = run_train(sft, progress=False)
     grpo = load_config(str(HERE / "grpo_plot_review.yaml"),
                        ["overwrite=true", f"train.max_steps={m}", f"train.eval_every={m}",
-                        f"resume={OUT / 'sft' / 'checkpoints' / f'step-{k:06d}'}", "resume_weights_only=true"])
+                        f"resume={OUT / 'sft' / 'checkpoints' / f'step-{k:06d}'}", "resume_weights_only=true"] + extra)
     runs[f"SFT {k} + GRPO {m} steps"] = run_train(grpo, progress=False)
     same = load_config(str(HERE / "grpo_plot_review_sft.yaml"),
                        ["overwrite=true", f"train.max_steps={k + m}", f"output_dir={OUT / 'sft_same_steps'}"])
@@ -91,7 +96,7 @@ def main() -> int:
     print(f"  {'run':34s} {'accuracy':>8s} {'balanced':>8s} {'recall plot':>11s} {'recall review':>13s} "
           f"{'top share':>9s} {'train s':>7s}")
     for (name, r), d in zip(runs.items(), dirs):
-        s = scores(d / "adapter", val_file)
+        s = scores(d, val_file)
         print(f"  {name:34s} {s['accuracy']:8.2f} {s['reward_balanced']:8.2f} {s['recall_plot']:11.2f} "
               f"{s['recall_review']:13.2f} {s['top_share']:9.2f} {r['train_time_s']:7.0f}")
     return 0
