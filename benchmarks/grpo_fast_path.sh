@@ -2,11 +2,11 @@
 # GRPO steps on examples/grpo_plot_review.yaml (8 prompts x 8 completions a step, from the example's SFT
 # stage): the job's fast path (the prompts' KV cache once per group when sampling, a prompt and its 8
 # completions in one row for the loss) vs the plain layout (train.chunked_ce=off: generate runs every
-# prompt 8 times, the loss 8 padded rows per prompt), 6 steps each, one after the other, the same seed.
+# prompt 8 times, the loss 8 padded rows per prompt), 4 steps each, one after the other, the same seed.
 # Run from the repository root after `python examples/grpo_plot_review.py` wrote the data and the SFT stage:
 #   flock /tmp/slimtune-bench.lock bash benchmarks/grpo_fast_path.sh
 CK=runs/grpo_plot_review/sft/checkpoints/step-000008
-C="examples/grpo_plot_review.yaml overwrite=true resume=$CK resume_weights_only=true train.max_steps=6 train.eval_every=1000 eval.max_examples=8 --no-progress"
+C="examples/grpo_plot_review.yaml overwrite=true resume=$CK resume_weights_only=true train.max_steps=4 train.eval_every=1000 eval.max_examples=8 --no-progress"
 for v in fast plain; do
   X="output_dir=runs/speed-grpo/$v"
   [ $v = plain ] && X="$X train.chunked_ce=off"
