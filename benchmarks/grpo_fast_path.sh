@@ -5,7 +5,7 @@
 # prompt 8 times, the loss 8 padded rows per prompt), 4 steps each, one after the other, the same seed.
 # Run from the repository root after `python examples/grpo_plot_review.py` wrote the data and the SFT stage:
 #   flock /tmp/slimtune-bench.lock bash benchmarks/grpo_fast_path.sh
-CK=runs/grpo_plot_review/sft/checkpoints/step-000008
+CK=${CK:-runs/grpo_plot_review/sft/checkpoints/step-000012}  # the example's SFT stage (K = 12)
 C="examples/grpo_plot_review.yaml overwrite=true resume=$CK resume_weights_only=true train.max_steps=4 train.eval_every=1000 eval.max_examples=8 --no-progress"
 for v in fast plain; do
   X="output_dir=runs/speed-grpo/$v"

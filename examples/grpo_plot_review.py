@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE))
 from dpo_plot_review import N_TRAIN, N_VAL, shorten, write  # noqa: E402  the same rows as the DPO example
 
 OUT = HERE.parent / "runs" / "grpo_plot_review"
-K, M = 8, 12  # SFT steps, then GRPO steps (the same-steps SFT baseline runs K + M)
+K, M = 12, 12  # SFT steps, then GRPO steps (the same-steps SFT baseline runs K + M)
 
 
 def balanced(rows: list[dict]) -> list[dict]:
