@@ -1,10 +1,11 @@
-"""GRPO that learns to tell the default task's two classes apart, offline (issue 24), against SFT
-at the same number of steps.
+"""GRPO on the default task's two classes, offline (issue 24), measured so that a collapse to one
+answer shows, against SFT at the same number of steps (the figures and what they say: README.md,
+"Preference and reward tuning").
 
 The packaged default task (Rotten Tomatoes: is this text a movie's plot summary or a critic's
 review? answer plot / review) as GRPO prompts with an `answer` column; the reward is the built-in
 `exact_match` (1 when the completion's first word is the answer). Training prompts are balanced
-(111 of each class, alternating), the 100 held-out prompts are as they come (57 review).
+(111 of each class, alternating), the 100 held-out prompts are as they come (52 review).
 
   1. SFT, K steps (examples/grpo_plot_review_sft.yaml). SmolLM2-Instruct answers in a sentence
      ("This text is a movie's plot summary, ..."), so exact_match pays 0 for every sampled
