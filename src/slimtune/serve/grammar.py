@@ -17,9 +17,11 @@ Rows without a matcher are untouched, so constrained and free rows share one mix
 from __future__ import annotations
 
 import json
+import sys
 import threading
 
 import torch
+import torch.nn.functional as F
 
 
 class GrammarError(ValueError):
@@ -76,26 +78,55 @@ class Grammars:
         return m
 
 
+_LUT: dict = {}  # device -> (256, 8) float32: a byte's 8 bits (least significant first) as 0 / -inf
+
+
+def _byte_bias(device) -> torch.Tensor:
+    if device not in _LUT:
+        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+        _LUT[device] = torch.zeros(256, 8).masked_fill_(bits == 0, float("-inf")).to(device)
+    return _LUT[device]
+
+
 def constrain(logits: torch.Tensor, matchers: list) -> torch.Tensor:
-    """logits (B, V) with each constrained row's forbidden tokens at -inf (a copy; rows without a
-    matcher are as they were). matchers: one per row, None for a free row."""
+    """logits (B, V) with each constrained row's forbidden tokens at -inf (a new float32 tensor: the
+    log-probs read the model's own logits; rows without a matcher are as they were). matchers: one per
+    row, None for a free row.
+
+    llguidance fills a packed bitmask (R, ceil(V / 32)) int32, bit t of word w = token 32w + t. Read as
+    bytes (little-endian: byte 4w + b holds tokens 32w + 8b ...), one embedding lookup into a
+    (256, 8) table of 0 / -inf turns it into an additive (R, V) bias: one gather and one add for all
+    rows (measured ~0.25 ms for 16 x 49,152 on 2 cores, against ~2 ms for unpacking the bits by shifts;
+    llguidance.torch's own apply goes through torch.compile: seconds on its first call)."""
     from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
 
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return logits
     vocab = logits.shape[-1]
-    mask = allocate_token_bitmask(len(rows), vocab)  # (R, ceil(V / 32)) int32, bit t of word w = token 32w + t
-    for j, i in enumerate(rows):  # one Rust call per constrained row (llguidance's thread-pool variant,
-        fill_next_token_bitmask(matchers[i], mask, j)  # fill_next_token_bitmask_par, was no faster on 2 cores)
-    # unpack in tensor ops (llguidance's own apply goes through torch.compile: seconds on the first call)
-    bits = torch.arange(32, dtype=torch.int32)
-    allowed = ((mask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab].to(logits.device)  # (R, V)
-    if len(rows) < logits.shape[0]:  # free rows: everything allowed
-        full = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
-        full[torch.tensor(rows, device=logits.device)] = allowed
-        allowed = full
-    return logits.float().masked_fill(~allowed, float("-inf"))  # one pass, a new tensor (log-probs read the old)
+    mask = allocate_token_bitmask(len(rows), vocab)
+    for j, i in enumerate(rows):  # one Rust call per row, ~0.05 ms each here (llguidance's thread-pool
+        fill_next_token_bitmask(matchers[i], mask, j)  # variant, fill_next_token_bitmask_par, was no faster)
+    if sys.byteorder != "little":  # the byte view below assumes it; the shift unpack does not
+        allowed = ((mask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1).bool().flatten(1)[:, :vocab]
+        bias = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf")).to(logits.device)
+    else:
+        bias = F.embedding(mask.view(torch.uint8).long().to(logits.device),
+                           _byte_bias(logits.device)).flatten(1)[:, :vocab]  # (R, V)
+    if len(rows) == logits.shape[0]:
+        return logits.float() + bias
+    return logits.float().index_add(0, torch.tensor(rows, device=logits.device), bias)
+
+
+def fast_forward(matcher, limit: int) -> list[int]:
+    """The tokens the grammar forces from the matcher's state (llguidance's ff tokens, e.g.
+    `{"sentiment":"` for an object whose first property is required), at most `limit`, consumed
+    into the matcher. They need no sampling: the caller appends them to the prompt, so one prefill
+    forward computes them with the prompt, and hands them out as generated tokens."""
+    ff = matcher.compute_ff_tokens()[:max(limit, 0)]
+    if ff and not matcher.consume_tokens(ff):
+        raise GrammarError(f"the grammar refused its own forced tokens: {matcher.get_error()[:300]}")
+    return ff
 
 
 def advance(matchers: list, tokens: list[int]) -> list[bool]:
