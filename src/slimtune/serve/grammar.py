@@ -47,8 +47,6 @@ class Grammars:
 
     def grammar(self, response_format) -> str | None:
         """llguidance's grammar for an OpenAI `response_format` (None for plain text)."""
-        from llguidance import LLMatcher
-
         kind = response_format.type
         if kind == "text":
             return None
