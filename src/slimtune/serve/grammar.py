@@ -96,15 +96,16 @@ def constrain(logits: torch.Tensor, matchers: list) -> torch.Tensor:
     (256, 8) table of 0 / -inf turns it into an additive (R, V) bias: one gather and one add for all
     rows (measured ~0.25 ms for 16 x 49,152 on 2 cores, against ~2 ms for unpacking the bits by shifts;
     llguidance.torch's own apply goes through torch.compile: seconds on its first call)."""
-    from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
+    from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask_par
 
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return logits
     vocab = logits.shape[-1]
     mask = allocate_token_bitmask(len(rows), vocab)
-    for j, i in enumerate(rows):  # one Rust call per row, ~0.05 ms each here (llguidance's thread-pool
-        fill_next_token_bitmask(matchers[i], mask, j)  # variant, fill_next_token_bitmask_par, was no faster)
+    # every row's mask in one call (llguidance's pool, GIL released): 0.04-0.6 ms for 16 rows here,
+    # against 0.1-1.2 ms one Rust call per row
+    fill_next_token_bitmask_par(_executor(), [(matchers[i], j) for j, i in enumerate(rows)], mask)
     if sys.byteorder != "little":  # the byte view below assumes it; the shift unpack does not
         allowed = ((mask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1).bool().flatten(1)[:, :vocab]
         bias = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf")).to(logits.device)
@@ -128,12 +129,22 @@ def fast_forward(matcher, limit: int) -> list[int]:
 
 
 def advance(matchers: list, tokens: list[int]) -> list[bool]:
-    """Feed each constrained row its chosen token; True where the grammar is complete (the row ends)."""
-    done = []
-    for m, t in zip(matchers, tokens):
-        if m is None:
-            done.append(False)
-            continue
-        m.consume_token(t)
-        done.append(m.is_stopped())
-    return done
+    """Feed each constrained row its chosen token (one batched call); True where the grammar is
+    complete (the row ends)."""
+    pairs = [(m, t) for m, t in zip(matchers, tokens) if m is not None]
+    if pairs:
+        _executor().consume_token_par(pairs)  # a refused token leaves its matcher stopped in error: the row ends
+    return [m is not None and m.is_stopped() for m in matchers]
+
+
+_EXEC: list = []
+
+
+def _executor():
+    """llguidance's thread pool for the batched mask and consume calls, as many threads as torch
+    uses: the calls run between forwards, not beside them."""
+    if not _EXEC:
+        import llguidance
+
+        _EXEC.append(llguidance.LLExecutor(max(torch.get_num_threads(), 1)))
+    return _EXEC[0]
