@@ -9,8 +9,10 @@ llguidance has no dependencies, compiles a schema in milliseconds and computes e
 lazily (see docs/serving.md for the measured cost per token).
 
     response_format ─► grammar (json schema)  ─► a matcher per choice (HTTP side: a bad schema is a 400)
-    engine, per step, rows with a matcher:  fill their bitmask rows ─► logits of forbidden tokens -> -inf
-                                            ─► sample ─► matcher.consume_token; a stopped matcher ends the row
+                    ─► fast_forward: the tokens it forces first join the prompt (one prefill forward)
+    engine, per step, rows with a matcher:  fill their bitmask rows (one batched call) ─► + 0 / -inf bias
+                                            ─► sample ─► consume the tokens (one batched call);
+                                               a stopped matcher ends the row
 
 Rows without a matcher are untouched, so constrained and free rows share one mixed batch.
 """
