@@ -277,7 +277,7 @@ class _Run:
         new, c.sent = c.lps[c.sent:], len(c.lps)
         tok = self.srv.tokenizer
         if self.chat:
-            return {"content": logprobs.chat_shape(tok, new), "refusal": None}
+            return {"content": logprobs.chat_shape(tok, new, self.srv.token_bytes), "refusal": None}
         ids = [e[0] for e in new]
         if c.plps is not None:  # echo: the prompt's entries first (once)
             new, ids, c.plps = c.plps + new, c.prompt + ids, None
