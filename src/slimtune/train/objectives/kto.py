@@ -3,7 +3,8 @@
     logratio = log pi(y|x) - log pi_ref(y|x)                 summed over completion tokens
     z        = max(0, mean over the batch of logratio(x_i, y_{i-1}))   (detached)
                the KL estimate from mismatched pairs: completions rotated by one within the batch,
-               as TRL's KTOTrainer builds them
+               as TRL's KTOTrainer builds them; under several processes the rotation and the mean
+               are the global micro-batch's (one process's numbers, tests/test_distributed_objectives.py)
     desirable:    w_d * (1 - s(beta * (logratio - z)))
     undesirable:  w_u * (1 - s(beta * (z - logratio)))
     loss     = mean over rows; rewards = beta * logratio
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import world_mean, world_sum
 from .base import Objective, completion_logps, pad_right, reference
 
 
@@ -34,8 +36,11 @@ class KTO(Objective):
     def metrics(self) -> list[str]:
         return ["eval_loss", "reward_accuracy", "reward_margin", "kl"]
 
-    def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-        if len(examples) < 2:
+    def collate(self, examples: list[dict[str, Any]], pad_id: int, before: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The rows and their KL rows (x_i, y_{i-1}). `before`: under several processes, the row
+        preceding this rank's first one in the global micro-batch (the previous rank's last; rank
+        0: the global batch's last), so the mismatched pairs are one process's on the whole batch."""
+        if len(examples) < 2 and before is None:
             from ..config import JobConfigError
 
             raise JobConfigError("KTO's KL estimate pairs each prompt with another row's completion: train.batch_size "
@@ -43,7 +48,8 @@ class KTO(Objective):
         prompts = [e["prompt_ids"] for e in examples]
         comps = [e["completion_ids"] for e in examples]
         batch = _seqs(prompts, comps, pad_id)
-        kl = _seqs(prompts, comps[-1:] + comps[:-1], pad_id)  # (x_i, y_{i-1})
+        last = [before["completion_ids"]] if before is not None else comps[-1:]
+        kl = _seqs(prompts, last + comps[:-1], pad_id)  # (x_i, y_{i-1})
         batch.update({f"kl_{k}": v for k, v in kl.items()})
         batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.bool)
         return batch
@@ -61,7 +67,7 @@ class KTO(Objective):
         with reference(ref_model):
             ref = self._logps(ref_model, batch)
             ref_kl = self._logps(ref_model, batch, "kl_")
-        z = (kl_logps - ref_kl).mean().detach().clamp(min=0)
+        z = world_mean((kl_logps - ref_kl).mean().detach()).clamp(min=0)  # the global batch's, as TRL gathers it
         ratio = logps - ref
         lab = batch["label"]
         b = self.beta
@@ -70,9 +76,10 @@ class KTO(Objective):
         per = torch.where(lab, self.t.desirable_weight * desirable, self.t.undesirable_weight * undesirable)
         rewards = b * ratio.detach()
         ch, rj = rewards[lab], rewards[~lab]
-        zero = rewards.new_zeros(())
+        # the margin of the global batch's means (a rank may hold few or no rows of a label)
+        cs, cn, rs, rn = world_sum(torch.stack([ch.sum(), lab.sum().to(ch.dtype), rj.sum(), (~lab).sum().to(ch.dtype)]))
         stats = {"reward_accuracy": ((rewards > 0) == lab).float(),
-                 "reward_margin": ((ch.mean() if ch.numel() else zero) - (rj.mean() if rj.numel() else zero)).reshape(1),
+                 "reward_margin": (cs / cn.clamp(min=1) - rs / rn.clamp(min=1)).reshape(1),
                  "rewards_chosen": ch, "rewards_rejected": rj, "kl": z.reshape(1),
                  "logps_chosen": logps.detach()[lab], "logps_rejected": logps.detach()[~lab]}
         return per.mean(), stats
