@@ -77,7 +77,7 @@ class ObjectiveSteps:
                                    "train.distributed=ddp (each rank holds the model; the adapter is small)")
         self.objective.ref_model = self.model_unwrapped  # the adapters are switched off on this one
         self.objective.tok = tokenizer
-        if hasattr(self.objective, "use_shared_prompt"):  # preference pairs: the job's fast path (shared.py)
+        if hasattr(self.objective, "use_shared_prompt"):  # pairs, KTO's rows: the job's fast path (shared.py)
             # the adapter-off reference is the frozen base: a row's reference log-probs never change
             self.objective.cache_ref = True
             if self.t.chunked_ce == "off":
@@ -93,7 +93,7 @@ class ObjectiveSteps:
             if not on and self.t.chunked_ce == "on":
                 raise JobConfigError(f"train.chunked_ce=on cannot apply to the pairs: {why}; set train.chunked_ce=auto "
                                      "or off")
-            self.log(f"loss: {why}" if on else f"loss: pairs as two padded rows each ({why})")
+            self.log(f"loss: {why}" if on else f"loss: TRL's padded layout, a row per completion ({why})")
         if callable(getattr(self.objective, "sample", None)) and self.dist.world > 1:
             # completions sampled per rank: each rank its own stream (else the ranks would draw the same
             # noise for their different prompts); set after the model is built, whose init must match
