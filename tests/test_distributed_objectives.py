@@ -145,3 +145,16 @@ def test_kto_rank_shares_pair_the_kl_rows_as_the_global_batch():
     with pytest.raises(Exception, match="at least 2"):
         kto.collate(rows[:1], 0)
     assert kto.collate(rows[:1], 0, before=rows[3])["kl_input_ids"].tolist() == [[1, 2, 13, 13, 13, 13]]
+
+
+def test_nproc_refuses_grpo_under_fsdp_before_starting_processes(tiny_llama, data_dir, tmp_path, capsys):
+    """`slimtune train --nproc 2` with GRPO under FSDP: one message naming the fix, exit 2, no process
+    started (nothing written in the run folder)."""
+    from slimtune.cli.main import main
+
+    out = tmp_path / "run"
+    rc = main(["train", f"model={tiny_llama}", f"data.train={data_dir / 'prompts.jsonl'}", f"output_dir={out}",
+               "train.objective=grpo", "train.distributed=fsdp", "--nproc", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "train.objective=grpo under train.distributed=fsdp" in err and "train.distributed=ddp" in err
+    assert "Traceback" not in err and not out.exists()

@@ -68,13 +68,10 @@ class ObjectiveSteps:
     def _bind_objective(self, tokenizer) -> None:
         if self.objective is None:
             return
-        if self.dist.fsdp and callable(getattr(self.objective, "sample", None)):
-            from ..distributed import DistributedError
+        if self.dist.fsdp:  # (`slimtune train --nproc` says it before starting the processes)
+            from ..launch import refuse
 
-            raise DistributedError(f"train.objective={self.t.objective} under train.distributed=fsdp: each rank samples "
-                                   "its own prompts' completions, which end after different numbers of decoding "
-                                   "steps, while every FSDP forward gathers the weights with all ranks in step; use "
-                                   "train.distributed=ddp (each rank holds the model; the adapter is small)")
+            refuse(self.cfg)
         self.objective.ref_model = self.model_unwrapped  # the adapters are switched off on this one
         self.objective.tok = tokenizer
         if hasattr(self.objective, "use_shared_prompt"):  # pairs, KTO's rows: the job's fast path (shared.py)
@@ -95,9 +92,6 @@ class ObjectiveSteps:
                                      "or off")
             self.log(f"loss: {why}" if on else f"loss: TRL's padded layout, a row per completion ({why})")
         if callable(getattr(self.objective, "sample", None)) and self.dist.world > 1:
-            # completions sampled per rank: each rank its own stream (else the ranks would draw the same
-            # noise for their different prompts); set after the model is built, whose init must match
-            torch.manual_seed(self.t.seed + 7919 * self.dist.rank)
             self.log(f"sampling: each of the {self.dist.world} processes samples the groups of its own prompts "
                      "(a group stays on one process, so its advantages are normalised as in one process)")
 
@@ -126,8 +120,14 @@ class ObjectiveSteps:
         return out
 
     def _objective_precompute(self) -> None:
-        """train.precompute_ref: the starting model's log-probs of every pair, once; kept in the run
+        """At the start of training (after a resume restored the checkpoint). An objective that
+        samples, under several processes: each rank its own generator stream, seeded by (seed, rank,
+        step), else the ranks would draw the same noise for their different prompts (set here, after
+        the model's init, which must match across ranks, and after the checkpoint's rank-0 state).
+        train.precompute_ref: the starting model's log-probs of every pair, once; kept in the run
         folder so a resumed run uses the same reference."""
+        if self.objective is not None and callable(getattr(self.objective, "sample", None)) and self.dist.world > 1:
+            torch.manual_seed(self.t.seed + 7919 * self.dist.rank + 104729 * self.step)
         if self.objective is None or not self.t.precompute_ref:
             return
         path = self.out / "ref_logps.json"
