@@ -40,7 +40,7 @@ class ObjectiveSteps:
     batch: the objectives' cross-row terms use the global batch (KTO's mismatched KL pairs and its
     KL estimate, ORPO's / RPO's token mean: distributed.world_share / world_mean); GRPO's groups are
     sampled whole on the rank that holds their prompt, from the unwrapped model, each rank with its
-    own sampling seed. The fast pair layout calls the decoder and head directly, beside the DDP
+    own sampling seed. The one-row fast layout (pairs, KTO) calls the decoder and head directly, beside the DDP
     wrapper, so its gradients are averaged by one all-reduce after backward (`_objective_sync`)."""
 
     objective = None
@@ -90,7 +90,7 @@ class ObjectiveSteps:
             if not on and self.t.chunked_ce == "on":
                 raise JobConfigError(f"train.chunked_ce=on cannot apply to the pairs: {why}; set train.chunked_ce=auto "
                                      "or off")
-            self.log(f"loss: {why}" if on else f"loss: TRL's padded layout, a row per completion ({why})")
+            self.log(f"loss: {why}" if on else f"loss: pairs as two padded rows each ({why})")
         if callable(getattr(self.objective, "sample", None)) and self.dist.world > 1:
             self.log(f"sampling: each of the {self.dist.world} processes samples the groups of its own prompts "
                      "(a group stays on one process, so its advantages are normalised as in one process)")
