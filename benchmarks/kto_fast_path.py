@@ -7,7 +7,7 @@ wrong one, undesirable). Each layout runs as its own `slimtune train` process, a
 times; it prints each run's s/step (the job's summary: its training steps only) and the median
 ratio. From the repository root:
 
-    flock /tmp/slimtune-bench.lock .venv/bin/python benchmarks/kto_fast_path.py [--rounds 2] [--steps 10]
+    flock /tmp/slimtune-bench.lock .venv/bin/python benchmarks/kto_fast_path.py [--rounds 2] [--steps 6]
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def run(layout: str, data: Path, steps: int, i: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=6)
     a = ap.parse_args()
     data = write_rows()
     times: dict[str, list[float]] = {"padded": [], "one_row": []}
