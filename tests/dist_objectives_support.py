@@ -18,16 +18,17 @@ HERE = Path(__file__).resolve().parent
 QS = [("capital of france", "paris", "the city of london in england"), ("two plus two", "four is the sum", "five"),
       ("color of the sky", "blue", "green like grass in the spring"), ("opposite of hot", "cold and icy", "warm")]
 
-# objective -> (data file, extra train keys). dpo: the one-row fast layout (the decoder and head beside
-# the DDP wrapper, gradients all-reduced by hand) with RPO's NLL; ipo: the padded layout through the
-# wrapper's forward (chunked_ce off); kto: 2 rows per rank, so each rank's first KL row takes the
-# previous rank's completion
+# run -> (data file, extra train keys); the run's name up to "-" is its objective. dpo: the one-row
+# fast layout (the decoder and head beside the DDP wrapper, gradients all-reduced by hand) with RPO's
+# NLL; ipo, kto-padded: the padded layout through the wrapper's forward (chunked_ce off); kto: 2 rows
+# per rank, so each rank's first KL row takes the previous rank's completion
 OBJECTIVES: dict[str, tuple[str, dict]] = {
     "dpo": ("pairs", {"sft_weight": 0.5}),
     "ipo": ("pairs", {"chunked_ce": "off"}),
     "orpo": ("pairs", {}),
     "simpo": ("conversational", {}),
     "kto": ("unpaired", {}),
+    "kto-padded": ("unpaired", {"chunked_ce": "off"}),
     "grpo": ("prompts", {"num_generations": 2, "max_completion_length": 4, "beta": 0.04,
                          "rewards": ["exact_match", {"name": "length", "target": 2}]}),
 }
@@ -59,7 +60,7 @@ def config(model: Path, data_dir: Path, out: Path, objective: str, batch_size: i
     from conftest_train import job
 
     kind, extra = OBJECTIVES[objective]
-    t = {"objective": objective, "max_steps": 3, "batch_size": batch_size, "eval_every": 3, "eval_before": False,
+    t = {"objective": objective.split("-")[0], "max_steps": 3, "batch_size": batch_size, "eval_every": 3, "eval_before": False,
          "lr": 1e-2, "precision": "fp32", "distributed_timeout": 60, **extra, **train}
     return job(model, out, {"train": str(data_dir / f"{kind}.jsonl"), "max_length": 48, "val_fraction": 0.25},
                method={"name": "lora", "r": 4, "lora_dropout": 0.0}, train=t,

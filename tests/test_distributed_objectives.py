@@ -24,7 +24,7 @@ from dist_support import torchrun
 
 from slimtune.train.run import run_train
 
-EQUAL = ("dpo", "ipo", "orpo", "simpo", "kto")
+EQUAL = ("dpo", "ipo", "orpo", "simpo", "kto", "kto-padded")
 STEP_KEYS = ("loss", "train_reward_margin", "train_reward_accuracy", "train_rewards_chosen", "train_rewards_rejected",
              "train_kl", "grad_norm")
 EVAL_KEYS = ("eval_loss", "reward_accuracy", "reward_margin", "kl")
@@ -123,7 +123,7 @@ def test_fsdp_trains_dpo_to_one_process_and_refuses_grpo(tiny_llama, data_dir, t
 def test_every_objective_is_covered():
     from slimtune.train.objectives import OBJECTIVES as REGISTERED
 
-    assert set(OBJECTIVES) == set(REGISTERED) - {"sft"}
+    assert {k.split("-")[0] for k in OBJECTIVES} == set(REGISTERED) - {"sft"}
 
 
 def test_kto_rank_shares_pair_the_kl_rows_as_the_global_batch():
