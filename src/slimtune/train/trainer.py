@@ -177,20 +177,20 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
         return {"train": self.total_steps * self.t.grad_accum > self.micro_per_epoch, "eval": evals > 1}
 
     # ---- data order: a pure function of (seed, micro-batch index) --------------------------------
-    def _examples(self, m: int) -> list[int]:
-        """The training examples (indices) of micro-batch m of the run, on this process."""
+    def _examples(self, m: int, rank: int | None = None) -> list[int]:
+        """The training examples (indices) of micro-batch m of the run, on this process (or `rank`)."""
         epoch, b = divmod(m, self.micro_per_epoch)
         perm = epoch_permutation(len(self.data.train), self.t.seed, epoch)
         idx = perm[b * self.global_bs:(b + 1) * self.global_bs]
         if len(idx) < self.global_bs and self.acc.num_processes > 1:  # every rank needs a batch
             idx += perm[:self.global_bs - len(idx)]
-        r = self.acc.process_index
+        r = self.acc.process_index if rank is None else rank
         return idx[r * self.t.batch_size:(r + 1) * self.t.batch_size]
 
     def _batch(self, m: int) -> dict[str, Any]:
         """Micro-batch m of the run on the device: padding-free when the LM path packs."""
         ex = [self.data.train[i] for i in self._examples(m)]
-        batch = self.objective.collate(ex, self.pad_id) if self.objective is not None else \
+        batch = self._objective_collate(m, ex) if self.objective is not None else \
             self.lm.collate(ex, self.pad_id) if self.lm is not None and not self.lm.disabled else \
             collate(ex, self.pad_id)
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -323,6 +323,8 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
                         if not torch.isfinite(mean):
                             raise TrainingDiverged(self._nan_message(mean))
                         self.acc.backward(loss / self.t.grad_accum)
+                        if sync:
+                            self._objective_sync()  # a loss that ran beside the DDP wrapper: its gradient sync
                     step_loss += mean.item() / self.t.grad_accum
                     step_tok += self._tokens(batch) * self.acc.num_processes
                 gnorm = None
