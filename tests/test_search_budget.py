@@ -82,7 +82,12 @@ def test_a_budget_gives_each_step_time_its_steps_and_an_evaluation_grid_at_equal
     assert (fast["steps"], fast["eval_every"]) == (120, 30) and (slow["steps"], slow["eval_every"]) == (40, 10)
     # the pruner sees clock time trained: both reach the rung at 15 s, 30 s, ... at their own steps
     assert [BU.resource(s, fast) for s in (30, 60)] == [BU.resource(s, slow) for s in (10, 20)] == [15000, 30000]
-    assert b.pruner_range() == (15000, 60000) and BU.resource(7, None) == 7
+    assert BU.resource(7, None) == 7
+    # the first rung a little before the interval: whole steps put a 1.6 s/step trial's first evaluation
+    # at 9 steps, 14.4 s; a rung at exactly 15 s would judge it only at its second (28.8 s)
+    lo, hi = b.pruner_range()
+    odd = b.plan(1.6)
+    assert odd["eval_every"] == 9 and lo <= BU.resource(9, odd) == 14400 < 15000 and (lo, hi) == (13500, 60000)
     assert b.plan(61.0)["steps"] == 0  # one step longer than the budget: the trial cannot run
     with pytest.raises(SearchError, match="--budget-minutes 0: give the training time per trial in minutes"):
         BU.make(0, "auto", 4)

@@ -29,8 +29,8 @@ one() {  # name config budget_min probe_steps trials timeout_min overrides...
       --timeout "$tmo" --max-trainable-pct 1 --seeds 3 --seed-top 1 --out "$o/search" train.cpu_threads=1 "$@"
 }
 echo "start $(date -u +%T), load $(cut -d' ' -f1-3 /proc/loadavg)"
-one minilm_rt examples/minilm_rotten_tomatoes.yaml 2 24 12 45 data.max_eval=200
-one smollm2_chatterbot examples/smollm2_chatterbot.yaml 1.5 8 12 45
+one minilm_rt examples/minilm_rotten_tomatoes.yaml 2 24 12 50 data.max_eval=200
+one smollm2_chatterbot examples/smollm2_chatterbot.yaml 1.5 8 12 50
 rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=1; done
 echo "end $(date -u +%T), load $(cut -d' ' -f1-3 /proc/loadavg), rc $rc"

@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional
 
 from ..train.config import JobConfig, saved_form
 from . import budget as BU
+from .pruning import pruner as _pruner  # noqa: F401 - tests import it from here
 from . import prepare as P
 from . import storage as ST
 from . import trial as TR
@@ -316,42 +317,6 @@ def _same_search(study, fp: dict[str, Any], where: str, shared: bool = False) ->
     other = "give another --study NAME" if shared else "choose another --out"
     raise SearchError(f"{where} holds a search of another config or space ({'; '.join(diffs[:6]) or 'settings differ'}); "
                       f"run the same command to continue it, {other}, or add --overwrite to start over")
-
-
-def _pruner(optuna, section, every: int, total: int, pareto: bool):
-    """Successive halving / Hyperband on the evaluation rungs (the first at `every` steps), after a
-    warm-up: a trial is pruned at a step only once `warmup_trials` earlier trials have reached that step
-    (Optuna's own bootstrap_count prunes *during* its bootstrap, which is the opposite). Optuna does not
-    prune multi-objective studies, so a Pareto search runs every trial to the end."""
-    if pareto or section.pruner == "none":
-        return optuna.pruners.NopPruner()
-    if section.pruner == "hyperband":
-        inner = optuna.pruners.HyperbandPruner(min_resource=every, max_resource=total,
-                                               reduction_factor=section.reduction_factor)
-    else:
-        inner = optuna.pruners.SuccessiveHalvingPruner(min_resource=every, reduction_factor=section.reduction_factor)
-    return _after_warmup(optuna)(inner, section.warmup_trials)
-
-
-def _after_warmup(optuna):
-    from optuna.trial import TrialState
-
-    class AfterWarmup(optuna.pruners.BasePruner):
-        """`inner`'s decision, once `n` other finished trials reached this trial's step. The inner
-        pruner is always asked, so it records every rung's value for the trials that come later."""
-
-        def __init__(self, inner, n: int) -> None:
-            self.inner, self.n = inner, n
-
-        def prune(self, study, trial) -> bool:
-            if not self.inner.prune(study, trial):
-                return False
-            step = trial.last_step
-            reached = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-                       if t.number != trial.number and t.last_step is not None and t.last_step >= step]
-            return len(reached) >= self.n
-
-    return AfterWarmup
 
 
 def _trial_estimate(study) -> float | None:
