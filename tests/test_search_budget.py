@@ -200,3 +200,18 @@ def test_compare_counts_its_budget_on_the_cpu_clock_and_says_so(tiny_bert, tmp_p
         main(["compare", str(cfg), "--budget-clock", "sundial", "--out", str(out)])
     assert e.value.code == 2
     assert "invalid choice: 'sundial'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--budget-minutes", "0"], "--budget-minutes 0: give the training time per trial in minutes, above 0"),
+    (["--budget-minutes", "5", "--timeout", "1"], "--timeout of 1.0 min is too small for one run: one trial "
+                                                   "(5 min of training on the cpu clock"),
+])
+def test_search_budget_mistakes_are_one_message_before_any_trial(tiny_bert, tmp_path, capsys, extra, match):
+    from slimtune.cli.main import main
+
+    out = tmp_path / "s"
+    rc = main(["search", str(_config(tmp_path, tiny_bert)), "--trials", "2", "--out", str(out)] + extra)
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and "Traceback" not in err
+    assert not (out / "trials").exists()
