@@ -1,6 +1,6 @@
 """`slimtune search --budget-minutes B`: every trial gets the same training time, not the same steps.
 
-    a trial's draw -> its step time on the budget's clock (a 2-step timing run of that config, cached
+    a trial's draw -> its step time on the budget's clock (a 3-step timing run of that config, cached
     per structure in the study) -> its steps: B / step time; an evaluation every B / rungs of clock
     -> the pruner's rungs in milliseconds of clock (Optuna's `step` of each reported value)
 
@@ -75,7 +75,7 @@ def estimate_s(budget: Budget, t: P.Timing) -> float:
     """Wall seconds one trial takes, from a timing run of the config as given: its own timing run, the
     budget (on the cpu clock, stretched by this machine's wall / cpu ratio now), its evaluations."""
     stretch = t.step_s / t.cpu_step_s if budget.clock == "cpu" and t.cpu_step_s > 0 else 1.0
-    return 2 * t.setup_s + 2 * t.step_s + t.eval_s + budget.seconds * stretch + budget.rungs * t.eval_s
+    return 2 * t.setup_s + 3 * t.step_s + t.eval_s + budget.seconds * stretch + budget.rungs * t.eval_s
 
 
 def structure_key(block: dict[str, Any], tcfg) -> str:

@@ -130,7 +130,7 @@ def _compare(cfg: JobConfig, opts: CompareOptions, methods: list[str], out: Path
                        f"{MIN_BUDGET_STEPS} training steps of the config as given ({step_s:.2f} s/step, {clock} clock)")
         log(f"budget: {opts.budget_min:g} min of training per method on the {clock} clock (measured {step_s:.2f} "
             f"s/step for the config as given, {t.step_s:.2f} s/step wall); each row's steps come from its own step "
-            "time (a 2-step timing run before its probe)")
+            "time (a 3-step timing run before its probe, its first step left out)")
     # a quarter of the run, at least 10 steps (fewer barely move a fresh classifier head off the majority class),
     # on the rows' evaluation grid: a probe is the row's own run stopped at an evaluation, continued later
     probe_steps = opts.probe_steps or min(pf.total_steps, max(10, round(pf.total_steps / 4)))

@@ -266,7 +266,7 @@ def write_search(s: dict[str, Any], out: Path) -> None:
 def _budget_words(budget, threads: int) -> str:
     return (f"**trials ranked at equal training time**: each trial trains {budget.seconds / 60:g} min "
             f"(--budget-minutes) at its own step time, so a slower config gets fewer steps (steps column); step "
-            f"times on the {P.clock_words(budget.clock, threads)} (--budget-clock), from a 2-step timing run per "
+            f"times on the {P.clock_words(budget.clock, threads)} (--budget-clock), from a 3-step timing run (steady steps) per "
             "structure")
 
 

@@ -8,7 +8,7 @@ evaluations), stopped at the evaluation that reaches `probe_steps` with its chec
 promoted by successive halving continues from that checkpoint, and the winner's folder becomes
 RUN_DIR/main, where the row's run continues it to the end: no probe step is trained twice, and the
 row's steps (and training time) include the winner's probe steps. With a training-time budget the
-steps are fixed first (the budget over the step time of a 2-step timing run of the row), so the probes
+steps are fixed first (the budget over the steady step time of a 3-step timing run of the row, its first step left out), so the probes
 already run the schedule the row ends on.
 """
 from __future__ import annotations

@@ -168,6 +168,7 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
         self.stop: StopRequest | None = None
         self._session_train = 0.0
         self._session_cpu = 0.0  # the same steps on cpu_step_clock(): compute, whatever else the machine runs
+        self._first_step: tuple[float, float] | None = None  # (wall, cpu) of this session's first step: its warm-up
         self.last_samples: list[dict[str, str]] | None = None  # the generations of the last evaluate(samples=True)
         self._samples_at: int | None = None
 
@@ -350,6 +351,8 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
                 self.train_time += time.time() - t0
                 self._session_train += time.time() - t0
                 self._session_cpu += cpu_step_clock() - c0
+                if self._first_step is None:
+                    self._first_step = (self._session_train, self._session_cpu)
                 self.tokens_seen += step_tok
                 win_tok += step_tok
                 win_loss += step_loss
@@ -423,6 +426,8 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
                 "step_time_s": self._session_train / steps_here if steps_here else None,
                 "session_cpu_s": self._session_cpu,
                 "step_cpu_s": self._session_cpu / steps_here if steps_here else None,
+                "first_step_s": self._first_step[0] if self._first_step else None,
+                "first_step_cpu_s": self._first_step[1] if self._first_step else None,
                 "tokens_per_s": self.tokens_seen / self.train_time if self.train_time else None,
                 "resumed_at": self.resumed_at, "lost_steps": self.lost_steps, "sessions": sess,
                 "elapsed_before_s": self.elapsed, "last_checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
