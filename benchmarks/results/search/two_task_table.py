@@ -31,6 +31,7 @@ def compare_row(path: Path, metric: str) -> dict | None:
                                     "test": r["test"]}]
     return {"label": r["label"], "pct": r["run"]["trainable_pct"], "lr": r["lr"], "lr_source": r["lr_source"],
             "steps": r.get("budget_steps"), "step_s": r.get("budget_step_s"), "wall_step_s": r.get("budget_wall_step_s"),
+            "run_step_s": r["run"].get("step_cpu_s"),
             "val": [s["val"] for s in seeds], "test": [s["test"][metric] for s in seeds], "seeds": [s["seed"] for s in seeds],
             "probe": r.get("probe")}
 
@@ -53,7 +54,7 @@ def search_pick(db: Path, metric: str) -> dict | None:
     states = [x.state.name.lower() if not x.user_attrs.get("skipped") else "skipped" for x in st.trials]
     return {"label": f"trial {t.number}: {t.user_attrs.get('method_block')}", "params": t.params,
             "pct": res.get("trainable_pct"), "lr": t.params.get("lr"), "steps": plan.get("steps"),
-            "step_s": plan.get("step_s"), "val": [seeds[s] for s in order if s in seeds],
+            "step_s": plan.get("step_s"), "run_step_s": res.get("step_cpu_s"), "val": [seeds[s] for s in order if s in seeds],
             "test": [tests[num][s][metric] for s in order], "seeds": [int(s) for s in order],
             "trials": {k: states.count(k) for k in sorted(set(states))}}
 
@@ -65,15 +66,18 @@ def main(out: str) -> None:
                 ("full fine-tuning", compare_row(o / "compare-full" / "runs" / "full" / "result.json", metric)),
                 ("search's pick", search_pick(o / "search" / "study.db", metric))]
         print(f"\n### {task} ({metric})\n")
-        print("| row | trainable % | lr | steps (clock s/step) | validation, mean ± sd | **test, mean ± sd** | test per seed |")
-        print("|---|---|---|---|---|---|---|")
+        print("| row | trainable % | lr | steps (budgeted at s/step) | CPU s/step in the run (x steps) "
+              "| validation, mean ± sd | **test, mean ± sd** | test per seed |")
+        print("|---|---|---|---|---|---|---|---|")
         for name, r in rows:
             if r is None or "test" not in r:
-                print(f"| {name} | — | — | — | — | — | {r and r.get('status')}: {r and r.get('error')} |")
+                print(f"| {name} | — | — | — | — | — | — | {r and r.get('status')}: {r and r.get('error')} |")
                 continue
             per = " / ".join(f"{v:.3f}" for v in r["test"]) + f" (seeds {', '.join(map(str, r['seeds']))})"
             step = f"{r['steps']} ({r['step_s']:.2f})" if r.get("steps") else "—"
-            print(f"| {name} | {r['pct']:.3f} | {r['lr']:.3g} | {step} | {ms(r['val'])} | **{ms(r['test'])}** | {per} |")
+            run = (f"{r['run_step_s']:.2f} ({r['run_step_s'] * r['steps']:.0f} s)" if r.get("run_step_s") and r.get("steps")
+                   else "—")
+            print(f"| {name} | {r['pct']:.3f} | {r['lr']:.3g} | {step} | {run} | {ms(r['val'])} | **{ms(r['test'])}** | {per} |")
         for name, r in rows:
             if r:
                 extra = {k: r[k] for k in ("label", "probe", "trials", "wall_step_s") if r.get(k) is not None}
