@@ -1,6 +1,6 @@
 """CPU cost per token of structured output (serve/grammar.py: llguidance masks) on SmolLM2-135M's
 tokenizer (49,152 tokens): the mask of each constrained row per step, and unpacking it onto the
-logits, for 1 and 8 constrained rows; the JSON a row follows is fixed (31 tokens), so the work is
+logits, for 1, 8 and 16 constrained rows; the JSON a row follows is fixed (31 tokens), so the work is
 exactly what a decode step adds. Run: OMP_NUM_THREADS=1 python benchmarks/serve_grammar_cost.py"""
 import json
 import time
@@ -28,7 +28,7 @@ t = time.perf_counter()
 g = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults={"whitespace_flexible": False})
 print(f"schema compile: {1e3 * (time.perf_counter() - t):.2f} ms")
 for rep in range(2):  # the first pass warms the lexer's lazy state
-    for rows in (1, 8):
+    for rows in (1, 8, 16):
         ms = [llguidance.LLMatcher(lt, g) for _ in range(rows)]
         logits = torch.randn(rows, V)
         t = time.perf_counter()
@@ -46,7 +46,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 model = AutoModelForCausalLM.from_pretrained(str(smollm2_folder()), dtype=torch.float32).eval()
 with torch.no_grad():
-    for rows in (1, 8):
+    for rows in (1, 8, 16):
         out = model(input_ids=torch.randint(0, V, (rows, 64)), use_cache=True)
         cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         t = time.perf_counter()

@@ -169,8 +169,10 @@ def test_dpo_ipo_equal_trl_dpo_trainer(tmp_path, objective, loss_type, resumed, 
     assert ours[-1]["loss"] < ours[0]["loss"]  # and it learns
 
 
-def test_kto_equals_trl_kto_trainer(tmp_path):
-    """KTO against KTOTrainer: loss, the KL estimate from rotated completions, rewards and log-probs."""
+@pytest.mark.parametrize("one_row", [False, True])
+def test_kto_equals_trl_kto_trainer(tmp_path, one_row):
+    """KTO against KTOTrainer: loss, the KL estimate from rotated completions, rewards and log-probs;
+    one_row: the job's layout (shared.py: the prompt once, completion and KL completion beside it)."""
     tok = tokenizer()
     rng = random.Random(3)
     rows = [{"prompt": words(rng, 2, 5), "completion": " " + words(rng, 1, 4), "label": i % 3 != 0} for i in range(6)]
@@ -184,7 +186,11 @@ def test_kto_equals_trl_kto_trainer(tmp_path):
         assert [e[k] for e in ex] == prep[k]
     theirs = train_trl(tr)
     obj = OBJECTIVES["kto"](cfg.train)
-    ours = steps(obj, sm, obj.collate(ex, tok.pad_token_id))  # rows in TRL's (sequential) order
+    if one_row:
+        assert obj.use_shared_prompt(sm)[0]
+    batch = obj.collate(ex, tok.pad_token_id)
+    assert ("pair_mask" in batch) == one_row
+    ours = steps(obj, sm, batch)  # rows in TRL's (sequential) order
     close(ours, theirs, [("loss", "loss"), ("kl", "kl"), ("rewards_chosen", "rewards/chosen"),
                          ("rewards_rejected", "rewards/rejected"), ("logps_chosen", "logps/chosen"),
                          ("logps_rejected", "logps/rejected")])

@@ -90,6 +90,7 @@ def test_chat_logprobs_streamed_and_not(live):
     assert all(c.logprob == c.top_logprobs[0].logprob for c in content)  # greedy
     assert "".join(c.token for c in content).replace("##", "").replace(" ", "") == \
         done.choices[0].message.content.replace(" ", "")
+    assert all(bytes(c.bytes) == c.token.encode() for c in content)  # WordPiece: whole characters
     parts = list(client.chat.completions.create(model="lora-b", messages=msgs, max_tokens=5, temperature=0,
                                                 logprobs=True, top_logprobs=2, stream=True))
     streamed = [c for p in parts if p.choices and p.choices[0].logprobs for c in p.choices[0].logprobs.content]
@@ -106,6 +107,23 @@ def test_chat_logprobs_streamed_and_not(live):
     flat = [v for ch in chunks if ch.choices and ch.choices[0].logprobs for v in ch.choices[0].logprobs.token_logprobs]
     assert flat == one.choices[0].logprobs.token_logprobs
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == one.choices[0].text
+
+
+def test_chat_logprob_bytes_are_the_tokens_own_bytes():
+    """A byte-level BPE token can hold part of a UTF-8 character (SmolLM2 splits 日 into two tokens): its
+    decoded string is U+FFFD, but `bytes` carries the raw bytes, so joining the pieces gives the text back."""
+    from transformers import AutoTokenizer
+
+    from slimtune.serve import logprobs
+    from slimtune.train.models import smollm2_folder
+
+    tok = AutoTokenizer.from_pretrained(smollm2_folder(log=lambda *a: None))
+    text = "café – 日本 ok"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # the case this is about: a split character
+    items = logprobs.chat_shape(tok, [(i, -0.5, [(i, -0.5)]) for i in ids], logprobs.token_bytes(tok))
+    assert b"".join(bytes(it["bytes"]) for it in items).decode() == text
+    assert all(it["top_logprobs"][0]["bytes"] == it["bytes"] for it in items)
 
 
 TASK = """

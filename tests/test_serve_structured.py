@@ -249,3 +249,58 @@ def test_streamed_tool_pieces_join_into_the_parsed_answer(case, steps):
     assert (content or None) == (want_content or None)
     assert [(d["name"], json.loads(d["arguments"])) for d in joined.values()] == \
         [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in want_calls]
+
+
+SCHEMA_C = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 6},
+    "scores": {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5}, "maxItems": 3},
+    "nested": {"type": "object", "properties": {"flag": {"type": "boolean"}, "kind": {"enum": ["x", "y", None]}},
+               "required": ["flag", "kind"], "additionalProperties": False}},
+    "required": ["name", "nested"], "additionalProperties": False}
+SCHEMA_D = {"type": "object", "properties": {"items": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
+    "type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
+                                     "tag": {"type": "string", "pattern": "^[a-c]{1,3}$"}},
+    "required": ["id", "tag"], "additionalProperties": False}}}, "required": ["items"], "additionalProperties": False}
+SCHEMAS = [SCHEMA_A, SCHEMA_B, SCHEMA_C, SCHEMA_D]
+
+
+@given(st.lists(st.tuples(st.sampled_from(range(len(SCHEMAS))), st.sampled_from(["a", "tiny"]),
+                          st.sampled_from([0.0, 0.7, 1.5]), st.integers(0, 2**16), st.booleans()),
+                min_size=2, max_size=5))
+@settings(max_examples=6, deadline=None, derandomize=True)
+def test_every_constrained_answer_validates(live, rows):
+    """Several schemas, adapters and temperatures at once in one mixed batch, seeded, with and without
+    log-probs (without: the grammar's forced first tokens go in with the prompt, grammar.fast_forward):
+    every answer parses and validates against its schema (jsonschema_rs); with log-probs, one entry per
+    token counted in usage."""
+    import jsonschema_rs
+
+    msgs = [{"role": "user", "content": "Is this a review? A clumsy, overlong mess."}]
+
+    def ask(row):
+        i, model, temp, seed, lp = row
+        fmt = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": SCHEMAS[i], "strict": True}}
+        return _client(live).chat.completions.create(model=model, messages=msgs, max_tokens=120, temperature=temp,
+                                                     seed=seed, logprobs=lp, response_format=fmt)
+
+    with ThreadPoolExecutor(len(rows)) as pool:
+        outs = list(pool.map(ask, rows))
+    for (i, _, _, _, lp), out in zip(rows, outs):
+        ch = out.choices[0]
+        assert ch.finish_reason == "stop", ch
+        jsonschema_rs.validate(SCHEMAS[i], json.loads(ch.message.content))
+        if lp:  # one entry per generated token (forced ones included)
+            assert len(ch.logprobs.content) == out.usage.completion_tokens
+
+
+def test_forced_tokens_in_the_prompt_give_the_same_greedy_answer(live):
+    """grammar.fast_forward: with log-probs on, each forced token is sampled one step at a time; off,
+    they go in with the prompt. The greedy answers and their token counts are the same."""
+    client = _client(live)
+    msgs = [{"role": "user", "content": "Is this a review? A clumsy, overlong mess."}]
+    for i, schema in enumerate(SCHEMAS):
+        fmt = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema, "strict": True}}
+        fast, slow = (client.chat.completions.create(model="a", messages=msgs, max_tokens=120, temperature=0,
+                                                     logprobs=lp, response_format=fmt) for lp in (False, True))
+        assert fast.choices[0].message.content == slow.choices[0].message.content, i
+        assert fast.usage.completion_tokens == slow.usage.completion_tokens == len(slow.choices[0].logprobs.content)

@@ -6,9 +6,11 @@
     (b)       `slimtune serve`, every request to the base model (what the adapters cost)
     logprobs  serve's requests with `logprobs: true, top_logprobs: 5` (what log-probs cost)
     json      serve's requests with a strict `response_format` json_schema (what constrained decoding costs)
+    json-len  serve's plain requests, each as long as its answer in json (the same work without a grammar)
 
 Every request generates exactly --max-tokens tokens (ignore_eos / min_new_tokens; a json row ends
-earlier when its object is complete, so it is compared per generated token), so the scenarios do
+earlier when its object is complete: compared per generated token with serve, and with json-len,
+whose requests stop where the json answers did, so both pay the same per-request costs), so the scenarios do
 equal work; each client sends its requests back to back (closed loop). Reported: tokens/s (all
 generated tokens over the wall time), p50/p95 request latency (queueing included), and the ratios
 serve/(a) (target >= 4), serve/(b) (target >= 0.9), logprobs/serve (>= 0.95), json/serve (>= 0.85).
@@ -51,7 +53,8 @@ SCHEMA = {"type": "object", "properties": {"sentiment": {"enum": ["positive", "n
 EXTRA = {"logprobs": ("slimtune serve, {n} adapters, logprobs + top_logprobs=5", {"logprobs": True, "top_logprobs": 5}),
          "json": ("slimtune serve, {n} adapters, response_format json_schema",
                   {"response_format": {"type": "json_schema", "json_schema": {"name": "review", "schema": SCHEMA,
-                                                                              "strict": True}}})}
+                                                                              "strict": True}}}),
+         "json-len": ("slimtune serve, {n} adapters, plain, as long as each json answer", {})}
 
 
 def _uptime() -> str:
@@ -284,17 +287,26 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _closed_loop([[(n, QUESTION + PROMPTS[0])] for n in names + ["base"]],
                          lambda m, t: srv.chat(m, t, 4))  # warm-up: every adapter once, together
-            for k in a.extra:  # and each extra scenario once (JSON: llguidance's tokenizer is built on first use)
+            kinds = ["serve", "base"] + [k for k in EXTRA if k in a.extra or (k == "json" and "json-len" in a.extra)]
+            for k in kinds[2:]:  # and each extra scenario once (JSON: llguidance's tokenizer is built on first use)
                 srv.chat(names[0], QUESTION + PROMPTS[0], 4, **EXTRA[k][1])
             # the server's scenarios alternate A B C D D C B A ...: a load that drifts during the run
             # costs them alike
-            kinds = ["serve", "base"] + [k for k in EXTRA if k in a.extra]
             runs: dict[str, list] = {k: [] for k in kinds}
-            for rnd in range(a.rounds):
+            lens: dict = {}  # (adapter, prompt) -> its json answer's tokens (greedy: json-len uses the latest)
+
+            def send(m, t, which, extra):
+                if which == "json-len":
+                    return srv.chat(m, t, lens[(m, t)])
+                n = srv.chat(m, t, a.max_tokens, **extra)
+                if which == "json":
+                    lens[(m, t)] = n
+                return n
+            for rnd in range(a.rounds):  # (json runs before json-len in the first round)
                 for which in (kinds if rnd % 2 == 0 else kinds[::-1]):
                     js = base_jobs if which == "base" else jobs
                     extra = EXTRA.get(which, (None, {}))[1]
-                    runs[which].append(_closed_loop(js, lambda m, t, x=extra: srv.chat(m, t, a.max_tokens, **x)))
+                    runs[which].append(_closed_loop(js, lambda m, t, w=which, x=extra: send(m, t, w, x)))
             serve = _stats(f"slimtune serve, {len(names)} adapters mixed", runs["serve"])
             base_only = _stats("(b) base model alone (slimtune serve)", runs["base"])
             extras = [_stats(EXTRA[k][0].format(n=len(names)), runs[k]) for k in kinds[2:]]
@@ -315,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
            "serve_vs_b_tokens_per_s": round(serve["tokens_per_s"] / base_only["tokens_per_s"], 2),
            **{f"{k}_vs_serve_tokens_per_s": round(r["tokens_per_s"] / serve["tokens_per_s"], 3)
               for k, r in zip(kinds[2:], extras)},
+           **({"json_vs_json-len_tokens_per_s": round(extras[kinds.index("json") - 2]["tokens_per_s"]
+                                                      / extras[kinds.index("json-len") - 2]["tokens_per_s"], 3)}
+              if "json-len" in kinds else {}),
            "command": "slimtune bench " + " ".join(["--preset", "serve"] + [x for x in (argv or sys.argv[1:])
                                                                         if x not in ("--preset", "serve")])}
     table = format_table(res)
@@ -349,6 +364,8 @@ def format_table(res: dict) -> str:
     for k, target in (("logprobs", 0.95), ("json", 0.85)):
         if f"{k}_vs_serve_tokens_per_s" in res:
             lines.append(f"{k} / serve tokens/s: {res[f'{k}_vs_serve_tokens_per_s']}x (target >= {target})")
+    if "json_vs_json-len_tokens_per_s" in res:
+        lines.append(f"json / json-len tokens/s (equal lengths): {res['json_vs_json-len_tokens_per_s']}x (target >= 0.85)")
     return "\n".join(lines)
 
 

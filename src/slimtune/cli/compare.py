@@ -21,6 +21,9 @@ def add_parser(sub) -> None:
     g = c.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, help="train.max_steps for every method (default: the config's schedule)")
     g.add_argument("--budget-minutes", type=float, help="training time per method instead of a step count")
+    c.add_argument("--budget-clock", default="auto", choices=["auto", "cpu", "wall"],
+                   help="the clock of --budget-minutes: cpu (the process's CPU seconds per step over its threads: the "
+                   "same compute on a busy shared machine), wall, or auto (default: cpu on CPU, wall on a GPU)")
     c.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                    help="a learning rate for a method (no probe for it); repeat or comma-separate: --lr full=1e-5,ia3=3e-3")
     c.add_argument("--no-probe", action="store_true", help="no lr probe: each method's default learning rate")
@@ -72,6 +75,6 @@ def run(a) -> int:
                                                                                   if m.strip()],
                           steps=a.steps, budget_min=a.budget_minutes, lrs=parse_lrs(a.lr), probe=not a.no_probe,
                           grid=a.lr_grid, probe_steps=a.probe_steps, test_fraction=a.test_fraction,
-                          as_given=not a.no_config_row, rerun=a.rerun, seeds=a.seeds)
+                          as_given=not a.no_config_row, rerun=a.rerun, seeds=a.seeds, clock=a.budget_clock)
     run_compare(cfg, opts)
     return 0

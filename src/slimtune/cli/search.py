@@ -20,6 +20,12 @@ def add_parser(sub) -> None:
     s.add_argument("--trials", type=int, default=20, help="trials to finish, over all sessions (default 20)")
     s.add_argument("--timeout", type=float, metavar="MIN", help="time budget in minutes, over all sessions: no trial "
                    "starts that would not fit")
+    s.add_argument("--budget-minutes", type=float, metavar="MIN", help="training time per trial instead of the config's "
+                   "steps: each trial trains MIN minutes at its own step time (a slower config gets fewer steps) and "
+                   "the pruner's rungs are clock time, so trials are ranked at equal time")
+    s.add_argument("--budget-clock", default="auto", choices=["auto", "cpu", "wall"],
+                   help="the clock of --budget-minutes: cpu (the process's CPU seconds per step over its threads: the "
+                   "same compute on a busy shared machine), wall, or auto (default: cpu on CPU, wall on a GPU)")
     s.add_argument("--objective", help="the metric to optimise (default: search.metric, train.metric or the task's), "
                    "or pareto: the metric and trainable parameters together")
     s.add_argument("--pareto-with", default="params", choices=["params", "step_time"],
@@ -56,6 +62,6 @@ def run(a) -> int:
                          objective=a.objective, pareto_with=a.pareto_with, max_trainable_pct=a.max_trainable_pct,
                          keep_all=a.keep_all, test_fraction=a.test_fraction, overwrite=a.overwrite,
                          storage=a.storage, workers=a.workers, study=a.study, heartbeat_s=a.heartbeat,
-                         seeds=a.seeds, top=a.seed_top)
+                         seeds=a.seeds, top=a.seed_top, budget_min=a.budget_minutes, clock=a.budget_clock)
     run_search(cfg, opts)
     return 0

@@ -76,7 +76,7 @@ def run(a) -> int:
 
         if a.nproc < 1:
             raise DistributedError(f"--nproc {a.nproc}: give a number of processes of 1 or more")
-        return spawn(_argv(a), a.nproc)  # the config was checked here first: errors come once
+        return spawn(_argv(a), a.nproc, cfg)  # the config was checked here first: errors come once
     if config is None and cfg.data.builtin == "rotten_tomatoes_plot":
         print(f"no config given: running the shipped default (LoRA on SmolLM2-135M-Instruct: plot summary or "
               f"critic's review? on Rotten Tomatoes texts). `slimtune train --help` shows how to pass your own. Output: {cfg.output_dir}")

@@ -49,6 +49,7 @@ class CompareOptions:
     methods: list[str] = field(default_factory=lambda: ["all"])
     steps: Optional[int] = None  # train.max_steps for every row
     budget_min: Optional[float] = None  # training time per row (steps from the probe's step time)
+    clock: str = "auto"  # the budget's clock (prepare.resolve_clock): cpu on CPU, wall on a GPU
     lrs: dict[str, float] = field(default_factory=dict)  # given learning rates: no probe for these
     probe: bool = True
     grid: int = 3  # probe points (half decades apart)
@@ -121,12 +122,15 @@ def _compare(cfg: JobConfig, opts: CompareOptions, methods: list[str], out: Path
                           "train": {"metric": pf.metric, "cpu_threads": threads},
                           "eval": {"samples": 0}})  # generated samples are not in the tables; they cost each probe
     budget_s = opts.budget_min * 60 if opts.budget_min is not None else None
+    clock = P.resolve_clock(opts.clock) if budget_s is not None else None
     if budget_s is not None:
         t = P.time_run(base, out / "timing")
-        P.check_budget("--budget-minutes", budget_s, MIN_BUDGET_STEPS * t.step_s,
-                       f"{MIN_BUDGET_STEPS} training steps of the config as given ({t.step_s:.2f} s/step)")
-        log(f"budget: {opts.budget_min:g} min of training per method (measured {t.step_s:.2f} s/step for the config "
-            "as given); each row's steps come from its own step time (a 2-step timing run before its probe)")
+        step_s = t.budget_step_s(clock)
+        P.check_budget("--budget-minutes", budget_s, MIN_BUDGET_STEPS * step_s,
+                       f"{MIN_BUDGET_STEPS} training steps of the config as given ({step_s:.2f} s/step, {clock} clock)")
+        log(f"budget: {opts.budget_min:g} min of training per method on the {clock} clock (measured {step_s:.2f} "
+            f"s/step for the config as given, {t.step_s:.2f} s/step wall); each row's steps come from its own step "
+            "time (a 3-step timing run before its probe, its first step left out)")
     # a quarter of the run, at least 10 steps (fewer barely move a fresh classifier head off the majority class),
     # on the rows' evaluation grid: a probe is the row's own run stopped at an evaluation, continued later
     probe_steps = opts.probe_steps or min(pf.total_steps, max(10, round(pf.total_steps / 4)))
@@ -148,11 +152,12 @@ def _compare(cfg: JobConfig, opts: CompareOptions, methods: list[str], out: Path
             lr = _center(method)
         run_cfg = P.derive(base, {"method": block, "output_dir": str(out / "runs" / name)})
         spec = {"name": name, "label": _label(name, block, cfg), "config": saved_form(run_cfg), "lr": lr, "grid": grid,
-                "probe_steps": probe_steps if grid else None, "budget_s": budget_s, "seeds": opts.seeds, "lr_source": "config" if method is None else
+                "probe_steps": probe_steps if grid else None, "budget_s": budget_s, "budget_clock": clock, "seeds": opts.seeds, "lr_source": "config" if method is None else
                 "given" if name in opts.lrs else "probe" if grid else "default"}
         results.append(_run_row(spec, out, i, len(rows), opts.rerun, log))
     summary = {"rows": results, "pf": pf, "cfg": cfg, "base": base, "opts": opts, "probe_steps": probe_steps,
-               "load_start": load_start, "load_end": os.getloadavg(), "wall_s": time.time() - t0, "threads": threads}
+               "load_start": load_start, "load_end": os.getloadavg(), "wall_s": time.time() - t0, "threads": threads,
+               "clock": clock}
     from .report import write_compare
 
     write_compare(summary, out)

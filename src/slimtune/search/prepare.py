@@ -174,7 +174,7 @@ def run_once(cfg: JobConfig, on_evaluate=None, log: Callable[[str], None] = quie
 KEEP_KEYS = ("status", "steps", "total_steps", "best", "best_step", "metric", "before", "after", "trainable",
              "total_params", "trainable_pct", "train_time_s", "wall_s", "total_wall_s", "step_time_s",
              "tokens_per_s", "peak_mem_mb", "stop_reason", "method", "n_train", "n_eval", "warnings", "session_steps",
-             "resumed_at")
+             "resumed_at", "step_cpu_s", "session_cpu_s", "first_step_s", "first_step_cpu_s", "session_train_s")
 
 
 def compact(res: dict[str, Any]) -> dict[str, Any]:
@@ -206,18 +206,59 @@ def measure_test(run_cfg: JobConfig, run_dir: Path) -> dict[str, float]:
     return res
 
 
+CLOCKS = ("auto", "cpu", "wall")
+
+
+def resolve_clock(clock: str) -> str:
+    """The clock a training-time budget is counted on (`--budget-clock`): `cpu` (the process's CPU
+    seconds per step over its threads, trainer.cpu_step_clock: the same compute whatever else runs on
+    the machine), `wall`, or `auto`: cpu when training runs on the CPU, wall on a GPU (whose work the
+    CPU clock does not see). Why cpu by default on CPU: on a shared machine equal wall-clock budgets
+    are not equal compute (issue 28: rows at load 14 got 13-17 steps, rows at load 3 got 40-56)."""
+    if clock not in CLOCKS:
+        raise SearchError(f"--budget-clock {clock!r}: choose {', '.join(CLOCKS)}")
+    if clock == "auto":
+        return "wall" if torch.cuda.is_available() else "cpu"
+    if clock == "cpu" and torch.cuda.is_available():
+        raise SearchError("--budget-clock cpu on a GPU: the GPU's work is not on the CPU clock, so a step would look "
+                          "almost free; use --budget-clock wall (or auto)")
+    return clock
+
+
+def clock_step_s(res: dict[str, Any], clock: str) -> float | None:
+    """A finished run's seconds per step on `clock` (this session's steps)."""
+    return res.get("step_cpu_s") if clock == "cpu" else res.get("step_time_s")
+
+
+def clock_words(clock: str, threads: int) -> str:
+    """How a report names the budget's clock."""
+    if clock == "cpu":
+        return (f"CPU clock: the process's CPU seconds per training step / {threads} thread(s), the same compute "
+                "whatever the machine's load (equals wall time on a quiet machine)")
+    return "wall clock: seconds per training step as the machine ran them (depends on its load)"
+
+
 @dataclass
 class Timing:
     setup_s: float  # the whole short run minus its steps and its evaluation: load, data, set-up
-    step_s: float
+    step_s: float  # wall seconds per step
     eval_s: float
+    cpu_step_s: float = 0.0  # trainer.cpu_step_clock seconds per step
+
+    def budget_step_s(self, clock: str) -> float:
+        """Seconds per step on the budget's clock (resolve_clock)."""
+        return self.cpu_step_s if clock == "cpu" else self.step_s
 
     def run_s(self, steps: int, evals: int) -> float:
         return self.setup_s + steps * self.step_s + evals * self.eval_s
 
 
-def time_run(cfg: JobConfig, out: Path, steps: int = 2) -> Timing:
-    """A short run of cfg (2 steps and one evaluation) to see what a run costs here, now. Not a trial."""
+def time_run(cfg: JobConfig, out: Path, steps: int = 3) -> Timing:
+    """A short run of cfg (3 steps and one evaluation) to see what a run costs here, now. Not a trial.
+
+    The step times leave out the first step: it carries the warm-up (allocations, first kernels), which
+    measured 1.8x the steady step on SmolLM2 (2.40 s of CPU over a 2-step timing against 1.34 s over
+    the 37-step run, issue 28), and a budget's steps are the budget over the steady step."""
     import shutil
 
     c = derive(cfg, {"train": {"max_steps": steps, "eval_every": steps, "eval_before": False, "save_every": 10**6,
@@ -227,9 +268,14 @@ def time_run(cfg: JobConfig, out: Path, steps: int = 2) -> Timing:
     res = run_once(c)
     wall = time.time() - t0
     shutil.rmtree(out, ignore_errors=True)
-    step = (res["train_time_s"] or 0) / max(res["steps"] or 1, 1)
     ev = max(0.0, (res["wall_s"] or 0) - (res["train_time_s"] or 0))  # the loop's time outside steps: the evaluation
-    return Timing(max(0.0, wall - (res["wall_s"] or 0)), step, ev)
+    n = res.get("session_steps") or res["steps"] or 1
+    if n > 1 and res.get("first_step_s") is not None:  # steady steps only
+        step = ((res.get("session_train_s") or 0) - res["first_step_s"]) / (n - 1)
+        cpu = ((res.get("session_cpu_s") or 0) - (res.get("first_step_cpu_s") or 0)) / (n - 1)
+    else:
+        step, cpu = (res["train_time_s"] or 0) / max(n, 1), res.get("step_cpu_s") or 0.0
+    return Timing(max(0.0, wall - (res["wall_s"] or 0)), step, ev, cpu)
 
 
 def evals_of(total_steps: int, eval_every: int | None, epoch_steps: int) -> int:
@@ -240,7 +286,7 @@ def evals_of(total_steps: int, eval_every: int | None, epoch_steps: int) -> int:
 def check_budget(what: str, budget_s: float, need_s: float, how: str) -> None:
     if budget_s < need_s:
         raise SearchError(f"{what} of {budget_s / 60:.1f} min is too small for one run: {how} takes about "
-                          f"{need_s / 60:.1f} min here (measured by a 2-step run just now); raise it, or shorten the runs "
+                          f"{need_s / 60:.1f} min here (measured by a 3-step run just now); raise it, or shorten the runs "
                           "(train.max_steps, data.max_train)")
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from ..train.config import saved_form
+from . import prepare as P
 
 
 def _f(v: Any, nd: int = 4) -> str:
@@ -93,7 +94,8 @@ def write_compare(summary: dict[str, Any], out: Path) -> None:
         for r in rows:
             w.writerow({**r, "probe": ";".join(f"{p['lr']:g}={_f(p.get('value'))}" for p in r["probe"] or [])})
     steps = (f"{opts.steps} steps (--steps)" if opts.steps else
-             f"{opts.budget_min:g} min of training per method (--budget-minutes; steps from each method's step time)"
+             f"{opts.budget_min:g} min of training per method (--budget-minutes; steps from each method's step time on "
+             f"the {P.clock_words(summary.get('clock') or 'wall', summary['threads'])}, --budget-clock)"
              if opts.budget_min else f"{pf.total_steps} steps (the config's schedule)")
     lines = [f"# slimtune compare: {summary['cfg'].model_name()}, {pf.data.source}", "",
              f"`{_command()}`", "",
@@ -188,7 +190,8 @@ def trial_rows(study, metric: str) -> list[dict[str, Any]]:
                      "dropout": p.get("dropout"), "rslora": p.get("rslora"), "mlp_r_factor": p.get("mlp_r_factor"), "lr": p.get("lr"),
                      metric: t.values[0] if t.values else None, "best_step": res.get("best_step"),
                      "steps": res.get("steps"), "trainable_pct": res.get("trainable_pct", t.user_attrs.get("trainable_pct")),
-                     "step_time_s": res.get("step_time_s"),
+                     "step_time_s": res.get("step_time_s"), "step_cpu_s": res.get("step_cpu_s"),
+                     "budget_steps": (t.user_attrs.get("budget_plan") or {}).get("steps"),
                      "duration_s": t.duration.total_seconds() if t.duration else None,
                      "reason": t.user_attrs.get("reason") or t.user_attrs.get("interrupted") or ""})
     return rows
@@ -217,11 +220,14 @@ def write_search(s: dict[str, Any], out: Path) -> None:
              f"Objective: validation {m} ({'higher' if pf.metric_max else 'lower'} is better)"
              + (f" and {'trainable %' if s['pareto_with'] == 'params' else 'step time'} (Pareto, no pruning: Optuna does "
                 "not prune multi-objective studies)" if s["pareto"] else
-                f"; pruner {sec.pruner} at evaluation rungs every {s['every']} steps after {sec.warmup_trials} trials "
-                f"reached a rung (reduction factor {sec.reduction_factor})"),
+                f"; pruner {sec.pruner} at evaluation rungs every "
+                + (f"{s['every']} steps" if not s.get("budget") else f"{s['budget'].every_s:.0f} s of training (clock time, "
+                   "the same for every trial)")
+                + f" after {sec.warmup_trials} trials reached a rung (reduction factor {sec.reduction_factor})"),
              f"Space: {'; '.join(s['space'].describe())}" + (f"; trials above {sec.max_trainable_pct:g}% trainable are "
                                                              "skipped before training" if sec.max_trainable_pct else ""),
-             f"Data: {_split_note(pf)}; {pf.total_steps} steps a trial, seed {base.train.seed}, "
+             f"Data: {_split_note(pf)}; " + (f"{pf.total_steps} steps a trial" if not s.get("budget") else
+                                             _budget_words(s["budget"], s["threads"])) + f", seed {base.train.seed}, "
              f"{s['threads']} CPU thread(s). TPE sampler (multivariate), storage {s.get('storage_shown') or str(out) + '/study.db'}.",
              f"Trials: {len(rows)} ({states['complete']} complete, {states['pruned']} pruned, {states['fail']} failed"
              + (f", {states['skipped']} skipped above the trainable limit, not counted" if states["skipped"] else "")
@@ -246,14 +252,22 @@ def write_search(s: dict[str, Any], out: Path) -> None:
         lines += ["", f"`best.yaml` (trial {best.number}) reruns it: `slimtune train {out / 'best.yaml'}` (method block: "
                   f"`{best.user_attrs.get('method_block')}`)."]
     lines += ["", "## Trials", "",
-              f"| trial | state | settings | validation {m} | best step | trainable % | s | note |",
+              f"| trial | state | settings | validation {m} | best step / steps | trainable % | s | note |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['trial']} | {r['state']} | {_settings(r)} | {_f(r[m])} | {_f(r['best_step'])} "
+        lines.append(f"| {r['trial']} | {r['state']} | {_settings(r)} | {_f(r[m])} | {_f(r['best_step'])} / "
+                     f"{_f(r['budget_steps'] or r['steps'])} "
                      f"| {_f(r['trainable_pct'], 3)} | {_f(r['duration_s'], 0)} | {str(r['reason'])[:120].replace('|', '/')} |")
     plots = _plot_search(study, m, out / "plots", s["pareto"], s["pareto_with"])
     lines += [""] + [f"![{name}](plots/{name}.png)" for name in plots] + [""]
     (out / "search.md").write_text("\n".join(lines))
+
+
+def _budget_words(budget, threads: int) -> str:
+    return (f"**trials ranked at equal training time**: each trial trains {budget.seconds / 60:g} min "
+            f"(--budget-minutes) at its own step time, so a slower config gets fewer steps (steps column); step "
+            f"times on the {P.clock_words(budget.clock, threads)} (--budget-clock), from a 3-step timing run (steady steps) per "
+            "structure")
 
 
 def _spread_lines(s: dict[str, Any], m: str) -> list[str]:

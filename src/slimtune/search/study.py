@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..train.config import JobConfig, saved_form
+from . import budget as BU
+from .pruning import pruner as _pruner  # noqa: F401 - tests import it from here
 from . import prepare as P
 from . import storage as ST
 from . import trial as TR
@@ -74,6 +76,8 @@ class SearchOptions:
     seeds: int = 3  # training seeds each of the `top` best configs runs under (seeds.py); 1: no spread
     top: int = 3
     role: str = "main"  # "worker": a process pool.py started: no lock, no settling, no report
+    budget_min: Optional[float] = None  # training time per trial at its own step time (budget.py), not steps
+    clock: str = "auto"  # the budget's clock (prepare.resolve_clock)
 
 
 def _optuna():
@@ -125,6 +129,7 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
     if opts.max_trainable_pct is not None:
         section = section.model_copy(update={"max_trainable_pct": opts.max_trainable_pct})
     pareto = opts.objective == "pareto"
+    budget = BU.make(opts.budget_min, opts.clock, section.rungs)
     cfg = P.with_test_split(cfg, opts.test_fraction, log)
     pf = P.preflight(cfg, None if pareto else (opts.objective or section.metric), log)
     space = build_space(section, pf.task, pf.blocks)
@@ -137,7 +142,8 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
     log("search space: " + "; ".join(space.describe()))
     directions = ["maximize" if pf.metric_max else "minimize"] + (["minimize"] if pareto else [])
     fingerprint = {"config": _fingerprint(base), "space": space.to_dict(), "metric": pf.metric, "pareto": pareto,
-                   "pareto_with": opts.pareto_with if pareto else None, "max_trainable_pct": section.max_trainable_pct}
+                   "pareto_with": opts.pareto_with if pareto else None, "max_trainable_pct": section.max_trainable_pct,
+                   "budget": budget.to_dict() if budget else None}
     existing = [s for s in optuna.get_all_study_summaries(storage) if s.study_name == opts.study]
     if existing and opts.overwrite and spec.shared and main:
         optuna.delete_study(study_name=opts.study, storage=storage)
@@ -153,7 +159,8 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
         n_startup_trials=section.startup_trials if section.startup_trials is not None else max(3, min(10, opts.trials // 4)),
         multivariate=True, group=True, constant_liar=parallel)
     study = optuna.create_study(study_name=opts.study, storage=storage, load_if_exists=True, directions=directions,
-                                sampler=sampler, pruner=_pruner(optuna, section, every, pf.total_steps, pareto))
+                                sampler=sampler, pruner=_pruner(optuna, section, *(budget.pruner_range() if budget else
+                                                                             (every, pf.total_steps)), pareto))
     where = f"'{out}'" if not spec.shared else f"the study {opts.study!r} in {spec.shown}"
     if existing or not main:
         _same_search(study, fingerprint, where, spec.shared)
@@ -182,10 +189,13 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
     estimate = _trial_estimate(study) or study.user_attrs.get("trial_estimate_s")
     if budget_s is not None and estimate is None and done < opts.trials:
         t = P.time_run(base, out / "timing")
-        estimate = t.run_s(pf.total_steps, P.evals_of(pf.total_steps, every, pf.total_steps))
+        estimate = t.run_s(pf.total_steps, P.evals_of(pf.total_steps, every, pf.total_steps)) if budget is None else \
+            BU.estimate_s(budget, t)
         extra = _seed_runs(opts, pareto, 1)
         P.check_budget("--timeout", budget_s - elapsed0, estimate * (1 + extra),
-                       f"one trial ({pf.total_steps} steps, an evaluation every {every})"
+                       (f"one trial ({pf.total_steps} steps, an evaluation every {every})" if budget is None else
+                        f"one trial ({budget.seconds / 60:g} min of training on the {budget.clock} clock, its timing run "
+                        "and evaluations)")
                        + (f" and the {extra} seed-spread runs after it (--seeds 1: none)" if extra else ""))
         log(f"timing: about {estimate:.0f} s a full trial (set-up {t.setup_s:.0f} s, {t.step_s:.2f} s/step, "
             f"{t.eval_s:.1f} s/evaluation)")
@@ -198,7 +208,7 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
         log(f"started {len(procs)} more worker process(es) on {spec.shown} (logs in {out}/workers/)")
     try:
         stop_why = _loop(optuna, study, storage, space, pf, base, out, opts, section, log, beat, budget_s, elapsed0,
-                         t_session, estimate)
+                         t_session, estimate, budget)
     except ST.errors(optuna, spec.kind == "journal") as e:
         if procs:
             pool.stop(procs)
@@ -219,7 +229,7 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
             log(f"{len(bad)} worker(s) failed; their trials were run again by the others")
     summary = _finish(optuna, study, pf, space, cfg, base, out, opts, pareto, section, every, log)
     summary.update(load_start=load_start, load_end=os.getloadavg(), session_s=time.time() - t_session,
-                   stop_why=stop_why, threads=threads, storage_shown=spec.shown)
+                   stop_why=stop_why, threads=threads, storage_shown=spec.shown, budget=budget)
     from .report import write_search
 
     write_search(summary, out)
@@ -234,7 +244,7 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
 
 
 def _loop(optuna, study, storage, space, pf, base, out, opts, section, log, beat, budget_s, elapsed0, t_session,
-          estimate) -> str:
+          estimate, budget=None) -> str:
     """Ask / run / tell until the count or the budget is reached; why it stopped.
 
     With several workers: trials RUNNING elsewhere count toward --trials while they run, so the last
@@ -266,7 +276,7 @@ def _loop(optuna, study, storage, space, pf, base, out, opts, section, log, beat
             continue
         deadline = None if budget_s is None else t_session + (budget_s - elapsed0)
         skips = skips + 1 if TR.one_trial(optuna, study, storage, space, pf, base, out, opts, section, done, log,
-                                        deadline, beat) else 0
+                                        deadline, beat, budget) else 0
         prev = float(study.user_attrs.get("elapsed_s", 0.0))
         study.set_user_attr("elapsed_s", max(prev, elapsed0 + (time.time() - t_session)))
 
@@ -307,42 +317,6 @@ def _same_search(study, fp: dict[str, Any], where: str, shared: bool = False) ->
     other = "give another --study NAME" if shared else "choose another --out"
     raise SearchError(f"{where} holds a search of another config or space ({'; '.join(diffs[:6]) or 'settings differ'}); "
                       f"run the same command to continue it, {other}, or add --overwrite to start over")
-
-
-def _pruner(optuna, section, every: int, total: int, pareto: bool):
-    """Successive halving / Hyperband on the evaluation rungs (the first at `every` steps), after a
-    warm-up: a trial is pruned at a step only once `warmup_trials` earlier trials have reached that step
-    (Optuna's own bootstrap_count prunes *during* its bootstrap, which is the opposite). Optuna does not
-    prune multi-objective studies, so a Pareto search runs every trial to the end."""
-    if pareto or section.pruner == "none":
-        return optuna.pruners.NopPruner()
-    if section.pruner == "hyperband":
-        inner = optuna.pruners.HyperbandPruner(min_resource=every, max_resource=total,
-                                               reduction_factor=section.reduction_factor)
-    else:
-        inner = optuna.pruners.SuccessiveHalvingPruner(min_resource=every, reduction_factor=section.reduction_factor)
-    return _after_warmup(optuna)(inner, section.warmup_trials)
-
-
-def _after_warmup(optuna):
-    from optuna.trial import TrialState
-
-    class AfterWarmup(optuna.pruners.BasePruner):
-        """`inner`'s decision, once `n` other finished trials reached this trial's step. The inner
-        pruner is always asked, so it records every rung's value for the trials that come later."""
-
-        def __init__(self, inner, n: int) -> None:
-            self.inner, self.n = inner, n
-
-        def prune(self, study, trial) -> bool:
-            if not self.inner.prune(study, trial):
-                return False
-            step = trial.last_step
-            reached = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-                       if t.number != trial.number and t.last_step is not None and t.last_step >= step]
-            return len(reached) >= self.n
-
-    return AfterWarmup
 
 
 def _trial_estimate(study) -> float | None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..train.config import JobConfig
+from . import budget as BU
 from . import prepare as P
 from . import storage as ST
 from .space import SearchError, Space, method_block
@@ -50,7 +51,7 @@ def checkpoint_of(folder: Path) -> tuple[Path, int] | None:
     cks = checkpoints(folder) if folder.is_dir() else []
     return (cks[-1], int(cks[-1].name.rsplit("-", 1)[-1])) if cks else None
 
-def continue_from(study, trial, out: Path, folder: Path, pareto: bool) -> int | None:
+def continue_from(study, trial, out: Path, folder: Path, pareto: bool, plan: dict | None = None) -> int | None:
     """A retried trial (`retry_of`: cut by --timeout, killed, or its worker lost) takes over the earlier
     trial's folder when it has a checkpoint: the run resumes there (same parameters, so the same run
     config), and the earlier trial's rung values up to that step are reported again, so the pruner sees
@@ -70,7 +71,7 @@ def continue_from(study, trial, out: Path, folder: Path, pareto: bool) -> int | 
     if not pareto:
         before = next((t for t in study.get_trials(deepcopy=False) if t.number == int(prior)), None)
         for step, v in sorted((before.intermediate_values if before is not None else {}).items()):
-            if step <= at:
+            if step <= BU.resource(at, plan):  # rung keys: steps, or clock ms under a budget (budget.py)
                 trial.report(float(v), step)
     return at
 
@@ -93,7 +94,8 @@ def describe(params: dict[str, Any]) -> str:
 
 
 def one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: Path, opts: SearchOptions,
-               section, done: int, log, deadline: float | None = None, beat: int | None = None) -> bool:
+               section, done: int, log, deadline: float | None = None, beat: int | None = None,
+               budget: BU.Budget | None = None) -> bool:
     """Ask for one trial, run it, tell its result; True when it was skipped (above max_trainable_pct).
 
     `deadline` (time.time() at which --timeout runs out): a trial still running at an evaluation past
@@ -102,7 +104,10 @@ def one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: Pa
 
     `beat` (seconds, several workers): the trial beats while it trains (storage.Heartbeat); a worker
     that loses the store stops the trial at its next evaluation and exits with a message, telling
-    nothing, so the store fails the trial as stale once it is back and another worker runs it again."""
+    nothing, so the store fails the trial as stale once it is back and another worker runs it again.
+
+    `budget` (--budget-minutes): the trial trains that much clock time at its own step time (budget.py);
+    its evaluations are reported to the pruner at the clock time trained, so rungs compare equal time."""
     from optuna.trial import TrialState
 
     from ..train.interrupt import TrainingInterrupted
@@ -131,11 +136,6 @@ def one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: Pa
     tcfg = P.derive(base, {"method": block, "train": {"lr": float(params["lr"])}, "output_dir": str(folder)})
     head = f"trial {trial.number} ({done + 1}/{opts.trials}): {describe(params)}"
     pareto = len(study.directions) > 1
-    at = continue_from(study, trial, out, folder, pareto)
-    if at is not None:  # the retry of a trial that was cut, killed or lost: its run goes on, not from step 0
-        tcfg = P.derive(tcfg, {"resume": True, "overwrite": False})
-        trial.set_user_attr("continued_at", at)
-        log(f"{head}: continues trial {trial.user_attrs['retry_of']}'s run from its checkpoint at step {at}")
     limit = section.max_trainable_pct
     counts = P.count_trainable(pf, tcfg) if limit is not None else None
     if counts is not None:
@@ -148,6 +148,23 @@ def one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: Pa
             log(f"trial {trial.number}: {describe(params)}: skipped, {counts[2]:.3f}% trainable > {limit:g}% "
                 "(not counted toward --trials)")
             return True
+    plan = None
+    if budget is not None:
+        try:
+            tcfg, plan, block = BU.fit_trial(budget, study, params, pf, tcfg, block, folder, prior_plan(study, trial))
+        except SearchError as e:  # slower than the whole budget: ranked below every finished trial, like a skip
+            trial.set_user_attr("reason", f"too slow: {e}")
+            study.tell(trial, state=TrialState.PRUNED)
+            log(f"{head}: too slow for the budget: {e}")
+            return False
+        trial.set_user_attr("budget_plan", plan)
+        trial.set_user_attr("method_block", block)
+        head += f" [{plan['steps']} steps at {plan['step_s']:.2f} s/step, {plan['clock']} clock]"
+    at = continue_from(study, trial, out, folder, pareto, plan)
+    if at is not None:  # the retry of a trial that was cut, killed or lost: its run goes on, not from step 0
+        tcfg = P.derive(tcfg, {"resume": True, "overwrite": False})
+        trial.set_user_attr("continued_at", at)
+        log(f"{head}: continues trial {trial.user_attrs['retry_of']}'s run from its checkpoint at step {at}")
     pruned: list[str] = []
     cut: list[int] = []
     hb = ST.Heartbeat(storage, trial._trial_id, beat)
@@ -158,8 +175,8 @@ def one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: Pa
         v = metrics.get(pf.metric)
         try:  # the value first: a retry that continues this run reports it again (continue_from)
             if v is not None and not pareto:
-                trial.report(float(v), step)
-            if deadline is not None and time.time() > deadline and step < pf.total_steps:
+                trial.report(float(v), BU.resource(step, plan))
+            if deadline is not None and time.time() > deadline and step < tcfg.train.max_steps:
                 cut.append(step)
                 return "cut by the search's time budget (--timeout); it continues first when the search resumes"
             stop = v is not None and not pareto and trial.should_prune()
@@ -248,8 +265,22 @@ def clean(folder: Path, keep: bool) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 def trial_config(base: JobConfig, t, out: Path) -> JobConfig:
-    return P.derive(base, {"method": t.user_attrs["method_block"], "train": {"lr": float(t.user_attrs["params"]["lr"])},
+    """A trial's run config again (its seed reruns, best.yaml): under a budget, with its own steps."""
+    train: dict[str, Any] = {"lr": float(t.user_attrs["params"]["lr"])}
+    plan = t.user_attrs.get("budget_plan")
+    if plan:
+        train.update(max_steps=plan["steps"], eval_every=plan["eval_every"])
+    return P.derive(base, {"method": t.user_attrs["method_block"], "train": train,
                            "output_dir": str(trial_dir(out, t.number))})
+
+
+def prior_plan(study, trial) -> dict | None:
+    """The budget plan of the trial this one retries: a continued run keeps its schedule."""
+    prior = trial.user_attrs.get("retry_of")
+    if prior is None:
+        return None
+    before = next((t for t in study.get_trials(deepcopy=False) if t.number == int(prior)), None)
+    return None if before is None else before.user_attrs.get("budget_plan")
 
 
 def counted(study) -> int:

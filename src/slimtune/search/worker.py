@@ -8,7 +8,7 @@ evaluations), stopped at the evaluation that reaches `probe_steps` with its chec
 promoted by successive halving continues from that checkpoint, and the winner's folder becomes
 RUN_DIR/main, where the row's run continues it to the end: no probe step is trained twice, and the
 row's steps (and training time) include the winner's probe steps. With a training-time budget the
-steps are fixed first (the budget over the step time of a 2-step timing run of the row), so the probes
+steps are fixed first (the budget over the steady step time of a 3-step timing run of the row, its first step left out), so the probes
 already run the schedule the row ends on.
 """
 from __future__ import annotations
@@ -139,15 +139,19 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("budget_s"):  # the steps first: every probe is the row's own schedule, so it can be continued
         t = P.time_run(P.derive(cfg, {"train": {"lr": lr or spec["grid"][len(spec["grid"]) // 2]}}),
                        run_dir / "timing")
-        steps = max(1, int(spec["budget_s"] // t.step_s))
-        out["budget_steps"], out["budget_step_s"] = steps, t.step_s
+        clock = spec.get("budget_clock") or "wall"
+        step_s = t.budget_step_s(clock)
+        steps = max(1, int(spec["budget_s"] // step_s))
+        out["budget_steps"], out["budget_step_s"], out["budget_clock"] = steps, step_s, clock
+        out["budget_wall_step_s"] = t.step_s
         upd: dict[str, Any] = {"max_steps": steps}
         if cfg.train.eval_every and cfg.train.eval_every > steps:
             upd["eval_every"] = steps
         cfg = P.derive(cfg, {"train": upd})
         if isinstance(cfg.method, dict) and "total_step" in cfg.method:  # AdaLoRA: its schedule spans the row
             cfg = P.derive(cfg, {"method": {**cfg.method, "total_step": steps}})
-        log(f"budget {spec['budget_s']:.0f} s at {t.step_s:.2f} s/step: {steps} steps")
+        log(f"budget {spec['budget_s']:.0f} s on the {clock} clock at {step_s:.2f} s/step ({t.step_s:.2f} s/step "
+            f"wall): {steps} steps")
     main_dir = run_dir / "main"
     resume = False
     if spec["grid"]:

@@ -26,6 +26,7 @@ from .engine import Engine, EngineStopped
 from .errors import APIError, BodyLimit, install, not_found
 from .generation import handle
 from .grammar import Grammars
+from .logprobs import token_bytes
 from .metrics import CONTENT_TYPE, CountResponses, Metrics
 from .registry import AdapterError, AdapterExists, AdapterLoadError, AdapterNotFound, AdapterRefused, Registry
 from .routes import RouteError, Router
@@ -73,6 +74,7 @@ class Server:
         self.default_top_p = float(getattr(gen, "top_p", 1.0) or 1.0) if sample else 1.0
         pad = getattr(self.tokenizer, "pad_token_id", None)
         self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)  # response_format (grammar.py)
+        self.token_bytes = token_bytes(self.tokenizer)  # chat log-probs' `bytes` (logprobs.py)
         self.metrics = Metrics(self.registry)
         self.engine = Engine(self.registry, self.cfg, self.eos_ids, pad if pad is not None else (self.eos_ids or [0])[0],
                              self.metrics)

@@ -21,8 +21,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..methods.lora_layers import BASE_ADAPTER
-from . import checks, logprobs, tools
-from .engine import EngineStopped, GenRequest, QueueFull
+from . import checks, grammar, logprobs, tools
+from .engine import EngineStopped, Event, GenRequest, QueueFull
 from .errors import APIError, not_found
 from .registry import AdapterLoadError, AdapterNotFound
 from .schemas import ChatRequest
@@ -68,6 +68,7 @@ class _Choice:
     sent: int = 0  # entries already streamed
     echoed: bool = False  # the prompt's text went out (streamed echo)
     tools: tools.ToolStream | None = None  # streamed tool calls (tools.py)
+    pre: int = 0  # tokens the grammar forced before the row ran (grammar.fast_forward): the first event
 
 
 def _engine_error(ev) -> APIError:
@@ -129,14 +130,21 @@ async def _handle(srv, request: Request, body, tenant, endpoint: str) -> Respons
         for i, p in enumerate(prompts):
             for j in range(per):
                 seed = None if body.seed is None else (body.seed + j) % 2**64
-                req = GenRequest(p, target.adapter, max_new[i], temp, top_p, seed, srv.cfg.request_timeout_s,
-                                 body.ignore_eos, top_k=max(body.top_k or 0, 0), min_p=body.min_p or 0.0,
-                                 repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
-                                 presence_penalty=body.presence_penalty, logit_bias=bias,
-                                 logprobs=k if k is not None or per == body.n else 0,  # best_of ranks by log-prob
-                                 echo=echo and k is not None, matcher=srv.grammars.matcher(gram) if gram else None)
+                lp = k if k is not None else (None if per == body.n else 0)  # best_of ranks by log-prob
+                m = srv.grammars.matcher(gram) if gram else None
+                # tokens the grammar forces first go in with the prompt (one prefill forward), not
+                # one decode step each; not where each token's log-prob or a count-based penalty is asked
+                ff = grammar.fast_forward(m, max_new[i] - 1) if m is not None and lp is None and not (
+                    body.frequency_penalty or body.presence_penalty) else []
+                req = GenRequest(p + ff, target.adapter, max_new[i] - len(ff), temp, top_p, seed,
+                                 srv.cfg.request_timeout_s, body.ignore_eos, top_k=max(body.top_k or 0, 0),
+                                 min_p=body.min_p or 0.0, repetition_penalty=body.repetition_penalty,
+                                 frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+                                 logit_bias=bias, logprobs=lp, echo=echo and k is not None, matcher=m)
+                if ff:  # handed out first, as generated tokens (counted in usage.completion_tokens)
+                    sink.put_nowait((len(handles), Event(ff)))
                 handles.append(srv.engine.submit(req, loop, sink, tag=len(handles)))
-                choices.append(_Choice(TextStream(srv.tokenizer, stops), len(p), prompt=p))
+                choices.append(_Choice(TextStream(srv.tokenizer, stops), len(p), prompt=p, pre=len(ff)))
     except (QueueFull, EngineStopped) as e:
         for h in handles:
             h.cancel()
@@ -186,7 +194,7 @@ class _Run:
                 now = time.perf_counter()
                 if c.last is not None:  # several tokens in one event share the wait
                     c.gaps += [(now - c.last) / len(ev.tokens)] * len(ev.tokens)
-                c.last = now
+                c.last = None if c.tokens == c.pre else now  # forced tokens: no wait to time after them
             delta = c.text.push(ev.tokens)
             if c.text.stopped:
                 c.finish = "stop"
@@ -269,7 +277,7 @@ class _Run:
         new, c.sent = c.lps[c.sent:], len(c.lps)
         tok = self.srv.tokenizer
         if self.chat:
-            return {"content": logprobs.chat_shape(tok, new), "refusal": None}
+            return {"content": logprobs.chat_shape(tok, new, self.srv.token_bytes), "refusal": None}
         ids = [e[0] for e in new]
         if c.plps is not None:  # echo: the prompt's entries first (once)
             new, ids, c.plps = c.plps + new, c.prompt + ids, None

@@ -9,17 +9,21 @@ llguidance has no dependencies, compiles a schema in milliseconds and computes e
 lazily (see docs/serving.md for the measured cost per token).
 
     response_format ─► grammar (json schema)  ─► a matcher per choice (HTTP side: a bad schema is a 400)
-    engine, per step, rows with a matcher:  fill their bitmask rows ─► logits of forbidden tokens -> -inf
-                                            ─► sample ─► matcher.consume_token; a stopped matcher ends the row
+                    ─► fast_forward: the tokens it forces first join the prompt (one prefill forward)
+    engine, per step, rows with a matcher:  fill their bitmask rows (one batched call) ─► + 0 / -inf bias
+                                            ─► sample ─► consume the tokens (one batched call);
+                                               a stopped matcher ends the row
 
 Rows without a matcher are untouched, so constrained and free rows share one mixed batch.
 """
 from __future__ import annotations
 
 import json
+import sys
 import threading
 
 import torch
+import torch.nn.functional as F
 
 
 class GrammarError(ValueError):
@@ -45,8 +49,6 @@ class Grammars:
 
     def grammar(self, response_format) -> str | None:
         """llguidance's grammar for an OpenAI `response_format` (None for plain text)."""
-        from llguidance import LLMatcher
-
         kind = response_format.type
         if kind == "text":
             return None
@@ -76,35 +78,75 @@ class Grammars:
         return m
 
 
+_LUT: dict = {}  # device -> (256, 8) float32: a byte's 8 bits (least significant first) as 0 / -inf
+
+
+def _byte_bias(device) -> torch.Tensor:
+    if device not in _LUT:
+        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+        _LUT[device] = torch.zeros(256, 8).masked_fill_(bits == 0, float("-inf")).to(device)
+    return _LUT[device]
+
+
 def constrain(logits: torch.Tensor, matchers: list) -> torch.Tensor:
-    """logits (B, V) with each constrained row's forbidden tokens at -inf (a copy; rows without a
-    matcher are as they were). matchers: one per row, None for a free row."""
-    from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
+    """logits (B, V) with each constrained row's forbidden tokens at -inf (a new float32 tensor: the
+    log-probs read the model's own logits; rows without a matcher are as they were). matchers: one per
+    row, None for a free row.
+
+    llguidance fills a packed bitmask (R, ceil(V / 32)) int32, bit t of word w = token 32w + t. Read as
+    bytes (little-endian: byte 4w + b holds tokens 32w + 8b ...), one embedding lookup into a
+    (256, 8) table of 0 / -inf turns it into an additive (R, V) bias: one gather and one add for all
+    rows (measured ~0.25 ms for 16 x 49,152 on 2 cores, against ~2 ms for unpacking the bits by shifts;
+    llguidance.torch's own apply goes through torch.compile: seconds on its first call)."""
+    from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask_par
 
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return logits
     vocab = logits.shape[-1]
-    mask = allocate_token_bitmask(len(rows), vocab)  # (R, ceil(V / 32)) int32, bit t of word w = token 32w + t
-    for j, i in enumerate(rows):  # one Rust call per constrained row (llguidance's thread-pool variant,
-        fill_next_token_bitmask(matchers[i], mask, j)  # fill_next_token_bitmask_par, was no faster on 2 cores)
-    # unpack in tensor ops (llguidance's own apply goes through torch.compile: seconds on the first call)
-    bits = torch.arange(32, dtype=torch.int32)
-    allowed = ((mask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab].to(logits.device)  # (R, V)
-    if len(rows) < logits.shape[0]:  # free rows: everything allowed
-        full = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
-        full[torch.tensor(rows, device=logits.device)] = allowed
-        allowed = full
-    return logits.float().masked_fill(~allowed, float("-inf"))  # one pass, a new tensor (log-probs read the old)
+    mask = allocate_token_bitmask(len(rows), vocab)
+    # every row's mask in one call (llguidance's pool, GIL released): 0.04-0.6 ms for 16 rows here,
+    # against 0.1-1.2 ms one Rust call per row
+    fill_next_token_bitmask_par(_executor(), [(matchers[i], j) for j, i in enumerate(rows)], mask)
+    if sys.byteorder != "little":  # the byte view below assumes it; the shift unpack does not
+        allowed = ((mask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1).bool().flatten(1)[:, :vocab]
+        bias = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf")).to(logits.device)
+    else:
+        bias = F.embedding(mask.view(torch.uint8).long().to(logits.device),
+                           _byte_bias(logits.device)).flatten(1)[:, :vocab]  # (R, V)
+    if len(rows) == logits.shape[0]:
+        return logits.float() + bias
+    return logits.float().index_add(0, torch.tensor(rows, device=logits.device), bias)
+
+
+def fast_forward(matcher, limit: int) -> list[int]:
+    """The tokens the grammar forces from the matcher's state (llguidance's ff tokens, e.g.
+    `{"sentiment":"` for an object whose first property is required), at most `limit`, consumed
+    into the matcher. They need no sampling: the caller appends them to the prompt, so one prefill
+    forward computes them with the prompt, and hands them out as generated tokens."""
+    ff = matcher.compute_ff_tokens()[:max(limit, 0)]
+    if ff and not matcher.consume_tokens(ff):
+        raise GrammarError(f"the grammar refused its own forced tokens: {matcher.get_error()[:300]}")
+    return ff
 
 
 def advance(matchers: list, tokens: list[int]) -> list[bool]:
-    """Feed each constrained row its chosen token; True where the grammar is complete (the row ends)."""
-    done = []
-    for m, t in zip(matchers, tokens):
-        if m is None:
-            done.append(False)
-            continue
-        m.consume_token(t)
-        done.append(m.is_stopped())
-    return done
+    """Feed each constrained row its chosen token (one batched call); True where the grammar is
+    complete (the row ends)."""
+    pairs = [(m, t) for m, t in zip(matchers, tokens) if m is not None]
+    if pairs:
+        _executor().consume_token_par(pairs)  # a refused token leaves its matcher stopped in error: the row ends
+    return [m is not None and m.is_stopped() for m in matchers]
+
+
+_EXEC: list = []
+
+
+def _executor():
+    """llguidance's thread pool for the batched mask and consume calls, as many threads as torch
+    uses: the calls run between forwards, not beside them."""
+    if not _EXEC:
+        import llguidance
+
+        _EXEC.append(llguidance.LLExecutor(max(torch.get_num_threads(), 1)))
+    return _EXEC[0]

@@ -12,6 +12,8 @@ An entry is (token id, logprob, [(id, logprob), ...]); the HTTP side turns entri
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 Entry = tuple  # (token id, logprob, [(id, logprob), ...])
@@ -48,6 +50,33 @@ def prompt_entries(logits: torch.Tensor, prompt: list[int], k: int) -> list[Entr
 
 
 # ---- the HTTP shapes --------------------------------------------------------------------------------------
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(tok):
+    """id -> the token's own bytes (chat log-probs' `bytes`), by the tokenizer's kind:
+    byte-level BPE (GPT-2, SmolLM2, Llama 3): a piece is bytes spelt through GPT-2's byte-to-unicode map,
+    and can hold part of a UTF-8 character, which the decoded string shows as U+FFFD; SentencePiece's
+    byte fallback: `<0xE6>` is that byte; anything else (WordPiece, whole SentencePiece pieces, special
+    tokens): the decoded string's UTF-8."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    decoder = getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)
+    byte_level = type(decoder).__name__ == "ByteLevel"
+    inverse = {c: b for b, c in bytes_to_unicode().items()}
+    special = set(tok.all_special_ids)
+
+    def one(i: int) -> bytes:
+        piece = tok.convert_ids_to_tokens(i)
+        if i not in special and byte_level and all(c in inverse for c in piece):
+            return bytes(inverse[c] for c in piece)
+        if m := _BYTE_PIECE.fullmatch(piece or ""):
+            return bytes([int(m.group(1), 16)])
+        return tok.decode([i], skip_special_tokens=False).encode("utf-8")
+
+    return one
+
+
 def _strings(tok, ids: list[int]) -> list[str]:
     return tok.batch_decode([[i] for i in ids], skip_special_tokens=False)
 
@@ -74,13 +103,14 @@ def completion_shape(tok, entries: list[Entry | None], ids: list[int], offset: i
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
 
 
-def chat_shape(tok, entries: list[Entry]) -> list[dict]:
-    """Chat's `logprobs.content`: one item per generated token, with its top alternatives."""
+def chat_shape(tok, entries: list[Entry], token_bytes) -> list[dict]:
+    """Chat's `logprobs.content`: one item per generated token, with its top alternatives. `bytes` is the
+    token's own bytes (token_bytes(id)), not its decoded string's: a token holding part of a multi-byte
+    character decodes to U+FFFD, and a client joins the pieces' bytes to get the character back."""
     ids = [e[0] for e in entries] + [a for e in entries for a, _ in e[2]]
     names = dict(zip(ids, _strings(tok, ids)))
 
     def item(i, v):
-        s = names[i]
-        return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
+        return {"token": names[i], "logprob": v, "bytes": list(token_bytes(i))}
 
     return [{**item(e[0], e[1]), "top_logprobs": [item(a, v) for a, v in e[2]]} for e in entries]

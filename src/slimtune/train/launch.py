@@ -88,9 +88,23 @@ def launch_command(argv: list[str], nproc: int, port: int | None = None) -> list
             "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()), "-m", "slimtune", "train", *argv]
 
 
-def spawn(argv: list[str], nproc: int) -> int:
+def refuse(cfg: JobConfig) -> None:
+    """What the config alone says several processes cannot run, before any process starts (each
+    rank says the same again where it is launched by hand, objectives/hooks.py)."""
+    from .objectives import OBJECTIVES
+
+    if cfg.train.distributed == "fsdp" and callable(getattr(OBJECTIVES[cfg.train.objective], "sample", None)):
+        raise DistributedError(f"train.objective={cfg.train.objective} under train.distributed=fsdp: each rank samples "
+                               "its own prompts' completions, which end after different numbers of decoding steps, "
+                               "while every FSDP forward gathers the weights with all ranks in step; use "
+                               "train.distributed=ddp (each rank holds the model; the adapter is small)")
+
+
+def spawn(argv: list[str], nproc: int, cfg: JobConfig | None = None) -> int:
     """Run the job under torchrun with `nproc` processes and return its exit code."""
     if os.environ.get("WORLD_SIZE"):
         raise DistributedError("--nproc: this process was itself started by a launcher (WORLD_SIZE is set); drop "
                                "--nproc and let the launcher's --nproc_per_node decide")
+    if cfg is not None:
+        refuse(cfg)
     return subprocess.call(launch_command(argv, nproc))

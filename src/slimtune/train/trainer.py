@@ -49,6 +49,16 @@ class TrainingDiverged(RuntimeError):
 EvalCallback = Callable[[int, dict], "str | None"]
 
 
+def cpu_step_clock() -> float:
+    """Seconds of CPU this process has used, over torch's thread count: what a training step costs in
+    compute. Why not wall time: on a machine other processes share, a step's wall time grows with their
+    load, so a time budget in wall seconds buys fewer steps when the machine is busy; the process's own
+    CPU time does not (time.process_time counts every thread of the process). Divided by the threads,
+    it equals wall time on a quiet machine (search/compare `--budget-clock cpu`, docs/search.md). On a
+    GPU the work is not on this clock: budgets there use wall time."""
+    return time.process_time() / max(1, torch.get_num_threads())
+
+
 def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
     """The order of the n training examples in an epoch, seeded by (train.seed, epoch): a resumed run
     draws the same rows, and a benchmark can feed another trainer the same batches
@@ -157,6 +167,8 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
         self.samples_after: list[dict[str, str]] | None = None
         self.stop: StopRequest | None = None
         self._session_train = 0.0
+        self._session_cpu = 0.0  # the same steps on cpu_step_clock(): compute, whatever else the machine runs
+        self._first_step: tuple[float, float] | None = None  # (wall, cpu) of this session's first step: its warm-up
         self.last_samples: list[dict[str, str]] | None = None  # the generations of the last evaluate(samples=True)
         self._samples_at: int | None = None
 
@@ -177,20 +189,20 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
         return {"train": self.total_steps * self.t.grad_accum > self.micro_per_epoch, "eval": evals > 1}
 
     # ---- data order: a pure function of (seed, micro-batch index) --------------------------------
-    def _examples(self, m: int) -> list[int]:
-        """The training examples (indices) of micro-batch m of the run, on this process."""
+    def _examples(self, m: int, rank: int | None = None) -> list[int]:
+        """The training examples (indices) of micro-batch m of the run, on this process (or `rank`)."""
         epoch, b = divmod(m, self.micro_per_epoch)
         perm = epoch_permutation(len(self.data.train), self.t.seed, epoch)
         idx = perm[b * self.global_bs:(b + 1) * self.global_bs]
         if len(idx) < self.global_bs and self.acc.num_processes > 1:  # every rank needs a batch
             idx += perm[:self.global_bs - len(idx)]
-        r = self.acc.process_index
+        r = self.acc.process_index if rank is None else rank
         return idx[r * self.t.batch_size:(r + 1) * self.t.batch_size]
 
     def _batch(self, m: int) -> dict[str, Any]:
         """Micro-batch m of the run on the device: padding-free when the LM path packs."""
         ex = [self.data.train[i] for i in self._examples(m)]
-        batch = self.objective.collate(ex, self.pad_id) if self.objective is not None else \
+        batch = self._objective_collate(m, ex) if self.objective is not None else \
             self.lm.collate(ex, self.pad_id) if self.lm is not None and not self.lm.disabled else \
             collate(ex, self.pad_id)
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -310,7 +322,7 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
                 if self.dist.any(self.stop.requested):  # every rank stops at the same step
                     status = "interrupted"
                     break
-                t0 = time.time()
+                t0, c0 = time.time(), cpu_step_clock()
                 step_loss, step_tok = 0.0, 0
                 for micro in range(self.t.grad_accum):
                     m = self.step * self.t.grad_accum + micro
@@ -323,6 +335,8 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
                         if not torch.isfinite(mean):
                             raise TrainingDiverged(self._nan_message(mean))
                         self.acc.backward(loss / self.t.grad_accum)
+                        if sync:
+                            self._objective_sync()  # a loss that ran beside the DDP wrapper: its gradient sync
                     step_loss += mean.item() / self.t.grad_accum
                     step_tok += self._tokens(batch) * self.acc.num_processes
                 gnorm = None
@@ -338,6 +352,9 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
                 self.step += 1
                 self.train_time += time.time() - t0
                 self._session_train += time.time() - t0
+                self._session_cpu += cpu_step_clock() - c0
+                if self._first_step is None:
+                    self._first_step = (self._session_train, self._session_cpu)
                 self.tokens_seen += step_tok
                 win_tok += step_tok
                 win_loss += step_loss
@@ -409,6 +426,10 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
                 "train_time_s": self.train_time, "peak_mem_mb": peak_memory_mb(), "tokens": self.tokens_seen,
                 "session_steps": steps_here, "session_train_s": self._session_train,
                 "step_time_s": self._session_train / steps_here if steps_here else None,
+                "session_cpu_s": self._session_cpu,
+                "step_cpu_s": self._session_cpu / steps_here if steps_here else None,
+                "first_step_s": self._first_step[0] if self._first_step else None,
+                "first_step_cpu_s": self._first_step[1] if self._first_step else None,
                 "tokens_per_s": self.tokens_seen / self.train_time if self.train_time else None,
                 "resumed_at": self.resumed_at, "lost_steps": self.lost_steps, "sessions": sess,
                 "elapsed_before_s": self.elapsed, "last_checkpoint": str(self.last_ckpt) if self.last_ckpt else None,

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..distributed import world_share
 from .pairs import PairObjective
 
 
@@ -54,7 +55,7 @@ class DPO(PairObjective):
         c_logps, r_logps = logps.chunk(2)
         loss = per.mean()
         if self.t.sft_weight:  # RPO: the mean NLL over every chosen completion token of the batch
-            loss = loss - self.t.sft_weight * c_logps.sum() / c_n.sum()
+            loss = loss - self.t.sft_weight * c_logps.sum() / world_share(c_n.sum())  # global token mean
         return loss, self.pair_stats(b * c_ratio.detach(), b * r_ratio.detach(), c_logps, r_logps)
 
 

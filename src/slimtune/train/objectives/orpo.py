@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..distributed import world_share
 from .pairs import PairObjective
 
 
@@ -36,7 +37,7 @@ class ORPO(PairObjective):
         c, r = mean.chunk(2)
         c_sum, _ = total.chunk(2)
         c_n, _ = n.chunk(2)
-        nll = -c_sum.sum() / c_n.sum()
+        nll = -c_sum.sum() / world_share(c_n.sum())  # the global batch's token mean under several processes
         log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
         ratio = F.logsigmoid(log_odds)
         stats = self.pair_stats(self.beta * c.detach(), self.beta * r.detach(), c, r)

@@ -248,3 +248,27 @@ def group_logps(model: nn.Module, batch: dict[str, Any], shape: tuple[int, int])
     tok = token_logps(model, batch)
     out = torch.zeros(shape[0] * shape[1], dtype=tok.dtype, device=tok.device)
     return out.index_put((batch["tgt_flat"],), tok).view(shape)
+
+
+# ---- unpaired rows (KTO): a completion and the KL term's mismatched completion beside the prompt ----
+
+def collate_unpaired(examples: list[dict[str, Any]], kl_completions: list[list[int]], pad_id: int) -> dict[str, Any]:
+    """KTO's rows in the one-row layout: the prompt once, the row's completion beside it and, in the
+    place of a rejected answer, the KL term's mismatched completion (another row's), which does not
+    see the first. `seq_logps` of the batch: (2B,) the completions, then the KL completions."""
+    return collate([{"prompt_ids": e["prompt_ids"], "chosen_ids": e["completion_ids"], "rejected_ids": k}
+                    for e, k in zip(examples, kl_completions)], pad_id)
+
+
+def policy_and_reference(model: nn.Module, ref_model: nn.Module, batch: dict[str, Any],
+                         prefix: "Prefix | None") -> tuple[torch.Tensor, torch.Tensor]:
+    """(2B,) policy log-probs and (2B,) fp32 reference log-probs (adapters off, no gradient) of a
+    one-row batch. With the frozen prefix on, the reference runs first and the policy starts from
+    its block-k input, so blocks 0..k-1 run once for both."""
+    if prefix is not None and prefix.on:
+        with torch.no_grad(), ref_model.disable_adapter():
+            ref, h = prefix.reference_with_input(ref_model, batch)
+        return prefix.policy_from(model, batch, h), ref.float()
+    with torch.no_grad(), ref_model.disable_adapter():
+        ref = seq_logps(ref_model, batch).float()
+    return seq_logps(model, batch), ref
