@@ -305,6 +305,17 @@ def test_grpo_advantages_and_loss_equal_trl(tmp_path, beta):
         assert torch.allclose(ref, out["ref_per_token_logps"] * out["completion_mask"], atol=1e-5)
     loss, kl = policy_loss(logps, logps.detach(), ours_adv, out["completion_mask"], beta, ref)
     assert abs(float(loss) - float(want)) < 1e-4, (float(loss), float(want))
+    # the fast layout (a prompt and its group in one row, shared.group_collate) gives TRL's loss too
+    from slimtune.train.objectives import shared
+
+    fast = shared.group_collate(p_ids, out["completion_ids"], out["completion_mask"], G, tok.pad_token_id)
+    f_logps = shared.group_logps(sm, fast, out["completion_ids"].shape)
+    f_ref = None
+    if beta:
+        with reference(sm):
+            f_ref = shared.group_logps(sm, fast, out["completion_ids"].shape)
+    f_loss, _ = policy_loss(f_logps, f_logps.detach(), ours_adv, out["completion_mask"], beta, f_ref)
+    assert abs(float(f_loss) - float(want)) < 1e-4, (float(f_loss), float(want))
     loss.backward()  # and it trains: the gradient reaches the adapter
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in sm.parameters() if p.requires_grad)
 

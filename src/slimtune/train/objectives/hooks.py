@@ -90,7 +90,8 @@ class ObjectiveSteps:
             if not on and self.t.chunked_ce == "on":
                 raise JobConfigError(f"train.chunked_ce=on cannot apply to the pairs: {why}; set train.chunked_ce=auto "
                                      "or off")
-            self.log(f"loss: {why}" if on else f"loss: pairs as two padded rows each ({why})")
+            plain = "G padded rows per prompt" if self.objective.data == "prompts" else "pairs as two padded rows each"
+            self.log(f"loss: {why}" if on else f"loss: {plain} ({why})")
         if callable(getattr(self.objective, "sample", None)) and self.dist.world > 1:
             self.log(f"sampling: each of the {self.dist.world} processes samples the groups of its own prompts "
                      "(a group stays on one process, so its advantages are normalised as in one process)")

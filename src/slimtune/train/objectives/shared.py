@@ -190,6 +190,66 @@ def seq_logps(model: nn.Module, batch: dict[str, Any], inputs_embeds: torch.Tens
     return torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, batch["tgt_seq"], tok)
 
 
+# ---- GRPO: a prompt and its group of completions in one row ------------------------------------------
+#
+# GRPO's loss forward runs N prompts x G sampled completions. As G rows each, every prompt token goes
+# through the model G times (plus the pads of the longest completion); here a prompt and its G
+# completions are one row, each completion at the positions it has in its own row and seeing only the
+# prompt and its own earlier tokens:
+#
+#     tokens     p0 .. p(P-1)  a0 .. a(A-1)  b0 .. b(B-1)  ...   pads
+#     positions  0  .. P-1     P  .. P+A-1   P  .. P+B-1   ...   0
+#     attention  causal within the prompt and within each completion; a completion sees the prompt
+#
+# so its log-probs are the G-row layout's to float rounding (tests/test_objective_fast.py). A
+# completion is its tokens up to the mask's last 1 (GRPO's mask: up to and including the first EOS).
+
+
+def group_collate(prompt_ids: list[list[int]], comp: torch.Tensor, cmask: torch.Tensor, group: int,
+                  pad_id: int) -> dict[str, Any]:
+    """N prompts (token lists) and their N*group completions ((N*group, C) ids and 0/1 mask, prompt
+    i's completions at rows i*group .. i*group+group-1) as N rows, with the keys token_logps reads
+    (`input_ids`, `position_ids`, `pair_mask`, `tgt_pos`, `tgt_ids`) and `tgt_flat` (K,): where each
+    target's log-prob goes in the flattened (N*group, C) completion grid."""
+    N, C = len(prompt_ids), comp.shape[1]
+    comp, cmask = comp.cpu(), cmask.cpu().bool()
+    lens = cmask.sum(1)  # (N*G,) completion lengths (the mask is a prefix of each row)
+    plen = torch.tensor([len(p) for p in prompt_ids])
+    row_len = plen + lens.view(N, group).sum(1)
+    L = int(row_len.max())
+    ids = torch.full((N, L), pad_id, dtype=torch.long)
+    pos = torch.zeros((N, L), dtype=torch.long)
+    seg = torch.full((N, L), -1, dtype=torch.long)  # 0 prompt, j+1 completion j, -1 pad
+    # where each completion starts in its row: after the prompt and the earlier completions of its group
+    starts = plen.repeat_interleave(group) + (lens.view(N, group).cumsum(1) - lens.view(N, group)).reshape(-1)
+    row = torch.arange(N).repeat_interleave(group)  # (N*G,) the row of each completion
+    for i, p in enumerate(prompt_ids):  # the prompts: N short copies
+        ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        pos[i, :len(p)] = torch.arange(len(p))
+        seg[i, :len(p)] = 0
+    r, k = cmask.nonzero(as_tuple=True)  # every completion token: (completion r, column k), row-major
+    col = starts[r] + k  # its column in the packed row
+    ids[row[r], col] = comp[r, k]
+    pos[row[r], col] = plen[row[r]] + k
+    seg[row[r], col] = (r % group) + 1
+    # token k of completion r is predicted at the prompt's last position (k = 0) or at its own token k-1
+    pred = torch.where(k == 0, plen[row[r]] - 1, col - 1)
+    q, kk = seg.unsqueeze(2), seg.unsqueeze(1)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    allowed = causal & ((kk == 0) | (kk == q)) & (kk != -1)
+    allowed |= torch.eye(L, dtype=torch.bool)  # a pad query sees itself (never read; keeps softmax finite)
+    return {"input_ids": ids, "position_ids": pos, "pair_mask": allowed.unsqueeze(1),
+            "tgt_pos": row[r] * L + pred, "tgt_ids": comp[r, k], "tgt_flat": r * C + k}
+
+
+def group_logps(model: nn.Module, batch: dict[str, Any], shape: tuple[int, int]) -> torch.Tensor:
+    """(N*group, C) per-token completion log-probs from a group_collate batch, zero outside the
+    completions: the same tensor as base.completion_logps' completion columns on the G-row layout."""
+    tok = token_logps(model, batch)
+    out = torch.zeros(shape[0] * shape[1], dtype=tok.dtype, device=tok.device)
+    return out.index_put((batch["tgt_flat"],), tok).view(shape)
+
+
 # ---- unpaired rows (KTO): a completion and the KL term's mismatched completion beside the prompt ----
 
 def collate_unpaired(examples: list[dict[str, Any]], kl_completions: list[list[int]], pad_id: int) -> dict[str, Any]:
