@@ -216,44 +216,89 @@ class Linear(LoraLayer):
         return w, bp["bias"], a, b, d["scaling"][name], mods["lora_dropout"]._modules[name]
 
     def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-row adapters in one batch: each row's (A, s·B) gathered once, two batched GEMMs.
+        """Per-row adapters in one batch. x (B, T, in) -> (B, T, out).
 
-            out = base(x);  out[i] += (x[i] · A_iᵀ) · (s_i·B_i)ᵀ     (bmm, then baddbmm in place of the add)
+        Serving (no gradients): rows are grouped by adapter and each adapter in the batch is read
+        once, from the layer's stack of every adapter (`_all_stacks`), by two batched GEMMs over
+        the groups; see `_mixed_plan`. Rows with the same adapter share its weights, rows of the
+        base model ("__base__") or of an adapter this layer lacks skip the LoRA part, and no weight
+        is copied per batch when the batch uses every adapter the layer holds.
 
-        x (B, T, in) -> (B, T, out). Ranks may differ: weights are zero-padded to the largest rank,
-        and rows of the base model ("__base__") get zero weights.
+            out = base(x);  out[rows of a] += (x[rows of a] · A_aᵀ) · (s_a·B_a)ᵀ   for each adapter a
+
+        With gradients (training on mixed batches) each row's (A, s·B) is gathered from the
+        parameters so autograd reaches them, and the same two bmm run per row.
         """
         out = self.base_layer(x)
-        stacks = self._mixed_stacks(x.dtype)
-        if stacks is None:
-            return out
-        a_rows, b_rows = stacks  # (B, in, r), (B, r, out)
-        n = a_rows.shape[0]
-        xa = torch.bmm(x.reshape(n, -1, self.in_features), a_rows)  # (B, T, r)
-        return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), xa, b_rows).view(out.shape)
-
-    def _mixed_stacks(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Gathered per-row weights (B, in, r) and (B, r, out). Under no_grad (serving, generate) every
-        adapter of the layer is stacked once, transposed and scaled (`_mixed_all`, rebuilt only when an
-        adapter's tensors change), and a new mixed batch only gathers its rows from that stack; the
-        gathered weights are cached for as long as the same mixed batch is in place, so decode steps
-        pay no per-adapter work. With gradients they are rebuilt so autograd sees them."""
         names, idx = self._mixed
-        held = [(i, n) for i, n in enumerate(names) if n != BASE_ADAPTER and n in self.scaling]
-        if not held:
-            return None
-        ws = [(self.lora_A[n].weight, self.lora_B[n].weight) for _, n in held]
-        grad = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in ws)
-        if grad:
-            return self._stacks_for_grad(names, idx, held, ws, dtype)
+        if torch.is_grad_enabled() and any(self.lora_A[n].weight.requires_grad or self.lora_B[n].weight.requires_grad
+                                           for n in names if n != BASE_ADAPTER and n in self.scaling):
+            held = [(i, n) for i, n in enumerate(names) if n != BASE_ADAPTER and n in self.scaling]
+            ws = [(self.lora_A[n].weight, self.lora_B[n].weight) for _, n in held]
+            a_rows, b_rows = self._stacks_for_grad(names, idx, held, ws, x.dtype)  # (B, in, r), (B, r, out)
+            n = a_rows.shape[0]
+            xa = torch.bmm(x.reshape(n, -1, self.in_features), a_rows)  # (B, T, r)
+            return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), xa, b_rows).view(out.shape)
+        plan = self._mixed_plan(x.dtype)
+        if plan is None:
+            return out
+        a_u, b_u, sel, pos, m = plan  # (U, in, r), (U, r, out); rows (K,), their group slots (K,) or None
+        u = a_u.shape[0]
+        n = idx.shape[0]
+        x3 = x.reshape(n, -1, self.in_features)  # (B, T, in)
+        out3 = out.view(n, -1, out.shape[-1])  # (B, T, out)
+        t = x3.shape[1]
+        if sel is None:  # row i is group i: no reordering
+            xa = torch.bmm(x3, a_u)  # (B, T, r)
+            out3.baddbmm_(xa, b_u)
+            return out
+        xg = x3.new_zeros(u * m, t, self.in_features).index_copy_(0, pos, x3.index_select(0, sel))
+        xa = torch.bmm(xg.view(u, m * t, self.in_features), a_u)  # (U, M·T, r)
+        y = torch.bmm(xa, b_u).view(u * m, t, -1)  # (U·M, T, out)
+        out3.index_add_(0, sel, y.index_select(0, pos))
+        return out
+
+    def _mixed_plan(self, dtype: torch.dtype):
+        """How the mixed batch in place meets this layer's adapters, worked out once per batch and
+        kept while the same batch is in place (the engine keeps it across decode steps):
+
+            (A_u (U, in, r_max), s·B_u (U, r_max, out), sel, pos, M) or None when no row has an
+            adapter of this layer
+
+        U = the batch's distinct adapters that this layer holds, M = the most rows one of them has.
+        Row sel[k] is row pos[k] of the (U·M)-row grouped input (group pos // M). A_u / B_u are views
+        of the layer's stack (no copy) when the batch uses every adapter the layer holds, else the
+        U adapters gathered once. sel is None when row i is simply group i (one row per adapter, in
+        the stack's order, no base rows): then no reordering happens at all."""
+        mixed = self._mixed
         cache = self.__dict__.get("_mixed_cache")
-        if cache is not None and cache[0] is self._mixed and cache[1] == dtype:
+        if cache is not None and cache[0] is mixed and cache[1] == dtype:
             return cache[2]
-        slots, a_all, b_all = self._all_stacks(dtype)
-        rows = torch.tensor([slots.get(n, 0) for n in names], device=idx.device)[idx]  # (B,) slot per row
-        stacks = (a_all.index_select(0, rows), b_all.index_select(0, rows))
-        self.__dict__["_mixed_cache"] = (self._mixed, dtype, stacks)
-        return stacks
+        names, idx = mixed
+        if not any(n != BASE_ADAPTER and n in self.scaling for n in names):
+            plan = None
+        else:
+            slots, a_all, b_all = self._all_stacks(dtype)
+            rows = torch.tensor([slots.get(n, 0) for n in names], device=idx.device)[idx]  # (B,) slot per row
+            used, group = torch.unique(rows[rows > 0], sorted=True, return_inverse=True)  # (U,), (K,)
+            sel = (rows > 0).nonzero().flatten()  # (K,) the rows with an adapter of this layer
+            u, k = used.shape[0], sel.shape[0]
+            counts = torch.bincount(group, minlength=u)  # rows per group
+            m = int(counts.max())
+            # rank of each row within its group: its position among the group's rows (stable order)
+            order = torch.argsort(group, stable=True)
+            starts = torch.cumsum(counts, 0) - counts
+            rank = torch.empty_like(group)
+            rank[order] = torch.arange(k, device=idx.device) - starts[group[order]]
+            pos = group * m + rank
+            if u == a_all.shape[0] - 1:  # every adapter of the layer: the stack itself, no copy
+                a_u, b_u = a_all[1:], b_all[1:]
+            else:
+                a_u, b_u = a_all.index_select(0, used), b_all.index_select(0, used)
+            plain = m == 1 and k == rows.shape[0] and bool((pos == torch.arange(k, device=idx.device)).all())
+            plan = (a_u, b_u, None if plain else sel, None if plain else pos, m)
+        self.__dict__["_mixed_cache"] = (mixed, dtype, plan)
+        return plan
 
     def _all_stacks(self, dtype: torch.dtype) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
         """({adapter: slot}, A (S+1, in, r_max), s·B (S+1, r_max, out)) over every LoRA adapter of the

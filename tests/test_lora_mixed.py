@@ -1,0 +1,129 @@
+"""LoRA mixed-adapter batches (the server's decode path): every row equals that row run alone with
+its adapter, whatever the batch's make-up (repeated adapters, base rows, adapters a layer lacks,
+ranks that differ, any row order), and the serving plan reads the stacked weights without copying
+them when the batch uses every adapter of the layer."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slimtune.methods.lora_layers import BASE_ADAPTER, Linear
+
+# adapters of the layer: name -> (r, alpha, rslora); "gone" is an adapter some other layer holds
+ADAPTERS = {"a": (4, 8, False), "b": (2, 4, True), "c": (8, 8, False)}
+NAMES = [*ADAPTERS, BASE_ADAPTER, "gone"]
+
+
+def _layer(seed: int = 0, d_in: int = 12, d_out: int = 10) -> Linear:
+    torch.manual_seed(seed)
+    layer = None
+    for name, (r, alpha, rs) in ADAPTERS.items():
+        kw = dict(r=r, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights=False, use_rslora=rs)
+        if layer is None:
+            layer = Linear(nn.Linear(d_in, d_out), name, **kw)
+        else:
+            layer.update_layer(name, **kw)
+    return layer
+
+
+def _alone(layer: Linear, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The row through the layer with only its adapter active (or none)."""
+    if name in layer.scaling:
+        layer.set_adapter(name)
+        return layer(x)
+    layer.disable_adapters = True
+    try:
+        return layer(x)
+    finally:
+        layer.disable_adapters = False
+
+
+def _mixed(layer: Linear, names: list[str], x: torch.Tensor) -> torch.Tensor:
+    uniq = list(dict.fromkeys(names))
+    layer._mixed = (uniq, torch.tensor([uniq.index(n) for n in names]))
+    try:
+        return layer(x)
+    finally:
+        layer._mixed = None
+
+
+@settings(max_examples=60, deadline=None)
+@given(names=st.lists(st.sampled_from(NAMES), min_size=1, max_size=9), t=st.integers(0, 3),
+       seed=st.integers(0, 2**16))
+def test_mixed_rows_equal_each_row_alone(names, t, seed):
+    """t = 0: 2-D input (B, in), the decode shape of a model that flattens; else (B, t, in)."""
+    layer = _layer()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(names), *((t,) if t else ()), 12, generator=g)
+    with torch.no_grad():
+        got = _mixed(layer, names, x)
+        want = torch.cat([_alone(layer, n, x[i:i + 1]) for i, n in enumerate(names)])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_steps_reuse_the_plan_and_follow_a_new_batch():
+    """The plan is worked out once per batch (kept across steps), and a new batch gets its own."""
+    layer = _layer()
+    x = torch.randn(4, 1, 12)
+    uniq = ["c", "a", BASE_ADAPTER]
+    layer._mixed = (uniq, torch.tensor([0, 1, 1, 2]))
+    with torch.no_grad():
+        first = layer(x)
+        plan = layer._mixed_cache[2]
+        again = layer(x)
+        assert layer._mixed_cache[2] is plan
+        layer._mixed = (["b"], torch.tensor([0, 0, 0, 0]))
+        other = layer(x)
+        layer._mixed = None
+        layer.set_adapter("b")
+        torch.testing.assert_close(other, layer(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(first, again)
+    assert "_mixed_cache" not in layer.__dict__  # a plain call after the batch frees the plan
+
+
+def test_every_adapter_in_the_batch_reads_the_stack_without_copying():
+    layer = _layer()
+    stack_a = layer._all_stacks(torch.float32)[1]
+    names = ["c", "a", "b", "a"]  # every adapter of the layer, "a" twice
+    with torch.no_grad():
+        _mixed(layer, names, torch.randn(4, 1, 12))
+        layer._mixed = (list(dict.fromkeys(names)), torch.tensor([0, 1, 2, 1]))
+        a_u, b_u, sel, pos, m = layer._mixed_plan(torch.float32)
+    layer._mixed = None
+    assert a_u.data_ptr() == stack_a[1].data_ptr() and a_u.shape[0] == 3  # a view of the stack's slots 1..3
+    assert m == 2 and sel.tolist() == [0, 1, 2, 3]
+    # group of each row: the stack's slot order a, b, c -> rows 1 and 3 ("a") share group 0
+    assert (pos // m).tolist() == [2, 0, 1, 0]
+    # some adapters only: gathered once for the batch (a copy of those adapters only)
+    layer._mixed = (["b"], torch.tensor([0, 0]))
+    with torch.no_grad():
+        a_u, _, sel, pos, m = layer._mixed_plan(torch.float32)
+    layer._mixed = None
+    assert a_u.shape[0] == 1 and a_u.data_ptr() != stack_a.data_ptr() and m == 2
+
+
+def test_base_rows_only_skip_the_adapters():
+    layer = _layer()
+    x = torch.randn(3, 2, 12)
+    with torch.no_grad():
+        got = _mixed(layer, [BASE_ADAPTER, "gone", BASE_ADAPTER], x)
+        want = layer.base_layer(x)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("names", [["a", BASE_ADAPTER, "c", "a"], ["b", "gone"]])
+def test_gradients_reach_each_rows_adapter(names):
+    """Training on a mixed batch: the loss of each row trains its own adapter only."""
+    layer = _layer()
+    x = torch.randn(len(names), 3, 12)
+    out = _mixed(layer, names, x)
+    out.pow(2).sum().backward()
+    for n in ADAPTERS:
+        grad = layer.lora_B[n].weight.grad
+        assert (grad is not None and grad.abs().sum() > 0) == (n in names)
+    with torch.no_grad():
+        want = torch.cat([_alone(layer, n, x[i:i + 1]) for i, n in enumerate(names)])
+    torch.testing.assert_close(out.detach(), want, atol=1e-5, rtol=1e-5)
