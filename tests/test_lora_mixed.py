@@ -127,3 +127,25 @@ def test_gradients_reach_each_rows_adapter(names):
     with torch.no_grad():
         want = torch.cat([_alone(layer, n, x[i:i + 1]) for i, n in enumerate(names)])
     torch.testing.assert_close(out.detach(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_weights_are_opt_in_and_round_only_the_lora_term():
+    """`mixed_batch(weights_dtype=torch.bfloat16)` (the server's --mixed-adapter-dtype bfloat16):
+    a bf16 stack, half the bytes; the base part stays exact and each row's LoRA term is within
+    bf16 rounding of the fp32 one. Without it the stack keeps x's dtype."""
+    layer = _layer()
+    names = ["c", BASE_ADAPTER, "a", "b", "a"]
+    x = torch.randn(len(names), 2, 12)
+    with torch.no_grad():
+        exact = _mixed(layer, names, x)
+        assert layer._mixed_cache[2][0].dtype == torch.float32
+        layer._mixed_dtype = torch.bfloat16
+        half = _mixed(layer, names, x)
+        a_u = layer._mixed_cache[2][0]
+        del layer._mixed_dtype
+        base = layer.base_layer(x)
+    assert a_u.dtype == torch.bfloat16 and half.dtype == torch.float32
+    assert torch.equal(half[1], exact[1])  # the base row: untouched
+    delta, delta_half = exact - base, half - base
+    assert not torch.equal(delta_half, delta)  # it is a real change, never silently the same path
+    torch.testing.assert_close(delta_half, delta, atol=2e-2 * float(delta.abs().max()), rtol=2e-2)

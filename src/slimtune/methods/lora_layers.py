@@ -226,6 +226,11 @@ class Linear(LoraLayer):
 
             out = base(x);  out[rows of a] += (x[rows of a] · A_aᵀ) · (s_a·B_a)ᵀ   for each adapter a
 
+        A batch entered with `weights_dtype` (the server's `--mixed-adapter-dtype bfloat16`) reads
+        a stack in that dtype: half the bytes of fp32 adapters per decode step; x is cast to it, the
+        products accumulate in fp32 inside the GEMM and are rounded to it before the add into the
+        base output (in the base's dtype). Off unless asked: the default keeps x's dtype.
+
         With gradients (training on mixed batches) each row's (A, s·B) is gathered from the
         parameters so autograd reaches them, and the same two bmm run per row.
         """
@@ -239,23 +244,30 @@ class Linear(LoraLayer):
             n = a_rows.shape[0]
             xa = torch.bmm(x.reshape(n, -1, self.in_features), a_rows)  # (B, T, r)
             return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), xa, b_rows).view(out.shape)
-        plan = self._mixed_plan(x.dtype)
+        # the stack's dtype: x's, or the one the batch asked for (`mixed_batch(weights_dtype=...)`)
+        wd = self.__dict__.get("_mixed_dtype") or x.dtype
+        plan = self._mixed_plan(wd)
         if plan is None:
             return out
         a_u, b_u, sel, pos, m = plan  # (U, in, r), (U, r, out); rows (K,), their group slots (K,) or None
         u = a_u.shape[0]
         n = idx.shape[0]
         x3 = x.reshape(n, -1, self.in_features)  # (B, T, in)
+        if wd != x3.dtype:
+            x3 = x3.to(wd)
         out3 = out.view(n, -1, out.shape[-1])  # (B, T, out)
         t = x3.shape[1]
         if sel is None:  # row i is group i: no reordering
             xa = torch.bmm(x3, a_u)  # (B, T, r)
-            out3.baddbmm_(xa, b_u)
+            if wd == out.dtype:
+                out3.baddbmm_(xa, b_u)
+            else:
+                out3.add_(torch.bmm(xa, b_u))
             return out
         xg = x3.new_zeros(u * m, t, self.in_features).index_copy_(0, pos, x3.index_select(0, sel))
         xa = torch.bmm(xg.view(u, m * t, self.in_features), a_u)  # (U, M·T, r)
         y = torch.bmm(xa, b_u).view(u * m, t, -1)  # (U·M, T, out)
-        out3.index_add_(0, sel, y.index_select(0, pos))
+        out3.index_add_(0, sel, y.index_select(0, pos).to(out.dtype))
         return out
 
     def _mixed_plan(self, dtype: torch.dtype):
