@@ -84,25 +84,30 @@ def test_decode_steps_reuse_the_plan_and_follow_a_new_batch():
     assert "_mixed_cache" not in layer.__dict__  # a plain call after the batch frees the plan
 
 
-def test_every_adapter_in_the_batch_reads_the_stack_without_copying():
+def test_which_weights_a_batch_reads():
+    """One row per adapter, the stack's order: the stack itself (no copy, no reordering); shared
+    adapters: each read once (grouped); base rows: skipped."""
     layer = _layer()
     stack_a = layer._all_stacks(torch.float32)[1]
-    names = ["c", "a", "b", "a"]  # every adapter of the layer, "a" twice
-    with torch.no_grad():
-        _mixed(layer, names, torch.randn(4, 1, 12))
-        layer._mixed = (list(dict.fromkeys(names)), torch.tensor([0, 1, 2, 1]))
-        a_u, b_u, sel, pos, m = layer._mixed_plan(torch.float32)
-    layer._mixed = None
-    assert a_u.data_ptr() == stack_a[1].data_ptr() and a_u.shape[0] == 3  # a view of the stack's slots 1..3
-    assert m == 2 and sel.tolist() == [0, 1, 2, 3]
-    # group of each row: the stack's slot order a, b, c -> rows 1 and 3 ("a") share group 0
-    assert (pos // m).tolist() == [2, 0, 1, 0]
-    # some adapters only: gathered once for the batch (a copy of those adapters only)
-    layer._mixed = (["b"], torch.tensor([0, 0]))
-    with torch.no_grad():
-        a_u, _, sel, pos, m = layer._mixed_plan(torch.float32)
-    layer._mixed = None
-    assert a_u.shape[0] == 1 and a_u.data_ptr() != stack_a.data_ptr() and m == 2
+
+    def plan(names):
+        uniq = list(dict.fromkeys(names))
+        layer._mixed = (uniq, torch.tensor([uniq.index(n) for n in names]))
+        try:
+            return layer._mixed_plan(torch.float32)
+        finally:
+            layer._mixed = None
+
+    a_u, _, sel, pos, m = plan(["a", "b", "c"])  # slots 1, 2, 3 in order
+    assert a_u.data_ptr() == stack_a[1].data_ptr() and a_u.shape[0] == 3 and sel is None and m == 1
+    a_u, _, sel, pos, m = plan(["c", "a", "b"])  # one each, other order: gathered in row order
+    assert a_u.data_ptr() != stack_a.data_ptr() and sel is None
+    torch.testing.assert_close(a_u, stack_a[[3, 1, 2]])
+    a_u, _, sel, pos, m = plan(["c", "a", "b", "a"])  # "a" twice: 3 adapters read, not 4
+    assert a_u.shape[0] == 3 and m == 2 and sel.tolist() == [0, 1, 2, 3]
+    assert (pos // m).tolist() == [2, 0, 1, 0]  # group of each row, in the stack's slot order a, b, c
+    a_u, _, sel, pos, m = plan([BASE_ADAPTER, "b", BASE_ADAPTER])  # base rows skipped
+    assert a_u.shape[0] == 1 and sel.tolist() == [1] and m == 1
 
 
 def test_base_rows_only_skip_the_adapters():

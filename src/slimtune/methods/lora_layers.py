@@ -221,8 +221,7 @@ class Linear(LoraLayer):
         Serving (no gradients): rows are grouped by adapter and each adapter in the batch is read
         once, from the layer's stack of every adapter (`_all_stacks`), by two batched GEMMs over
         the groups; see `_mixed_plan`. Rows with the same adapter share its weights, rows of the
-        base model ("__base__") or of an adapter this layer lacks skip the LoRA part, and no weight
-        is copied per batch when the batch uses every adapter the layer holds.
+        base model ("__base__") or of an adapter this layer lacks skip the LoRA part.
 
             out = base(x);  out[rows of a] += (x[rows of a] · A_aᵀ) · (s_a·B_a)ᵀ   for each adapter a
 
@@ -278,10 +277,11 @@ class Linear(LoraLayer):
             adapter of this layer
 
         U = the batch's distinct adapters that this layer holds, M = the most rows one of them has.
-        Row sel[k] is row pos[k] of the (U·M)-row grouped input (group pos // M). A_u / B_u are views
-        of the layer's stack (no copy) when the batch uses every adapter the layer holds, else the
-        U adapters gathered once. sel is None when row i is simply group i (one row per adapter, in
-        the stack's order, no base rows): then no reordering happens at all."""
+        Row sel[k] is row pos[k] of the (U·M)-row grouped input (group pos // M); the U adapters are
+        gathered once per batch. When every row has an adapter of its own (M = 1, no base rows: the
+        bench's 16 clients on 16 adapters) sel is None and group i is row i: the weights are in row
+        order, a view of the layer's stack (no copy) when the rows are its slots in order, else
+        gathered once per batch, and a step runs no reordering op."""
         mixed = self._mixed
         cache = self.__dict__.get("_mixed_cache")
         if cache is not None and cache[0] is mixed and cache[1] == dtype:
@@ -303,12 +303,15 @@ class Linear(LoraLayer):
             rank = torch.empty_like(group)
             rank[order] = torch.arange(k, device=idx.device) - starts[group[order]]
             pos = group * m + rank
-            if u == a_all.shape[0] - 1:  # every adapter of the layer: the stack itself, no copy
-                a_u, b_u = a_all[1:], b_all[1:]
-            else:
-                a_u, b_u = a_all.index_select(0, used), b_all.index_select(0, used)
-            plain = m == 1 and k == rows.shape[0] and bool((pos == torch.arange(k, device=idx.device)).all())
-            plan = (a_u, b_u, None if plain else sel, None if plain else pos, m)
+            if m == 1 and k == rows.shape[0]:
+                # every row its own adapter: the weights in row order, so a step runs no reordering op
+                # (each is a parallel region; two per layer cost more than they save in this case)
+                if u == a_all.shape[0] - 1 and bool((pos == torch.arange(k, device=idx.device)).all()):
+                    plan = (a_all[1:], b_all[1:], None, None, 1)  # the stack itself, no copy
+                else:
+                    plan = (a_all.index_select(0, rows), b_all.index_select(0, rows), None, None, 1)
+            else:  # rows share adapters, or base rows: each adapter read once, base rows skipped
+                plan = (a_all.index_select(0, used), b_all.index_select(0, used), sel, pos, m)
         self.__dict__["_mixed_cache"] = (mixed, dtype, plan)
         return plan
 
