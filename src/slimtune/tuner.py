@@ -266,7 +266,7 @@ class Tuner(nn.Module):
         """Per-row adapters: row i uses adapter_names[i] ("__base__" = no adapter).
 
         `weights_dtype`: LoRA linears read their stacked adapter weights in this dtype (no gradients
-        only; e.g. bfloat16 halves the bytes a serving step reads, lora_layers.Linear._mixed_forward);
+        only; e.g. bfloat16 halves the bytes a serving step reads, lora_mixed.MixedLinear._mixed_forward);
         None keeps the input's dtype."""
         from .methods.lora_layers import BASE_ADAPTER
 
