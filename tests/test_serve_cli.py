@@ -129,3 +129,21 @@ def test_smollm_chat_equals_slimtune_generate(tmp_path):
                                                      "messages": [{"role": "user", "content": prompt}]})
             assert r.status_code == 200
             assert r.json()["choices"][0]["message"]["content"].strip() == want[name], name
+
+
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_mixed_adapter_dtype_bfloat16_exit_2_without_native_bf16(world, native, monkeypatch, capsys):
+    """--mixed-adapter-dtype bfloat16 on a CPU without native bf16: one line, exit 2; with it the
+    server is built (the run itself is stubbed: no port is bound)."""
+    from slimtune.cli.main import main
+    from slimtune.serve import server
+
+    monkeypatch.setenv("SLIMTUNE_CPU_BF16", native)
+    built = []
+    monkeypatch.setattr(server, "run", lambda srv, log_level="info": built.append(srv.cfg.mixed_adapter_dtype))
+    rc = main(["serve", "--model", str(world[0]), "--mixed-adapter-dtype", "bfloat16"])
+    err = capsys.readouterr().err
+    if native == "0":
+        assert rc == 2 and "needs a CPU that computes bf16 natively" in err and "Traceback" not in err
+    else:
+        assert rc == 0 and built == ["bfloat16"], err

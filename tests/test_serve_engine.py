@@ -286,3 +286,32 @@ def test_prefix_cache_reuses_shared_prompt_blocks_with_the_same_output(world):
         assert eng.prefix.hit_tokens - hits0 >= 9 * 32  # 2 of the 40 shared tokens' blocks per row
     finally:
         eng.stop()
+
+
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_mixed_adapter_dtype_bfloat16_needs_native_bf16_and_stays_close(world, native, monkeypatch):
+    """--mixed-adapter-dtype bfloat16: refused on a CPU without native bf16 (one message naming the
+    fix); with it, a LoRA row's prompt log-probs stay within bf16 rounding of the exact default's."""
+    from slimtune.serve.server import ServeError, _check_mixed_dtype
+
+    monkeypatch.setenv("SLIMTUNE_CPU_BF16", native)
+    model, _ = load_base(world[0])
+    cfg = ServeConfig(mixed_adapter_dtype="bfloat16")
+    if native == "0":
+        with pytest.raises(ServeError, match="needs a CPU that computes bf16 natively.*leave --mixed-adapter-dtype at 'model'"):
+            _check_mixed_dtype(model, cfg)
+        return
+    _check_mixed_dtype(model, cfg)
+    pr = _prompt(7, 9)
+    got = {}
+    for dt in ("model", "bfloat16"):
+        _, eng = _engine(world, ["lora-b", "lora-a"], mixed_adapter_dtype=dt)
+        eng.start()
+        try:
+            hs = [eng.submit(GenRequest(pr, n, max_tokens=1, echo=True, logprobs=0)) for n in ("lora-b", "lora-a")]
+            evs = [h.queue.get(timeout=60)[1] for h in hs]
+        finally:
+            eng.stop()
+        got[dt] = torch.tensor([[e[1] for e in ev.prompt_logprobs[1:]] for ev in evs])
+    assert not torch.equal(got["model"], got["bfloat16"])
+    torch.testing.assert_close(got["bfloat16"], got["model"], atol=5e-2, rtol=0)

@@ -262,8 +262,12 @@ class Tuner(nn.Module):
         self._set_disabled(False)
 
     @contextlib.contextmanager
-    def mixed_batch(self, adapter_names: list[str]):
-        """Per-row adapters: row i uses adapter_names[i] ("__base__" = no adapter)."""
+    def mixed_batch(self, adapter_names: list[str], weights_dtype: torch.dtype | None = None):
+        """Per-row adapters: row i uses adapter_names[i] ("__base__" = no adapter).
+
+        `weights_dtype`: LoRA linears read their stacked adapter weights in this dtype (no gradients
+        only; e.g. bfloat16 halves the bytes a serving step reads, lora_mixed.MixedLinear._mixed_forward);
+        None keeps the input's dtype."""
         from .methods.lora_layers import BASE_ADAPTER
 
         uniq = list(dict.fromkeys(adapter_names))
@@ -278,11 +282,14 @@ class Tuner(nn.Module):
         layers = [m for _, m in list(adapter_layers(self.model)) + list(save_wrappers(self.model))]
         for layer in layers:
             layer._mixed = (uniq, idx)
+            if weights_dtype is not None:
+                layer._mixed_dtype = weights_dtype
         try:
             yield
         finally:
             for layer in layers:
                 layer._mixed = None
+                layer.__dict__.pop("_mixed_dtype", None)
 
     # ---- merging ---------------------------------------------------------------------------
     def _check_mergeable(self) -> None:

@@ -168,6 +168,8 @@ class _Server:
             cmd += ["--threads", str(a.threads)]
         if a.prefix_cache_tokens is not None:
             cmd += ["--prefix-cache-tokens", str(a.prefix_cache_tokens)]
+        if a.mixed_adapter_dtype != "model":
+            cmd += ["--mixed-adapter-dtype", a.mixed_adapter_dtype]
         for n, p in adapters.items():
             cmd += ["--adapter", f"{n}={p}"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -267,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (server and (a)); 0 = torch's default")
     ap.add_argument("--prefix-cache-tokens", type=int, help="the server's prefix cache (0 = off; default: its own)")
+    ap.add_argument("--mixed-adapter-dtype", default="model", choices=["model", "bfloat16"],
+                    help="the server's --mixed-adapter-dtype (bfloat16: the adapters' stacked weights in bf16)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--out", help="JSON path (default benchmarks/results/serve-<shape>-<device>.json; '-' for none)")
@@ -307,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                     js = base_jobs if which == "base" else jobs
                     extra = EXTRA.get(which, (None, {}))[1]
                     runs[which].append(_closed_loop(js, lambda m, t, w=which, x=extra: send(m, t, w, x)))
-            serve = _stats(f"slimtune serve, {len(names)} adapters mixed", runs["serve"])
+            wd = "" if a.mixed_adapter_dtype == "model" else f" ({a.mixed_adapter_dtype} adapter weights)"
+            serve = _stats(f"slimtune serve, {len(names)} adapters mixed{wd}", runs["serve"])
             base_only = _stats("(b) base model alone (slimtune serve)", runs["base"])
             extras = [_stats(EXTRA[k][0].format(n=len(names)), runs[k]) for k in kinds[2:]]
         finally:
@@ -320,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = _uptime()
     res = {"shape": a.shape, "device": a.device, "dtype": a.dtype, "threads": a.threads, "clients": a.clients,
            "adapters": a.adapters, "requests_per_client": a.requests, "rounds": a.rounds, "max_tokens": a.max_tokens, "r": a.r,
-           "max_batch": a.max_batch, "prefix_cache_tokens": a.prefix_cache_tokens, "torch": torch.__version__, "commit": _commit(),
+           "max_batch": a.max_batch, "mixed_adapter_dtype": a.mixed_adapter_dtype, "prefix_cache_tokens": a.prefix_cache_tokens, "torch": torch.__version__, "commit": _commit(),
            "uptime_before": load_before, "uptime_after": load_after,
            "rows": [serve] + ([seq] if seq else []) + [base_only] + extras,
            "serve_vs_a_tokens_per_s": round(serve["tokens_per_s"] / seq["tokens_per_s"], 2) if seq else None,

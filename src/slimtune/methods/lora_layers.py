@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from ..inject import AdapterLayer
 from ..kernels.lora import lora_linear
 from ..targeting import Conv1D
+from .lora_mixed import BASE_ADAPTER, MixedLinear
 from .lora_share import _learn_sharing
 
-BASE_ADAPTER = "__base__"  # name for "no adapter" rows in a mixed batch
 # Run linears that read one input (q/k/v, gate/up) as one node (lora_share.py). Off by default:
 # the groups are learnt at the first step, so step 1 and later steps round differently and a
 # resumed run is no longer bitwise equal to an uninterrupted one; measured gain on an H100 was
@@ -119,7 +119,7 @@ class LoraLayer(AdapterLayer):
         return out
 
 
-class Linear(LoraLayer):
+class Linear(MixedLinear, LoraLayer):
     """LoRA on nn.Linear, or on transformers' Conv1D (weight stored (in, out): fan_in_fan_out)."""
 
     def __init__(self, base_layer: nn.Module, adapter: str, fan_in_fan_out: bool = False, **kw) -> None:
@@ -214,81 +214,6 @@ class Linear(LoraLayer):
         bp = base._parameters
         w = bp["weight"].t() if d["fan_in_fan_out"] else bp["weight"]
         return w, bp["bias"], a, b, d["scaling"][name], mods["lora_dropout"]._modules[name]
-
-    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-row adapters in one batch: each row's (A, s·B) gathered once, two batched GEMMs.
-
-            out = base(x);  out[i] += (x[i] · A_iᵀ) · (s_i·B_i)ᵀ     (bmm, then baddbmm in place of the add)
-
-        x (B, T, in) -> (B, T, out). Ranks may differ: weights are zero-padded to the largest rank,
-        and rows of the base model ("__base__") get zero weights.
-        """
-        out = self.base_layer(x)
-        stacks = self._mixed_stacks(x.dtype)
-        if stacks is None:
-            return out
-        a_rows, b_rows = stacks  # (B, in, r), (B, r, out)
-        n = a_rows.shape[0]
-        xa = torch.bmm(x.reshape(n, -1, self.in_features), a_rows)  # (B, T, r)
-        return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), xa, b_rows).view(out.shape)
-
-    def _mixed_stacks(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Gathered per-row weights (B, in, r) and (B, r, out). Under no_grad (serving, generate) every
-        adapter of the layer is stacked once, transposed and scaled (`_mixed_all`, rebuilt only when an
-        adapter's tensors change), and a new mixed batch only gathers its rows from that stack; the
-        gathered weights are cached for as long as the same mixed batch is in place, so decode steps
-        pay no per-adapter work. With gradients they are rebuilt so autograd sees them."""
-        names, idx = self._mixed
-        held = [(i, n) for i, n in enumerate(names) if n != BASE_ADAPTER and n in self.scaling]
-        if not held:
-            return None
-        ws = [(self.lora_A[n].weight, self.lora_B[n].weight) for _, n in held]
-        grad = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in ws)
-        if grad:
-            return self._stacks_for_grad(names, idx, held, ws, dtype)
-        cache = self.__dict__.get("_mixed_cache")
-        if cache is not None and cache[0] is self._mixed and cache[1] == dtype:
-            return cache[2]
-        slots, a_all, b_all = self._all_stacks(dtype)
-        rows = torch.tensor([slots.get(n, 0) for n in names], device=idx.device)[idx]  # (B,) slot per row
-        stacks = (a_all.index_select(0, rows), b_all.index_select(0, rows))
-        self.__dict__["_mixed_cache"] = (self._mixed, dtype, stacks)
-        return stacks
-
-    def _all_stacks(self, dtype: torch.dtype) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
-        """({adapter: slot}, A (S+1, in, r_max), s·B (S+1, r_max, out)) over every LoRA adapter of the
-        layer, slot 0 zeros (base rows); ranks below r_max zero-padded. Kept while the adapters'
-        tensors (pointer and version) and scalings stay the same."""
-        names = [n for n in self.lora_A if n in self.scaling]
-        ws = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in names]
-        key = (dtype, tuple(names), tuple(self.scaling[n] for n in names),
-               tuple((a.data_ptr(), a._version, b.data_ptr(), b._version) for a, b in ws))
-        held = self.__dict__.get("_mixed_all")
-        if held is not None and held[0] == key:
-            return held[1]
-        rmax = max(self.r[n] for n in names)
-        a_all = ws[0][0].new_zeros(len(names) + 1, self.in_features, rmax, dtype=dtype)
-        b_all = ws[0][0].new_zeros(len(names) + 1, rmax, self.out_features, dtype=dtype)
-        for s, (n, (a, b)) in enumerate(zip(names, ws), 1):
-            a_all[s, :, : self.r[n]] = a.t()
-            b_all[s, : self.r[n]] = (b * self.scaling[n]).t()
-        out = ({n: s for s, n in enumerate(names, 1)}, a_all, b_all)
-        self.__dict__["_mixed_all"] = (key, out)
-        return out
-
-    def _stacks_for_grad(self, names, idx, held, ws, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same gathered weights built from the parameters themselves, so gradients reach them."""
-        rmax = max(self.r[n] for _, n in held)
-        if len(held) == len(names) and all(self.r[n] == rmax for _, n in held):
-            a_stack = torch.stack([a for a, _ in ws])  # (n_adapters, r, in)
-            b_stack = torch.stack([b * self.scaling[n] for (_, b), (_, n) in zip(ws, held)])  # (n_adapters, out, r)
-        else:
-            a_stack = ws[0][0].new_zeros(len(names), rmax, self.in_features)
-            b_stack = ws[0][0].new_zeros(len(names), self.out_features, rmax)
-            for (i, n), (a, b) in zip(held, ws):
-                a_stack[i, : self.r[n]] = a
-                b_stack[i, :, : self.r[n]] = b * self.scaling[n]
-        return a_stack.to(dtype)[idx].transpose(1, 2), b_stack.to(dtype)[idx].transpose(1, 2)
 
 
 class Embedding(LoraLayer):

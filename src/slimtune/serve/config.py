@@ -23,6 +23,8 @@ class ServeConfig:
     prefix_block: int = 16  # tokens per cached block: a prefix is reused in whole blocks
     max_queue: int = 256  # requests waiting for a batch slot before new ones get 429
     allow_adapter_paths: tuple[str, ...] = ()  # roots besides --adapters-dir that API loads may read (paths.py)
+    mixed_adapter_dtype: str = "model"  # LoRA weights a mixed batch reads: "model" (the base's dtype,
+    #                     exact) or "bfloat16" (half the bytes per decode step; rounds each row's LoRA term)
     max_loaded: int = 16  # adapters resident in memory; the least recently used is evicted beyond it
     #                       (a LoRA r=16 on all linears of a 135M model is ~20 MB)
     # requests

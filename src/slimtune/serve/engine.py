@@ -278,7 +278,9 @@ class Engine:
                 return
             self._exit_ctx()
             stack = contextlib.ExitStack()
-            stack.enter_context(pl.lane.tuner.mixed_batch(names))
+            wd = self.cfg.mixed_adapter_dtype  # "model", or a dtype for the stacked LoRA weights (server.py)
+            kw = {} if wd == "model" else {"weights_dtype": getattr(torch, wd)}
+            stack.enter_context(pl.lane.tuner.mixed_batch(names, **kw))
             self._ctx = (key, stack)
             return
         self._exit_ctx()

@@ -47,6 +47,7 @@ def make_server(model, tokenizer, cfg: ServeConfig, adapters: dict[str, str] | N
             check_model(model)
         except CacheLayoutError as e:
             raise ServeError(str(e)) from None
+    _check_mixed_dtype(model, cfg)
     registry = Registry(model, cfg.served_model_name, cfg.max_loaded, adapters_dir, cfg.allow_adapter_paths, text)
     if len(adapters or {}) > cfg.max_loaded:
         raise ServeError(f"{len(adapters)} --adapter flags but --max-loaded {cfg.max_loaded}: raise --max-loaded or "
@@ -64,6 +65,23 @@ def make_server(model, tokenizer, cfg: ServeConfig, adapters: dict[str, str] | N
         return Server(registry, tokenizer, cfg, tenants, router, base_path)
     except (RouteError, SpeechBaseError) as e:
         raise ServeError(str(e)) from None
+
+
+def _check_mixed_dtype(model, cfg: ServeConfig) -> None:
+    """--mixed-adapter-dtype bfloat16 only where bf16 is computed natively: an AVX2-only CPU emulates
+    it, slower than the fp32 it would replace (the CPU kind: train/resources.cpu_bf16)."""
+    if cfg.mixed_adapter_dtype == "model":
+        return
+    if cfg.mixed_adapter_dtype != "bfloat16":
+        raise ServeError(f"--mixed-adapter-dtype {cfg.mixed_adapter_dtype}: use 'model' or 'bfloat16'")
+    dev = next(model.parameters()).device
+    if dev.type == "cpu":
+        from ..train.resources import cpu_bf16
+
+        native, why = cpu_bf16()
+        if not native:
+            raise ServeError(f"--mixed-adapter-dtype bfloat16 needs a CPU that computes bf16 natively, and {why}; "
+                             "leave --mixed-adapter-dtype at 'model' on this machine")
 
 
 def run(srv, log_level: str = "info") -> None:

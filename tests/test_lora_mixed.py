@@ -1,0 +1,156 @@
+"""LoRA mixed-adapter batches (the server's decode path): every row equals that row run alone with
+its adapter, whatever the batch's make-up (repeated adapters, base rows, adapters a layer lacks,
+ranks that differ, any row order), and the serving plan reads the stacked weights without copying
+them when the batch uses every adapter of the layer."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slimtune.methods.lora_layers import BASE_ADAPTER, Linear
+
+# adapters of the layer: name -> (r, alpha, rslora); "gone" is an adapter some other layer holds
+ADAPTERS = {"a": (4, 8, False), "b": (2, 4, True), "c": (8, 8, False)}
+NAMES = [*ADAPTERS, BASE_ADAPTER, "gone"]
+
+
+def _layer(seed: int = 0, d_in: int = 12, d_out: int = 10) -> Linear:
+    torch.manual_seed(seed)
+    layer = None
+    for name, (r, alpha, rs) in ADAPTERS.items():
+        kw = dict(r=r, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights=False, use_rslora=rs)
+        if layer is None:
+            layer = Linear(nn.Linear(d_in, d_out), name, **kw)
+        else:
+            layer.update_layer(name, **kw)
+    return layer
+
+
+def _alone(layer: Linear, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The row through the layer with only its adapter active (or none)."""
+    if name in layer.scaling:
+        layer.set_adapter(name)
+        return layer(x)
+    layer.disable_adapters = True
+    try:
+        return layer(x)
+    finally:
+        layer.disable_adapters = False
+
+
+def _mixed(layer: Linear, names: list[str], x: torch.Tensor) -> torch.Tensor:
+    uniq = list(dict.fromkeys(names))
+    layer._mixed = (uniq, torch.tensor([uniq.index(n) for n in names]))
+    try:
+        return layer(x)
+    finally:
+        layer._mixed = None
+
+
+@settings(max_examples=60, deadline=None)
+@given(names=st.lists(st.sampled_from(NAMES), min_size=1, max_size=9), t=st.integers(0, 3),
+       seed=st.integers(0, 2**16))
+def test_mixed_rows_equal_each_row_alone(names, t, seed):
+    """t = 0: 2-D input (B, in), the decode shape of a model that flattens; else (B, t, in)."""
+    layer = _layer()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(names), *((t,) if t else ()), 12, generator=g)
+    with torch.no_grad():
+        got = _mixed(layer, names, x)
+        want = torch.cat([_alone(layer, n, x[i:i + 1]) for i, n in enumerate(names)])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_steps_reuse_the_plan_and_follow_a_new_batch():
+    """The plan is worked out once per batch (kept across steps), and a new batch gets its own."""
+    layer = _layer()
+    x = torch.randn(4, 1, 12)
+    uniq = ["c", "a", BASE_ADAPTER]
+    layer._mixed = (uniq, torch.tensor([0, 1, 1, 2]))
+    with torch.no_grad():
+        first = layer(x)
+        plan = layer._mixed_cache[2]
+        again = layer(x)
+        assert layer._mixed_cache[2] is plan
+        layer._mixed = (["b"], torch.tensor([0, 0, 0, 0]))
+        other = layer(x)
+        layer._mixed = None
+        layer.set_adapter("b")
+        torch.testing.assert_close(other, layer(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(first, again)
+    assert "_mixed_cache" not in layer.__dict__  # a plain call after the batch frees the plan
+
+
+def test_which_weights_a_batch_reads():
+    """One row per adapter, the stack's order: the stack itself (no copy, no reordering); shared
+    adapters: each read once (grouped); base rows: skipped."""
+    layer = _layer()
+    stack_a = layer._all_stacks(torch.float32)[1]
+
+    def plan(names):
+        uniq = list(dict.fromkeys(names))
+        layer._mixed = (uniq, torch.tensor([uniq.index(n) for n in names]))
+        try:
+            return layer._mixed_plan(torch.float32)
+        finally:
+            layer._mixed = None
+
+    a_u, _, sel, pos, m = plan(["a", "b", "c"])  # slots 1, 2, 3 in order
+    assert a_u.data_ptr() == stack_a[1].data_ptr() and a_u.shape[0] == 3 and sel is None and m == 1
+    a_u, _, sel, pos, m = plan(["c", "a", "b"])  # one each, other order: gathered in row order
+    assert a_u.data_ptr() != stack_a.data_ptr() and sel is None
+    torch.testing.assert_close(a_u, stack_a[[3, 1, 2]])
+    a_u, _, sel, pos, m = plan(["c", "a", "b", "a"])  # "a" twice: 3 adapters read, not 4
+    assert a_u.shape[0] == 3 and m == 2 and sel.tolist() == [0, 1, 2, 3]
+    assert (pos // m).tolist() == [2, 0, 1, 0]  # group of each row, in the stack's slot order a, b, c
+    a_u, _, sel, pos, m = plan([BASE_ADAPTER, "b", BASE_ADAPTER])  # base rows skipped
+    assert a_u.shape[0] == 1 and sel.tolist() == [1] and m == 1
+
+
+def test_base_rows_only_skip_the_adapters():
+    layer = _layer()
+    x = torch.randn(3, 2, 12)
+    with torch.no_grad():
+        got = _mixed(layer, [BASE_ADAPTER, "gone", BASE_ADAPTER], x)
+        want = layer.base_layer(x)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("names", [["a", BASE_ADAPTER, "c", "a"], ["b", "gone"]])
+def test_gradients_reach_each_rows_adapter(names):
+    """Training on a mixed batch: the loss of each row trains its own adapter only."""
+    layer = _layer()
+    x = torch.randn(len(names), 3, 12)
+    out = _mixed(layer, names, x)
+    out.pow(2).sum().backward()
+    for n in ADAPTERS:
+        grad = layer.lora_B[n].weight.grad
+        assert (grad is not None and grad.abs().sum() > 0) == (n in names)
+    with torch.no_grad():
+        want = torch.cat([_alone(layer, n, x[i:i + 1]) for i, n in enumerate(names)])
+    torch.testing.assert_close(out.detach(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_weights_are_opt_in_and_round_only_the_lora_term():
+    """`mixed_batch(weights_dtype=torch.bfloat16)` (the server's --mixed-adapter-dtype bfloat16):
+    a bf16 stack, half the bytes; the base part stays exact and each row's LoRA term is within
+    bf16 rounding of the fp32 one. Without it the stack keeps x's dtype."""
+    layer = _layer()
+    names = ["c", BASE_ADAPTER, "a", "b", "a"]
+    x = torch.randn(len(names), 2, 12)
+    with torch.no_grad():
+        exact = _mixed(layer, names, x)
+        assert layer._mixed_cache[2][0].dtype == torch.float32
+        layer._mixed_dtype = torch.bfloat16
+        half = _mixed(layer, names, x)
+        a_u = layer._mixed_cache[2][0]
+        del layer._mixed_dtype
+        base = layer.base_layer(x)
+    assert a_u.dtype == torch.bfloat16 and half.dtype == torch.float32
+    assert torch.equal(half[1], exact[1])  # the base row: untouched
+    delta, delta_half = exact - base, half - base
+    assert not torch.equal(delta_half, delta)  # it is a real change, never silently the same path
+    torch.testing.assert_close(delta_half, delta, atol=2e-2 * float(delta.abs().max()), rtol=2e-2)
