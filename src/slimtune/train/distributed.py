@@ -389,66 +389,6 @@ class Dist:
                                 f"{kept}")
 
 
-def world_share(n: torch.Tensor) -> torch.Tensor:
-    """A loss's divisor over the global batch, as this rank must use it: the count summed over the
-    ranks, divided by their number. DDP / FSDP average the ranks' gradients, so `x.sum() /
-    world_share(n)` on each rank has the gradient, and the ranks' mean value, of one process's
-    `x.sum() / n_total` on the whole batch (a token mean whose ranks hold different token counts:
-    ORPO's and RPO's NLL, KTO's fast layout). One process: n itself. Every rank must call it (a
-    collective)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return n
-    t = n.detach().to(torch.float64).clone()
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).to(n.dtype if n.is_floating_point() else torch.float32)
-
-
-def world_sum(x: torch.Tensor) -> torch.Tensor:
-    """A detached statistic summed over the ranks (one process: itself)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    t = x.detach().clone()
-    dist.all_reduce(t)
-    return t
-
-
-def world_mean(x: torch.Tensor) -> torch.Tensor:
-    """The mean over ranks of a detached statistic that each rank computed on its equal share of the
-    global batch (KTO's KL estimate z, which TRL gathers the same way): the global batch's value."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    t = x.detach().clone()
-    dist.all_reduce(t)
-    return t / dist.get_world_size()
-
-
-def allreduce_grads(params: list[torch.Tensor]) -> None:
-    """Average the gradients of `params` over the ranks in one flat all-reduce: for a loss that ran
-    beside DDP's wrapper (the objectives' fast layout calls the decoder and head directly, so DDP's
-    reducer never armed), the same sync DDP would have done. A parameter without a gradient on this
-    rank counts as zeros, as DDP's find_unused_parameters does."""
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for g, v in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        g.copy_(v)
-
-
 def _raw(opt):
     return getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer holds torch's
 

@@ -7,7 +7,7 @@ the reward functions (rewards.py), and each completion's advantage is its reward
     loss_tok = -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) + beta * KL_tok
     KL_tok   = e^(ref - logp) - (ref - logp) - 1                      (k3 estimator; beta 0: no reference forward)
     loss     = sum over completion tokens / completion tokens in the batch   (TRL's default `dapo`)
-               (several processes: over the whole batch, distributed.world_share)
+               (several processes: over the whole batch, collectives.world_share)
 
 The completion ends at its first EOS (kept, later tokens masked). `policy_loss` and
 `group_advantages` equal TRL GRPOTrainer's given the same completions and rewards
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..distributed import world_share
+from ..collectives import world_share
 from .base import Objective, completion_logps, reference
 from . import rewards as R
 from . import shared

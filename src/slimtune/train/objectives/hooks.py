@@ -38,7 +38,7 @@ class ObjectiveSteps:
     Under several processes (distributed.py) each rank computes the loss of its share of the global
     micro-batch and the ranks' gradients are averaged, so a step is one process's step on the whole
     batch: the objectives' cross-row terms use the global batch (KTO's mismatched KL pairs and its
-    KL estimate, ORPO's / RPO's token mean: distributed.world_share / world_mean); GRPO's groups are
+    KL estimate, ORPO's / RPO's token mean: collectives.world_share / world_mean); GRPO's groups are
     sampled whole on the rank that holds their prompt, from the unwrapped model, each rank with its
     own sampling seed. The one-row fast layout (pairs, KTO) calls the decoder and head directly, beside the DDP
     wrapper, so its gradients are averaged by one all-reduce after backward (`_objective_sync`)."""
@@ -61,7 +61,7 @@ class ObjectiveSteps:
 
     def _objective_sync(self) -> None:
         if self._manual_sync:
-            from ..distributed import allreduce_grads
+            from ..collectives import allreduce_grads
 
             allreduce_grads([p for _, p in self.params])
 

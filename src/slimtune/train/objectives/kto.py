@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..distributed import world_mean, world_sum
+from ..collectives import world_mean, world_sum
 from . import shared
 from .base import Objective, completion_logps, pad_right, reference
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..distributed import world_share
+from ..collectives import world_share
 from .pairs import PairObjective
 
 
