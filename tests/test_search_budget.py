@@ -49,7 +49,7 @@ class FakeClock:
 def test_the_cpu_step_clock_counts_this_process_over_its_threads():
     import torch
 
-    from slimtune.train.trainer import cpu_step_clock
+    from slimtune.train.resources import cpu_step_clock
 
     a, p0, w = cpu_step_clock(), time.process_time(), time.monotonic()
     x = 0

@@ -211,7 +211,7 @@ CLOCKS = ("auto", "cpu", "wall")
 
 def resolve_clock(clock: str) -> str:
     """The clock a training-time budget is counted on (`--budget-clock`): `cpu` (the process's CPU
-    seconds per step over its threads, trainer.cpu_step_clock: the same compute whatever else runs on
+    seconds per step over its threads, resources.cpu_step_clock: the same compute whatever else runs on
     the machine), `wall`, or `auto`: cpu when training runs on the CPU, wall on a GPU (whose work the
     CPU clock does not see). Why cpu by default on CPU: on a shared machine equal wall-clock budgets
     are not equal compute (issue 28: rows at load 14 got 13-17 steps, rows at load 3 got 40-56)."""
@@ -243,7 +243,7 @@ class Timing:
     setup_s: float  # the whole short run minus its steps and its evaluation: load, data, set-up
     step_s: float  # wall seconds per step
     eval_s: float
-    cpu_step_s: float = 0.0  # trainer.cpu_step_clock seconds per step
+    cpu_step_s: float = 0.0  # resources.cpu_step_clock seconds per step
 
     def budget_step_s(self, clock: str) -> float:
         """Seconds per step on the budget's clock (resolve_clock)."""

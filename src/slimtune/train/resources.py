@@ -137,3 +137,13 @@ def set_cpu_threads(requested: int | None, log=print) -> int:
         torch.set_num_threads(n)
         log(f"cpu: {n} thread(s) ({why})")
     return n
+
+
+def cpu_step_clock() -> float:
+    """Seconds of CPU this process has used, over torch's thread count: what a training step costs in
+    compute. Why not wall time: on a machine other processes share, a step's wall time grows with their
+    load, so a time budget in wall seconds buys fewer steps when the machine is busy; the process's own
+    CPU time does not (time.process_time counts every thread of the process). Divided by the threads,
+    it equals wall time on a quiet machine (search/compare `--budget-clock cpu`, docs/search.md). On a
+    GPU the work is not on this clock: budgets there use wall time."""
+    return time.process_time() / max(1, torch.get_num_threads())

@@ -32,7 +32,7 @@ from .evaluate import Evaluation
 from .interrupt import StopRequest
 from .lm import CausalLMPath
 from .objectives.hooks import ObjectiveSteps
-from .resources import peak_memory_mb, precision_choice, set_cpu_threads
+from .resources import cpu_step_clock, peak_memory_mb, precision_choice, set_cpu_threads
 from .speed import compile_for_training, enable_gradient_checkpointing, offload_factory
 from .state import Checkpointing
 from .trackers import Trackers
@@ -47,16 +47,6 @@ class TrainingDiverged(RuntimeError):
 # Called after each evaluation during training with (step, metrics); a non-empty return value (the
 # reason) stops the run there, as early stopping does: how `slimtune search` prunes a trial at a rung.
 EvalCallback = Callable[[int, dict], "str | None"]
-
-
-def cpu_step_clock() -> float:
-    """Seconds of CPU this process has used, over torch's thread count: what a training step costs in
-    compute. Why not wall time: on a machine other processes share, a step's wall time grows with their
-    load, so a time budget in wall seconds buys fewer steps when the machine is busy; the process's own
-    CPU time does not (time.process_time counts every thread of the process). Divided by the threads,
-    it equals wall time on a quiet machine (search/compare `--budget-clock cpu`, docs/search.md). On a
-    GPU the work is not on this clock: budgets there use wall time."""
-    return time.process_time() / max(1, torch.get_num_threads())
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
