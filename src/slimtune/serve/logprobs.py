@@ -58,15 +58,20 @@ def token_bytes(tok):
     byte-level BPE (GPT-2, SmolLM2, Llama 3): a piece is bytes spelt through GPT-2's byte-to-unicode map,
     and can hold part of a UTF-8 character, which the decoded string shows as U+FFFD; SentencePiece's
     byte fallback: `<0xE6>` is that byte; anything else (WordPiece, whole SentencePiece pieces, special
-    tokens): the decoded string's UTF-8."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    tokens): the decoded string's UTF-8. The tables are built on first use: a speech server's
+    "tokenizer" is a processor, and only chat log-probs need them."""
+    from functools import cache
 
-    decoder = getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)
-    byte_level = type(decoder).__name__ == "ByteLevel"
-    inverse = {c: b for b, c in bytes_to_unicode().items()}
-    special = set(tok.all_special_ids)
+    @cache
+    def tables() -> tuple[bool, dict[str, int], set[int]]:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        decoder = getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)
+        return (type(decoder).__name__ == "ByteLevel", {c: b for b, c in bytes_to_unicode().items()},
+                set(tok.all_special_ids))
 
     def one(i: int) -> bytes:
+        byte_level, inverse, special = tables()
         piece = tok.convert_ids_to_tokens(i)
         if i not in special and byte_level and all(c in inverse for c in piece):
             return bytes(inverse[c] for c in piece)
