@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 from conftest import VOCAB
+from test_objective_fast import peft_model  # the same tiny Llama + LoRA (r 4 on q/v, weights drawn)
 
-import slimtune
 from slimtune.train.config import TrainConfig
 from slimtune.train.objectives import shared
 from slimtune.train.objectives.grpo import GRPO, group_advantages, policy_loss
@@ -15,23 +15,6 @@ from slimtune.train.objectives.grpo import GRPO, group_advantages, policy_loss
 
 class Tok:  # what GRPO.logps reads of the tokenizer
     pad_token_id = 0
-
-
-def peft_model(attn="sdpa"):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=0,
-                      attn_implementation=attn)
-    pm = slimtune.get_peft_model(LlamaForCausalLM(cfg), slimtune.LoraConfig(r=4, lora_alpha=8,
-                                                                          target_modules=["q_proj", "v_proj"]))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return pm
 
 
 def group_batch(n, G, C, seed):
