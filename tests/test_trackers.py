@@ -227,13 +227,9 @@ def _children(c, exp_id: str, parent_id: str):
     return c.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
-def test_search_logs_one_nested_run_per_trial(tmp_path, tiny_bert, clean_env):  # noqa: F811
-    """MLflow: a parent run for the search, each trial a child (mlflow.parentRunId) with the trial's own
-    metrics; W&B offline: each trial a run in the search's group."""
+def _tracked_config(tmp_path, tiny_bert, **extra) -> Path:
+    """A 4-step classification config on 80 sentiment rows that reports to MLflow and W&B (+ `extra`)."""
     import yaml
-    from mlflow.tracking import MlflowClient
-
-    from slimtune.search.study import SearchOptions, run_search
 
     data = write_jsonl(tmp_path / "s.jsonl", sentiment_rows(80))
     p = tmp_path / "cfg.yaml"
@@ -241,9 +237,20 @@ def test_search_logs_one_nested_run_per_trial(tmp_path, tiny_bert, clean_env):  
         "model": str(tiny_bert), "task": "classification", "method": "lora", "data": {"train": str(data), "max_length": 32},
         "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "eval_every": 2, "log_every": 2, "cpu_threads": 1,
                   "precision": "fp32", "report_to": ["mlflow", "wandb"]},
-        "output_dir": str(tmp_path / "run"),
-        "search": {"methods": ["lora"], "r": [2, 4], "targets": ["attention"], "layers": ["all"], "dropout": 0.0,
-                   "lr": {"low": 1e-3, "high": 3e-2, "log": True}}}))
+        "output_dir": str(tmp_path / "run"), **extra}))
+    return p
+
+
+def test_search_logs_one_nested_run_per_trial(tmp_path, tiny_bert, clean_env):  # noqa: F811
+    """MLflow: a parent run for the search, each trial a child (mlflow.parentRunId) with the trial's own
+    metrics; W&B offline: each trial a run in the search's group."""
+    from mlflow.tracking import MlflowClient
+
+    from slimtune.search.study import SearchOptions, run_search
+
+    p = _tracked_config(tmp_path, tiny_bert, search={
+        "methods": ["lora"], "r": [2, 4], "targets": ["attention"], "layers": ["all"], "dropout": 0.0,
+        "lr": {"low": 1e-3, "high": 3e-2, "log": True}})
     out = tmp_path / "search"
     run_search(load_config(str(p)), SearchOptions(out=out, trials=2, seeds=1), log=lambda m: None)
     assert [x.relative_to(out) for x in out.rglob("mlflow.db")] == [Path("mlflow.db")]  # one store for the search
@@ -273,18 +280,11 @@ def test_search_logs_one_nested_run_per_trial(tmp_path, tiny_bert, clean_env):  
 def test_compare_logs_one_nested_run_per_row(tmp_path, tiny_bert, clean_env, capsys):  # noqa: F811
     """Each compare row (its own worker process) a child run named after the row, its lr probes none;
     the same command again keeps the rows and the parent; W&B offline: each row a run in the group."""
-    import yaml
     from mlflow.tracking import MlflowClient
 
     from slimtune.cli.main import main
 
-    data = write_jsonl(tmp_path / "s.jsonl", sentiment_rows(80))
-    p = tmp_path / "cfg.yaml"
-    p.write_text(yaml.safe_dump({
-        "model": str(tiny_bert), "task": "classification", "method": "lora", "data": {"train": str(data), "max_length": 32},
-        "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "eval_every": 2, "log_every": 2, "cpu_threads": 1,
-                  "precision": "fp32", "report_to": ["mlflow", "wandb"]},
-        "eval": {"samples": 0}, "output_dir": str(tmp_path / "run")}))
+    p = _tracked_config(tmp_path, tiny_bert, eval={"samples": 0})
     out = tmp_path / "cmp"
     argv = ["compare", str(p), "--methods", "ia3", "--steps", "4", "--probe-steps", "2", "--lr-grid", "2",
             "--out", str(out)]
