@@ -42,12 +42,9 @@ class PairObjective(Objective):
         prefix is shared, so the policy starts from its block-k input."""
         if "ref_logps" in batch or "pair_mask" not in batch or self.prefix is None or not self.prefix.on:
             return self.seq_logps(model, batch), self.ref_logps(model, batch)
-        ref_model = self.reference_model(model)
-        with reference(ref_model):
-            ref, h = self.prefix.reference_with_input(ref_model, batch)
-        ref = ref.float()
+        pol, ref = shared.policy_and_reference(model, self.reference_model(model), batch, self.prefix)
         self._keep(batch, ref)
-        return self.prefix.policy_from(model, batch, h), ref
+        return pol, ref
 
     def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         batch = shared.collate(examples, pad_id) if self.shared else self._padded(examples, pad_id)

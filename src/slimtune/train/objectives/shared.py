@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...kernels.chunked_ce import CHUNK_ROWS, chunked_ce_status
+from .base import reference
 
 MASKS = ("sdpa", "eager")  # attention implementations that read a custom (B, 1, L, L) mask
 
@@ -78,10 +79,7 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
               [base + P + C + k for k in range(R - 1)]
         tt += c + r
         ts += [i] * C + [B + i] * R
-    q, k = seg.unsqueeze(2), seg.unsqueeze(1)
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    allowed = causal & ~((q == 2) & (k == 1)) & (k != 3)
-    allowed |= torch.eye(L, dtype=torch.bool)  # a pad query sees itself (never read; keeps softmax finite)
+    allowed = segment_mask(seg, pad=3)
     n = torch.tensor([len(e["chosen_ids"]) for e in examples] + [len(e["rejected_ids"]) for e in examples])
     return {"input_ids": ids, "position_ids": pos, "pair_mask": allowed.unsqueeze(1),
             "attention_mask": (seg != 3).long(),  # the real tokens (what the trainer counts), not the model's mask
@@ -190,6 +188,16 @@ def seq_logps(model: nn.Module, batch: dict[str, Any], inputs_embeds: torch.Tens
     return torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, batch["tgt_seq"], tok)
 
 
+def segment_mask(seg: torch.Tensor, pad: int) -> torch.Tensor:
+    """(B, L) segment ids (0 the prompt, one id per completion, `pad` for padding) -> (B, L, L) bool:
+    causal, each completion seeing the prompt and its own earlier tokens, nobody seeing padding (a pad
+    query sees itself: never read, keeps the softmax finite). The one-row layouts' attention."""
+    L = seg.shape[1]
+    q, k = seg.unsqueeze(2), seg.unsqueeze(1)
+    allowed = torch.ones(L, L, dtype=torch.bool).tril() & ((k == 0) | (k == q)) & (k != pad)
+    return allowed | torch.eye(L, dtype=torch.bool)
+
+
 # ---- GRPO: a prompt and its group of completions in one row ------------------------------------------
 #
 # GRPO's loss forward runs N prompts x G sampled completions. As G rows each, every prompt token goes
@@ -234,10 +242,7 @@ def group_collate(prompt_ids: list[list[int]], comp: torch.Tensor, cmask: torch.
     seg[row[r], col] = (r % group) + 1
     # token k of completion r is predicted at the prompt's last position (k = 0) or at its own token k-1
     pred = torch.where(k == 0, plen[row[r]] - 1, col - 1)
-    q, kk = seg.unsqueeze(2), seg.unsqueeze(1)
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    allowed = causal & ((kk == 0) | (kk == q)) & (kk != -1)
-    allowed |= torch.eye(L, dtype=torch.bool)  # a pad query sees itself (never read; keeps softmax finite)
+    allowed = segment_mask(seg, pad=-1)
     return {"input_ids": ids, "position_ids": pos, "pair_mask": allowed.unsqueeze(1),
             "tgt_pos": row[r] * L + pred, "tgt_ids": comp[r, k], "tgt_flat": r * C + k}
 
@@ -266,9 +271,9 @@ def policy_and_reference(model: nn.Module, ref_model: nn.Module, batch: dict[str
     one-row batch. With the frozen prefix on, the reference runs first and the policy starts from
     its block-k input, so blocks 0..k-1 run once for both."""
     if prefix is not None and prefix.on:
-        with torch.no_grad(), ref_model.disable_adapter():
+        with reference(ref_model):
             ref, h = prefix.reference_with_input(ref_model, batch)
         return prefix.policy_from(model, batch, h), ref.float()
-    with torch.no_grad(), ref_model.disable_adapter():
+    with reference(ref_model):
         ref = seq_logps(ref_model, batch).float()
     return seq_logps(model, batch), ref
