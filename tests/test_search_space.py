@@ -166,6 +166,53 @@ def test_the_first_trial_is_the_jobs_own_config_snapped_into_the_space():
     assert first_trial(sp, JobConfig.model_validate({"model": "m", "data": {"train": "t.jsonl"}, "method": "prompt"}), "classification") is None
 
 
+def test_the_warm_starts_fit_the_trainable_limit_and_try_every_linear():
+    """warmstart.starts under a trainable limit: the job's own choice with its rank lowered through the
+    space's ranks until it fits (a skipped warm start would leave the search without it), then LoRA on
+    every linear of every block at the largest rank that fits, the pattern off, the lr at the range's
+    centre, counted on the real injected model."""
+    from slimtune import get_peft_model
+    from slimtune.registry import make_config
+    from slimtune.search.warmstart import draw_of, starts
+    from slimtune.train.config import JobConfig
+
+    blocks = T.find_blocks(_llama())
+
+    def pct(p):  # the share a configuration trains, on the injected tiny Llama
+        block = method_block(p, blocks, total_steps=20)
+        pm = get_peft_model(_llama(), make_config(block.pop("name"), **block))
+        trainable, total = pm.get_nb_trainable_parameters()
+        return 100 * trainable / total
+
+    sp = build_space(parse_section({"methods": ["lora"], "r": [1, 2, 4, 8, 16],
+                                    "lr": {"low": 1e-4, "high": 1e-2, "log": True}}), "causal_lm", blocks)
+    cfg = JobConfig.model_validate({"model": "m", "data": {"train": "t.jsonl"}, "method": {"name": "lora", "r": 16},
+                                    "train": {"lr": 5e-4}})
+    at = {r: pct({**draw_of(sp, {"r": r, "alpha_over_r": 2.0, "targets": "attention", "layers": "all", "dropout": 0.0,
+                                 "rslora": False, "lr": 5e-4})}) for r in (1, 2, 4, 8, 16)}
+    lin = {r: pct({**draw_of(sp, {"r": r, "alpha_over_r": 2.0, "targets": "all-linear", "layers": "all", "dropout": 0.0,
+                                  "rslora": False, "mlp_r_factor": 1.0, "lr": 5e-4})}) for r in (1, 2, 4, 8, 16)}
+    limit = (at[4] + at[8]) / 2  # the job's r 16 and 8 are above it, 4 below
+    assert at[4] < limit < at[8] and lin[1] < limit  # the every-linear start fits at some rank below
+    fits = max(r for r in lin if lin[r] <= limit)
+    got = starts(sp, cfg, "causal_lm", limit, pct)
+    (first, why1), (second, why2) = got
+    assert first == {"r": 4, "alpha_over_r": 2.0, "targets": "attention", "layers": "all", "dropout": 0.0,
+                     "rslora": False, "lr": 5e-4}
+    assert "rank lowered to 4" in why1
+    assert second == {"r": fits, "alpha_over_r": 2.0, "targets": "all-linear", "layers": "all", "dropout": 0.0,
+                      "rslora": False, "mlp_r_factor": 1.0, "lr": pytest.approx(1e-3)}
+    assert "every linear" in why2
+    # no limit: the job's own rank, the every-linear start at the space's largest
+    (first, why1), (second, _) = starts(sp, cfg, "causal_lm", None, pct)
+    assert first["r"] == 16 and "lowered" not in why1 and second["r"] == 16
+    # nothing fits: no start at all (the search's own draws then say the space is above the limit)
+    assert starts(sp, cfg, "causal_lm", min(at[1], lin[1]) / 2, pct) == []
+    # a space without every-linear targets: only the job's own choice
+    sp2 = build_space(parse_section({"methods": ["lora"], "targets": ["attention", "mlp"]}), "causal_lm", blocks)
+    assert [p["targets"] for p, _ in starts(sp2, cfg, "causal_lm", None, pct)] == ["attention"]
+
+
 @pytest.mark.parametrize("method", ["lora", "dora", "loha", "lokr", "vera", "oft", "adalora"])
 def test_new_methods_and_rank_patterns_are_in_the_space_and_build(method):
     """LoHa, LoKr, VeRA, OFT and AdaLoRA are options of the space with the target sets and layers; the

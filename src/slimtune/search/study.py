@@ -47,7 +47,7 @@ from . import storage as ST
 from . import trial as TR
 from .space import SearchError, build_space, parse_section
 from .trial import TRIAL_ERRORS, trial_dir  # noqa: F401 - the names callers import from here
-from .warmstart import first_trial
+from . import warmstart as WS
 
 STUDY_NAME = "slimtune-search"
 # a space where draws keep landing above --max-trainable-pct: stop and say so rather than spin (a skip
@@ -115,6 +115,15 @@ def run_search(cfg: JobConfig, opts: SearchOptions, log: Callable[[str], None] =
             return _search(optuna, cfg, opts, out, log)
 
 
+def _counter(pf, base: JobConfig) -> WS.Counter:
+    """A configuration's trainable share in %, counted on a weightless model (prepare.count_trainable)."""
+    def count(params: dict[str, Any]) -> float | None:
+        block = TR.method_block(params, pf.blocks, pf.total_steps)
+        counts = P.count_trainable(pf, P.derive(base, {"method": block, "train": {"lr": float(params["lr"])}}))
+        return None if counts is None else counts[2]
+    return count
+
+
 def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict[str, Any]:
     from ..train.resources import set_cpu_threads
 
@@ -170,12 +179,12 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
         for k, v in fingerprint.items():
             study.set_user_attr(k, v)
         study.set_user_attr("elapsed_s", 0.0)
-        first = first_trial(space, cfg, pf.task)  # the job's own configuration runs first (warmstart.py)
-        if first is not None:
-            # skip_if_exists: two machines creating the study at once queue it once
-            study.enqueue_trial(first, user_attrs={"warm_start": "the configuration slimtune train would run"},
-                                skip_if_exists=True)
-            log(f"warm start: trial 0 is the config's own choice ({', '.join(f'{k}={v}' for k, v in first.items())})")
+        # the first start is queued now, the others one at a time when nothing is queued (_next_start), so a
+        # retry queued meanwhile (a cut or killed trial) still runs first; no more starts than --trials
+        starts = WS.starts(space, cfg, pf.task, section.max_trainable_pct, _counter(pf, base))[: opts.trials]
+        study.set_user_attr("later_starts", [list(x) for x in starts[1:]])
+        for params, why in starts[:1]:
+            _enqueue_start(study, params, why, log)
     if not spec.shared and main:  # OUT is locked: whatever is RUNNING in OUT/study.db was cut off
         _recover(optuna, study, storage, out, log)
 
@@ -275,10 +284,27 @@ def _loop(optuna, study, storage, space, pf, base, out, opts, section, log, beat
             time.sleep(min(2.0, beat))  # the others' trials finish the count (or go stale and come back)
             continue
         deadline = None if budget_s is None else t_session + (budget_s - elapsed0)
+        _next_start(study, log)
         skips = skips + 1 if TR.one_trial(optuna, study, storage, space, pf, base, out, opts, section, done, log,
                                         deadline, beat, budget) else 0
         prev = float(study.user_attrs.get("elapsed_s", 0.0))
         study.set_user_attr("elapsed_s", max(prev, elapsed0 + (time.time() - t_session)))
+
+
+def _enqueue_start(study, params: dict[str, Any], why: str, log) -> None:
+    # skip_if_exists: two machines creating the study (or queueing the next start) at once queue it once
+    study.enqueue_trial(params, user_attrs={"warm_start": why}, skip_if_exists=True)
+    log(f"warm start: {why} ({', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in params.items())})")
+
+
+def _next_start(study, log) -> None:
+    """Queue the next of the study's later warm starts (warmstart.starts) when no trial is waiting."""
+    from optuna.trial import TrialState
+
+    later = study.user_attrs.get("later_starts") or []
+    if later and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        study.set_user_attr("later_starts", later[1:])
+        _enqueue_start(study, *later[0], log)
 
 
 def _seed_runs(opts: SearchOptions, pareto: bool, configs: int) -> int:
