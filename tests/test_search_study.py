@@ -322,3 +322,23 @@ def test_the_top_configs_run_under_other_seeds_and_the_pick_is_the_best_mean(tin
     s2 = run_search(load_config(str(cfg_path)), SearchOptions(out=out, trials=3, seeds=3, top=2), log=lambda m: None)
     assert s2["spread"] == [{**r, "values": dict(r["values"])} for r in spread]
     assert (seed_run / "best" / "adapter_model.safetensors").stat().st_mtime == shutil_marker
+
+
+def test_a_warm_start_queued_twice_by_two_processes_runs_once():
+    """Two processes that queue the same warm start at one moment (Optuna's skip_if_exists checks, then
+    writes) leave two waiting copies: the later copy is recognised (trial.earlier_copy) and not run."""
+    from optuna.trial import TrialState
+
+    from slimtune.search.trial import earlier_copy
+
+    st = optuna.create_study()
+    for _ in range(2):
+        st.enqueue_trial({"lr": 1e-3}, user_attrs={"warm_start": "every linear"})
+    st.enqueue_trial({"lr": 2e-3}, user_attrs={"warm_start": "every linear"})  # another start: not a copy
+    first, second, other = (st.ask() for _ in range(3))
+    frozen = [st._storage.get_trial(t._trial_id) for t in (first, second, other)]
+    assert earlier_copy(st, frozen[0]) is None and earlier_copy(st, frozen[1]) == 0 and earlier_copy(st, frozen[2]) is None
+    # the first copy not run after all (it was a copy of an even earlier one): the second is the one
+    st._storage.set_trial_user_attr(first._trial_id, "interrupted", "not run: a copy")
+    st.tell(first, state=TrialState.FAIL)
+    assert earlier_copy(st, st._storage.get_trial(second._trial_id)) is None

@@ -100,14 +100,14 @@ def _states(storage, name: str = "slimtune-search") -> list[str]:
     return [t.state.name for t in optuna.load_study(study_name=name, storage=storage).trials]
 
 
-def _two_workers_complete_and_resume(cfg_path: Path, out: Path, url: str, storage, monkeypatch) -> None:
+def _wait_for_the_worker(out: Path, monkeypatch) -> None:
+    """This process starts its first trial once the worker it started has joined (its start-up, ~10-30 s
+    on a loaded CI machine, would otherwise outlast these tiny trials)."""
     import slimtune.search.trial as S
 
     one_trial, waited = S.one_trial, []
 
     def after_the_worker_joined(*a, **kw):
-        """This process starts its first trial once the worker it started has joined (its start-up,
-        ~10-30 s on a loaded CI machine, would otherwise outlast these tiny trials)."""
         log = out / "workers" / "worker-1.log"
         deadline = time.time() + 180
         while not waited and time.time() < deadline and "joined the study" not in (log.read_text() if log.is_file() else ""):
@@ -116,6 +116,10 @@ def _two_workers_complete_and_resume(cfg_path: Path, out: Path, url: str, storag
         return one_trial(*a, **kw)
 
     monkeypatch.setattr(S, "one_trial", after_the_worker_joined)
+
+
+def _two_workers_complete_and_resume(cfg_path: Path, out: Path, url: str, storage, monkeypatch) -> None:
+    _wait_for_the_worker(out, monkeypatch)
     lines: list[str] = []
     t0 = time.time()
     s = run_search(load_config(str(cfg_path)), SearchOptions(seeds=1, out=out, trials=3, workers=2, storage=url,
@@ -183,6 +187,32 @@ def test_two_workers_on_a_journal_file_and_a_killed_workers_trial_runs_again(tin
     assert states[0] == "FAIL" and states.count("COMPLETE") == 2 and "RUNNING" not in states, states
     retries = [t for t in st.trials if t.user_attrs.get("retry_of") == 0]
     assert len(retries) == 1 and retries[0].params == killed and retries[0].state.name == "COMPLETE"
+
+
+@pytest.mark.slow
+def test_two_workers_under_a_cpu_clock_budget_rank_at_equal_time(tiny_bert, tmp_path, monkeypatch):
+    """--workers 2 with --budget-minutes on a journal file: each trial's steps come from its own step
+    time on the CPU clock, timed in whichever process runs it; the count is exact, both processes ran
+    trials, and best.yaml trains the pick's own budgeted steps."""
+    cfg_path = _config(tmp_path, tiny_bert, steps=6)
+    url = f"journal:{tmp_path / 'shared' / 'search.log'}"
+    out = tmp_path / "budget"
+    _wait_for_the_worker(out, monkeypatch)
+    run_search(load_config(str(cfg_path)), SearchOptions(seeds=1, out=out, trials=4, workers=2, storage=url, heartbeat_s=2,
+                                                          budget_min=0.5 / 60, clock="cpu"), log=lambda m: None)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "shared" / "search.log")))
+    st = optuna.load_study(study_name="slimtune-search", storage=storage)
+    done = [t for t in st.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 4 and "RUNNING" not in _states(storage), _states(storage)
+    for t in done:
+        plan = t.user_attrs["budget_plan"]
+        assert plan["clock"] == "cpu" and plan["steps"] >= 1
+        assert t.user_attrs["result"]["steps"] == plan["steps"]
+    assert len({t.user_attrs["worker"] for t in done}) == 2, "both processes ran trials"
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    pick = min(done, key=lambda t: -t.value) if st.direction.name == "MAXIMIZE" else min(done, key=lambda t: t.value)
+    assert best["train"]["max_steps"] == pick.user_attrs["budget_plan"]["steps"]
+    assert "trials ranked at equal training time" in (out / "search.md").read_text()
 
 
 def _cli(argv, capsys):

@@ -284,7 +284,8 @@ def _loop(optuna, study, storage, space, pf, base, out, opts, section, log, beat
             time.sleep(min(2.0, beat))  # the others' trials finish the count (or go stale and come back)
             continue
         deadline = None if budget_s is None else t_session + (budget_s - elapsed0)
-        _next_start(study, log)
+        if opts.role == "main":  # the local workers leave it to the process that started them (fewer races)
+            _next_start(study, log)
         skips = skips + 1 if TR.one_trial(optuna, study, storage, space, pf, base, out, opts, section, done, log,
                                         deadline, beat, budget) else 0
         prev = float(study.user_attrs.get("elapsed_s", 0.0))

@@ -127,6 +127,12 @@ def one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: Pa
                                         "trials other workers had started")
             study.tell(trial, state=TrialState.FAIL)
             return False
+        if frozen.user_attrs.get("warm_start") and earlier_copy(study, frozen) is not None:
+            # two processes queued the same warm start at one moment (Optuna's skip_if_exists is not atomic)
+            storage.set_trial_user_attr(trial._trial_id, "interrupted", f"not run: trial {earlier_copy(study, frozen)} "
+                                        "is the same warm start, queued by another process at the same moment")
+            study.tell(trial, state=TrialState.FAIL)
+            return False
     params = space.sample(trial)
     folder = trial_dir(out, trial.number)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which process ran it
@@ -297,6 +303,21 @@ def counted(study) -> int:
         elif t.state == TrialState.FAIL and not t.user_attrs.get("interrupted") and t.number not in retried:
             n += 1
     return n
+
+
+def earlier_copy(study, frozen) -> int | None:
+    """The number of an earlier trial queued as the same warm start (same fixed parameters) that ran or
+    will run, or None."""
+    from optuna.trial import TrialState
+
+    fixed = frozen.system_attrs.get("fixed_params")
+    for t in study.get_trials(deepcopy=False):
+        if t.number >= frozen.number:
+            break
+        if t.user_attrs.get("warm_start") and t.system_attrs.get("fixed_params") == fixed and \
+                not (t.state == TrialState.FAIL and str(t.user_attrs.get("interrupted", "")).startswith("not run")):
+            return t.number
+    return None
 
 
 def ahead(study, number: int) -> int:
