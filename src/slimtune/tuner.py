@@ -269,6 +269,7 @@ class Tuner(nn.Module):
         only; e.g. bfloat16 halves the bytes a serving step reads, lora_mixed.MixedLinear._mixed_forward);
         None keeps the input's dtype."""
         from .methods.lora_layers import BASE_ADAPTER
+        from .methods.lora_mixed import MixedRows
 
         uniq = list(dict.fromkeys(adapter_names))
         for n in uniq:
@@ -278,10 +279,11 @@ class Tuner(nn.Module):
             raise RuntimeError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
         dev = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         idx = torch.tensor([uniq.index(n) for n in adapter_names], device=dev)
+        mixed = MixedRows(uniq, idx)  # its layers share their row plans (lora_mixed._row_plan)
         # modules_to_save copies route rows too: each row runs through its own adapter's head
         layers = [m for _, m in list(adapter_layers(self.model)) + list(save_wrappers(self.model))]
         for layer in layers:
-            layer._mixed = (uniq, idx)
+            layer._mixed = mixed
             if weights_dtype is not None:
                 layer._mixed_dtype = weights_dtype
         try:
