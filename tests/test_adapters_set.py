@@ -155,3 +155,17 @@ def test_merge_and_unload_saves_with_plain_transformers(tmp_path, ids):
     plain.save_pretrained(tmp_path)
     back = AutoModelForCausalLM.from_pretrained(tmp_path)
     torch.testing.assert_close(logits(back, ids), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_mixed_batch_routes_every_adapter_layer_and_saved_module():
+    """mixed_batch finds its layers with a walk that skips the adapters' own submodules: the same
+    layers and modules_to_save wrappers as full walks, and it sets and clears each one."""
+    from slimtune.inject import outer_adapter_modules, save_wrappers
+
+    pm = two_adapters(modules_to_save=["lm_head"])
+    full = [m for _, m in adapter_layers(pm.base_model.model)] + [m for _, m in save_wrappers(pm.base_model.model)]
+    assert len(full) > 1 and any(not hasattr(m, "lora_A") for m in full)
+    assert {id(m) for m in outer_adapter_modules(pm.base_model.model)} == {id(m) for m in full}
+    with pm.base_model.mixed_batch(["other", BASE_ADAPTER]):
+        assert all(m._mixed is not None for m in full)
+    assert all(m._mixed is None for m in full)

@@ -1,7 +1,7 @@
 """LoRA mixed-adapter batches (the server's decode path): every row equals that row run alone with
 its adapter, whatever the batch's make-up (repeated adapters, base rows, adapters a layer lacks,
 ranks that differ, any row order), and the serving plan reads the stacked weights without copying
-them when the batch uses every adapter of the layer."""
+them when the batch uses most adapters of the layer."""
 from __future__ import annotations
 
 import pytest
@@ -72,21 +72,22 @@ def test_decode_steps_reuse_the_plan_and_follow_a_new_batch():
     layer._mixed = (uniq, torch.tensor([0, 1, 1, 2]))
     with torch.no_grad():
         first = layer(x)
-        plan = layer._mixed_cache[2]
+        plan = layer._mixed_last[2]
         again = layer(x)
-        assert layer._mixed_cache[2] is plan
+        assert layer._mixed_last[2] is plan
         layer._mixed = (["b"], torch.tensor([0, 0, 0, 0]))
         other = layer(x)
         layer._mixed = None
         layer.set_adapter("b")
         torch.testing.assert_close(other, layer(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(first, again)
-    assert "_mixed_cache" not in layer.__dict__  # a plain call after the batch frees the plan
+    assert "_mixed_cache" not in layer.__dict__ and "_mixed_last" not in layer.__dict__  # a plain call frees the plans
 
 
 def test_which_weights_a_batch_reads():
-    """One row per adapter, the stack's order: the stack itself (no copy, no reordering); shared
-    adapters: each read once (grouped); base rows: skipped."""
+    """Rows on consecutive slots in order: a slice of the stack (no copy, no reordering); most of
+    the stack in use (any order, shared adapters): the stack in place, rows scattered to its slots;
+    few adapters: those gathered (once per batch); base rows: skipped."""
     layer = _layer()
     stack_a = layer._all_stacks(torch.float32)[1]
 
@@ -99,15 +100,43 @@ def test_which_weights_a_batch_reads():
             layer._mixed = None
 
     a_u, _, sel, pos, m = plan(["a", "b", "c"])  # slots 1, 2, 3 in order
-    assert a_u.data_ptr() == stack_a[1].data_ptr() and a_u.shape[0] == 3 and sel is None and m == 1
-    a_u, _, sel, pos, m = plan(["c", "a", "b"])  # one each, other order: gathered in row order
-    assert a_u.data_ptr() != stack_a.data_ptr() and sel is None
-    torch.testing.assert_close(a_u, stack_a[[3, 1, 2]])
-    a_u, _, sel, pos, m = plan(["c", "a", "b", "a"])  # "a" twice: 3 adapters read, not 4
-    assert a_u.shape[0] == 3 and m == 2 and sel.tolist() == [0, 1, 2, 3]
+    assert a_u.data_ptr() == stack_a[1].data_ptr() and a_u.shape[0] == 3 and sel is None and pos is None
+    a_u, _, sel, pos, m = plan(["b", "c"])  # slots 2, 3: a slice
+    assert a_u.data_ptr() == stack_a[2].data_ptr() and a_u.shape[0] == 2 and pos is None
+    a_u, _, sel, pos, m = plan(["c", "a", "b"])  # one each, other order: the stack, rows to their slots
+    assert a_u.data_ptr() == stack_a[1].data_ptr() and sel is None and pos.tolist() == [2, 0, 1]
+    a_u, _, sel, pos, m = plan(["c", "a", "b", "a"])  # "a" twice: the stack, 2 rows per slot
+    assert a_u.data_ptr() == stack_a[1].data_ptr() and m == 2 and sel is None
     assert (pos // m).tolist() == [2, 0, 1, 0]  # group of each row, in the stack's slot order a, b, c
-    a_u, _, sel, pos, m = plan([BASE_ADAPTER, "b", BASE_ADAPTER])  # base rows skipped
-    assert a_u.shape[0] == 1 and sel.tolist() == [1] and m == 1
+    a_u, _, sel, pos, m = plan([BASE_ADAPTER, "b", BASE_ADAPTER])  # 1 of 3 adapters: gathered, base rows skipped
+    assert a_u.data_ptr() != stack_a.data_ptr() and a_u.shape[0] == 1 and sel.tolist() == [1] and m == 1
+    torch.testing.assert_close(a_u, stack_a[[2]])
+    a_u, _, sel, pos, m = plan(["c"])  # one row, one adapter: its weights gathered, no reordering
+    assert a_u.shape[0] == 1 and sel is None and pos is None
+    torch.testing.assert_close(a_u, stack_a[[3]])
+
+
+def test_layers_share_the_row_plan_and_keep_theirs_across_batches():
+    """A batch's layers with the same adapters share one row plan (worked out once per batch); a
+    layer finds its plan again when the same rows come back in a new batch (after a prefill)."""
+    from slimtune.methods.lora_mixed import MixedRows
+
+    one, two = _layer(0), _layer(1)
+    x = torch.randn(3, 1, 12)
+    with torch.no_grad():
+        decode = MixedRows(["c", "a"], torch.tensor([0, 1, 0]))
+        one._mixed = two._mixed = decode
+        one(x), two(x)
+        assert len(decode.plans) == 1
+        plan = one._mixed_last[2]
+        one._mixed = MixedRows(["b"], torch.tensor([0]))  # a prefill of another row
+        one(x[:1])
+        one._mixed = MixedRows(["c", "a"], torch.tensor([0, 1, 0]))  # the decode batch again
+        got = one(x)
+        assert one._mixed_last[2] is plan
+        one._mixed = two._mixed = None
+    want = torch.cat([_alone(one, n, x[i:i + 1]) for i, n in enumerate(["c", "a", "c"])])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_base_rows_only_skip_the_adapters():
@@ -143,10 +172,10 @@ def test_bf16_weights_are_opt_in_and_round_only_the_lora_term():
     x = torch.randn(len(names), 2, 12)
     with torch.no_grad():
         exact = _mixed(layer, names, x)
-        assert layer._mixed_cache[2][0].dtype == torch.float32
+        assert layer._mixed_last[2][0].dtype == torch.float32
         layer._mixed_dtype = torch.bfloat16
         half = _mixed(layer, names, x)
-        a_u = layer._mixed_cache[2][0]
+        a_u = layer._mixed_last[2][0]
         del layer._mixed_dtype
         base = layer.base_layer(x)
     assert a_u.dtype == torch.bfloat16 and half.dtype == torch.float32

@@ -127,6 +127,44 @@ def test_every_method_runs_batched_and_equals_its_offline_greedy(world):
         eng.stop()
 
 
+def test_mixed_rows_join_and_leave_in_the_lanes_adapter_order(world):
+    """LoRA rows arriving in any order (repeated adapters, base rows), joining while others decode and
+    leaving at different steps: every decode step runs them in the order of the lane's adapters
+    (base rows last), so the layers read their stacks in place, and each row's tokens equal its
+    request run alone."""
+    base, ads = world
+    lora = ["lora-a", "lora-b", "lora-c", "lora-d"]
+    reg, eng = _engine(world, lora)
+    steps: list[list[str]] = []
+    decode = eng._decode
+
+    def spy(b):
+        steps.append(list(b.names))
+        decode(b)
+
+    eng._decode = spy
+    eng.start()
+    try:
+        waves = [["lora-d", BASE_ADAPTER, "lora-b"], ["lora-c", "lora-a", "lora-d"], [BASE_ADAPTER, "lora-b", "lora-a"]]
+        jobs = []
+        for w, wave in enumerate(waves):
+            for j, n in enumerate(wave):
+                i = 10 * w + j
+                pr, k = _prompt(i, 3 + i % 4), 3 + (i * 7) % 6
+                jobs.append([n, pr, k, eng.submit(GenRequest(pr, n, max_tokens=k)), []])
+            # the wave's last row has its first token (k >= 3: not its last): the next wave joins a running batch
+            jobs[-1][4] = jobs[-1][3].queue.get(timeout=30)[1].tokens
+        for n, pr, k, h, first in jobs:
+            assert first + h.result(60)[0] == offline_greedy(base, ads.get(n), pr, k), n
+        assert _wait_idle(eng) == 0
+    finally:
+        eng.stop()
+    order = {n: i for i, n in enumerate(lora)}
+    ranks = [[order.get(n, len(lora)) for n in names] for names in steps]
+    assert all(r == sorted(r) for r in ranks), steps
+    assert any(len(set(names) - {BASE_ADAPTER}) >= 3 for names in steps)  # the waves did overlap
+
+
 def test_a_cancelled_row_leaves_and_the_rest_are_unchanged(world):
     base, ads = world
     reg, eng = _engine(world, ["lora-a", "lora-b"])

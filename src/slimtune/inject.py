@@ -240,6 +240,22 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
             yield n, m
 
 
+def outer_adapter_modules(model: nn.Module) -> list[nn.Module]:
+    """The adapter layers and modules_to_save wrappers of the model, without walking into them: an
+    adapter layer's own submodules (per adapter: its A, B, dropout, ...) are most of a model's
+    modules once it holds many adapters (SmolLM2 with 16 LoRA adapters: ~10x the rest), so this
+    finds them at a fraction of a full walk. For what runs per batch (a mixed batch's entry)."""
+    out: list[nn.Module] = []
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if isinstance(m, (AdapterLayer, ModulesToSaveWrapper)):
+            out.append(m)
+        else:
+            stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return out
+
+
 def save_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
     for n, m in model.named_modules():
         if isinstance(m, ModulesToSaveWrapper):

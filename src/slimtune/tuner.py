@@ -16,8 +16,8 @@ import torch.nn as nn
 from . import targeting
 from .config import AdapterConfig
 from .families import TASK_HEADS
-from .inject import (AdapterLayer, ModulesToSaveWrapper, add_modules_to_save, adapter_layers, replace_module,
-                     save_wrappers, unwrap, wrapped_paths)
+from .inject import (AdapterLayer, ModulesToSaveWrapper, add_modules_to_save, adapter_layers, outer_adapter_modules,
+                     replace_module, save_wrappers, unwrap, wrapped_paths)
 
 
 class NotMergeableError(TypeError):
@@ -269,19 +269,21 @@ class Tuner(nn.Module):
         only; e.g. bfloat16 halves the bytes a serving step reads, lora_mixed.MixedLinear._mixed_forward);
         None keeps the input's dtype."""
         from .methods.lora_layers import BASE_ADAPTER
+        from .methods.lora_mixed import MixedRows
 
         uniq = list(dict.fromkeys(adapter_names))
         for n in uniq:
             if n != BASE_ADAPTER:
                 self._check(n)
-        if any(layer.merged for _, layer in adapter_layers(self.model)):
+        # modules_to_save copies route rows too: each row runs through its own adapter's head
+        layers = outer_adapter_modules(self.model)  # one walk that skips the adapters' own modules
+        if any(isinstance(m, AdapterLayer) and m.merged for m in layers):
             raise RuntimeError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
         dev = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         idx = torch.tensor([uniq.index(n) for n in adapter_names], device=dev)
-        # modules_to_save copies route rows too: each row runs through its own adapter's head
-        layers = [m for _, m in list(adapter_layers(self.model)) + list(save_wrappers(self.model))]
+        mixed = MixedRows(uniq, idx)  # its layers share their row plans (lora_mixed._row_plan)
         for layer in layers:
-            layer._mixed = (uniq, idx)
+            layer._mixed = mixed
             if weights_dtype is not None:
                 layer._mixed_dtype = weights_dtype
         try:

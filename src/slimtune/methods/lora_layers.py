@@ -171,8 +171,9 @@ class Linear(MixedLinear, LoraLayer):
         d = self.__dict__
         if d["_mixed"] is not None and not d["disable_adapters"] and not d["merged_adapters"]:
             return self._mixed_forward(x)
-        if "_mixed_cache" in d:  # a mixed batch has ended: free its gathered weights
-            del d["_mixed_cache"]
+        if "_mixed_last" in d:  # mixed batches have ended: free their plans and gathered weights
+            del d["_mixed_last"]
+            d.pop("_mixed_cache", None)
         group = d.get("_share") if SHARE_INPUTS else None
         if group is not None:  # q/k/v-style siblings on one input: one fused node for all of them
             out = group.output(self, x)

@@ -52,71 +52,70 @@ class MixedLinear:
         plan = self._mixed_plan(wd)
         if plan is None:
             return out
-        a_u, b_u, sel, pos, m = plan  # (U, in, r), (U, r, out); rows (K,), their group slots (K,) or None
-        u = a_u.shape[0]
+        a_u, b_u, sel, pos, m = plan  # (G, in, r), (G, r, out); rows (K,) or None = all; their group slots
         n = idx.shape[0]
         x3 = x.reshape(n, -1, self.in_features)  # (B, T, in)
         if wd != x3.dtype:
             x3 = x3.to(wd)
         out3 = out.view(n, -1, out.shape[-1])  # (B, T, out)
-        t = x3.shape[1]
-        if sel is None:  # row i is group i: no reordering
+        if pos is None:  # row i is group i: no reordering
             xa = torch.bmm(x3, a_u)  # (B, T, r)
             if wd == out.dtype:
                 out3.baddbmm_(xa, b_u)
             else:
                 out3.add_(torch.bmm(xa, b_u))
             return out
-        xg = x3.new_zeros(u * m, t, self.in_features).index_copy_(0, pos, x3.index_select(0, sel))
-        xa = torch.bmm(xg.view(u, m * t, self.in_features), a_u)  # (U, M·T, r)
-        y = torch.bmm(xa, b_u).view(u * m, t, -1)  # (U·M, T, out)
-        out3.index_add_(0, sel, y.index_select(0, pos).to(out.dtype))
+        g, t = a_u.shape[0], x3.shape[1]
+        xs = x3 if sel is None else x3.index_select(0, sel)
+        xg = x3.new_zeros(g * m, t, self.in_features).index_copy_(0, pos, xs)
+        xa = torch.bmm(xg.view(g, m * t, self.in_features), a_u)  # (G, M·T, r)
+        y = torch.bmm(xa, b_u).view(g * m, t, -1).index_select(0, pos).to(out.dtype)  # (K, T, out)
+        if sel is None:
+            out3.add_(y)
+        else:
+            out3.index_add_(0, sel, y)
         return out
 
     def _mixed_plan(self, dtype: torch.dtype):
-        """How the mixed batch in place meets this layer's adapters, worked out once per batch and
-        kept while the same batch is in place (the engine keeps it across decode steps):
+        """How the mixed batch in place meets this layer's adapters:
 
-            (A_u (U, in, r_max), s·B_u (U, r_max, out), sel, pos, M) or None when no row has an
+            (A_g (G, in, r_max), s·B_g (G, r_max, out), sel, pos, M) or None when no row has an
             adapter of this layer
 
-        U = the batch's distinct adapters that this layer holds, M = the most rows one of them has.
-        Row sel[k] is row pos[k] of the (U·M)-row grouped input (group pos // M); the U adapters are
-        gathered once per batch. When every row has an adapter of its own (M = 1, no base rows: the
-        bench's 16 clients on 16 adapters) sel is None and group i is row i: the weights are in row
-        order, a view of the layer's stack (no copy) when the rows are its slots in order, else
-        gathered once per batch, and a step runs no reordering op."""
+        The groups G are either the layer's whole stack (a view: no copy) or the batch's U distinct
+        adapters gathered from it; M = the most rows one adapter has; row sel[k] (sel None: row k)
+        is row pos[k] of the (G·M)-row grouped input; pos None: row i is group i (the rows are the
+        stack's slots in order, or their weights gathered in row order). Which one: `_row_plan`.
+        The row plan is shared by the layers with the same adapters (worked out once per batch),
+        the weights are never copied when the batch uses most of the stack, and this layer keeps
+        its last plans by the rows' slots, so a batch that comes back (the decode batch after a
+        prefill, a row leaving and joining) finds its plan again."""
         mixed = self._mixed
-        cache = self.__dict__.get("_mixed_cache")
-        if cache is not None and cache[0] is mixed and cache[1] == dtype:
-            return cache[2]
+        d = self.__dict__
+        last = d.get("_mixed_last")
+        if last is not None and last[0] is mixed and last[1] == dtype:
+            return last[2]
         names, idx = mixed
-        if not any(n != BASE_ADAPTER and n in self.scaling for n in names):
-            plan = None
-        else:
+        plan = None
+        if any(n != BASE_ADAPTER and n in self.scaling for n in names):
             slots, a_all, b_all = self._all_stacks(dtype)
-            rows = torch.tensor([slots.get(n, 0) for n in names], device=idx.device)[idx]  # (B,) slot per row
-            used, group = torch.unique(rows[rows > 0], sorted=True, return_inverse=True)  # (U,), (K,)
-            sel = (rows > 0).nonzero().flatten()  # (K,) the rows with an adapter of this layer
-            u, k = used.shape[0], sel.shape[0]
-            counts = torch.bincount(group, minlength=u)  # rows per group
-            m = int(counts.max())
-            # rank of each row within its group: its position among the group's rows (stable order)
-            order = torch.argsort(group, stable=True)
-            starts = torch.cumsum(counts, 0) - counts
-            rank = torch.empty_like(group)
-            rank[order] = torch.arange(k, device=idx.device) - starts[group[order]]
-            pos = group * m + rank
-            if m == 1 and k == rows.shape[0]:
-                # every row its own adapter: the weights in row order, so a step runs no reordering op
-                # (each is a parallel region; two per layer cost more than they save in this case)
-                if u == a_all.shape[0] - 1 and bool((pos == torch.arange(k, device=idx.device)).all()):
-                    plan = (a_all[1:], b_all[1:], None, None, 1)  # the stack itself, no copy
-                else:
-                    plan = (a_all.index_select(0, rows), b_all.index_select(0, rows), None, None, 1)
-            else:  # rows share adapters, or base rows: each adapter read once, base rows skipped
-                plan = (a_all.index_select(0, used), b_all.index_select(0, used), sel, pos, m)
-        self.__dict__["_mixed_cache"] = (mixed, dtype, plan)
+            rp = _row_plan(mixed, tuple(slots.get(n, 0) for n in names), a_all.shape[0] - 1)
+            held = d.setdefault("_mixed_cache", {})
+            got = held.get((rp.key, dtype))
+            if got is not None and got[0] is a_all:
+                plan = got[1]
+            else:
+                if rp.kind == "view":  # rows = consecutive slots in order: a slice of the stack
+                    lo, hi = rp.span
+                    plan = (a_all[lo:hi], b_all[lo:hi], None, None, 1)
+                elif rp.kind == "stack":  # the whole stack, no copy
+                    plan = (a_all[1:], b_all[1:], rp.sel, rp.pos, rp.m)
+                else:  # "gather": each used adapter's weights copied once, in group order
+                    plan = (a_all.index_select(0, rp.used), b_all.index_select(0, rp.used), rp.sel, rp.pos, rp.m)
+                if len(held) >= _PLANS_KEPT:
+                    del held[next(iter(held))]
+                held[(rp.key, dtype)] = (a_all, plan)
+        d["_mixed_last"] = (mixed, dtype, plan)
         return plan
 
     def _all_stacks(self, dtype: torch.dtype) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
@@ -153,3 +152,79 @@ class MixedLinear:
                 a_stack[i, : self.r[n]] = a
                 b_stack[i, :, : self.r[n]] = b * self.scaling[n]
         return a_stack.to(dtype)[idx].transpose(1, 2), b_stack.to(dtype)[idx].transpose(1, 2)
+
+
+_PLANS_KEPT = 4  # plans a layer keeps (by the rows' slots): the decode batch, a prefill, a batch a row left
+
+
+class MixedRows(tuple):
+    """A mixed batch as the layers see it: (distinct names, row -> name index), plus the row plans
+    the batch's layers share (`plans`, by the slots of the names; `_row_plan`)."""
+
+    def __new__(cls, names: list[str], idx: torch.Tensor) -> "MixedRows":
+        self = super().__new__(cls, (names, idx))
+        self.plans = {}
+        return self
+
+
+class RowPlan:
+    """Where each row of a mixed batch goes, for layers whose stack has `n_slots` adapters:
+
+    kind  "view": the rows are consecutive slots in order, `span` = (first, last + 1): row i is
+          group i of that slice of the stack; "stack": the groups are the stack's slots (read in
+          place); "gather": the groups are the U adapters the batch uses, their weights copied
+          once per layer (one row per adapter: in row order, `used` = the rows' slots, pos None)
+    used  (U,) the slots the batch uses, ascending (the "gather" groups)
+    sel   (K,) the rows with an adapter (None: every row), pos (K,) their rows of the grouped input
+          (group * M + rank within the group; None: row i is group i), m = M
+    key   the slot of each row (a tuple): a layer's plans are kept by it"""
+
+    __slots__ = ("kind", "used", "sel", "pos", "m", "key", "span")
+
+
+def _row_plan(mixed, name_slots: tuple[int, ...], n_slots: int) -> RowPlan:
+    """The row plan of a batch for a stack of `n_slots` adapters whose slot for names[i] is
+    name_slots[i] (0: none). Shared through `mixed.plans` by every layer with the same slots (a
+    MixedRows batch); a plain (names, idx) tuple gets a fresh one.
+
+    The stack is read in place (no copy) when the rows are its slots in order (pos None) or when
+    the batch uses more than half its adapters: then the rows are scattered into the stack's
+    slot order (zero rows for the unused slots; the GEMMs read the whole stack, which the batch
+    mostly reads anyway) instead of copying most of the stack into the rows' order at every
+    change of the batch (a row joining or leaving). A batch of few adapters copies those."""
+    plans = getattr(mixed, "plans", None)
+    key = (name_slots, n_slots)
+    if plans is not None and key in plans:
+        return plans[key]
+    names, idx = mixed
+    dev = idx.device
+    rows = torch.tensor(name_slots, device=dev)[idx]  # (B,) slot per row
+    has = rows > 0
+    used, group = torch.unique(rows[has], sorted=True, return_inverse=True)  # (U,), (K,)
+    u, k, b = used.shape[0], int(has.sum()), rows.shape[0]
+    rp = RowPlan()
+    rp.key, rp.used, rp.span = tuple(rows.tolist()), used, None
+    rp.sel = None if k == b else has.nonzero().flatten()
+    if u == 0:
+        rp.kind, rp.pos, rp.m = "stack", None, 1
+    else:
+        counts = torch.bincount(group, minlength=u)  # rows per adapter
+        rp.m = int(counts.max())
+        # rank of each row within its group: its position among the group's rows (stable order)
+        order = torch.argsort(group, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(group)
+        rank[order] = torch.arange(k, device=dev) - starts[group[order]]
+        first = rp.key[0]
+        if rp.m == 1 and k == b and rp.key == tuple(range(first, first + b)):
+            rp.kind, rp.pos, rp.span = "view", None, (first, first + b)  # no copy, no reordering
+        elif 2 * u > n_slots:
+            rp.kind, rp.pos = "stack", (rows[has] - 1) * rp.m + rank
+        elif rp.m == 1 and k == b:
+            # one row per adapter: gather the weights in row order, so a step runs no reordering op
+            rp.kind, rp.used, rp.pos = "gather", rows, None
+        else:
+            rp.kind, rp.pos = "gather", group * rp.m + rank
+    if plans is not None:
+        plans[key] = rp
+    return rp

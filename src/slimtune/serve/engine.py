@@ -12,7 +12,8 @@ lane plus the base model's rows (as "__base__" rows, LoRA's mixed-batch path), o
 adapter that must run alone (modules_to_save, prompt learning, IA3, ...). Each batch keeps its
 KV cache left-padded (kvcache.py): a row that finishes or whose client went away leaves at the
 next step by index selection; new rows are prefilled by themselves and joined at the next decode
-step. Sampling, masks and positions are tensor ops over the batch; the Python per row is only the
+step, the rows of a mixed batch kept in the order of their lane's adapters (the LoRA layers then
+read their stack of adapters in place). Sampling, masks and positions are tensor ops over the batch; the Python per row is only the
 hand-off of its token.
 
 Tokens reach the HTTP side through `Handle`: the engine thread hands each asyncio loop all of a
@@ -296,6 +297,7 @@ class Engine:
         from transformers import DynamicCache
 
         pl = b.pl
+        rows = self._in_slot_order(pl, rows, [r.req.adapter for r in rows])
         # reuse cached prefix blocks (not with virtual tokens in front: their cache columns differ)
         use_pc = pl.offset == 0 and self.prefix.max_tokens > 0
         owners = [self.registry.owner(r.req.adapter) for r in rows]
@@ -351,6 +353,29 @@ class Engine:
         b.rows += rows
         b.names += names
         self._emit(b, len(b.rows) - len(rows), lps, plps, forced)
+        if b.rows:
+            perm = self._in_slot_order(pl, list(range(len(b.rows))), b.names)
+            if perm != sorted(perm):
+                self._reorder(b, perm)
+
+    def _in_slot_order(self, pl: Placement, items: list, names: list[str]) -> list:
+        """items (one per row) in the order of their rows' adapters among the lane's adapters, base
+        rows last (stable): a mixed batch whose rows are the lane's adapters in order reads each
+        layer's stack of adapters in place, with no reordering (lora_mixed._row_plan)."""
+        if pl.lane is None or pl.solo is not None or len(items) < 2:
+            return items
+        order = pl.lane.order()
+        keys = [order.get(n, len(order)) for n in names]
+        return [items[i] for i in sorted(range(len(items)), key=keys.__getitem__)]
+
+    def _reorder(self, b: _Batch, perm: list[int]) -> None:
+        """The batch's rows (and their cache, mask and tensors) in the order perm."""
+        idx = torch.tensor(perm, device=self.device)
+        kvcache.select(b.cache, idx)
+        b.mask = b.mask[idx]
+        b.t = {k: v[idx] for k, v in b.t.items()}
+        b.rows = [b.rows[i] for i in perm]
+        b.names = [b.names[i] for i in perm]
 
     def _decode(self, b: _Batch) -> None:
         n = len(b.rows)

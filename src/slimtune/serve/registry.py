@@ -106,6 +106,11 @@ class Lane:
     def names(self) -> list[str]:
         return list(self.peft.peft_config)
 
+    def order(self) -> dict[str, int]:
+        """{adapter: its place among the lane's adapters}: the order of the slots in the layers'
+        stacks of every adapter (load order), which the engine keeps a mixed batch's rows in."""
+        return {n: i for i, n in enumerate(self.peft.peft_config)}
+
 
 @dataclass
 class Entry:
