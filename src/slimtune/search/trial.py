@@ -127,7 +127,7 @@ def one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: Pa
                                         "trials other workers had started")
             study.tell(trial, state=TrialState.FAIL)
             return False
-        if frozen.user_attrs.get("warm_start") and earlier_copy(study, frozen) is not None:
+        if frozen.user_attrs.get("warm_start") and retry_of is None and earlier_copy(study, frozen) is not None:
             # two processes queued the same warm start at one moment (Optuna's skip_if_exists is not atomic)
             storage.set_trial_user_attr(trial._trial_id, "interrupted", f"not run: trial {earlier_copy(study, frozen)} "
                                         "is the same warm start, queued by another process at the same moment")
@@ -306,8 +306,9 @@ def counted(study) -> int:
 
 
 def earlier_copy(study, frozen) -> int | None:
-    """The number of an earlier trial queued as the same warm start (same fixed parameters) that ran or
-    will run, or None."""
+    """The number of an earlier trial queued as the same warm start (same fixed parameters) that is
+    waiting, running or finished, or None. A failed one does not count: a killed or cut warm start has
+    its own retry (which carries the warm start's attributes and is not a copy: the caller skips retries)."""
     from optuna.trial import TrialState
 
     fixed = frozen.system_attrs.get("fixed_params")
@@ -315,7 +316,7 @@ def earlier_copy(study, frozen) -> int | None:
         if t.number >= frozen.number:
             break
         if t.user_attrs.get("warm_start") and t.system_attrs.get("fixed_params") == fixed and \
-                not (t.state == TrialState.FAIL and str(t.user_attrs.get("interrupted", "")).startswith("not run")):
+                t.state != TrialState.FAIL and t.system_attrs.get("failed_trial") is None:
             return t.number
     return None
 
