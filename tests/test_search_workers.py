@@ -210,7 +210,7 @@ def test_two_workers_under_a_cpu_clock_budget_rank_at_equal_time(tiny_bert, tmp_
         assert t.user_attrs["result"]["steps"] == plan["steps"]
     assert len({t.user_attrs["worker"] for t in done}) == 2, "both processes ran trials"
     best = yaml.safe_load((out / "best.yaml").read_text())
-    pick = min(done, key=lambda t: -t.value) if st.direction.name == "MAXIMIZE" else min(done, key=lambda t: t.value)
+    pick = (max if st.direction.name == "MAXIMIZE" else min)(done, key=lambda t: t.value)
     assert best["train"]["max_steps"] == pick.user_attrs["budget_plan"]["steps"]
     assert "trials ranked at equal training time" in (out / "search.md").read_text()
 

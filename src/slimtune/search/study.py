@@ -183,8 +183,8 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
         # retry queued meanwhile (a cut or killed trial) still runs first; no more starts than --trials
         starts = WS.starts(space, cfg, pf.task, section.max_trainable_pct, _counter(pf, base))[: opts.trials]
         study.set_user_attr("later_starts", [list(x) for x in starts[1:]])
-        for params, why in starts[:1]:
-            _enqueue_start(study, params, why, log)
+        if starts:
+            _enqueue_start(study, *starts[0], log)
     if not spec.shared and main:  # OUT is locked: whatever is RUNNING in OUT/study.db was cut off
         _recover(optuna, study, storage, out, log)
 

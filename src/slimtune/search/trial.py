@@ -127,9 +127,10 @@ def one_trial(optuna, study, storage, space: Space, pf, base: JobConfig, out: Pa
                                         "trials other workers had started")
             study.tell(trial, state=TrialState.FAIL)
             return False
-        if frozen.user_attrs.get("warm_start") and retry_of is None and earlier_copy(study, frozen) is not None:
+        copy_of = earlier_copy(study, frozen) if frozen.user_attrs.get("warm_start") and retry_of is None else None
+        if copy_of is not None:
             # two processes queued the same warm start at one moment (Optuna's skip_if_exists is not atomic)
-            storage.set_trial_user_attr(trial._trial_id, "interrupted", f"not run: trial {earlier_copy(study, frozen)} "
+            storage.set_trial_user_attr(trial._trial_id, "interrupted", f"not run: trial {copy_of} "
                                         "is the same warm start, queued by another process at the same moment")
             study.tell(trial, state=TrialState.FAIL)
             return False

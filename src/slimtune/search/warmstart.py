@@ -82,27 +82,22 @@ NOT_COUNTED = ("alpha_over_r", "dropout", "rslora", "lr")
 
 
 def draw_of(space: Space, params: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """Study parameters (by their names in the study) -> the configuration `Space.sample` would give for
-    them, or None while a key that sets the trainable count is left to the sampler (the start cannot be
-    counted before it runs); the keys that do not (NOT_COUNTED) take any value of their range then."""
+    """Study parameters (by their names in the study) -> the configuration `Space.sample` gives for them
+    (through Optuna's FixedTrial), or None while a key that sets the trainable count is left to the
+    sampler (the start cannot be counted before it runs); the keys that do not (NOT_COUNTED) take any
+    value of their range then."""
+    import optuna
+
     m = params.get("method", space.methods[0])
-    out: dict[str, Any] = {"method": m}
-    for key, d in space.per_method[m].items():
-        if key == "mlp_r_factor" and out.get("targets") != BOTH_ROLES:
-            continue
-        name = space.names[(m, key)]
-        if d.kind == "fixed":
-            v = d.values[0]
-        elif name not in params and key in NOT_COUNTED:
-            v = d.values[0] if d.kind == "choice" else d.low
-        elif name not in params:
-            return None
-        elif d.kind == "choice":
-            v = d.values[[_label(x) for x in d.values].index(params[name])]
-        else:
-            v = params[name]
-        out[key] = list(v) if isinstance(v, tuple) else v
-    return out
+    filled = dict(params)
+    for key in NOT_COUNTED:
+        d, name = space.per_method[m].get(key), space.names.get((m, key))
+        if d is not None and d.kind != "fixed" and name not in filled:
+            filled[name] = _label(d.values[0]) if d.kind == "choice" else d.low
+    try:
+        return space.sample(optuna.trial.FixedTrial(filled))
+    except ValueError:  # FixedTrial: a parameter the start leaves to the sampler
+        return None
 
 
 def fit_under(space: Space, params: dict[str, Any], limit: Optional[float], count: Counter) -> Optional[dict[str, Any]]:
@@ -137,10 +132,8 @@ def all_linear_start(space: Space, first: Optional[dict[str, Any]], limit: Optio
         return None
     dists = space.per_method[m]
     want = {"targets": BOTH_ROLES, "layers": "all", "mlp_r_factor": 1.0}
-    for key, v in want.items():
-        if dists.get(key) is None or (dists[key].kind != "fixed" and v not in dists[key].values) or \
-                (dists[key].kind == "fixed" and dists[key].values[0] != v):
-            return None
+    if any(dists.get(key) is None or v not in dists[key].values for key, v in want.items()):
+        return None
     params: dict[str, Any] = {} if len(space.methods) == 1 else {"method": m}
     same = (first or {}) if (first or {}).get("method", space.methods[0]) == m else {}
     for key, d in dists.items():
