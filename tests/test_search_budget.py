@@ -123,9 +123,25 @@ def _fake_timing(calls: list[str]):
     return time_run
 
 
+def _fake_step_clock(monkeypatch):
+    """The trainer's CPU step clock as _fake_timing has it, per run: the runs re-plan their length on
+    their own steady steps (train/clock_budget.py), which then agree with the timing."""
+    from slimtune.train import trainer
+
+    real = P.run_once
+
+    def run_once(cfg, *a, **kw):
+        t = cfg.method.get("target_modules", "") if isinstance(cfg.method, dict) else ""
+        monkeypatch.setattr(trainer, "cpu_step_clock", FakeClock(0.2 if t == "all-linear" else 0.1))
+        return real(cfg, *a, **kw)
+
+    monkeypatch.setattr(P, "run_once", run_once)
+
+
 def test_search_under_a_budget_ranks_trials_at_equal_time(tiny_bert, tmp_path, monkeypatch):
     calls: list[str] = []
     monkeypatch.setattr(P, "time_run", _fake_timing(calls))
+    _fake_step_clock(monkeypatch)
     out = tmp_path / "search"
     lines: list[str] = []
     s = run_search(load_config(str(_config(tmp_path, tiny_bert))),
@@ -139,7 +155,7 @@ def test_search_under_a_budget_ranks_trials_at_equal_time(tiny_bert, tmp_path, m
         kinds.add(slow)
         # 1.2 s of cpu clock, 3 rungs: 12 steps at 0.1 s, 6 at 0.2 s (the wall step time, 7x, plays no part)
         assert plan == {"steps": 6 if slow else 12, "eval_every": 2 if slow else 4, "step_s": 0.2 if slow else 0.1,
-                        "clock": "cpu"}
+                        "clock": "cpu", "seconds": 1.2}
         if t.state.name == "COMPLETE":
             assert t.user_attrs["result"]["steps"] == plan["steps"]
             # the rungs in clock ms: the same for both step times (0.4 s of training apart)
@@ -152,6 +168,7 @@ def test_search_under_a_budget_ranks_trials_at_equal_time(tiny_bert, tmp_path, m
     # best.yaml trains the pick's own steps, and search.md says how trials were ranked
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert best["train"]["max_steps"] == s["best"].user_attrs["budget_plan"]["steps"]
+    assert (best["train"]["budget_s"], best["train"]["budget_clock"]) == (1.2, "cpu")  # re-planned where it runs
     md = (out / "search.md").read_text()
     assert "trials ranked at equal training time" in md and "CPU clock" in md and "0 s of training" in md
     assert any("6 steps at 0.20 s/step, cpu clock" in x for x in lines) or not any(kinds - {False})
@@ -171,6 +188,7 @@ def test_a_cut_trial_continues_on_its_own_schedule_not_a_new_timing(tiny_bert, t
 
     calls: list[str] = []
     monkeypatch.setattr(P, "time_run", _fake_timing(calls))
+    _fake_step_clock(monkeypatch)
     skew = [0.0]
     late = types.SimpleNamespace(time=lambda: time.time() + skew[0])
     monkeypatch.setattr(study_mod, "time", late)
@@ -190,6 +208,7 @@ def test_a_cut_trial_continues_on_its_own_schedule_not_a_new_timing(tiny_bert, t
     with pytest.raises(SearchError, match="no trial of the search"):
         run_search(load_config(str(cfg_path)), SearchOptions(trials=2, timeout_min=10, **opts), log=lambda m: None)
     monkeypatch.undo()
+    _fake_step_clock(monkeypatch)
     slower = []
     monkeypatch.setattr(P, "time_run", lambda *a, **k: slower.append(1) or P.Timing(0.0, 1.0, 0.0, 1.0))
     run_search(load_config(str(cfg_path)), SearchOptions(trials=1, **opts), log=lambda m: None)
@@ -212,7 +231,12 @@ def test_compare_counts_its_budget_on_the_cpu_clock_and_says_so(tiny_bert, tmp_p
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "runs" / "config" / "result.json").read_text())
     assert res["budget_clock"] == "cpu" and res["budget_step_s"] > 0
-    assert res["budget_steps"] == max(1, int(3.0 // res["budget_step_s"])) == res["run"]["steps"]
+    assert res["budget_steps"] == max(1, int(3.0 // res["budget_step_s"]))  # the timing run's guess: where it starts
+    # the row re-planned its length on its own steady steps (train/clock_budget.py): it trained 3.0 s of
+    # CPU clock at the steady step it ran, to within the drift of that step's mean over its last step
+    run = res["run"]
+    steps, steady = run["steps"], (run["session_cpu_s"] - run["first_step_cpu_s"]) / (run["steps"] - 1)
+    assert run["total_steps"] == steps and steps * steady == pytest.approx(3.0, rel=0.05)
     md = (out / "compare.md").read_text()
     assert "CPU clock" in md and "1 thread(s)" in md and "Load average" in md
     with pytest.raises(SystemExit) as e:  # argparse's own exit 2, one usage line

@@ -51,7 +51,7 @@ class Budget:
         fit = self.seconds / step_s if step_s > 0 else 0.0
         steps = math.floor(fit + 1e-9 * fit)  # 1.2 s at 0.1 s/step is 12 steps, not float division's 11
         every = max(1, min(steps, round(self.every_s / step_s))) if steps else 0
-        return {"steps": steps, "eval_every": every, "step_s": step_s, "clock": self.clock}
+        return {"steps": steps, "eval_every": every, "step_s": step_s, "clock": self.clock, "seconds": self.seconds}
 
     def to_dict(self) -> dict[str, Any]:
         return {"seconds": self.seconds, "clock": self.clock, "rungs": self.rungs}
@@ -61,6 +61,13 @@ def resource(step: int, plan: dict[str, Any] | None) -> int:
     """What the pruner sees for an evaluation at `step`: the step itself, or with a budget the clock
     time trained by then (ms), so rungs line up across trials of different step times."""
     return step if plan is None else round(step * plan["step_s"] * MS)
+
+
+def run_budget(plan: dict[str, Any]) -> dict[str, Any]:
+    """The train.* keys that hold a run to the budget on its own steady steps (train/clock_budget.py):
+    the plan's steps are the timing run's guess, the run re-plans them as it goes. A plan from a study
+    made before the re-plan has no seconds: its steps stay as they were."""
+    return {"budget_s": plan["seconds"], "budget_clock": plan["clock"]} if plan.get("seconds") else {}
 
 
 def make(minutes: float | None, clock: str, rungs: int) -> Budget | None:
@@ -108,5 +115,5 @@ def fit_trial(budget: Budget, study, params: dict[str, Any], pf, tcfg, block: di
         raise SearchError(f"one step takes {plan['step_s']:.1f} s on the {budget.clock} clock, more than the "
                           f"{budget.seconds / 60:g} min budget")
     block = method_block(params, pf.blocks, plan["steps"])
-    train = {"max_steps": plan["steps"], "eval_every": plan["eval_every"]}
+    train = {"max_steps": plan["steps"], "eval_every": plan["eval_every"], **run_budget(plan)}
     return P.derive(tcfg, {"method": block, "train": train}), plan, block

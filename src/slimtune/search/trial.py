@@ -276,7 +276,7 @@ def trial_config(base: JobConfig, t, out: Path) -> JobConfig:
     train: dict[str, Any] = {"lr": float(t.user_attrs["params"]["lr"])}
     plan = t.user_attrs.get("budget_plan")
     if plan:
-        train.update(max_steps=plan["steps"], eval_every=plan["eval_every"])
+        train.update(max_steps=plan["steps"], eval_every=plan["eval_every"], **BU.run_budget(plan))
     return P.derive(base, {"method": t.user_attrs["method_block"], "train": train,
                            "output_dir": str(trial_dir(out, t.number))})
 

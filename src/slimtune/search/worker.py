@@ -144,14 +144,15 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         steps = max(1, int(spec["budget_s"] // step_s))
         out["budget_steps"], out["budget_step_s"], out["budget_clock"] = steps, step_s, clock
         out["budget_wall_step_s"] = t.step_s
-        upd: dict[str, Any] = {"max_steps": steps}
+        # the timing run's steps are where the row starts; it re-plans them on its own steady steps
+        upd: dict[str, Any] = {"max_steps": steps, "budget_s": spec["budget_s"], "budget_clock": clock}
         if cfg.train.eval_every and cfg.train.eval_every > steps:
             upd["eval_every"] = steps
         cfg = P.derive(cfg, {"train": upd})
         if isinstance(cfg.method, dict) and "total_step" in cfg.method:  # AdaLoRA: its schedule spans the row
             cfg = P.derive(cfg, {"method": {**cfg.method, "total_step": steps}})
         log(f"budget {spec['budget_s']:.0f} s on the {clock} clock at {step_s:.2f} s/step ({t.step_s:.2f} s/step "
-            f"wall): {steps} steps")
+            f"wall): {steps} steps to start with, re-planned on the row's own steady steps")
     main_dir = run_dir / "main"
     resume = False
     if spec["grid"]:

@@ -105,6 +105,13 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     seed: int = 42
+    # A training-time budget (train/clock_budget.py): the run re-plans its length from its own steady
+    # step time so that it trains budget_s seconds on budget_clock; compare / search --budget-minutes
+    # set both. Why re-plan: a short timing run missed steady steps by 10-25% (issue 28). cpu = the
+    # process's CPU seconds over its threads (the same compute on a busy machine; CPU runs only);
+    # wall by default: what "seconds" means to a person. None: max_steps / epochs.
+    budget_s: Optional[float] = Field(None, gt=0)
+    budget_clock: Literal["cpu", "wall"] = "wall"
     eval_every: Optional[int] = Field(None, ge=1)  # steps; None = at the end of each epoch
     save_every: Optional[int] = Field(None, ge=1)  # steps; None = at each eval
     log_every: int = Field(5, ge=1)

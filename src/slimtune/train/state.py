@@ -59,6 +59,8 @@ class Checkpointing:
         st = {k: getattr(self, k) for k in STATE_KEYS}
         st["elapsed"] = self.elapsed + (time.time() - self.session_t0)  # wall time of the run so far
         st["sessions"] = self.sessions + [self._session()]
+        if self.clock_budget is not None:  # the length the budget re-planned (clock_budget.py), kept on resume
+            st["budget_total_steps"] = self.total_steps
         return {**st, "optimizer": optimizer, "scheduler": self.sched.state_dict(), "rng": rng}
 
     def save_checkpoint(self) -> Path:
@@ -147,6 +149,8 @@ class Checkpointing:
         for k in STATE_KEYS:
             if k in st:  # checkpoints from before sessions/elapsed were kept lack them
                 setattr(self, k, st[k])
+        if self.clock_budget is not None and st.get("budget_total_steps"):
+            self.total_steps = max(st["budget_total_steps"], self.step)
         self.last_ckpt = path
         self.resumed_at = self.step
 

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from .checks import plan
+from .clock_budget import ClockBudget
 from .config import JobConfig, JobConfigError, saved_form
 from .data import Prepared, collate
 from .distributed import Dist
@@ -115,6 +116,7 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
         self.schedule = plan(self.t, len(data.train), world)
         self.micro_per_epoch, self.total_steps, self.warmup = (self.schedule.micro_per_epoch, self.schedule.total_steps,
                                                                self.schedule.warmup)
+        self.clock_budget = ClockBudget.of(self.t.budget_s, self.t.budget_clock, world, cuda)  # re-plans total_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
         self.model, self.opt = self.dist.prepare(self.acc, self.model, opt)
         self.lm: CausalLMPath | None = None
@@ -171,6 +173,15 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
         frac = (s - self.warmup) / max(1, self.total_steps - self.warmup)
         frac = min(frac, 1.0)
         return 0.5 * (1 + math.cos(math.pi * frac)) if self.t.scheduler == "cosine" else 1 - frac
+
+    def _replan(self, bar) -> None:
+        """train.budget_s: the run's length from this session's steady steps (clock_budget.py)."""
+        cpu = self.clock_budget.clock == "cpu"
+        self.total_steps = self.clock_budget.total(
+            self.total_steps, self.step, self.step - (self.resumed_at or 0),
+            self._session_cpu if cpu else self._session_train, self._first_step[1 if cpu else 0])
+        if bar is not None:
+            bar.total = self.total_steps
 
     def _reuse(self) -> dict[str, bool]:
         """Which splits' examples the run meets more than once (what a prefix cache would save)."""
@@ -345,6 +356,8 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
                 self._session_cpu += cpu_step_clock() - c0
                 if self._first_step is None:
                     self._first_step = (self._session_train, self._session_cpu)
+                if self.clock_budget is not None:
+                    self._replan(bar)
                 self.tokens_seen += step_tok
                 win_tok += step_tok
                 win_loss += step_loss
