@@ -10,11 +10,11 @@
 Data order is a pure function of (seed, epoch): batch m of the run is always the same examples,
 so a resumed run sees exactly the batches the killed one would have seen, and on CPU continues
 the same loss curve bit for bit. Checkpoints: state.py. Ctrl-C / SIGTERM: interrupt.py (the loop
-stops after the step it is in, saves, and the run writes its report).
+stops after the step it is in, saves, and the run writes its report). The logs and the result
+dict: records.py; a run's length under a training-time budget (train.budget_s): clock_budget.py.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import sys
@@ -35,6 +35,7 @@ from .lm import CausalLMPath
 from .objectives.hooks import ObjectiveSteps
 from .resources import cpu_step_clock, peak_memory_mb, precision_choice, set_cpu_threads
 from .speed import compile_for_training, enable_gradient_checkpointing, offload_factory
+from .records import RunRecords
 from .state import Checkpointing
 from .trackers import Trackers
 
@@ -57,7 +58,7 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
 
-class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
+class Trainer(ObjectiveSteps, Evaluation, Checkpointing, RunRecords):
     def __init__(self, cfg: JobConfig, peft_model, tokenizer, data: Prepared, task: str,
                  log: Callable[[str], None] = print, progress: bool = True, session_t0: float | None = None,
                  dist: Dist | None = None, on_evaluate: EvalCallback | None = None) -> None:
@@ -228,29 +229,6 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
         cks = checkpoints(self.out)
         return cks[-1] if cks else None
 
-    def _session(self) -> dict[str, Any]:
-        return {"start_step": self.resumed_at or 0, "end_step": self.step, "wall_s": time.time() - self.session_t0,
-                "train_s": self._session_train}
-
-    # ---- logging ------------------------------------------------------------------------------
-    def _record(self, rec: dict[str, Any]) -> None:
-        self.history.append(rec)
-        if not self.is_main:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if self.trackers is not None:
-            self.trackers.log(rec)
-
-    def _write_csv(self) -> None:
-        keys: list[str] = []
-        for r in self.history:
-            keys += [k for k in r if k not in keys]
-        with open(self.out / "metrics.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.history)
-
     # ---- the loop -----------------------------------------------------------------------------
     def train(self, resume_from: Path | None = None) -> dict[str, Any]:
         """Train to the end (or an early stop, a NaN, a Ctrl-C); resume_from continues a checkpoint
@@ -278,19 +256,6 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
         finally:
             if self.lm is not None:
                 self.lm.close()  # the prefix cache (a file in the run folder when it was large)
-
-    def _logged_steps(self) -> int:
-        """The last step metrics.jsonl recorded (a killed session may have gone past its checkpoint)."""
-        last = 0
-        try:
-            for line in (self.out / "metrics.jsonl").read_text().splitlines():
-                try:
-                    last = max(last, int(json.loads(line).get("step", 0)))
-                except (ValueError, AttributeError, TypeError):
-                    continue  # a line cut by the kill
-        except OSError:
-            pass
-        return last
 
     def _loop(self) -> dict[str, Any]:
         if self.before is None and self.t.eval_before:
@@ -419,28 +384,6 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
         self._finish_logs()
         return self._result(status, time.time() - t_run)
 
-    def _result(self, status: str, wall: float) -> dict[str, Any]:
-        sess = self.sessions + [self._session()]
-        steps_here = self.step - (self.resumed_at or 0)
-        return {"status": status, "signal": self.stop.name if self.stop and self.stop.requested else None,
-                "steps": self.step, "total_steps": self.total_steps, "warmup_steps": self.warmup,
-                "stopped_early": status == "stopped early", "before": self.before, "after": self.history_last_eval(),
-                "best": self.best, "best_step": self.best_step, "metric": self.metric, "wall_s": wall,
-                "train_time_s": self.train_time, "peak_mem_mb": peak_memory_mb(), "tokens": self.tokens_seen,
-                "session_steps": steps_here, "session_train_s": self._session_train,
-                "step_time_s": self._session_train / steps_here if steps_here else None,
-                "session_cpu_s": self._session_cpu,
-                "step_cpu_s": self._session_cpu / steps_here if steps_here else None,
-                "first_step_s": self._first_step[0] if self._first_step else None,
-                "first_step_cpu_s": self._first_step[1] if self._first_step else None,
-                "tokens_per_s": self.tokens_seen / self.train_time if self.train_time else None,
-                "resumed_at": self.resumed_at, "lost_steps": self.lost_steps, "sessions": sess,
-                "elapsed_before_s": self.elapsed, "last_checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
-                "samples_before": self.samples_before, "samples_after": self.samples_after,
-                "resume_steps": [x["start_step"] for x in sess if x["start_step"]], "lr_curve": self.lr_curve(),
-                "stop_reason": self.stop_reason,
-                "method_report": self._method_report() if self._method_report is not None else None}
-
     def lr_curve(self, points: int = 400) -> list[tuple[int, float]]:
         """The schedule's learning rate after each step (at most `points` of them): for the plot."""
         every = max(1, self.total_steps // points)
@@ -471,18 +414,6 @@ class Trainer(ObjectiveSteps, Evaluation, Checkpointing):
             return True
         return False
 
-    def history_last_eval(self) -> dict[str, float] | None:
-        for r in reversed(self.history):
-            if ("eval_loss" in r or self.metric in r) and r["step"] > 0:
-                return {k: v for k, v in r.items() if k != "step"}
-        return None
-
-    def _finish_logs(self) -> None:
-        if not self.is_main:
-            return
-        self._write_csv()
-        if self.trackers is not None:
-            self.trackers.flush()
 
 
 def _allow_new_precision(mixed_precision: str) -> None:
