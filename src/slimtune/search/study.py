@@ -115,15 +115,6 @@ def run_search(cfg: JobConfig, opts: SearchOptions, log: Callable[[str], None] =
             return _search(optuna, cfg, opts, out, log)
 
 
-def _counter(pf, base: JobConfig) -> WS.Counter:
-    """A configuration's trainable share in %, counted on a weightless model (prepare.count_trainable)."""
-    def count(params: dict[str, Any]) -> float | None:
-        block = TR.method_block(params, pf.blocks, pf.total_steps)
-        counts = P.count_trainable(pf, P.derive(base, {"method": block, "train": {"lr": float(params["lr"])}}))
-        return None if counts is None else counts[2]
-    return count
-
-
 def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict[str, Any]:
     from ..train.resources import set_cpu_threads
 
@@ -179,12 +170,12 @@ def _search(optuna, cfg: JobConfig, opts: SearchOptions, out: Path, log) -> dict
         for k, v in fingerprint.items():
             study.set_user_attr(k, v)
         study.set_user_attr("elapsed_s", 0.0)
-        # the first start is queued now, the others one at a time when nothing is queued (_next_start), so a
+        # the first start is queued now, the others one at a time when nothing is queued (warmstart.queue_next), so a
         # retry queued meanwhile (a cut or killed trial) still runs first; no more starts than --trials
-        starts = WS.starts(space, cfg, pf.task, section.max_trainable_pct, _counter(pf, base))[: opts.trials]
+        starts = WS.starts(space, cfg, pf.task, section.max_trainable_pct, WS.counter(pf, base))[: opts.trials]
         study.set_user_attr("later_starts", [list(x) for x in starts[1:]])
         if starts:
-            _enqueue_start(study, *starts[0], log)
+            WS.queue(study, *starts[0], log)
     if not spec.shared and main:  # OUT is locked: whatever is RUNNING in OUT/study.db was cut off
         _recover(optuna, study, storage, out, log)
 
@@ -285,27 +276,11 @@ def _loop(optuna, study, storage, space, pf, base, out, opts, section, log, beat
             continue
         deadline = None if budget_s is None else t_session + (budget_s - elapsed0)
         if opts.role == "main":  # the local workers leave it to the process that started them (fewer races)
-            _next_start(study, log)
+            WS.queue_next(study, log)
         skips = skips + 1 if TR.one_trial(optuna, study, storage, space, pf, base, out, opts, section, done, log,
                                         deadline, beat, budget) else 0
         prev = float(study.user_attrs.get("elapsed_s", 0.0))
         study.set_user_attr("elapsed_s", max(prev, elapsed0 + (time.time() - t_session)))
-
-
-def _enqueue_start(study, params: dict[str, Any], why: str, log) -> None:
-    # skip_if_exists: two machines creating the study (or queueing the next start) at once queue it once
-    study.enqueue_trial(params, user_attrs={"warm_start": why}, skip_if_exists=True)
-    log(f"warm start: {why} ({', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in params.items())})")
-
-
-def _next_start(study, log) -> None:
-    """Queue the next of the study's later warm starts (warmstart.starts) when no trial is waiting."""
-    from optuna.trial import TrialState
-
-    later = study.user_attrs.get("later_starts") or []
-    if later and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        study.set_user_attr("later_starts", later[1:])
-        _enqueue_start(study, *later[0], log)
 
 
 def _seed_runs(opts: SearchOptions, pareto: bool, configs: int) -> int:

@@ -23,9 +23,10 @@ import math
 from typing import Any, Callable, Optional
 
 from ..train.config import JobConfig
-from .space import BOTH_ROLES, LORA_LIKE, Dist, Space, _label
+from . import prepare as P
+from .space import BOTH_ROLES, LORA_LIKE, Dist, Space, _label, method_block
 
-# a start's trainable share, from its configuration (study.py counts it on a weightless model); None:
+# a start's trainable share, from its configuration (`counter`: on a weightless model); None:
 # the method chooses what trains from data, it cannot be counted before the run
 Counter = Callable[[dict[str, Any]], Optional[float]]
 
@@ -170,3 +171,29 @@ def starts(space: Space, cfg: JobConfig, task: str, limit: Optional[float], coun
         out.append((second, "LoRA on every linear of every block at the largest rank under the limit (QLoRA's "
                             "recipe), the lr at the centre of the space's range"))
     return out
+
+
+# ---- queueing the starts on a study (study.py) ----
+def counter(pf, base: JobConfig) -> Counter:
+    """A configuration's trainable share in %, counted on a weightless model (prepare.count_trainable)."""
+    def count(params: dict[str, Any]) -> float | None:
+        block = method_block(params, pf.blocks, pf.total_steps)
+        counts = P.count_trainable(pf, P.derive(base, {"method": block, "train": {"lr": float(params["lr"])}}))
+        return None if counts is None else counts[2]
+    return count
+
+
+def queue(study, params: dict[str, Any], why: str, log) -> None:
+    # skip_if_exists: two machines creating the study (or queueing the next start) at once queue it once
+    study.enqueue_trial(params, user_attrs={"warm_start": why}, skip_if_exists=True)
+    log(f"warm start: {why} ({', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in params.items())})")
+
+
+def queue_next(study, log) -> None:
+    """Queue the next of the study's later warm starts (`starts`) when no trial is waiting."""
+    from optuna.trial import TrialState
+
+    later = study.user_attrs.get("later_starts") or []
+    if later and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        study.set_user_attr("later_starts", later[1:])
+        queue(study, *later[0], log)
