@@ -21,6 +21,15 @@ def ms(vals: list[float]) -> str:
     return f"{statistics.fmean(vals):.3f} ± {sd:.3f}"
 
 
+def steady(res: dict) -> float | None:
+    """A run's CPU seconds per step after its first (the warm-up): what its budget counted (the run
+    re-plans its length on it, train/clock_budget.py)."""
+    n, cpu, first = res.get("session_steps"), res.get("session_cpu_s"), res.get("first_step_cpu_s")
+    if not n or n < 2 or cpu is None or first is None:
+        return res.get("step_cpu_s")
+    return (cpu - first) / (n - 1)
+
+
 def compare_row(path: Path, metric: str) -> dict | None:
     if not path.is_file():
         return None
@@ -31,7 +40,7 @@ def compare_row(path: Path, metric: str) -> dict | None:
                                     "test": r["test"]}]
     return {"label": r["label"], "pct": r["run"]["trainable_pct"], "lr": r["lr"], "lr_source": r["lr_source"],
             "steps": r.get("budget_steps"), "step_s": r.get("budget_step_s"), "wall_step_s": r.get("budget_wall_step_s"),
-            "run_step_s": r["run"].get("step_cpu_s"),
+            "run_step_s": steady(r["run"]), "trained": r["run"].get("steps"),
             "val": [s["val"] for s in seeds], "test": [s["test"][metric] for s in seeds], "seeds": [s["seed"] for s in seeds],
             "probe": r.get("probe")}
 
@@ -54,7 +63,7 @@ def search_pick(db: Path, metric: str) -> dict | None:
     states = [x.state.name.lower() if not x.user_attrs.get("skipped") else "skipped" for x in st.trials]
     return {"label": f"trial {t.number}: {t.user_attrs.get('method_block')}", "params": t.params,
             "pct": res.get("trainable_pct"), "lr": t.params.get("lr"), "steps": plan.get("steps"),
-            "step_s": plan.get("step_s"), "run_step_s": res.get("step_cpu_s"), "val": [seeds[s] for s in order if s in seeds],
+            "step_s": plan.get("step_s"), "run_step_s": steady(res), "trained": res.get("steps"), "val": [seeds[s] for s in order if s in seeds],
             "test": [tests[num][s][metric] for s in order], "seeds": [int(s) for s in order],
             "trials": {k: states.count(k) for k in sorted(set(states))}}
 
@@ -66,7 +75,7 @@ def main(out: str) -> None:
                 ("full fine-tuning", compare_row(o / "compare-full" / "runs" / "full" / "result.json", metric)),
                 ("search's pick", search_pick(o / "search" / "study.db", metric))]
         print(f"\n### {task} ({metric})\n")
-        print("| row | trainable % | lr | steps (budgeted at s/step) | CPU s/step in the run (x steps) "
+        print("| row | trainable % | lr | steps trained (first guess at s/step) | steady CPU s/step in the run (CPU s) "
               "| validation, mean ± sd | **test, mean ± sd** | test per seed |")
         print("|---|---|---|---|---|---|---|---|")
         for name, r in rows:
@@ -74,8 +83,8 @@ def main(out: str) -> None:
                 print(f"| {name} | — | — | — | — | — | — | {r and r.get('status')}: {r and r.get('error')} |")
                 continue
             per = " / ".join(f"{v:.3f}" for v in r["test"]) + f" (seeds {', '.join(map(str, r['seeds']))})"
-            step = f"{r['steps']} ({r['step_s']:.2f})" if r.get("steps") else "—"
-            run = (f"{r['run_step_s']:.2f} ({r['run_step_s'] * r['steps']:.0f} s)" if r.get("run_step_s") and r.get("steps")
+            step = f"{r['trained']} ({r['steps']} at {r['step_s']:.2f})" if r.get("steps") else "—"
+            run = (f"{r['run_step_s']:.2f} ({r['run_step_s'] * r['trained']:.0f} s)" if r.get("run_step_s") and r.get("trained")
                    else "—")
             print(f"| {name} | {r['pct']:.3f} | {r['lr']:.3g} | {step} | {run} | {ms(r['val'])} | **{ms(r['test'])}** | {per} |")
         for name, r in rows:
