@@ -252,11 +252,13 @@ def write_search(s: dict[str, Any], out: Path) -> None:
         lines += ["", f"`best.yaml` (trial {best.number}) reruns it: `slimtune train {out / 'best.yaml'}` (method block: "
                   f"`{best.user_attrs.get('method_block')}`)."]
     lines += ["", "## Trials", "",
-              f"| trial | state | settings | validation {m} | best step / steps | trainable % | s | note |",
+              f"| trial | state | settings | validation {m} | best step / steps trained (planned) | trainable % | s | note |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['trial']} | {r['state']} | {_settings(r)} | {_f(r[m])} | {_f(r['best_step'])} / "
-                     f"{_f(r['budget_steps'] or r['steps'])} "
+                     f"{_f(r['steps'] or r['budget_steps'])}"
+                     + (f" ({r['budget_steps']})" if r['budget_steps'] and r['steps'] and r['budget_steps'] != r['steps'] else "")
+                     + " "
                      f"| {_f(r['trainable_pct'], 3)} | {_f(r['duration_s'], 0)} | {str(r['reason'])[:120].replace('|', '/')} |")
     plots = _plot_search(study, m, out / "plots", s["pareto"], s["pareto_with"])
     lines += [""] + [f"![{name}](plots/{name}.png)" for name in plots] + [""]
