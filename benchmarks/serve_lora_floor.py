@@ -6,7 +6,8 @@ its stack of adapters in place, `lora_mixed._row_plan` "view"). Measured, interl
 
   step       one decode step, base rows against the 16 adapters, alternating step by step (the same
              cache length each time); min and first quartile, so steps another job preempted do not
-             decide the figure on a shared machine
+             decide the figure on a shared machine. Also every row on one adapter ("1 adapter x16":
+             ~20 MB of adapter weights a step instead of 313 MB): what the LoRA ops cost beyond bytes
   lora       the LoRA part of such a step alone: the two bmm per layer over the layers' real stacks
              (the same calls `MixedLinear._mixed_forward` makes)
   fused-A    the same with one bmm for the A's of q/k/v and one for gate/up (they read the same x):
@@ -74,7 +75,7 @@ def step(rows, cache) -> float:
     return dt
 
 
-rows = {"base rows": ["__base__"] * B, "16 adapters": names}
+rows = {"base rows": ["__base__"] * B, "16 adapters": names, "1 adapter x16": [names[0]] * B}
 caches = {k: prefill(r) for k, r in rows.items()}
 for k in rows:
     step(rows[k], caches[k])  # each layer's plan for the batch, worked out before the timing
