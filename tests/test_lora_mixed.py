@@ -183,3 +183,24 @@ def test_bf16_weights_are_opt_in_and_round_only_the_lora_term():
     delta, delta_half = exact - base, half - base
     assert not torch.equal(delta_half, delta)  # it is a real change, never silently the same path
     torch.testing.assert_close(delta_half, delta, atol=2e-2 * float(delta.abs().max()), rtol=2e-2)
+
+
+def test_the_stack_follows_weights_changed_in_place_and_new_adapters():
+    """The stack of every adapter is kept across batches, and rebuilt when an adapter's weights
+    change in place (an optimizer step, a reload into the same tensors) or an adapter is added."""
+    layer = _layer()
+    x = torch.randn(3, 1, 12)
+    rows = ["a", "c", BASE_ADAPTER]
+    with torch.no_grad():
+        _mixed(layer, rows, x)
+        kept = layer._all_stacks(torch.float32)
+        _mixed(layer, rows, x)
+        assert layer._all_stacks(torch.float32) is kept  # nothing changed: the same stack
+        layer.lora_B["c"].weight.mul_(3.0)  # in place: same pointer, new version
+        got = _mixed(layer, rows, x)
+        want = torch.cat([_alone(layer, n, x[i:i + 1]) for i, n in enumerate(rows)])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        layer.update_layer("d", r=3, lora_alpha=6, lora_dropout=0.0, init_lora_weights=False, use_rslora=False)
+        got = _mixed(layer, ["d", "a"], x[:2])
+        want = torch.cat([_alone(layer, n, x[i:i + 1]) for i, n in enumerate(["d", "a"])])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -122,10 +122,13 @@ class MixedLinear:
         """({adapter: slot}, A (S+1, in, r_max), s·B (S+1, r_max, out)) over every LoRA adapter of the
         layer, slot 0 zeros (base rows); ranks below r_max zero-padded. Kept while the adapters'
         tensors (pointer and version) and scalings stay the same."""
-        names = [n for n in self.lora_A if n in self.scaling]
-        ws = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in names]
-        key = (dtype, tuple(names), tuple(self.scaling[n] for n in names),
-               tuple((a.data_ptr(), a._version, b.data_ptr(), b._version) for a, b in ws))
+        # read through the modules' own dicts: this runs on every layer each time a new mixed batch
+        # comes in (a row joins or leaves), and nn.Module.__getattr__ made it ~20 ms per batch
+        la, lb, sc = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules, self.scaling
+        names = [n for n in la if n in sc]
+        ws = [(la[n]._parameters["weight"], lb[n]._parameters["weight"]) for n in names]
+        key = (dtype, tuple(names), tuple(sc[n] for n in names),
+               tuple([t for a, b in ws for t in (a.data_ptr(), a._version, b.data_ptr(), b._version)]))
         held = self.__dict__.get("_mixed_all")
         if held is not None and held[0] == key:
             return held[1]

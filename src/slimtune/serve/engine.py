@@ -12,7 +12,7 @@ lane plus the base model's rows (as "__base__" rows, LoRA's mixed-batch path), o
 adapter that must run alone (modules_to_save, prompt learning, IA3, ...). Each batch keeps its
 KV cache left-padded (kvcache.py): a row that finishes or whose client went away leaves at the
 next step by index selection; new rows are prefilled by themselves and joined at the next decode
-step, the rows of a mixed batch kept in the order of their lane's adapters (the LoRA layers then
+step, the rows of a mixed batch kept in the order of their lane's adapters (batch.py; the LoRA layers then
 read their stack of adapters in place). Sampling, masks and positions are tensor ops over the batch; the Python per row is only the
 hand-off of its token.
 
@@ -32,10 +32,10 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 
 from ..compat import output_cache
 from . import kvcache
+from .batch import Batch, Row, in_slot_order, left_pad
 from .config import ServeConfig
 from .handles import EngineStopped, Event, GenRequest, Handle, QueueFull  # noqa: F401 - re-exported
 from .prefix_cache import PrefixCache, prefix_tensors
@@ -43,33 +43,6 @@ from .registry import AdapterError, Placement, Registry
 from . import logprobs, sampling
 
 log = logging.getLogger("slimtune.serve")
-
-
-class _Row:
-    __slots__ = ("handle", "req", "placement", "gen")
-
-    def __init__(self, handle: Handle, placement: Placement, device: torch.device) -> None:
-        self.handle, self.req, self.placement = handle, handle.req, placement
-        self.gen = None
-        if self.req.temperature > 0 and self.req.seed is not None:
-            self.gen = torch.Generator(device=device).manual_seed(int(self.req.seed))
-
-
-class _Batch:
-    """Running rows that share forwards, and their tensors (row i of each is rows[i])."""
-
-    def __init__(self, pl: Placement) -> None:
-        self.pl = pl
-        self.rows: list[_Row] = []
-        self.names: list[str] = []  # each row's adapter, for the mixed batch
-        self.cache = None  # DynamicCache (B, H, offset + T, D) per layer
-        self.mask: torch.Tensor | None = None  # (B, T) attention mask, left-padded
-        # per-row tensors: the pending token (sampled, not yet in the cache), tokens generated,
-        # max_tokens, whether EOS ends the row, and the sampling options and state (sampling.py)
-        self.t: dict[str, torch.Tensor] = {}
-
-    def generators(self) -> list | None:
-        return [r.gen for r in self.rows if r.req.temperature > 0] or None
 
 
 class Engine:
@@ -81,7 +54,7 @@ class Engine:
         self.prefix = PrefixCache(cfg.prefix_cache_tokens, cfg.prefix_block)
         self._waiting: deque[Handle] = deque()
         self._ops: list[tuple[Callable[[], Any], Future]] = []
-        self._batches: dict[tuple, _Batch] = {}
+        self._batches: dict[tuple, Batch] = {}
         self._cv = threading.Condition()
         self._ctx: tuple[tuple, contextlib.ExitStack] | None = None  # the mixed batch now in place
         self._out: list[tuple[Handle, Event]] = []
@@ -195,7 +168,7 @@ class Engine:
                                      self.running(), self.registry.resident_count())
         return bool(ops or admitted or rows)
 
-    def _run_batch(self, b: _Batch, fn, *args) -> None:
+    def _run_batch(self, b: Batch, fn, *args) -> None:
         try:
             fn(b, *args)
         except Exception as e:  # noqa: BLE001 - this batch fails, the others and the server go on
@@ -219,13 +192,13 @@ class Engine:
                 for r, d in zip(b.rows, drop):
                     if d:
                         self._finish(r, Event([], "cancelled" if r.handle.cancelled else "timeout"))
-                self._keep(b, torch.tensor([not d for d in drop], device=self.device))
+                b.keep(torch.tensor([not d for d in drop], device=self.device))
 
     def _admit(self) -> int:
         room = self.cfg.max_batch - self.running()
         with self._cv:
             cands = list(self._waiting)[: max(room, 0) * 4]
-        new: dict[tuple, list[_Row]] = {}
+        new: dict[tuple, list[Row]] = {}
         budget, taken = self.cfg.prefill_tokens, 0
         for h in cands:
             if room <= 0 or (taken and len(h.req.prompt) > budget) or (taken and h.req.echo):
@@ -241,14 +214,14 @@ class Engine:
                 continue  # no adapter slot free yet: stays in the queue, in order
             with self._cv:
                 self._waiting.remove(h)
-            new.setdefault(pl.key, []).append(_Row(h, pl, self.device))
+            new.setdefault(pl.key, []).append(Row(h, pl, self.device))
             room, budget, taken = room - 1, budget - len(h.req.prompt), taken + 1
             if h.req.echo:
                 break
         for key, rows in new.items():
             b = self._batches.get(key)
             if b is None:
-                b = self._batches[key] = _Batch(rows[0].placement)
+                b = self._batches[key] = Batch(rows[0].placement)
             try:
                 self._prefill(b, rows)
             except Exception as e:  # noqa: BLE001 - this batch fails, the others and the server go on
@@ -293,11 +266,11 @@ class Engine:
             ctx, self._ctx = self._ctx, None
             ctx[1].close()
 
-    def _prefill(self, b: _Batch, rows: list[_Row]) -> None:
+    def _prefill(self, b: Batch, rows: list[Row]) -> None:
         from transformers import DynamicCache
 
         pl = b.pl
-        rows = self._in_slot_order(pl, rows, [r.req.adapter for r in rows])
+        rows = in_slot_order(pl, rows, [r.req.adapter for r in rows])
         # reuse cached prefix blocks (not with virtual tokens in front: their cache columns differ)
         use_pc = pl.offset == 0 and self.prefix.max_tokens > 0
         owners = [self.registry.owner(r.req.adapter) for r in rows]
@@ -305,8 +278,8 @@ class Engine:
         found = [self.prefix.lookup(o, r.req.prompt) if use_pc and not r.req.echo else [] for o, r in zip(owners, rows)]
         cached = [len(f) * self.prefix.block for f in found]
         suffixes = [torch.tensor(r.req.prompt[c:], dtype=torch.long) for r, c in zip(rows, cached)]
-        ids = _left_pad(suffixes, self.pad_id).to(self.device)  # (B2, S)
-        mask = _left_pad([torch.ones_like(p) for p in suffixes], 0).to(self.device)
+        ids = left_pad(suffixes, self.pad_id).to(self.device)  # (B2, S)
+        mask = left_pad([torch.ones_like(p) for p in suffixes], 0).to(self.device)
         cache = DynamicCache(config=pl.model.config)
         if any(cached):
             kv, pmask = prefix_tensors(found)  # (B2, H, P, D) per layer, (B2, P)
@@ -353,31 +326,9 @@ class Engine:
         b.rows += rows
         b.names += names
         self._emit(b, len(b.rows) - len(rows), lps, plps, forced)
-        if b.rows:
-            perm = self._in_slot_order(pl, list(range(len(b.rows))), b.names)
-            if perm != sorted(perm):
-                self._reorder(b, perm)
+        b.put_in_slot_order()
 
-    def _in_slot_order(self, pl: Placement, items: list, names: list[str]) -> list:
-        """items (one per row) in the order of their rows' adapters among the lane's adapters, base
-        rows last (stable): a mixed batch whose rows are the lane's adapters in order reads each
-        layer's stack of adapters in place, with no reordering (lora_mixed._row_plan)."""
-        if pl.lane is None or pl.solo is not None or len(items) < 2:
-            return items
-        order = pl.lane.order()
-        keys = [order.get(n, len(order)) for n in names]
-        return [items[i] for i in sorted(range(len(items)), key=keys.__getitem__)]
-
-    def _reorder(self, b: _Batch, perm: list[int]) -> None:
-        """The batch's rows (and their cache, mask and tensors) in the order perm."""
-        idx = torch.tensor(perm, device=self.device)
-        kvcache.select(b.cache, idx)
-        b.mask = b.mask[idx]
-        b.t = {k: v[idx] for k, v in b.t.items()}
-        b.rows = [b.rows[i] for i in perm]
-        b.names = [b.names[i] for i in perm]
-
-    def _decode(self, b: _Batch) -> None:
+    def _decode(self, b: Batch) -> None:
         n = len(b.rows)
         mask = torch.cat([b.mask, b.mask.new_ones(n, 1)], dim=1)  # (B, T+1)
         pos = mask.sum(dim=1, keepdim=True) - 1  # (B, 1)
@@ -389,7 +340,7 @@ class Engine:
         b.t["n_gen"] += 1
         self._emit(b, 0, lps, None, forced)
 
-    def _emit(self, b: _Batch, start: int, lps: list | None = None, plps: list | None = None,
+    def _emit(self, b: Batch, start: int, lps: list | None = None, plps: list | None = None,
               forced: list[bool] | None = None) -> None:
         """Hand rows[start:] their new token (and log-probs, prompt log-probs when asked); rows that
         hit EOS or max_tokens, or whose grammar is complete (`forced`), leave the batch."""
@@ -411,26 +362,9 @@ class Engine:
                 self._out.append((r.handle, ev))
         if any(dn):
             keep = torch.cat([torch.ones(start, dtype=torch.bool, device=self.device), ~done])
-            self._keep(b, keep)
+            b.keep(keep)
 
-    def _keep(self, b: _Batch, keep: torch.Tensor) -> None:
-        """Rows where keep (B,) is True stay; all-padding columns in front are dropped."""
-        idx = keep.nonzero().flatten()
-        flags = keep.tolist()
-        b.rows = [r for r, k in zip(b.rows, flags) if k]
-        b.names = [n for n, k in zip(b.names, flags) if k]
-        if not b.rows:
-            b.cache = None
-            return
-        kvcache.select(b.cache, idx)
-        b.mask = b.mask[idx]
-        b.t = {k: v[idx] for k, v in b.t.items()}
-        lead = int(b.mask.any(dim=0).int().argmax())  # first column some row attends to
-        if lead:
-            kvcache.drop_columns(b.cache, b.pl.offset, lead)
-            b.mask = b.mask[:, lead:]
-
-    def _finish(self, r: _Row, ev: Event) -> None:
+    def _finish(self, r: Row, ev: Event) -> None:
         self._out.append((r.handle, ev))
         self.registry.release(r.req.adapter, r.placement)
 
@@ -457,11 +391,6 @@ class Engine:
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop closed (server shut down)
                 loop.call_soon_threadsafe(_deliver, items)
-
-
-def _left_pad(seqs: list[torch.Tensor], value: int) -> torch.Tensor:
-    """Ragged 1-D tensors -> (B, T_max), padded on the left."""
-    return pad_sequence([s.flip(0) for s in seqs], batch_first=True, padding_value=value).flip(1)
 
 
 def _deliver(items: list[tuple[Handle, Event]]) -> None:
