@@ -48,12 +48,13 @@ class ClockBudget:
 
     def total(self, current: int, done: int, session_steps: int, session_s: float, first_step_s: float) -> int:
         """The run's steps: `current` (the length so far) until this session has MIN_STEADY steady
-        steps, then the budget over their mean, never below `done` + 1 (the step under way ends, and a
-        run whose budget is spent stops at its next step)."""
+        steps, then the budget over their mean, never below `done` (a run whose budget is spent ends at
+        the step just done: its last evaluation and checkpoint follow)."""
         steady = session_steps - 1
         if steady < MIN_STEADY:
             return current
         per_step = (session_s - first_step_s) / steady
         if per_step <= 0:
             return current
-        return max(done, math.floor(self.seconds / per_step + 1e-9))
+        fit = self.seconds / per_step
+        return max(done, math.floor(fit + 1e-9 * fit))  # 1.2 s at 0.1 s is 12 steps, not float division's 11
