@@ -10,9 +10,9 @@ re-plans its own length from its steady steps as it goes:
     total_steps = floor(budget_s / steady step)     steady step = this session's steps after its
                                                     first (the warm-up), on the budget's clock
 
-from its `MIN_STEADY`-th steady step on, at every step. The schedule (warm-up, decay) follows the
-new total, so a row always ends its decay; the run's max_steps (the timing run's prediction) is the
-length until then. A resumed run keeps the length its checkpoint had (saved with it) until its own
+from its `MIN_STEADY`-th steady step on, at every step. The decay follows the new total, so a row
+always ends its decay (the warm-up keeps the steps planned from the guess); the run's max_steps (the
+timing run's prediction) is the length until then. A resumed run keeps the length its checkpoint had (saved with it) until its own
 steady steps re-plan it. One process only: ranks would each measure their own step and disagree on
 the length. AdaLoRA's own rank schedule (method.total_step) stays where compare / search set it from
 the guess.
