@@ -22,17 +22,13 @@ Run: flock /tmp/slimtune-bench.lock python benchmarks/serve_lora_floor.py [--thr
 """
 import argparse
 import os
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
-from slimtune import PeftModel
 from slimtune.bench import serve as bench
 from slimtune.methods.lora_mixed import MixedLinear
-from slimtune.train import models
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--threads", type=int, default=2)
@@ -41,13 +37,7 @@ ap.add_argument("--cached", type=int, default=64, help="cached tokens per row")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 torch.set_grad_enabled(False)
-base = models.resolve("smollm2-135m")
-adapters = bench._adapters(base, 16, 16, Path(tempfile.mkdtemp(prefix="serve-lora-floor-")))
-names = list(adapters)
-pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval(),
-                               adapters[names[0]], adapter_name=names[0])
-for n in names[1:]:
-    pm.load_adapter(adapters[n], adapter_name=n)
+pm, names = bench.preset_in_process("serve-lora-floor-")
 tuner, hf = pm.base_model, pm.base_model.model
 B, T = 16, a.cached
 ids = torch.randint(0, 49000, (B, T), generator=torch.Generator().manual_seed(0))

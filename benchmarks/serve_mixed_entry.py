@@ -8,29 +8,18 @@ first row's prefill and decode, the prefill of the 15 that join, the 16-row deco
 
 Run: python benchmarks/serve_mixed_entry.py   (before/after: PYTHONPATH=<other checkout>/src)
 """
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 import slimtune
-from slimtune import PeftModel
 from slimtune.bench import serve as bench
 from slimtune.methods.lora_mixed import MixedLinear
-from slimtune.train import models
 
 torch.set_num_threads(2)
 torch.set_grad_enabled(False)
 print("slimtune from", slimtune.__file__)
-base = models.resolve("smollm2-135m")
-adapters = bench._adapters(base, 16, 16, Path(tempfile.mkdtemp(prefix="serve-mixed-entry-")))
-names = list(adapters)
-pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval(),
-                               adapters[names[0]], adapter_name=names[0])
-for n in names[1:]:
-    pm.load_adapter(adapters[n], adapter_name=n)
+pm, names = bench.preset_in_process("serve-mixed-entry-")
 tuner = pm.base_model
 layers = [m for m in tuner.modules() if isinstance(m, MixedLinear)]
 

@@ -11,16 +11,12 @@ Run: flock /tmp/slimtune-bench.lock python benchmarks/serve_mixed_step.py [--thr
 import argparse
 import os
 import random
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
-from slimtune import PeftModel
 from slimtune.bench import serve as bench
-from slimtune.train import models
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--threads", type=int, default=2)
@@ -29,13 +25,7 @@ ap.add_argument("--steps", type=int, default=6, help="decode steps per scenario 
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 torch.set_grad_enabled(False)
-base = models.resolve("smollm2-135m")
-adapters = bench._adapters(base, 16, 16, Path(tempfile.mkdtemp(prefix="serve-mixed-step-")))
-names = list(adapters)
-pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval(),
-                               adapters[names[0]], adapter_name=names[0])
-for n in names[1:]:
-    pm.load_adapter(adapters[n], adapter_name=n)
+pm, names = bench.preset_in_process("serve-mixed-step-")
 tuner, hf = pm.base_model, pm.base_model.model
 B, T = 16, 60
 ids = torch.randint(0, 49000, (B, T), generator=torch.Generator().manual_seed(0))

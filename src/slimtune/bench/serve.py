@@ -110,6 +110,34 @@ def _adapters(base: str, n: int, r: int, work: Path) -> dict[str, str]:
     return out
 
 
+def with_adapters(wrapper, model, adapters: dict[str, str]):
+    """`model` in `wrapper` (slimtune's or HF PEFT's PeftModel) with every adapter of `adapters`
+    ({name: folder}) loaded under its name; the first one active."""
+    names = list(adapters)
+    pm = wrapper.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+    for n in names[1:]:
+        pm.load_adapter(adapters[n], adapter_name=n)
+    return pm
+
+
+def preset_in_process(prefix: str, n: int = 16, r: int = 16):
+    """The serve preset's model in this process, for the benchmarks/serve_*.py scripts: SmolLM2-135M
+    fp32 in slimtune's PeftModel with `n` random LoRA adapters (rank `r`, every linear of a block)
+    saved under a fresh temporary folder named `prefix`...; (PeftModel, adapter names)."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .. import PeftModel
+    from ..train import models
+
+    base = models.resolve("smollm2-135m")
+    adapters = _adapters(base, n, r, Path(tempfile.mkdtemp(prefix=prefix)))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    return with_adapters(PeftModel, model, adapters), list(adapters)
+
+
 def _jobs(clients: int, per_client: int, adapters: list[str]) -> list[list[tuple[str, str]]]:
     """Per client: its (adapter, prompt) requests; consecutive clients and requests use different adapters."""
     return [[(adapters[(c + j) % len(adapters)], QUESTION + PROMPTS[(c * per_client + j) % len(PROMPTS)])
@@ -217,10 +245,7 @@ def _one_at_a_time(base: str, adapters: dict[str, str], jobs, a) -> tuple[list, 
         anchor = "slimtune PeftModel (HF PEFT not installed)"
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, a.dtype)).to(a.device).eval()
-    names = list(adapters)
-    model = Wrapper.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
-    for n in names[1:]:
-        model.load_adapter(adapters[n], adapter_name=n)
+    model = with_adapters(Wrapper, model, adapters)
     model.eval()
     work: queue.Queue = queue.Queue()
 
@@ -245,7 +270,7 @@ def _one_at_a_time(base: str, adapters: dict[str, str], jobs, a) -> tuple[list, 
         work.put((name, text, done))
         return done.get()
 
-    send(names[0], QUESTION + PROMPTS[0])  # warm-up
+    send(next(iter(adapters)), QUESTION + PROMPTS[0])  # warm-up
     rows = _closed_loop(jobs, send)
     work.put(None)
     return rows, anchor
