@@ -45,12 +45,15 @@ class Batch:
 
     def reorder(self, perm: list[int]) -> None:
         """The rows (and their cache, mask and tensors) in the order perm."""
-        idx = torch.tensor(perm, device=self.mask.device)
+        self._take(torch.tensor(perm, device=self.mask.device))
+        self.rows = [self.rows[i] for i in perm]
+        self.names = [self.names[i] for i in perm]
+
+    def _take(self, idx: torch.Tensor) -> None:
+        """The row-aligned tensors (cache, mask, per-row tensors) at rows idx, in that order."""
         kvcache.select(self.cache, idx)
         self.mask = self.mask[idx]
         self.t = {k: v[idx] for k, v in self.t.items()}
-        self.rows = [self.rows[i] for i in perm]
-        self.names = [self.names[i] for i in perm]
 
     def put_in_slot_order(self) -> None:
         """Reorder the rows into their adapters' slot order (after new rows joined at the end)."""
@@ -68,9 +71,7 @@ class Batch:
         if not self.rows:
             self.cache = None
             return
-        kvcache.select(self.cache, idx)
-        self.mask = self.mask[idx]
-        self.t = {k: v[idx] for k, v in self.t.items()}
+        self._take(idx)
         lead = int(self.mask.any(dim=0).int().argmax())  # first column some row attends to
         if lead:
             kvcache.drop_columns(self.cache, self.pl.offset, lead)
