@@ -22,12 +22,11 @@ def ms(vals: list[float]) -> str:
 
 
 def steady(res: dict) -> float | None:
-    """A run's CPU seconds per step after its first (the warm-up): what its budget counted (the run
-    re-plans its length on it, train/clock_budget.py)."""
-    n, cpu, first = res.get("session_steps"), res.get("session_cpu_s"), res.get("first_step_cpu_s")
-    if not n or n < 2 or cpu is None or first is None:
-        return res.get("step_cpu_s")
-    return (cpu - first) / (n - 1)
+    """A run's CPU seconds per step after its first (the warm-up): what its budget counted."""
+    from slimtune.search.prepare import steady_step_s
+
+    s = steady_step_s(res)
+    return res.get("step_cpu_s") if s is None else s[1]
 
 
 def compare_row(path: Path, metric: str) -> dict | None:

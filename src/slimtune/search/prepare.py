@@ -269,13 +269,23 @@ def time_run(cfg: JobConfig, out: Path, steps: int = 3) -> Timing:
     wall = time.time() - t0
     shutil.rmtree(out, ignore_errors=True)
     ev = max(0.0, (res["wall_s"] or 0) - (res["train_time_s"] or 0))  # the loop's time outside steps: the evaluation
-    n = res.get("session_steps") or res["steps"] or 1
-    if n > 1 and res.get("first_step_s") is not None:  # steady steps only
-        step = ((res.get("session_train_s") or 0) - res["first_step_s"]) / (n - 1)
-        cpu = ((res.get("session_cpu_s") or 0) - (res.get("first_step_cpu_s") or 0)) / (n - 1)
+    steady = steady_step_s(res)
+    if steady is not None:
+        step, cpu = steady
     else:
+        n = res.get("session_steps") or res["steps"] or 1
         step, cpu = (res["train_time_s"] or 0) / max(n, 1), res.get("step_cpu_s") or 0.0
     return Timing(max(0.0, wall - (res["wall_s"] or 0)), step, ev, cpu)
+
+
+def steady_step_s(res: dict[str, Any]) -> tuple[float, float] | None:
+    """A run's (wall, cpu clock) seconds per step after this session's first step (its warm-up): what
+    a training-time budget counts (train/clock_budget.py re-plans on it). None under 2 steps."""
+    n = res.get("session_steps") or res.get("steps") or 0
+    if n < 2 or res.get("first_step_s") is None:
+        return None
+    return (((res.get("session_train_s") or 0) - res["first_step_s"]) / (n - 1),
+            ((res.get("session_cpu_s") or 0) - (res.get("first_step_cpu_s") or 0)) / (n - 1))
 
 
 def evals_of(total_steps: int, eval_every: int | None, epoch_steps: int) -> int:
