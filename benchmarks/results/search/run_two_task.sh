@@ -12,6 +12,8 @@
 #      its test split once per seed.
 # Usage: bash benchmarks/results/search/run_two_task.sh OUT     (SLIMTUNE="python -m slimtune.cli.main")
 #        TASKS="minilm_rt" bash ... OUT   runs one task (default: both)
+#        MINILM_B=4 MINILM_ARGS="data.max_train=20000" bash ... OUT   MiniLM's budget (CPU minutes, default 2) and
+#        extra overrides for every MiniLM row (default none: the example's 2,000 training snippets)
 # Then:  python benchmarks/results/search/two_task_table.py OUT
 set -euo pipefail
 set -m  # job control: the background parts keep SIGINT (a non-interactive shell's & would ignore it)
@@ -50,7 +52,7 @@ rc=0
 TASKS=${TASKS:-minilm_rt smollm2_chatterbot}
 # MiniLM: validation 400 (the example's own), test 1,000 of the 1,281 carved (12,808 snippets x 0.1), so a
 # 0.02 lead is ~1.4 test sd (binomial, p 0.75) rather than 0.6 at 200
-[[ " $TASKS " == *" minilm_rt "* ]] && { one minilm_rt examples/minilm_rotten_tomatoes.yaml 2 24 data.max_test=1000 || rc=1; }
+[[ " $TASKS " == *" minilm_rt "* ]] && { one minilm_rt examples/minilm_rotten_tomatoes.yaml "${MINILM_B:-2}" 24 data.max_test=1000 ${MINILM_ARGS:-} || rc=1; }
 [[ " $TASKS " == *" smollm2_chatterbot "* ]] && { one smollm2_chatterbot examples/smollm2_chatterbot.yaml 1.5 8 || rc=1; }
 echo "end $(date -u +%T), load $(cut -d' ' -f1-3 /proc/loadavg), rc $rc"
 exit $rc
