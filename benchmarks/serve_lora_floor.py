@@ -12,13 +12,17 @@ its stack of adapters in place, `lora_mixed._row_plan` "view"). Measured, interl
              (the same calls `MixedLinear._mixed_forward` makes)
   fused-A    the same with one bmm for the A's of q/k/v and one for gate/up (they read the same x):
              the GEMM count per block 14 -> 11, bytes unchanged
+  kernel     the same LoRA part through the lora_rows decode kernel (kernels/lora_rows.py), fp32
+             stacks; kernel-bf16: bf16 stacks (the server's --mixed-adapter-dtype bfloat16)
   read       reading the adapters' bytes (every layer's stack, 312 MB) with torch.sum: the memory
              floor of any kernel that reads each weight once per step
 
 The ratio base/mixed of the step cannot pass base / (base + read) with fp32 adapters: that is the
-bound, and `lora` - `read` is what the GEMM kernels lose over it.
+bound, and `lora` - `read` is what the GEMM kernels lose over it. With --kernel on the step rows run
+the decode kernel (the server's default, --lora-kernel auto), and "16 adapters bf16" is the step
+with bf16 stacks.
 
-Run: flock /tmp/slimtune-bench.lock python benchmarks/serve_lora_floor.py [--threads 2] [--steps 16]
+Run: flock /tmp/slimtune-bench.lock python benchmarks/serve_lora_floor.py [--threads 2] [--steps 16] [--kernel off]
 """
 import argparse
 import os
@@ -34,7 +38,11 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--steps", type=int, default=16, help="timed steps per scenario")
 ap.add_argument("--cached", type=int, default=64, help="cached tokens per row")
+ap.add_argument("--kernel", default="on", choices=["on", "off"], help="the step rows through the lora_rows kernel")
 a = ap.parse_args()
+from slimtune.kernels import lora_rows  # noqa: E402
+
+print(lora_rows.enable(a.kernel))
 torch.set_num_threads(a.threads)
 torch.set_grad_enabled(False)
 pm, names = bench.preset_in_process("serve-lora-floor-")
@@ -53,11 +61,11 @@ def prefill(rows):
     return cache
 
 
-def step(rows, cache) -> float:
+def step(rows, cache, dtype=None) -> float:
     """One decode step of a batch already entered (as the server's decode steps are: a new batch's
     plans, `serve_mixed_entry.py`, are paid by an untimed step first); the cache is cut back to T
     columns after each step, so every step sees T."""
-    with tuner.mixed_batch(rows):
+    with tuner.mixed_batch(rows, weights_dtype=dtype):
         for timed in (False, True):
             t0 = time.perf_counter()
             hf(input_ids=one, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
@@ -68,10 +76,11 @@ def step(rows, cache) -> float:
     return dt
 
 
-rows = {"base rows": ["__base__"] * B, "16 adapters": names, "1 adapter x16": [names[0]] * B}
+rows = {"base rows": ["__base__"] * B, "16 adapters": names, "16 adapters bf16": names, "1 adapter x16": [names[0]] * B}
+dtypes = {"16 adapters bf16": torch.bfloat16}
 caches = {k: prefill(r) for k, r in rows.items()}
 for k in rows:
-    step(rows[k], caches[k])  # each layer's plan for the batch, worked out before the timing
+    step(rows[k], caches[k], dtypes.get(k))  # each layer's plan for the batch, worked out before the timing
 
 # the layers' real stacks, in model order (7 per block: q, k, v, o, gate, up, down)
 layers = [m for m in hf.modules() if isinstance(m, MixedLinear)]
@@ -109,6 +118,22 @@ def lora_fused_a() -> None:
         O[i + 6].baddbmm_(torch.bmm(xd, ad), Bw[i + 6])
 
 
+slots = torch.arange(1, B + 1)  # row i on adapter i (the stack's slot i + 1), as in the "view" plan
+full = [(s[1], s[2]) for s in stacks]
+full_bf16 = [(s[1].bfloat16(), s[2].bfloat16()) for s in stacks]
+
+
+def kernel(stacks=full) -> None:
+    if not lora_rows.active():
+        return
+    for m, (a_all, b_all), o in zip(layers, stacks, O):
+        lora_rows.add_rows(X[m.in_features][:, 0], a_all, b_all, slots, o[:, 0])
+
+
+def kernel_bf16() -> None:
+    kernel(full_bf16)
+
+
 flat = torch.cat([x.flatten() for x in A + Bw])  # the same bytes, to read once
 
 
@@ -116,12 +141,13 @@ def read() -> None:
     flat.sum()
 
 
-got: dict[str, list[float]] = {k: [] for k in [*rows, "lora", "fused-A", "read"]}
+got: dict[str, list[float]] = {k: [] for k in [*rows, "lora", "fused-A", "kernel", "kernel-bf16", "read"]}
 for i in range(a.steps):
     order = list(rows) if i % 2 == 0 else list(rows)[::-1]
     for k in order:
-        got[k].append(step(rows[k], caches[k]))
-    for k, fn in (("lora", lora), ("fused-A", lora_fused_a), ("read", read)):
+        got[k].append(step(rows[k], caches[k], dtypes.get(k)))
+    for k, fn in (("lora", lora), ("fused-A", lora_fused_a), ("kernel", kernel), ("kernel-bf16", kernel_bf16),
+                  ("read", read)):
         t0 = time.perf_counter()
         fn()
         got[k].append(time.perf_counter() - t0)

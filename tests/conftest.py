@@ -129,3 +129,19 @@ def randomize_lora(model, seed: int = 0, std: float = 0.1) -> None:
             for name in layer.adapter_names():
                 for _, p in layer.adapter_parameters(name):
                     p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _lora_kernel_state():
+    """The mixed-LoRA decode kernel is switched per process (kernels/lora_rows.enable; a server turns
+    it on at start-up): each test module starts with it off, as a library user has it (a module's own
+    servers may turn it on for the module), and leaves it as it found it."""
+    from slimtune.kernels import lora_rows
+
+    saved = (lora_rows._OP, dict(lora_rows._STATE))
+    lora_rows.enable("off")
+    yield
+    lora_rows._OP, state = saved
+    lora_rows._STATE.clear()
+    lora_rows._STATE.update(state)

@@ -95,7 +95,7 @@ def test_which_weights_a_batch_reads():
         uniq = list(dict.fromkeys(names))
         layer._mixed = (uniq, torch.tensor([uniq.index(n) for n in names]))
         try:
-            return layer._mixed_plan(torch.float32)
+            return layer._mixed_plan(torch.float32)[:5]  # the bmm path's part; the kernel's: test_lora_rows.py
         finally:
             layer._mixed = None
 

@@ -345,3 +345,34 @@ def test_bind_and_keys_file_checks(world, tmp_path):
         p.write_text(text)
         with pytest.raises(KeysFileError, match=match):
             load_keys(str(p))
+
+
+def test_lora_kernel_switch_at_start_up(world, monkeypatch):
+    """--lora-kernel: auto builds the mixed-LoRA decode kernel and says so (the CLI prints the line,
+    /health tells the mode); off keeps torch's bmm; on refuses to start where it cannot build, naming
+    the fix; auto there says why it keeps torch's bmm. Greedy answers are the offline ones either way."""
+    from slimtune.kernels import lora_rows
+
+    base, ads, _ = world
+    for mode, want in (("auto", "on"), ("off", "off")):
+        srv, c = _server(world, lora_kernel=mode)
+        with c:
+            assert c.get("/health").json()["lora_kernel"] == want
+            got = c.post("/v1/completions", json={"model": "acme-v1", "prompt": "the cat sat", "max_tokens": 6,
+                                                  "temperature": 0}).json()
+        assert ("the lora_rows kernel" if want == "on" else "torch bmm") in srv.kernel_line
+        tok = srv.tokenizer
+        ref = offline_greedy(base, ads["lora-a"], _ids(tok, "the cat sat"), 6)
+        assert got["choices"][0]["text"] == tok.decode(ref, skip_special_tokens=True)
+    model, tok = load_base(base)
+    with pytest.raises(ServeError, match="--lora-kernel fast: use one of auto, on, off"):
+        make_server(model, tok, ServeConfig(lora_kernel="fast"))
+
+    def broken(arch="native"):
+        raise lora_rows.KernelUnavailable("the mixed-LoRA decode kernel did not build (c++: not found): it needs gcc")
+
+    monkeypatch.setattr(lora_rows, "build", broken)
+    with pytest.raises(ServeError, match=r"--lora-kernel on: the mixed-LoRA decode kernel did not build"):
+        make_server(model, tok, ServeConfig(lora_kernel="on"))
+    srv = make_server(model, tok, ServeConfig(lora_kernel="auto"))
+    assert srv.kernel_line.startswith("mixed LoRA decode: torch bmm, because the mixed-LoRA decode kernel did not build")

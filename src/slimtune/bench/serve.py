@@ -198,6 +198,7 @@ class _Server:
             cmd += ["--prefix-cache-tokens", str(a.prefix_cache_tokens)]
         if a.mixed_adapter_dtype != "model":
             cmd += ["--mixed-adapter-dtype", a.mixed_adapter_dtype]
+        cmd += ["--lora-kernel", a.lora_kernel]
         for n, p in adapters.items():
             cmd += ["--adapter", f"{n}={p}"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -296,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefix-cache-tokens", type=int, help="the server's prefix cache (0 = off; default: its own)")
     ap.add_argument("--mixed-adapter-dtype", default="model", choices=["model", "bfloat16"],
                     help="the server's --mixed-adapter-dtype (bfloat16: the adapters' stacked weights in bf16)")
+    ap.add_argument("--lora-kernel", default="auto", choices=["auto", "on", "off"],
+                    help="the server's --lora-kernel (mixed decode steps through slimtune's C++ kernel, or torch's bmm)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--out", help="JSON path (default benchmarks/results/serve-<shape>-<device>.json; '-' for none)")
@@ -337,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                     extra = EXTRA.get(which, (None, {}))[1]
                     runs[which].append(_closed_loop(js, lambda m, t, w=which, x=extra: send(m, t, w, x)))
             wd = "" if a.mixed_adapter_dtype == "model" else f" ({a.mixed_adapter_dtype} adapter weights)"
+            wd += " (torch bmm, --lora-kernel off)" if a.lora_kernel == "off" else ""
             serve = _stats(f"slimtune serve, {len(names)} adapters mixed{wd}", runs["serve"])
             base_only = _stats("(b) base model alone (slimtune serve)", runs["base"])
             extras = [_stats(EXTRA[k][0].format(n=len(names)), runs[k]) for k in kinds[2:]]
@@ -350,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = _uptime()
     res = {"shape": a.shape, "device": a.device, "dtype": a.dtype, "threads": a.threads, "clients": a.clients,
            "adapters": a.adapters, "requests_per_client": a.requests, "rounds": a.rounds, "max_tokens": a.max_tokens, "r": a.r,
-           "max_batch": a.max_batch, "mixed_adapter_dtype": a.mixed_adapter_dtype, "prefix_cache_tokens": a.prefix_cache_tokens, "torch": torch.__version__, "commit": _commit(),
+           "max_batch": a.max_batch, "mixed_adapter_dtype": a.mixed_adapter_dtype, "lora_kernel": a.lora_kernel, "prefix_cache_tokens": a.prefix_cache_tokens, "torch": torch.__version__, "commit": _commit(),
            "uptime_before": load_before, "uptime_after": load_after,
            "rows": [serve] + ([seq] if seq else []) + [base_only] + extras,
            "serve_vs_a_tokens_per_s": round(serve["tokens_per_s"] / seq["tokens_per_s"], 2) if seq else None,

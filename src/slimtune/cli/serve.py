@@ -53,6 +53,10 @@ def add_parser(sub) -> None:
                    help="LoRA weights a mixed batch reads: the model's dtype (default, exact) or bfloat16 (half the "
                         "bytes per decode step on a CPU with native bf16 or a GPU; each row's LoRA term is rounded "
                         "to bf16). See docs/serving.md")
+    g.add_argument("--lora-kernel", default=d.lora_kernel, choices=["auto", "on", "off"],
+                   help="mixed-adapter decode steps through slimtune's C++ kernel, built with gcc at start-up and "
+                        "cached (auto: torch's bmm if it cannot build, said at start-up; on: refuse to start then; "
+                        "off: torch's bmm)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     g.set_defaults(fn=run)
 
@@ -156,7 +160,7 @@ def run(a) -> int:
                       max_loaded=a.max_loaded, max_body_bytes=a.max_body_bytes, max_prompt_tokens=a.max_prompt_tokens,
                       max_tokens=a.max_tokens, max_audio_bytes=a.max_audio_bytes,
                       max_audio_seconds=a.max_audio_seconds, max_n=a.max_n, request_timeout_s=a.request_timeout,
-                      insecure=a.insecure, mixed_adapter_dtype=a.mixed_adapter_dtype,
+                      insecure=a.insecure, mixed_adapter_dtype=a.mixed_adapter_dtype, lora_kernel=a.lora_kernel,
                       prefix_cache_tokens=a.prefix_cache_tokens, allow_adapter_paths=tuple(a.allow_adapter_path))
     if a.adapters_dir and not os.path.isdir(a.adapters_dir):
         raise CommandError(f"--adapters-dir {a.adapters_dir}: no such folder")
@@ -167,6 +171,8 @@ def run(a) -> int:
         srv = make_server(model.eval(), tok, cfg, adapters, a.adapters_dir, a.keys, routes, base_path=str(path))
     except (ServeError, KeysFileError, AdapterError) as e:
         raise CommandError(str(e)) from None
+    if srv.kernel_line:
+        print(f"slimtune serve: {srv.kernel_line}", flush=True)
     print(f"slimtune serve: {name} + {len(adapters)} adapter(s) on http://{a.host}:{a.port}/v1"
           + (" (keys required)" if a.keys else ""), flush=True)
     run_server(srv, a.log_level)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import lora_rows
+
 BASE_ADAPTER = "__base__"  # name for "no adapter" rows in a mixed batch
 
 
@@ -34,6 +36,10 @@ class MixedLinear:
         products accumulate in fp32 inside the GEMM and are rounded to it before the add into the
         base output (in the base's dtype). Off unless asked: the default keeps x's dtype.
 
+        Decode steps (one token a row, fp32) take the lora_rows kernel while it is enabled (the
+        server's `--lora-kernel`, kernels/lora_rows.py): one call per layer reads each row's A and
+        s·B from the whole stack by the row's slot, with no grouping, copies or reordering.
+
         With gradients (training on mixed batches) each row's (A, s·B) is gathered from the
         parameters so autograd reaches them, and the same two bmm run per row.
         """
@@ -52,9 +58,13 @@ class MixedLinear:
         plan = self._mixed_plan(wd)
         if plan is None:
             return out
-        a_u, b_u, sel, pos, m = plan  # (G, in, r), (G, r, out); rows (K,) or None = all; their group slots
+        a_u, b_u, sel, pos, m, (a_all, b_all, slots) = plan  # (G, in, r), (G, r, out); rows (K,) or None = all;
+        #                                                       their group slots; the whole stack, each row's slot
         n = idx.shape[0]
         x3 = x.reshape(n, -1, self.in_features)  # (B, T, in)
+        if lora_rows.usable(x3, out, a_all):  # a decode step: one kernel call, straight from the stack
+            lora_rows.add_rows(x3.view(n, self.in_features), a_all, b_all, slots, out.view(n, -1))
+            return out
         if wd != x3.dtype:
             x3 = x3.to(wd)
         out3 = out.view(n, -1, out.shape[-1])  # (B, T, out)
@@ -79,8 +89,8 @@ class MixedLinear:
     def _mixed_plan(self, dtype: torch.dtype):
         """How the mixed batch in place meets this layer's adapters:
 
-            (A_g (G, in, r_max), s·B_g (G, r_max, out), sel, pos, M) or None when no row has an
-            adapter of this layer
+            (A_g (G, in, r_max), s·B_g (G, r_max, out), sel, pos, M, (A_all, s·B_all, slots)) or None
+            when no row has an adapter of this layer
 
         The groups G are either the layer's whole stack (a view: no copy) or the batch's U distinct
         adapters gathered from it; M = the most rows one adapter has; row sel[k] (sel None: row k)
@@ -89,7 +99,8 @@ class MixedLinear:
         The row plan is shared by the layers with the same adapters (worked out once per batch),
         the weights are never copied when the batch uses most of the stack, and this layer keeps
         its last plans by the rows' slots, so a batch that comes back (the decode batch after a
-        prefill, a row leaving and joining) finds its plan again."""
+        prefill, a row leaving and joining) finds its plan again. The last item is what the decode
+        kernel reads: the layer's whole stack and each row's slot in it (0: no adapter)."""
         mixed = self._mixed
         d = self.__dict__
         last = d.get("_mixed_last")
@@ -105,13 +116,15 @@ class MixedLinear:
             if got is not None and got[0] is a_all:
                 plan = got[1]
             else:
+                full = (a_all, b_all, rp.slots)
                 if rp.kind == "view":  # rows = consecutive slots in order: a slice of the stack
                     lo, hi = rp.span
-                    plan = (a_all[lo:hi], b_all[lo:hi], None, None, 1)
+                    plan = (a_all[lo:hi], b_all[lo:hi], None, None, 1, full)
                 elif rp.kind == "stack":  # the whole stack, no copy
-                    plan = (a_all[1:], b_all[1:], rp.sel, rp.pos, rp.m)
+                    plan = (a_all[1:], b_all[1:], rp.sel, rp.pos, rp.m, full)
                 else:  # "gather": each used adapter's weights copied once, in group order
-                    plan = (a_all.index_select(0, rp.used), b_all.index_select(0, rp.used), rp.sel, rp.pos, rp.m)
+                    plan = (a_all.index_select(0, rp.used), b_all.index_select(0, rp.used), rp.sel, rp.pos, rp.m,
+                            full)
                 if len(held) >= _PLANS_KEPT:
                     del held[next(iter(held))]
                 held[(rp.key, dtype)] = (a_all, plan)
@@ -120,19 +133,22 @@ class MixedLinear:
 
     def _all_stacks(self, dtype: torch.dtype) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
         """({adapter: slot}, A (S+1, in, r_max), s·B (S+1, r_max, out)) over every LoRA adapter of the
-        layer, slot 0 zeros (base rows); ranks below r_max zero-padded. Kept while the adapters'
-        tensors (pointer and version) and scalings stay the same."""
+        layer, slot 0 zeros (base rows); ranks below r_max zero-padded (and r_max itself up to a rank
+        the decode kernel is compiled for while it is on: `lora_rows.padded_rank`). Kept while the
+        adapters' tensors (pointer and version) and scalings stay the same."""
         # read through the modules' own dicts: this runs on every layer each time a new mixed batch
         # comes in (a row joins or leaves), and nn.Module.__getattr__ made it ~20 ms per batch
         la, lb, sc = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules, self.scaling
         names = [n for n in la if n in sc]
         ws = [(la[n]._parameters["weight"], lb[n]._parameters["weight"]) for n in names]
-        key = (dtype, tuple(names), tuple(sc[n] for n in names),
+        rmax = max(self.r[n] for n in names)
+        if lora_rows.active():
+            rmax = lora_rows.padded_rank(rmax)
+        key = (dtype, rmax, tuple(names), tuple(sc[n] for n in names),
                tuple([t for a, b in ws for t in (a.data_ptr(), a._version, b.data_ptr(), b._version)]))
         held = self.__dict__.get("_mixed_all")
         if held is not None and held[0] == key:
             return held[1]
-        rmax = max(self.r[n] for n in names)
         a_all = ws[0][0].new_zeros(len(names) + 1, self.in_features, rmax, dtype=dtype)
         b_all = ws[0][0].new_zeros(len(names) + 1, rmax, self.out_features, dtype=dtype)
         for s, (n, (a, b)) in enumerate(zip(names, ws), 1):
@@ -180,9 +196,10 @@ class RowPlan:
     used  (U,) the slots the batch uses, ascending (the "gather" groups)
     sel   (K,) the rows with an adapter (None: every row), pos (K,) their rows of the grouped input
           (group * M + rank within the group; None: row i is group i), m = M
-    key   the slot of each row (a tuple): a layer's plans are kept by it"""
+    key   the slot of each row (a tuple): a layer's plans are kept by it
+    slots (B,) int64, the same as a tensor: what the decode kernel reads"""
 
-    __slots__ = ("kind", "used", "sel", "pos", "m", "key", "span")
+    __slots__ = ("kind", "used", "sel", "pos", "m", "key", "span", "slots")
 
 
 def _row_plan(mixed, name_slots: tuple[int, ...], n_slots: int) -> RowPlan:
@@ -206,7 +223,7 @@ def _row_plan(mixed, name_slots: tuple[int, ...], n_slots: int) -> RowPlan:
     used, group = torch.unique(rows[has], sorted=True, return_inverse=True)  # (U,), (K,)
     u, k, b = used.shape[0], int(has.sum()), rows.shape[0]
     rp = RowPlan()
-    rp.key, rp.used, rp.span = tuple(rows.tolist()), used, None
+    rp.key, rp.used, rp.span, rp.slots = tuple(rows.tolist()), used, None, rows
     rp.sel = None if k == b else has.nonzero().flatten()
     if u == 0:
         rp.kind, rp.pos, rp.m = "stack", None, 1

@@ -47,6 +47,7 @@ class Server:
     tenants: Tenants | None = None  # None: no keys needed (loopback only, unless --insecure)
     router: Router = field(default_factory=Router)
     base_path: str | None = None
+    kernel_line: str | None = None  # which path mixed decode steps take (server._lora_kernel), printed at start-up
 
     def __post_init__(self) -> None:
         base = self.registry.base
@@ -142,8 +143,10 @@ def build_app(srv: Server) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        from ..kernels import lora_rows
+
         return {"status": "ok", "model": srv.base_name, "queue_depth": srv.engine.queue_depth(),
-                "running": srv.engine.running()}
+                "running": srv.engine.running(), "lora_kernel": lora_rows.state()["mode"]}
 
     @app.get("/metrics")
     async def metrics(t: Tenant = Depends(auth)):

@@ -25,6 +25,9 @@ class ServeConfig:
     allow_adapter_paths: tuple[str, ...] = ()  # roots besides --adapters-dir that API loads may read (paths.py)
     mixed_adapter_dtype: str = "model"  # LoRA weights a mixed batch reads: "model" (the base's dtype,
     #                     exact) or "bfloat16" (half the bytes per decode step; rounds each row's LoRA term)
+    lora_kernel: str = "auto"  # mixed decode steps through kernels/lora_rows (built at start-up, cached):
+    #                            "auto" says so and keeps torch's bmm if it cannot build, "on" refuses to start
+    #                            then, "off" is torch's bmm; measured in docs/serving.md
     max_loaded: int = 16  # adapters resident in memory; the least recently used is evicted beyond it
     #                       (a LoRA r=16 on all linears of a 135M model is ~20 MB)
     # requests

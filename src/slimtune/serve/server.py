@@ -48,6 +48,7 @@ def make_server(model, tokenizer, cfg: ServeConfig, adapters: dict[str, str] | N
         except CacheLayoutError as e:
             raise ServeError(str(e)) from None
     _check_mixed_dtype(model, cfg)
+    kernel_line = _lora_kernel(model, cfg) if text else None
     registry = Registry(model, cfg.served_model_name, cfg.max_loaded, adapters_dir, cfg.allow_adapter_paths, text)
     if len(adapters or {}) > cfg.max_loaded:
         raise ServeError(f"{len(adapters)} --adapter flags but --max-loaded {cfg.max_loaded}: raise --max-loaded or "
@@ -62,7 +63,9 @@ def make_server(model, tokenizer, cfg: ServeConfig, adapters: dict[str, str] | N
         except RouteError as e:
             raise ServeError(str(e)) from None
     try:
-        return Server(registry, tokenizer, cfg, tenants, router, base_path)
+        srv = Server(registry, tokenizer, cfg, tenants, router, base_path)
+        srv.kernel_line = kernel_line
+        return srv
     except (RouteError, SpeechBaseError) as e:
         raise ServeError(str(e)) from None
 
@@ -82,6 +85,21 @@ def _check_mixed_dtype(model, cfg: ServeConfig) -> None:
         if not native:
             raise ServeError(f"--mixed-adapter-dtype bfloat16 needs a CPU that computes bf16 natively, and {why}; "
                              "leave --mixed-adapter-dtype at 'model' on this machine")
+
+
+def _lora_kernel(model, cfg: ServeConfig) -> str:
+    """Switch the mixed-LoRA decode kernel as --lora-kernel asks (kernels/lora_rows.py); the line
+    saying which path decode steps take. A model off the CPU keeps torch's ops (the kernel is CPU code)."""
+    from ..kernels import lora_rows
+
+    if cfg.lora_kernel not in lora_rows.MODES:
+        raise ServeError(f"--lora-kernel {cfg.lora_kernel}: use one of {', '.join(lora_rows.MODES)}")
+    if next(model.parameters()).device.type != "cpu":
+        return lora_rows.enable("off").replace("(--lora-kernel off)", "(the model is not on the CPU)")
+    try:
+        return lora_rows.enable(cfg.lora_kernel)
+    except lora_rows.KernelUnavailable as e:
+        raise ServeError(f"--lora-kernel on: {e}") from None
 
 
 def run(srv, log_level: str = "info") -> None:

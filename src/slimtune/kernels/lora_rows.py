@@ -1,0 +1,134 @@
+"""The mixed-adapter LoRA decode kernel (csrc/lora_rows.cpp): each token row adds its own adapter's
+LoRA term, read straight from the layer's stack of adapters, in one call per layer.
+
+Why: at decode every row is one token, so a mixed batch's LoRA term is two GEMVs per row. As torch
+ops (`lora_mixed._mixed_forward`'s two `bmm` per layer) the small GEMMs cost about as much again as
+the bytes they read; the kernel streams each row's weights once through FMA loops, prefetching the
+next row's adapter while this one computes, and widens a bf16 stack to fp32 in registers (half the
+bytes, fp32 arithmetic, so it needs no native bf16 unit).
+
+Built on first use with torch's C++ extension builder (gcc and ninja, `-O3 -march=native`) into
+torch's extension cache (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions), under a name
+that hashes the source, the flags and this CPU's feature flags: a build is never reused on a CPU
+with other instructions. Nothing builds or switches on by itself: `enable(mode)` does, and the
+server calls it at start-up (`--lora-kernel`), so a library user's `mixed_batch` runs the torch ops
+unless they call `enable` too.
+
+    enable("auto")  # build; if that fails, say why and keep the torch ops
+    enable("on")    # build, or raise KernelUnavailable with the compiler's message
+    enable("off")   # the torch ops
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "lora_rows.cpp"
+RANKS = (8, 16, 32, 64)  # the ranks the kernel is compiled for: a stack's rank is padded up to one
+MODES = ("auto", "on", "off")
+
+_OP = None  # the built extension's add_rows while enabled, else None
+_BUILT: dict[str, object] = {}  # arch -> module, built (or loaded) once per process
+_STATE = {"mode": "off", "why": "not enabled (lora_rows.enable)", "build_s": None, "arch": None}
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel could not be built here; the message says why and what to pass instead."""
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build(arch: str = "native"):
+    """Compile (or load from the cache) the extension for `-march=<arch>`; its module. `arch` other
+    than native builds the kernel for an older instruction set on this machine (the tests force the
+    AVX2 build, x86-64-v3, on an AVX-512 CPU). Raises KernelUnavailable."""
+    if arch in _BUILT:
+        return _BUILT[arch]
+    flags = ["-O3", f"-march={arch}", "-mprefer-vector-width=512"]
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(flags), _cpu_flags(), torch.__version__]).encode())
+    name = f"slimtune_lora_rows_{key.hexdigest()[:16]}"
+    try:
+        from torch.utils.cpp_extension import load
+
+        if shutil.which("ninja") is None:  # the ninja package's binary, when its venv is not on PATH
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        _BUILT[arch] = load(name, [str(SOURCE)], extra_cflags=flags, verbose=False)
+        return _BUILT[arch]
+    except Exception as e:  # the compiler, ninja or the loader: all say the same thing to the user
+        text = str(e).strip().splitlines()
+        raise KernelUnavailable(f"the mixed-LoRA decode kernel did not build ({text[-1] if text else type(e).__name__}): "
+                                "it needs gcc and the ninja package (pip install ninja); or pass --lora-kernel off "
+                                "to decode with torch's bmm") from None
+
+
+def enable(mode: str = "auto", arch: str = "native") -> str:
+    """Switch the kernel on or off for every mixed batch in this process; a line saying which path
+    mixed decode steps take and why (the server prints it at start-up)."""
+    global _OP
+    if mode not in MODES:
+        raise ValueError(f"lora kernel mode {mode!r}: use one of {', '.join(MODES)}")
+    _OP = None
+    if mode == "off":
+        _STATE.update(mode="off", why="--lora-kernel off", build_s=None, arch=None)
+        return "mixed LoRA decode: torch bmm (--lora-kernel off)"
+    t0 = time.perf_counter()
+    try:
+        mod = build(arch)
+    except KernelUnavailable as e:
+        if mode == "on":
+            raise
+        _STATE.update(mode="off", why=str(e), build_s=None, arch=None)
+        return f"mixed LoRA decode: torch bmm, because {e}"
+    _OP = mod.add_rows
+    dt = time.perf_counter() - t0
+    _STATE.update(mode="on", why=f"-march={arch}", build_s=dt, arch=arch)
+    return f"mixed LoRA decode: the lora_rows kernel (-march={arch}; built or loaded in {dt:.1f} s)"
+
+
+def active() -> bool:
+    return _OP is not None
+
+
+def state() -> dict:
+    """{'mode': 'on'|'off', 'why', 'build_s', 'arch'}: for /health and the tests."""
+    return dict(_STATE)
+
+
+def padded_rank(r: int) -> int:
+    """The rank a stack is built with while the kernel is on: r rounded up to one of RANKS (zero
+    columns add no term), r itself above the largest (those layers keep the torch ops)."""
+    for k in RANKS:
+        if r <= k:
+            return k
+    return r
+
+
+def usable(x: torch.Tensor, out: torch.Tensor, a_all: torch.Tensor) -> bool:
+    """Whether a layer's decode step can take the kernel: on, one token a row, fp32 activations
+    on the CPU, a stack rank it was compiled for, and no autograd graph to keep."""
+    return (_OP is not None and x.shape[1] == 1 and x.dtype == torch.float32 and out.dtype == torch.float32
+            and x.device.type == "cpu" and out.is_contiguous() and a_all.shape[-1] in RANKS
+            and not (torch.is_grad_enabled() and (x.requires_grad or out.requires_grad)))
+
+
+def add_rows(x: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, slots: torch.Tensor, out: torch.Tensor) -> None:
+    """out[n] += (x[n] · A[slots[n]]) · B[slots[n]] in place; slot 0 (the base rows) adds nothing.
+    x (N, in) fp32, A (S+1, in, r), B (S+1, r, out) fp32 or bf16 (the scale folded into B),
+    slots (N,) int64, out (N, out) fp32."""
+    _OP(x.contiguous(), a_all, b_all, slots, out)

@@ -1,0 +1,239 @@
+"""The mixed-LoRA decode kernel (kernels/lora_rows.py): it adds exactly what the torch ops add, for
+every rank it is compiled for, fp32 and bf16 stacks, base rows and repeated adapters, built for this
+CPU and for AVX2 (x86-64-v3) on the same machine; a model's decode step through it equals the same
+step through torch's bmm; it is never used where it would be wrong (prefill, gradients, other
+dtypes), and each way of switching it says what it did."""
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+import torch.nn as nn
+
+from slimtune.kernels import lora_rows
+from slimtune.methods.lora_layers import BASE_ADAPTER, Linear
+
+X86 = platform.machine() in ("x86_64", "AMD64")
+
+
+@pytest.fixture
+def kernel_state():
+    """Each test here switches the kernel itself; leave it as found."""
+    saved = (lora_rows._OP, dict(lora_rows._STATE))
+    yield
+    lora_rows._OP = saved[0]
+    lora_rows._STATE.clear()
+    lora_rows._STATE.update(saved[1])
+
+
+def _reference(x, a, b, slots):
+    """out[n] = (x[n] · A[slot n]) · B[slot n] in fp64 from the stack's own values (slot 0 adds 0)."""
+    a64, b64 = a.double(), b.double()
+    y = torch.einsum("ni,nir->nr", x.double(), a64[slots])
+    y = torch.einsum("nr,nro->no", y, b64[slots])
+    return y * (slots > 0).double()[:, None]
+
+
+@pytest.mark.parametrize("arch", ["native", pytest.param("x86-64-v3", marks=pytest.mark.skipif(
+    not X86, reason="the AVX2 build is an x86-64 instruction set"))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r", lora_rows.RANKS)
+def test_kernel_adds_each_rows_term(r, dtype, arch):
+    """Rows on distinct adapters, repeated ones and base rows (slot 0); widths that are and are not
+    multiples of the kernel's 16-float blocks and 4-feature steps."""
+    mod = lora_rows.build(arch)
+    g = torch.Generator().manual_seed(r)
+    d_in, d_out, s = 37, 45, 5
+    a = torch.randn(s + 1, d_in, r, generator=g).to(dtype)
+    b = torch.randn(s + 1, r, d_out, generator=g).to(dtype)
+    a[0], b[0] = 0, 0
+    slots = torch.tensor([3, 0, 1, 3, 5, 2, 0, 4])
+    x = torch.randn(len(slots), d_in, generator=g)
+    base = torch.randn(len(slots), d_out, generator=g)
+    out = base.clone()
+    mod.add_rows(x, a, b, slots, out)
+    want = base.double() + _reference(x, a, b, slots)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(out[slots == 0], base[slots == 0])  # base rows untouched
+
+
+def test_kernel_refuses_what_it_cannot_read():
+    mod = lora_rows.build()
+    a, b = torch.zeros(3, 8, 16), torch.zeros(3, 16, 4)
+    x, out = torch.zeros(2, 8), torch.zeros(2, 4)
+    with pytest.raises(RuntimeError, match="slot 3 outside the stack of 3"):
+        mod.add_rows(x, a, b, torch.tensor([1, 3]), out)
+    with pytest.raises(RuntimeError, match="rank 12 is not 8, 16, 32 or 64"):
+        mod.add_rows(x, torch.zeros(3, 8, 12), torch.zeros(3, 12, 4), torch.tensor([1, 2]), out)
+    with pytest.raises(RuntimeError, match="x and out must be fp32"):
+        mod.add_rows(x.double(), a, b, torch.tensor([1, 2]), out)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        mod.add_rows(torch.zeros(2, 9), a, b, torch.tensor([1, 2]), out)
+
+
+def test_padded_rank():
+    assert [lora_rows.padded_rank(r) for r in (1, 8, 9, 16, 24, 64, 65, 128)] == [8, 8, 16, 16, 32, 64, 65, 128]
+
+
+# a layer of three adapters whose ranks (2, 4, 8) pad to 8 in the kernel's stack
+ADAPTERS = {"a": (4, 8, False), "b": (2, 4, True), "c": (8, 8, False)}
+
+
+def _layer(seed: int = 0) -> Linear:
+    torch.manual_seed(seed)
+    layer = None
+    for name, (r, alpha, rs) in ADAPTERS.items():
+        kw = dict(r=r, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights=False, use_rslora=rs)
+        if layer is None:
+            layer = Linear(nn.Linear(20, 18), name, **kw)
+        else:
+            layer.update_layer(name, **kw)
+    return layer
+
+
+def _mixed(layer, names, x, dtype=None):
+    uniq = list(dict.fromkeys(names))
+    layer._mixed = (uniq, torch.tensor([uniq.index(n) for n in names]))
+    layer.__dict__["_mixed_dtype"] = dtype
+    try:
+        return layer(x)
+    finally:
+        layer._mixed = None
+        layer.__dict__.pop("_mixed_dtype", None)
+
+
+def _counting(monkeypatch):
+    calls = []
+    op = lora_rows._OP
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return op(*args)
+
+    monkeypatch.setattr(lora_rows, "_OP", counted)
+    return calls
+
+
+NAMES = ["c", BASE_ADAPTER, "a", "b", "a", "c"]
+
+
+@pytest.mark.parametrize("rows", [NAMES, ["b"], [BASE_ADAPTER, "a"], ["a", "b", "c"]])
+def test_decode_step_through_the_kernel_equals_torch_ops(kernel_state, monkeypatch, rows):
+    """One token a row: the kernel (stack padded to rank 8) against the bmm path, same layer."""
+    layer = _layer()
+    x = torch.randn(len(rows), 1, 20)
+    with torch.no_grad():
+        lora_rows.enable("off")
+        want = _mixed(layer, rows, x)
+        lora_rows.enable("on")
+        calls = _counting(monkeypatch)
+        got = _mixed(layer, rows, x)
+    assert calls == [torch.Size([len(rows), 20])]  # one call for the layer
+    assert layer._all_stacks(torch.float32)[1].shape[-1] == 8  # ranks 2, 4, 8 in a rank-8 stack
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_only_where_it_is_right(kernel_state, monkeypatch):
+    """Prefill (several tokens a row), gradients to keep, a bf16 model: the torch ops, same result."""
+    layer = _layer()
+    lora_rows.enable("on")
+    calls = _counting(monkeypatch)
+    x = torch.randn(len(NAMES), 3, 20)
+    with torch.no_grad():
+        prefill = _mixed(layer, NAMES, x)
+    layer.requires_grad_(False)  # a frozen layer under autograd (the input's gradient): the serving path,
+    xg = torch.randn(len(NAMES), 1, 20, requires_grad=True)  # whose in-place kernel autograd could not see
+    _mixed(layer, NAMES, xg).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    with torch.no_grad():
+        _mixed(_layer().to(torch.bfloat16), NAMES, x[:, :1].bfloat16())
+    assert calls == []
+    lora_rows.enable("off")
+    with torch.no_grad():
+        torch.testing.assert_close(_mixed(layer, NAMES, x), prefill)
+
+
+def test_bf16_stacks_through_the_kernel(kernel_state):
+    """--mixed-adapter-dtype bfloat16: the kernel widens the bf16 stack to fp32 (x stays fp32): its
+    result is the fp32 one up to the stack's rounding, and as close as the bf16 bmm path's."""
+    layer = _layer()
+    x = torch.randn(len(NAMES), 1, 20)
+    with torch.no_grad():
+        lora_rows.enable("off")
+        exact = _mixed(layer, NAMES, x)
+        bmm16 = _mixed(layer, NAMES, x, torch.bfloat16)
+        lora_rows.enable("on")
+        kern16 = _mixed(layer, NAMES, x, torch.bfloat16)
+    err_kernel, err_bmm = (kern16 - exact).abs().max(), (bmm16 - exact).abs().max()
+    assert 0 < err_kernel <= 0.02 * exact.abs().max() and err_kernel <= err_bmm + 1e-6
+
+
+def test_a_model_decodes_the_same_through_the_kernel(kernel_state, monkeypatch):
+    """A tiny Llama with three adapters on q/v: a mixed prefill, then decode steps, greedy; the
+    tokens and the last logits through the kernel equal those through torch's bmm."""
+    from transformers import DynamicCache
+
+    from conftest import randomize_lora, tiny_llama
+    from slimtune import LoraConfig, get_peft_model
+
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), "a")
+    pm.add_adapter("b", LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    pm.add_adapter("c", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    randomize_lora(pm, std=0.3)
+    tuner, hf = pm.base_model, pm.base_model.model
+    rows = ["b", BASE_ADAPTER, "a", "c", "a"]
+    ids = torch.randint(0, 128, (len(rows), 6), generator=torch.Generator().manual_seed(0))
+
+    def decode():
+        toks, cache = ids, DynamicCache(config=hf.config)
+        out = []
+        with torch.no_grad(), tuner.mixed_batch(rows):
+            for _ in range(4):
+                logits = hf(input_ids=toks, past_key_values=cache, use_cache=True).logits[:, -1]
+                toks = logits.argmax(-1, keepdim=True)
+                out.append(toks)
+        return torch.cat(out, 1), logits
+
+    lora_rows.enable("off")
+    want_ids, want = decode()
+    lora_rows.enable("on")
+    calls = _counting(monkeypatch)
+    got_ids, got = decode()
+    assert len(calls) == 3 * 2 * 2  # 3 decode steps x 2 blocks x (q, v): the prefill took the bmm path
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_enable_says_which_path(kernel_state, monkeypatch):
+    assert "torch bmm (--lora-kernel off)" in lora_rows.enable("off") and not lora_rows.active()
+    line = lora_rows.enable("on")
+    assert "the lora_rows kernel (-march=native" in line and lora_rows.active()
+    assert lora_rows.state()["mode"] == "on"
+
+    def broken(arch="native"):
+        raise lora_rows.KernelUnavailable("the mixed-LoRA decode kernel did not build (no gcc): it needs gcc")
+
+    monkeypatch.setattr(lora_rows, "build", broken)
+    line = lora_rows.enable("auto")  # said, not silent: the server prints this line at start-up
+    assert line.startswith("mixed LoRA decode: torch bmm, because the mixed-LoRA decode kernel did not build")
+    assert not lora_rows.active() and "did not build" in lora_rows.state()["why"]
+    with pytest.raises(lora_rows.KernelUnavailable, match="did not build"):
+        lora_rows.enable("on")
+    with pytest.raises(ValueError, match="use one of auto, on, off"):
+        lora_rows.enable("fast")
+
+
+def test_a_failed_build_names_the_fix(kernel_state, monkeypatch):
+    """What a machine without a compiler sees: the loader's error, and what to install or pass."""
+    import torch.utils.cpp_extension as ext
+
+    def no_compiler(*a, **k):
+        raise RuntimeError("Error building extension\nc++: command not found")
+
+    monkeypatch.setattr(ext, "load", no_compiler)
+    monkeypatch.setattr(lora_rows, "_BUILT", {})
+    with pytest.raises(lora_rows.KernelUnavailable) as e:
+        lora_rows.build()
+    assert "(c++: command not found)" in str(e.value) and "pip install ninja" in str(e.value)
+    assert "--lora-kernel off" in str(e.value)
