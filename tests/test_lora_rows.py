@@ -15,6 +15,7 @@ from slimtune.kernels import lora_rows
 from slimtune.methods.lora_layers import BASE_ADAPTER, Linear
 
 X86 = platform.machine() in ("x86_64", "AMD64")
+AVX2 = X86 and {"avx2", "fma"} <= set(lora_rows._cpu_flags().split())
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def _reference(x, a, b, slots):
 
 
 @pytest.mark.parametrize("arch", ["native", pytest.param("x86-64-v3", marks=pytest.mark.skipif(
-    not X86, reason="the AVX2 build is an x86-64 instruction set"))])
+    not AVX2, reason="the AVX2 build needs an x86-64 CPU with AVX2 and FMA"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("r", lora_rows.RANKS)
 def test_kernel_adds_each_rows_term(r, dtype, arch):
@@ -218,8 +219,10 @@ def test_enable_says_which_path(kernel_state, monkeypatch):
     line = lora_rows.enable("auto")  # said, not silent: the server prints this line at start-up
     assert line.startswith("mixed LoRA decode: torch bmm, because the mixed-LoRA decode kernel did not build")
     assert not lora_rows.active() and "did not build" in lora_rows.state()["why"]
+    lora_rows._OP, lora_rows._STATE["mode"] = (lambda *a: None), "on"  # as if on before: a failed "on" turns it off
     with pytest.raises(lora_rows.KernelUnavailable, match="did not build"):
         lora_rows.enable("on")
+    assert not lora_rows.active() and lora_rows.state()["mode"] == "off"
     with pytest.raises(ValueError, match="use one of auto, on, off"):
         lora_rows.enable("fast")
 
@@ -229,11 +232,41 @@ def test_a_failed_build_names_the_fix(kernel_state, monkeypatch):
     import torch.utils.cpp_extension as ext
 
     def no_compiler(*a, **k):
-        raise RuntimeError("Error building extension\nc++: command not found")
+        raise RuntimeError("Error building extension 'x'\nlora_rows.cpp:1:10: fatal error: Python.h: No such file"
+                           "\nninja: build stopped: subcommand failed.")
 
     monkeypatch.setattr(ext, "load", no_compiler)
     monkeypatch.setattr(lora_rows, "_BUILT", {})
     with pytest.raises(lora_rows.KernelUnavailable) as e:
         lora_rows.build()
-    assert "(c++: command not found)" in str(e.value) and "pip install ninja" in str(e.value)
+    assert "fatal error: Python.h: No such file" in str(e.value) and "subcommand failed" not in str(e.value)
+    assert "python3-dev" in str(e.value) and "pip install ninja" in str(e.value)
     assert "--lora-kernel off" in str(e.value)
+
+
+def test_a_killed_builds_lock_does_not_hang_the_next(monkeypatch, tmp_path):
+    """torch's builder waits forever on a `lock` a killed build left; one older than any build goes."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    lora_rows._drop_stale_lock(tmp_path)
+    assert lock.exists()  # a fresh lock: a build under way, left alone
+    old = time.time() - lora_rows.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    lora_rows._drop_stale_lock(tmp_path)
+    assert not lock.exists()
+    lora_rows._drop_stale_lock(tmp_path)  # none: nothing to do
+
+
+def test_other_stack_dtypes_keep_the_torch_ops(kernel_state):
+    """An fp16 stack (mixed_batch(weights_dtype=torch.float16)) is not the kernel's: the bmm path runs."""
+    layer = _layer()
+    x = torch.randn(len(NAMES), 1, 20)
+    lora_rows.enable("on")
+    with torch.no_grad():
+        got = _mixed(layer, NAMES, x, torch.float16)
+        lora_rows.enable("off")
+        want = _mixed(layer, NAMES, x, torch.float16)
+    torch.testing.assert_close(got, want)

@@ -61,23 +61,43 @@ def build(arch: str = "native"):
     # -fopenmp: at::parallel_for is inline OpenMP in ATen's headers, so without it the rows run on one
     # thread (measured: 16.4 ms at 2 threads as at 1); the extension then links libgomp.so.1, which the
     # loader resolves to the one torch already loaded (same soname): one OpenMP runtime in the process
-    flags = ["-O3", f"-march={arch}", "-mprefer-vector-width=512", "-fopenmp"]
+    flags = ["-O3", f"-march={arch}", "-fopenmp"]
+    if platform.machine() in ("x86_64", "AMD64"):  # an x86 gcc option: AVX-512 CPUs get 512-bit vectors
+        flags.append("-mprefer-vector-width=512")
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(flags), _cpu_flags(), torch.__version__]).encode())
     name = f"slimtune_lora_rows_{key.hexdigest()[:16]}"
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
+        _drop_stale_lock(Path(_get_build_directory(name, False)))
         if shutil.which("ninja") is None:  # the ninja package's binary, when its venv is not on PATH
             import ninja
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         _BUILT[arch] = load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
         return _BUILT[arch]
-    except Exception as e:  # the compiler, ninja or the loader: all say the same thing to the user
-        text = str(e).strip().splitlines()
-        raise KernelUnavailable(f"the mixed-LoRA decode kernel did not build ({text[-1] if text else type(e).__name__}): "
-                                "it needs gcc and the ninja package (pip install ninja); or pass --lora-kernel off "
-                                "to decode with torch's bmm") from None
+    except Exception as e:  # the compiler, ninja or the loader: the compiler's own first errors, and the fixes
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        errs = [ln for ln in lines if "error" in ln.lower() and "subcommand failed" not in ln][:2]
+        why = "; ".join(errs or lines[-1:]) or type(e).__name__
+        raise KernelUnavailable(f"the mixed-LoRA decode kernel did not build ({why}): it needs gcc, the Python "
+                                "headers (python3-dev), the ninja package (pip install ninja) and a writable "
+                                "TORCH_EXTENSIONS_DIR; or pass --lora-kernel off to decode with torch's bmm") from None
+
+
+STALE_LOCK_S = 600  # a build takes ~30 s; a lock older than this is a killed build's
+
+
+def _drop_stale_lock(build_dir: Path) -> None:
+    """torch's builder waits forever on its build folder's `lock` file, which a build killed midway
+    (a SIGKILLed server or CI job) leaves behind: every later start would hang with no word. A lock
+    older than any build is removed first."""
+    lock = build_dir / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def enable(mode: str = "auto", arch: str = "native") -> str:
@@ -94,9 +114,9 @@ def enable(mode: str = "auto", arch: str = "native") -> str:
     try:
         mod = build(arch)
     except KernelUnavailable as e:
+        _STATE.update(mode="off", why=str(e), build_s=None, arch=None)
         if mode == "on":
             raise
-        _STATE.update(mode="off", why=str(e), build_s=None, arch=None)
         return f"mixed LoRA decode: torch bmm, because {e}"
     _OP = mod.add_rows
     dt = time.perf_counter() - t0
@@ -124,9 +144,10 @@ def padded_rank(r: int) -> int:
 
 def usable(x: torch.Tensor, out: torch.Tensor, a_all: torch.Tensor) -> bool:
     """Whether a layer's decode step can take the kernel: on, one token a row, fp32 activations
-    on the CPU, a stack rank it was compiled for, and no autograd graph to keep."""
+    on the CPU, an fp32 or bf16 stack of a rank it was compiled for, and no autograd graph to keep."""
     return (_OP is not None and x.shape[1] == 1 and x.dtype == torch.float32 and out.dtype == torch.float32
             and x.device.type == "cpu" and out.is_contiguous() and a_all.shape[-1] in RANKS
+            and a_all.dtype in (torch.float32, torch.bfloat16) and a_all.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or out.requires_grad)))
 
 

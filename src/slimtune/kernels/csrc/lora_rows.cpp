@@ -144,5 +144,7 @@ void add_rows(const torch::Tensor& x, const torch::Tensor& a, const torch::Tenso
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("add_rows", &add_rows, "out[n] += (x[n] . A[slot[n]]) . B[slot[n]], slot 0 skipped");
+  // the GIL is released while it runs, as torch's own ops do: the server's HTTP threads go on meanwhile
+  m.def("add_rows", &add_rows, "out[n] += (x[n] . A[slot[n]]) . B[slot[n]], slot 0 skipped",
+        py::call_guard<py::gil_scoped_release>());
 }
