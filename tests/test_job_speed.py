@@ -180,11 +180,11 @@ def test_precision_auto_on_cpu(monkeypatch):
     """The flags' branch of the decision (the SLIMTUNE_CPU_BF16 override is test_precision.py's)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv(resources.CPU_BF16_ENV, raising=False)
-    monkeypatch.setattr(resources, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(resources, "cpu_flags", lambda: {"avx2", "fma"})
     p, why = resources.precision_choice("auto")
     assert p == "fp32" and "no native bf16" in why
     for flag in ("avx512_bf16", "amx_bf16"):
-        monkeypatch.setattr(resources, "_cpu_flags", lambda flag=flag: {"avx2", flag})
+        monkeypatch.setattr(resources, "cpu_flags", lambda flag=flag: {"avx2", flag})
         p, why = resources.precision_choice("auto")
         assert p == "bf16" and flag in why and "fp32" in why  # trained parameters stay fp32
     assert resources.precision_choice("fp32")[0] == "fp32"

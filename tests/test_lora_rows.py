@@ -12,10 +12,11 @@ import torch
 import torch.nn as nn
 
 from slimtune.kernels import lora_rows
+from slimtune.train.resources import cpu_flags
 from slimtune.methods.lora_layers import BASE_ADAPTER, Linear
 
 X86 = platform.machine() in ("x86_64", "AMD64")
-AVX2 = X86 and {"avx2", "fma"} <= set(lora_rows._cpu_flags().split())
+AVX2 = X86 and {"avx2", "fma"} <= cpu_flags()
 
 
 @pytest.fixture
@@ -219,7 +220,7 @@ def test_enable_says_which_path(kernel_state, monkeypatch):
     line = lora_rows.enable("auto")  # said, not silent: the server prints this line at start-up
     assert line.startswith("mixed LoRA decode: torch bmm, because the mixed-LoRA decode kernel did not build")
     assert not lora_rows.active() and "did not build" in lora_rows.state()["why"]
-    lora_rows._OP, lora_rows._STATE["mode"] = (lambda *a: None), "on"  # as if on before: a failed "on" turns it off
+    lora_rows._OP = lambda *a: None  # as if on before: a failed "on" turns it off
     with pytest.raises(lora_rows.KernelUnavailable, match="did not build"):
         lora_rows.enable("on")
     assert not lora_rows.active() and lora_rows.state()["mode"] == "off"

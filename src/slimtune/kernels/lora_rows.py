@@ -29,27 +29,19 @@ from pathlib import Path
 
 import torch
 
+from ..train.resources import cpu_flags
+
 SOURCE = Path(__file__).parent / "csrc" / "lora_rows.cpp"
 RANKS = (8, 16, 32, 64)  # the ranks the kernel is compiled for: a stack's rank is padded up to one
 MODES = ("auto", "on", "off")
 
 _OP = None  # the built extension's add_rows while enabled, else None
 _BUILT: dict[str, object] = {}  # arch -> module, built (or loaded) once per process
-_STATE = {"mode": "off", "why": "not enabled (lora_rows.enable)", "build_s": None, "arch": None}
+_STATE = {"why": "not enabled (lora_rows.enable)", "build_s": None, "arch": None}  # the last enable's
 
 
 class KernelUnavailable(RuntimeError):
     """The kernel could not be built here; the message says why and what to pass instead."""
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build(arch: str = "native"):
@@ -64,7 +56,8 @@ def build(arch: str = "native"):
     flags = ["-O3", f"-march={arch}", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):  # an x86 gcc option: AVX-512 CPUs get 512-bit vectors
         flags.append("-mprefer-vector-width=512")
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(flags), _cpu_flags(), torch.__version__]).encode())
+    cpu = " ".join(sorted(cpu_flags())) or platform.processor() or platform.machine()
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(flags), cpu, torch.__version__]).encode())
     name = f"slimtune_lora_rows_{key.hexdigest()[:16]}"
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
@@ -108,19 +101,19 @@ def enable(mode: str = "auto", arch: str = "native") -> str:
         raise ValueError(f"lora kernel mode {mode!r}: use one of {', '.join(MODES)}")
     _OP = None
     if mode == "off":
-        _STATE.update(mode="off", why="--lora-kernel off", build_s=None, arch=None)
+        _STATE.update(why="--lora-kernel off", build_s=None, arch=None)
         return "mixed LoRA decode: torch bmm (--lora-kernel off)"
     t0 = time.perf_counter()
     try:
         mod = build(arch)
     except KernelUnavailable as e:
-        _STATE.update(mode="off", why=str(e), build_s=None, arch=None)
+        _STATE.update(why=str(e), build_s=None, arch=None)
         if mode == "on":
             raise
         return f"mixed LoRA decode: torch bmm, because {e}"
     _OP = mod.add_rows
     dt = time.perf_counter() - t0
-    _STATE.update(mode="on", why=f"-march={arch}", build_s=dt, arch=arch)
+    _STATE.update(why=f"-march={arch}", build_s=dt, arch=arch)
     return f"mixed LoRA decode: the lora_rows kernel (-march={arch}; built or loaded in {dt:.1f} s)"
 
 
@@ -129,8 +122,9 @@ def active() -> bool:
 
 
 def state() -> dict:
-    """{'mode': 'on'|'off', 'why', 'build_s', 'arch'}: for /health and the tests."""
-    return dict(_STATE)
+    """{'mode': 'on'|'off', 'why', 'build_s', 'arch'}: for /health and the tests (mode is whether
+    the kernel is in use: `active()`)."""
+    return {"mode": "on" if _OP is not None else "off", **_STATE}
 
 
 def padded_rank(r: int) -> int:

@@ -63,7 +63,7 @@ class MixedLinear:
         n = idx.shape[0]
         x3 = x.reshape(n, -1, self.in_features)  # (B, T, in)
         if lora_rows.usable(x3, out, a_all):  # a decode step: one kernel call, straight from the stack
-            lora_rows.add_rows(x3.view(n, self.in_features), a_all, b_all, slots, out.view(n, -1))
+            lora_rows.add_rows(x3.reshape(n, self.in_features), a_all, b_all, slots, out.view(n, -1))
             return out
         if wd != x3.dtype:
             x3 = x3.to(wd)

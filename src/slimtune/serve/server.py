@@ -63,9 +63,7 @@ def make_server(model, tokenizer, cfg: ServeConfig, adapters: dict[str, str] | N
         except RouteError as e:
             raise ServeError(str(e)) from None
     try:
-        srv = Server(registry, tokenizer, cfg, tenants, router, base_path)
-        srv.kernel_line = kernel_line
-        return srv
+        return Server(registry, tokenizer, cfg, tenants, router, base_path, kernel_line)
     except (RouteError, SpeechBaseError) as e:
         raise ServeError(str(e)) from None
 

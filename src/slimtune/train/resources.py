@@ -22,7 +22,7 @@ def _cpu_model() -> str:
         return "unknown CPU"
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
             return {w for ln in f if ln.startswith("flags") for w in ln.split(":", 1)[1].split()}
@@ -49,7 +49,7 @@ def cpu_bf16() -> tuple[bool, str]:
         if forced == "1":
             return True, f"{CPU_BF16_ENV}=1 forces native bf16"
         return False, f"{CPU_BF16_ENV}=0 forces no native bf16 (as on an AVX2-only CPU)"
-    have = [f for f in CPU_BF16_FLAGS if f in _cpu_flags()]
+    have = [f for f in CPU_BF16_FLAGS if f in cpu_flags()]
     if have:
         return True, f"this CPU computes bf16 natively ({', '.join(have)})"
     return False, "this CPU has no native bf16 (no avx512_bf16 / amx_bf16 flag: bf16 would be emulated, slower than fp32)"
@@ -58,7 +58,7 @@ def cpu_bf16() -> tuple[bool, str]:
 def cpu_summary() -> str:
     """One line naming the CPU's bf16-relevant flags and what `train.precision: auto` picks here
     (printed by .ci/run before the tests, so a red run says which kind of machine it was)."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     rel = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     prec, why = precision_choice("auto")
     forced = os.environ.get(CPU_BF16_ENV)
