@@ -47,7 +47,9 @@ def test_mistakes_are_one_line_and_exit_2(world, tmp_path, capsys):
                         (["--keys", str(bad)], "keys.0.admin"), (["--route", "support=nope"], "--route"),
                         (["--route", "support=ghost:1"], "arm 'ghost' is not a loaded adapter"),
                         (["--adapters-dir", str(tmp_path / "none")], "no such folder"),
-                        (["--allow-adapter-path", str(tmp_path / "none")], "--allow-adapter-path")]:
+                        (["--allow-adapter-path", str(tmp_path / "none")], "--allow-adapter-path"),
+                        (["--admit-wait-ms", "-5"], "--admit-wait-ms -5: give 0 or more"),
+                        (["--admit-gap-ms", "nan"], "--admit-gap-ms nan: give 0 or more")]:
         assert main(["serve", "--model", str(base)] + args) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, (args, err)

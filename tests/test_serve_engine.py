@@ -353,3 +353,67 @@ def test_mixed_adapter_dtype_bfloat16_needs_native_bf16_and_stays_close(world, n
         got[dt] = torch.tensor([[e[1] for e in ev.prompt_logprobs[1:]] for ev in evs])
     assert not torch.equal(got["model"], got["bfloat16"])
     torch.testing.assert_close(got["bfloat16"], got["model"], atol=5e-2, rtol=0)
+
+
+def _count_prefills(eng) -> list[int]:
+    calls: list[int] = []
+    prefill = eng._prefill
+
+    def spy(b, rows):
+        calls.append(len(rows))
+        prefill(b, rows)
+
+    eng._prefill = spy
+    return calls
+
+
+def _staggered(eng, jobs, pause_s):
+    handles = []
+    for n, pr, k in jobs:
+        handles.append(eng.submit(GenRequest(pr, n, max_tokens=k)))
+        time.sleep(pause_s)
+    return handles
+
+
+def test_an_idle_engine_gathers_a_wave_into_one_prefill(world):
+    """Requests arriving a few ms apart on an idle engine (a wave of clients answered in one step)
+    share one prefill forward and one new batch; with --admit-wait-ms 0 the first is prefilled alone.
+    The answers are the same either way (each equals its request run alone)."""
+    base, ads = world
+    names = ["lora-a", "lora-b", BASE_ADAPTER, "lora-c", "lora-d", "lora-a"]
+    jobs = [(n, _prompt(40 + i, 3 + i % 3), 4) for i, n in enumerate(names)]
+    want = [offline_greedy(base, ads.get(n), pr, k) for n, pr, k in jobs]
+    # generous windows: a loaded CI machine may pause a thread for tens of ms between two submits
+    for wait_ms, gap_ms, pause_s in ((5000, 400, 0.002), (0, 0, 0.15)):
+        _, eng = _engine(world, ["lora-a", "lora-b", "lora-c", "lora-d"], admit_wait_ms=wait_ms, admit_gap_ms=gap_ms)
+        calls = _count_prefills(eng)
+        eng.start()
+        try:
+            got = [h.result(60)[0] for h in _staggered(eng, jobs, pause_s)]
+            assert _wait_idle(eng) == 0
+        finally:
+            eng.stop()
+        assert got == want
+        if wait_ms:
+            assert calls == [len(jobs)]
+        else:
+            assert len(calls) >= 2 and calls[0] == 1, calls
+
+
+def test_gathering_never_holds_up_running_rows_a_full_batch_or_a_model_change(world):
+    """The wait applies only to an idle engine: with rows running (the step gathers arrivals by
+    itself), a full batch waiting, or a queued adapter load, `_gather` returns at once even with a
+    window of minutes."""
+    _, eng = _engine(world, ["lora-a"], admit_wait_ms=600_000, admit_gap_ms=600_000, max_batch=2)
+    one = GenRequest([1000, 1001], max_tokens=2)
+    eng.submit(one)  # the engine is not started: _gather runs here, on the test's thread
+    t0 = time.monotonic()
+    eng._batches = {"running": object()}  # rows running
+    eng._gather()
+    eng._batches = {}
+    eng.submit(one)  # a full batch waiting (max_batch 2)
+    eng._gather()
+    eng._waiting.pop()
+    eng._ops.append((lambda: None, None))  # one request waiting, an adapter load queued
+    eng._gather()
+    assert time.monotonic() - t0 < 30  # three returns, none waited out its 10-minute window

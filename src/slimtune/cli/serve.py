@@ -34,6 +34,11 @@ def add_parser(sub) -> None:
     g.add_argument("--max-loaded", type=int, default=d.max_loaded, help="adapters resident in memory (LRU beyond)")
     g.add_argument("--max-batch", type=int, default=d.max_batch, help="rows decoded together")
     g.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 429")
+    g.add_argument("--admit-wait-ms", type=float, default=d.admit_wait_ms,
+                   help="on an idle server, how long the first request may wait for others arriving with it, so "
+                        "they share one prefill (0 = admit at once)")
+    g.add_argument("--admit-gap-ms", type=float, default=d.admit_gap_ms,
+                   help="... stop waiting once no request has arrived for this long (a lone request waits this)")
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     g.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
     g.add_argument("--max-audio-bytes", type=int, default=d.max_audio_bytes,
@@ -126,6 +131,9 @@ def check_port(host: str, port: int) -> None:
 def run(a) -> int:
     adapters = parse_adapters(a.adapter)
     routes = parse_routes(a.route)
+    for flag, ms in (("--admit-wait-ms", a.admit_wait_ms), ("--admit-gap-ms", a.admit_gap_ms)):
+        if not ms >= 0:  # also NaN
+            raise CommandError(f"{flag} {ms:g}: give 0 or more milliseconds (0 admits a request at once)")
     check_port(a.host, a.port)  # first: a busy port fails in a second, not after torch and the model load
     import torch
 
@@ -157,6 +165,7 @@ def run(a) -> int:
     name = a.served_model_name or (a.model if a.model and not os.path.isdir(a.model) else
                                    os.path.basename(os.path.normpath(a.model or str(path))))
     cfg = ServeConfig(host=a.host, port=a.port, served_model_name=name, max_batch=a.max_batch, max_queue=a.max_queue,
+                      admit_wait_ms=a.admit_wait_ms, admit_gap_ms=a.admit_gap_ms,
                       max_loaded=a.max_loaded, max_body_bytes=a.max_body_bytes, max_prompt_tokens=a.max_prompt_tokens,
                       max_tokens=a.max_tokens, max_audio_bytes=a.max_audio_bytes,
                       max_audio_seconds=a.max_audio_seconds, max_n=a.max_n, request_timeout_s=a.request_timeout,

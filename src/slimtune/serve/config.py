@@ -18,6 +18,11 @@ class ServeConfig:
     #                      is ~3x a step of 1, so more rows trade latency for little throughput
     prefill_tokens: int = 2048  # prompt tokens prefilled per step: bounds the stall running rows see
     #                             when many requests join at once (one prompt longer than this still goes)
+    admit_wait_ms: float = 20.0  # with no row running, the first request back waits up to this long for the
+    #                              others of its wave (clients answered in one step come back within a few ms),
+    #                              so they share one prefill and one new batch instead of two (docs/serving.md)
+    admit_gap_ms: float = 3.0  # ... and stops waiting once no request has arrived for this long: a lone
+    #                            request on an idle server waits this, not admit_wait_ms; 0 = no gathering
     prefix_cache_tokens: int = 8192  # prompt-prefix KV kept for reuse (0 = off): ~380 MB for SmolLM2-135M
     #                                  in fp32; chat prompts share their template and system prompt
     prefix_block: int = 16  # tokens per cached block: a prefix is reused in whole blocks

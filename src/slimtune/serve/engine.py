@@ -1,6 +1,7 @@
 """The scheduler: one thread owns the model and runs continuous batching across adapters.
 
     submit() ─► waiting (FIFO, at most max_queue; else QueueFull -> 429)
+                  │ on an idle engine, gathered while more keep arriving (admit_gap_ms / admit_wait_ms)
                   │ admitted at the next step while rows < max_batch and the prefill budget lasts
                   ▼
     every step:  run queued calls (adapter load/unload) ─► drop cancelled / timed-out rows
@@ -143,7 +144,30 @@ class Engine:
         self._fail_all(EngineStopped("the server is shutting down"), finish="cancelled")
         self._flush()
 
+    def _gather(self) -> None:
+        """A new wave: with no row running, wait while requests keep arriving (each within
+        `admit_gap_ms` of the one before, `admit_wait_ms` in all), so clients answered in the same
+        step, who come back within a few ms of one another, share one prefill and one new batch
+        rather than the first alone one step ahead of the rest. Running rows are never held up (with
+        rows running, the step itself gathers what arrives during it), nor is a full batch, a queued
+        model change or a shutdown."""
+        gap, most = self.cfg.admit_gap_ms / 1e3, self.cfg.admit_wait_ms / 1e3
+        if gap <= 0 or most <= 0 or self._batches:
+            return
+        end = time.perf_counter() + most
+        with self._cv:
+            n = len(self._waiting)
+            while 0 < n < self.cfg.max_batch and not (self._ops or self._stopping):
+                left = end - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cv.wait(min(gap, left))
+                if len(self._waiting) == n:
+                    break  # nobody came within the gap: the wave is in
+                n = len(self._waiting)
+
     def _step(self) -> bool:
+        self._gather()
         t0 = time.perf_counter()
         with self._cv:
             ops, self._ops = self._ops, []
@@ -290,6 +314,8 @@ class Engine:
         names = [r.req.adapter for r in rows]
         full = any(r.req.echo for r in rows)
         logits, cache = self._forward(pl, names, ids, mask, pos, cache, full=full)
+        if self.metrics is not None:
+            self.metrics.prefill_rows.observe(len(rows))
         plps = None
         if full:  # prompt log-probs of the echo rows: each prompt fills the last len(prompt) columns
             lg = logits[:, -ids.shape[1]:]

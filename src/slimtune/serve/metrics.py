@@ -9,6 +9,7 @@ counted per route and arm.
     slimtune_request_latency_seconds{endpoint,model}    slimtune_time_to_first_token_seconds{model}
     slimtune_inter_token_latency_seconds{model}         time between a choice's tokens as the HTTP side gets them
     slimtune_queue_depth  slimtune_running_requests  slimtune_batch_rows  slimtune_batch_adapters  slimtune_step_seconds
+    slimtune_prefill_rows                               rows per prefill forward (a wave gathered: one forward)
     slimtune_adapters_resident  slimtune_adapters_known  slimtune_adapter_loads_total  slimtune_adapter_evictions_total
     slimtune_prefill_tokens_total  slimtune_prefix_cache_hit_tokens_total
 """
@@ -78,6 +79,9 @@ class Metrics:
         self.batch_rows = Histogram("slimtune_batch_rows", "rows decoded per engine step", buckets=ROW_BUCKETS, registry=r)
         self.batch_adapters = Histogram("slimtune_batch_adapters", "distinct adapters (base included) in one decode forward",
                                         buckets=(1, 2, 3, 4, 6, 8, 16, 32), registry=r)
+        self.prefill_rows = Histogram("slimtune_prefill_rows", "rows prefilled by one forward (an idle server "
+                                      "gathers a wave's requests into one: --admit-wait-ms)", buckets=ROW_BUCKETS,
+                                      registry=r)
         self.step_seconds = Histogram("slimtune_step_seconds", "engine step time", buckets=STEP_BUCKETS, registry=r)
         if adapters is not None:
             r.register(_RegistryCollector(adapters))
