@@ -14,6 +14,9 @@
 #        TASKS="minilm_rt" bash ... OUT   runs one task (default: both)
 #        MINILM_B=4 MINILM_ARGS="data.max_train=20000" bash ... OUT   MiniLM's budget (CPU minutes, default 2) and
 #        extra overrides for every MiniLM row (default none: the example's 2,000 training snippets)
+#        PHASES=search TRIALS=32 SEARCH_ARGS="search.pruner=hyperband" bash ... OUT   only the search phase (the
+#        config rows taken from an earlier run of the same command), its trial count (default 16) and extra
+#        overrides for the search alone
 # Then:  python benchmarks/results/search/two_task_table.py OUT
 set -euo pipefail
 set -m  # job control: the background parts keep SIGINT (a non-interactive shell's & would ignore it)
@@ -36,15 +39,18 @@ one() {  # name config budget_min probe_steps overrides...
   local name=$1 cfg=$2 b=$3 ps=$4; shift 4
   local o=$OUT/$name
   mkdir -p "$o"
+  if [[ " ${PHASES:-config search} " == *" config "* ]]; then
   echo "$name phase 1 $(date -u +%T), load $(cut -d' ' -f1-3 /proc/loadavg)"
   part "$o/compare.log" $ST compare "$cfg" --methods none --budget-minutes "$b" --budget-clock cpu --seeds 3 \
       --out "$o/compare" train.cpu_threads=1 "$@"
   part "$o/compare-full.log" $ST compare "$cfg" --methods full --no-config-row --budget-minutes "$b" --budget-clock cpu \
       --seeds 3 --lr-grid 3 --probe-steps "$ps" --out "$o/compare-full" train.cpu_threads=1 "$@"
   wait_parts
+  fi
+  [[ " ${PHASES:-config search} " == *" search "* ]] || return 0
   echo "$name phase 2 $(date -u +%T), load $(cut -d' ' -f1-3 /proc/loadavg)"
-  part "$o/search.log" $ST search "$cfg" --budget-minutes "$b" --budget-clock cpu --trials 16 --workers 2 --timeout 60 \
-      --max-trainable-pct 1 --seeds 3 --seed-top 2 --out "$o/search" train.cpu_threads=1 search.warmup_trials=2 "$@"
+  part "$o/search.log" $ST search "$cfg" --budget-minutes "$b" --budget-clock cpu --trials "${TRIALS:-16}" --workers 2 --timeout "${TIMEOUT:-60}" \
+      --max-trainable-pct 1 --seeds 3 --seed-top 2 --out "$o/search" train.cpu_threads=1 search.warmup_trials=2 "$@" ${SEARCH_ARGS:-}
   wait_parts
 }
 echo "start $(date -u +%T), load $(cut -d' ' -f1-3 /proc/loadavg)"
