@@ -417,3 +417,50 @@ def test_gathering_never_holds_up_running_rows_a_full_batch_or_a_model_change(wo
     eng._ops.append((lambda: None, None))  # one request waiting, an adapter load queued
     eng._gather()
     assert time.monotonic() - t0 < 30  # three returns, none waited out its 10-minute window
+
+
+def _tasks() -> int:
+    import os
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_release_pool_frees_the_calling_threads_openmp_workers(world, monkeypatch):
+    """--dedicated-cpus: the loading thread's libgomp pool is freed when the engine starts (openmp.py): with two
+    pools past the CPU count libgomp throttles its workers and every small op of a decode step pays a
+    futex wake-up. Here: a thread's parallel op makes a worker thread, `release_pool` ends it, and
+    `Engine.start` calls it on the starting thread under --dedicated-cpus (only: beside other busy
+    processes spinning workers stall)."""
+    import threading
+
+    from slimtune.serve import openmp
+
+    if not torch.backends.openmp.is_available() or not __import__("os").path.isdir("/proc/self/task"):
+        pytest.skip("torch without OpenMP, or no /proc: no libgomp pool to free")
+    got = {}
+
+    def work():
+        was = torch.get_num_threads()
+        torch.set_num_threads(2)  # this thread's team: itself + one pooled worker
+        before = _tasks()
+        x = torch.ones(8_000_000)
+        for _ in range(3):
+            x.add_(1)  # far above at::parallel_for's grain: runs on the team
+        got["with_pool"] = _tasks() - before
+        got["released"] = openmp.release_pool()
+        end = time.monotonic() + 5
+        while _tasks() - before > 0 and time.monotonic() < end:
+            time.sleep(0.01)  # the freed workers exit after the pause returns
+        got["after"] = _tasks() - before
+        torch.set_num_threads(was)  # (also the default new threads start from)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert got == {"with_pool": 1, "released": True, "after": 0}, got
+    calls = []
+    monkeypatch.setattr(openmp, "release_pool", lambda: calls.append(threading.get_ident()) or True)
+    for dedicated in (False, True):
+        _, eng = _engine(world, [], dedicated_cpus=dedicated)
+        eng.start()
+        eng.stop()
+    assert calls == [threading.get_ident()]  # with --dedicated-cpus only, on the thread that starts the engine

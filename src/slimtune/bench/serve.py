@@ -201,6 +201,8 @@ class _Server:
         cmd += ["--lora-kernel", a.lora_kernel]
         if a.admit_wait_ms is not None:
             cmd += ["--admit-wait-ms", str(a.admit_wait_ms)]
+        if a.dedicated_cpus:
+            cmd += ["--dedicated-cpus"]
         for n, p in adapters.items():
             cmd += ["--adapter", f"{n}={p}"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -303,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the server's --lora-kernel (mixed decode steps through slimtune's C++ kernel, or torch's bmm)")
     ap.add_argument("--admit-wait-ms", type=float,
                     help="the server's --admit-wait-ms (0: admit each request at once; default: the server's own)")
+    ap.add_argument("--dedicated-cpus", action="store_true",
+                    help="the server's --dedicated-cpus (one OpenMP pool, spinning workers: for a quiet machine)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--out", help="JSON path (default benchmarks/results/serve-<shape>-<device>.json; '-' for none)")
@@ -346,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             wd = "" if a.mixed_adapter_dtype == "model" else f" ({a.mixed_adapter_dtype} adapter weights)"
             wd += " (torch bmm, --lora-kernel off)" if a.lora_kernel == "off" else ""
             wd += f" (--admit-wait-ms {a.admit_wait_ms:g})" if a.admit_wait_ms is not None else ""
+            wd += " (--dedicated-cpus)" if a.dedicated_cpus else ""
             serve = _stats(f"slimtune serve, {len(names)} adapters mixed{wd}", runs["serve"])
             base_only = _stats("(b) base model alone (slimtune serve)", runs["base"])
             extras = [_stats(EXTRA[k][0].format(n=len(names)), runs[k]) for k in kinds[2:]]
@@ -359,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = _uptime()
     res = {"shape": a.shape, "device": a.device, "dtype": a.dtype, "threads": a.threads, "clients": a.clients,
            "adapters": a.adapters, "requests_per_client": a.requests, "rounds": a.rounds, "max_tokens": a.max_tokens, "r": a.r,
-           "max_batch": a.max_batch, "mixed_adapter_dtype": a.mixed_adapter_dtype, "lora_kernel": a.lora_kernel, "admit_wait_ms": a.admit_wait_ms, "prefix_cache_tokens": a.prefix_cache_tokens, "torch": torch.__version__, "commit": _commit(),
+           "max_batch": a.max_batch, "mixed_adapter_dtype": a.mixed_adapter_dtype, "lora_kernel": a.lora_kernel, "admit_wait_ms": a.admit_wait_ms, "dedicated_cpus": a.dedicated_cpus, "prefix_cache_tokens": a.prefix_cache_tokens, "torch": torch.__version__, "commit": _commit(),
            "uptime_before": load_before, "uptime_after": load_after,
            "rows": [serve] + ([seq] if seq else []) + [base_only] + extras,
            "serve_vs_a_tokens_per_s": round(serve["tokens_per_s"] / seq["tokens_per_s"], 2) if seq else None,

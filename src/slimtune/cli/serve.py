@@ -62,6 +62,10 @@ def add_parser(sub) -> None:
                    help="mixed-adapter decode steps through slimtune's C++ kernel, built with gcc at start-up and "
                         "cached (auto: torch's bmm if it cannot build, said at start-up; on: refuse to start then; "
                         "off: torch's bmm)")
+    g.add_argument("--dedicated-cpus", action="store_true",
+                   help="the server has its CPUs to itself: one OpenMP thread pool whose workers spin between ops "
+                        "(faster decode steps; leave off on a machine shared with other busy processes or under a "
+                        "CPU quota, where spinning workers stall). See docs/serving.md")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     g.set_defaults(fn=run)
 
@@ -165,7 +169,7 @@ def run(a) -> int:
     name = a.served_model_name or (a.model if a.model and not os.path.isdir(a.model) else
                                    os.path.basename(os.path.normpath(a.model or str(path))))
     cfg = ServeConfig(host=a.host, port=a.port, served_model_name=name, max_batch=a.max_batch, max_queue=a.max_queue,
-                      admit_wait_ms=a.admit_wait_ms, admit_gap_ms=a.admit_gap_ms,
+                      admit_wait_ms=a.admit_wait_ms, admit_gap_ms=a.admit_gap_ms, dedicated_cpus=a.dedicated_cpus,
                       max_loaded=a.max_loaded, max_body_bytes=a.max_body_bytes, max_prompt_tokens=a.max_prompt_tokens,
                       max_tokens=a.max_tokens, max_audio_bytes=a.max_audio_bytes,
                       max_audio_seconds=a.max_audio_seconds, max_n=a.max_n, request_timeout_s=a.request_timeout,

@@ -33,6 +33,10 @@ class ServeConfig:
     lora_kernel: str = "auto"  # mixed decode steps through kernels/lora_rows (built at start-up, cached):
     #                            "auto" says so and keeps torch's bmm if it cannot build, "on" refuses to start
     #                            then, "off" is torch's bmm; measured in docs/serving.md
+    dedicated_cpus: bool = False  # the server has its CPUs to itself: keep one OpenMP pool (the engine's), whose
+    #                               workers then spin between a step's ops instead of sleeping (faster steps);
+    #                               off by default: beside other busy processes or under a CPU quota spinning
+    #                               workers stall behind them (serve/openmp.py, measured in docs/serving.md)
     max_loaded: int = 16  # adapters resident in memory; the least recently used is evicted beyond it
     #                       (a LoRA r=16 on all linears of a 135M model is ~20 MB)
     # requests

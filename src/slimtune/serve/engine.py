@@ -41,7 +41,7 @@ from .config import ServeConfig
 from .handles import EngineStopped, Event, GenRequest, Handle, QueueFull  # noqa: F401 - re-exported
 from .prefix_cache import PrefixCache, prefix_tensors
 from .registry import AdapterError, Placement, Registry
-from . import logprobs, sampling
+from . import logprobs, openmp, sampling
 
 log = logging.getLogger("slimtune.serve")
 
@@ -73,6 +73,8 @@ class Engine:
             if self._thread is not None and self._thread.is_alive():
                 return self
             self._stopping = False
+            if self.cfg.dedicated_cpus:  # the loading thread's OpenMP workers go: only the engine's spin (openmp.py)
+                openmp.release_pool()
             self._thread = threading.Thread(target=self._run, name="slimtune-engine", daemon=True)
             self._thread.start()
         return self
