@@ -2,6 +2,7 @@
 32 tokens each, greedy) on 16 mixed LoRA adapters, then the same wave on the base model alone; the
 time of each prefill and the median decode step, per round. Used in docs/serving.md ("One OpenMP
 pool") to compare `--dedicated-cpus` and `--mixed-adapter-dtype` settings without the HTTP side.
+(`serve_waves.py` gives the same waves' tokens/s and ratio, with the first request admitted early.)
 
 Run: flock /tmp/slimtune-bench.lock python benchmarks/serve_engine_steps.py [--dedicated-cpus]
          [--mixed-adapter-dtype bfloat16] [--lora-kernel auto|on|off] [--rounds 3] [--threads 2]
@@ -19,6 +20,7 @@ from slimtune import BASE_ADAPTER
 from slimtune.bench import serve as B
 from slimtune.serve import ServeConfig, make_server
 from slimtune.serve.engine import GenRequest
+from slimtune.serve.text import chat_prompt
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--dedicated-cpus", action="store_true")
@@ -49,10 +51,8 @@ with tempfile.TemporaryDirectory(prefix="slimtune-engine-steps-") as tmp:
         setattr(eng, "_" + kind, spy)
     names = list(ads)
 
-    def prompt(i):
-        text = tok.apply_chat_template([{"role": "user", "content": B.QUESTION + B.PROMPTS[i % len(B.PROMPTS)]}],
-                                       add_generation_prompt=True, tokenize=False)
-        return tok(text, add_special_tokens=False)["input_ids"]
+    def prompt(i):  # the server's own chat encoding
+        return chat_prompt(tok, [{"role": "user", "content": B.QUESTION + B.PROMPTS[i % len(B.PROMPTS)]}])
     eng.start()
     try:
         for rnd in range(a.rounds):  # the first round pays the plans' and caches' first use

@@ -3,6 +3,7 @@ and joining, LRU residency, corrupt adapters, limits. Each output is compared wi
 offline greedy output (PeftModel.generate, one prompt alone)."""
 from __future__ import annotations
 
+import os
 import shutil
 import time
 
@@ -420,7 +421,6 @@ def test_gathering_never_holds_up_running_rows_a_full_batch_or_a_model_change(wo
 
 
 def _tasks() -> int:
-    import os
     return len(os.listdir("/proc/self/task"))
 
 
@@ -434,7 +434,7 @@ def test_release_pool_frees_the_calling_threads_openmp_workers(world, monkeypatc
 
     from slimtune.serve import openmp
 
-    if not torch.backends.openmp.is_available() or not __import__("os").path.isdir("/proc/self/task"):
+    if not torch.backends.openmp.is_available() or not os.path.isdir("/proc/self/task"):
         pytest.skip("torch without OpenMP, or no /proc: no libgomp pool to free")
     got = {}
 
