@@ -147,6 +147,13 @@ def usable(x: torch.Tensor, out: torch.Tensor, a_all: torch.Tensor) -> bool:
 
 def add_rows(x: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, slots: torch.Tensor, out: torch.Tensor) -> None:
     """out[n] += (x[n] · A[slots[n]]) · B[slots[n]] in place; slot 0 (the base rows) adds nothing.
-    x (N, in) fp32, A (S+1, in, r), B (S+1, r, out) fp32 or bf16 (the scale folded into B),
-    slots (N,) int64, out (N, out) fp32."""
+    x (N, in) or (N, 1, in) fp32, A (S+1, in, r), B (S+1, r, out) fp32 or bf16 (the scale folded
+    into B), slots (N,) int64, out (N, out) or (N, 1, out) fp32, contiguous."""
     _OP(x.contiguous(), a_all, b_all, slots, out)
+
+
+def op():
+    """The built kernel's add_rows while enabled, else None: for a caller that has checked
+    `usable` once and calls it straight on later decode steps (lora_mixed's hot path); the same
+    arguments as `add_rows`, with x already contiguous."""
+    return _OP

@@ -174,6 +174,7 @@ class Linear(MixedLinear, LoraLayer):
         if "_mixed_last" in d:  # mixed batches have ended: free their plans and gathered weights
             del d["_mixed_last"]
             d.pop("_mixed_cache", None)
+            d.pop("_mixed_hot", None)
         group = d.get("_share") if SHARE_INPUTS else None
         if group is not None:  # q/k/v-style siblings on one input: one fused node for all of them
             out = group.output(self, x)
