@@ -185,6 +185,26 @@ def test_bf16_weights_are_opt_in_and_round_only_the_lora_term():
     torch.testing.assert_close(delta_half, delta, atol=2e-2 * float(delta.abs().max()), rtol=2e-2)
 
 
+def test_bf16_stacks_are_storage_widened_before_the_prefill_gemms():
+    """A bf16 stack under an fp32 model computes in fp32, as the decode kernel does: a prefill (several
+    tokens a row) equals the fp32 product with each adapter's A and s·B rounded to bf16, to fp32
+    accuracy. Activations rounded to bf16 (torch's bf16 bmm) would miss by ~1e-2."""
+    layer = _layer()
+    names = ["c", BASE_ADAPTER, "a", "b", "a", "gone"]
+    x = torch.randn(len(names), 3, 12)
+    with torch.no_grad():
+        layer._mixed_dtype = torch.bfloat16
+        got = _mixed(layer, names, x)
+        del layer._mixed_dtype
+        want = layer.base_layer(x)
+        for i, n in enumerate(names):
+            if n in layer.scaling:
+                a = layer.lora_A[n].weight.t().bfloat16().float()
+                b = (layer.lora_B[n].weight * layer.scaling[n]).t().bfloat16().float()
+                want[i] += x[i] @ a @ b
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_the_stack_follows_weights_changed_in_place_and_new_adapters():
     """The stack of every adapter is kept across batches, and rebuilt when an adapter's weights
     change in place (an optimizer step, a reload into the same tensors) or an adapter is added."""

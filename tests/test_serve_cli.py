@@ -133,19 +133,19 @@ def test_smollm_chat_equals_slimtune_generate(tmp_path):
             assert r.json()["choices"][0]["message"]["content"].strip() == want[name], name
 
 
-@pytest.mark.parametrize("native", ["0", "1"])
-def test_mixed_adapter_dtype_bfloat16_exit_2_without_native_bf16(world, native, monkeypatch, capsys):
-    """--mixed-adapter-dtype bfloat16 on a CPU without native bf16: one line, exit 2; with it the
-    server is built (the run itself is stubbed: no port is bound)."""
+@pytest.mark.parametrize("kernel", ["off", "auto"])
+def test_mixed_adapter_dtype_bfloat16_exit_2_without_the_kernel(world, kernel, monkeypatch, capsys):
+    """--mixed-adapter-dtype bfloat16 with --lora-kernel off: one line, exit 2. With the kernel the
+    server is built, on the AVX2-only CPU kind as well (forced; the run itself is stubbed: no port)."""
     from slimtune.cli.main import main
     from slimtune.serve import server
 
-    monkeypatch.setenv("SLIMTUNE_CPU_BF16", native)
+    monkeypatch.setenv("SLIMTUNE_CPU_BF16", "0")
     built = []
     monkeypatch.setattr(server, "run", lambda srv, log_level="info": built.append(srv.cfg.mixed_adapter_dtype))
-    rc = main(["serve", "--model", str(world[0]), "--mixed-adapter-dtype", "bfloat16"])
+    rc = main(["serve", "--model", str(world[0]), "--mixed-adapter-dtype", "bfloat16", "--lora-kernel", kernel])
     err = capsys.readouterr().err
-    if native == "0":
-        assert rc == 2 and "needs a CPU that computes bf16 natively" in err and "Traceback" not in err
+    if kernel == "off":
+        assert rc == 2 and "only through the lora_rows kernel" in err and "Traceback" not in err
     else:
         assert rc == 0 and built == ["bfloat16"], err

@@ -327,33 +327,60 @@ def test_prefix_cache_reuses_shared_prompt_blocks_with_the_same_output(world):
         eng.stop()
 
 
-@pytest.mark.parametrize("native", ["0", "1"])
-def test_mixed_adapter_dtype_bfloat16_needs_native_bf16_and_stays_close(world, native, monkeypatch):
-    """--mixed-adapter-dtype bfloat16: refused on a CPU without native bf16 (one message naming the
-    fix); with it, a LoRA row's prompt log-probs stay within bf16 rounding of the exact default's."""
+def _collect(h, timeout=60):
+    """A handle's events until it finishes: (tokens, per-token log-probs, prompt log-probs)."""
+    toks, lps, plps = [], [], None
+    while True:
+        ev = h.queue.get(timeout=timeout)[1]
+        toks += ev.tokens
+        lps += [lp[1] for lp in ev.logprobs or []]
+        plps = ev.prompt_logprobs if ev.prompt_logprobs is not None else plps
+        if ev.finish is not None:
+            return toks, lps, plps
+
+
+@pytest.mark.parametrize("kernel", ["off", "on"])
+def test_mixed_adapter_dtype_bfloat16_needs_the_kernel_and_stays_close(world, kernel, monkeypatch):
+    """--mixed-adapter-dtype bfloat16: refused while the decode kernel is off (torch's decode path would
+    widen the whole stack every step), one message naming the fix. With the kernel on it runs on either
+    CPU kind (SLIMTUNE_CPU_BF16=0 forces the AVX2-only one: a bf16 stack is widened, never computed in
+    bf16), and a LoRA row's prompt log-probs (the prefill's bmm) and its decoded tokens' log-probs (the
+    kernel) stay within bf16 rounding of the exact default's."""
+    from slimtune.kernels import lora_rows
     from slimtune.serve.server import ServeError, _check_mixed_dtype
 
-    monkeypatch.setenv("SLIMTUNE_CPU_BF16", native)
-    model, _ = load_base(world[0])
+    monkeypatch.setenv("SLIMTUNE_CPU_BF16", "0")
     cfg = ServeConfig(mixed_adapter_dtype="bfloat16")
-    if native == "0":
-        with pytest.raises(ServeError, match="needs a CPU that computes bf16 natively.*leave --mixed-adapter-dtype at 'model'"):
-            _check_mixed_dtype(model, cfg)
-        return
-    _check_mixed_dtype(model, cfg)
-    pr = _prompt(7, 9)
-    got = {}
-    for dt in ("model", "bfloat16"):
-        _, eng = _engine(world, ["lora-b", "lora-a"], mixed_adapter_dtype=dt)
-        eng.start()
-        try:
-            hs = [eng.submit(GenRequest(pr, n, max_tokens=1, echo=True, logprobs=0)) for n in ("lora-b", "lora-a")]
-            evs = [h.queue.get(timeout=60)[1] for h in hs]
-        finally:
-            eng.stop()
-        got[dt] = torch.tensor([[e[1] for e in ev.prompt_logprobs[1:]] for ev in evs])
-    assert not torch.equal(got["model"], got["bfloat16"])
-    torch.testing.assert_close(got["bfloat16"], got["model"], atol=5e-2, rtol=0)
+    line = lora_rows.enable(kernel)
+    try:
+        if kernel == "off":
+            with pytest.raises(ServeError, match=r"only through the lora_rows kernel, which is not in use \(mixed "
+                                                 r"LoRA decode: torch bmm \(--lora-kernel off\)\); leave "
+                                                 "--mixed-adapter-dtype at 'model'"):
+                _check_mixed_dtype(cfg, line)
+            with pytest.raises(ServeError, match="a speech base"):
+                _check_mixed_dtype(cfg, None)
+            return
+        _check_mixed_dtype(cfg, line)
+        pr = _prompt(7, 9)
+        got = {}
+        for dt in ("model", "bfloat16"):
+            _, eng = _engine(world, ["lora-b", "lora-a"], mixed_adapter_dtype=dt)
+            eng.start()
+            try:
+                hs = [eng.submit(GenRequest(pr, n, max_tokens=4, echo=True, logprobs=0, ignore_eos=True))
+                      for n in ("lora-b", "lora-a")]
+                got[dt] = [_collect(h) for h in hs]
+            finally:
+                eng.stop()
+    finally:
+        lora_rows.enable("off")
+    for exact, half in zip(got["model"], got["bfloat16"]):
+        assert half[0] == exact[0]  # the same greedy tokens
+        p_exact, p_half = (torch.tensor([e[1] for e in r[2][1:]]) for r in (exact, half))
+        assert not torch.equal(p_exact, p_half)  # a real change, never silently the default's path
+        torch.testing.assert_close(p_half, p_exact, atol=5e-2, rtol=0)
+        torch.testing.assert_close(torch.tensor(half[1]), torch.tensor(exact[1]), atol=5e-2, rtol=0)
 
 
 def _count_prefills(eng) -> list[int]:

@@ -56,8 +56,8 @@ def add_parser(sub) -> None:
                    help="the base model's dtype (adapters follow it)")
     g.add_argument("--mixed-adapter-dtype", default=d.mixed_adapter_dtype, choices=["model", "bfloat16"],
                    help="LoRA weights a mixed batch reads: the model's dtype (default, exact) or bfloat16 (half the "
-                        "bytes per decode step on a CPU with native bf16 or a GPU; each row's LoRA term is rounded "
-                        "to bf16). See docs/serving.md")
+                        "bytes per decode step, widened to fp32 as they are read: only the adapters' weights are "
+                        "rounded; needs the decode kernel, --lora-kernel auto|on). See docs/serving.md")
     g.add_argument("--lora-kernel", default=d.lora_kernel, choices=["auto", "on", "off"],
                    help="mixed-adapter decode steps through slimtune's C++ kernel, built with gcc at start-up and "
                         "cached (auto: torch's bmm if it cannot build, said at start-up; on: refuse to start then; "

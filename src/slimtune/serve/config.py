@@ -29,7 +29,8 @@ class ServeConfig:
     max_queue: int = 256  # requests waiting for a batch slot before new ones get 429
     allow_adapter_paths: tuple[str, ...] = ()  # roots besides --adapters-dir that API loads may read (paths.py)
     mixed_adapter_dtype: str = "model"  # LoRA weights a mixed batch reads: "model" (the base's dtype,
-    #                     exact) or "bfloat16" (half the bytes per decode step; rounds each row's LoRA term)
+    #                     exact) or "bfloat16" (half the bytes per decode step, widened to fp32 as read: only the
+    #                     weights are rounded; needs the lora_rows kernel, whose registers do the widening)
     lora_kernel: str = "auto"  # mixed decode steps through kernels/lora_rows (built at start-up, cached):
     #                            "auto" says so and keeps torch's bmm if it cannot build, "on" refuses to start
     #                            then, "off" is torch's bmm; measured in docs/serving.md

@@ -47,8 +47,8 @@ def make_server(model, tokenizer, cfg: ServeConfig, adapters: dict[str, str] | N
             check_model(model)
         except CacheLayoutError as e:
             raise ServeError(str(e)) from None
-    _check_mixed_dtype(model, cfg)
     kernel_line = _lora_kernel(model, cfg) if text else None
+    _check_mixed_dtype(cfg, kernel_line)
     registry = Registry(model, cfg.served_model_name, cfg.max_loaded, adapters_dir, cfg.allow_adapter_paths, text)
     if len(adapters or {}) > cfg.max_loaded:
         raise ServeError(f"{len(adapters)} --adapter flags but --max-loaded {cfg.max_loaded}: raise --max-loaded or "
@@ -68,21 +68,22 @@ def make_server(model, tokenizer, cfg: ServeConfig, adapters: dict[str, str] | N
         raise ServeError(str(e)) from None
 
 
-def _check_mixed_dtype(model, cfg: ServeConfig) -> None:
-    """--mixed-adapter-dtype bfloat16 only where bf16 is computed natively: an AVX2-only CPU emulates
-    it, slower than the fp32 it would replace (the CPU kind: train/resources.cpu_bf16)."""
+def _check_mixed_dtype(cfg: ServeConfig, kernel_line: str | None) -> None:
+    """--mixed-adapter-dtype bfloat16 only with the decode kernel on: a bf16 stack is storage (its
+    weights are widened to fp32 as they are read, so no CPU needs native bf16), and only the kernel
+    widens in registers; torch's decode path would widen the whole stack every step, slower than
+    the fp32 stack it replaces (serve_lora_floor.py --kernel off: 104 against 94 ms a step). Runs
+    after `_lora_kernel`, whose line (None for a speech base) says why the kernel is off."""
     if cfg.mixed_adapter_dtype == "model":
         return
     if cfg.mixed_adapter_dtype != "bfloat16":
         raise ServeError(f"--mixed-adapter-dtype {cfg.mixed_adapter_dtype}: use 'model' or 'bfloat16'")
-    dev = next(model.parameters()).device
-    if dev.type == "cpu":
-        from ..train.resources import cpu_bf16
+    from ..kernels import lora_rows
 
-        native, why = cpu_bf16()
-        if not native:
-            raise ServeError(f"--mixed-adapter-dtype bfloat16 needs a CPU that computes bf16 natively, and {why}; "
-                             "leave --mixed-adapter-dtype at 'model' on this machine")
+    if not lora_rows.active():
+        raise ServeError("--mixed-adapter-dtype bfloat16 halves the bytes a decode step reads only through the "
+                         f"lora_rows kernel, which is not in use ({kernel_line or 'a speech base'}); leave "
+                         "--mixed-adapter-dtype at 'model', or serve a CPU model with --lora-kernel auto|on")
 
 
 def _lora_kernel(model, cfg: ServeConfig) -> str:
