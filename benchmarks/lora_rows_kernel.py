@@ -1,0 +1,60 @@
+"""The mixed-LoRA decode kernel alone (kernels/csrc/lora_rows.cpp), on stacks shaped like the serve
+bench's: SmolLM2-135M's 30 blocks x 7 linears, 16 adapters of r=16 plus the empty slot 0, 16 rows.
+One pass calls the kernel once per layer, as a decode step does; the stacks total 313 MB in fp32
+(156 MB in bf16), so each pass reads them from memory, not cache.
+
+  16 adapters     row n on slot n+1: every adapter read once a pass (the serve bench's decode step)
+  1 adapter x16   every row on slot 1: ~1/16 of the bytes, so what is left is the kernel's arithmetic
+
+`--arch x86-64-v3` builds the kernel for AVX2 on this machine (as the tests do), to see what a CPU
+without AVX-512 gets from the same source; `--dtype bfloat16` reads bf16 stacks (the server's
+--mixed-adapter-dtype bfloat16), widened to fp32 in registers. Checks the result against fp64 first.
+
+Run: flock /tmp/slimtune-bench.lock python benchmarks/lora_rows_kernel.py [--arch native|x86-64-v3]
+         [--dtype float32|bfloat16] [--passes 12] [--threads 2]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from slimtune.kernels import lora_rows
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--arch", default="native")
+ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+ap.add_argument("--passes", type=int, default=12, help="timed passes per case (after 3 untimed)")
+ap.add_argument("--threads", type=int, default=2)
+a = ap.parse_args()
+torch.set_num_threads(a.threads)
+t0 = time.perf_counter()
+mod = lora_rows.build(a.arch)
+print(f"kernel -march={a.arch} built or loaded in {time.perf_counter() - t0:.1f} s; {a.dtype} stacks, {a.threads} threads")
+dt = getattr(torch, a.dtype)
+SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)] * 30  # q k v o gate up down
+g = torch.Generator().manual_seed(0)
+layers = []
+for d_in, d_out in SHAPES:  # (A (17, in, 16), s·B (17, 16, out), x (16, in), out (16, out)); slot 0 zeros
+    A = (torch.randn(17, d_in, 16, generator=g) * 0.05).to(dt)
+    B = (torch.randn(17, 16, d_out, generator=g) * 0.05).to(dt)
+    A[0], B[0] = 0, 0
+    layers.append((A, B, torch.randn(16, d_in, generator=g), torch.zeros(16, d_out)))
+print(f"{len(layers)} layers, stacks {sum(A.nbytes + B.nbytes for A, B, _, _ in layers) / 1e6:.0f} MB")
+
+A, B, x, out = layers[4]
+slots = torch.arange(1, 17)
+want = torch.einsum("ni,nir,nro->no", x.double(), A[slots].double(), B[slots].double())
+got = torch.zeros_like(out)
+mod.add_rows(x, A, B, slots, got)
+print(f"max |kernel - fp64| {(got.double() - want).abs().max().item():.1e} (|out| up to {want.abs().max().item():.2f})")
+
+for name, sl in [("16 adapters", torch.arange(1, 17)), ("1 adapter x16", torch.ones(16, dtype=torch.long))]:
+    ts = []
+    for i in range(3 + a.passes):
+        t0 = time.perf_counter()
+        for A, B, x, out in layers:
+            mod.add_rows(x, A, B, sl, out)
+        if i >= 3:
+            ts.append(time.perf_counter() - t0)
+    print(f"{name:14s} min {min(ts) * 1e3:6.2f}  median {statistics.median(ts) * 1e3:6.2f} ms a pass")
