@@ -1,7 +1,7 @@
 """The mixed-LoRA decode kernel alone (kernels/csrc/lora_rows.cpp), on stacks shaped like the serve
 bench's: SmolLM2-135M's 30 blocks x 7 linears, 16 adapters of r=16 plus the empty slot 0, 16 rows.
-One pass calls the kernel once per layer, as a decode step does; the stacks total 313 MB in fp32
-(156 MB in bf16), so each pass reads them from memory, not cache.
+One pass calls the kernel once per layer, as a decode step does; the stacks total 332 MB in fp32
+(166 MB in bf16; the empty slot 0 included, 313 / 156 MB without), more than the caches hold.
 
   16 adapters     row n on slot n+1: every adapter read once a pass (the serve bench's decode step)
   1 adapter x16   every row on slot 1: ~1/16 of the bytes, so what is left is the kernel's arithmetic
