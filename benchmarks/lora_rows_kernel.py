@@ -6,12 +6,18 @@ One pass calls the kernel once per layer, as a decode step does; the stacks tota
   16 adapters     row n on slot n+1: every adapter read once a pass (the serve bench's decode step)
   1 adapter x16   every row on slot 1: ~1/16 of the bytes, so what is left is the kernel's arithmetic
 
+  read           torch.sum over each of the same stacks, their bytes taken as fp32 words: what a plain
+                 read of those bytes costs here (one op per tensor, 420 a pass, so a few µs of
+                 dispatch each are in it too)
+
 `--arch x86-64-v3` builds the kernel for AVX2 on this machine (as the tests do), to see what a CPU
 without AVX-512 gets from the same source; `--dtype bfloat16` reads bf16 stacks (the server's
---mixed-adapter-dtype bfloat16), widened to fp32 in registers. Checks the result against fp64 first.
+--mixed-adapter-dtype bfloat16), widened to fp32 in registers. `--repeat K` makes K times the layers
+(times reported per 210 layers): past a large L3's share (this VM: 480 MB) a pass cannot be served
+from cache. Checks the result against fp64 first.
 
 Run: flock /tmp/slimtune-bench.lock python benchmarks/lora_rows_kernel.py [--arch native|x86-64-v3]
-         [--dtype float32|bfloat16] [--passes 12] [--threads 2]
+         [--dtype float32|bfloat16] [--repeat 1] [--passes 12] [--threads 2]
 """
 import argparse
 import statistics
@@ -26,13 +32,14 @@ ap.add_argument("--arch", default="native")
 ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
 ap.add_argument("--passes", type=int, default=12, help="timed passes per case (after 3 untimed)")
 ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--repeat", type=int, default=1, help="K times the 210 layers (times per 210)")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 t0 = time.perf_counter()
 mod = lora_rows.build(a.arch)
 print(f"kernel -march={a.arch} built or loaded in {time.perf_counter() - t0:.1f} s; {a.dtype} stacks, {a.threads} threads")
 dt = getattr(torch, a.dtype)
-SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)] * 30  # q k v o gate up down
+SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)] * 30 * a.repeat  # q k v o gate up down
 g = torch.Generator().manual_seed(0)
 layers = []
 for d_in, d_out in SHAPES:  # (A (17, in, 16), s·B (17, 16, out), x (16, in), out (16, out)); slot 0 zeros
@@ -49,12 +56,32 @@ got = torch.zeros_like(out)
 mod.add_rows(x, A, B, slots, got)
 print(f"max |kernel - fp64| {(got.double() - want).abs().max().item():.1e} (|out| up to {want.abs().max().item():.2f})")
 
-for name, sl in [("16 adapters", torch.arange(1, 17)), ("1 adapter x16", torch.ones(16, dtype=torch.long))]:
+MB = sum(A.nbytes + B.nbytes for A, B, _, _ in layers) / 1e6
+
+
+def timed(fn) -> float:
+    """Median seconds of a pass, per 210 layers."""
     ts = []
     for i in range(3 + a.passes):
         t0 = time.perf_counter()
-        for A, B, x, out in layers:
-            mod.add_rows(x, A, B, sl, out)
+        fn()
         if i >= 3:
             ts.append(time.perf_counter() - t0)
-    print(f"{name:14s} min {min(ts) * 1e3:6.2f}  median {statistics.median(ts) * 1e3:6.2f} ms a pass")
+    return statistics.median(ts) / a.repeat
+
+
+def run(sl):
+    for A, B, x, out in layers:
+        mod.add_rows(x, A, B, sl, out)
+
+
+def read():  # bf16 bytes summed as fp32 words: torch's bf16 sum is compute-bound (12 GB/s here), not a read
+    for A, B, _, _ in layers:
+        A.view(torch.float32).sum(), B.view(torch.float32).sum()
+
+
+for name, fn in [("16 adapters", lambda: run(torch.arange(1, 17))), ("1 adapter x16", lambda: run(torch.ones(16, dtype=torch.long))),
+                 ("read", read)]:
+    t = timed(fn)
+    rate = f", {MB / a.repeat / t / 1e3:.1f} GB/s of the stacks' bytes" if name != "1 adapter x16" else ""
+    print(f"{name:14s} median {t * 1e3:6.2f} ms a pass{rate}")

@@ -15,6 +15,9 @@
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -35,6 +38,75 @@ inline void prefetch_span(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t off = 0; off < bytes; off += kLine) __builtin_prefetch(c + off, 0, 2);
 }
+
+#if defined(__AVX512F__)
+// AVX-512 forms of the two loops below, for ranks that are multiples of 16 (one register of fp32 per
+// 16 ranks); compiled where the build's -march has AVX-512, the portable loops elsewhere (and for
+// rank 8). A bf16 load widens 16 values with one zero-extend and one shift: GCC's own vectorization
+// of `widen` split each row into two 256-bit halves with extracts, about twice the instructions.
+// Measured (benchmarks/lora_rows_kernel.py's shapes): bf16 stacks 7.2 ms a pass against 8.4-9.3,
+// fp32 12.8 against 13.4-14.0; the arithmetic alone (one adapter for every row) 2.3 against 2.9.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <int R, typename W>
+inline void x_times_a_512(const float* __restrict x, const W* __restrict a, float* __restrict xa, int64_t in,
+                          const W* next) {
+  constexpr int V = R / 16;
+  __m512 s0[V], s1[V], s2[V], s3[V];
+  for (int v = 0; v < V; ++v) s0[v] = s1[v] = s2[v] = s3[v] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 4 <= in; k += 4) {
+    const W* a0 = a + k * R;
+    if (next) prefetch_span(next + k * R, 4 * R * sizeof(W));
+    const __m512 x0 = _mm512_set1_ps(x[k]), x1 = _mm512_set1_ps(x[k + 1]);
+    const __m512 x2 = _mm512_set1_ps(x[k + 2]), x3 = _mm512_set1_ps(x[k + 3]);
+    for (int v = 0; v < V; ++v) {
+      s0[v] = _mm512_fmadd_ps(x0, load16(a0 + v * 16), s0[v]);
+      s1[v] = _mm512_fmadd_ps(x1, load16(a0 + R + v * 16), s1[v]);
+      s2[v] = _mm512_fmadd_ps(x2, load16(a0 + 2 * R + v * 16), s2[v]);
+      s3[v] = _mm512_fmadd_ps(x3, load16(a0 + 3 * R + v * 16), s3[v]);
+    }
+  }
+  for (; k < in; ++k) {
+    const __m512 xk = _mm512_set1_ps(x[k]);
+    for (int v = 0; v < V; ++v) s0[v] = _mm512_fmadd_ps(xk, load16(a + k * R + v * 16), s0[v]);
+  }
+  for (int v = 0; v < V; ++v)
+    _mm512_storeu_ps(xa + v * 16, _mm512_add_ps(_mm512_add_ps(s0[v], s1[v]), _mm512_add_ps(s2[v], s3[v])));
+}
+
+template <int R, typename W>
+inline void xa_times_b_512(const float* __restrict xa, const W* __restrict b, float* __restrict out, int64_t o,
+                           const W* next) {
+  int64_t p = 0;
+  for (; p + 64 <= o; p += 64) {
+    __m512 v0 = _mm512_loadu_ps(out + p), v1 = _mm512_loadu_ps(out + p + 16);
+    __m512 v2 = _mm512_loadu_ps(out + p + 32), v3 = _mm512_loadu_ps(out + p + 48);
+    for (int j = 0; j < R; ++j) {
+      const __m512 c = _mm512_set1_ps(xa[j]);
+      const W* bj = b + j * o + p;
+      if (next) prefetch_span(next + j * o + p, 64 * sizeof(W));
+      v0 = _mm512_fmadd_ps(c, load16(bj), v0);
+      v1 = _mm512_fmadd_ps(c, load16(bj + 16), v1);
+      v2 = _mm512_fmadd_ps(c, load16(bj + 32), v2);
+      v3 = _mm512_fmadd_ps(c, load16(bj + 48), v3);
+    }
+    _mm512_storeu_ps(out + p, v0);
+    _mm512_storeu_ps(out + p + 16, v1);
+    _mm512_storeu_ps(out + p + 32, v2);
+    _mm512_storeu_ps(out + p + 48, v3);
+  }
+  for (; p < o; ++p) {
+    float v = out[p];
+    for (int j = 0; j < R; ++j) v += xa[j] * widen(b[j * o + p]);
+    out[p] = v;
+  }
+}
+#endif
 
 // xa = x · A for one row, A (in, R) row-major. Four input features per iteration into four
 // independent accumulators, so the FMAs do not wait on each other (one chain would be
@@ -97,6 +169,13 @@ void rows_kernel(const float* x, const W* a, const W* b, const int64_t* slot, fl
       int64_t nx = i + 1;  // the next row with an adapter, on another one: its weights are prefetched
       while (nx < hi && (slot[nx] == 0 || slot[nx] == s)) ++nx;
       const int64_t sn = nx < hi ? slot[nx] : 0;
+#if defined(__AVX512F__)
+      if constexpr (R % 16 == 0) {
+        x_times_a_512<R>(x + i * in, a + s * in * R, xa, in, sn ? a + sn * in * R : nullptr);
+        xa_times_b_512<R>(xa, b + s * R * o, out + i * o, o, sn ? b + sn * R * o : nullptr);
+        continue;
+      }
+#endif
       x_times_a<R>(x + i * in, a + s * in * R, xa, in, sn ? a + sn * in * R : nullptr);
       xa_times_b<R>(xa, b + s * R * o, out + i * o, o, sn ? b + sn * R * o : nullptr);
     }
