@@ -6,9 +6,9 @@ One pass calls the kernel once per layer, as a decode step does; the stacks tota
   16 adapters     row n on slot n+1: every adapter read once a pass (the serve bench's decode step)
   1 adapter x16   every row on slot 1: ~1/16 of the bytes, so what is left is the kernel's arithmetic
 
-  read           torch.sum over each of the same stacks, their bytes taken as fp32 words: what a plain
-                 read of those bytes costs here (one op per tensor, 420 a pass, so a few µs of
-                 dispatch each are in it too)
+  read           one torch.sum over a flat copy of the same bytes (taken as fp32 words: torch's bf16
+                 sum is compute-bound): a plain sequential read of that many bytes, the memory floor
+                 (summing the 420 tensors one by one ran slower than the kernel: dispatch per op)
 
 `--arch x86-64-v3` builds the kernel for AVX2 on this machine (as the tests do), to see what a CPU
 without AVX-512 gets from the same source; `--dtype bfloat16` reads bf16 stacks (the server's
@@ -75,9 +75,11 @@ def run(sl):
         mod.add_rows(x, A, B, sl, out)
 
 
-def read():  # bf16 bytes summed as fp32 words: torch's bf16 sum is compute-bound (12 GB/s here), not a read
-    for A, B, _, _ in layers:
-        A.view(torch.float32).sum(), B.view(torch.float32).sum()
+FLAT = torch.cat([t.view(torch.float32).flatten() for A, B, _, _ in layers for t in (A, B)])
+
+
+def read():
+    FLAT.sum()
 
 
 for name, fn in [("16 adapters", lambda: run(torch.arange(1, 17))), ("1 adapter x16", lambda: run(torch.ones(16, dtype=torch.long))),

@@ -43,11 +43,13 @@ def _reference(x, a, b, slots):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("r", lora_rows.RANKS)
 def test_kernel_adds_each_rows_term(r, dtype, arch):
-    """Rows on distinct adapters, repeated ones and base rows (slot 0); widths that are and are not
-    multiples of the kernel's 16-float blocks and 4-feature steps."""
+    """Rows on distinct adapters, repeated ones and base rows (slot 0); widths past and off the
+    kernel's 64-output blocks and 4-feature steps (141 = 2 x 64 + 13, 37 = 9 x 4 + 1). On an AVX-512
+    CPU the native build runs the AVX-512 loops at ranks 16-64 and the portable ones at rank 8, the
+    x86-64-v3 build the portable ones at every rank."""
     mod = lora_rows.build(arch)
     g = torch.Generator().manual_seed(r)
-    d_in, d_out, s = 37, 45, 5
+    d_in, d_out, s = 37, 141, 5
     a = torch.randn(s + 1, d_in, r, generator=g).to(dtype)
     b = torch.randn(s + 1, r, d_out, generator=g).to(dtype)
     a[0], b[0] = 0, 0
