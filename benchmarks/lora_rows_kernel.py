@@ -47,7 +47,8 @@ for d_in, d_out in SHAPES:  # (A (17, in, 16), s·B (17, 16, out), x (16, in), o
     B = (torch.randn(17, 16, d_out, generator=g) * 0.05).to(dt)
     A[0], B[0] = 0, 0
     layers.append((A, B, torch.randn(16, d_in, generator=g), torch.zeros(16, d_out)))
-print(f"{len(layers)} layers, stacks {sum(A.nbytes + B.nbytes for A, B, _, _ in layers) / 1e6:.0f} MB")
+MB = sum(A.nbytes + B.nbytes for A, B, _, _ in layers) / 1e6
+print(f"{len(layers)} layers, stacks {MB:.0f} MB")
 
 A, B, x, out = layers[4]
 slots = torch.arange(1, 17)
@@ -55,8 +56,6 @@ want = torch.einsum("ni,nir,nro->no", x.double(), A[slots].double(), B[slots].do
 got = torch.zeros_like(out)
 mod.add_rows(x, A, B, slots, got)
 print(f"max |kernel - fp64| {(got.double() - want).abs().max().item():.1e} (|out| up to {want.abs().max().item():.2f})")
-
-MB = sum(A.nbytes + B.nbytes for A, B, _, _ in layers) / 1e6
 
 
 def timed(fn) -> float:

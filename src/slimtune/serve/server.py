@@ -80,7 +80,7 @@ def _check_mixed_dtype(cfg: ServeConfig, kernel_line: str | None) -> None:
         raise ServeError(f"--mixed-adapter-dtype {cfg.mixed_adapter_dtype}: use 'model' or 'bfloat16'")
     from ..kernels import lora_rows
 
-    if not lora_rows.active():
+    if kernel_line is None or not lora_rows.active():  # a speech base has no mixed decode, whatever the switch
         raise ServeError("--mixed-adapter-dtype bfloat16 halves the bytes a decode step reads only through the "
                          f"lora_rows kernel, which is not in use ({kernel_line or 'a speech base'}); leave "
                          "--mixed-adapter-dtype at 'model', or serve a CPU model with --lora-kernel auto|on")

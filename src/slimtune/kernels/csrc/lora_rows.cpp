@@ -39,6 +39,17 @@ inline void prefetch_span(const void* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += kLine) __builtin_prefetch(c + off, 0, 2);
 }
 
+// out[p:o] += xa · B[:, p:o] one output at a time: the columns past the last whole block of 64
+template <int R, typename W>
+inline void xa_times_b_tail(const float* __restrict xa, const W* __restrict b, float* __restrict out, int64_t o,
+                            int64_t p) {
+  for (; p < o; ++p) {
+    float v = out[p];
+    for (int j = 0; j < R; ++j) v += xa[j] * widen(b[j * o + p]);
+    out[p] = v;
+  }
+}
+
 #if defined(__AVX512F__)
 // AVX-512 forms of the two loops below, for ranks that are multiples of 16 (one register of fp32 per
 // 16 ranks); compiled where the build's -march has AVX-512, the portable loops elsewhere (and for
@@ -100,11 +111,7 @@ inline void xa_times_b_512(const float* __restrict xa, const W* __restrict b, fl
     _mm512_storeu_ps(out + p + 32, v2);
     _mm512_storeu_ps(out + p + 48, v3);
   }
-  for (; p < o; ++p) {
-    float v = out[p];
-    for (int j = 0; j < R; ++j) v += xa[j] * widen(b[j * o + p]);
-    out[p] = v;
-  }
+  xa_times_b_tail<R>(xa, b, out, o, p);
 }
 #endif
 
@@ -151,11 +158,7 @@ inline void xa_times_b(const float* __restrict xa, const W* __restrict b, float*
     }
     for (int l = 0; l < kBlock; ++l) out[p + l] = v[l];
   }
-  for (; p < o; ++p) {
-    float v = out[p];
-    for (int j = 0; j < R; ++j) v += xa[j] * widen(b[j * o + p]);
-    out[p] = v;
-  }
+  xa_times_b_tail<R>(xa, b, out, o, p);
 }
 
 template <int R, typename W>
