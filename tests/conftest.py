@@ -139,9 +139,9 @@ def _lora_kernel_state():
     servers may turn it on for the module), and leaves it as it found it."""
     from slimtune.kernels import lora_rows
 
-    saved = (lora_rows._OP, dict(lora_rows._STATE))
+    saved = (lora_rows._OP, lora_rows._PREFILL, dict(lora_rows._STATE))
     lora_rows.enable("off")
     yield
-    lora_rows._OP, state = saved
+    lora_rows._OP, lora_rows._PREFILL, state = saved
     lora_rows._STATE.clear()
     lora_rows._STATE.update(state)

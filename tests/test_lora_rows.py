@@ -1,8 +1,9 @@
-"""The mixed-LoRA decode kernel (kernels/lora_rows.py): it adds exactly what the torch ops add, for
-every rank it is compiled for, fp32 and bf16 stacks, base rows and repeated adapters, built for this
-CPU and for AVX2 (x86-64-v3) on the same machine; a model's decode step through it equals the same
-step through torch's bmm; it is never used where it would be wrong (prefill, gradients, other
-dtypes), and each way of switching it says what it did."""
+"""The mixed-LoRA kernel (kernels/lora_rows.py): it adds exactly what the torch ops add, for every
+rank it is compiled for, fp32 and bf16 stacks, base rows and repeated adapters, built for this CPU
+and for AVX2 (x86-64-v3) on the same machine; at decode steps, and at prefills (T tokens a row) in
+AVX-512 builds, which an AVX2 build refuses; a model's steps through it equal the same steps through
+torch's bmm; it is never used where it would be wrong (a prefill the build has no path for,
+gradients, other dtypes), and each way of switching it says what it did."""
 from __future__ import annotations
 
 import platform
@@ -23,11 +24,11 @@ AVX2 = X86 and {"avx2", "fma"} <= cpu_flags()
 @pytest.fixture
 def kernel_state():
     """Each test here switches the kernel itself; leave it as found."""
-    saved = (lora_rows._OP, dict(lora_rows._STATE))
+    saved = (lora_rows._OP, lora_rows._PREFILL, dict(lora_rows._STATE))
     yield
-    lora_rows._OP = saved[0]
+    lora_rows._OP, lora_rows._PREFILL = saved[:2]
     lora_rows._STATE.clear()
-    lora_rows._STATE.update(saved[1])
+    lora_rows._STATE.update(saved[2])
 
 
 def _reference(x, a, b, slots):
@@ -63,6 +64,50 @@ def test_kernel_adds_each_rows_term(r, dtype, arch):
     assert torch.equal(out[slots == 0], base[slots == 0])  # base rows untouched
 
 
+AVX512 = X86 and "avx512f" in cpu_flags()
+
+
+@pytest.mark.skipif(not AVX512, reason="the prefill path is in AVX-512 builds only (an AVX2 build refuses: below)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r", [16, 32, 64])
+@pytest.mark.parametrize("T", [2, 13, 40])
+def test_kernel_prefill_adds_each_rows_term(T, r, dtype):
+    """A prefill: T tokens a row, each row's tokens through its own adapter. T = 2 (one-token loops
+    only), 13 (a token block plus left-over tokens), 40 (three chunks of a row over the threads, the
+    last one short); the same rows, widths and slots as the decode test."""
+    mod = lora_rows.build()
+    assert mod.prefill_ranks() == [16, 32, 64]
+    g = torch.Generator().manual_seed(T * r)
+    d_in, d_out, s = 37, 141, 5
+    a = torch.randn(s + 1, d_in, r, generator=g).to(dtype)
+    b = torch.randn(s + 1, r, d_out, generator=g).to(dtype)
+    a[0], b[0] = 0, 0
+    slots = torch.tensor([3, 0, 1, 3, 5, 2, 0, 4])
+    x = torch.randn(len(slots), T, d_in, generator=g)
+    base = torch.randn(len(slots), T, d_out, generator=g)
+    out = base.clone()
+    mod.add_rows(x, a, b, slots, out)
+    want = base.double() + torch.einsum("nti,nir,nro->nto", x.double(), a.double()[slots], b.double()[slots])
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(out[slots == 0], base[slots == 0])  # base rows untouched
+
+
+@pytest.mark.parametrize("arch", ["native", pytest.param("x86-64-v3", marks=pytest.mark.skipif(
+    not AVX2, reason="the AVX2 build needs an x86-64 CPU with AVX2 and FMA"))])
+def test_kernel_prefill_only_where_built(arch):
+    """A build says which ranks' prefills it runs; a prefill of any other rank (rank 8 everywhere, every
+    rank in a build without AVX-512) is refused with the way out, never computed by slow loops."""
+    mod = lora_rows.build(arch)
+    ranks = mod.prefill_ranks()
+    assert ranks == ([16, 32, 64] if arch == "native" and AVX512 else [])
+    for r in lora_rows.RANKS:
+        if r in ranks:
+            continue
+        a, b = torch.zeros(3, 8, r), torch.zeros(3, r, 4)
+        with pytest.raises(RuntimeError, match=f"no prefill path .T > 1. for rank {r} in this build"):
+            mod.add_rows(torch.zeros(2, 3, 8), a, b, torch.tensor([1, 2]), torch.zeros(2, 3, 4))
+
+
 def test_kernel_refuses_what_it_cannot_read():
     mod = lora_rows.build()
     a, b = torch.zeros(3, 8, 16), torch.zeros(3, 16, 4)
@@ -75,6 +120,8 @@ def test_kernel_refuses_what_it_cannot_read():
         mod.add_rows(x.double(), a, b, torch.tensor([1, 2]), out)
     with pytest.raises(RuntimeError, match="shapes do not match"):
         mod.add_rows(torch.zeros(2, 9), a, b, torch.tensor([1, 2]), out)
+    with pytest.raises(RuntimeError, match="shapes do not match"):  # (N, T, in) with an (N, out) out
+        mod.add_rows(torch.zeros(2, 3, 8), a, b, torch.tensor([1, 2]), out)
 
 
 def test_padded_rank():
@@ -142,7 +189,8 @@ def test_decode_step_through_the_kernel_equals_torch_ops(kernel_state, monkeypat
 def test_a_batchs_later_decode_steps_call_the_kernel_straight(kernel_state, monkeypatch):
     """The first decode step of a mixed batch checks and plans; its later steps (the same batch, one
     token a row) call the kernel straight with the model's own (N, 1, in) tensors. Every step equals
-    the torch ops; a prefill in between takes the bmm path; the batch's end drops the shortcut."""
+    the torch ops; a prefill in between takes the bmm path (a rank-8 stack: no build runs its
+    prefills); the batch's end drops the shortcut."""
     layer = _layer()
     uniq = list(dict.fromkeys(NAMES))
     batch = MixedRows(uniq, torch.tensor([uniq.index(n) for n in NAMES]))
@@ -165,7 +213,8 @@ def test_a_batchs_later_decode_steps_call_the_kernel_straight(kernel_state, monk
 
 
 def test_kernel_only_where_it_is_right(kernel_state, monkeypatch):
-    """Prefill (several tokens a row), gradients to keep, a bf16 model: the torch ops, same result."""
+    """A prefill the build has no path for (rank 8), gradients to keep, a bf16 model: the torch ops,
+    same result."""
     layer = _layer()
     lora_rows.enable("on")
     calls = _counting(monkeypatch)
@@ -182,6 +231,41 @@ def test_kernel_only_where_it_is_right(kernel_state, monkeypatch):
     lora_rows.enable("off")
     with torch.no_grad():
         torch.testing.assert_close(_mixed(layer, NAMES, x), prefill)
+
+
+def _layer16(seed: int = 0) -> Linear:
+    """Two adapters of ranks 12 and 16 (a rank-16 stack: one with a prefill path) and one of rank 4."""
+    torch.manual_seed(seed)
+    kw = dict(lora_dropout=0.0, init_lora_weights=False)
+    layer = Linear(nn.Linear(40, 70), "a", r=12, lora_alpha=24, use_rslora=False, **kw)
+    layer.update_layer("b", r=16, lora_alpha=16, use_rslora=True, **kw)
+    layer.update_layer("c", r=4, lora_alpha=8, use_rslora=False, **kw)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("built", [True, False])
+def test_prefill_through_the_kernel_where_the_build_has_it(kernel_state, monkeypatch, built, dtype):
+    """A rank-16 stack's prefill (T = 11 tokens a row): one kernel call with the model's (N, T, in)
+    tensor where the build runs that rank's prefills, torch's bmm where it does not (forced: an AVX2
+    build's empty `prefill_ranks`); the same numbers either way, fp32 or bf16 stacks. The decode
+    shortcut is kept for decode steps only."""
+    if built and not AVX512:
+        pytest.skip("the prefill path is in AVX-512 builds only")
+    layer = _layer16()
+    rows = ["b", BASE_ADAPTER, "a", "c", "b", "a"]
+    x = torch.randn(len(rows), 11, 40)
+    with torch.no_grad():
+        lora_rows.enable("off")
+        want = _mixed(layer, rows, x, dtype)
+        lora_rows.enable("on")
+        if not built:
+            monkeypatch.setattr(lora_rows, "_PREFILL", ())
+        calls = _counting(monkeypatch)
+        got = _mixed(layer, rows, x, dtype)
+    assert calls == ([torch.Size([len(rows), 11, 40])] if built else [])
+    assert "_mixed_hot" not in layer.__dict__
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_stacks_through_the_kernel(kernel_state):
@@ -232,7 +316,7 @@ def test_a_model_decodes_the_same_through_the_kernel(kernel_state, monkeypatch):
     lora_rows.enable("on")
     calls = _counting(monkeypatch)
     got_ids, got = decode()
-    assert len(calls) == 3 * 2 * 2  # 3 decode steps x 2 blocks x (q, v): the prefill took the bmm path
+    assert len(calls) == 3 * 2 * 2  # 3 decode steps x 2 blocks x (q, v): the prefill (rank 8) took the bmm path
     assert torch.equal(got_ids, want_ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

@@ -1,11 +1,14 @@
-"""The mixed-adapter LoRA decode kernel (csrc/lora_rows.cpp): each token row adds its own adapter's
-LoRA term, read straight from the layer's stack of adapters, in one call per layer.
+"""The mixed-adapter LoRA kernel (csrc/lora_rows.cpp): each row of a batch adds its own adapter's
+LoRA term, read straight from the layer's stack of adapters, in one call per layer: at every decode
+step, and at prefills on AVX-512 builds (`prefill_ranks`).
 
 Why: at decode every row is one token, so a mixed batch's LoRA term is two GEMVs per row. As torch
 ops (`lora_mixed._mixed_forward`'s two `bmm` per layer) the small GEMMs cost about as much again as
 the bytes they read; the kernel streams each row's weights once through FMA loops, prefetching the
 next row's adapter while this one computes, and widens a bf16 stack to fp32 in registers (half the
-bytes, fp32 arithmetic, so it needs no native bf16 unit).
+bytes, fp32 arithmetic, so it needs no native bf16 unit). A prefill (T tokens a row) runs the same
+term in blocks of tokens held in registers; it is used where it beats torch's bmm (AVX-512 builds:
+no widened copy of a bf16 stack per prefill), and prefills keep the bmm elsewhere.
 
 Built on first use with torch's C++ extension builder (gcc and ninja, `-O3 -march=native`) into
 torch's extension cache (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions), under a name
@@ -36,6 +39,7 @@ RANKS = (8, 16, 32, 64)  # the ranks the kernel is compiled for: a stack's rank 
 MODES = ("auto", "on", "off")
 
 _OP = None  # the built extension's add_rows while enabled, else None
+_PREFILL: tuple[int, ...] = ()  # the ranks whose prefills the enabled build runs (AVX-512 builds: 16, 32, 64)
 _BUILT: dict[str, object] = {}  # arch -> module, built (or loaded) once per process
 _STATE = {"why": "not enabled (lora_rows.enable)", "build_s": None, "arch": None}  # the last enable's
 
@@ -96,10 +100,10 @@ def _drop_stale_lock(build_dir: Path) -> None:
 def enable(mode: str = "auto", arch: str = "native") -> str:
     """Switch the kernel on or off for every mixed batch in this process; a line saying which path
     mixed decode steps take and why (the server prints it at start-up)."""
-    global _OP
+    global _OP, _PREFILL
     if mode not in MODES:
         raise ValueError(f"lora kernel mode {mode!r}: use one of {', '.join(MODES)}")
-    _OP = None
+    _OP, _PREFILL = None, ()
     if mode == "off":
         _STATE.update(why="--lora-kernel off", build_s=None, arch=None)
         return "mixed LoRA decode: torch bmm (--lora-kernel off)"
@@ -111,10 +115,12 @@ def enable(mode: str = "auto", arch: str = "native") -> str:
         if mode == "on":
             raise
         return f"mixed LoRA decode: torch bmm, because {e}"
-    _OP = mod.add_rows
+    _OP, _PREFILL = mod.add_rows, tuple(mod.prefill_ranks())
     dt = time.perf_counter() - t0
     _STATE.update(why=f"-march={arch}", build_s=dt, arch=arch)
-    return f"mixed LoRA decode: the lora_rows kernel (-march={arch}; built or loaded in {dt:.1f} s)"
+    pre = (f"prefills too at ranks {', '.join(map(str, _PREFILL))}" if _PREFILL
+           else "prefills through torch bmm (no AVX-512 in this build)")
+    return f"mixed LoRA decode: the lora_rows kernel (-march={arch}; built or loaded in {dt:.1f} s; {pre})"
 
 
 def active() -> bool:
@@ -124,7 +130,7 @@ def active() -> bool:
 def state() -> dict:
     """{'mode': 'on'|'off', 'why', 'build_s', 'arch'}: for /health and the tests (mode is whether
     the kernel is in use: `active()`)."""
-    return {"mode": "on" if _OP is not None else "off", **_STATE}
+    return {"mode": "on" if _OP is not None else "off", "prefill_ranks": list(_PREFILL), **_STATE}
 
 
 def padded_rank(r: int) -> int:
@@ -137,19 +143,28 @@ def padded_rank(r: int) -> int:
 
 
 def usable(x: torch.Tensor, out: torch.Tensor, a_all: torch.Tensor) -> bool:
-    """Whether a layer's decode step can take the kernel: on, one token a row, fp32 activations
-    on the CPU, an fp32 or bf16 stack of a rank it was compiled for, and no autograd graph to keep."""
-    return (_OP is not None and x.shape[1] == 1 and x.dtype == torch.float32 and out.dtype == torch.float32
-            and x.device.type == "cpu" and out.is_contiguous() and a_all.shape[-1] in RANKS
+    """Whether a layer's step can take the kernel: on, fp32 activations on the CPU, an fp32 or bf16
+    stack of a rank it was compiled for (a decode step: one token a row), or of a rank whose
+    prefills this build runs (T tokens a row: `prefill_ranks`), and no autograd graph to keep."""
+    r = a_all.shape[-1]
+    return (_OP is not None and x.dtype == torch.float32 and out.dtype == torch.float32
+            and x.device.type == "cpu" and out.is_contiguous() and (r in _PREFILL or (x.shape[1] == 1 and r in RANKS))
             and a_all.dtype in (torch.float32, torch.bfloat16) and a_all.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or out.requires_grad)))
 
 
 def add_rows(x: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, slots: torch.Tensor, out: torch.Tensor) -> None:
     """out[n] += (x[n] · A[slots[n]]) · B[slots[n]] in place; slot 0 (the base rows) adds nothing.
-    x (N, in) or (N, 1, in) fp32, A (S+1, in, r), B (S+1, r, out) fp32 or bf16 (the scale folded
-    into B), slots (N,) int64, out (N, out) or (N, 1, out) fp32, contiguous."""
+    x (N, in) or (N, T, in) fp32 (T > 1 only at a rank in `prefill_ranks`), A (S+1, in, r),
+    B (S+1, r, out) fp32 or bf16 (the scale folded into B), slots (N,) int64, out (N, out) or
+    (N, T, out) fp32, contiguous."""
     _OP(x.contiguous(), a_all, b_all, slots, out)
+
+
+def prefill_ranks() -> tuple[int, ...]:
+    """The ranks whose prefills (T > 1 tokens a row) the enabled kernel runs; () while off or in a
+    build without AVX-512, where prefills keep torch's bmm."""
+    return _PREFILL
 
 
 def op():

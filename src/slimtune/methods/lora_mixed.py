@@ -39,7 +39,9 @@ class MixedLinear:
 
         Decode steps (one token a row, fp32) take the lora_rows kernel while it is enabled (the
         server's `--lora-kernel`, kernels/lora_rows.py): one call per layer reads each row's A and
-        s·B from the whole stack by the row's slot, with no grouping, copies or reordering.
+        s·B from the whole stack by the row's slot, with no grouping, copies or reordering. So do
+        prefills (T tokens a row) where the build runs that rank's prefills (AVX-512 builds,
+        `lora_rows.prefill_ranks`): no widened copy of a bf16 stack, no grouped input.
 
         With gradients (training on mixed batches) each row's (A, s·B) is gathered from the
         parameters so autograd reaches them, and the same two bmm run per row.
@@ -73,9 +75,12 @@ class MixedLinear:
         #                                                       their group slots; the whole stack, each row's slot
         n = idx.shape[0]
         x3 = x.reshape(n, -1, self.in_features)  # (B, T, in)
-        if lora_rows.usable(x3, out, a_all):  # a decode step: one kernel call, straight from the stack
-            lora_rows.add_rows(x3.reshape(n, self.in_features), a_all, b_all, slots, out.view(n, -1))
-            d["_mixed_hot"] = (mixed, a_all, b_all, slots)
+        if lora_rows.usable(x3, out, a_all):  # one kernel call, straight from the stack (no grouping, no copies)
+            if x3.shape[1] == 1:  # a decode step: its later steps go straight to the kernel (above)
+                lora_rows.add_rows(x3.reshape(n, self.in_features), a_all, b_all, slots, out.view(n, -1))
+                d["_mixed_hot"] = (mixed, a_all, b_all, slots)
+            else:  # a prefill: each row's tokens through its adapter, in token blocks
+                lora_rows.add_rows(x3, a_all, b_all, slots, out.view(n, x3.shape[1], -1))
             return out
         # the arithmetic's dtype: a narrower stack (bf16 under an fp32 model) is widened as it is read,
         # as the kernel does in registers; torch's bf16 bmm on the CPU ran 1.5-2x slower than widening
