@@ -224,3 +224,35 @@ def test_the_stack_follows_weights_changed_in_place_and_new_adapters():
         got = _mixed(layer, ["d", "a"], x[:2])
         want = torch.cat([_alone(layer, n, x[i:i + 1]) for i, n in enumerate(["d", "a"])])
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_epoch_trusts_the_stack_until_it_changes():
+    """tuner.mixed_batch(weights_epoch=E) (the server passes its registry's generation): while E is
+    the one a layer's stack was checked under, the stack is reused with no per-tensor check, so a
+    change the caller did not announce is not seen; a new E, or no epoch at all, checks and rebuilds."""
+    from slimtune.methods.lora_mixed import MixedRows
+
+    layer = _layer()
+    x = torch.randn(3, 1, 12)
+    rows = ["a", "c", BASE_ADAPTER]
+
+    def run(epoch):
+        uniq = list(dict.fromkeys(rows))
+        layer._mixed = MixedRows(uniq, torch.tensor([uniq.index(n) for n in rows]), epoch)
+        try:
+            return layer(x)
+        finally:
+            layer._mixed = None
+
+    def alone():
+        return torch.cat([_alone(layer, n, x[i:i + 1]) for i, n in enumerate(rows)])
+
+    with torch.no_grad():
+        first = run(7)
+        torch.testing.assert_close(first, alone(), atol=1e-5, rtol=1e-5)
+        layer.lora_B["c"].weight.mul_(3.0)  # unannounced: the epoch stays 7
+        assert torch.equal(run(7), first)  # trusted, not re-checked
+        torch.testing.assert_close(run(8), alone(), atol=1e-5, rtol=1e-5)  # a new epoch: rebuilt
+        layer.lora_B["a"].weight.mul_(2.0)
+        torch.testing.assert_close(run(None), alone(), atol=1e-5, rtol=1e-5)  # no epoch: always checked
+        assert not torch.allclose(run(None), first)

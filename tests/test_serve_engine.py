@@ -202,6 +202,8 @@ def test_lru_keeps_max_loaded_resident_and_reloads_on_demand(world):
             assert h.result(60)[0] == offline_greedy(base, ads[n], pr, 5), n
         assert reg.evictions >= 2 and reg.resident_count() <= 2
         assert [e.name for e in reg.list()] == sorted(loras)
+        # every load and every eviction moved the generation the mixed batches' stacks are trusted under
+        assert reg.generation == reg.loads + reg.evictions
     finally:
         eng.stop()
 

@@ -262,12 +262,20 @@ class Tuner(nn.Module):
         self._set_disabled(False)
 
     @contextlib.contextmanager
-    def mixed_batch(self, adapter_names: list[str], weights_dtype: torch.dtype | None = None):
+    def mixed_batch(self, adapter_names: list[str], weights_dtype: torch.dtype | None = None,
+                    weights_epoch=None):
         """Per-row adapters: row i uses adapter_names[i] ("__base__" = no adapter).
 
         `weights_dtype`: LoRA linears read their stacked adapter weights in this dtype (no gradients
         only; e.g. bfloat16 halves the bytes a serving step reads, lora_mixed.MixedLinear._mixed_forward);
-        None keeps the input's dtype."""
+        None keeps the input's dtype.
+
+        `weights_epoch`: a value the caller changes whenever any adapter may have been added, removed
+        or changed (the server: its registry's generation, bumped at every load and drop). While it
+        is the same as at a layer's last batch, the layer reuses its stack of adapter weights
+        without checking each adapter tensor's pointer and version (~20 ms a new batch on
+        SmolLM2-135M with 16 adapters). None (the default): always checked, so weights changed in
+        place (a training step) are seen at the next batch."""
         from .methods.lora_layers import BASE_ADAPTER
         from .methods.lora_mixed import MixedRows
 
@@ -281,7 +289,7 @@ class Tuner(nn.Module):
             raise RuntimeError("mixed-adapter batches need unmerged adapters; call unmerge_adapter() first")
         dev = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         idx = torch.tensor([uniq.index(n) for n in adapter_names], device=dev)
-        mixed = MixedRows(uniq, idx)  # its layers share their row plans (lora_mixed._row_plan)
+        mixed = MixedRows(uniq, idx, weights_epoch)  # its layers share their row plans (lora_mixed._row_plan)
         for layer in layers:
             layer._mixed = mixed
             if weights_dtype is not None:

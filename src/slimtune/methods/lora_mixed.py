@@ -158,7 +158,13 @@ class MixedLinear:
         """({adapter: slot}, A (S+1, in, r_max), s·B (S+1, r_max, out)) over every LoRA adapter of the
         layer, slot 0 zeros (base rows); ranks below r_max zero-padded (and r_max itself up to a rank
         the decode kernel is compiled for while it is on: `lora_rows.padded_rank`). Kept while the
-        adapters' tensors (pointer and version) and scalings stay the same."""
+        adapters' tensors (pointer and version) and scalings stay the same, or, for a batch with an
+        epoch (MixedRows.epoch), while the epoch is the one the stack was checked under."""
+        held = self.__dict__.get("_mixed_all")
+        epoch = getattr(self._mixed, "epoch", None)
+        trust = None if epoch is None else (epoch, dtype, lora_rows.active())  # the rank padding follows the kernel
+        if trust is not None and held is not None and held[2] == trust:
+            return held[1]
         # read through the modules' own dicts: this runs on every layer each time a new mixed batch
         # comes in (a row joins or leaves), and nn.Module.__getattr__ made it ~20 ms per batch
         la, lb, sc = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules, self.scaling
@@ -169,8 +175,8 @@ class MixedLinear:
             rmax = lora_rows.padded_rank(rmax)
         key = (dtype, rmax, tuple(names), tuple(sc[n] for n in names),
                tuple([t for a, b in ws for t in (a.data_ptr(), a._version, b.data_ptr(), b._version)]))
-        held = self.__dict__.get("_mixed_all")
         if held is not None and held[0] == key:
+            self.__dict__["_mixed_all"] = (key, held[1], trust)
             return held[1]
         a_all = ws[0][0].new_zeros(len(names) + 1, self.in_features, rmax, dtype=dtype)
         b_all = ws[0][0].new_zeros(len(names) + 1, rmax, self.out_features, dtype=dtype)
@@ -178,7 +184,7 @@ class MixedLinear:
             a_all[s, :, : self.r[n]] = a.t()
             b_all[s, : self.r[n]] = (b * self.scaling[n]).t()
         out = ({n: s for s, n in enumerate(names, 1)}, a_all, b_all)
-        self.__dict__["_mixed_all"] = (key, out)
+        self.__dict__["_mixed_all"] = (key, out, trust)
         return out
 
     def _stacks_for_grad(self, names, idx, held, ws, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,11 +207,13 @@ _PLANS_KEPT = 4  # plans a layer keeps (by the rows' slots): the decode batch, a
 
 class MixedRows(tuple):
     """A mixed batch as the layers see it: (distinct names, row -> name index), plus the row plans
-    the batch's layers share (`plans`, by the slots of the names; `_row_plan`)."""
+    the batch's layers share (`plans`, by the slots of the names; `_row_plan`) and the caller's
+    `epoch` (tuner.mixed_batch's weights_epoch: while it stays the same, the adapters have not
+    changed, so `_all_stacks` skips its per-tensor check; None: always check)."""
 
-    def __new__(cls, names: list[str], idx: torch.Tensor) -> "MixedRows":
+    def __new__(cls, names: list[str], idx: torch.Tensor, epoch=None) -> "MixedRows":
         self = super().__new__(cls, (names, idx))
-        self.plans = {}
+        self.plans, self.epoch = {}, epoch
         return self
 
 

@@ -152,6 +152,10 @@ class Registry:
         self.plain = _placement(("base",), self.base, None, None, 0)
         self.loads = self.evictions = 0  # counters for /metrics
         self._uids = itertools.count(1)  # 0 is the base model
+        # bumped at every load and drop (attempted or done): the only ways a served adapter's weights
+        # change. Mixed batches pass it to the LoRA layers (tuner.mixed_batch's weights_epoch), which
+        # then reuse their stacks without checking every adapter tensor at each new batch
+        self.generation = 0
 
     # ---- any thread ---------------------------------------------------------------------------
     def list(self) -> list[Entry]:
@@ -297,6 +301,7 @@ class Registry:
         """Take a resident adapter out of memory (it stays known unless the caller removes it)."""
         if not e.resident:
             return
+        self.generation += 1
         lane = e.lane
         lane.peft.delete_adapter(e.name)
         lane.active = lane.peft.active_adapter if lane.names() else None
@@ -313,6 +318,7 @@ class Registry:
         from ..model import PeftModel
         from ..registry import get_method
 
+        self.generation += 1  # before anything: a failed load scrubs what it added, a change all the same
         try:
             cfg = AdapterConfig.from_pretrained(e.path)
             spec = get_method(cfg.method)

@@ -243,8 +243,12 @@ inline void tokens_chunk(const float* x, const W* a, const W* b, float* out, int
   float xa[kChunk * R];
   int64_t t = 0;
   for (; t + TA <= nt; t += TA) x_times_a_block_512<R, TA>(x + t * in, a, xa + t * R, in);
+  // the tokens left (a short prompt suffix after a prefix-cache hit is often all of them): halved blocks
+  if constexpr (TA > 4) for (; t + 4 <= nt; t += 4) x_times_a_block_512<R, 4>(x + t * in, a, xa + t * R, in);
+  if constexpr (TA > 2) for (; t + 2 <= nt; t += 2) x_times_a_block_512<R, 2>(x + t * in, a, xa + t * R, in);
   for (; t < nt; ++t) x_times_a_512<R>(x + t * in, a, xa + t * R, in, static_cast<const W*>(nullptr));
   for (t = 0; t + TB <= nt; t += TB) xa_times_b_block_512<R, TB>(xa + t * R, b, out + t * o, o);
+  for (; t + 2 <= nt; t += 2) xa_times_b_block_512<R, 2>(xa + t * R, b, out + t * o, o);
   for (; t < nt; ++t) xa_times_b_512<R>(xa + t * R, b, out + t * o, o, static_cast<const W*>(nullptr));
 }
 
