@@ -453,7 +453,7 @@ def _tasks() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-def test_release_pool_frees_the_calling_threads_openmp_workers(world, monkeypatch):
+def test_release_pool_frees_the_calling_threads_openmp_workers(world, monkeypatch, caplog):
     """--dedicated-cpus: the loading thread's libgomp pool is freed when the engine starts (openmp.py): with two
     pools past the CPU count libgomp throttles its workers and every small op of a decode step pays a
     futex wake-up. Here: a thread's parallel op makes a worker thread, `release_pool` ends it, and
@@ -493,3 +493,9 @@ def test_release_pool_frees_the_calling_threads_openmp_workers(world, monkeypatc
         eng.start()
         eng.stop()
     assert calls == [threading.get_ident()]  # with --dedicated-cpus only, on the thread that starts the engine
+    monkeypatch.setattr(openmp, "release_pool", lambda: False)  # not libgomp, or one that cannot pause
+    with caplog.at_level("WARNING", logger="slimtune.serve"):
+        _, eng = _engine(world, [], dedicated_cpus=True)
+        eng.start()
+        eng.stop()
+    assert "--dedicated-cpus did nothing" in caplog.text

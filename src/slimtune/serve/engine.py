@@ -73,8 +73,11 @@ class Engine:
             if self._thread is not None and self._thread.is_alive():
                 return self
             self._stopping = False
-            if self.cfg.dedicated_cpus:  # the loading thread's OpenMP workers go: only the engine's spin (openmp.py)
-                openmp.release_pool()
+            if self.cfg.dedicated_cpus and not openmp.release_pool():  # the loading thread's OpenMP workers
+                # go, so only the engine's spin (openmp.py); said, not silent, where that cannot be done
+                log.warning("--dedicated-cpus did nothing: this process's OpenMP runtime is not libgomp or "
+                            "cannot pause its threads (omp_pause_resource_all), so the loading thread's "
+                            "workers stay; leave the flag off here")
             self._thread = threading.Thread(target=self._run, name="slimtune-engine", daemon=True)
             self._thread.start()
         return self
