@@ -3,9 +3,12 @@
 time of each prefill and the median decode step, per round. Used in docs/serving.md ("One OpenMP
 pool") to compare `--dedicated-cpus` and `--mixed-adapter-dtype` settings without the HTTP side.
 (`serve_waves.py` gives the same waves' tokens/s and ratio, with the first request admitted early.)
+With --plain-base, each round also runs the base rows on a second server with no adapters, where they
+run on the plain base model instead of as "__base__" rows of the adapters' lane (LoRA wrappers on every
+linear): what the "base alone" row pays for sharing a server with adapters.
 
 Run: flock /tmp/slimtune-bench.lock python benchmarks/serve_engine_steps.py [--dedicated-cpus]
-         [--mixed-adapter-dtype bfloat16] [--lora-kernel auto|on|off] [--rounds 3] [--threads 2]
+         [--mixed-adapter-dtype bfloat16] [--lora-kernel auto|on|off] [--rounds 3] [--threads 2] [--plain-base]
 """
 import argparse
 import statistics
@@ -28,6 +31,7 @@ ap.add_argument("--mixed-adapter-dtype", default="model", choices=["model", "bfl
 ap.add_argument("--lora-kernel", default="auto", choices=["auto", "on", "off"])
 ap.add_argument("--rounds", type=int, default=3)
 ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--plain-base", action="store_true", help="also base rows on a server without adapters")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 with tempfile.TemporaryDirectory(prefix="slimtune-engine-steps-") as tmp:
@@ -39,33 +43,38 @@ with tempfile.TemporaryDirectory(prefix="slimtune-engine-steps-") as tmp:
                       dedicated_cpus=a.dedicated_cpus)
     srv = make_server(model, tok, cfg, ads)
     print(srv.kernel_line, "| dedicated_cpus", a.dedicated_cpus, "| mixed_adapter_dtype", a.mixed_adapter_dtype)
-    eng = srv.engine
+    engines = {"mixed": srv.engine, "base": srv.engine}
+    if a.plain_base:  # its own copy of the model: the first server's lane shares the weights, not the modules
+        plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        engines["plain"] = make_server(plain, tok, cfg, {}).engine
     times: dict[str, list[float]] = {"prefill": [], "decode": []}
-    for kind in times:
-        f = getattr(eng, "_" + kind)
+    for eng in {id(e): e for e in engines.values()}.values():
+        for kind in times:
+            f = getattr(eng, "_" + kind)
 
-        def spy(*args, f=f, kind=kind):
-            t0 = time.perf_counter()
-            f(*args)
-            times[kind].append(time.perf_counter() - t0)
-        setattr(eng, "_" + kind, spy)
+            def spy(*args, f=f, kind=kind):
+                t0 = time.perf_counter()
+                f(*args)
+                times[kind].append(time.perf_counter() - t0)
+            setattr(eng, "_" + kind, spy)
     names = list(ads)
 
     def prompt(i):  # the server's own chat encoding
         return chat_prompt(tok, [{"role": "user", "content": B.QUESTION + B.PROMPTS[i % len(B.PROMPTS)]}])
-    eng.start()
-    try:
-        for rnd in range(a.rounds):  # the first round pays the plans' and caches' first use
-            for side in ("mixed", "base"):
-                for v in times.values():
-                    v.clear()
+    for rnd in range(a.rounds):  # the first round pays the plans' and caches' first use
+        for side, eng in engines.items():  # one engine running at a time (each spins its own OpenMP workers)
+            for v in times.values():
+                v.clear()
+            eng.start()
+            try:
                 hs = [eng.submit(GenRequest(prompt(i), names[i] if side == "mixed" else BASE_ADAPTER, max_tokens=32,
                                             ignore_eos=True)) for i in range(16)]
                 t0 = time.perf_counter()
                 for h in hs:
                     h.result(600)
-                print(f"round {rnd} {side:5s} wave {time.perf_counter() - t0:.2f} s, prefill "
-                      f"{' + '.join(f'{x * 1e3:.0f}' for x in times['prefill'])} ms, decode step median "
-                      f"{statistics.median(times['decode']) * 1e3:.1f} ms over {len(times['decode'])}", flush=True)
-    finally:
-        eng.stop()
+                wave = time.perf_counter() - t0
+            finally:
+                eng.stop()
+            print(f"round {rnd} {side:5s} wave {wave:.2f} s, prefill "
+                  f"{' + '.join(f'{x * 1e3:.0f}' for x in times['prefill'])} ms, decode step median "
+                  f"{statistics.median(times['decode']) * 1e3:.1f} ms over {len(times['decode'])}", flush=True)

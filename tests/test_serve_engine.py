@@ -128,6 +128,29 @@ def test_every_method_runs_batched_and_equals_its_offline_greedy(world):
         eng.stop()
 
 
+def test_the_lm_head_reads_one_contiguous_position_per_row(world):
+    """A prefill of several rows and columns keeps the LM head's last position only, as a contiguous
+    (B, 1, H) gathered by index: transformers' int `logits_to_keep=1` would pass a strided view, which
+    torch's matmul runs as a bmm over the head's weight expanded to every row when the weights are
+    frozen (a served lane's are). Greedy answers stay the offline ones."""
+    base, ads = world
+    reg, eng = _engine(world, ["lora-a", "lora-b"])
+    seen = []
+    lane = reg.get("lora-a").lane
+    assert not lane.hf.lm_head.weight.requires_grad  # frozen (the base's, under every lane): the case that ran the bmm
+    hook = lane.hf.lm_head.register_forward_pre_hook(lambda m, args: seen.append((args[0].shape, args[0].is_contiguous())))
+    eng.start()
+    try:
+        jobs = [(n, _prompt(i, 5 + i), eng.submit(GenRequest(_prompt(i, 5 + i), n, max_tokens=3)))
+                for i, n in enumerate(["lora-a", "lora-b", BASE_ADAPTER])]
+        for n, pr, h in jobs:
+            assert h.result(60)[0] == offline_greedy(base, ads.get(n), pr, 3), n
+    finally:
+        eng.stop()
+        hook.remove()
+    assert seen and all(shape[1] == 1 and contiguous for shape, contiguous in seen), seen
+
+
 def test_mixed_rows_join_and_leave_in_the_lanes_adapter_order(world):
     """LoRA rows arriving in any order (repeated adapters, base rows), joining while others decode and
     leaving at different steps: every decode step runs them in the order of the lane's adapters
