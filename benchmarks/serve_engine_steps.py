@@ -61,20 +61,32 @@ with tempfile.TemporaryDirectory(prefix="slimtune-engine-steps-") as tmp:
 
     def prompt(i):  # the server's own chat encoding
         return chat_prompt(tok, [{"role": "user", "content": B.QUESTION + B.PROMPTS[i % len(B.PROMPTS)]}])
-    for rnd in range(a.rounds):  # the first round pays the plans' and caches' first use
-        for side, eng in engines.items():  # one engine running at a time (each spins its own OpenMP workers)
-            for v in times.values():
-                v.clear()
-            eng.start()
-            try:
-                hs = [eng.submit(GenRequest(prompt(i), names[i] if side == "mixed" else BASE_ADAPTER, max_tokens=32,
-                                            ignore_eos=True)) for i in range(16)]
-                t0 = time.perf_counter()
-                for h in hs:
-                    h.result(600)
-                wave = time.perf_counter() - t0
-            finally:
-                eng.stop()
-            print(f"round {rnd} {side:5s} wave {wave:.2f} s, prefill "
-                  f"{' + '.join(f'{x * 1e3:.0f}' for x in times['prefill'])} ms, decode step median "
-                  f"{statistics.median(times['decode']) * 1e3:.1f} ms over {len(times['decode'])}", flush=True)
+    # with --plain-base one engine runs at a time (each spins its own OpenMP workers): each wave starts
+    # and stops its engine, so a wave's first step also makes the engine thread's pool; without it the
+    # one engine runs throughout, as in the wave 3g / 3h figures
+    per_wave = a.plain_base
+    if not per_wave:
+        srv.engine.start()
+    try:
+        for rnd in range(a.rounds):  # the first round pays the plans' and caches' first use
+            for side, eng in engines.items():
+                for v in times.values():
+                    v.clear()
+                if per_wave:
+                    eng.start()
+                try:
+                    hs = [eng.submit(GenRequest(prompt(i), names[i] if side == "mixed" else BASE_ADAPTER, max_tokens=32,
+                                                ignore_eos=True)) for i in range(16)]
+                    t0 = time.perf_counter()
+                    for h in hs:
+                        h.result(600)
+                    wave = time.perf_counter() - t0
+                finally:
+                    if per_wave:
+                        eng.stop()
+                print(f"round {rnd} {side:5s} wave {wave:.2f} s, prefill "
+                      f"{' + '.join(f'{x * 1e3:.0f}' for x in times['prefill'])} ms, decode step median "
+                      f"{statistics.median(times['decode']) * 1e3:.1f} ms over {len(times['decode'])}", flush=True)
+    finally:
+        if not per_wave:
+            srv.engine.stop()

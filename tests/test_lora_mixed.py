@@ -256,3 +256,16 @@ def test_a_batch_epoch_trusts_the_stack_until_it_changes():
         layer.lora_B["a"].weight.mul_(2.0)
         torch.testing.assert_close(run(None), alone(), atol=1e-5, rtol=1e-5)  # no epoch: always checked
         assert not torch.allclose(run(None), first)
+        # an adapter removed and added again under its name (an unload and a reload): its stack goes
+        # with it, whatever the epoch
+        layer.delete_adapter("c")
+        layer.update_layer("c", r=8, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, use_rslora=False)
+        torch.testing.assert_close(run(8), alone(), atol=1e-5, rtol=1e-5)
+        # under one epoch, another stack dtype or the kernel switched (its rank padding) is another stack
+        stacks = layer._all_stacks(torch.float32)
+        layer._mixed = MixedRows(["a"], torch.tensor([0]), 8)
+        try:
+            assert layer._all_stacks(torch.float32) is stacks
+            assert layer._all_stacks(torch.bfloat16)[1].dtype == torch.bfloat16
+        finally:
+            layer._mixed = None

@@ -67,15 +67,23 @@ def test_kernel_adds_each_rows_term(r, dtype, arch):
 AVX512 = X86 and "avx512f" in cpu_flags()
 
 
-@pytest.mark.skipif(not AVX512, reason="the prefill path is in AVX-512 builds only (an AVX2 build refuses: below)")
+def _prefill_build():
+    """The native build when it has the prefill path (compiled where -march=native has AVX-512), else skip."""
+    mod = lora_rows.build()
+    if not mod.prefill_ranks():
+        pytest.skip("the prefill path is in AVX-512 builds only (other builds refuse it: tested below)")
+    return mod
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("r", [16, 32, 64])
 @pytest.mark.parametrize("T", [2, 13, 40])
 def test_kernel_prefill_adds_each_rows_term(T, r, dtype):
-    """A prefill: T tokens a row, each row's tokens through its own adapter. T = 2 (one-token loops
-    only), 13 (a token block plus left-over tokens), 40 (three chunks of a row over the threads, the
-    last one short); the same rows, widths and slots as the decode test."""
-    mod = lora_rows.build()
+    """A prefill: T tokens a row, each row's tokens through its own adapter. T = 2 (the 2-token
+    blocks only), 13 (a block of 8 / 4 / 2 tokens, then 4 / 2 for B, and one-token tails), 40 (three
+    chunks of a row over the threads, the last one short); the same rows, widths and slots as the
+    decode test."""
+    mod = _prefill_build()
     assert mod.prefill_ranks() == [16, 32, 64]
     g = torch.Generator().manual_seed(T * r)
     d_in, d_out, s = 37, 141, 5
@@ -99,7 +107,9 @@ def test_kernel_prefill_only_where_built(arch):
     rank in a build without AVX-512) is refused with the way out, never computed by slow loops."""
     mod = lora_rows.build(arch)
     ranks = mod.prefill_ranks()
-    assert ranks == ([16, 32, 64] if arch == "native" and AVX512 else [])
+    assert ranks in ([], [16, 32, 64])  # all three or none: the build has AVX-512 or not
+    if arch == "x86-64-v3" or not AVX512:
+        assert ranks == []  # no AVX-512 in the instruction set the build was made for
     for r in lora_rows.RANKS:
         if r in ranks:
             continue
@@ -250,8 +260,8 @@ def test_prefill_through_the_kernel_where_the_build_has_it(kernel_state, monkeyp
     tensor where the build runs that rank's prefills, torch's bmm where it does not (forced: an AVX2
     build's empty `prefill_ranks`); the same numbers either way, fp32 or bf16 stacks. The decode
     shortcut is kept for decode steps only."""
-    if built and not AVX512:
-        pytest.skip("the prefill path is in AVX-512 builds only")
+    if built:
+        _prefill_build()
     layer = _layer16()
     rows = ["b", BASE_ADAPTER, "a", "c", "b", "a"]
     x = torch.randn(len(rows), 11, 40)
@@ -285,15 +295,18 @@ def test_bf16_stacks_through_the_kernel(kernel_state):
     assert 0 < err <= 0.02 * exact.abs().max()
 
 
-def test_a_model_decodes_the_same_through_the_kernel(kernel_state, monkeypatch):
+@pytest.mark.parametrize("rank16", [False, True])
+def test_a_model_decodes_the_same_through_the_kernel(kernel_state, monkeypatch, rank16):
     """A tiny Llama with three adapters on q/v: a mixed prefill, then decode steps, greedy; the
-    tokens and the last logits through the kernel equal those through torch's bmm."""
+    tokens and the last logits through the kernel equal those through torch's bmm. With a rank-16
+    adapter the stacks are rank 16, whose prefill takes the kernel too where the build has the path."""
     from transformers import DynamicCache
 
     from conftest import randomize_lora, tiny_llama
     from slimtune import LoraConfig, get_peft_model
 
-    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), "a")
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=16 if rank16 else 4, lora_alpha=8,
+                                                 target_modules=["q_proj", "v_proj"]), "a")
     pm.add_adapter("b", LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     pm.add_adapter("c", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
     randomize_lora(pm, std=0.3)
@@ -316,7 +329,10 @@ def test_a_model_decodes_the_same_through_the_kernel(kernel_state, monkeypatch):
     lora_rows.enable("on")
     calls = _counting(monkeypatch)
     got_ids, got = decode()
-    assert len(calls) == 3 * 2 * 2  # 3 decode steps x 2 blocks x (q, v): the prefill (rank 8) took the bmm path
+    prefill = rank16 and 16 in lora_rows.prefill_ranks()
+    # 3 decode steps x 2 blocks x (q, v), and the prefill's 2 x 2 where its rank has the path (else bmm)
+    assert len(calls) == 3 * 2 * 2 + (2 * 2 if prefill else 0)
+    assert sum(len(c) == 3 and c[1] > 1 for c in calls) == (4 if prefill else 0)
     assert torch.equal(got_ids, want_ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

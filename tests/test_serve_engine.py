@@ -138,17 +138,42 @@ def test_the_lm_head_reads_one_contiguous_position_per_row(world):
     seen = []
     lane = reg.get("lora-a").lane
     assert not lane.hf.lm_head.weight.requires_grad  # frozen (the base's, under every lane): the case that ran the bmm
-    hook = lane.hf.lm_head.register_forward_pre_hook(lambda m, args: seen.append((args[0].shape, args[0].is_contiguous())))
+    hook = lane.hf.lm_head.register_forward_pre_hook(
+        lambda m, args: seen.append((args[0].shape, args[0].is_contiguous())))
+    # submitted before the engine starts: one prefill of the three rows (the case, whatever the timing)
+    jobs = [(n, _prompt(i, 5 + i), eng.submit(GenRequest(_prompt(i, 5 + i), n, max_tokens=3)))
+            for i, n in enumerate(["lora-a", "lora-b", BASE_ADAPTER])]
     eng.start()
     try:
-        jobs = [(n, _prompt(i, 5 + i), eng.submit(GenRequest(_prompt(i, 5 + i), n, max_tokens=3)))
-                for i, n in enumerate(["lora-a", "lora-b", BASE_ADAPTER])]
         for n, pr, h in jobs:
             assert h.result(60)[0] == offline_greedy(base, ads.get(n), pr, 3), n
     finally:
         eng.stop()
         hook.remove()
-    assert seen and all(shape[1] == 1 and contiguous for shape, contiguous in seen), seen
+    assert seen[0][0][0] == 3, seen  # the prefill: three rows of 5-7 columns
+    assert all(shape[1] == 1 and contiguous for shape, contiguous in seen), seen
+
+
+def test_the_last_position_by_index_except_where_the_model_wants_an_int():
+    """Gemma 4's KV-shared layers skip the positions an int logits_to_keep leaves out and keep them all
+    for an index: such a model (its config or its text_config has num_kv_shared_layers) keeps the int."""
+    from types import SimpleNamespace
+
+    from slimtune.serve.registry import _placement
+
+    class Model(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+
+        def forward(self, input_ids=None, past_key_values=None, logits_to_keep=0):
+            raise AssertionError("not called")
+
+    plain = SimpleNamespace(num_hidden_layers=2)
+    shared = SimpleNamespace(text_config=SimpleNamespace(num_kv_shared_layers=4))
+    assert _placement(("k",), Model(plain), None, None, 0).keep_by_index
+    assert not _placement(("k",), Model(shared), None, None, 0).keep_by_index
+    assert not _placement(("k",), Model(SimpleNamespace(num_kv_shared_layers=1)), None, None, 0).keep_by_index
 
 
 def test_mixed_rows_join_and_leave_in_the_lanes_adapter_order(world):

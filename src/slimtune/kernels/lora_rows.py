@@ -128,8 +128,8 @@ def active() -> bool:
 
 
 def state() -> dict:
-    """{'mode': 'on'|'off', 'why', 'build_s', 'arch'}: for /health and the tests (mode is whether
-    the kernel is in use: `active()`)."""
+    """{'mode': 'on'|'off', 'prefill_ranks', 'why', 'build_s', 'arch'}: for /health and the tests
+    (mode is whether the kernel is in use: `active()`; prefill_ranks, the ranks whose prefills it runs)."""
     return {"mode": "on" if _OP is not None else "off", "prefill_ranks": list(_PREFILL), **_STATE}
 
 

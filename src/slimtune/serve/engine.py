@@ -63,11 +63,13 @@ class Engine:
         self._users = 0
         self._stopping = False
         self._checked_layout = False
-        # the LM head's one position as an index, not transformers' int 1: an int slices hidden[:, -1:],
-        # a strided view when a prefill has T > 1 columns, and with frozen weights (every served model)
-        # torch's matmul does not fold that view into one mm but runs a bmm over the LM head's weight
-        # expanded to every row (59 ms against ~6 for a 16-row prefill of SmolLM2-135M, whose head is
-        # 49152 x 576); an index gathers the rows' last hidden states into a contiguous (B, 1, H)
+        # a prefill's LM head on the last position, given as an index rather than transformers' int 1:
+        # the int slices hidden[:, -1:], a strided view when several rows have T > 1 columns, and with
+        # frozen weights (every served model) torch's matmul does not fold that view into one mm but
+        # runs a bmm over the head's weight expanded to every row (59 ms against ~6 for a 16-row
+        # prefill of SmolLM2-135M, whose head is 49152 x 576); the index gathers a contiguous (B, 1, H).
+        # Decode steps (T = 1: already contiguous) and Gemma 4's KV-shared layers (which skip positions
+        # for an int only: Placement.keep_by_index) keep the int
         self._keep_last = torch.tensor([-1], device=self.device)
 
     # ---- any thread -------------------------------------------------------------------------
@@ -274,7 +276,8 @@ class Engine:
         self._enter(pl, names)
         kw = {pl.cache_name: cache, "use_cache": True}
         if pl.logits_to_keep and not full:
-            kw["logits_to_keep"] = self._keep_last
+            strided = ids.shape[0] > 1 and ids.shape[1] > 1
+            kw["logits_to_keep"] = self._keep_last if strided and pl.keep_by_index else 1
         out = pl.model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw)
         return out.logits if full else out.logits[:, -1], output_cache(out) or cache
 

@@ -79,11 +79,17 @@ class Placement(NamedTuple):
     offset: int  # virtual-token columns in front of every cached row (prompt-learning methods)
     cache_name: str  # the forward's name for the KV cache ('cache' or 'past_key_values')
     logits_to_keep: bool  # the forward can skip the LM head for all but the last position
+    keep_by_index: bool  # and may be given that position as an index tensor (Engine._forward)
 
 
 def _placement(key: tuple, model: nn.Module, lane, solo, offset: int) -> Placement:
     params = inspect.signature(model.forward).parameters
-    return Placement(key, model, lane, solo, offset, cache_arg(model) or "past_key_values", "logits_to_keep" in params)
+    cfg = getattr(model, "config", None)
+    # Gemma 4's KV-shared layers skip every position but the kept ones for an int logits_to_keep only
+    cfgs = (cfg, getattr(cfg, "text_config", None))
+    kv_shared = any(getattr(c, "num_kv_shared_layers", 0) for c in cfgs if c is not None)
+    return Placement(key, model, lane, solo, offset, cache_arg(model) or "past_key_values", "logits_to_keep" in params,
+                     not kv_shared)
 
 
 class Lane:

@@ -252,16 +252,21 @@ inline void tokens_chunk(const float* x, const W* a, const W* b, float* out, int
   for (; t < nt; ++t) xa_times_b_512<R>(xa + t * R, b, out + t * o, o, static_cast<const W*>(nullptr));
 }
 
-// Prefill: x (N, T, in), out (N, T, out); the rows' tokens split into chunks of kChunk over the threads
+// Prefill: x (N, T, in), out (N, T, out); the rows' tokens split into chunks of kChunk over the threads.
+// Only the rows with an adapter make work items: the server keeps base rows together (after the
+// adapters' rows), and contiguous ranges of all rows would give one thread most of the LoRA work.
 template <int R, typename W>
 void tokens_kernel(const float* x, const W* a, const W* b, const int64_t* slot, float* out,
                    int64_t n, int64_t T, int64_t in, int64_t o) {
   const int64_t chunks = (T + kChunk - 1) / kChunk;
-  at::parallel_for(0, n * chunks, 1, [&](int64_t lo, int64_t hi) {
+  std::vector<int64_t> rows;  // the rows with an adapter
+  rows.reserve(n);
+  for (int64_t i = 0; i < n; ++i)
+    if (slot[i] != 0) rows.push_back(i);
+  const int64_t m = static_cast<int64_t>(rows.size());
+  at::parallel_for(0, m * chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t item = lo; item < hi; ++item) {
-      const int64_t i = item / chunks, t0 = (item % chunks) * kChunk;
-      const int64_t s = slot[i];
-      if (s == 0) continue;  // a base-model row
+      const int64_t i = rows[item / chunks], t0 = (item % chunks) * kChunk, s = slot[i];
       const int64_t nt = T - t0 < kChunk ? T - t0 : kChunk;
       tokens_chunk<R>(x + (i * T + t0) * in, a + s * in * R, b + s * R * o, out + (i * T + t0) * o, nt, in, o);
     }
