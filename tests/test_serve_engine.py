@@ -176,6 +176,35 @@ def test_the_last_position_by_index_except_where_the_model_wants_an_int():
     assert not _placement(("k",), Model(SimpleNamespace(num_kv_shared_layers=1)), None, None, 0).keep_by_index
 
 
+def test_a_lanes_batch_of_base_rows_runs_on_the_plain_base(world):
+    """Base rows join the adapters' lane (so adapter rows can join them), but while a batch holds base
+    rows only, its forwards run on the plain base model: the same weights and cache, none of the
+    lane's adapter wrappers. An adapter row joining sends the batch back through the lane."""
+    base, ads = world
+    reg, eng = _engine(world, ["lora-a", "lora-b"])
+    lane = reg.get("lora-a").lane
+    calls = {"plain": 0, "lane": 0}
+    hooks = [reg.plain.model.register_forward_pre_hook(lambda m, a: calls.__setitem__("plain", calls["plain"] + 1)),
+             lane.hf.register_forward_pre_hook(lambda m, a: calls.__setitem__("lane", calls["lane"] + 1))]
+    base_jobs = [(_prompt(i, 4 + i), eng.submit(GenRequest(_prompt(i, 4 + i), BASE_ADAPTER, max_tokens=4)))
+                 for i in range(2)]
+    eng.start()
+    try:
+        for pr, h in base_jobs:
+            assert h.result(60)[0] == offline_greedy(base, None, pr, 4)
+        assert calls == {"plain": 4, "lane": 0}  # one prefill and three decode steps, all on the base
+        assert reg._base_placement() is lane.mixed  # placed in the lane all the same
+        jobs = [(n, _prompt(9 + i, 5), eng.submit(GenRequest(_prompt(9 + i, 5), n, max_tokens=3)))
+                for i, n in enumerate([BASE_ADAPTER, "lora-b"])]
+        for n, pr, h in jobs:
+            assert h.result(60)[0] == offline_greedy(base, ads.get(n), pr, 3), n
+        assert calls["lane"] >= 3  # with an adapter row in the batch: the lane
+    finally:
+        eng.stop()
+        for h in hooks:
+            h.remove()
+
+
 def test_mixed_rows_join_and_leave_in_the_lanes_adapter_order(world):
     """LoRA rows arriving in any order (repeated adapters, base rows), joining while others decode and
     leaving at different steps: every decode step runs them in the order of the lane's adapters
