@@ -68,13 +68,13 @@ def test_every_response_is_counted_by_route_status_and_reason(server, monkeypatc
     def broken(*a, **k):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(srv.engine, "_forward", broken)
+    monkeypatch.setattr(type(srv.engine.forward), "__call__", broken)  # serve/forward.py's ModelCall
     before = _count(srv, comp, 500, "internal_error")
     assert c.post(comp, json={"model": "a", "prompt": "x", "max_tokens": 2}, headers=ADMIN).status_code == 500
     assert _count(srv, comp, 500, "internal_error") == before + 1
     monkeypatch.undo()
     # the same failure inside an event stream (the 200 already went out) is counted by its code
-    monkeypatch.setattr(srv.engine, "_forward", broken)
+    monkeypatch.setattr(type(srv.engine.forward), "__call__", broken)  # serve/forward.py's ModelCall
     before = _count(srv, comp, 200, "internal_error")
     r = c.post(comp, json={"model": "a", "prompt": "x", "max_tokens": 2, "stream": True}, headers=ADMIN)
     assert r.status_code == 200 and '"internal_error"' in r.text

@@ -34,14 +34,13 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..compat import output_cache
-from ..methods.lora_layers import BASE_ADAPTER
 from . import kvcache
 from .batch import Batch, Row, in_slot_order, left_pad
 from .config import ServeConfig
 from .handles import EngineStopped, Event, GenRequest, Handle, QueueFull  # noqa: F401 - re-exported
+from .forward import ModelCall
 from .prefix_cache import PrefixCache, prefix_tensors
-from .registry import AdapterError, Placement, Registry
+from .registry import AdapterError, Registry
 from . import logprobs, openmp, sampling
 
 log = logging.getLogger("slimtune.serve")
@@ -58,20 +57,12 @@ class Engine:
         self._ops: list[tuple[Callable[[], Any], Future]] = []
         self._batches: dict[tuple, Batch] = {}
         self._cv = threading.Condition()
-        self._ctx: tuple[tuple, contextlib.ExitStack] | None = None  # the mixed batch now in place
+        self.forward = ModelCall(registry, cfg, self.device)  # a batch's forward, on the model its rows are placed on
         self._out: list[tuple[Handle, Event]] = []
         self._thread: threading.Thread | None = None
         self._users = 0
         self._stopping = False
         self._checked_layout = False
-        # a prefill's LM head on the last position, given as an index rather than transformers' int 1:
-        # the int slices hidden[:, -1:], a strided view when several rows have T > 1 columns, and with
-        # frozen weights (every served model) torch's matmul does not fold that view into one mm but
-        # runs a bmm over the head's weight expanded to every row (59 ms against ~6 for a 16-row
-        # prefill of SmolLM2-135M, whose head is 49152 x 576); the index gathers a contiguous (B, 1, H).
-        # Decode steps (T = 1: already contiguous) and Gemma 4's KV-shared layers (which skip positions
-        # for an int only: Placement.keep_by_index) keep the int
-        self._keep_last = torch.tensor([-1], device=self.device)
 
     # ---- any thread -------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -154,7 +145,7 @@ class Engine:
             self._flush()
             if not busy:  # waiting rows that cannot start yet (every adapter slot pinned)
                 time.sleep(0.005)
-        self._exit_ctx()
+        self.forward.exit()
         self._fail_all(EngineStopped("the server is shutting down"), finish="cancelled")
         self._flush()
 
@@ -186,7 +177,7 @@ class Engine:
         with self._cv:
             ops, self._ops = self._ops, []
         for fn, fut in ops:
-            self._exit_ctx()  # a model change must not happen under a mixed batch
+            self.forward.exit()  # a model change must not happen under a mixed batch
             try:
                 fut.set_result(fn())
             except BaseException as e:  # noqa: BLE001 - handed to the caller
@@ -211,7 +202,7 @@ class Engine:
             fn(b, *args)
         except Exception as e:  # noqa: BLE001 - this batch fails, the others and the server go on
             log.exception("batch %s failed", b.pl.key)
-            self._exit_ctx()
+            self.forward.exit()
             for r in b.rows:
                 self._finish(r, Event([], "error", e))
             b.rows, b.names, b.cache = [], [], None
@@ -264,54 +255,11 @@ class Engine:
                 self._prefill(b, rows)
             except Exception as e:  # noqa: BLE001 - this batch fails, the others and the server go on
                 log.exception("prefill of batch %s failed", key)
-                self._exit_ctx()
+                self.forward.exit()
                 for r in b.rows + [r for r in rows if all(r is not x for x in b.rows)]:
                     self._finish(r, Event([], "error", e))
                 b.rows, b.names, b.cache = [], [], None
         return taken
-
-    # ---- forwards -----------------------------------------------------------------------------
-    def _forward(self, pl: Placement, names: list[str], ids, mask, pos, cache, full: bool = False) -> tuple[torch.Tensor, Any]:
-        """One forward of a batch: (B, T) ids -> last-position logits (B, V) (with `full`: every
-        position's, (B, T', V), virtual tokens in front), and the cache.
-
-        A lane's mixed batch whose rows are all base rows (no adapter row came, or they have left) runs
-        on the plain base model: the same weights and the same cache, where the lane's LoRA layers
-        would add nothing to those rows but their wrappers' cost, ~2 % of a step on SmolLM2-135M."""
-        if pl.lane is not None and pl.solo is None and pl.offset == 0 and all(n == BASE_ADAPTER for n in names):
-            pl = self.registry.plain
-        self._enter(pl, names)
-        kw = {pl.cache_name: cache, "use_cache": True}
-        if pl.logits_to_keep and not full:
-            strided = ids.shape[0] > 1 and ids.shape[1] > 1
-            kw["logits_to_keep"] = self._keep_last if strided and pl.keep_by_index else 1
-        out = pl.model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw)
-        return out.logits if full else out.logits[:, -1], output_cache(out) or cache
-
-    def _enter(self, pl: Placement, names: list[str]) -> None:
-        """Put the batch's adapters in place: a mixed batch stays entered across steps while its rows
-        stay the same (LoRA caches the gathered weights for as long), a solo adapter is made active."""
-        if pl.lane is not None and pl.solo is None:
-            key = (pl.key, tuple(names))
-            if self._ctx is not None and self._ctx[0] == key:
-                return
-            self._exit_ctx()
-            stack = contextlib.ExitStack()
-            wd = self.cfg.mixed_adapter_dtype  # "model", or a dtype for the stacked LoRA weights (server.py)
-            kw = {} if wd == "model" else {"weights_dtype": getattr(torch, wd)}
-            # the registry's generation: adapters change only by its loads and drops, so the layers
-            # keep their stacks without re-checking every adapter tensor at each wave (~20 ms a batch)
-            stack.enter_context(pl.lane.tuner.mixed_batch(names, weights_epoch=self.registry.generation, **kw))
-            self._ctx = (key, stack)
-            return
-        self._exit_ctx()
-        if pl.lane is not None:
-            pl.lane.activate(pl.solo)
-
-    def _exit_ctx(self) -> None:
-        if self._ctx is not None:
-            ctx, self._ctx = self._ctx, None
-            ctx[1].close()
 
     def _prefill(self, b: Batch, rows: list[Row]) -> None:
         from transformers import DynamicCache
@@ -336,7 +284,7 @@ class Engine:
         pos = (mask.cumsum(-1) - 1).clamp_(min=0)[:, -ids.shape[1]:]  # padding does not shift positions
         names = [r.req.adapter for r in rows]
         full = any(r.req.echo for r in rows)
-        logits, cache = self._forward(pl, names, ids, mask, pos, cache, full=full)
+        logits, cache = self.forward(pl, names, ids, mask, pos, cache, full=full)
         if self.metrics is not None:
             self.metrics.prefill_rows.observe(len(rows))
         plps = None
@@ -381,7 +329,7 @@ class Engine:
         n = len(b.rows)
         mask = torch.cat([b.mask, b.mask.new_ones(n, 1)], dim=1)  # (B, T+1)
         pos = mask.sum(dim=1, keepdim=True) - 1  # (B, 1)
-        logits, b.cache = self._forward(b.pl, b.names, b.t["last"][:, None], mask, pos, b.cache)
+        logits, b.cache = self.forward(b.pl, b.names, b.t["last"][:, None], mask, pos, b.cache)
         if self.metrics is not None:
             self.metrics.batch_adapters.observe(len(set(b.names)))
         b.mask = mask
@@ -418,7 +366,7 @@ class Engine:
         self.registry.release(r.req.adapter, r.placement)
 
     def _fail_all(self, e: BaseException, finish: str = "error") -> None:
-        self._exit_ctx()
+        self.forward.exit()
         for b in self._batches.values():
             for r in b.rows:
                 self._finish(r, Event([], finish, e if finish == "error" else None))
