@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from slimtune.train import models
 from slimtune.serve import ServeConfig, make_server
 from slimtune.serve.handles import GenRequest
-from slimtune.serve import grammar, sampling, engine as eng
+from slimtune.serve import grammar, sampling
+from slimtune.serve.forward import ModelCall
 from slimtune.bench.serve import SCHEMA, QUESTION, PROMPTS
 
 path = models.resolve("smollm2-135m")
@@ -29,10 +30,10 @@ def wrap(mod, name, key):
 wrap(grammar, "constrain", "constrain")
 wrap(grammar, "advance", "advance")
 wrap(sampling, "next_tokens", "next_tokens")
-orig_fwd = eng.Engine._forward
+orig_fwd = ModelCall.__call__  # a batch's forward (serve/forward.py)
 def fwd(self, *a, **k):
     t0 = time.perf_counter(); r = orig_fwd(self, *a, **k); T["forward"] += time.perf_counter() - t0; N["forward"] += 1; return r
-eng.Engine._forward = fwd
+ModelCall.__call__ = fwd
 
 gram = srv.grammars.schema_grammar(SCHEMA)
 prompts = [tok(tok.apply_chat_template([{"role": "user", "content": QUESTION + p}], add_generation_prompt=True, tokenize=False), add_special_tokens=False).input_ids for p in PROMPTS]

@@ -79,7 +79,7 @@ class Placement(NamedTuple):
     offset: int  # virtual-token columns in front of every cached row (prompt-learning methods)
     cache_name: str  # the forward's name for the KV cache ('cache' or 'past_key_values')
     logits_to_keep: bool  # the forward can skip the LM head for all but the last position
-    keep_by_index: bool  # and may be given that position as an index tensor (Engine._forward)
+    keep_by_index: bool  # and may be given that position as an index tensor (forward.ModelCall)
 
 
 def _placement(key: tuple, model: nn.Module, lane, solo, offset: int) -> Placement:
