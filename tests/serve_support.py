@@ -80,3 +80,25 @@ def load_base(base: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(base).eval(), AutoTokenizer.from_pretrained(base)
+
+
+EOS = 102  # the tiny model's eos (MiniLM's [SEP])
+
+
+def make_engine(world, names, **cfg):
+    """(registry, engine) over a fresh copy of the world's base model with the named adapters known
+    (and loaded, up to max_loaded); not started."""
+    from slimtune.serve import Engine, Registry, ServeConfig
+
+    base, ads = world
+    model, _ = load_base(base)
+    reg = Registry(model, "tiny", max_loaded=cfg.pop("max_loaded", 16))
+    for n in names:
+        reg.add(n, str(ads[n]), "cli")
+    return reg, Engine(reg, ServeConfig(**cfg), [EOS], 0)
+
+
+def random_prompt(i: int, n: int) -> list[int]:
+    """n token ids, the same for the same i."""
+    g = torch.Generator().manual_seed(i)
+    return torch.randint(1000, 20000, (n,), generator=g).tolist()

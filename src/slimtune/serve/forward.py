@@ -39,7 +39,7 @@ class ModelCall:
         A lane's mixed batch whose rows are all base rows (no adapter row came, or they have left) runs
         on the plain base model: the same weights and the same cache, where the lane's LoRA layers
         would add nothing to those rows but their wrappers' cost."""
-        if pl.lane is not None and pl.solo is None and pl.offset == 0 and all(n == BASE_ADAPTER for n in names):
+        if pl.lane is not None and pl.solo is None and pl.offset == 0 and names.count(BASE_ADAPTER) == len(names):
             pl = self.registry.plain
         self.enter(pl, names)
         kw = {pl.cache_name: cache, "use_cache": True}
